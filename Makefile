@@ -1,0 +1,66 @@
+# The two commands a new user needs: `make demo` and `make test`. Both create the
+# virtualenv and install everything on a fresh machine with only Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(abspath $(VENV))/bin
+STAMP  := $(VENV)/.installed
+# buf calls `python` and the protoc-gen-* plugins by name: make them the venv's.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup proto proto-deps check-proto lint test test-unit test-integration demo bench up down status breaking clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+proto-deps: $(STAMP)
+	$(BIN)/python tools/proto_deps.py .build/protodeps
+
+## Regenerate tessera/v1 from proto/ (lint first: contracts must be clean).
+proto: proto-deps
+	buf lint
+	buf generate
+
+## Fail if regenerating would change any committed generated file.
+check-proto: proto-deps
+	rm -rf .build/check-proto && mkdir -p .build/check-proto
+	buf generate -o .build/check-proto > /dev/null 2>&1
+	diff -r -x __init__.py -x __pycache__ .build/check-proto/tessera/v1 tessera/v1 \
+	  || (echo "generated code is stale or hand-edited: run 'make proto' and commit" && exit 1)
+
+lint: proto-deps
+	buf lint
+	ruff check .
+	mypy tessera services tools
+
+test: setup lint check-proto
+	pytest -q
+
+test-unit: setup
+	pytest -q tests/unit
+
+up: setup
+	tessera up
+
+status: setup
+	tessera status
+
+down: setup
+	tessera down
+
+## Health round trip through Envoy (the reference workflows replace it once they land).
+demo: setup
+	tessera up
+	tessera demo || (tessera down; exit 1)
+	tessera down
+
+bench: setup
+	pytest -q -m bench -p no:cacheprovider tests/bench -s
+
+clean:
+	-tessera down
+	rm -rf .build .tessera
