@@ -266,6 +266,7 @@ class ExecuteTaskResponse(_message.Message):
     HAS_CONFIDENCE_FIELD_NUMBER: _builtins.int
     HANDOFF_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    APPROVAL_REQUEST_FIELD_NUMBER: _builtins.int
     confidence: _builtins.float
     """Confidence in [0, 1]; below the contract threshold opens a review gate.
     Unset (0) with a non-zero threshold is treated as "no confidence reported" only
@@ -291,6 +292,12 @@ class ExecuteTaskResponse(_message.Message):
     def handoff(self) -> Global___Handoff:
         """Optional handoff to another capability (supervisor routing)."""
 
+    @_builtins.property
+    def approval_request(self) -> Global___ApprovalRequest:
+        """When set, the output is held and the workflow parks on a human gate; it is
+        accepted (and the workflow resumes) only once the gate is approved.
+        """
+
     def __init__(
         self,
         *,
@@ -301,11 +308,34 @@ class ExecuteTaskResponse(_message.Message):
         has_confidence: _builtins.bool = ...,
         handoff: Global___Handoff | None = ...,
         summary: _builtins.str = ...,
+        approval_request: Global___ApprovalRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["handoff", b"handoff", "output", b"output", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "handoff", b"handoff", "output", b"output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard_writes", b"blackboard_writes", "confidence", b"confidence", "handoff", b"handoff", "has_confidence", b"has_confidence", "output", b"output", "summary", b"summary", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "blackboard_writes", b"blackboard_writes", "confidence", b"confidence", "handoff", b"handoff", "has_confidence", b"has_confidence", "output", b"output", "summary", b"summary", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteTaskResponse: _TypeAlias = ExecuteTaskResponse  # noqa: Y015
+
+@_typing.final
+class ApprovalRequest(_message.Message):
+    """ApprovalRequest asks a human to approve a task's output before it takes effect."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, shown to the approver."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRequest: _TypeAlias = ApprovalRequest  # noqa: Y015

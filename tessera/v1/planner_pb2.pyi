@@ -46,6 +46,34 @@ TASK_KIND_APPROVAL_GATE: TaskKind.ValueType  # 2
 """A human approval gate; the workflow parks until it is decided."""
 Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
 
+class _ConstraintOperator:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConstraintOperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConstraintOperator.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONSTRAINT_OPERATOR_UNSPECIFIED: _ConstraintOperator.ValueType  # 0
+    """Not set; refused by validation."""
+    CONSTRAINT_OPERATOR_LTE: _ConstraintOperator.ValueType  # 1
+    """value <= limit."""
+    CONSTRAINT_OPERATOR_GTE: _ConstraintOperator.ValueType  # 2
+    """value >= limit."""
+    CONSTRAINT_OPERATOR_PRESENT: _ConstraintOperator.ValueType  # 3
+    """The key must be present."""
+
+class ConstraintOperator(_ConstraintOperator, metaclass=_ConstraintOperatorEnumTypeWrapper):
+    """ConstraintOperator compares a blackboard value with a limit."""
+
+CONSTRAINT_OPERATOR_UNSPECIFIED: ConstraintOperator.ValueType  # 0
+"""Not set; refused by validation."""
+CONSTRAINT_OPERATOR_LTE: ConstraintOperator.ValueType  # 1
+"""value <= limit."""
+CONSTRAINT_OPERATOR_GTE: ConstraintOperator.ValueType  # 2
+"""value >= limit."""
+CONSTRAINT_OPERATOR_PRESENT: ConstraintOperator.ValueType  # 3
+"""The key must be present."""
+Global___ConstraintOperator: _TypeAlias = ConstraintOperator  # noqa: Y015
+
 @_typing.final
 class TaskSpec(_message.Message):
     """TaskSpec is one node of a task graph."""
@@ -128,8 +156,12 @@ class TaskGraph(_message.Message):
     TASKS_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
     BLACKBOARD_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    MAX_ITERATIONS_FIELD_NUMBER: _builtins.int
     template: _builtins.str
     """Template the graph came from, if any."""
+    max_iterations: _builtins.int
+    """Hard cap on task executions (handoffs and retries included)."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSpec]:
         """Tasks; order is irrelevant, edges are depends_on."""
@@ -142,6 +174,12 @@ class TaskGraph(_message.Message):
     def blackboard(self) -> _struct_pb2.Struct:
         """Initial blackboard entries."""
 
+    @_builtins.property
+    def constraints(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlackboardConstraint]:
+        """Rules every blackboard version must satisfy; a write that breaks one is refused
+        and the blackboard rolls back to the last valid version.
+        """
+
     def __init__(
         self,
         *,
@@ -149,14 +187,52 @@ class TaskGraph(_message.Message):
         tasks: _abc.Iterable[Global___TaskSpec] | None = ...,
         budget: _common_pb2.Budget | None = ...,
         blackboard: _struct_pb2.Struct | None = ...,
+        constraints: _abc.Iterable[Global___BlackboardConstraint] | None = ...,
+        max_iterations: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "budget", b"budget", "tasks", b"tasks", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "budget", b"budget", "constraints", b"constraints", "max_iterations", b"max_iterations", "tasks", b"tasks", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskGraph: _TypeAlias = TaskGraph  # noqa: Y015
+
+@_typing.final
+class BlackboardConstraint(_message.Message):
+    """BlackboardConstraint is one rule over blackboard values."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    LIMIT_KEY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Dotted path of the value checked, e.g. `offer.price`. A missing value passes
+    unless the operator is PRESENT.
+    """
+    operator: Global___ConstraintOperator.ValueType
+    """Operator."""
+    limit_key: _builtins.str
+    """Dotted path of the limit on the blackboard, e.g. `max_budget`."""
+    description: _builtins.str
+    """Human-readable rule, for errors and the timeline."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        operator: Global___ConstraintOperator.ValueType = ...,
+        limit_key: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "key", b"key", "limit_key", b"limit_key", "operator", b"operator"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlackboardConstraint: _TypeAlias = BlackboardConstraint  # noqa: Y015
 
 @_typing.final
 class IntentMatch(_message.Message):
