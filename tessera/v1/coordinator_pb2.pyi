@@ -171,6 +171,7 @@ class Gate(_message.Message):
     COMMENT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name `workflows/{workflow}/gates/{gate}`."""
     task_id: _builtins.str
@@ -183,6 +184,8 @@ class Gate(_message.Message):
     """Who decided."""
     comment: _builtins.str
     """Decision comment."""
+    kind: _events_pb2.GateKind.ValueType
+    """Why it opened."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it opened."""
@@ -202,10 +205,11 @@ class Gate(_message.Message):
         comment: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         decide_time: _timestamp_pb2.Timestamp | None = ...,
+        kind: _events_pb2.GateKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decide_time", b"decide_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "name", b"name", "reason", b"reason", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "kind", b"kind", "name", b"name", "reason", b"reason", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,6 +24,42 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _GateKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GateKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GATE_KIND_UNSPECIFIED: _GateKind.ValueType  # 0
+    """Not set."""
+    GATE_KIND_APPROVAL_STEP: _GateKind.ValueType  # 1
+    """An approval step of the plan."""
+    GATE_KIND_OUTPUT_APPROVAL: _GateKind.ValueType  # 2
+    """An agent asked for its output to be approved."""
+    GATE_KIND_LOW_CONFIDENCE: _GateKind.ValueType  # 3
+    """Confidence below the contract threshold."""
+    GATE_KIND_LOOP_ESCALATION: _GateKind.ValueType  # 4
+    """The loop guard tripped and escalated."""
+    GATE_KIND_TOOL_APPROVAL: _GateKind.ValueType  # 5
+    """A tool call needs approval by policy."""
+
+class GateKind(_GateKind, metaclass=_GateKindEnumTypeWrapper):
+    """GateKind says why a gate opened."""
+
+GATE_KIND_UNSPECIFIED: GateKind.ValueType  # 0
+"""Not set."""
+GATE_KIND_APPROVAL_STEP: GateKind.ValueType  # 1
+"""An approval step of the plan."""
+GATE_KIND_OUTPUT_APPROVAL: GateKind.ValueType  # 2
+"""An agent asked for its output to be approved."""
+GATE_KIND_LOW_CONFIDENCE: GateKind.ValueType  # 3
+"""Confidence below the contract threshold."""
+GATE_KIND_LOOP_ESCALATION: GateKind.ValueType  # 4
+"""The loop guard tripped and escalated."""
+GATE_KIND_TOOL_APPROVAL: GateKind.ValueType  # 5
+"""A tool call needs approval by policy."""
+Global___GateKind: _TypeAlias = GateKind  # noqa: Y015
+
 class _Guardrail:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -440,22 +476,38 @@ class GateOpened(_message.Message):
     GATE_ID_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    HELD_RESULT_FIELD_NUMBER: _builtins.int
+    HELD_HANDOFF_FIELD_NUMBER: _builtins.int
     gate_id: _builtins.str
     """Gate id (last segment of its resource name)."""
     task_id: _builtins.str
     """Task it belongs to."""
     reason: _builtins.str
     """Why."""
+    kind: Global___GateKind.ValueType
+    """Kind."""
+    @_builtins.property
+    def held_result(self) -> Global___TaskSucceeded:
+        """Result held until approval (output approval, low confidence)."""
+
+    @_builtins.property
+    def held_handoff(self) -> Global___HandoffRouted:
+        """Handoff held until approval (loop escalation)."""
+
     def __init__(
         self,
         *,
         gate_id: _builtins.str = ...,
         task_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        kind: Global___GateKind.ValueType = ...,
+        held_result: Global___TaskSucceeded | None = ...,
+        held_handoff: Global___HandoffRouted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["held_handoff", b"held_handoff", "held_result", b"held_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate_id", b"gate_id", "reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate_id", b"gate_id", "held_handoff", b"held_handoff", "held_result", b"held_result", "kind", b"kind", "reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
