@@ -1,0 +1,289 @@
+"""NATS JetStream helpers: connection, the one place that names streams/buckets, declare.
+
+Every stream, subject and KV bucket name comes from :class:`Topology`, prefixed with the
+namespace so parallel tests (or tenants) never see each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError
+
+from tessera.runtime.telemetry import inject_headers
+
+__all__ = [
+    "DUPLICATE_WINDOW_S",
+    "KvSpec",
+    "StreamSpec",
+    "Topology",
+    "connect",
+    "declare",
+    "msg_id_headers",
+]
+
+log = structlog.get_logger(__name__)
+
+DUPLICATE_WINDOW_S = 120.0
+_STREAM_NAME_IN_USE = 10058  # JetStream: stream name already in use with a different config
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    connect_timeout_s: float = 2.0,
+    reconnect_wait_s: float = 1.0,
+    initial_timeout_s: float | None = 30.0,
+) -> Client:
+    """Connect to NATS (``url`` may list several servers, comma-separated).
+
+    The client retries forever, waiting ``reconnect_wait_s`` between attempts, both at
+    start-up and after losing its server; every attempt gives up after
+    ``connect_timeout_s``. The first connection must succeed within ``initial_timeout_s``
+    (``None``: wait forever), else ``TimeoutError``. Connection events are logged.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", client=name, error=repr(exc))
+
+    async def on_disconnected() -> None:
+        log.warning("nats_disconnected", client=name)
+
+    async def on_reconnected() -> None:
+        log.info("nats_reconnected", client=name, server=_server(nc))
+
+    async def on_closed() -> None:
+        log.info("nats_closed", client=name)
+
+    nc = Client()
+    servers = [s.strip() for s in url.split(",") if s.strip()]
+    try:
+        async with asyncio.timeout(initial_timeout_s):
+            await nc.connect(
+                servers=servers,
+                name=name,
+                connect_timeout=connect_timeout_s,  # type: ignore[arg-type]
+                reconnect_time_wait=reconnect_wait_s,  # type: ignore[arg-type]
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                closed_cb=on_closed,
+            )
+    except TimeoutError:
+        await nc.close()
+        raise TimeoutError(
+            f"NATS {', '.join(servers)} not reachable within {initial_timeout_s:g}s"
+        ) from None
+    log.info("nats_connected", client=name, server=_server(nc))
+    return nc
+
+
+def _server(nc: Client) -> str:
+    url = nc.connected_url
+    return f"{url.hostname}:{url.port}" if url is not None else ""
+
+
+def _stream_token(namespace: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", namespace).upper()
+
+
+def _subject_token(namespace: str) -> str:
+    return namespace.lower()
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    retention: api.RetentionPolicy = api.RetentionPolicy.LIMITS
+
+
+@dataclass(frozen=True)
+class KvSpec:
+    bucket: str
+    ttl_s: float | None = None
+    history: int = 1
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every JetStream name Tessera uses, derived from ``namespace``.
+
+    Stream names use the upper-cased namespace (non-alphanumerics → ``_``); subjects and
+    buckets use it lower-cased, so keep namespaces to letters, digits, ``-`` and ``_``.
+    """
+
+    namespace: str = "tessera"
+    registry_ttl_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.namespace):
+            raise ValueError(f"namespace {self.namespace!r}: use letters, digits, '-' and '_' only")
+
+    @property
+    def _ns(self) -> str:
+        return _subject_token(self.namespace)
+
+    @property
+    def _ns_upper(self) -> str:
+        return _stream_token(self.namespace)
+
+    # workflow events: one subject per workflow
+    @property
+    def wf_events_stream(self) -> str:
+        return f"{self._ns_upper}_WF_EVENTS"
+
+    @property
+    def wf_events_subjects(self) -> str:
+        return f"{self._ns}.wf.*.events"
+
+    def wf_events_subject(self, wf_id: str) -> str:
+        return f"{self._ns}.wf.{_token(wf_id)}.events"
+
+    # work queue: "advance workflow X" and similar
+    @property
+    def work_stream(self) -> str:
+        return f"{self._ns_upper}_WORK"
+
+    @property
+    def work_subjects(self) -> str:
+        return f"{self._ns}.work.>"
+
+    def work_subject(self, kind: str) -> str:
+        return f"{self._ns}.work.{kind}"
+
+    # events for others
+    @property
+    def events_stream(self) -> str:
+        return f"{self._ns_upper}_EVENTS"
+
+    @property
+    def events_subjects(self) -> str:
+        return f"{self._ns}.events.>"
+
+    def events_subject(self, kind: str) -> str:
+        return f"{self._ns}.events.{kind}"
+
+    # audit (hash-chained records)
+    @property
+    def audit_stream(self) -> str:
+        return f"{self._ns_upper}_AUDIT"
+
+    @property
+    def audit_subject(self) -> str:
+        return f"{self._ns}.audit"
+
+    # KV buckets
+    @property
+    def registry_bucket(self) -> str:
+        return f"{self._ns}_registry"
+
+    @property
+    def workflows_bucket(self) -> str:
+        return f"{self._ns}_workflows"
+
+    @property
+    def blackboard_bucket(self) -> str:
+        return f"{self._ns}_blackboard"
+
+    @property
+    def idempotency_bucket(self) -> str:
+        return f"{self._ns}_idempotency"
+
+    def streams(self) -> tuple[StreamSpec, ...]:
+        return (
+            StreamSpec(self.wf_events_stream, (self.wf_events_subjects,)),
+            StreamSpec(self.work_stream, (self.work_subjects,), api.RetentionPolicy.WORK_QUEUE),
+            StreamSpec(self.events_stream, (self.events_subjects,)),
+            StreamSpec(self.audit_stream, (self.audit_subject,)),
+        )
+
+    def buckets(self) -> tuple[KvSpec, ...]:
+        return (
+            KvSpec(self.registry_bucket, ttl_s=self.registry_ttl_s),
+            KvSpec(self.workflows_bucket),
+            KvSpec(self.blackboard_bucket, history=16),
+            KvSpec(self.idempotency_bucket),
+        )
+
+
+def _token(value: str) -> str:
+    if not value or any(c in value for c in ".*> \t\r\n"):
+        raise ValueError(f"{value!r} cannot be a NATS subject token")
+    return value
+
+
+def _is_name_in_use(exc: BadRequestError) -> bool:
+    return exc.err_code == _STREAM_NAME_IN_USE
+
+
+async def _declare_stream(js: JetStreamContext, spec: StreamSpec, replicas: int) -> None:
+    config = api.StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=spec.retention,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+    try:
+        await js.add_stream(config)
+        return
+    except BadRequestError as exc:
+        if not _is_name_in_use(exc):
+            raise
+    # Exists with another config: update what JetStream lets us update in place. An
+    # incompatible change (storage, retention) raises rather than losing data.
+    await js.update_stream(config)
+    log.info("stream_updated", stream=spec.name)
+
+
+async def _declare_bucket(js: JetStreamContext, spec: KvSpec, replicas: int) -> None:
+    try:
+        await js.create_key_value(
+            bucket=spec.bucket,
+            history=spec.history,
+            ttl=spec.ttl_s,
+            storage=api.StorageType.FILE,
+            replicas=replicas,
+        )
+        return
+    except BadRequestError as exc:
+        if not _is_name_in_use(exc):
+            raise
+    info = await js.stream_info(f"KV_{spec.bucket}")
+    config = info.config.evolve(
+        max_msgs_per_subject=spec.history,
+        max_age=spec.ttl_s,
+        num_replicas=replicas,
+    )
+    await js.update_stream(config)
+    log.info("bucket_updated", bucket=spec.bucket)
+
+
+async def declare(js: JetStreamContext, topology: Topology, *, replicas: int = 1) -> None:
+    """Create every stream and KV bucket of ``topology``; safe to call any number of times.
+
+    Existing ones with the same config are left alone; a compatible difference (replicas,
+    TTL, history…) is applied with an update; nothing is ever deleted.
+    """
+    for stream in topology.streams():
+        await _declare_stream(js, stream, replicas)
+    for bucket in topology.buckets():
+        await _declare_bucket(js, bucket, replicas)
+
+
+def msg_id_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Publish headers: ``Nats-Msg-Id`` (JetStream dedup) + ``extra`` + trace context."""
+    headers = dict(extra or {})
+    headers["Nats-Msg-Id"] = msg_id
+    return inject_headers(headers)

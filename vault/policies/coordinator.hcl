@@ -1,0 +1,18 @@
+# coordinator: issues one scoped child token per task through the `tessera-task` token role
+# and revokes them (by accessor) when a task or workflow ends. It never reads a tool secret.
+
+path "auth/token/create/tessera-task" {
+  capabilities = ["update"]
+}
+
+path "auth/token/revoke-accessor" {
+  capabilities = ["update"]
+}
+
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}

@@ -1,0 +1,15 @@
+# tool-proxy: validates the task token an agent presents (metadata, remaining uses, TTL).
+# It has no read on tool-secrets/: it reads a tool's secret WITH THE CALLER'S task token,
+# so Vault itself refuses a secret the task was not scoped to.
+
+path "auth/token/lookup" {
+  capabilities = ["update"]
+}
+
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
