@@ -179,8 +179,18 @@ class Topology:
         return f"{self._ns_upper}_AUDIT"
 
     @property
+    def audit_subjects(self) -> str:
+        return f"{self._ns}.audit.>"
+
+    @property
     def audit_subject(self) -> str:
-        return f"{self._ns}.audit"
+        """The default chain's subject (see `audit_chain_subject`)."""
+        return self.audit_chain_subject("default")
+
+    def audit_chain_subject(self, writer: str) -> str:
+        """Each audit writer (service instance) keeps its own hash chain on its own
+        subject, so writers never contend for the head of one global chain."""
+        return f"{self._ns}.audit.{_token(writer)}"
 
     # KV buckets
     @property
@@ -199,12 +209,18 @@ class Topology:
     def idempotency_bucket(self) -> str:
         return f"{self._ns}_idempotency"
 
+    @property
+    def approvals_bucket(self) -> str:
+        """Tool-call approvals: the tool proxy records a pending request, the coordinator
+        records the human decision, the proxy honours it on the retried call."""
+        return f"{self._ns}_approvals"
+
     def streams(self) -> tuple[StreamSpec, ...]:
         return (
             StreamSpec(self.wf_events_stream, (self.wf_events_subjects,)),
             StreamSpec(self.work_stream, (self.work_subjects,), api.RetentionPolicy.WORK_QUEUE),
             StreamSpec(self.events_stream, (self.events_subjects,)),
-            StreamSpec(self.audit_stream, (self.audit_subject,)),
+            StreamSpec(self.audit_stream, (self.audit_subjects,)),
         )
 
     def buckets(self) -> tuple[KvSpec, ...]:
@@ -213,6 +229,7 @@ class Topology:
             KvSpec(self.workflows_bucket),
             KvSpec(self.blackboard_bucket, history=16),
             KvSpec(self.idempotency_bucket),
+            KvSpec(self.approvals_bucket),
         )
 
 
