@@ -1,0 +1,1 @@
+"""The coordinator: runs workflows durably on NATS JetStream (see DESIGN.md)."""

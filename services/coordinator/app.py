@@ -1,0 +1,80 @@
+"""The coordinator as one object with start()/stop(): alone under `python -m
+services.coordinator`, or several in one process for tests."""
+
+from __future__ import annotations
+
+import grpc
+import structlog
+from nats.aio.client import Client
+from prometheus_client import start_http_server
+
+from services.coordinator.dispatcher import Dispatcher
+from services.coordinator.runner import Runner
+from services.coordinator.service import CoordinatorServicer
+from services.coordinator.settings import CoordinatorSettings
+from services.coordinator.store import WorkflowStore
+from tessera.registry import Registry
+from tessera.runtime.bus import Topology, connect, declare
+from tessera.runtime.grpc_client import channel
+from tessera.runtime.grpc_server import GrpcServer
+from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.topology = Topology(settings.namespace)
+        self._nc: Client | None = None
+        self._planner_channel: grpc.aio.Channel | None = None
+        self.server: GrpcServer | None = None
+        self.runner: Runner | None = None
+        self.dispatcher: Dispatcher | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return self.server.address
+
+    async def start(self) -> str:
+        self._nc = await connect(self.settings.nats_url, name="coordinator")
+        js = self._nc.jetstream()
+        await declare(js, self.topology)
+        store = WorkflowStore(js, self.topology)
+        await store.open()
+        self.dispatcher = Dispatcher(
+            Registry(js, self.topology), tool_proxy_address=self.settings.tool_proxy_address
+        )
+        self._planner_channel = channel(self.settings.planner_address, service="coordinator")
+        servicer = CoordinatorServicer(
+            store, js, planner_pb2_grpc.PlannerServiceStub(self._planner_channel), self.settings
+        )
+        self.server = GrpcServer(
+            name="coordinator",
+            settings=self.settings,
+            register=[
+                lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s)
+            ],
+            service_names=[SERVICE_NAME],
+        )
+        if self.settings.run_workers:
+            self.runner = Runner(js, self.topology, store, self.dispatcher, self.settings)
+            await self.runner.start()
+        await self.server.start()
+        if self.settings.metrics_port:
+            start_http_server(self.settings.metrics_port, addr="127.0.0.1")
+        return self.server.address
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+        if self.runner is not None:
+            await self.runner.stop()
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        if self._planner_channel is not None:
+            await self._planner_channel.close()
+        if self._nc is not None:
+            await self._nc.drain()

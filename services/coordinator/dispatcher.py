@@ -1,0 +1,113 @@
+"""Sends task attempts to agents over gRPC, with deadlines, on long-lived channels."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from services.coordinator.engine import Dispatch
+from services.coordinator.state import WorkflowRecord, dict_to_struct
+from tessera.registry import Registry
+from tessera.runtime.grpc_client import channel
+from tessera.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+
+class NoAgent(Exception):
+    """No live replica offers the capability (retried with backoff like any failure)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    response: agent_pb2.ExecuteTaskResponse
+    contract: common_pb2.CapabilityContract
+    agent_instance: str
+
+
+class Dispatcher:
+    def __init__(self, registry: Registry, *, tool_proxy_address: str = "") -> None:
+        self.registry = registry
+        self.tool_proxy_address = tool_proxy_address
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._round_robin = itertools.count()
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    def _stub(self, endpoint: str) -> agent_pb2_grpc.AgentServiceStub:
+        ch = self._channels.get(endpoint)
+        if ch is None:
+            # ExecuteTask is idempotent on (task_id, attempt): transport retries are safe.
+            ch = self._channels[endpoint] = channel(endpoint, service="coordinator")
+        return agent_pb2_grpc.AgentServiceStub(ch)
+
+    async def pick(
+        self, capability: str, version: str
+    ) -> tuple[agent_pb2.AgentDescriptor, common_pb2.CapabilityContract]:
+        replicas = await self.registry.find(capability, version)
+        if not replicas:
+            raise NoAgent(f"no live agent offers {capability} {version}".strip())
+        # Prefer the highest version; spread load over its replicas.
+        best = replicas[0][1].version
+        same = [r for r in replicas if r[1].version == best]
+        return same[next(self._round_robin) % len(same)]
+
+    def request(
+        self,
+        rec: WorkflowRecord,
+        dispatch: Dispatch,
+        contract: common_pb2.CapabilityContract,
+        *,
+        task_token: str = "",
+    ) -> agent_pb2.ExecuteTaskRequest:
+        """The request for one attempt, built from the snapshot at dispatch time. The
+        agent sees only the blackboard keys its contract reads."""
+        task = rec.tasks[dispatch.task_id]
+        reads = set(contract.reads)
+        request = agent_pb2.ExecuteTaskRequest(
+            context=common_pb2.RequestContext(
+                workflow_id=rec.id,
+                task_id=dispatch.task_id,
+                causation_id=f"{rec.id}.{rec.seq}",
+                principal="coordinator",
+            ),
+            capability=dispatch.capability,
+            attempt=dispatch.attempt,
+            input=common_pb2.Payload(json=dict_to_struct(task.input)),
+            blackboard={k: _value(v) for k, v in rec.blackboard.items() if k in reads},
+            blackboard_version=rec.blackboard_version,
+            task_token=task_token,
+            tool_proxy_endpoint=self.tool_proxy_address,
+        )
+        budget = rec.graph().budget
+        request.remaining_budget.CopyFrom(
+            common_pb2.Budget(
+                max_tokens=max(0, budget.max_tokens - rec.usage.tokens),
+                max_cost_micros=max(0, budget.max_cost_micros - rec.usage.cost_micros),
+                max_tool_calls=max(0, budget.max_tool_calls - rec.usage.tool_calls),
+            )
+        )
+        return request
+
+    async def send(
+        self,
+        agent: agent_pb2.AgentDescriptor,
+        contract: common_pb2.CapabilityContract,
+        request: agent_pb2.ExecuteTaskRequest,
+        timeout_s: float,
+    ) -> Answer:
+        response = await self._stub(agent.endpoint).ExecuteTask(request, timeout=timeout_s)
+        return Answer(response, contract, agent.instance_id)
+
+
+def _value(value: Any) -> struct_pb2.Value:
+    out = struct_pb2.Value()
+    holder = struct_pb2.Struct()
+    holder.update({"v": value})
+    out.CopyFrom(holder.fields["v"])
+    return out

@@ -1,0 +1,378 @@
+"""Workflow decisions: given a snapshot and what just happened, which events follow.
+
+Everything here is synchronous and free of I/O; the runner feeds it agent answers and
+persists the events it emits. `Emitter` is the only way state changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from services.coordinator.contracts import contract_problems, output_as_dict
+from services.coordinator.state import (
+    GS,
+    TS,
+    TaskRun,
+    WorkflowRecord,
+    apply_event,
+    dict_to_struct,
+)
+from tessera.v1 import agent_pb2, common_pb2, events_pb2, planner_pb2
+
+GK = events_pb2.GateKind
+G = events_pb2.Guardrail
+
+
+def status(code: grpc.StatusCode, message: str, reason: str) -> status_pb2.Status:
+    out = status_pb2.Status(code=code.value[0], message=message)
+    out.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain="tessera"))
+    return out
+
+
+class Emitter:
+    """Appends events to a snapshot: numbers them, applies them, queues them to publish."""
+
+    def __init__(self, rec: WorkflowRecord, *, now: float, causation_id: str = "") -> None:
+        self.rec = rec
+        self.now = now
+        self.causation_id = causation_id
+        self.events: list[events_pb2.WorkflowEvent] = []
+
+    def emit(self, **kind: Any) -> events_pb2.WorkflowEvent:
+        seq = self.rec.seq + 1
+        event = events_pb2.WorkflowEvent(
+            event_id=f"{self.rec.id}.{seq}",
+            workflow_id=self.rec.id,
+            sequence=seq,
+            causation_id=self.causation_id,
+            **kind,
+        )
+        event.time.FromMicroseconds(int(self.now * 1e6))
+        apply_event(self.rec, event)
+        self.rec.outbox.append(base64.b64encode(event.SerializeToString()).decode())
+        self.events.append(event)
+        return event
+
+    # -- terminal transitions ------------------------------------------------------
+    def fail(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+        self.emit(workflow_failed=events_pb2.WorkflowFailed(error=status(code, message, reason)))
+
+    def trip(self, guardrail: int, task_id: str, detail: str) -> None:
+        self.emit(
+            guardrail_tripped=events_pb2.GuardrailTripped(
+                guardrail=guardrail, task_id=task_id, detail=detail
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Run `attempt` of `task_id` on an agent."""
+
+    task_id: str
+    capability: str
+    version: str
+    attempt: int
+    timeout_s: float
+
+
+def _retry_time(now: float, attempt: int, base_s: float, max_s: float) -> timestamp_pb2.Timestamp:
+    # Exponential backoff with full jitter; the jitter is fixed in the event, so a replay
+    # makes the same decision.
+    delay = random.uniform(0, min(max_s, base_s * (2 ** (attempt - 1))))
+    out = timestamp_pb2.Timestamp()
+    out.FromMicroseconds(int((now + delay) * 1e6))
+    return out
+
+
+def _sinks(rec: WorkflowRecord) -> list[str]:
+    roots = [t for t in rec.tasks.values() if t.root == t.id]
+    depended = {d for t in roots for d in t.depends_on}
+    return [t.id for t in roots if t.id not in depended]
+
+
+def _over_budget(rec: WorkflowRecord) -> str | None:
+    budget = rec.graph().budget
+    usage = rec.usage
+    for name, used, cap in (
+        ("tokens", usage.tokens, budget.max_tokens),
+        ("cost_micros", usage.cost_micros, budget.max_cost_micros),
+        ("tool_calls", usage.tool_calls, budget.max_tool_calls),
+    ):
+        if cap > 0 and used > cap:
+            return f"{name} budget exhausted: used {used} of {cap}"
+    return None
+
+
+def next_steps(em: Emitter, *, in_flight: set[str]) -> list[Dispatch]:
+    """Open due gates, finish or fail the workflow, and say which attempts to run next.
+
+    Tasks already RUNNING but not `in_flight` here were dispatched by a replica that
+    crashed: they are dispatched again with the SAME attempt number, which agents
+    deduplicate, so the side effect happens once.
+    """
+    rec = em.rec
+    if rec.terminal:
+        return []
+    dispatches: list[Dispatch] = []
+    for task in list(rec.tasks.values()):
+        if task.state == TS.TASK_STATE_RUNNING and task.id not in in_flight:
+            dispatches.append(_dispatch(task, task.attempts))
+        if task.state != TS.TASK_STATE_PENDING or task.id in in_flight:
+            continue
+        if not all(rec.resolved(dep) for dep in task.depends_on):
+            continue
+        if task.retry_at is not None and task.retry_at > em.now:
+            continue
+        if task.kind == planner_pb2.TASK_KIND_APPROVAL_GATE:
+            em.emit(
+                gate_opened=events_pb2.GateOpened(
+                    gate_id=f"{task.id}-approval",
+                    task_id=task.id,
+                    reason=task.gate_reason or "approval step",
+                    kind=GK.GATE_KIND_APPROVAL_STEP,
+                )
+            )
+            continue
+        cap = rec.max_iterations()
+        if cap and rec.iterations >= cap:
+            em.trip(
+                G.GUARDRAIL_ITERATION_CAP,
+                task.id,
+                f"iteration cap of {cap} task executions reached",
+            )
+            em.fail(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"iteration cap of {cap} reached before task {task.id}",
+                "ITERATION_CAP",
+            )
+            return []
+        dispatches.append(_dispatch(task, task.attempts + 1))
+    if dispatches or in_flight or rec.pending_gates():
+        return dispatches
+    _finish(em)
+    return []
+
+
+def _dispatch(task: TaskRun, attempt: int) -> Dispatch:
+    return Dispatch(task.id, task.capability, task.version, attempt, task.timeout_s)
+
+
+def _finish(em: Emitter) -> None:
+    rec = em.rec
+    for root in (t for t in rec.tasks.values() if t.root == t.id):
+        end = rec.chain_end(root.id)
+        if end.state == TS.TASK_STATE_FAILED and not root.optional:
+            message = end.error.message if end.error else "task failed"
+            em.fail(grpc.StatusCode.ABORTED, f"task {end.id} failed: {message}", "TASK_FAILED")
+            return
+    if any(t.state == TS.TASK_STATE_PENDING for t in rec.tasks.values()):
+        return  # waiting for a retry's backoff
+    sinks = _sinks(rec)
+    outputs = {s: rec.chain_end(s).output or {} for s in sinks}
+    result = outputs[sinks[0]] if len(sinks) == 1 else outputs
+    partial = any(
+        t.state in (TS.TASK_STATE_FAILED, TS.TASK_STATE_SKIPPED) for t in rec.tasks.values()
+    )
+    em.emit(
+        workflow_completed=events_pb2.WorkflowCompleted(
+            result=dict_to_struct(result), partial=partial
+        )
+    )
+
+
+def task_failed(
+    em: Emitter,
+    task_id: str,
+    attempt: int,
+    error: status_pb2.Status,
+    *,
+    retryable: bool = True,
+    retry_base_s: float = 0.1,
+    retry_max_s: float = 2.0,
+) -> None:
+    task = em.rec.tasks[task_id]
+    will_retry = retryable and attempt < task.max_attempts
+    failed = events_pb2.TaskFailed(
+        task_id=task_id, attempt=attempt, error=error, will_retry=will_retry
+    )
+    if will_retry:
+        failed.retry_time.CopyFrom(_retry_time(em.now, attempt, retry_base_s, retry_max_s))
+    em.emit(task_failed=failed)
+
+
+def _constraint_problems(rec: WorkflowRecord, writes: dict[str, Any]) -> list[str]:
+    candidate = {**rec.blackboard, **writes}
+    problems = []
+    for rule in rec.graph().constraints:
+        value = _lookup(candidate, rule.key)
+        if rule.operator == planner_pb2.CONSTRAINT_OPERATOR_PRESENT:
+            if value is None:
+                problems.append(rule.description or f"{rule.key} must be present")
+            continue
+        limit = _lookup(candidate, rule.limit_key)
+        if not isinstance(value, (int, float)) or not isinstance(limit, (int, float)):
+            continue
+        broken = (rule.operator == planner_pb2.CONSTRAINT_OPERATOR_LTE and value > limit) or (
+            rule.operator == planner_pb2.CONSTRAINT_OPERATOR_GTE and value < limit
+        )
+        if broken:
+            problems.append(
+                f"{rule.description or rule.key}: {rule.key}={value} vs {rule.limit_key}={limit}"
+            )
+    return problems
+
+
+def _lookup(data: dict[str, Any], path: str) -> Any:
+    value: Any = data
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def task_answered(
+    em: Emitter,
+    dispatch: Dispatch,
+    response: agent_pb2.ExecuteTaskResponse,
+    contract: common_pb2.CapabilityContract,
+    *,
+    agent_instance: str,
+    retry_base_s: float = 0.1,
+    retry_max_s: float = 2.0,
+) -> None:
+    """Check an agent's answer and record what follows from it."""
+    rec = em.rec
+    task_id, attempt = dispatch.task_id, dispatch.attempt
+    writes = {k: json_format.MessageToDict(v) for k, v in response.blackboard_writes.items()}
+
+    def refuse(guardrail: int, message: str, reason: str) -> None:
+        em.trip(guardrail, task_id, message)
+        task_failed(
+            em,
+            task_id,
+            attempt,
+            status(grpc.StatusCode.FAILED_PRECONDITION, message, reason),
+            retry_base_s=retry_base_s,
+            retry_max_s=retry_max_s,
+        )
+
+    problems = contract_problems(contract, response)
+    if problems:
+        refuse(G.GUARDRAIL_INVALID_OUTPUT, "; ".join(problems), "INVALID_OUTPUT")
+        return
+    broken = _constraint_problems(rec, writes)
+    if broken:
+        em.emit(
+            blackboard_rolled_back=events_pb2.BlackboardRolledBack(
+                to_version=rec.blackboard_version, task_id=task_id, reason="; ".join(broken)
+            )
+        )
+        refuse(G.GUARDRAIL_BLACKBOARD, "; ".join(broken), "BLACKBOARD_CONSTRAINT")
+        return
+    result = events_pb2.TaskSucceeded(
+        task_id=task_id,
+        attempt=attempt,
+        output=dict_to_struct(output_as_dict(response.output)),
+        blackboard_writes=dict_to_struct(writes),
+        usage=response.usage,
+        confidence=response.confidence,
+        has_confidence=response.has_confidence,
+        summary=response.summary,
+        agent_instance=agent_instance,
+    )
+    threshold = contract.confidence_threshold
+    if response.has_confidence and threshold > 0 and response.confidence < threshold:
+        em.trip(
+            G.GUARDRAIL_LOW_CONFIDENCE,
+            task_id,
+            f"confidence {response.confidence:.2f} below {threshold:.2f}",
+        )
+        em.emit(
+            gate_opened=events_pb2.GateOpened(
+                gate_id=f"{task_id}-review",
+                task_id=task_id,
+                kind=GK.GATE_KIND_LOW_CONFIDENCE,
+                reason=f"low confidence ({response.confidence:.2f} < {threshold:.2f}): review",
+                held_result=result,
+            )
+        )
+        return
+    if response.HasField("approval_request"):
+        em.emit(
+            gate_opened=events_pb2.GateOpened(
+                gate_id=f"{task_id}-approval",
+                task_id=task_id,
+                kind=GK.GATE_KIND_OUTPUT_APPROVAL,
+                reason=response.approval_request.reason,
+                held_result=result,
+            )
+        )
+        return
+    version_before = rec.blackboard_version
+    em.emit(task_succeeded=result)
+    over = _over_budget(rec)
+    if over:
+        em.trip(G.GUARDRAIL_BUDGET, task_id, over)
+        em.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, over, "BUDGET_EXHAUSTED")
+        return
+    if response.HasField("handoff"):
+        _handoff(em, rec.tasks[task_id], response.handoff, version_before)
+
+
+def _handoff(em: Emitter, source: TaskRun, handoff: agent_pb2.Handoff, version_before: int) -> None:
+    rec = em.rec
+    chain = sum(1 for t in rec.tasks.values() if t.root == source.root)
+    routed = events_pb2.HandoffRouted(
+        from_task_id=source.id,
+        to_task_id=f"{source.root}~{chain}",
+        capability=handoff.capability,
+        reason=handoff.reason,
+        input=dict_to_struct(output_as_dict(handoff.input)),
+    )
+    edge = (source.capability, handoff.capability, rec.blackboard_version)
+    if rec.blackboard_version == version_before and edge in rec.handoffs:
+        em.trip(
+            G.GUARDRAIL_LOOP,
+            source.id,
+            f"handoff {edge[0]} -> {edge[1]} repeated with no blackboard change",
+        )
+        em.emit(
+            gate_opened=events_pb2.GateOpened(
+                gate_id=f"{source.id}-loop",
+                task_id=source.id,
+                kind=GK.GATE_KIND_LOOP_ESCALATION,
+                reason=f"loop: {edge[0]} and {edge[1]} keep handing the task back and forth",
+                held_handoff=routed,
+            )
+        )
+        return
+    em.emit(handoff_routed=routed)
+
+
+def decide_gate(em: Emitter, gate_id: str, *, approve: bool, decided_by: str, comment: str) -> None:
+    em.emit(
+        gate_decided=events_pb2.GateDecided(
+            gate_id=gate_id, approved=approve, decided_by=decided_by, comment=comment
+        )
+    )
+    if not approve:
+        em.emit(
+            workflow_cancelled=events_pb2.WorkflowCancelled(
+                reason=f"gate {gate_id} rejected" + (f": {comment}" if comment else ""),
+                cancelled_by=decided_by,
+            )
+        )
+
+
+def gate_is_pending(rec: WorkflowRecord, gate_id: str) -> bool:
+    gate = rec.gates.get(gate_id)
+    return gate is not None and gate.state == GS.GATE_STATE_PENDING

@@ -1,0 +1,316 @@
+"""Advances workflows: consumes "advance workflow X" steps from the JetStream work queue
+shared by every coordinator replica, runs ready tasks, records what follows.
+
+A step holds its work message un-acked while it runs and extends the ack deadline every
+ack_wait/3; if the replica dies, JetStream redelivers the step to another replica after
+ack_wait, which reloads the last committed snapshot and carries on (re-sending attempts
+that were in flight with the same attempt number, which agents deduplicate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+
+import grpc
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import FetchTimeoutError
+
+from services.coordinator import metrics
+from services.coordinator.dispatcher import Answer, Dispatcher, NoAgent
+from services.coordinator.engine import (
+    Dispatch,
+    Emitter,
+    G,
+    next_steps,
+    status,
+    task_answered,
+    task_failed,
+)
+from services.coordinator.settings import CoordinatorSettings
+from services.coordinator.state import TS, WorkflowRecord
+from services.coordinator.store import Conflict, WorkflowStore
+from tessera.runtime.bus import Topology
+from tessera.runtime.logging import bind_context, clear_context
+from tessera.v1 import events_pb2
+
+log = structlog.get_logger(__name__)
+
+DURABLE = "coordinator"
+MAX_CONFLICTS = 20
+# Codes after which another attempt may succeed; the rest fail the attempt for good.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.NOT_FOUND,
+}
+
+
+class Runner:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        topology: Topology,
+        store: WorkflowStore,
+        dispatcher: Dispatcher,
+        settings: CoordinatorSettings,
+    ) -> None:
+        self.js = js
+        self.topology = topology
+        self.store = store
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._slots = asyncio.Semaphore(settings.max_concurrent_steps)
+        self._loop_task: asyncio.Task[None] | None = None
+        self._steps: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        config = api.ConsumerConfig(
+            durable_name=DURABLE,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.settings.ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=-1,
+        )
+        self._sub = await self.js.pull_subscribe(
+            self.topology.work_subject("advance"),
+            durable=DURABLE,
+            stream=self.topology.work_stream,
+            config=config,
+        )
+        self._loop_task = asyncio.create_task(self._consume(), name="coordinator-consume")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for step in list(self._steps):
+            step.cancel()
+        await asyncio.gather(*self._steps, return_exceptions=True)
+
+    async def _consume(self) -> None:
+        while not self._stopping.is_set():
+            free = max(1, min(32, self._slots._value))  # fetch no more than we can start
+            try:
+                msgs = await self._sub.fetch(batch=free, timeout=1.0)
+            except (TimeoutError, FetchTimeoutError):
+                continue
+            except Exception as exc:  # a NATS outage: back off, the client reconnects
+                log.warning("work_fetch_failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._handle(msg))
+                self._steps.add(task)
+                task.add_done_callback(self._step_done)
+
+    def _step_done(self, task: asyncio.Task[None]) -> None:
+        self._steps.discard(task)
+        self._slots.release()
+
+    async def _handle(self, msg: Msg) -> None:
+        step = events_pb2.WorkStep.FromString(msg.data)
+        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        try:
+            async with self._locks[step.workflow_id]:
+                await self.advance(step.workflow_id)
+            await msg.ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("step_failed", workflow_id=step.workflow_id)
+            await msg.nak(delay=1.0)
+        finally:
+            heartbeat.cancel()
+            lock = self._locks.get(step.workflow_id)
+            if lock is not None and not lock.locked():
+                self._locks.pop(step.workflow_id, None)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ack_wait_s / 3)
+            await msg.in_progress()
+
+    async def advance(self, wf_id: str) -> None:
+        """Run the workflow until it finishes, parks on a gate, or another writer wins."""
+        loaded = await self.store.load(wf_id)
+        if loaded is None:
+            log.warning("step_for_unknown_workflow", workflow_id=wf_id)
+            return
+        rec, revision = loaded
+        bind_context(workflow_id=wf_id)
+        in_flight: dict[str, tuple[Dispatch, asyncio.Task[Answer]]] = {}
+        conflicts = 0
+        started = time.monotonic()
+        try:
+            while not rec.terminal:
+                try:
+                    revision = await self._tick(rec, revision, in_flight)
+                except Conflict:
+                    conflicts += 1
+                    if conflicts > MAX_CONFLICTS:
+                        raise
+                    reloaded = await self.store.load(wf_id)
+                    if reloaded is None:
+                        return
+                    rec, revision = reloaded
+                    continue
+                if not in_flight:
+                    wait = self._next_retry_in(rec)
+                    if wait is None:
+                        break  # parked on a gate, or finished
+                    await asyncio.sleep(wait)
+                    continue
+                await asyncio.wait(
+                    [t for _, t in in_flight.values()], return_when=asyncio.FIRST_COMPLETED
+                )
+                try:
+                    revision = await self._collect(rec, revision, in_flight)
+                except Conflict:
+                    conflicts += 1
+                    reloaded = await self.store.load(wf_id)
+                    if reloaded is None or conflicts > MAX_CONFLICTS:
+                        raise
+                    rec, revision = reloaded
+        finally:
+            for _, task in in_flight.values():
+                task.cancel()
+            metrics.STEP_SECONDS.observe(time.monotonic() - started)
+            clear_context()
+        if rec.terminal:
+            metrics.WORKFLOWS_FINISHED.labels(state=str(rec.state)).inc()
+
+    def _next_retry_in(self, rec: WorkflowRecord) -> float | None:
+        now = time.time()
+        due = [
+            t.retry_at
+            for t in rec.tasks.values()
+            if t.state == TS.TASK_STATE_PENDING and t.retry_at is not None
+        ]
+        if not due or rec.terminal:
+            return None
+        return max(0.0, min(due) - now)
+
+    async def _tick(
+        self,
+        rec: WorkflowRecord,
+        revision: int,
+        in_flight: dict[str, tuple[Dispatch, asyncio.Task[Answer]]],
+    ) -> int:
+        em = Emitter(rec, now=time.time())
+        dispatches = next_steps(em, in_flight=set(in_flight))
+        ready: list[tuple[Dispatch, Answer | None, object]] = []
+        for dispatch in dispatches:
+            try:
+                agent, contract = await self.dispatcher.pick(dispatch.capability, dispatch.version)
+            except NoAgent as exc:
+                task_failed(
+                    em,
+                    dispatch.task_id,
+                    dispatch.attempt,
+                    status(grpc.StatusCode.UNAVAILABLE, str(exc), "NO_AGENT"),
+                    retry_base_s=self.settings.retry_base_s,
+                    retry_max_s=self.settings.retry_max_s,
+                )
+                continue
+            task = rec.tasks[dispatch.task_id]
+            if not (task.state == TS.TASK_STATE_RUNNING and task.attempts == dispatch.attempt):
+                em.emit(
+                    task_dispatched=events_pb2.TaskDispatched(
+                        task_id=dispatch.task_id,
+                        capability=dispatch.capability,
+                        attempt=dispatch.attempt,
+                        agent_instance=agent.instance_id,
+                    )
+                )
+            request = self.dispatcher.request(rec, dispatch, contract)
+            ready.append((dispatch, None, (agent, contract, request)))
+        if em.events:
+            revision = await self.store.save(rec, revision)
+        for dispatch, _, (agent, contract, request) in ready:  # type: ignore[misc]
+            metrics.TASKS_DISPATCHED.labels(capability=dispatch.capability).inc()
+            in_flight[dispatch.task_id] = (
+                dispatch,
+                asyncio.create_task(
+                    self.dispatcher.send(agent, contract, request, dispatch.timeout_s)
+                ),
+            )
+        return revision
+
+    async def _collect(
+        self,
+        rec: WorkflowRecord,
+        revision: int,
+        in_flight: dict[str, tuple[Dispatch, asyncio.Task[Answer]]],
+    ) -> int:
+        em = Emitter(rec, now=time.time())
+        for task_id, (dispatch, call) in list(in_flight.items()):
+            if not call.done():
+                continue
+            del in_flight[task_id]
+            task = rec.tasks.get(task_id)
+            if (
+                task is None
+                or task.state != TS.TASK_STATE_RUNNING
+                or task.attempts != dispatch.attempt
+                or rec.terminal
+            ):
+                continue  # someone else already recorded this attempt
+            kwargs = {
+                "retry_base_s": self.settings.retry_base_s,
+                "retry_max_s": self.settings.retry_max_s,
+            }
+            try:
+                answer = call.result()
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    em.trip(
+                        G.GUARDRAIL_TIMEOUT,
+                        task_id,
+                        f"attempt {dispatch.attempt} ran past {dispatch.timeout_s:g}s",
+                    )
+                task_failed(
+                    em,
+                    task_id,
+                    dispatch.attempt,
+                    status(code, exc.details() or code.name, code.name),
+                    retryable=code in RETRYABLE,
+                    **kwargs,
+                )
+                metrics.TASK_OUTCOMES.labels(
+                    capability=dispatch.capability, outcome=code.name.lower()
+                ).inc()
+                continue
+            task_answered(
+                em,
+                dispatch,
+                answer.response,
+                answer.contract,
+                agent_instance=answer.agent_instance,
+                **kwargs,
+            )
+            metrics.TASK_OUTCOMES.labels(capability=dispatch.capability, outcome="answered").inc()
+            if answer.response.HasField("handoff"):
+                metrics.HANDOFFS.inc()
+        for event in em.events:
+            if event.HasField("guardrail_tripped"):
+                metrics.GUARDRAILS.labels(
+                    guardrail=events_pb2.Guardrail.Name(event.guardrail_tripped.guardrail)
+                ).inc()
+        if em.events:
+            revision = await self.store.save(rec, revision)
+        return revision

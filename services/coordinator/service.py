@@ -1,0 +1,285 @@
+"""CoordinatorService RPCs. State changes go through the engine's Emitter and the store's
+compare-and-set; advancing workflows is the runner's job, reached via the work queue."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from nats.js import JetStreamContext, api
+
+from services.coordinator import metrics
+from services.coordinator.engine import Emitter, decide_gate, gate_is_pending
+from services.coordinator.settings import CoordinatorSettings
+from services.coordinator.state import WS, WorkflowRecord
+from services.coordinator.store import Conflict, WorkflowStore
+from services.coordinator.views import gate_name, gate_view, workflow_id, workflow_view
+from tessera.runtime.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from tessera.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    events_pb2,
+    planner_pb2,
+    planner_pb2_grpc,
+)
+
+log = structlog.get_logger(__name__)
+
+TERMINAL_EVENTS = {"workflow_completed", "workflow_failed", "workflow_cancelled"}
+MAX_PAGE = 500
+CAS_ATTEMPTS = 10
+
+
+async def _forward(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> None:
+    """Answer with a peer's error unchanged (its code and google.rpc.Status details)."""
+    details = [(k, v) for k, v in (err.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
+    await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(details))
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(
+        self,
+        store: WorkflowStore,
+        js: JetStreamContext,
+        planner: planner_pb2_grpc.PlannerServiceStub,
+        settings: CoordinatorSettings,
+    ) -> None:
+        self.store = store
+        self.js = js
+        self.planner = planner
+        self.settings = settings
+
+    async def _load(self, wf_id: str) -> tuple[WorkflowRecord, int]:
+        loaded = await self.store.load(wf_id)
+        if loaded is None:
+            raise NotFound(
+                f"workflows/{wf_id} does not exist",
+                reason="WORKFLOW_NOT_FOUND",
+                metadata={"workflow": f"workflows/{wf_id}"},
+            )
+        return loaded
+
+    # -- StartWorkflow -----------------------------------------------------------------
+    async def StartWorkflow(
+        self,
+        request: coordinator_pb2.StartWorkflowRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> coordinator_pb2.StartWorkflowResponse:
+        violations = []
+        if not request.request_id.strip():
+            violations.append(("request_id", "required: makes the start idempotent"))
+        elif len(request.request_id) > 128:
+            violations.append(("request_id", "at most 128 characters"))
+        if not request.goal.strip() and not request.HasField("plan"):
+            violations.append(("goal", "give a template name or goal, or a plan"))
+        if violations:
+            raise InvalidArgument("invalid StartWorkflow request", field_violations=violations)
+        if request.inputs.ByteSize() > self.settings.max_input_bytes:
+            raise ResourceExhausted(
+                f"inputs are {request.inputs.ByteSize()} bytes; the limit is "
+                f"{self.settings.max_input_bytes}",
+                reason="INPUT_TOO_LARGE",
+            )
+
+        wf_id = uuid.uuid4().hex[:20]
+        claimed = await self.store.claim(request.request_id, wf_id)
+        if claimed != wf_id:
+            existing = await self.store.load(claimed)
+            if existing is not None:
+                return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(existing[0]))
+            wf_id = claimed  # an earlier attempt claimed the id and crashed: finish its job
+
+        plan = await self._plan(request, context)
+        rec = WorkflowRecord(id=wf_id)
+        Emitter(rec, now=time.time(), causation_id=request.request_id).emit(
+            workflow_started=events_pb2.WorkflowStarted(
+                request_id=request.request_id, goal=request.goal, plan=plan
+            )
+        )
+        try:
+            await self.store.create(rec)
+        except Exception:
+            existing = await self.store.load(wf_id)
+            if existing is None:
+                raise
+            return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(existing[0]))
+        await self.store.enqueue(wf_id, "started")
+        metrics.WORKFLOWS_STARTED.inc()
+        log.info("workflow_started", workflow_id=wf_id, template=plan.template)
+        return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(rec))
+
+    async def _plan(
+        self, request: coordinator_pb2.StartWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> planner_pb2.TaskGraph:
+        timeout = min(10.0, context.time_remaining() or 10.0)
+        try:
+            if request.HasField("plan"):
+                validated = await self.planner.ValidatePlan(
+                    planner_pb2.ValidatePlanRequest(context=request.context, plan=request.plan),
+                    timeout=timeout,
+                )
+                return validated.plan
+            planned = await self.planner.Plan(
+                planner_pb2.PlanRequest(
+                    context=request.context,
+                    goal=request.goal,
+                    inputs=request.inputs,
+                    budget=request.budget,
+                ),
+                timeout=timeout,
+            )
+            return planned.plan
+        except grpc.aio.AioRpcError as err:
+            await _forward(context, err)
+            raise  # unreachable: abort raises
+
+    # -- reads -------------------------------------------------------------------------
+    async def GetWorkflow(
+        self,
+        request: coordinator_pb2.GetWorkflowRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> coordinator_pb2.GetWorkflowResponse:
+        rec, _ = await self._load(workflow_id(request.name))
+        return coordinator_pb2.GetWorkflowResponse(workflow=workflow_view(rec))
+
+    async def ListWorkflows(
+        self,
+        request: coordinator_pb2.ListWorkflowsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> coordinator_pb2.ListWorkflowsResponse:
+        if request.page_size < 0:
+            raise InvalidArgument(
+                "page_size must not be negative", field_violations=[("page_size", "must be >= 0")]
+            )
+        size = min(request.page_size or 50, MAX_PAGE)
+        offset = 0
+        if request.page_token:
+            try:
+                token = json.loads(base64.urlsafe_b64decode(request.page_token))
+                offset = int(token["o"])
+                if token["s"] != request.state:
+                    raise ValueError("filter changed")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InvalidArgument(
+                    "page_token is invalid for this request",
+                    field_violations=[("page_token", str(exc))],
+                ) from exc
+        loaded = await asyncio.gather(*(self.store.load(i) for i in await self.store.ids()))
+        records = [
+            r
+            for r, _ in (x for x in loaded if x is not None)
+            if not request.state or r.state == request.state
+        ]
+        records.sort(key=lambda r: (r.create_time, r.id), reverse=True)
+        page = records[offset : offset + size]
+        response = coordinator_pb2.ListWorkflowsResponse(workflows=[workflow_view(r) for r in page])
+        if offset + size < len(records):
+            response.next_page_token = base64.urlsafe_b64encode(
+                json.dumps({"o": offset + size, "s": request.state}).encode()
+            ).decode()
+        return response
+
+    async def WatchWorkflow(
+        self,
+        request: coordinator_pb2.WatchWorkflowRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[coordinator_pb2.WatchWorkflowResponse]:
+        wf_id = workflow_id(request.name)
+        await self._load(wf_id)
+        start = max(1, request.start_sequence)
+        sub = await self.js.subscribe(
+            self.store.topology.wf_events_subject(wf_id),
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL,
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=None)  # type: ignore[arg-type]
+                event = events_pb2.WorkflowEvent.FromString(msg.data)
+                if event.sequence < start:
+                    continue
+                yield coordinator_pb2.WatchWorkflowResponse(event=event)
+                if event.WhichOneof("kind") in TERMINAL_EVENTS:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    # -- decisions ---------------------------------------------------------------------
+    async def DecideGate(
+        self,
+        request: coordinator_pb2.DecideGateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> coordinator_pb2.DecideGateResponse:
+        wf_id, gate_id = gate_name(request.name)
+        if request.decision == coordinator_pb2.GATE_DECISION_UNSPECIFIED:
+            raise InvalidArgument(
+                "decision is required", field_violations=[("decision", "APPROVE or REJECT")]
+            )
+        approve = request.decision == coordinator_pb2.GATE_DECISION_APPROVE
+        for _ in range(CAS_ATTEMPTS):
+            rec, revision = await self._load(wf_id)
+            if not gate_is_pending(rec, gate_id):
+                state = "unknown" if gate_id not in rec.gates else "already decided"
+                raise FailedPrecondition(
+                    f"gate {request.name} is {state}",
+                    reason="GATE_NOT_PENDING",
+                    violations=[("GATE_STATE", request.name, f"gate is {state}")],
+                )
+            if rec.terminal:
+                raise FailedPrecondition(f"workflows/{wf_id} has ended", reason="WORKFLOW_ENDED")
+            em = Emitter(rec, now=time.time(), causation_id=request.name)
+            decide_gate(
+                em,
+                gate_id,
+                approve=approve,
+                decided_by=request.decided_by or "anonymous",
+                comment=request.comment,
+            )
+            try:
+                await self.store.save(rec, revision)
+            except Conflict:
+                continue
+            if not rec.terminal:
+                await self.store.enqueue(wf_id, f"gate {gate_id} decided")
+            log.info("gate_decided", workflow_id=wf_id, gate=gate_id, approved=approve)
+            return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
+        raise Aborted(f"workflows/{wf_id} kept changing; retry", reason="CONCURRENT_UPDATE")
+
+    async def CancelWorkflow(
+        self,
+        request: coordinator_pb2.CancelWorkflowRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> coordinator_pb2.CancelWorkflowResponse:
+        wf_id = workflow_id(request.name)
+        for _ in range(CAS_ATTEMPTS):
+            rec, revision = await self._load(wf_id)
+            if rec.terminal:
+                raise FailedPrecondition(
+                    f"{request.name} has already ended ({WS.Name(rec.state)})",
+                    reason="WORKFLOW_ENDED",
+                    violations=[("WORKFLOW_STATE", request.name, WS.Name(rec.state))],
+                )
+            Emitter(rec, now=time.time(), causation_id=request.name).emit(
+                workflow_cancelled=events_pb2.WorkflowCancelled(
+                    reason=request.reason or "cancelled", cancelled_by="api"
+                )
+            )
+            try:
+                await self.store.save(rec, revision)
+            except Conflict:
+                continue
+            log.info("workflow_cancelled", workflow_id=wf_id)
+            return coordinator_pb2.CancelWorkflowResponse(workflow=workflow_view(rec))
+        raise Aborted(f"workflows/{wf_id} kept changing; retry", reason="CONCURRENT_UPDATE")

@@ -1,0 +1,38 @@
+"""Coordinator settings (env ``TESSERA_COORDINATOR_*``; shared ones ``TESSERA_*``)."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from tessera.runtime.config import ServiceSettings
+
+
+class CoordinatorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TESSERA_COORDINATOR_", extra="ignore", populate_by_name=True
+    )
+
+    planner_address: str = Field(
+        default="127.0.0.1:50052", validation_alias=AliasChoices("TESSERA_PLANNER_ADDRESS")
+    )
+    """Where the planner serves PlannerService."""
+    tool_proxy_address: str = Field(
+        default="", validation_alias=AliasChoices("TESSERA_TOOL_PROXY_ADDRESS")
+    )
+    """Handed to agents so they can reach the tool proxy."""
+    replica_id: str = ""
+    """Name of this replica in logs and events; defaults to a random id."""
+    ack_wait_s: float = Field(default=2.0, gt=0)
+    """How long a crashed replica's step stays invisible before another replica takes it
+    over. A live replica extends it every ack_wait_s / 3 while it works."""
+    max_concurrent_steps: int = Field(default=128, gt=0)
+    """Workflow steps one replica runs at once."""
+    max_input_bytes: int = Field(default=256 * 1024, gt=0)
+    """Largest serialized StartWorkflow inputs accepted."""
+    retry_base_s: float = Field(default=0.1, gt=0)
+    retry_max_s: float = Field(default=2.0, gt=0)
+    metrics_port: int = 0
+    """Prometheus metrics HTTP port on 127.0.0.1; 0 disables the endpoint."""
+    run_workers: bool = True
+    """False serves only the API (tests use it to pin who advances workflows)."""

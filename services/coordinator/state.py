@@ -1,0 +1,306 @@
+"""A workflow's state, rebuilt from its events by one reducer (`apply_event`).
+
+The coordinator never changes state except by appending an event and applying it, so the
+KV snapshot and the event history can never disagree: replaying the history through
+`apply_event` yields the snapshot (a property test checks it).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from pydantic import BaseModel, Field
+
+from tessera.v1 import common_pb2, coordinator_pb2, events_pb2, planner_pb2
+
+WS = coordinator_pb2.WorkflowState
+TS = coordinator_pb2.TaskState
+GS = coordinator_pb2.GateState
+
+TERMINAL_WORKFLOW = frozenset(
+    {WS.WORKFLOW_STATE_SUCCEEDED, WS.WORKFLOW_STATE_FAILED, WS.WORKFLOW_STATE_CANCELLED}
+)
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_ATTEMPTS = 3
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(value)
+
+
+def dict_to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    if value:
+        out.update(value)
+    return out
+
+
+class ErrorRec(BaseModel):
+    code: int
+    message: str
+    reason: str = ""
+
+
+class TaskRun(BaseModel):
+    id: str
+    kind: int = planner_pb2.TASK_KIND_AGENT
+    capability: str = ""
+    version: str = ""
+    depends_on: list[str] = Field(default_factory=list)
+    tools: list[str] = Field(default_factory=list)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_attempts: int = DEFAULT_ATTEMPTS
+    optional: bool = False
+    gate_reason: str = ""
+    input: dict[str, Any] = Field(default_factory=dict)
+    state: int = TS.TASK_STATE_PENDING
+    attempts: int = 0
+    retry_at: float | None = None
+    error: ErrorRec | None = None
+    output: dict[str, Any] | None = None
+    agent: str = ""
+    summary: str = ""
+    next: str | None = None
+    """The task this one handed off to, if any: dependents wait for the chain's end."""
+    root: str = ""
+
+
+class GateRec(BaseModel):
+    id: str
+    task_id: str
+    reason: str
+    kind: int
+    state: int = GS.GATE_STATE_PENDING
+    decided_by: str = ""
+    comment: str = ""
+    create_time: float = 0.0
+    decide_time: float = 0.0
+    held: str = ""
+    """Serialized GateOpened (base64) holding a result or handoff until approval."""
+
+
+class Usage(BaseModel):
+    tokens: int = 0
+    cost_micros: int = 0
+    tool_calls: int = 0
+
+
+class WorkflowRecord(BaseModel):
+    """The KV snapshot of one workflow (internal to the coordinator)."""
+
+    id: str
+    request_id: str = ""
+    goal: str = ""
+    state: int = WS.WORKFLOW_STATE_PENDING
+    plan: str = ""
+    """Serialized TaskGraph (base64)."""
+    tasks: dict[str, TaskRun] = Field(default_factory=dict)
+    gates: dict[str, GateRec] = Field(default_factory=dict)
+    blackboard: dict[str, Any] = Field(default_factory=dict)
+    blackboard_version: int = 0
+    usage: Usage = Field(default_factory=Usage)
+    iterations: int = 0
+    handoffs: list[tuple[str, str, int]] = Field(default_factory=list)
+    """(from capability, to capability, blackboard version) of every routed handoff."""
+    result: dict[str, Any] | None = None
+    partial: bool = False
+    error: ErrorRec | None = None
+    seq: int = 0
+    create_time: float = 0.0
+    update_time: float = 0.0
+    outbox: list[str] = Field(default_factory=list)
+    """Events persisted with this snapshot but maybe not yet published (base64)."""
+
+    # -- derived views --------------------------------------------------------------
+    def graph(self) -> planner_pb2.TaskGraph:
+        return planner_pb2.TaskGraph.FromString(base64.b64decode(self.plan))
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_WORKFLOW
+
+    def chain_end(self, task_id: str) -> TaskRun:
+        task = self.tasks[task_id]
+        while task.next is not None:
+            task = self.tasks[task.next]
+        return task
+
+    def resolved(self, task_id: str) -> bool:
+        """Whether dependents of `task_id` may run: its handoff chain ended."""
+        end = self.chain_end(task_id)
+        if end.state == TS.TASK_STATE_SUCCEEDED or end.state == TS.TASK_STATE_SKIPPED:
+            return True
+        return end.state == TS.TASK_STATE_FAILED and self.tasks[task_id].optional
+
+    def pending_gates(self) -> list[GateRec]:
+        return [g for g in self.gates.values() if g.state == GS.GATE_STATE_PENDING]
+
+    def max_iterations(self) -> int:
+        graph = self.graph()
+        caps = [c for c in (graph.max_iterations, graph.budget.max_iterations) if c > 0]
+        return min(caps) if caps else 0
+
+
+def _ts(event: events_pb2.WorkflowEvent) -> float:
+    return event.time.ToMicroseconds() / 1e6
+
+
+def _error(status: Any) -> ErrorRec:
+    reason = ""
+    from google.rpc import error_details_pb2
+
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            reason = info.reason
+    return ErrorRec(code=status.code, message=status.message, reason=reason)
+
+
+def _task_from_spec(spec: planner_pb2.TaskSpec) -> TaskRun:
+    return TaskRun(
+        id=spec.id,
+        kind=spec.kind or planner_pb2.TASK_KIND_AGENT,
+        capability=spec.capability,
+        version=spec.version,
+        depends_on=list(spec.depends_on),
+        tools=list(spec.tools),
+        timeout_s=spec.timeout.ToMilliseconds() / 1000
+        if spec.HasField("timeout")
+        else DEFAULT_TIMEOUT_S,
+        max_attempts=spec.max_attempts or DEFAULT_ATTEMPTS,
+        optional=spec.optional,
+        gate_reason=spec.gate_reason,
+        input=struct_to_dict(spec.input),
+        root=spec.id,
+    )
+
+
+def add_usage(total: Usage, usage: common_pb2.Usage) -> None:
+    total.tokens += usage.tokens
+    total.cost_micros += usage.cost_micros
+    total.tool_calls += usage.tool_calls
+
+
+def _accept_result(rec: WorkflowRecord, result: events_pb2.TaskSucceeded) -> None:
+    task = rec.tasks[result.task_id]
+    task.state = TS.TASK_STATE_SUCCEEDED
+    task.output = struct_to_dict(result.output)
+    task.summary = result.summary
+    task.agent = result.agent_instance
+    task.error = None
+    writes = struct_to_dict(result.blackboard_writes)
+    if writes:
+        rec.blackboard.update(writes)
+        rec.blackboard_version += 1
+
+
+def _route_handoff(rec: WorkflowRecord, handoff: events_pb2.HandoffRouted) -> None:
+    source = rec.tasks[handoff.from_task_id]
+    rec.tasks[handoff.to_task_id] = TaskRun(
+        id=handoff.to_task_id,
+        capability=handoff.capability,
+        input=struct_to_dict(handoff.input),
+        root=source.root,
+        optional=source.optional,
+        timeout_s=source.timeout_s,
+        max_attempts=source.max_attempts,
+    )
+    source.next = handoff.to_task_id
+    rec.handoffs.append((source.capability, handoff.capability, rec.blackboard_version))
+
+
+def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
+    """Apply one event to the snapshot. Pure and deterministic."""
+    kind = event.WhichOneof("kind")
+    now = _ts(event)
+    rec.seq = event.sequence
+    rec.update_time = now
+    if kind == "workflow_started":
+        started = event.workflow_started
+        rec.request_id = started.request_id
+        rec.goal = started.goal
+        rec.plan = base64.b64encode(started.plan.SerializeToString()).decode()
+        rec.tasks = {spec.id: _task_from_spec(spec) for spec in started.plan.tasks}
+        rec.blackboard = struct_to_dict(started.plan.blackboard)
+        rec.blackboard_version = 1
+        rec.state = WS.WORKFLOW_STATE_RUNNING
+        rec.create_time = now
+    elif kind == "task_dispatched":
+        task = rec.tasks[event.task_dispatched.task_id]
+        if event.task_dispatched.attempt > task.attempts:
+            rec.iterations += 1
+        task.attempts = event.task_dispatched.attempt
+        task.state = TS.TASK_STATE_RUNNING
+        task.retry_at = None
+        task.agent = event.task_dispatched.agent_instance
+    elif kind == "task_succeeded":
+        result = event.task_succeeded
+        add_usage(rec.usage, result.usage)
+        _accept_result(rec, result)
+    elif kind == "task_failed":
+        failed = event.task_failed
+        task = rec.tasks[failed.task_id]
+        task.error = _error(failed.error)
+        if failed.will_retry:
+            task.state = TS.TASK_STATE_PENDING
+            task.retry_at = failed.retry_time.ToMicroseconds() / 1e6
+        else:
+            task.state = TS.TASK_STATE_FAILED
+    elif kind == "task_skipped":
+        rec.tasks[event.task_skipped.task_id].state = TS.TASK_STATE_SKIPPED
+    elif kind == "handoff_routed":
+        _route_handoff(rec, event.handoff_routed)
+    elif kind == "gate_opened":
+        opened = event.gate_opened
+        rec.gates[opened.gate_id] = GateRec(
+            id=opened.gate_id,
+            task_id=opened.task_id,
+            reason=opened.reason,
+            kind=opened.kind,
+            create_time=now,
+            held=base64.b64encode(opened.SerializeToString()).decode()
+            if opened.HasField("held_result") or opened.HasField("held_handoff")
+            else "",
+        )
+        if opened.HasField("held_result"):
+            add_usage(rec.usage, opened.held_result.usage)
+        if opened.task_id in rec.tasks:
+            rec.tasks[opened.task_id].state = TS.TASK_STATE_WAITING_APPROVAL
+        rec.state = WS.WORKFLOW_STATE_WAITING_APPROVAL
+    elif kind == "gate_decided":
+        decided = event.gate_decided
+        gate = rec.gates[decided.gate_id]
+        gate.state = GS.GATE_STATE_APPROVED if decided.approved else GS.GATE_STATE_REJECTED
+        gate.decided_by = decided.decided_by
+        gate.comment = decided.comment
+        gate.decide_time = now
+        task = rec.tasks.get(gate.task_id)
+        if decided.approved and task is not None:
+            held = (
+                events_pb2.GateOpened.FromString(base64.b64decode(gate.held)) if gate.held else None
+            )
+            if held is not None and held.HasField("held_result"):
+                _accept_result(rec, held.held_result)
+            elif held is not None and held.HasField("held_handoff"):
+                task.state = TS.TASK_STATE_SUCCEEDED
+                rec.handoffs.clear()  # a human let the loop go on: start counting afresh
+                _route_handoff(rec, held.held_handoff)
+            else:
+                task.state = TS.TASK_STATE_SUCCEEDED
+        gate.held = ""
+        if not rec.pending_gates() and not rec.terminal:
+            rec.state = WS.WORKFLOW_STATE_RUNNING
+    elif kind == "workflow_completed":
+        rec.state = WS.WORKFLOW_STATE_SUCCEEDED
+        rec.result = struct_to_dict(event.workflow_completed.result)
+        rec.partial = event.workflow_completed.partial
+    elif kind == "workflow_failed":
+        rec.state = WS.WORKFLOW_STATE_FAILED
+        rec.error = _error(event.workflow_failed.error)
+    elif kind == "workflow_cancelled":
+        rec.state = WS.WORKFLOW_STATE_CANCELLED
+        rec.error = ErrorRec(code=1, message=event.workflow_cancelled.reason, reason="CANCELLED")
+    # blackboard_rolled_back and guardrail_tripped are records only: refused writes were
+    # never applied, so the blackboard already is the last valid version.

@@ -1,0 +1,129 @@
+"""Workflow persistence on JetStream: KV snapshots with compare-and-set, the per-workflow
+event subject, request-id claims, and the work queue.
+
+Write order (a transactional outbox): the snapshot, holding its new events in `outbox`,
+is written with compare-and-set on the KV revision first; then the events are published
+with `Nats-Msg-Id` = `<workflow>.<sequence>`. A crash between the two leaves the events in
+the snapshot; whoever loads it next publishes the ones the stream lacks. Two replicas can
+never both advance a workflow: the loser's compare-and-set fails and it backs off.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from services.coordinator.state import WorkflowRecord
+from tessera.runtime.bus import Topology, msg_id_headers
+from tessera.v1 import events_pb2
+
+log = structlog.get_logger(__name__)
+
+
+class Conflict(Exception):
+    """Another writer advanced the workflow first; this step's view is stale."""
+
+
+class WorkflowStore:
+    def __init__(self, js: JetStreamContext, topology: Topology) -> None:
+        self.js = js
+        self.topology = topology
+        self._kv: KeyValue | None = None
+
+    async def open(self) -> None:
+        self._kv = await self.js.key_value(self.topology.workflows_bucket)
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise RuntimeError("WorkflowStore.open() was not awaited")
+        return self._kv
+
+    @staticmethod
+    def _key(wf_id: str) -> str:
+        return f"wf.{wf_id}"
+
+    @staticmethod
+    def _claim_key(request_id: str) -> str:
+        return "req." + hashlib.sha256(request_id.encode()).hexdigest()[:40]
+
+    async def load(self, wf_id: str) -> tuple[WorkflowRecord, int] | None:
+        try:
+            entry = await self.kv.get(self._key(wf_id))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        rec = WorkflowRecord.model_validate_json(entry.value)
+        if rec.outbox:
+            await self._publish_missing(rec)
+        return rec, entry.revision
+
+    async def create(self, rec: WorkflowRecord) -> int:
+        revision = await self.kv.create(self._key(rec.id), rec.model_dump_json().encode())
+        await self.publish(rec)
+        return revision
+
+    async def save(self, rec: WorkflowRecord, revision: int) -> int:
+        """Compare-and-set; raises Conflict when someone else wrote since `revision`."""
+        try:
+            new_revision = await self.kv.update(
+                self._key(rec.id), rec.model_dump_json().encode(), last=revision
+            )
+        except KeyWrongLastSequenceError as exc:
+            raise Conflict(rec.id) from exc
+        await self.publish(rec)
+        return new_revision
+
+    async def publish(self, rec: WorkflowRecord) -> None:
+        """Publish the snapshot's outbox (idempotent thanks to Nats-Msg-Id) and empty it
+        in memory; the next save persists the emptied outbox."""
+        subject = self.topology.wf_events_subject(rec.id)
+        for encoded in rec.outbox:
+            raw = base64.b64decode(encoded)
+            event = events_pb2.WorkflowEvent.FromString(raw)
+            await self.js.publish(subject, raw, headers=msg_id_headers(event.event_id))
+        rec.outbox.clear()
+
+    async def _publish_missing(self, rec: WorkflowRecord) -> None:
+        subject = self.topology.wf_events_subject(rec.id)
+        try:
+            last = await self.js.get_last_msg(self.topology.wf_events_stream, subject)
+            published = events_pb2.WorkflowEvent.FromString(last.data or b"").sequence
+        except NotFoundError:
+            published = 0
+        pending = [
+            e
+            for e in rec.outbox
+            if events_pb2.WorkflowEvent.FromString(base64.b64decode(e)).sequence > published
+        ]
+        rec.outbox = pending
+        if pending:
+            log.info("outbox_republished", workflow_id=rec.id, events=len(pending))
+            await self.publish(rec)
+
+    async def claim(self, request_id: str, wf_id: str) -> str:
+        """Bind `request_id` to `wf_id`, or return the workflow it was bound to before."""
+        key = self._claim_key(request_id)
+        try:
+            await self.kv.create(key, wf_id.encode())
+            return wf_id
+        except KeyWrongLastSequenceError:
+            entry = await self.kv.get(key)
+            return (entry.value or b"").decode()
+
+    async def ids(self) -> list[str]:
+        try:
+            keys = await self.kv.keys()
+        except NotFoundError:
+            return []
+        return [k[3:] for k in keys if k.startswith("wf.")]
+
+    async def enqueue(self, wf_id: str, reason: str) -> None:
+        step = events_pb2.WorkStep(workflow_id=wf_id, reason=reason)
+        await self.js.publish(self.topology.work_subject("advance"), step.SerializeToString())

@@ -1,0 +1,103 @@
+"""Public views of a workflow snapshot (the `tessera.v1.Workflow` resource) and names."""
+
+from __future__ import annotations
+
+import re
+
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from services.coordinator.state import WorkflowRecord, dict_to_struct
+from tessera.runtime.errors import InvalidArgument
+from tessera.v1 import common_pb2, coordinator_pb2
+
+_WORKFLOW = re.compile(r"^workflows/([A-Za-z0-9_-]{1,64})$")
+_GATE = re.compile(r"^workflows/([A-Za-z0-9_-]{1,64})/gates/([A-Za-z0-9_.~-]{1,128})$")
+
+
+def workflow_id(name: str, field: str = "name") -> str:
+    match = _WORKFLOW.match(name)
+    if not match:
+        raise InvalidArgument(
+            f"{field} must look like workflows/{{workflow}}",
+            field_violations=[(field, f"malformed workflow name {name!r}")],
+        )
+    return match.group(1)
+
+
+def gate_name(name: str) -> tuple[str, str]:
+    match = _GATE.match(name)
+    if not match:
+        raise InvalidArgument(
+            "name must look like workflows/{workflow}/gates/{gate}",
+            field_violations=[("name", f"malformed gate name {name!r}")],
+        )
+    return match.group(1), match.group(2)
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    if seconds:
+        out.FromMicroseconds(int(seconds * 1e6))
+    return out
+
+
+def _status(error: object) -> status_pb2.Status:
+    out = status_pb2.Status(code=error.code, message=error.message)  # type: ignore[attr-defined]
+    if getattr(error, "reason", ""):
+        out.details.add().Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain="tessera"))  # type: ignore[attr-defined]
+    return out
+
+
+def gate_view(rec: WorkflowRecord, gate_id: str) -> coordinator_pb2.Gate:
+    gate = rec.gates[gate_id]
+    return coordinator_pb2.Gate(
+        name=f"workflows/{rec.id}/gates/{gate.id}",
+        task_id=gate.task_id,
+        reason=gate.reason,
+        state=gate.state,
+        decided_by=gate.decided_by,
+        comment=gate.comment,
+        create_time=_ts(gate.create_time),
+        decide_time=_ts(gate.decide_time) if gate.decide_time else None,
+        kind=gate.kind,
+    )
+
+
+def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
+    view = coordinator_pb2.Workflow(
+        name=f"workflows/{rec.id}",
+        request_id=rec.request_id,
+        state=rec.state,
+        plan=rec.graph() if rec.plan else None,
+        goal=rec.goal,
+        blackboard=dict_to_struct(rec.blackboard),
+        blackboard_version=rec.blackboard_version,
+        usage=common_pb2.Usage(
+            tokens=rec.usage.tokens,
+            cost_micros=rec.usage.cost_micros,
+            tool_calls=rec.usage.tool_calls,
+        ),
+        create_time=_ts(rec.create_time),
+        update_time=_ts(rec.update_time),
+        event_count=rec.seq,
+    )
+    for task in rec.tasks.values():
+        status = coordinator_pb2.TaskStatus(
+            task_id=task.id,
+            capability=task.capability,
+            state=task.state,
+            attempts=task.attempts,
+            agent=task.agent,
+        )
+        if task.error is not None:
+            status.error.CopyFrom(_status(task.error))
+        if task.output is not None:
+            status.output.CopyFrom(dict_to_struct(task.output))
+        view.tasks.append(status)
+    view.gates.extend(gate_view(rec, g) for g in rec.gates)
+    if rec.result is not None:
+        view.result.CopyFrom(dict_to_struct(rec.result))
+    if rec.error is not None:
+        view.error.CopyFrom(_status(rec.error))
+    return view

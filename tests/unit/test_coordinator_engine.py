@@ -1,0 +1,231 @@
+"""The coordinator's decisions, without I/O: what a workflow does next, and that the
+event history always rebuilds the snapshot."""
+
+from __future__ import annotations
+
+import base64
+
+import grpc
+from google.protobuf import duration_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.coordinator.engine import (
+    Emitter,
+    decide_gate,
+    next_steps,
+    status,
+    task_answered,
+    task_failed,
+)
+from services.coordinator.state import GS, TS, WS, WorkflowRecord, apply_event, dict_to_struct
+from tessera.v1 import agent_pb2, common_pb2, events_pb2, planner_pb2
+
+
+def _plan(*tasks: planner_pb2.TaskSpec, constraints=(), max_iterations: int = 20):
+    return planner_pb2.TaskGraph(
+        template="t",
+        tasks=list(tasks),
+        budget=common_pb2.Budget(
+            max_tokens=1000, max_cost_micros=10**6, max_tool_calls=10, max_iterations=max_iterations
+        ),
+        blackboard=dict_to_struct({"max_budget": 100}),
+        constraints=list(constraints),
+    )
+
+
+def _task(task_id: str, capability: str, *deps: str, **kw) -> planner_pb2.TaskSpec:
+    return planner_pb2.TaskSpec(
+        id=task_id,
+        capability=capability,
+        depends_on=list(deps),
+        timeout=duration_pb2.Duration(seconds=5),
+        **kw,
+    )
+
+
+def _contract(name: str, **kw) -> common_pb2.CapabilityContract:
+    return common_pb2.CapabilityContract(name=name, version="1.0.0", **kw)
+
+
+def _answer(output=None, writes=None, handoff=None, **kw) -> agent_pb2.ExecuteTaskResponse:
+    response = agent_pb2.ExecuteTaskResponse(
+        output=common_pb2.Payload(json=dict_to_struct(output or {})), **kw
+    )
+    for key, value in (writes or {}).items():
+        response.blackboard_writes[key].CopyFrom(dict_to_struct({"v": value}).fields["v"])
+    if handoff:
+        response.handoff.CopyFrom(agent_pb2.Handoff(capability=handoff))
+    return response
+
+
+def _start(plan: planner_pb2.TaskGraph) -> WorkflowRecord:
+    rec = WorkflowRecord(id="wf1")
+    Emitter(rec, now=1.0).emit(
+        workflow_started=events_pb2.WorkflowStarted(request_id="r", goal="g", plan=plan)
+    )
+    return rec
+
+
+def _run(
+    rec: WorkflowRecord,
+    answers: dict[str, agent_pb2.ExecuteTaskResponse],
+    contracts: dict[str, common_pb2.CapabilityContract],
+    now: float = 2.0,
+) -> list[str]:
+    """Drive the workflow with canned agent answers; returns the dispatch order."""
+    order: list[str] = []
+    for _ in range(50):
+        em = Emitter(rec, now=now)
+        dispatches = next_steps(em, in_flight=set())
+        if not dispatches:
+            return order
+        for d in dispatches:
+            em.emit(
+                task_dispatched=events_pb2.TaskDispatched(
+                    task_id=d.task_id, capability=d.capability, attempt=d.attempt
+                )
+            )
+            order.append(d.capability)
+            task_answered(
+                em, d, answers[d.capability], contracts[d.capability], agent_instance="a1"
+            )
+        now += 10
+    raise AssertionError("workflow did not settle")
+
+
+def _replay(rec: WorkflowRecord) -> WorkflowRecord:
+    rebuilt = WorkflowRecord(id=rec.id)
+    for encoded in rec.outbox:
+        apply_event(rebuilt, events_pb2.WorkflowEvent.FromString(base64.b64decode(encoded)))
+    return rebuilt
+
+
+def test_sequential_pipeline_completes_with_the_last_output() -> None:
+    rec = _start(_plan(_task("a", "x.a"), _task("b", "x.b", "a")))
+    contracts = {"x.a": _contract("x.a", writes=["k"]), "x.b": _contract("x.b")}
+    order = _run(rec, {"x.a": _answer(writes={"k": 1}), "x.b": _answer({"done": True})}, contracts)
+    assert order == ["x.a", "x.b"]
+    assert rec.state == WS.WORKFLOW_STATE_SUCCEEDED
+    assert rec.result == {"done": True}
+    assert rec.blackboard["k"] == 1
+
+
+def test_repeated_handoff_without_blackboard_change_escalates_to_a_gate() -> None:
+    rec = _start(_plan(_task("t", "s.billing")))
+    contracts = {
+        "s.billing": _contract("s.billing", handoffs=["s.account"]),
+        "s.account": _contract("s.account", handoffs=["s.billing"]),
+    }
+    answers = {"s.billing": _answer(handoff="s.account"), "s.account": _answer(handoff="s.billing")}
+    _run(rec, answers, contracts)
+    assert rec.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    (gate,) = rec.pending_gates()
+    assert gate.kind == events_pb2.GATE_KIND_LOOP_ESCALATION
+    em = Emitter(rec, now=100.0)
+    decide_gate(em, gate.id, approve=False, decided_by="alice", comment="stop")
+    assert rec.state == WS.WORKFLOW_STATE_CANCELLED
+    assert rec.gates[gate.id].state == GS.GATE_STATE_REJECTED
+
+
+def test_write_breaking_a_constraint_is_rolled_back_and_retried() -> None:
+    rule = planner_pb2.BlackboardConstraint(
+        key="offer.price", operator=planner_pb2.CONSTRAINT_OPERATOR_LTE, limit_key="max_budget"
+    )
+    rec = _start(_plan(_task("n", "p.neg"), constraints=[rule]))
+    contracts = {"p.neg": _contract("p.neg", writes=["offer"])}
+    em = Emitter(rec, now=2.0)
+    (d,) = next_steps(em, in_flight=set())
+    em.emit(task_dispatched=events_pb2.TaskDispatched(task_id="n", attempt=1))
+    task_answered(
+        em, d, _answer(writes={"offer": {"price": 120}}), contracts["p.neg"], agent_instance="a"
+    )
+    assert "offer" not in rec.blackboard
+    assert rec.tasks["n"].state == TS.TASK_STATE_PENDING  # will retry
+    kinds = [e.WhichOneof("kind") for e in em.events]
+    assert "blackboard_rolled_back" in kinds
+
+
+def test_output_breaking_the_contract_fails_the_attempt() -> None:
+    rec = _start(_plan(_task("a", "x.a", max_attempts=1)))
+    contract = _contract("x.a", writes=["allowed"])
+    _run(rec, {"x.a": _answer(writes={"forbidden": 1})}, {"x.a": contract})
+    assert rec.state == WS.WORKFLOW_STATE_FAILED
+    assert rec.tasks["a"].error is not None
+    assert "not declared" in rec.tasks["a"].error.message
+
+
+def test_low_confidence_holds_the_result_for_review() -> None:
+    rec = _start(_plan(_task("a", "x.a")))
+    contract = _contract("x.a", confidence_threshold=0.8, writes=["k"])
+    _run(
+        rec,
+        {"x.a": _answer({"r": 1}, writes={"k": 2}, confidence=0.4, has_confidence=True)},
+        {"x.a": contract},
+    )
+    (gate,) = rec.pending_gates()
+    assert "k" not in rec.blackboard  # held, not applied
+    em = Emitter(rec, now=50.0)
+    decide_gate(em, gate.id, approve=True, decided_by="bob", comment="")
+    assert rec.blackboard["k"] == 2
+    assert next_steps(em, in_flight=set()) == []
+    assert rec.state == WS.WORKFLOW_STATE_SUCCEEDED
+
+
+def test_iteration_cap_stops_the_workflow() -> None:
+    rec = _start(_plan(_task("t", "s.a"), max_iterations=3))
+    contracts = {
+        "s.a": _contract("s.a", handoffs=["s.b"], writes=["n"]),
+        "s.b": _contract("s.b", handoffs=["s.a"], writes=["n"]),
+    }
+    counter = iter(range(1000))
+
+    class Answers(dict):
+        def __getitem__(self, cap):
+            return _answer(writes={"n": next(counter)}, handoff="s.b" if cap == "s.a" else "s.a")
+
+    _run(rec, Answers(), contracts)
+    assert rec.state == WS.WORKFLOW_STATE_FAILED
+    assert rec.error is not None and rec.error.reason == "ITERATION_CAP"
+
+
+def test_fan_out_with_a_failed_optional_branch_completes_partially() -> None:
+    rec = _start(
+        _plan(
+            _task("a", "r.a"),
+            _task("b", "r.b", optional=True, max_attempts=1),
+            _task("agg", "r.agg", "a", "b"),
+        )
+    )
+    em = Emitter(rec, now=2.0)
+    dispatches = next_steps(em, in_flight=set())
+    assert {d.task_id for d in dispatches} == {"a", "b"}
+    for d in dispatches:
+        em.emit(task_dispatched=events_pb2.TaskDispatched(task_id=d.task_id, attempt=1))
+    task_answered(em, dispatches[0], _answer(writes={}), _contract("r.a"), agent_instance="x")
+    task_failed(em, "b", 1, status(grpc.StatusCode.DEADLINE_EXCEEDED, "slow", "TIMEOUT"))
+    (agg,) = next_steps(em, in_flight=set())
+    assert agg.task_id == "agg"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["write", "handoff", "plain", "low"]), min_size=1, max_size=8))
+def test_replaying_the_history_rebuilds_the_snapshot(script: list[str]) -> None:
+    rec = _start(_plan(_task("t", "c.a"), max_iterations=100))
+    contract = _contract("c.a", writes=["k"], handoffs=["c.a"], confidence_threshold=0.5)
+    steps = iter(script)
+
+    class Answers(dict):
+        def __getitem__(self, cap):
+            step = next(steps, "plain")
+            if step == "write":
+                return _answer(writes={"k": len(script)}, handoff="c.a")
+            if step == "handoff":
+                return _answer(handoff="c.a")
+            if step == "low":
+                return _answer(confidence=0.1, has_confidence=True)
+            return _answer({"ok": True})
+
+    _run(rec, Answers(), {"c.a": contract})
+    rebuilt = _replay(rec)
+    assert rebuilt.model_dump(exclude={"outbox"}) == rec.model_dump(exclude={"outbox"})
