@@ -1,0 +1,22 @@
+"""The ``tessera`` command: a thin registry of command modules."""
+
+from __future__ import annotations
+
+import typer
+
+from tessera.cli import mesh
+
+app = typer.Typer(
+    name="tessera",
+    help="Tessera: a gRPC mesh that runs multi-agent workflows under governance.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+mesh.register(app)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,51 @@
+"""Health probes: HTTP for the infrastructure, grpc.health.v1 for the services."""
+
+from __future__ import annotations
+
+import enum
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class Health(enum.Enum):
+    """Health of one component as `tessera status` shows it."""
+
+    SERVING = "SERVING"
+    NOT_SERVING = "NOT_SERVING"
+    DOWN = "DOWN"
+
+
+def http_ok(url: str, *, timeout: float = 1.0) -> bool:
+    """Whether ``GET url`` answers 200 (loopback only, no proxies)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+async def grpc_health(address: str, names: Sequence[str], *, rpc_timeout: float = 1.0) -> Health:
+    """SERVING if every name in ``names`` reports SERVING at ``address``.
+
+    NOT_SERVING if the server answers but some name is not serving (or unknown), DOWN if
+    the server cannot be reached within ``rpc_timeout`` seconds per check.
+    """
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in names or [""]:
+            try:
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=name), timeout=rpc_timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return Health.DOWN
+                return Health.NOT_SERVING
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                return Health.NOT_SERVING
+    return Health.SERVING

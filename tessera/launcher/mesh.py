@@ -1,0 +1,432 @@
+"""Orchestrate the local mesh: `up`, `status` and `down` over one data directory.
+
+Start order: NATS and OpenBao (in parallel), the Vault bootstrap, every service of the
+topology, then Envoy; all of them are then awaited together. Stop order is the reverse.
+Nothing here prints: callers (the CLI, tests) present the results and errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from tessera.launcher import infra, processes
+from tessera.launcher import state as state_file
+from tessera.launcher.gateway import Upstream
+from tessera.launcher.health import Health, grpc_health, http_ok
+from tessera.launcher.ports import ensure_free, preferred_port
+from tessera.launcher.processes import StopResult
+from tessera.launcher.state import Component, MeshState
+from tessera.launcher.topology import ServiceSpec, Topology, project_root
+from tessera.launcher.topology import load as load_topology
+
+log = structlog.get_logger(__name__)
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_DATA_DIR = Path(".tessera")
+DATA_DIR_ENV = "TESSERA_DATA_DIR"
+
+# Preferred ports when free (the usual defaults of each server); otherwise the kernel picks.
+DEFAULT_PORTS = {
+    "nats": 4222,
+    "nats-monitor": 8222,
+    "openbao": 8200,  # OpenBao dev mode also binds 8201 for its cluster listener
+    "gateway": 8080,
+    "gateway-admin": 9901,
+}
+FIRST_SERVICE_PORT = 50051
+# Offsets from --base-port. OpenBao takes two ports (+2, +3).
+BASE_OFFSETS = {"nats": 0, "nats-monitor": 1, "openbao": 2, "gateway": 4, "gateway-admin": 5}
+FIRST_SERVICE_OFFSET = 10
+
+Reporter = Callable[[str], None]
+
+
+class MeshError(RuntimeError):
+    """Base of the errors `up`/`down`/`status` report to the user as one line."""
+
+
+class AlreadyRunning(MeshError):
+    def __init__(self, data_dir: Path, state: MeshState) -> None:
+        super().__init__(
+            f"the mesh in {data_dir} is already running (gateway {state.gateway}); "
+            "run `tessera down` first"
+        )
+        self.state = state
+
+
+class ComponentFailed(MeshError):
+    """A component did not come up; everything started before it has been stopped."""
+
+    def __init__(self, name: str, reason: str, log_path: str, log_tail: str) -> None:
+        super().__init__(f"{name} {reason} (log: {log_path})")
+        self.name = name
+        self.reason = reason
+        self.log_path = log_path
+        self.log_tail = log_tail
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    kind: str
+    address: str
+    pid: int
+    health: Health
+
+
+def default_data_dir() -> Path:
+    """``$TESSERA_DATA_DIR`` or ``./.tessera``."""
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path) -> Iterator[None]:
+    """Serialise `up`/`down` on one data dir across processes."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / ".lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def plan_ports(topology: Topology, *, base_port: int | None = None) -> dict[str, int]:
+    """Choose every port and check it is free (raises ``PortInUse`` naming the first taken).
+
+    With ``base_port`` the layout is fixed (see ``BASE_OFFSETS``); without it each
+    component gets its usual port when free, else one the kernel picks.
+    """
+    ports: dict[str, int] = {}
+    if base_port is not None:
+        for name, offset in BASE_OFFSETS.items():
+            ports[name] = base_port + offset
+        for index, spec in enumerate(topology.services):
+            ports[spec.name] = base_port + FIRST_SERVICE_OFFSET + index
+    else:
+        wanted = dict(DEFAULT_PORTS)
+        for index, spec in enumerate(topology.services):
+            wanted[spec.name] = FIRST_SERVICE_PORT + index
+        for name, preferred in wanted.items():
+            taken = set(ports.values())
+            if "openbao" in ports:
+                taken.add(ports["openbao"] + 1)
+            ports[name] = preferred_port(preferred, exclude=taken, pair=name == "openbao")
+    for name, port in ports.items():
+        ensure_free(name, port)
+    ensure_free("openbao cluster listener", ports["openbao"] + 1)
+    return ports
+
+
+def _service_env(
+    spec: ServiceSpec,
+    topology: Topology,
+    ports: Mapping[str, int],
+    *,
+    nats_url: str,
+    vault_addr: str,
+    approles: Mapping[str, Path],
+    log_level: str,
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "TESSERA_NATS_URL": nats_url,
+            "TESSERA_VAULT_ADDR": vault_addr,
+            "TESSERA_LOG_LEVEL": log_level,
+            f"TESSERA_{spec.env}_LISTEN": f"{LOOPBACK}:{ports[spec.name]}",
+        }
+    )
+    for other in topology.services:
+        env[f"TESSERA_{other.env}_ADDRESS"] = f"{LOOPBACK}:{ports[other.name]}"
+    approle = approles.get(spec.identity)
+    if approle is not None:
+        env["TESSERA_VAULT_APPROLE_FILE"] = str(approle)
+    else:
+        env.pop("TESSERA_VAULT_APPROLE_FILE", None)
+    return env
+
+
+def _bootstrap_vault(
+    server: infra.OpenBaoServer, project: Path, data_dir: Path, report: Reporter
+) -> dict[str, Path] | None:
+    """Run ``tessera.vault.bootstrap.apply`` if that module exists; None when skipped."""
+    try:
+        bootstrap = importlib.import_module("tessera.vault.bootstrap")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tessera.vault", "tessera.vault.bootstrap"):
+            raise
+        log.warning("vault_bootstrap_skipped", reason="tessera.vault.bootstrap not installed")
+        report("vault bootstrap skipped: tessera.vault.bootstrap is not installed")
+        return None
+    secrets_dir = data_dir / "secrets"
+    secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        approles: dict[str, Path] = bootstrap.apply(
+            server.addr, server.root_token, project / "vault", secrets_dir
+        )
+    except Exception as exc:  # any bootstrap failure stops `up` with one clear line
+        log.error("vault_bootstrap_failed", error_type=type(exc).__name__)
+        raise infra.StartFailed(
+            "vault bootstrap", f"failed: {type(exc).__name__}: {exc}", server.log_path
+        ) from exc
+    return approles
+
+
+async def _wait_service(component: Component, deadline: float) -> None:
+    """Poll grpc.health.v1 until every name is SERVING; fail fast if the process exits."""
+    loop = asyncio.get_running_loop()
+    delay = 0.05
+    while True:
+        if not processes.pid_exists(component.pid):
+            code = processes.returncode(component.pid)
+            reason = "exited" if code is None else f"exited with code {code}"
+            raise infra.StartFailed(component.name, reason, component.log_path)
+        remaining = deadline - loop.time()
+        health = await grpc_health(
+            component.address, component.health, rpc_timeout=max(0.05, min(1.0, remaining))
+        )
+        if health is Health.SERVING:
+            return
+        if loop.time() >= deadline:
+            raise infra.StartFailed(
+                component.name,
+                f"not SERVING after the deadline ({health.value})",
+                component.log_path,
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.3)
+
+
+async def _wait_all(services: list[Component], gateway: infra.EnvoyServer, budget: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    tasks = [asyncio.create_task(_wait_service(c, deadline)) for c in services]
+    tasks.append(
+        asyncio.create_task(asyncio.to_thread(infra.wait_ready, [gateway], timeout=budget))
+    )
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _stop_all(data_dir: Path, names: list[str]) -> list[tuple[str, StopResult]]:
+    results = []
+    for name in reversed(names):
+        results.append((name, processes.stop(data_dir, name)))
+    return results
+
+
+def _clean_previous(data_dir: Path, report: Reporter) -> None:
+    """Refuse if a complete previous run is alive; otherwise remove what is left of it."""
+    names = processes.recorded_names(data_dir)
+    previous = state_file.read(data_dir)
+    if not names:
+        state_file.remove(data_dir)
+        return
+    alive = {
+        name
+        for name in names
+        if (record := processes.read_record(data_dir, name)) is not None
+        and processes.is_alive(record)
+    }
+    if previous is not None and {c.name for c in previous.components} <= alive:
+        raise AlreadyRunning(data_dir, previous)
+    for name, result in _down_locked(data_dir):
+        report(f"previous run: {name} {result.value}, cleaned up")
+
+
+def up(
+    data_dir: Path,
+    *,
+    base_port: int | None = None,
+    topology: Topology | None = None,
+    project: Path | None = None,
+    log_level: str = "info",
+    timeout: float = 60.0,
+    report: Reporter = lambda _msg: None,
+) -> MeshState:
+    """Start the whole mesh in ``data_dir`` and return what runs where.
+
+    Raises:
+        AlreadyRunning: every component of the previous run in ``data_dir`` is alive.
+        PortInUse: a port (fixed by ``base_port``, or chosen) is taken.
+        ComponentFailed: something did not become healthy; all started ones are stopped.
+    """
+    data_dir = data_dir.resolve()
+    project = (project or project_root()).resolve()
+    topology = topology or load_topology(project / "deploy/local/topology.yaml")
+    with _locked(data_dir):
+        _clean_previous(data_dir, report)
+        ports = plan_ports(topology, base_port=base_port)
+        started: list[str] = []
+        try:
+            return _start(data_dir, project, topology, ports, log_level, timeout, started, report)
+        except infra.StartFailed as exc:
+            tail = processes.tail(exc.log_path)
+            _stop_all(data_dir, started)
+            state_file.remove(data_dir)
+            raise ComponentFailed(exc.name, exc.reason, exc.log_path, tail) from None
+        except BaseException:
+            _stop_all(data_dir, started)
+            state_file.remove(data_dir)
+            raise
+
+
+def _start(
+    data_dir: Path,
+    project: Path,
+    topology: Topology,
+    ports: dict[str, int],
+    log_level: str,
+    timeout: float,
+    started: list[str],
+    report: Reporter,
+) -> MeshState:
+    t0 = time.monotonic()
+    nats = infra.start_nats(
+        data_dir, port=ports["nats"], monitor_port=ports["nats-monitor"], wait=False
+    )
+    started.append(nats.name)
+    bao = infra.start_openbao(data_dir, port=ports["openbao"], wait=False)
+    started.append(bao.name)
+    infra.wait_ready([nats, bao], timeout=timeout)
+    infra.scrub_openbao_log(bao)
+    log.info("infra_ready", seconds=round(time.monotonic() - t0, 2))
+
+    approles = _bootstrap_vault(bao, project, data_dir, report)
+
+    services: list[Component] = []
+    components: list[Component] = [
+        Component("nats", "infra", nats.url, nats.pid, nats.log_path, (), nats.health_url),
+        Component("openbao", "infra", bao.addr, bao.pid, bao.log_path, (), bao.health_url),
+    ]
+    for spec in topology.services:
+        env = _service_env(
+            spec,
+            topology,
+            ports,
+            nats_url=nats.url,
+            vault_addr=bao.addr,
+            approles=approles or {},
+            log_level=log_level,
+        )
+        argv = [sys.executable, "-m", spec.module]
+        record = processes.spawn(data_dir, spec.name, argv, env=env, cwd=project)
+        started.append(spec.name)
+        address = f"{LOOPBACK}:{ports[spec.name]}"
+        services.append(
+            Component(spec.name, "service", address, record.pid, record.log_path, spec.health)
+        )
+    components.extend(services)
+
+    upstreams = [
+        Upstream(spec.name, f"{LOOPBACK}:{ports[spec.name]}", spec.health)
+        for spec in topology.services
+        if spec.public
+    ]
+    health_upstream = next(
+        (s.name for s in topology.services if s.name == "coordinator"),
+        upstreams[0].name if upstreams else None,
+    )
+    envoy = infra.start_envoy(
+        data_dir,
+        port=ports["gateway"],
+        admin_port=ports["gateway-admin"],
+        gateway_dir=project / "gateway",
+        upstreams=upstreams,
+        health_upstream=health_upstream,
+        name="envoy",
+        wait=False,
+    )
+    started.append(envoy.name)
+    components.append(
+        Component(
+            "envoy", "gateway", envoy.address, envoy.pid, envoy.log_path, (), envoy.health_url
+        )
+    )
+    remaining = max(1.0, timeout - (time.monotonic() - t0))
+    asyncio.run(_wait_all(services, envoy, remaining))
+
+    mesh = MeshState(
+        data_dir=str(data_dir),
+        started_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        gateway=envoy.address,
+        ports=ports,
+        components=tuple(components),
+        vault_bootstrapped=approles is not None,
+    )
+    state_file.write(data_dir, mesh)
+    log.info("mesh_up", seconds=round(time.monotonic() - t0, 2), gateway=envoy.address)
+    return mesh
+
+
+def _down_locked(data_dir: Path) -> list[tuple[str, StopResult]]:
+    recorded = state_file.read(data_dir)
+    order = [c.name for c in recorded.components] if recorded else []
+    extra = [n for n in processes.recorded_names(data_dir) if n not in order]
+    # Reverse start order for what state.json names; anything else (a crashed `up`) first.
+    results = _stop_all(data_dir, order) if recorded else []
+    results = _stop_all(data_dir, extra) + results
+    state_file.remove(data_dir)
+    return [(name, result) for name, result in results if result is not StopResult.NOT_RUNNING]
+
+
+def down(data_dir: Path) -> list[tuple[str, StopResult]]:
+    """Stop every process the PID files in ``data_dir`` name, in reverse start order.
+
+    Idempotent: returns an empty list when nothing was running.
+    """
+    data_dir = data_dir.resolve()
+    if not data_dir.is_dir():
+        return []
+    with _locked(data_dir):
+        return _down_locked(data_dir)
+
+
+async def _service_health(component: Component) -> Health:
+    return await grpc_health(component.address, component.health, rpc_timeout=1.0)
+
+
+def status(data_dir: Path) -> list[ComponentStatus] | None:
+    """Health of each recorded component, or None if no mesh was started in ``data_dir``."""
+    data_dir = data_dir.resolve()
+    recorded = state_file.read(data_dir)
+    if recorded is None:
+        return None
+
+    async def check(component: Component) -> Health:
+        record = processes.read_record(data_dir, component.name)
+        if record is None or not processes.is_alive(record):
+            return Health.DOWN
+        if component.kind == "service":
+            health = await _service_health(component)
+            return Health.NOT_SERVING if health is Health.DOWN else health
+        url = component.health_url
+        ok = url is not None and await asyncio.to_thread(http_ok, url)
+        return Health.SERVING if ok else Health.NOT_SERVING
+
+    async def check_all() -> list[Health]:
+        return list(await asyncio.gather(*(check(c) for c in recorded.components)))
+
+    healths = asyncio.run(check_all())
+    return [
+        ComponentStatus(c.name, c.kind, c.address, c.pid, h)
+        for c, h in zip(recorded.components, healths, strict=True)
+    ]
