@@ -1,0 +1,1 @@
+"""The `aggregator` reference agent."""

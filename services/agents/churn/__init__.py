@@ -1,0 +1,1 @@
+"""The `churn` reference agent."""

@@ -1,0 +1,1 @@
+"""The `credit` reference agent."""

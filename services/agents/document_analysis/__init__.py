@@ -1,0 +1,1 @@
+"""The `document-analysis` reference agent."""

@@ -1,0 +1,1 @@
+"""The `negotiation` reference agent."""

@@ -1,0 +1,1 @@
+"""The `sourcing` reference agent."""

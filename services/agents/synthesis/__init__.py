@@ -1,0 +1,1 @@
+"""The `synthesis` reference agent."""

@@ -1,0 +1,535 @@
+"""The :class:`Agent`: capability declarations, task execution, serving and registration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from tessera.agent._contract import (
+    ApprovalName,
+    Capability,
+    CostClassName,
+    Handler,
+    SideEffectName,
+    build_contract,
+)
+from tessera.agent._convert import (
+    STRUCT_TYPE,
+    from_struct,
+    from_value,
+    payload_to_dict,
+    to_payload,
+    to_struct,
+    to_value,
+    typed_name,
+)
+from tessera.agent._dedup import Deduplicator
+from tessera.agent._settings import AgentSettings
+from tessera.agent._types import TaskContext, TaskResult
+from tessera.registry import Heartbeat, Registry
+from tessera.runtime import grpc_server
+from tessera.runtime.bus import Topology, connect, declare, msg_id_headers
+from tessera.runtime.config import ServiceSettings
+from tessera.runtime.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TesseraError,
+)
+from tessera.runtime.grpc_client import channel
+from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.logging import configure_logging
+from tessera.runtime.telemetry import configure_tracing
+from tessera.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    common_pb2,
+    tool_proxy_pb2,
+    tool_proxy_pb2_grpc,
+)
+
+__all__ = ["AGENT_SERVICE_NAME", "TASK_TOKEN_METADATA", "Agent"]
+
+log = structlog.get_logger(__name__)
+
+AGENT_SERVICE_NAME: str = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+TASK_TOKEN_METADATA = "x-tessera-task-token"
+EXECUTED_EVENT = "task.executed"
+_PUBLISH_TIMEOUT_S = 2.0
+
+DedupKey = tuple[str, str, int]
+
+
+class _Servicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    async def Describe(
+        self, request: agent_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.DescribeResponse:
+        return agent_pb2.DescribeResponse(agent=self._agent.descriptor())
+
+    async def ExecuteTask(
+        self, request: agent_pb2.ExecuteTaskRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ExecuteTaskResponse:
+        return await self._agent.execute(request)
+
+
+class Agent:
+    """A domain agent: declare capabilities with :meth:`capability`, then :meth:`run` it
+    (a process) or :meth:`start`/:meth:`stop` it (in-process, e.g. tests).
+
+    Execution guarantees: one execution per ``(workflow_id, task_id, attempt)`` while it is
+    remembered (concurrent duplicates join the running one, later ones get the cached
+    response); at most ``max_concurrency`` executions per capability (more are refused
+    with RESOURCE_EXHAUSTED); each runs under its capability ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: str = "0.0.0",
+        dedup_entries: int = 10_000,
+    ) -> None:
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ValueError(f"agent name {name!r}: use letters, digits, '-' and '_' only")
+        self.name = name
+        self.version = version
+        self._capabilities: dict[str, Capability] = {}
+        self._active: dict[str, int] = {}
+        self._dedup: Deduplicator[agent_pb2.ExecuteTaskResponse] = Deduplicator(dedup_entries)
+        self.instance_id: str = uuid.uuid4().hex[:12]
+        self.endpoint: str = ""
+        self._nc: Client | None = None
+        self._owns_nc = False
+        self._js: JetStreamContext | None = None
+        self._topology: Topology | None = None
+        self._server: GrpcServer | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._tool_channels: dict[str, grpc.aio.Channel] = {}
+
+    # -- declaration ----------------------------------------------------------------------
+
+    def capability(
+        self,
+        name: str,
+        *,
+        version: str,
+        side_effect: SideEffectName,
+        description: str = "",
+        reads: Sequence[str] = (),
+        writes: Sequence[str] = (),
+        tools: Sequence[str] = (),
+        handoffs: Sequence[str] = (),
+        timeout_s: float = 30.0,
+        max_concurrency: int = 0,
+        confidence_threshold: float = 0.0,
+        approval: ApprovalName = "none",
+        cost_class: CostClassName = "free",
+        input_type: str = STRUCT_TYPE,
+        output_type: str = STRUCT_TYPE,
+        output_schema: Mapping[str, Any] | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Declare a capability; decorates ``async def handler(ctx) -> TaskResult`` and
+        returns it unchanged (so tests can call it directly). ``description`` defaults to
+        the handler's docstring. Raises ``ValueError`` on an invalid declaration."""
+
+        def register(handler: Handler) -> Handler:
+            if name in self._capabilities:
+                raise ValueError(f"agent {self.name!r} already offers {name!r}")
+            doc = (handler.__doc__ or "").strip()
+            contract = build_contract(
+                name,
+                version=version,
+                side_effect=side_effect,
+                description=description or doc,
+                reads=reads,
+                writes=writes,
+                tools=tools,
+                handoffs=handoffs,
+                timeout_s=timeout_s,
+                max_concurrency=max_concurrency,
+                confidence_threshold=confidence_threshold,
+                approval=approval,
+                cost_class=cost_class,
+                input_type=input_type,
+                output_type=output_type,
+                output_schema=output_schema,
+            )
+            self._capabilities[name] = Capability(contract, handler)
+            self._active[name] = 0
+            return handler
+
+        return register
+
+    @property
+    def capabilities(self) -> Mapping[str, Capability]:
+        return dict(self._capabilities)
+
+    def descriptor(self) -> agent_pb2.AgentDescriptor:
+        """This replica as the registry and Describe show it."""
+        return agent_pb2.AgentDescriptor(
+            name=self.name,
+            version=self.version,
+            instance_id=self.instance_id,
+            endpoint=self.endpoint,
+            capabilities=[c.contract for c in self._capabilities.values()],
+        )
+
+    # -- execution ------------------------------------------------------------------------
+
+    def _validate(self, request: agent_pb2.ExecuteTaskRequest) -> Capability:
+        violations: list[tuple[str, str]] = []
+        if not request.context.workflow_id:
+            violations.append(("context.workflow_id", "required"))
+        if not request.context.task_id:
+            violations.append(("context.task_id", "required"))
+        if not request.capability:
+            violations.append(("capability", "required"))
+        if request.attempt < 1:
+            violations.append(("attempt", f"must be >= 1, got {request.attempt}"))
+        if violations:
+            raise InvalidArgument(
+                "invalid ExecuteTaskRequest: " + ", ".join(f for f, _ in violations),
+                field_violations=violations,
+            )
+        cap = self._capabilities.get(request.capability)
+        if cap is None:
+            raise NotFound(
+                f"agent {self.name!r} does not offer capability {request.capability!r}",
+                reason="CAPABILITY_NOT_FOUND",
+                metadata={"agent": self.name, "capability": request.capability},
+            )
+        got = typed_name(request.input)
+        if got != STRUCT_TYPE and got != cap.contract.input_type:
+            raise InvalidArgument(
+                f"input type {got!r} does not match the contract's {cap.contract.input_type!r}",
+                field_violations=[("input", f"expected {cap.contract.input_type}")],
+            )
+        return cap
+
+    async def execute(self, request: agent_pb2.ExecuteTaskRequest) -> agent_pb2.ExecuteTaskResponse:
+        """Run one task attempt (what ExecuteTask serves). Raises :class:`TesseraError`
+        subclasses for every failure a caller can act on."""
+        cap = self._validate(request)
+        key: DedupKey = (request.context.workflow_id, request.context.task_id, request.attempt)
+        hit, cached = self._dedup.cached(key)
+        if hit and cached is not None:
+            log.info(
+                "task_replayed",
+                capability=cap.name,
+                workflow_id=key[0],
+                task_id=key[1],
+                attempt=key[2],
+            )
+            return cached
+        task = self._dedup.running(key)
+        if task is None:
+            limit = cap.contract.max_concurrency
+            if self._active[cap.name] >= limit:
+                raise ResourceExhausted(
+                    f"capability {cap.name!r} is at its concurrency limit of {limit}",
+                    reason="CAPABILITY_BUSY",
+                    retry_after_s=0.1,
+                    metadata={"capability": cap.name, "max_concurrency": str(limit)},
+                )
+            self._active[cap.name] += 1
+            task = self._dedup.start(key, lambda: self._run(cap, request))
+        # The execution outlives a caller that goes away; its result is cached for the retry.
+        return await asyncio.shield(task)
+
+    async def _run(
+        self, cap: Capability, request: agent_pb2.ExecuteTaskRequest
+    ) -> agent_pb2.ExecuteTaskResponse:
+        ctx = self._context(cap, request)
+        try:
+            with structlog.contextvars.bound_contextvars(
+                workflow_id=ctx.workflow_id, task_id=ctx.task_id, attempt=ctx.attempt
+            ):
+                try:
+                    response = await self._invoke(cap, ctx)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException:
+                    await self._publish_executed(cap, request, ok=False)
+                    raise
+                await self._publish_executed(cap, request, ok=True)
+                return response
+        finally:
+            self._active[cap.name] -= 1
+
+    async def _invoke(self, cap: Capability, ctx: TaskContext) -> agent_pb2.ExecuteTaskResponse:
+        try:
+            async with asyncio.timeout(cap.timeout_s):
+                result = await cap.handler(ctx)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"capability {cap.name!r} exceeded its timeout of {cap.timeout_s:g}s",
+                reason="CAPABILITY_TIMEOUT",
+                metadata={"capability": cap.name, "timeout_s": f"{cap.timeout_s:g}"},
+            ) from None
+        except TesseraError:
+            raise
+        except Exception as exc:
+            ref = uuid.uuid4().hex
+            ctx.log.error("task_handler_failed", ref=ref, exc_info=exc)
+            raise Internal(
+                f"capability {cap.name!r} failed (ref {ref})",
+                reason="HANDLER_FAILED",
+                metadata={"capability": cap.name, "ref": ref},
+            ) from exc
+        if not isinstance(result, TaskResult):
+            raise Internal(
+                f"capability {cap.name!r} returned {type(result).__name__}, not TaskResult",
+                reason="HANDLER_FAILED",
+                metadata={"capability": cap.name},
+            )
+        return self._response(cap, ctx, result)
+
+    def _context(self, cap: Capability, request: agent_pb2.ExecuteTaskRequest) -> TaskContext:
+        reads = set(cap.contract.reads)
+        return TaskContext(
+            capability=cap.name,
+            workflow_id=request.context.workflow_id,
+            task_id=request.context.task_id,
+            attempt=request.attempt,
+            input=payload_to_dict(request.input),
+            blackboard={k: from_value(v) for k, v in request.blackboard.items() if k in reads},
+            blackboard_version=request.blackboard_version,
+            remaining_budget=request.remaining_budget,
+            causation_id=request.context.causation_id,
+            traceparent=request.context.traceparent,
+            payload=request.input,
+            tool_proxy_endpoint=request.tool_proxy_endpoint,
+            task_token=request.task_token,
+            log=structlog.get_logger("tessera.agent").bind(
+                agent=self.name,
+                capability=cap.name,
+                workflow_id=request.context.workflow_id,
+                task_id=request.context.task_id,
+                attempt=request.attempt,
+            ),
+            _tool_caller=self._call_tool,
+        )
+
+    def _response(
+        self, cap: Capability, ctx: TaskContext, result: TaskResult
+    ) -> agent_pb2.ExecuteTaskResponse:
+        contract = cap.contract
+        undeclared = sorted(set(result.writes) - set(contract.writes))
+        if undeclared:
+            # The coordinator refuses these (and records why); we only make it visible here.
+            ctx.log.warning("undeclared_blackboard_writes", keys=undeclared)
+        if result.handoff is not None and result.handoff.capability not in contract.handoffs:
+            ctx.log.warning("undeclared_handoff", target=result.handoff.capability)
+        response = agent_pb2.ExecuteTaskResponse(
+            summary=result.summary,
+            usage=common_pb2.Usage(
+                tokens=result.usage.tokens,
+                cost_micros=result.usage.cost_micros,
+                tool_calls=result.usage.tool_calls or ctx.tool_calls,
+            ),
+        )
+        payload = to_payload(result.output)
+        if payload is not None:
+            response.output.CopyFrom(payload)
+        try:
+            for key, value in result.writes.items():
+                response.blackboard_writes[key].CopyFrom(to_value(value))
+        except (TypeError, ValueError) as exc:
+            raise Internal(
+                f"capability {cap.name!r} wrote a value that is not JSON",
+                reason="HANDLER_FAILED",
+                metadata={"capability": cap.name},
+            ) from exc
+        if result.confidence is not None:
+            response.confidence = result.confidence
+            response.has_confidence = True
+        if result.handoff is not None:
+            response.handoff.capability = result.handoff.capability
+            response.handoff.reason = result.handoff.reason
+            if result.handoff.input is not None:
+                response.handoff.input.json.CopyFrom(to_struct(result.handoff.input))
+        if result.approval_request:
+            response.approval_request.reason = result.approval_request
+        return response
+
+    async def _publish_executed(
+        self, cap: Capability, request: agent_pb2.ExecuteTaskRequest, *, ok: bool
+    ) -> None:
+        if self._js is None or self._topology is None:
+            return  # not started (in-process unit use): nothing to publish to
+        ctx = request.context
+        body = {
+            "agent": self.name,
+            "instance_id": self.instance_id,
+            "capability": cap.name,
+            "workflow_id": ctx.workflow_id,
+            "task_id": ctx.task_id,
+            "attempt": request.attempt,
+            "outcome": "ok" if ok else "error",
+        }
+        msg_id = f"exec-{ctx.workflow_id}-{ctx.task_id}-{request.attempt}-{self.instance_id}"
+        if not ok:  # a failed execution may be retried with the same attempt
+            msg_id += f"-error-{uuid.uuid4().hex[:8]}"
+        try:
+            await self._js.publish(
+                self._topology.events_subject(EXECUTED_EVENT),
+                json.dumps(body, separators=(",", ":")).encode(),
+                headers=msg_id_headers(msg_id),
+                timeout=_PUBLISH_TIMEOUT_S,
+            )
+        except Exception as exc:
+            log.error("task_executed_event_lost", msg_id=msg_id, error=repr(exc))
+
+    # -- tools ----------------------------------------------------------------------------
+
+    async def _call_tool(
+        self, ctx: TaskContext, tool: str, arguments: Mapping[str, Any], key: str
+    ) -> dict[str, Any]:
+        endpoint = ctx.tool_proxy_endpoint
+        if not endpoint:
+            raise FailedPrecondition(
+                f"tool {tool!r}: the task carries no tool proxy endpoint",
+                reason="NO_TOOL_PROXY",
+            )
+        ch = self._tool_channels.get(endpoint)
+        if ch is None:
+            ch = self._tool_channels[endpoint] = channel(endpoint, service=f"agent-{self.name}")
+        stub = tool_proxy_pb2_grpc.ToolProxyServiceStub(ch)
+        request = tool_proxy_pb2.InvokeToolRequest(
+            context=common_pb2.RequestContext(
+                workflow_id=ctx.workflow_id,
+                task_id=ctx.task_id,
+                causation_id=ctx.causation_id,
+                traceparent=ctx.traceparent,
+                principal=self.name,
+            ),
+            tool=tool,
+            arguments=to_struct(arguments),
+            idempotency_key=key,
+        )
+        ctx.log.info("tool_call", tool=tool)
+        response = await stub.InvokeTool(request, metadata=((TASK_TOKEN_METADATA, ctx.task_token),))
+        return from_struct(response.result)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, *, settings: ServiceSettings, nats: Client | None = None) -> str:
+        """Serve AgentService on ``settings.listen``, register in the registry of
+        ``settings.namespace`` with a heartbeat; returns the registered endpoint.
+
+        ``nats``: an existing connection to use (left open by :meth:`stop`); otherwise one
+        is opened to ``settings.nats_url`` and drained on stop.
+        """
+        if self._server is not None:
+            raise RuntimeError(f"agent {self.name!r} already started")
+        if not self._capabilities:
+            raise RuntimeError(f"agent {self.name!r} declares no capability")
+        try:
+            if nats is None:
+                self._nc = await connect(settings.nats_url, name=f"agent-{self.name}")
+                self._owns_nc = True
+            else:
+                self._nc, self._owns_nc = nats, False
+            js = self._nc.jetstream()
+            topology = Topology(settings.namespace)
+            await _ensure_topology(js, topology)
+            self._js, self._topology = js, topology
+
+            servicer = _Servicer(self)
+            self._server = GrpcServer(
+                name=f"agent-{self.name}",
+                settings=settings,
+                register=[lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s)],
+                service_names=[AGENT_SERVICE_NAME],
+            )
+            await self._server.start()
+            advertise = settings.advertise if isinstance(settings, AgentSettings) else ""
+            self.endpoint = advertise or self._server.address
+            interval = (
+                settings.heartbeat_interval_s if isinstance(settings, AgentSettings) else None
+            )
+            self._heartbeat = Heartbeat(
+                Registry(js, topology), self.descriptor(), interval_s=interval
+            )
+            await self._heartbeat.start()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "agent_started",
+            agent=self.name,
+            instance_id=self.instance_id,
+            endpoint=self.endpoint,
+            capabilities=sorted(self._capabilities),
+        )
+        return self.endpoint
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Deregister first (no new work is routed here), let running calls finish for
+        ``grace_s`` (default ``settings.shutdown_grace_s``), then release everything.
+        Idempotent."""
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()
+            self._heartbeat = None
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        await self._dedup.cancel_all()
+        for ch in self._tool_channels.values():
+            await ch.close()
+        self._tool_channels.clear()
+        if self._nc is not None and self._owns_nc:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        self._nc, self._js, self._topology, self._owns_nc = None, None, None, False
+        self.endpoint = ""
+
+    async def serve(self, settings: ServiceSettings) -> None:
+        """Start, run until SIGTERM/SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start(settings=settings)
+            await stop.wait()
+            log.info("agent_stopping", agent=self.name, instance_id=self.instance_id)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def run(self) -> None:
+        """Entry point of ``python -m services.agents.<name>``: settings from the
+        environment (see :class:`AgentSettings`), JSON logs, tracing, uvloop."""
+        settings = AgentSettings.for_agent(self.name)
+        configure_logging(f"agent-{self.name}", settings.log_level)
+        configure_tracing(f"agent-{self.name}", settings.otel_exporter, settings.otel_endpoint)
+        grpc_server.run(lambda: self.serve(settings))
+
+
+async def _ensure_topology(js: JetStreamContext, topology: Topology) -> None:
+    """Declare the streams and buckets only when missing, so an agent never rewrites the
+    replica count an operator gave an existing cluster."""
+    try:
+        await js.key_value(topology.registry_bucket)
+        await js.stream_info(topology.events_stream)
+    except (BucketNotFoundError, NotFoundError):
+        await declare(js, topology)

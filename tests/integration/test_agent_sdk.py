@@ -1,0 +1,255 @@
+"""An SDK agent in-process against the real NATS: registration, gRPC, once-only execution,
+executed events, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from tessera.agent import Agent, AgentSettings, Handoff, TaskContext, TaskResult, Usage
+from tessera.agent._convert import to_value
+from tessera.registry import Registry
+from tessera.runtime.bus import Topology, connect, declare
+from tessera.runtime.errors import error_details
+from tessera.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+
+def billing_agent() -> Agent:
+    agent = Agent("billing", version="1.3.0")
+
+    @agent.capability(
+        "support.billing",
+        version="1.2.0",
+        side_effect="read_only",
+        reads=["ticket"],
+        writes=["billing_notes"],
+        handoffs=["support.account"],
+        timeout_s=5,
+    )
+    async def billing(ctx: TaskContext) -> TaskResult:
+        text = ctx.blackboard["ticket"]["text"]
+        return TaskResult(
+            output={"seen": text},
+            writes={"billing_notes": f"checked {text}"},
+            summary="checked",
+            handoff=Handoff("support.account", reason="account too"),
+            confidence=0.8,
+            usage=Usage(tokens=len(text) // 4),
+        )
+
+    return agent
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    client = await connect(nats_url, name="test-agent-sdk")
+    try:
+        yield client
+    finally:
+        await client.drain()
+
+
+@pytest.fixture
+def settings(nats_url: str, namespace: str) -> AgentSettings:
+    return AgentSettings.for_agent(
+        "billing",
+        nats_url=nats_url,
+        namespace=namespace,
+        listen="127.0.0.1:0",
+        shutdown_grace_s=1.0,
+    )
+
+
+@pytest.fixture
+async def started(settings: AgentSettings, nc: Client) -> AsyncIterator[tuple[Agent, str]]:
+    agent = billing_agent()
+    endpoint = await agent.start(settings=settings, nats=nc)
+    try:
+        yield agent, endpoint
+    finally:
+        await agent.stop()
+
+
+@pytest.fixture
+async def stub(started: tuple[Agent, str]) -> AsyncIterator[agent_pb2_grpc.AgentServiceStub]:
+    async with grpc.aio.insecure_channel(started[1]) as ch:
+        yield agent_pb2_grpc.AgentServiceStub(ch)
+
+
+def execute_request(task_id: str = "t-1", attempt: int = 1) -> agent_pb2.ExecuteTaskRequest:
+    req = agent_pb2.ExecuteTaskRequest(
+        context=common_pb2.RequestContext(workflow_id="wf-1", task_id=task_id),
+        capability="support.billing",
+        attempt=attempt,
+    )
+    req.blackboard["ticket"].CopyFrom(to_value({"text": "refund my invoice"}))
+    req.blackboard["other"].CopyFrom(to_value("hidden"))
+    return req
+
+
+async def executed_events(js: JetStreamContext, topology: Topology) -> list[dict[str, object]]:
+    info = await js.stream_info(topology.events_stream)
+    events = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(topology.events_stream, seq)
+        if msg.subject == topology.events_subject("task.executed") and msg.data:
+            events.append(json.loads(msg.data))
+    return events
+
+
+async def test_a_started_agent_is_registered_and_describes_itself(
+    started: tuple[Agent, str], stub: agent_pb2_grpc.AgentServiceStub, nc: Client, namespace: str
+) -> None:
+    agent, endpoint = started
+    registry = Registry(nc.jetstream(), Topology(namespace))
+
+    found = await registry.find("support.billing", "^1.0")
+    assert [(d.endpoint, c.version) for d, c in found] == [(endpoint, "1.2.0")]
+    assert found[0][0].instance_id == agent.instance_id
+    assert list(found[0][1].writes) == ["billing_notes"]
+    assert await registry.find("support.billing", "^2.0") == []
+
+    described = await stub.Describe(agent_pb2.DescribeRequest(), timeout=5)
+    assert described.agent.name == "billing"
+    assert described.agent.version == "1.3.0"
+    assert described.agent.endpoint == endpoint
+    assert [c.name for c in described.agent.capabilities] == ["support.billing"]
+
+
+async def test_execute_round_trip_and_a_duplicate_attempt_runs_once(
+    started: tuple[Agent, str], stub: agent_pb2_grpc.AgentServiceStub, nc: Client, namespace: str
+) -> None:
+    agent, _ = started
+    first = await stub.ExecuteTask(execute_request(), timeout=5)
+    assert first.output.json["seen"] == "refund my invoice"
+    assert first.blackboard_writes["billing_notes"].string_value == "checked refund my invoice"
+    assert first.handoff.capability == "support.account"
+    assert first.has_confidence and first.confidence == pytest.approx(0.8)
+    assert first.usage.tokens == 4
+
+    again = await stub.ExecuteTask(execute_request(), timeout=5)
+    assert again == first
+    concurrent = await asyncio.gather(
+        *(stub.ExecuteTask(execute_request(attempt=2), timeout=5) for _ in range(3))
+    )
+    assert all(r == concurrent[0] for r in concurrent)
+
+    events = await executed_events(nc.jetstream(), Topology(namespace))
+    assert sorted((e["task_id"], e["attempt"]) for e in events) == [("t-1", 1), ("t-1", 2)]
+    assert {(e["agent"], e["instance_id"], e["capability"], e["workflow_id"]) for e in events} == {
+        ("billing", agent.instance_id, "support.billing", "wf-1")
+    }
+
+
+async def test_errors_carry_precise_statuses(stub: agent_pb2_grpc.AgentServiceStub) -> None:
+    unknown = execute_request()
+    unknown.capability = "support.nothing"
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.ExecuteTask(unknown, timeout=5)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_details(missing.value).reason == "CAPABILITY_NOT_FOUND"
+
+    bad = execute_request(task_id="", attempt=0)
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await stub.ExecuteTask(bad, timeout=5)
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = [f for f, _ in error_details(invalid.value).field_violations]
+    assert fields == ["context.task_id", "attempt"]
+
+
+async def test_shutdown_deregisters(settings: AgentSettings, nc: Client, namespace: str) -> None:
+    registry = Registry(nc.jetstream(), Topology(namespace))
+    agent = billing_agent()
+    await agent.start(settings=settings, nats=nc)
+    assert len(await registry.find("support.billing")) == 1
+    changes = registry.watch()
+    async with asyncio.timeout(5):
+        joined = await anext(changes)
+        assert (joined.kind, joined.instance_id) == ("put", agent.instance_id)
+
+        await agent.stop()
+
+        left = await anext(changes)
+        assert (left.kind, left.instance_id, left.expired) == ("delete", agent.instance_id, False)
+    await changes.aclose()
+    assert await registry.find("support.billing") == []
+    assert await registry.agents() == []
+
+
+async def test_several_agents_in_one_process(
+    settings: AgentSettings, nc: Client, namespace: str
+) -> None:
+    from services.agents.risk.agent import agent as risk_agent
+    from services.agents.triage.agent import agent as triage_agent
+
+    a, b = billing_agent(), billing_agent()  # two replicas of one agent
+    endpoints = [
+        await agent.start(settings=settings, nats=nc) for agent in (a, b, triage_agent, risk_agent)
+    ]
+    try:
+        assert len(set(endpoints)) == 4
+        registry = Registry(nc.jetstream(), Topology(namespace))
+        assert len(await registry.find("support.billing", "^1.2")) == 2
+        assert len(await registry.find("support.triage", "^1.0")) == 1
+        assert len(await registry.find("loan.risk", "^1.0")) == 1
+    finally:
+        for agent in (a, b, triage_agent, risk_agent):
+            await agent.stop()
+
+
+async def test_an_agent_process_registers_and_deregisters_on_sigterm(
+    nats_url: str, nc: Client, namespace: str
+) -> None:
+    env = {
+        **os.environ,
+        "TESSERA_NATS_URL": nats_url,
+        "TESSERA_NAMESPACE": namespace,
+        "TESSERA_AGENT_DOCUMENT_ANALYSIS_LISTEN": "127.0.0.1:0",
+        "TESSERA_LOG_LEVEL": "warning",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.agents.document_analysis",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await declare(nc.jetstream(), Topology(namespace))
+    registry = Registry(nc.jetstream(), Topology(namespace))
+    changes = registry.watch()
+    try:
+        async with asyncio.timeout(20):
+            joined = await anext(changes)
+        assert (joined.kind, joined.agent_name) == ("put", "document-analysis")
+        [(descriptor, _)] = await registry.find("loan.document_analysis", "^1.0")
+        async with grpc.aio.insecure_channel(descriptor.endpoint) as ch:
+            described = await agent_pb2_grpc.AgentServiceStub(ch).Describe(
+                agent_pb2.DescribeRequest(), timeout=5
+            )
+        assert described.agent.name == "document-analysis"
+
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            left = await anext(changes)
+            assert (left.kind, left.agent_name, left.expired) == (
+                "delete",
+                "document-analysis",
+                False,
+            )
+            assert await proc.wait() == 0
+        assert await registry.agents() == []
+    finally:
+        await changes.aclose()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

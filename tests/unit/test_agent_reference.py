@@ -1,0 +1,207 @@
+"""The reference agents' rules (docs/reference-workflows.md), handler by handler."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+
+from services.agents.account.agent import account
+from services.agents.aggregator.agent import aggregate
+from services.agents.billing.agent import billing
+from services.agents.churn.agent import agent as churn_agent
+from services.agents.churn.agent import churn
+from services.agents.compliance.agent import compliance
+from services.agents.credit.agent import credit
+from services.agents.document_analysis.agent import agent as document_agent
+from services.agents.document_analysis.agent import clarification, document_analysis
+from services.agents.fraud.agent import fraud
+from services.agents.negotiation.agent import negotiation
+from services.agents.risk.agent import risk
+from services.agents.sourcing.agent import sourcing
+from services.agents.synthesis.agent import synthesis
+from services.agents.technical.agent import technical
+from services.agents.triage.agent import triage
+from tessera.agent import TaskContext
+from tessera.runtime.errors import FailedPrecondition
+
+
+def ctx(capability: str, attempt: int = 1, **blackboard: Any) -> TaskContext:
+    return TaskContext(capability=capability, attempt=attempt, blackboard=blackboard)
+
+
+def ticket(text: str) -> dict[str, Any]:
+    return {"id": "T-1", "customer_id": "C-9", "text": text}
+
+
+@pytest.mark.parametrize(
+    ("text", "category"),
+    [
+        ("I want a REFUND", "billing"),
+        ("wrong invoice", "billing"),
+        ("double charge", "billing"),
+        ("the app crashes with an Error", "technical"),
+        ("found a bug", "technical"),
+        ("forgot my password", "account"),
+        ("cannot login", "account"),
+        ("ping-pong refund", "billing"),
+    ],
+)
+async def test_triage_routes_by_keyword(text: str, category: str) -> None:
+    result = await triage(ctx("support.triage", ticket=ticket(text)))
+    assert result.writes == {"category": category}
+    assert result.handoff is not None
+    assert result.handoff.capability == f"support.{category}"
+    assert result.usage.tokens == len(text) // 4
+
+
+async def test_triage_without_a_keyword_does_not_hand_off() -> None:
+    result = await triage(ctx("support.triage", ticket=ticket("hello there")))
+    assert result.handoff is None
+
+
+async def test_the_ping_pong_ticket_bounces_without_writing() -> None:
+    to_account = await billing(ctx("support.billing", ticket=ticket("ping-pong refund")))
+    to_billing = await account(ctx("support.account", ticket=ticket("ping-pong refund")))
+    assert to_account.handoff is not None and to_account.handoff.capability == "support.account"
+    assert to_billing.handoff is not None and to_billing.handoff.capability == "support.billing"
+    assert to_account.writes == {} and to_billing.writes == {}
+
+
+async def test_specialists_write_their_notes_and_stop() -> None:
+    for handler, capability, key in [
+        (billing, "support.billing", "billing_notes"),
+        (technical, "support.technical", "technical_notes"),
+        (account, "support.account", "account_notes"),
+    ]:
+        result = await handler(ctx(capability, ticket=ticket("refund please, app crash")))
+        assert set(result.writes) == {key}
+        assert result.handoff is None
+
+
+async def test_synthesis_replies_from_the_notes() -> None:
+    result = await synthesis(
+        ctx(
+            "support.synthesis",
+            ticket=ticket("refund"),
+            category="billing",
+            billing_notes="refund approved",
+        )
+    )
+    assert isinstance(result.output, dict)
+    assert "refund approved" in result.output["reply"]
+    assert result.writes == {"reply": result.output["reply"]}
+
+
+async def test_missing_tax_id_hands_off_to_clarification_and_back() -> None:
+    application = {"applicant": "Ada Lovelace", "amount": 25_000, "country": "GB"}
+    first = await document_analysis(ctx("loan.document_analysis", application=application))
+    assert first.handoff is not None
+    assert first.handoff.capability == "loan.clarification"
+    assert first.handoff.reason == "tax id missing"
+    assert first.writes == {}
+
+    clarified = await clarification(ctx("loan.clarification", application=application))
+    expected = "TIN-" + hashlib.sha256(b"Ada Lovelace").hexdigest()[:6]
+    assert clarified.writes == {"tax_id": expected}
+    assert clarified.handoff is not None
+    assert clarified.handoff.capability == "loan.document_analysis"
+
+    done = await document_analysis(
+        ctx("loan.document_analysis", application=application, tax_id=expected)
+    )
+    assert done.handoff is None
+    assert done.writes == {"documents": {"verified": True, "tax_id": expected}}
+
+
+async def test_a_tax_id_in_the_application_is_enough() -> None:
+    application = {"applicant": "Ada", "amount": 1, "country": "GB", "tax_id": "TIN-1"}
+    result = await document_analysis(ctx("loan.document_analysis", application=application))
+    assert result.writes == {"documents": {"verified": True, "tax_id": "TIN-1"}}
+    assert set(document_agent.capabilities) == {"loan.document_analysis", "loan.clarification"}
+
+
+@pytest.mark.parametrize(
+    ("amount", "score", "band"),
+    [
+        (25_000, 25, "low"),
+        (30_000, 30, "medium"),
+        (69_999, 69.999, "medium"),
+        (70_000, 70, "high"),
+        (5_000_000, 100, "high"),
+    ],
+)
+async def test_risk_score_and_band(amount: float, score: float, band: str) -> None:
+    result = await risk(ctx("loan.risk", application={"amount": amount}))
+    assert result.writes["risk_score"] == pytest.approx(score)
+    assert result.writes["risk_band"] == band
+
+
+@pytest.mark.parametrize(
+    ("application", "flagged"),
+    [
+        ({"country": "GB", "amount": 25_000}, False),
+        ({"country": "KP", "amount": 25_000}, True),
+        ({"country": "XX", "amount": 1}, True),
+        ({"country": "GB", "amount": 1_000_000}, True),
+    ],
+)
+async def test_aml_flag_requests_approval(application: dict[str, Any], flagged: bool) -> None:
+    result = await compliance(ctx("loan.compliance", application=application, risk_band="low"))
+    assert result.writes["compliance"] == {"aml_flag": flagged, "decision": "approved"}
+    if flagged:
+        assert result.approval_request is not None
+        assert result.approval_request.startswith("AML risk: ")
+    else:
+        assert result.approval_request is None
+
+
+async def test_sourcing_lists_suppliers_then_orders_the_accepted_offer() -> None:
+    first = await sourcing(ctx("procurement.sourcing", item="chairs", quantity=100))
+    assert [s["unit_price"] for s in first.writes["suppliers"]] == [120, 95]
+    assert first.handoff is not None
+    assert first.handoff.capability == "procurement.negotiation"
+
+    offer = {"supplier": "globex", "price": 8550.0}
+    second = await sourcing(ctx("procurement.sourcing", item="chairs", quantity=100, offer=offer))
+    assert second.writes == {"purchase_order": offer}
+    assert second.handoff is None
+
+
+async def test_negotiation_asks_list_price_first_then_discounts_the_cheapest() -> None:
+    suppliers = [{"name": "acme", "unit_price": 120}, {"name": "globex", "unit_price": 95}]
+    bb = {"suppliers": suppliers, "quantity": 100.0, "max_budget": 10_000.0}
+    first = await negotiation(ctx("procurement.negotiation", attempt=1, **bb))
+    second = await negotiation(ctx("procurement.negotiation", attempt=2, **bb))
+    assert first.writes["offer"] == {"supplier": "acme", "price": 12_000}
+    assert second.writes["offer"] == {"supplier": "globex", "price": 8_550}
+    for result in (first, second):
+        assert result.handoff is not None
+        assert result.handoff.capability == "procurement.sourcing"
+    with pytest.raises(FailedPrecondition):
+        await negotiation(ctx("procurement.negotiation", quantity=1))
+
+
+async def test_risk_scores_are_deterministic() -> None:
+    customer = {"id": "C-1", "income": 80_000, "transactions": [100, 6_000, {"amount": 9_000}, 5]}
+    credit_result = await credit(ctx("risk.credit", customer=customer))
+    fraud_result = await fraud(ctx("risk.fraud", customer=customer))
+    churn_result = await churn(ctx("risk.churn", customer=customer, fast=True))
+    assert credit_result.writes == {"credit_score": pytest.approx(0.2)}
+    assert fraud_result.writes == {"fraud_score": 0.5}
+    assert churn_result.writes == {"churn_score": 0.25}
+
+
+def test_churn_is_slow_but_within_its_own_timeout() -> None:
+    # The workflow's 1 s task timeout is what cuts it short, not the agent.
+    assert churn_agent.capabilities["risk.churn"].timeout_s > 5
+
+
+async def test_aggregate_reports_missing_scores() -> None:
+    full = await aggregate(
+        ctx("risk.aggregate", credit_score=0.2, fraud_score=0.5, churn_score=0.2)
+    )
+    partial = await aggregate(ctx("risk.aggregate", credit_score=0.2, fraud_score=0.5))
+    assert full.output == {"overall": 0.3, "missing": []}
+    assert partial.output == {"overall": 0.35, "missing": ["churn_score"]}
