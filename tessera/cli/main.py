@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tessera.cli import mesh
+from tessera.cli import demo, mesh, workflows
 
 app = typer.Typer(
     name="tessera",
@@ -16,6 +16,8 @@ app = typer.Typer(
 )
 
 mesh.register(app)
+workflows.register(app)
+demo.register(app)
 
 
 if __name__ == "__main__":

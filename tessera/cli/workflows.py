@@ -1,0 +1,206 @@
+"""`tessera run|watch|approve|reject|workflows|agents|demo`: using a running mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import grpc
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tessera.cli.timeline import line
+from tessera.client import MeshClient
+from tessera.launcher import mesh as launcher
+from tessera.launcher import state as mesh_state
+from tessera.runtime.errors import error_details
+from tessera.v1 import coordinator_pb2
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+WS = coordinator_pb2.WorkflowState
+
+Gateway = Annotated[
+    str | None,
+    typer.Option("--gateway", envvar="TESSERA_GATEWAY", show_default=False,
+                 help="host:port of the gateway (default: the one `tessera up` started)."),
+]
+
+
+def _gateway(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    recorded = mesh_state.read(launcher.default_data_dir())
+    if recorded is None:
+        err.print("[bold red]error:[/] no running mesh found: run `tessera up`, or pass "
+                  "--gateway host:port")
+        raise typer.Exit(3)
+    return recorded.gateway
+
+
+def _run(gateway: str | None, work: Callable[[MeshClient], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with MeshClient(_gateway(gateway)) as client:
+            return await work(client)
+
+    try:
+        return asyncio.run(main())
+    except grpc.aio.AioRpcError as exc:
+        details = error_details(exc)
+        err.print(f"[bold red]error:[/] {exc.code().name}: {exc.details()}", highlight=False)
+        for field, description in details.field_violations:
+            err.print(f"  {field}: {description}", highlight=False)
+        for _, subject, description in details.precondition_violations:
+            err.print(f"  {subject}: {description}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _inputs(pairs: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r}: use key=value (value may be JSON)")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+async def follow(client: MeshClient, name: str) -> coordinator_pb2.Workflow:
+    async for event in client.watch(name):
+        style, text = line(event)
+        out.print(f"  {text}", style=style or None, highlight=False)
+        if event.HasField("gate_opened"):
+            out.print(f"  [dim]decide with: tessera approve {name.split('/')[-1]} "
+                      f"{event.gate_opened.gate_id}[/]")
+            workflow = await client.get(name)
+            if workflow.state == WS.WORKFLOW_STATE_WAITING_APPROVAL:
+                return workflow
+    return await client.get(name)
+
+
+def run(
+    goal: Annotated[str, typer.Argument(help="A template name (support, loan, procurement, "
+                                             "risk) or a free-text goal.")],
+    inputs: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="key=value; the value may be JSON, e.g. -i quantity=100")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the timeline until it ends or parks.")]
+    = True,
+    request_id: Annotated[str | None, typer.Option(
+        help="Idempotency key: the same key returns the same workflow.")] = None,
+    gateway: Gateway = None,
+) -> None:
+    """Start a workflow and follow its timeline."""
+    values = _inputs(inputs or [])
+
+    async def work(client: MeshClient) -> None:
+        workflow = await client.start(goal, request_id=request_id, **values)
+        out.print(f"[bold]{workflow.name}[/] started", highlight=False)
+        if wait:
+            final = await follow(client, workflow.name)
+            out.print(f"state: {WS.Name(final.state).removeprefix('WORKFLOW_STATE_')}")
+
+    _run(gateway, work)
+
+
+def watch(workflow: Annotated[str, typer.Argument(help="Workflow id or workflows/{id}.")],
+          gateway: Gateway = None) -> None:
+    """Follow a workflow's live timeline (from its first event)."""
+    name = workflow if workflow.startswith("workflows/") else f"workflows/{workflow}"
+    _run(gateway, lambda client: follow(client, name))
+
+
+def _decide(workflow: str, gate: str, approve: bool, comment: str, gateway: str | None) -> None:
+    wf_id = workflow.removeprefix("workflows/")
+    who = os.environ.get("USER", "cli")
+
+    async def work(client: MeshClient) -> None:
+        decided = await client.decide(f"workflows/{wf_id}/gates/{gate}", approve=approve,
+                                      decided_by=who, comment=comment)
+        verdict = "approved" if approve else "rejected"
+        out.print(f"{decided.name} {verdict}", highlight=False)
+
+    _run(gateway, work)
+
+
+def approve(workflow: str, gate: str, comment: Annotated[str, typer.Option()] = "",
+            gateway: Gateway = None) -> None:
+    """Approve a pending gate; the workflow resumes where it parked."""
+    _decide(workflow, gate, True, comment, gateway)
+
+
+def reject(workflow: str, gate: str, comment: Annotated[str, typer.Option()] = "",
+           gateway: Gateway = None) -> None:
+    """Reject a pending gate; the workflow is cancelled."""
+    _decide(workflow, gate, False, comment, gateway)
+
+
+def workflows(
+    state: Annotated[str | None, typer.Option(
+        help="Only this state: running, waiting_approval, succeeded, failed, cancelled")] = None,
+    limit: Annotated[int, typer.Option(help="Most rows to show.")] = 50,
+    gateway: Gateway = None,
+) -> None:
+    """List workflows, newest first."""
+    wanted = 0
+    if state:
+        try:
+            wanted = WS.Value("WORKFLOW_STATE_" + state.upper())
+        except ValueError:
+            raise typer.BadParameter(f"unknown state {state!r}") from None
+
+    async def work(client: MeshClient) -> None:
+        page = await client.list(state=wanted, page_size=limit)
+        table = Table(title="workflows", title_justify="left")
+        for column in ("name", "template", "state", "tasks", "gates pending", "created"):
+            table.add_column(column)
+        for wf in page.workflows:
+            pending = sum(g.state == coordinator_pb2.GATE_STATE_PENDING for g in wf.gates)
+            table.add_row(wf.name, wf.plan.template,
+                          WS.Name(wf.state).removeprefix("WORKFLOW_STATE_").lower(),
+                          str(len(wf.tasks)), str(pending),
+                          wf.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+        out.print(table)
+
+    _run(gateway, work)
+
+
+def agents() -> None:
+    """List the agents registered in the live registry, with their capabilities."""
+    from tessera.registry import Registry
+    from tessera.runtime.bus import Topology, connect
+    from tessera.runtime.config import CommonSettings
+
+    recorded = mesh_state.read(launcher.default_data_dir())
+    settings = CommonSettings()
+    url = settings.nats_url
+    if recorded is not None and "nats" in recorded.ports and "TESSERA_NATS_URL" not in os.environ:
+        url = f"nats://127.0.0.1:{recorded.ports['nats']}"
+
+    async def main() -> None:
+        nc = await connect(url, name="cli", initial_timeout_s=5)
+        try:
+            registry = Registry(nc.jetstream(), Topology(settings.namespace))
+            table = Table(title="agents", title_justify="left")
+            for column in ("agent", "instance", "endpoint", "capabilities"):
+                table.add_column(column)
+            for agent in sorted(await registry.agents(), key=lambda a: a.name):
+                caps = ", ".join(f"{c.name}@{c.version}" for c in agent.capabilities)
+                table.add_row(agent.name, agent.instance_id, agent.endpoint, caps)
+            out.print(table)
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def register(app: typer.Typer) -> None:
+    for command in (run, watch, approve, reject, workflows, agents):
+        app.command()(command)

@@ -1,0 +1,91 @@
+"""A small async client for calling the mesh (through the Envoy gateway or directly).
+
+    async with MeshClient("127.0.0.1:8080") as mesh:
+        workflow = await mesh.start("support", ticket={"text": "refund please"})
+        async for event in mesh.watch(workflow.name):
+            ...
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from tessera.runtime.grpc_client import channel
+from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, events_pb2
+
+TERMINAL_EVENTS = frozenset({"workflow_completed", "workflow_failed", "workflow_cancelled"})
+
+
+class MeshClient:
+    def __init__(self, target: str, *, timeout_s: float = 30.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = channel(target, service="client", default_timeout_s=timeout_s)
+        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def start(self, goal: str, *, request_id: str | None = None,
+                    **inputs: Any) -> coordinator_pb2.Workflow:
+        """Start a workflow; `request_id` makes a retried call return the same one."""
+        values = struct_pb2.Struct()
+        values.update(inputs)
+        response = await self.stub.StartWorkflow(coordinator_pb2.StartWorkflowRequest(
+            request_id=request_id or uuid.uuid4().hex, goal=goal, inputs=values))
+        return response.workflow
+
+    async def get(self, name: str) -> coordinator_pb2.Workflow:
+        response = await self.stub.GetWorkflow(coordinator_pb2.GetWorkflowRequest(name=name))
+        return response.workflow
+
+    async def list(self, *, state: int = 0, page_size: int = 50,
+                   page_token: str = "") -> coordinator_pb2.ListWorkflowsResponse:
+        return await self.stub.ListWorkflows(coordinator_pb2.ListWorkflowsRequest(
+            state=state, page_size=page_size, page_token=page_token))  # type: ignore[arg-type]
+
+    async def watch(self, name: str, *, start_sequence: int = 1,
+                    stream_timeout_s: float = 290.0) -> AsyncIterator[events_pb2.WorkflowEvent]:
+        """Every event from `start_sequence` until the workflow ends. Servers bound one
+        stream's life; the watch resumes after the last event it saw."""
+        next_sequence = start_sequence
+        while True:
+            call = self.stub.WatchWorkflow(
+                coordinator_pb2.WatchWorkflowRequest(name=name, start_sequence=next_sequence),
+                timeout=stream_timeout_s)
+            try:
+                async for item in call:
+                    next_sequence = item.event.sequence + 1
+                    yield item.event
+                    if item.event.WhichOneof("kind") in TERMINAL_EVENTS:
+                        return
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+            finally:
+                call.cancel()
+
+    async def decide(self, gate: str, *, approve: bool, decided_by: str = "",
+                     comment: str = "") -> coordinator_pb2.Gate:
+        decision = (coordinator_pb2.GATE_DECISION_APPROVE if approve
+                    else coordinator_pb2.GATE_DECISION_REJECT)
+        response = await self.stub.DecideGate(coordinator_pb2.DecideGateRequest(
+            name=gate, decision=decision, decided_by=decided_by, comment=comment))
+        return response.gate
+
+    async def cancel(self, name: str, *, reason: str = "") -> coordinator_pb2.Workflow:
+        response = await self.stub.CancelWorkflow(
+            coordinator_pb2.CancelWorkflowRequest(name=name, reason=reason))
+        return response.workflow

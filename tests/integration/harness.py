@@ -1,0 +1,158 @@
+"""The mesh's workflow services composed in one process against the real NATS: planner,
+coordinator replicas and agents, each the same object `python -m` would run."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from services.coordinator.app import Coordinator
+from services.coordinator.settings import CoordinatorSettings
+from services.planner.service import PlannerService
+from services.planner.settings import PlannerSettings
+from tessera.agent import Agent
+from tessera.runtime.config import ServiceSettings
+from tessera.runtime.grpc_client import channel
+from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, events_pb2
+
+WS = coordinator_pb2.WorkflowState
+REFERENCE_AGENTS = (
+    "triage", "billing", "technical", "account", "synthesis", "document_analysis", "risk",
+    "compliance", "sourcing", "negotiation", "credit", "fraud", "churn", "aggregator",
+)
+TERMINAL = {WS.WORKFLOW_STATE_SUCCEEDED, WS.WORKFLOW_STATE_FAILED, WS.WORKFLOW_STATE_CANCELLED}
+
+
+def reference_agent(module: str) -> Agent:
+    return importlib.import_module(f"services.agents.{module}.agent").agent  # type: ignore[no-any-return]
+
+
+class Mesh:
+    """Start with `async with Mesh(...)`; `stub` talks to the first coordinator."""
+
+    def __init__(self, nats_url: str, namespace: str, *, agents: Iterable[Agent] = (),
+                 coordinators: int = 1, **coordinator_settings: Any) -> None:
+        self.nats_url = nats_url
+        self.namespace = namespace
+        self.agents = list(agents)
+        self.coordinator_count = coordinators
+        self.coordinator_settings = coordinator_settings
+        self.coordinators: list[Coordinator] = []
+        self._stack = AsyncExitStack()
+
+    def common(self) -> dict[str, Any]:
+        return {"nats_url": self.nats_url, "namespace": self.namespace, "listen": "127.0.0.1:0"}
+
+    async def __aenter__(self) -> Mesh:
+        planner = PlannerService(PlannerSettings(**self.common()))
+        await planner.start()
+        self._stack.push_async_callback(planner.stop)
+        self.planner_address = planner.address
+        for agent in self.agents:
+            await agent.start(settings=ServiceSettings(**self.common()))
+            self._stack.push_async_callback(agent.stop)
+        for _ in range(self.coordinator_count):
+            await self.add_coordinator()
+        self.channel = channel(self.coordinators[0].address, default_timeout_s=30)
+        self._stack.push_async_callback(self.channel.close)
+        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+        return self
+
+    async def add_coordinator(self, **overrides: Any) -> Coordinator:
+        settings = CoordinatorSettings(**self.common(), planner_address=self.planner_address,
+                                       **{**self.coordinator_settings, **overrides})
+        coordinator = Coordinator(settings)
+        await coordinator.start()
+        self._stack.push_async_callback(coordinator.stop)
+        self.coordinators.append(coordinator)
+        return coordinator
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def start(self, goal: str, **inputs: Any) -> str:
+        request = coordinator_pb2.StartWorkflowRequest(
+            request_id=uuid.uuid4().hex, goal=goal, inputs=_struct(inputs))
+        response = await self.stub.StartWorkflow(request)
+        return response.workflow.name
+
+    async def get(self, name: str) -> coordinator_pb2.Workflow:
+        return (await self.stub.GetWorkflow(coordinator_pb2.GetWorkflowRequest(name=name))).workflow
+
+    async def events(self, name: str) -> list[events_pb2.WorkflowEvent]:
+        """Every event so far (the watch stream replays history, then follows)."""
+        workflow = await self.get(name)
+        out: list[events_pb2.WorkflowEvent] = []
+        if workflow.event_count == 0:
+            return out
+        call = self.stub.WatchWorkflow(coordinator_pb2.WatchWorkflowRequest(name=name),
+                                       timeout=10)
+        async for item in call:
+            out.append(item.event)
+            if item.event.sequence >= workflow.event_count:
+                call.cancel()
+                break
+        return out
+
+    async def wait_for(self, name: str, predicate: Callable[[coordinator_pb2.Workflow], bool],
+                       *, timeout: float = 30.0) -> coordinator_pb2.Workflow:  # noqa: ASYNC109
+        """Follow the workflow's event stream until `predicate(workflow)` holds."""
+        deadline = time.monotonic() + timeout
+        call = self.stub.WatchWorkflow(coordinator_pb2.WatchWorkflowRequest(name=name),
+                                       timeout=timeout)
+        try:
+            workflow = await self.get(name)
+            if predicate(workflow):
+                return workflow
+            async for _ in call:
+                workflow = await self.get(name)
+                if predicate(workflow):
+                    return workflow
+            workflow = await self.get(name)
+            if predicate(workflow):
+                return workflow
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        finally:
+            call.cancel()
+        left = deadline - time.monotonic()
+        raise AssertionError(f"{name} did not reach the expected state within {timeout}s "
+                             f"({left:.1f}s left): {WS.Name(workflow.state)}")
+
+    async def finished(self, name: str, timeout: float = 30.0) -> coordinator_pb2.Workflow:  # noqa: ASYNC109
+        return await self.wait_for(name, lambda w: w.state in TERMINAL, timeout=timeout)
+
+    async def parked(self, name: str, timeout: float = 30.0) -> coordinator_pb2.Workflow:  # noqa: ASYNC109
+        return await self.wait_for(
+            name, lambda w: w.state in TERMINAL or w.state == WS.WORKFLOW_STATE_WAITING_APPROVAL,
+            timeout=timeout)
+
+    async def decide(self, gate: str, *, approve: bool, by: str = "tester") -> coordinator_pb2.Gate:
+        decision = (coordinator_pb2.GATE_DECISION_APPROVE if approve
+                    else coordinator_pb2.GATE_DECISION_REJECT)
+        response = await self.stub.DecideGate(coordinator_pb2.DecideGateRequest(
+            name=gate, decision=decision, decided_by=by))
+        return response.gate
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(values)
+    return out
+
+
+def as_dict(message: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+async def gather_with_timeout(*aws: Any, timeout: float) -> list[Any]:  # noqa: ASYNC109
+    return await asyncio.wait_for(asyncio.gather(*aws), timeout)

@@ -1,0 +1,97 @@
+"""The four reference workflows, end to end through the planner, the coordinator and the
+reference agents, on the real NATS JetStream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, as_dict, reference_agent
+from tessera.v1 import coordinator_pb2, events_pb2
+
+
+@pytest.fixture(scope="module")
+async def mesh(nats_url: str) -> AsyncIterator[Mesh]:
+    agents = [reference_agent(name) for name in REFERENCE_AGENTS]
+    async with Mesh(nats_url, "wfref", agents=agents) as running:
+        yield running
+
+
+def kinds(events: list[events_pb2.WorkflowEvent]) -> list[str]:
+    return [e.WhichOneof("kind") for e in events]
+
+
+async def test_support_ticket_is_routed_to_billing_and_answered(mesh: Mesh) -> None:
+    name = await mesh.start("support", ticket={
+        "id": "T-1", "customer_id": "C-7", "text": "Please refund the double charge"})
+    workflow = await mesh.finished(name)
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
+    board = as_dict(workflow.blackboard)
+    assert board["category"] == "billing"
+    assert "billing_notes" in board
+    assert "reply" in as_dict(workflow.result)
+    routed = [e.handoff_routed.capability for e in await mesh.events(name)
+              if e.HasField("handoff_routed")]
+    assert routed == ["support.billing"]
+
+
+async def test_ping_pong_ticket_trips_the_loop_guard_and_escalates(mesh: Mesh) -> None:
+    name = await mesh.start("support", ticket={
+        "id": "T-2", "customer_id": "C-8", "text": "ping-pong refund please"})
+    workflow = await mesh.parked(name)
+    assert workflow.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    (gate,) = [g for g in workflow.gates if g.state == coordinator_pb2.GATE_STATE_PENDING]
+    assert gate.kind == events_pb2.GATE_KIND_LOOP_ESCALATION
+    trips = [e.guardrail_tripped.guardrail for e in await mesh.events(name)
+             if e.HasField("guardrail_tripped")]
+    assert trips == [events_pb2.GUARDRAIL_LOOP]
+    await mesh.decide(gate.name, approve=False)
+    workflow = await mesh.finished(name)
+    assert workflow.state == WS.WORKFLOW_STATE_CANCELLED
+
+
+async def test_loan_without_tax_id_is_clarified_and_parks_for_aml_approval(mesh: Mesh) -> None:
+    name = await mesh.start("loan", application={
+        "applicant": "ACME Ltd", "amount": 250000, "country": "XX"})
+    workflow = await mesh.parked(name)
+    assert workflow.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    capabilities = [t.capability for t in workflow.tasks]
+    assert "loan.clarification" in capabilities
+    assert as_dict(workflow.blackboard)["tax_id"].startswith("TIN-")
+    (gate,) = [g for g in workflow.gates if g.state == coordinator_pb2.GATE_STATE_PENDING]
+    assert gate.kind == events_pb2.GATE_KIND_OUTPUT_APPROVAL
+    assert "AML" in gate.reason
+    assert "compliance" not in as_dict(workflow.blackboard)  # held until approved
+    await mesh.decide(gate.name, approve=True)
+    workflow = await mesh.finished(name)
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
+    assert as_dict(workflow.blackboard)["compliance"]["aml_flag"] is True
+
+
+async def test_procurement_offer_over_budget_is_rolled_back_then_renegotiated(mesh: Mesh) -> None:
+    name = await mesh.start("procurement", item="laptop", quantity=100, max_budget=10000)
+    workflow = await mesh.finished(name)
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
+    events = await mesh.events(name)
+    rollbacks = [e.blackboard_rolled_back for e in events if e.HasField("blackboard_rolled_back")]
+    assert len(rollbacks) == 1
+    assert "12000" in rollbacks[0].reason
+    board = as_dict(workflow.blackboard)
+    assert board["offer"]["price"] <= 10000
+    assert board["purchase_order"]["price"] == board["offer"]["price"]
+
+
+async def test_risk_fan_out_completes_partially_without_the_slow_branch(mesh: Mesh) -> None:
+    name = await mesh.start("risk", customer={"id": "42", "income": 55000,
+                                              "transactions": [120, 7000, 30]})
+    workflow = await mesh.finished(name)
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
+    result = as_dict(workflow.result)
+    assert result["missing"] == ["churn_score"]
+    events = await mesh.events(name)
+    assert events_pb2.GUARDRAIL_TIMEOUT in [
+        e.guardrail_tripped.guardrail for e in events if e.HasField("guardrail_tripped")]
+    states = {t.task_id: t.state for t in workflow.tasks}
+    assert states["churn"] == coordinator_pb2.TASK_STATE_FAILED
+    assert states["aggregate"] == coordinator_pb2.TASK_STATE_SUCCEEDED
