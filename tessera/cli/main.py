@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tessera.cli import demo, mesh, workflows
+from tessera.cli import audit, demo, mesh, policy, workflows
 
 app = typer.Typer(
     name="tessera",
@@ -18,6 +18,8 @@ app = typer.Typer(
 mesh.register(app)
 workflows.register(app)
 demo.register(app)
+app.add_typer(policy.app, name="policy")
+app.add_typer(audit.app, name="audit")
 
 
 if __name__ == "__main__":

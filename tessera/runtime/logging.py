@@ -10,6 +10,7 @@ replaced by ``"[redacted]"`` at any depth.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -18,16 +19,34 @@ import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["REDACTED", "bind_context", "clear_context", "configure_logging", "redact"]
+__all__ = [
+    "REDACTED",
+    "bind_context",
+    "clear_context",
+    "configure_logging",
+    "is_sensitive_key",
+    "redact",
+]
 
 REDACTED = "[redacted]"
 _SENSITIVE = ("token", "secret", "password", "secret_id", "authorization", "credential")
 _HANDLER_MARK = "_tessera_handler"
 
 
-def _is_sensitive(key: object) -> bool:
+# Matched with separators removed, so X-Api-Key and api_key both count.
+_SENSITIVE_SQUASHED = ("apikey", "privatekey", "passwd", "cookie", "sessionkey", "accesskey")
+
+
+def is_sensitive_key(key: object) -> bool:
+    """The one rule for keys whose values never reach a log line or an audit record."""
     lowered = str(key).lower()
-    return any(word in lowered for word in _SENSITIVE)
+    squashed = re.sub(r"[^a-z0-9]", "", lowered)
+    return any(word in lowered for word in _SENSITIVE) or any(
+        word in squashed for word in _SENSITIVE_SQUASHED
+    )
+
+
+_is_sensitive = is_sensitive_key
 
 
 def _redact_value(value: Any) -> Any:

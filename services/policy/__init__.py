@@ -1,0 +1,1 @@
+"""Policy decision point: Cedar policies from `policy/`, every decision audited."""

@@ -1,0 +1,68 @@
+"""The policy service as one object with start()/stop(): alone under `python -m
+services.policy`, or in one process with others for tests."""
+
+from __future__ import annotations
+
+import structlog
+from nats.aio.client import Client
+
+from services.policy.service import PolicyServicer
+from services.policy.settings import PolicySettings
+from services.policy.store import PolicyStore
+from tessera.audit import AuditWriter
+from tessera.runtime.bus import Topology, connect, declare
+from tessera.runtime.grpc_server import GrpcServer
+from tessera.v1 import policy_pb2, policy_pb2_grpc
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+
+
+class PolicyService:
+    """Connects NATS (audit), loads the policy set (refusing to start on an invalid one),
+    watches the files and serves ``tessera.v1.PolicyService``."""
+
+    def __init__(self, settings: PolicySettings) -> None:
+        self.settings = settings
+        self.topology = Topology(settings.namespace)
+        self.store = PolicyStore(settings.policy_dir, poll_interval_s=settings.poll_interval_s)
+        self._nc: Client | None = None
+        self.audit: AuditWriter | None = None
+        self.server: GrpcServer | None = None
+
+    @property
+    def address(self) -> str:
+        if self.server is None:
+            raise RuntimeError("policy service not started")
+        return self.server.address
+
+    async def start(self) -> str:
+        await self.store.start()
+        self._nc = await connect(self.settings.nats_url, name=self.settings.instance_id)
+        js = self._nc.jetstream()
+        await declare(js, self.topology)
+        self.audit = AuditWriter(
+            js,
+            self.topology,
+            writer=self.settings.instance_id,
+            actor="policy",
+            publish_timeout_s=self.settings.audit_timeout_s,
+        )
+        await self.audit.start()
+        servicer = PolicyServicer(self.store, self.audit)
+        self.server = GrpcServer(
+            name="policy",
+            settings=self.settings,
+            register=[lambda s: policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, s)],
+            service_names=[SERVICE_NAME],
+        )
+        await self.server.start()
+        return self.server.address
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+        await self.store.stop()
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None

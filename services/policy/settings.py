@@ -1,0 +1,34 @@
+"""Policy service settings (env ``TESSERA_POLICY_*``; shared ones ``TESSERA_*``)."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from tessera.runtime.config import ServiceSettings
+
+
+def _default_instance_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "local"
+    return f"policy-{host}"
+
+
+class PolicySettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TESSERA_POLICY_", extra="ignore", populate_by_name=True
+    )
+
+    listen: str = "127.0.0.1:50054"
+    policy_dir: Path = Path("policy")
+    """Directory holding ``schema.cedarschema`` and ``policies/*.cedar``."""
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    """How often the policy files' mtimes are compared for hot reload."""
+    instance_id: str = Field(default_factory=_default_instance_id, pattern=r"^[A-Za-z0-9_-]+$")
+    """Names this instance's audit chain. Keep it stable across restarts so the chain
+    continues; give each replica its own (replicas sharing one are safe, but contend)."""
+    audit_timeout_s: float = Field(default=2.0, gt=0)
+    """How long one audit publish may wait for its ack before the decision fails closed."""

@@ -1,0 +1,1 @@
+"""Cedar policy evaluation shared by the policy service and `tessera policy test`."""
