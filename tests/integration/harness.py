@@ -61,10 +61,21 @@ class Mesh:
             self._stack.push_async_callback(agent.stop)
         for _ in range(self.coordinator_count):
             await self.add_coordinator()
-        self.channel = channel(self.coordinators[0].address, default_timeout_s=30)
-        self._stack.push_async_callback(self.channel.close)
-        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+        self._stack.push_async_callback(self._close_channel)
+        if self.coordinators:
+            await self.use_coordinator(self.coordinators[0].address)
         return self
+
+    async def use_coordinator(self, address: str) -> None:
+        """Point `stub` at the coordinator serving `address`."""
+        await self._close_channel()
+        self.channel: grpc.aio.Channel | None = channel(address, default_timeout_s=30)
+        self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+
+    async def _close_channel(self) -> None:
+        if getattr(self, "channel", None) is not None:
+            await self.channel.close()  # type: ignore[union-attr]
+            self.channel = None
 
     async def add_coordinator(self, **overrides: Any) -> Coordinator:
         settings = CoordinatorSettings(**self.common(), planner_address=self.planner_address,
