@@ -1,0 +1,173 @@
+"""The tool proxy as one object with start()/stop(): alone under `python -m
+services.tool_proxy`, or composed with other services in one process for tests."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+import grpc
+import structlog
+from nats.aio.client import Client
+from prometheus_client import start_http_server
+
+from services.tool_proxy.approvals import ApprovalStore
+from services.tool_proxy.idempotency import IdempotencyStore
+from services.tool_proxy.limits import RateLimiter
+from services.tool_proxy.service import ToolProxyServicer, safe_deserializer
+from services.tool_proxy.settings import ToolProxySettings
+from services.tool_proxy.tokens import TokenChecker, UseLedger
+from services.tool_proxy.tools.builtin import builtin_tools
+from services.tool_proxy.tools.mcp_backend import McpServers
+from services.tool_proxy.tools.registry import ToolRegistry
+from tessera.audit import AuditWriter, hmac_digest
+from tessera.runtime.bus import Topology, connect, declare
+from tessera.runtime.grpc_client import channel
+from tessera.runtime.grpc_server import GrpcServer
+from tessera.v1 import policy_pb2_grpc, tool_proxy_pb2
+from tessera.vault.client import VaultClient
+from tessera.vault.errors import VaultConfigError
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = tool_proxy_pb2.DESCRIPTOR.services_by_name["ToolProxyService"].full_name
+REVOCATION_KIND = "token.revoked"
+
+
+class ToolProxy:
+    """Owns the proxy's connections. ``registry`` is public: tests (and embedders) may
+    register extra tools on it before or after ``start()``."""
+
+    def __init__(self, settings: ToolProxySettings, *, replica_id: str = "") -> None:
+        self.settings = settings
+        self.topology = Topology(settings.namespace)
+        self.registry = ToolRegistry()
+        self.replica_id = replica_id or uuid.uuid4().hex[:8]
+        self.server: GrpcServer | None = None
+        self.servicer: ToolProxyServicer | None = None
+        self.tokens: TokenChecker | None = None
+        self._nc: Client | None = None
+        self._vault: VaultClient | None = None
+        self._policy_channel: grpc.aio.Channel | None = None
+        self._mcp: McpServers | None = None
+
+    @property
+    def address(self) -> str:
+        if self.server is None:
+            raise RuntimeError("tool proxy not started")
+        return self.server.address
+
+    async def start(self) -> str:
+        """Connect NATS, Vault, the policy service and MCP servers, then serve; the
+        address. Anything that cannot be reached at start-up fails the start."""
+        s = self.settings
+        if s.vault_approle_file is None:
+            raise VaultConfigError("TESSERA_VAULT_APPROLE_FILE is required")
+        self._nc = await connect(s.nats_url, name=f"tool-proxy-{self.replica_id}")
+        js = self._nc.jetstream()
+        await declare(js, self.topology)
+        idem_kv = await js.key_value(self.topology.idempotency_bucket)
+        approvals_kv = await js.key_value(self.topology.approvals_bucket)
+
+        self._vault = await VaultClient.from_approle_file(
+            s.vault_addr,
+            s.vault_approle_file,
+            timeout_s=s.vault_timeout_s,
+            attempts=s.vault_attempts,
+        )
+        audit = AuditWriter(
+            js, self.topology, writer=f"tool-proxy-{self.replica_id}", actor="tool-proxy"
+        )
+        await audit.start()
+        key = (
+            s.audit_hmac_key.get_secret_value().encode()
+            if s.audit_hmac_key is not None
+            else secrets.token_bytes(32)
+        )
+        if s.audit_hmac_key is None:
+            log.warning("audit_hmac_key_random", hint="set TESSERA_TOOL_PROXY_AUDIT_HMAC_KEY")
+
+        for tool in builtin_tools(js, self.topology):
+            if self.registry.get(tool.spec.name) is None:
+                self.registry.register(tool)
+        if s.mcp_servers is not None:
+            self._mcp = McpServers.from_file(s.mcp_servers, timeout_s=s.mcp_timeout_s)
+            for tool in await self._mcp.start():
+                self.registry.register(tool)
+
+        ledger = UseLedger(idem_kv)
+        self.tokens = TokenChecker(
+            self._vault, ttl_s=s.token_cache_ttl_s, max_entries=s.token_cache_size
+        )
+        self.tokens.on_revoked(ledger.forget)
+        await self.tokens.subscribe(self._nc, self.topology.events_subject(REVOCATION_KIND))
+
+        self._policy_channel = channel(s.policy_address, service="tool-proxy")
+        self.servicer = ToolProxyServicer(
+            settings=s,
+            registry=self.registry,
+            tokens=self.tokens,
+            ledger=ledger,
+            vault=self._vault,
+            policy=policy_pb2_grpc.PolicyServiceStub(self._policy_channel),
+            limiter=RateLimiter(
+                agent_rate=s.agent_rate_per_s,
+                agent_burst=s.agent_burst,
+                tool_rate=s.tool_rate_per_s,
+                tool_burst=s.tool_burst,
+            ),
+            idempotency=IdempotencyStore(idem_kv, lease_s=s.idempotency_lease_s),
+            approvals=ApprovalStore(approvals_kv),
+            audit=audit,
+            digest=lambda value: str(hmac_digest(key, value)),
+        )
+        servicer = self.servicer
+        self.server = GrpcServer(
+            name="tool-proxy",
+            settings=s,
+            register=[lambda server: _register(server, servicer)],
+            service_names=[SERVICE_NAME],
+        )
+        await self.server.start()
+        if s.metrics_port:
+            start_http_server(s.metrics_port, addr="127.0.0.1")
+        log.info("tool_proxy_started", address=self.server.address, tools=len(self.registry))
+        return self.server.address
+
+    async def stop(self) -> None:
+        """Stop serving, flush audit records, close every connection. Idempotent."""
+        if self.server is not None:
+            await self.server.stop()
+        if self.servicer is not None:
+            await self.servicer.drain()
+        if self.tokens is not None:
+            await self.tokens.close()
+        if self._mcp is not None:
+            await self._mcp.stop()
+            self._mcp = None
+        if self._policy_channel is not None:
+            await self._policy_channel.close()
+            self._policy_channel = None
+        if self._vault is not None:
+            await self._vault.close()
+            self._vault = None
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+        self._nc = None
+
+
+def _register(server: grpc.aio.Server, servicer: ToolProxyServicer) -> None:
+    """Like the generated add_…_to_server, but requests are decoded by our code so that
+    undecodable bytes answer INVALID_ARGUMENT rather than grpcio's INTERNAL."""
+    handlers = {
+        "InvokeTool": grpc.unary_unary_rpc_method_handler(
+            servicer.InvokeTool,
+            request_deserializer=safe_deserializer(tool_proxy_pb2.InvokeToolRequest),
+            response_serializer=tool_proxy_pb2.InvokeToolResponse.SerializeToString,
+        ),
+        "ListTools": grpc.unary_unary_rpc_method_handler(
+            servicer.ListTools,
+            request_deserializer=safe_deserializer(tool_proxy_pb2.ListToolsRequest),
+            response_serializer=tool_proxy_pb2.ListToolsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -1,0 +1,1 @@
+"""Example tool backends for the tool proxy."""

@@ -1,0 +1,64 @@
+"""Tool proxy settings (env ``TESSERA_TOOL_PROXY_*``; shared ones ``TESSERA_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from tessera.runtime.config import ServiceSettings
+
+
+class ToolProxySettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TESSERA_TOOL_PROXY_", extra="ignore", populate_by_name=True
+    )
+
+    policy_address: str = Field(
+        default="127.0.0.1:50054", validation_alias=AliasChoices("TESSERA_POLICY_ADDRESS")
+    )
+    """Where the policy service serves PolicyService."""
+    policy_timeout_s: float = Field(default=2.0, gt=0)
+    """Upper bound of one policy Check (the call's remaining time bounds it further)."""
+
+    token_cache_ttl_s: float = Field(default=1.0, gt=0, le=1.0)
+    """How long a token lookup is trusted (never more than 1 s; revocation events evict
+    at once)."""
+    token_cache_size: int = Field(default=10_000, gt=0)
+    secret_cache_ttl_s: float = Field(default=30.0, ge=0)
+    """How long a tool secret read through a task token is reused for other valid tokens
+    scoped to that tool; 0 reads Vault on every call. Bounds how late a rotated tool
+    secret is picked up."""
+    vault_timeout_s: float = Field(default=2.0, gt=0)
+    vault_attempts: int = Field(default=2, ge=1)
+
+    agent_rate_per_s: float = Field(default=50.0, gt=0)
+    agent_burst: int = Field(default=100, gt=0)
+    tool_rate_per_s: float = Field(default=200.0, gt=0)
+    tool_burst: int = Field(default=400, gt=0)
+
+    max_argument_bytes: int = Field(default=64 * 1024, gt=0)
+    """Largest serialized arguments accepted (RESOURCE_EXHAUSTED beyond)."""
+    max_argument_depth: int = Field(default=8, gt=0)
+    max_string_length: int = Field(default=8192, gt=0)
+    max_result_bytes: int = Field(default=1024 * 1024, gt=0)
+
+    backend_timeout_s: float = Field(default=10.0, gt=0)
+    """Default deadline of one backend call (a tool may declare a shorter one)."""
+    idempotency_lease_s: float = Field(default=60.0, gt=0)
+    """A `started` idempotency record older than this is presumed crashed and may be taken
+    over by a retry (backends are idempotent on the key, so this never doubles an effect
+    they have recorded)."""
+
+    audit_hmac_key: SecretStr | None = None
+    """Key of the HMACs of secret-bearing arguments in audit records (share it between
+    replicas so digests compare). Unset: a random key per process."""
+    mcp_servers: Path | None = None
+    """JSON or YAML file describing the MCP servers whose tools are exposed."""
+    mcp_timeout_s: float = Field(default=15.0, gt=0)
+    """Bound on connecting to one MCP server and listing its tools at start-up."""
+    default_budget_remaining_cents: int = Field(default=10**12, ge=0)
+    """``context.budget_remaining`` (cents) for tokens whose meta carries no
+    ``budget_remaining``: the coordinator does not put budgets in task-token meta yet."""
+    metrics_port: int = 0

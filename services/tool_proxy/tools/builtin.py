@@ -1,0 +1,306 @@
+"""Built-in tools: deterministic stand-ins for the reference workflows' real APIs.
+
+Each one needs its Vault secret (``api_key``): the handler refuses to run without it,
+so a successful call proves the proxy read the secret with the caller's token. The key
+is never returned or logged; results carry only the secret's version.
+
+Side-effecting tools (``billing.issue_refund``, ``email.send``) record their effect in
+the effects outbox: one message on ``<ns>.events.tool.effects`` (events stream) whose
+``Nats-Msg-Id`` is the call's effect id, so even a re-execution within the stream's
+duplicate window is stored once. Tests and demos count effects there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from services.tool_proxy.tools.registry import (
+    CallInfo,
+    SideEffect,
+    Tool,
+    ToolError,
+    ToolSpec,
+)
+from tessera.runtime.bus import Topology, msg_id_headers
+from tessera.vault.tokens import ToolSecret
+
+__all__ = ["EFFECTS_KIND", "builtin_tools", "effects_subject"]
+
+EFFECTS_KIND = "tool.effects"
+
+_ID = {"type": "string", "format": "identifier", "maxLength": 64}
+
+
+def effects_subject(topology: Topology) -> str:
+    """Subject of the effects outbox."""
+    return topology.events_subject(EFFECTS_KIND)
+
+
+def _obj(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
+def _require_key(secret: ToolSecret | None, tool: str) -> None:
+    key = secret.data.get("api_key") if secret is not None else None
+    if not isinstance(key, str) or not key:
+        raise ToolError(f"{tool}: no api_key in its secret", reason="TOOL_SECRET_MISSING")
+
+
+def _seed(*parts: str) -> int:
+    return int.from_bytes(hashlib.sha256("|".join(parts).encode()).digest()[:8], "big")
+
+
+_FIRST = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken")
+_LAST = ("Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson")
+_TIERS = ("free", "standard", "premium", "enterprise")
+
+
+async def _lookup_customer(
+    args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
+) -> dict[str, Any]:
+    _require_key(secret, "crm.lookup_customer")
+    cid = str(args["customer_id"])
+    s = _seed("crm", cid)
+    first, last = _FIRST[s % len(_FIRST)], _LAST[(s >> 8) % len(_LAST)]
+    return {
+        "customer_id": cid,
+        "name": f"{first} {last}",
+        "email": f"{first.lower()}.{last.lower()}@example.com",
+        "tier": _TIERS[(s >> 16) % len(_TIERS)],
+        "open_tickets": (s >> 24) % 5,
+        "credential_version": secret.version if secret else 0,
+    }
+
+
+async def _get_invoices(
+    args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
+) -> dict[str, Any]:
+    _require_key(secret, "billing.get_invoices")
+    cid = str(args["customer_id"])
+    limit = int(args.get("limit", 3))
+    invoices = []
+    for n in range(limit):
+        s = _seed("inv", cid, str(n))
+        invoices.append(
+            {
+                "invoice_id": f"inv-{s % 1_000_000:06d}",
+                "amount": round((s % 50_000) / 100, 2),
+                "currency": "EUR",
+                "status": ("paid", "open", "overdue")[(s >> 20) % 3],
+            }
+        )
+    return {
+        "customer_id": cid,
+        "invoices": invoices,
+        "credential_version": secret.version if secret else 0,
+    }
+
+
+async def _kb_search(
+    args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
+) -> dict[str, Any]:
+    _require_key(secret, "kb.search")
+    query = str(args["query"])
+    top_k = int(args.get("top_k", 3))
+    hits = [
+        {
+            "id": f"kb-{_seed('kb', query, str(n)) % 10_000:04d}",
+            "title": f"Article {n + 1} about {query[:40]}",
+            "score": round(1.0 / (n + 1), 3),
+        }
+        for n in range(top_k)
+    ]
+    return {"query": query, "hits": hits, "credential_version": secret.version if secret else 0}
+
+
+async def _bureau_report(
+    args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
+) -> dict[str, Any]:
+    _require_key(secret, "credit.bureau_report")
+    s = _seed("bureau", str(args["customer_id"]))
+    return {
+        "customer_id": str(args["customer_id"]),
+        "score": 300 + s % 551,
+        "delinquencies": (s >> 12) % 3,
+        "credential_version": secret.version if secret else 0,
+    }
+
+
+class _Outbox:
+    def __init__(self, js: JetStreamContext, topology: Topology) -> None:
+        self._js = js
+        self._subject = effects_subject(topology)
+
+    async def record(self, call: CallInfo, tool: str, effect: Mapping[str, Any]) -> int:
+        body = {
+            "tool": tool,
+            "effect_id": call.effect_id,
+            "idempotency_key": call.idempotency_key,
+            "workflow_id": call.workflow_id,
+            "task_id": call.task_id,
+            "agent": call.agent,
+            "decision_id": call.decision_id,
+            "effect": dict(effect),
+        }
+        ack = await self._js.publish(
+            self._subject,
+            json.dumps(body, sort_keys=True).encode(),
+            headers=msg_id_headers(call.effect_id),
+            timeout=2.0,
+        )
+        return int(ack.seq)
+
+
+def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
+    """Every built-in tool; side effects go to the outbox on ``js``."""
+    outbox = _Outbox(js, topology)
+
+    async def issue_refund(
+        args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
+    ) -> dict[str, Any]:
+        _require_key(secret, "billing.issue_refund")
+        refund_id = f"rf-{call.effect_id[:16]}"
+        effect = {
+            "refund_id": refund_id,
+            "customer_id": args["customer_id"],
+            "invoice_id": args["invoice_id"],
+            "amount": args["amount"],
+            "currency": args.get("currency", "EUR"),
+        }
+        seq = await outbox.record(call, "billing.issue_refund", effect)
+        return {
+            **effect,
+            "status": "issued",
+            "outbox_seq": seq,
+            "credential_version": secret.version if secret else 0,
+        }
+
+    async def send_email(
+        args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
+    ) -> dict[str, Any]:
+        _require_key(secret, "email.send")
+        message_id = f"<{call.effect_id[:24]}@mail.tessera.invalid>"
+        effect = {
+            "message_id": message_id,
+            "to_digest": hashlib.sha256(str(args["to"]).encode()).hexdigest()[:16],
+            "subject_length": len(str(args["subject"])),
+        }
+        seq = await outbox.record(call, "email.send", effect)
+        return {
+            "message_id": message_id,
+            "status": "queued",
+            "outbox_seq": seq,
+            "credential_version": secret.version if secret else 0,
+        }
+
+    return [
+        Tool(
+            ToolSpec(
+                name="crm.lookup_customer",
+                description="Look a customer up by id: name, contact, tier, open tickets.",
+                input_schema=_obj({"customer_id": _ID}, ["customer_id"]),
+                side_effect=SideEffect.READ_ONLY,
+                category="crm",
+                pii=False,  # policy/40_pii.cedar: support agents need it
+            ),
+            _lookup_customer,
+        ),
+        Tool(
+            ToolSpec(
+                name="billing.get_invoices",
+                description="List a customer's most recent invoices.",
+                input_schema=_obj(
+                    {
+                        "customer_id": _ID,
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 50},
+                    },
+                    ["customer_id"],
+                ),
+                side_effect=SideEffect.READ_ONLY,
+                category="billing",
+            ),
+            _get_invoices,
+        ),
+        Tool(
+            ToolSpec(
+                name="billing.issue_refund",
+                description="Refund (part of) an invoice. Moves money: never repeated.",
+                input_schema=_obj(
+                    {
+                        "customer_id": _ID,
+                        "invoice_id": _ID,
+                        "amount": {"type": "number", "exclusiveMinimum": 0, "maximum": 100000},
+                        "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]},
+                        "reason": {"type": "string", "maxLength": 500},
+                    },
+                    ["customer_id", "invoice_id", "amount"],
+                ),
+                side_effect=SideEffect.EXTERNAL_ACTION,
+                category="billing",
+            ),
+            issue_refund,
+        ),
+        Tool(
+            ToolSpec(
+                name="kb.search",
+                description="Search the knowledge base.",
+                input_schema=_obj(
+                    {
+                        "query": {"type": "string", "minLength": 1, "maxLength": 500},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
+                    },
+                    ["query"],
+                ),
+                side_effect=SideEffect.READ_ONLY,
+                category="knowledge",
+            ),
+            _kb_search,
+        ),
+        Tool(
+            ToolSpec(
+                name="email.send",
+                description="Send an e-mail to a customer. Never repeated.",
+                input_schema=_obj(
+                    {
+                        "to": {"type": "string", "format": "email", "maxLength": 254},
+                        "subject": {"type": "string", "minLength": 1, "maxLength": 200},
+                        "body": {"type": "string", "maxLength": 10000},
+                    },
+                    ["to", "subject", "body"],
+                ),
+                side_effect=SideEffect.EXTERNAL_ACTION,
+                category="communication",
+                pii=False,
+                secret_fields=frozenset({"to", "body"}),
+            ),
+            send_email,
+        ),
+        Tool(
+            ToolSpec(
+                name="credit.bureau_report",
+                description="Fetch a customer's credit bureau report (PII).",
+                input_schema=_obj(
+                    {
+                        "customer_id": _ID,
+                        "ssn_last4": {"type": "string", "pattern": "^[0-9]{4}$"},
+                    },
+                    ["customer_id"],
+                ),
+                side_effect=SideEffect.READ_ONLY,
+                category="credit",
+                pii=True,
+                secret_fields=frozenset({"ssn_last4"}),
+            ),
+            _bureau_report,
+        ),
+    ]
