@@ -26,7 +26,7 @@ import structlog
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from tessera import semver
@@ -83,11 +83,21 @@ class Registry:
     """Reads and writes the registry bucket of ``topology`` (it must exist: see
     :func:`tessera.runtime.bus.declare`). Cheap to construct; opens the bucket lazily."""
 
-    def __init__(self, js: JetStreamContext, topology: Topology) -> None:
+    def __init__(
+        self, js: JetStreamContext, topology: Topology, *, max_staleness_s: float = 0.0
+    ) -> None:
+        """``max_staleness_s``: reuse a snapshot this young instead of reading NATS again
+        (hot paths such as dispatch set it; 0 reads every time)."""
         self._js = js
         self.topology = topology
         self.ttl_s: float = topology.registry_ttl_s
+        self.max_staleness_s = max_staleness_s
         self._kv: KeyValue | None = None
+        self._cached: tuple[float, dict[str, agent_pb2.AgentDescriptor]] | None = None
+
+    def invalidate(self) -> None:
+        """Forget the cached snapshot (e.g. after a replica turned out to be gone)."""
+        self._cached = None
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
@@ -106,6 +116,7 @@ class Registry:
         """Put ``descriptor`` (``name`` and ``instance_id`` required) with
         ``heartbeat_time`` = now; returns the KV revision. Also the heartbeat itself."""
         key = registry_key(descriptor.name, descriptor.instance_id)
+        self._cached = None
         entry = agent_pb2.AgentDescriptor()
         entry.CopyFrom(descriptor)
         now = timestamp_pb2.Timestamp()
@@ -117,6 +128,7 @@ class Registry:
 
     async def deregister(self, descriptor: agent_pb2.AgentDescriptor) -> None:
         """Delete the replica's key (a delete marker watchers see at once)."""
+        self._cached = None
         kv = await self._bucket()
         await kv.delete(registry_key(descriptor.name, descriptor.instance_id))
 
@@ -125,26 +137,36 @@ class Registry:
     async def _snapshot(self) -> dict[str, agent_pb2.AgentDescriptor]:
         """Every current (non-deleted, decodable) entry, fresh or not; none while the
         bucket does not exist yet (nobody registered)."""
+        if self._cached is not None and self.max_staleness_s > 0:
+            taken, entries = self._cached
+            if time.monotonic() - taken < self.max_staleness_s:
+                return entries
+        entries = await self._read_all()
+        self._cached = (time.monotonic(), entries)
+        return entries
+
+    async def _read_all(self) -> dict[str, agent_pb2.AgentDescriptor]:
+        # The stream's per-subject index is authoritative; a KV watcher may signal "no
+        # more pending" before it has handed over entries already delivered.
         try:
             kv = await self._bucket()
         except BucketNotFoundError:
             return {}
-        watcher = await kv.watch(f"{_PREFIX}>", ignore_deletes=True)
+        stream = f"KV_{self.topology.registry_bucket}"
+        prefix = f"$KV.{self.topology.registry_bucket}."
+        info = await self._js.stream_info(stream, subjects_filter=f"{prefix}{_PREFIX}>")
+        keys = [subject[len(prefix):] for subject in (info.state.subjects or {})]
         entries: dict[str, agent_pb2.AgentDescriptor] = {}
-        try:
-            while True:
-                entry = await watcher.updates(timeout=5.0)
-                if entry is None:
-                    break
-                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                    continue
-                descriptor = _decode(entry.key, entry.value)
-                if descriptor is not None:
-                    entries[entry.key] = descriptor
-                if entry.delta == 0:
-                    break
-        finally:
-            await watcher.stop()
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except (KeyNotFoundError, KeyDeletedError):
+                continue
+            if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                continue
+            descriptor = _decode(entry.key, entry.value)
+            if descriptor is not None:
+                entries[entry.key] = descriptor
         return entries
 
     async def agents(self) -> list[agent_pb2.AgentDescriptor]:

@@ -45,7 +45,8 @@ class Coordinator:
         store = WorkflowStore(js, self.topology)
         await store.open()
         self.dispatcher = Dispatcher(
-            Registry(js, self.topology), tool_proxy_address=self.settings.tool_proxy_address
+            Registry(js, self.topology, max_staleness_s=0.5),
+            tool_proxy_address=self.settings.tool_proxy_address,
         )
         self._planner_channel = channel(self.settings.planner_address, service="coordinator")
         servicer = CoordinatorServicer(

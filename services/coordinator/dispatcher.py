@@ -51,6 +51,7 @@ class Dispatcher:
     ) -> tuple[agent_pb2.AgentDescriptor, common_pb2.CapabilityContract]:
         replicas = await self.registry.find(capability, version)
         if not replicas:
+            self.registry.invalidate()
             raise NoAgent(f"no live agent offers {capability} {version}".strip())
         # Prefer the highest version; spread load over its replicas.
         best = replicas[0][1].version

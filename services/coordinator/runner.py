@@ -99,6 +99,9 @@ class Runner:
         for step in list(self._steps):
             step.cancel()
         await asyncio.gather(*self._steps, return_exceptions=True)
+        # A pull subscription left open makes the connection's drain wait its full timeout.
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
 
     async def _consume(self) -> None:
         while not self._stopping.is_set():

@@ -15,7 +15,12 @@ import hashlib
 
 import structlog
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from services.coordinator.state import WorkflowRecord
@@ -120,7 +125,7 @@ class WorkflowStore:
     async def ids(self) -> list[str]:
         try:
             keys = await self.kv.keys()
-        except NotFoundError:
+        except (NoKeysError, NotFoundError):
             return []
         return [k[3:] for k in keys if k.startswith("wf.")]
 

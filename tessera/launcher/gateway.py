@@ -1,20 +1,95 @@
-"""Render the Envoy bootstrap from ``gateway/envoy.yaml`` and ``gateway/routes.yaml``."""
+"""The gateway's Envoy configuration: one builder for the bootstrap and every resource.
+
+``gateway/envoy.yaml`` is the bootstrap: node, admin, and an ADS connection to the gateway
+control plane (``services/gateway``). The control plane calls :func:`build_resources` to
+turn ``gateway/routes.yaml`` (limits, timeouts, rate limits, transcoding), the public
+services and the live agent replicas into Envoy v3 resources (as JSON-shaped dicts), and
+serves them over ADS. :func:`render` returns that bootstrap; without an ``xds_address`` it
+instead inlines the same resources in ``static_resources`` (for an Envoy that runs without
+a control plane, as some tests do). Both paths share every listener, route and cluster.
+
+Agent routing: each agent name ``N`` in the registry gets a cluster ``agent-N`` (one
+endpoint per live replica) reached by gRPC calls to ``/tessera.v1.AgentService/*`` (and
+``/grpc.health.v1.Health/*``) that carry the header ``x-tessera-agent: N``.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 from typing import Any
 
 import yaml
 
+from tessera.launcher.binaries import find_binary
+
+__all__ = [
+    "AGENT_SERVICE",
+    "CONTROL_PLANE_MODULE",
+    "HEALTH_SERVICE",
+    "LISTENER_NAME",
+    "ROUTE_CONFIG_NAME",
+    "AgentEndpoint",
+    "DescriptorBuildFailed",
+    "Resources",
+    "Upstream",
+    "agent_cluster_name",
+    "build_descriptor_set",
+    "build_resources",
+    "cluster_name",
+    "load_edge_config",
+    "render",
+]
+
+CONTROL_PLANE_MODULE = "services.gateway"
 HEALTH_SERVICE = "grpc.health.v1.Health"
+AGENT_SERVICE = "tessera.v1.AgentService"
+LISTENER_NAME = "tessera_ingress"
+ROUTE_CONFIG_NAME = "tessera_routes"
+AGENT_HEADER = "x-tessera-agent"
+CALLER_HEADER = "x-tessera-caller"
+
+_T = "type.googleapis.com/"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_FILE_LOG = "envoy.extensions.access_loggers.file.v3.FileAccessLog"
+_HEALTH_FILTER = "envoy.extensions.filters.http.health_check.v3.HealthCheck"
+_RATE_LIMIT = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+_BUFFER = "envoy.extensions.filters.http.buffer.v3.Buffer"
+_TRANSCODER = "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"
+_HCM_FILTER = "envoy.filters.network.http_connection_manager"
+_ROUTER = "envoy.extensions.filters.http.router.v3.Router"
+_ADS_SOURCE: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 _CLUSTER_RE = re.compile(r"[^a-z0-9_]")
+_ALL = {"runtime_key": "", "default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+
+_ACCESS_LOG_FORMAT = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",  # as routed: the gRPC method for transcoded HTTP/JSON calls
+    "original_path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",  # as the caller sent it
+    "protocol": "%PROTOCOL%",
+    "response_code": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS(NUMBER)%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "duration_ms": "%DURATION%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "traceparent": "%REQ(TRACEPARENT)%",
+    "caller": "%REQ(X-TESSERA-CALLER)%",
+    "agent": "%REQ(X-TESSERA-AGENT)%",
+    "downstream_remote": "%DOWNSTREAM_REMOTE_ADDRESS%",
+}
 
 
 @dataclass(frozen=True)
@@ -26,51 +101,390 @@ class Upstream:
     grpc_services: tuple[str, ...]
 
 
-def _cluster_name(name: str) -> str:
+@dataclass(frozen=True)
+class AgentEndpoint:
+    """One live agent replica: where it serves (an IP ``host:port``) and who it is."""
+
+    instance_id: str
+    address: str
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Envoy v3 resources as JSON-shaped dicts (``@type`` on every typed config)."""
+
+    listeners: list[dict[str, Any]] = field(default_factory=list)
+    route_configs: list[dict[str, Any]] = field(default_factory=list)
+    clusters: list[dict[str, Any]] = field(default_factory=list)
+    load_assignments: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DescriptorBuildFailed(RuntimeError):
+    """``buf build`` could not produce the descriptor set the transcoder needs."""
+
+
+def cluster_name(name: str) -> str:
+    """Cluster of a public service (``tool-proxy`` → ``tool_proxy``)."""
     return _CLUSTER_RE.sub("_", name.lower())
 
 
-def _cluster(upstream: Upstream) -> dict[str, Any]:
-    host, _, port = upstream.address.rpartition(":")
+def agent_cluster_name(agent: str) -> str:
+    """Cluster of an agent's replicas (``billing`` → ``agent-billing``)."""
+    return f"agent-{agent}"
+
+
+def load_edge_config(path: Path) -> dict[str, Any]:
+    """``gateway/routes.yaml`` as a mapping (empty file: all defaults)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    return data
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _socket(address: str) -> dict[str, Any]:
+    host, port = _split(address)
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _http2_options() -> dict[str, Any]:
     return {
-        "name": _cluster_name(upstream.name),
+        _HTTP_OPTIONS: {
+            "@type": _T + _HTTP_OPTIONS,
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def _lb_endpoint(endpoint: AgentEndpoint) -> dict[str, Any]:
+    return {
+        "endpoint": {"address": _socket(endpoint.address), "hostname": endpoint.instance_id},
+        "health_status": "HEALTHY",
+        "metadata": {
+            "filter_metadata": {
+                "tessera": {"instance_id": endpoint.instance_id, "version": endpoint.version}
+            }
+        },
+    }
+
+
+def _load_assignment(name: str, endpoints: Sequence[AgentEndpoint]) -> dict[str, Any]:
+    ordered = sorted(endpoints, key=lambda e: (e.instance_id, e.address))
+    lb_endpoints = [_lb_endpoint(e) for e in ordered]
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}] if ordered else []}
+
+
+def _grpc_health_check(service: str, interval: str) -> dict[str, Any]:
+    return {
+        "timeout": "1s",
+        "interval": interval,
+        "no_traffic_interval": interval,  # default 60 s would make /healthz lag
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "grpc_health_check": {"service_name": service},
+    }
+
+
+def _upstream_cluster(upstream: Upstream, health_check: dict[str, Any] | None) -> dict[str, Any]:
+    name = cluster_name(upstream.name)
+    cluster: dict[str, Any] = {
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
-        "typed_extension_protocol_options": {
-            _HTTP_OPTIONS: {
-                "@type": f"type.googleapis.com/{_HTTP_OPTIONS}",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
+        "typed_extension_protocol_options": _http2_options(),
         "load_assignment": {
-            "cluster_name": _cluster_name(upstream.name),
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": host, "port_value": int(port)}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(upstream.address)}}]}],
         },
     }
+    if health_check is not None:
+        cluster["health_checks"] = [health_check]
+    return cluster
 
 
-def _route(prefix: str, cluster: str, limits: dict[str, Any]) -> dict[str, Any]:
+def _agent_cluster(
+    agent: str, endpoints: Sequence[AgentEndpoint], *, dynamic: bool
+) -> dict[str, Any]:
+    name = agent_cluster_name(agent)
+    cluster: dict[str, Any] = {
+        "name": name,
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": _http2_options(),
+        # Passive health on top of the registry's heartbeats: eject a replica that keeps
+        # failing until it recovers or leaves the registry.
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "interval": "5s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+    }
+    if dynamic:
+        cluster["type"] = "EDS"
+        cluster["eds_cluster_config"] = {"eds_config": _ADS_SOURCE, "service_name": name}
+    else:
+        cluster["type"] = "STATIC"
+        cluster["load_assignment"] = _load_assignment(name, endpoints)
+    return cluster
+
+
+def _route_action(cluster: str, limits: Mapping[str, Any]) -> dict[str, Any]:
     action: dict[str, Any] = {
         "cluster": cluster,
-        "timeout": str(limits["timeout"]),
-        "max_stream_duration": {"grpc_timeout_header_max": str(limits["grpc_timeout_header_max"])},
+        "timeout": str(limits.get("timeout", "30s")),
+        "max_stream_duration": {
+            "grpc_timeout_header_max": str(limits.get("grpc_timeout_header_max", "300s"))
+        },
     }
     if "idle_timeout" in limits:
         action["idle_timeout"] = str(limits["idle_timeout"])
-    return {"match": {"prefix": prefix, "grpc": {}}, "route": action}
+    return action
+
+
+def _routes(
+    edge: Mapping[str, Any],
+    upstreams: Sequence[Upstream],
+    health_upstream: str | None,
+    agents: Sequence[str],
+) -> list[dict[str, Any]]:
+    defaults = dict(edge.get("defaults") or {})
+    services: Mapping[str, Any] = edge.get("services") or {}
+    methods: Mapping[str, Any] = edge.get("methods") or {}
+    agent_cfg = {**defaults, **(edge.get("agents") or {})}
+    header = str(agent_cfg.pop("header", AGENT_HEADER))
+    health_limits = {**defaults, **(edge.get("health") or {})}
+    routes: list[dict[str, Any]] = []
+    for agent in agents:
+        by_name = [{"name": header, "string_match": {"exact": agent}}]
+        cluster = agent_cluster_name(agent)
+        routes.append(
+            {
+                "match": {"prefix": f"/{AGENT_SERVICE}/", "grpc": {}, "headers": by_name},
+                "route": _route_action(cluster, agent_cfg),
+            }
+        )
+        routes.append(
+            {
+                "match": {"prefix": f"/{HEALTH_SERVICE}/", "grpc": {}, "headers": by_name},
+                "route": _route_action(cluster, health_limits),
+            }
+        )
+    for upstream in upstreams:
+        cluster = cluster_name(upstream.name)
+        for service in upstream.grpc_services:
+            limits = {**defaults, **(services.get(service) or {})}
+            for method, override in methods.items():
+                if method.startswith(f"{service}/"):
+                    routes.append(
+                        {
+                            "match": {"path": f"/{method}", "grpc": {}},
+                            "route": _route_action(cluster, {**limits, **(override or {})}),
+                        }
+                    )
+            routes.append(
+                {
+                    "match": {"prefix": f"/{service}/", "grpc": {}},
+                    "route": _route_action(cluster, limits),
+                }
+            )
+    if health_upstream is not None:
+        routes.append(
+            {
+                "match": {"prefix": f"/{HEALTH_SERVICE}/", "grpc": {}},
+                "route": _route_action(cluster_name(health_upstream), health_limits),
+            }
+        )
+    if not routes:
+        routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
+    return routes
+
+
+def _bucket(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "max_tokens": int(spec["max_tokens"]),
+        "tokens_per_fill": int(spec.get("tokens_per_fill", spec["max_tokens"])),
+        "fill_interval": str(spec.get("fill_interval", "1s")),
+    }
+
+
+def _http_filters(
+    edge: Mapping[str, Any],
+    *,
+    max_bytes: int,
+    health_cluster: str | None,
+    descriptor_set: Path | None,
+) -> list[dict[str, Any]]:
+    healthz = edge.get("healthz") or {}
+    health: dict[str, Any] = {
+        "@type": _T + _HEALTH_FILTER,
+        "pass_through_mode": False,
+        "headers": [{"name": ":path", "string_match": {"exact": healthz.get("path", "/healthz")}}],
+    }
+    if health_cluster is not None:
+        health["cluster_min_healthy_percentages"] = {health_cluster: {"value": 100.0}}
+    filters: list[dict[str, Any]] = [
+        {"name": "envoy.filters.http.health_check", "typed_config": health}
+    ]
+    limit = edge.get("rate_limit")
+    if limit:
+        caller_header = str(limit.get("caller_header", CALLER_HEADER))
+        by_caller = {"request_headers": {"header_name": caller_header, "descriptor_key": "caller"}}
+        # No value: a wildcard descriptor, one bucket per distinct caller.
+        per_caller = {"entries": [{"key": "caller"}], "token_bucket": _bucket(limit["per_caller"])}
+        filters.append(
+            {
+                "name": "envoy.filters.http.local_ratelimit",
+                "typed_config": {
+                    "@type": _T + _RATE_LIMIT,
+                    "stat_prefix": "local_rate_limit",
+                    "token_bucket": _bucket(limit["anonymous"]),
+                    "filter_enabled": _ALL,
+                    "filter_enforced": _ALL,
+                    "descriptors": [per_caller],
+                    "rate_limits": [{"actions": [by_caller]}],
+                    "max_dynamic_descriptors": int(limit.get("max_callers", 10000)),
+                    "always_consume_default_token_bucket": False,
+                    "local_rate_limit_per_downstream_connection": False,
+                    "rate_limited_as_resource_exhausted": True,
+                    "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+                },
+            }
+        )
+    # Request size limit: larger requests are refused with 413 before they reach a
+    # service. Holds request bodies only, so unary and server-streaming RPCs work.
+    filters.append(
+        {
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {"@type": _T + _BUFFER, "max_request_bytes": max_bytes},
+        }
+    )
+    transcoder = edge.get("transcoder") or {}
+    if descriptor_set is not None and transcoder.get("services"):
+        filters.append(
+            {
+                "name": "envoy.filters.http.grpc_json_transcoder",
+                "typed_config": {
+                    "@type": _T + _TRANSCODER,
+                    "proto_descriptor": str(descriptor_set),
+                    "services": list(transcoder["services"]),
+                    "print_options": {
+                        "add_whitespace": False,
+                        "always_print_primitive_fields": False,
+                        "preserve_proto_field_names": False,
+                        "stream_newline_delimited": True,
+                    },
+                    # Errors become a JSON google.rpc.Status with its details.
+                    "convert_grpc_status": True,
+                    "case_insensitive_enum_parsing": True,
+                    "request_validation_options": {"reject_unknown_query_parameters": True},
+                },
+            }
+        )
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _T + _ROUTER}})
+    return filters
+
+
+def build_resources(
+    edge: Mapping[str, Any],
+    *,
+    listen: str,
+    access_log: Path | str,
+    upstreams: Sequence[Upstream],
+    health_upstream: str | None = None,
+    agents: Mapping[str, Sequence[AgentEndpoint]] | None = None,
+    descriptor_set: Path | None = None,
+    dynamic: bool = True,
+) -> Resources:
+    """Every Envoy resource of the gateway.
+
+    ``edge`` is ``gateway/routes.yaml``; ``listen`` the listener's ``host:port``;
+    ``agents`` maps agent names to their live replicas (a name with no replica keeps its
+    cluster, empty). ``dynamic``: routes by RDS and agent endpoints by EDS, both over ADS
+    (else inline). Without ``descriptor_set`` there is no HTTP/JSON transcoding.
+    """
+    agents = agents or {}
+    names = sorted(agents)
+    max_bytes = int(edge.get("max_request_bytes", 4 * 1024 * 1024))
+    healthz = edge.get("healthz") or {}
+    health_check: dict[str, Any] | None = None
+    health_cluster: str | None = None
+    if health_upstream is not None:
+        health_cluster = cluster_name(health_upstream)
+        target = next((u for u in upstreams if u.name == health_upstream), None)
+        service = target.grpc_services[0] if target and target.grpc_services else ""
+        health_check = _grpc_health_check(service, str(healthz.get("interval", "1s")))
+    route_config = {
+        "name": ROUTE_CONFIG_NAME,
+        "virtual_hosts": [
+            {
+                "name": "tessera",
+                "domains": ["*"],
+                "routes": _routes(edge, upstreams, health_upstream, names),
+            }
+        ],
+    }
+    hcm: dict[str, Any] = {
+        "@type": _T + _HCM,
+        "stat_prefix": "grpc_ingress",
+        # HTTP/1.1 for JSON callers and curl, h2c for gRPC callers, on one port.
+        "codec_type": "AUTO",
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "max_request_headers_kb": 64,
+        "request_timeout": "0s",
+        "stream_idle_timeout": "300s",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": _T + _FILE_LOG,
+                    "path": str(access_log),
+                    "log_format": {"json_format": _ACCESS_LOG_FORMAT},
+                },
+            }
+        ],
+        "http_filters": _http_filters(
+            edge, max_bytes=max_bytes, health_cluster=health_cluster, descriptor_set=descriptor_set
+        ),
+    }
+    if dynamic:
+        hcm["rds"] = {"route_config_name": ROUTE_CONFIG_NAME, "config_source": _ADS_SOURCE}
+    else:
+        hcm["route_config"] = route_config
+    listener = {
+        "name": LISTENER_NAME,
+        "address": _socket(listen),
+        "per_connection_buffer_limit_bytes": max_bytes,
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
+    clusters = [
+        _upstream_cluster(u, health_check if u.name == health_upstream else None) for u in upstreams
+    ]
+    clusters += [_agent_cluster(n, agents[n], dynamic=dynamic) for n in names]
+    return Resources(
+        listeners=[listener],
+        route_configs=[route_config] if dynamic else [],
+        clusters=clusters,
+        load_assignments=(
+            [_load_assignment(agent_cluster_name(n), agents[n]) for n in names] if dynamic else []
+        ),
+    )
 
 
 def render(
@@ -79,36 +493,73 @@ def render(
     listen_port: int,
     admin_port: int,
     access_log: Path,
-    upstreams: Sequence[Upstream],
+    upstreams: Sequence[Upstream] = (),
     health_upstream: str | None = None,
     node_id: str = "tessera-gateway",
+    xds_address: str | None = None,
+    descriptor_set: Path | None = None,
 ) -> str:
     """The Envoy bootstrap YAML.
 
-    Each of an upstream's ``grpc_services`` gets a route ``/<service>/``; gRPC health checks
-    (``/grpc.health.v1.Health/``) go to ``health_upstream``. Unmatched paths get 404
-    (gRPC UNIMPLEMENTED).
+    With ``xds_address`` (the control plane's ``host:port``) it is ``gateway/envoy.yaml``
+    as is: everything else arrives over ADS, and ``listen_port``, ``upstreams``... are the
+    control plane's business. Without it, the listener on ``listen_port`` and the clusters
+    of ``upstreams`` are inlined (static; no agents): each upstream's ``grpc_services``
+    get a route ``/<service>/``, gRPC health checks go to ``health_upstream``, unmatched
+    paths get 404 (gRPC UNIMPLEMENTED).
     """
-    template = Template((gateway_dir / "envoy.yaml").read_text())
-    settings = yaml.safe_load((gateway_dir / "routes.yaml").read_text()) or {}
-    defaults = dict(settings.get("defaults", {}))
-    overrides: dict[str, Any] = settings.get("services", {}) or {}
-    routes: list[dict[str, Any]] = []
-    for upstream in upstreams:
-        for service in upstream.grpc_services:
-            limits = {**defaults, **overrides.get(service, {})}
-            routes.append(_route(f"/{service}/", _cluster_name(upstream.name), limits))
-    if health_upstream is not None:
-        limits = {**defaults, **settings.get("health", {})}
-        routes.append(_route(f"/{HEALTH_SERVICE}/", _cluster_name(health_upstream), limits))
-    if not routes:
-        routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
-    return template.substitute(
+    xds_host, xds_port = _split(xds_address) if xds_address else ("127.0.0.1", 1)
+    text = Template((gateway_dir / "envoy.yaml").read_text()).substitute(
         NODE_ID=json.dumps(node_id),
         ADMIN_PORT=admin_port,
-        LISTEN_PORT=listen_port,
-        ACCESS_LOG=json.dumps(str(access_log)),
-        MAX_REQUEST_BYTES=int(settings.get("max_request_bytes", 4 * 1024 * 1024)),
-        ROUTES=json.dumps(routes),
-        CLUSTERS=json.dumps([_cluster(u) for u in upstreams]),
+        XDS_HOST=json.dumps(xds_host),
+        XDS_PORT=xds_port,
     )
+    if xds_address is not None:
+        return text
+    resources = build_resources(
+        load_edge_config(gateway_dir / "routes.yaml"),
+        listen=f"127.0.0.1:{listen_port}",
+        access_log=access_log,
+        upstreams=upstreams,
+        health_upstream=health_upstream,
+        descriptor_set=descriptor_set,
+        dynamic=False,
+    )
+    bootstrap = yaml.safe_load(text)
+    del bootstrap["dynamic_resources"]
+    bootstrap["static_resources"] = {
+        "listeners": resources.listeners,
+        "clusters": resources.clusters,
+    }
+    return yaml.safe_dump(bootstrap, sort_keys=False)
+
+
+def build_descriptor_set(project: Path, output: Path, *, timeout: float = 60.0) -> Path:
+    """``buf build`` every contract, with its imports, into a FileDescriptorSet at ``output``
+    (what the gRPC-JSON transcoder reads). Runs from ``project`` (where buf.yaml lives),
+    linking the googleapis protos into ``.build/protodeps`` first if needed."""
+    deps = project / ".build" / "protodeps"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    commands = []
+    if not (deps / "google" / "api").exists():
+        commands.append([sys.executable, str(project / "tools" / "proto_deps.py"), str(deps)])
+    commands.append(
+        [
+            str(find_binary("buf")),
+            "build",
+            "-o",
+            str(output),
+            "--as-file-descriptor-set",
+            "--exclude-source-info",
+        ]
+    )
+    for argv in commands:
+        result = subprocess.run(
+            argv, cwd=project, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if result.returncode != 0:
+            raise DescriptorBuildFailed(
+                f"{Path(argv[0]).name} failed ({result.returncode}): {result.stderr.strip()}"
+            )
+    return output

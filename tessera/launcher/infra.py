@@ -278,13 +278,18 @@ def start_envoy(
     gateway_dir: Path,
     upstreams: Sequence[Upstream] = (),
     health_upstream: str | None = None,
+    xds_address: str | None = None,
     name: str = "envoy",
     wait: bool = True,
     timeout: float = 20.0,
 ) -> EnvoyServer:
-    """Envoy from ``gateway_dir`` routing gRPC by service name to ``upstreams``.
+    """Envoy from ``gateway_dir``.
 
-    Uses a dynamic base id, so any number of Envoys (tests, a running mesh) can coexist.
+    With ``xds_address`` (the gateway control plane) Envoy takes its listener, routes and
+    clusters from it over ADS, and is ready once it has them; the control plane must
+    configure its listener on ``port``. Without, it routes gRPC by service name to
+    ``upstreams`` from a static bootstrap. Uses a dynamic base id, so any number of
+    Envoys (tests, a running mesh) can coexist.
     """
     config = data_dir / "config" / f"{name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +304,7 @@ def start_envoy(
             upstreams=upstreams,
             health_upstream=health_upstream,
             node_id=name,
+            xds_address=xds_address,
         )
     )
     argv = [

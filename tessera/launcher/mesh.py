@@ -2,6 +2,9 @@
 
 Start order: NATS and OpenBao (in parallel), the Vault bootstrap, every service of the
 topology, then Envoy; all of them are then awaited together. Stop order is the reverse.
+When the topology has the gateway control plane (``services.gateway``), Envoy takes its
+configuration from it over ADS (and is only ready once it has it); the descriptor set
+for HTTP/JSON transcoding is built with buf first. Otherwise Envoy gets static routes.
 Nothing here prints: callers (the CLI, tests) present the results and errors.
 """
 
@@ -23,7 +26,12 @@ import structlog
 
 from tessera.launcher import infra, processes
 from tessera.launcher import state as state_file
-from tessera.launcher.gateway import Upstream
+from tessera.launcher.gateway import (
+    CONTROL_PLANE_MODULE,
+    DescriptorBuildFailed,
+    Upstream,
+    build_descriptor_set,
+)
 from tessera.launcher.health import Health, grpc_health, http_ok
 from tessera.launcher.ports import ensure_free, preferred_port
 from tessera.launcher.processes import StopResult
@@ -289,6 +297,24 @@ def up(
             raise
 
 
+def _control_plane_env(data_dir: Path, project: Path, ports: Mapping[str, int]) -> dict[str, str]:
+    """What the gateway control plane needs to configure the Envoy `up` starts."""
+    descriptors = data_dir / "gateway" / "tessera.binpb"
+    try:
+        build_descriptor_set(project, descriptors)
+    except DescriptorBuildFailed as exc:
+        error_log = processes.logs_dir(data_dir) / "buf.log"
+        error_log.parent.mkdir(parents=True, exist_ok=True)
+        error_log.write_text(f"{exc}\n")
+        raise infra.StartFailed("gateway descriptors", "buf build failed", str(error_log)) from exc
+    return {
+        "TESSERA_GATEWAY_ENVOY_LISTEN": f"{LOOPBACK}:{ports['gateway']}",
+        "TESSERA_GATEWAY_ACCESS_LOG": str(processes.logs_dir(data_dir) / "envoy-access.log"),
+        "TESSERA_GATEWAY_DESCRIPTOR_SET": str(descriptors),
+        "TESSERA_GATEWAY_ROUTES_FILE": str(project / "gateway" / "routes.yaml"),
+    }
+
+
 def _start(
     data_dir: Path,
     project: Path,
@@ -311,6 +337,10 @@ def _start(
     log.info("infra_ready", seconds=round(time.monotonic() - t0, 2))
 
     approles = _bootstrap_vault(bao, project, data_dir, report)
+    control_plane = next((s for s in topology.services if s.module == CONTROL_PLANE_MODULE), None)
+    gateway_env: dict[str, str] = {}
+    if control_plane is not None:
+        gateway_env = _control_plane_env(data_dir, project, ports)
 
     services: list[Component] = []
     components: list[Component] = [
@@ -327,6 +357,8 @@ def _start(
             approles=approles or {},
             log_level=log_level,
         )
+        if spec is control_plane:
+            env.update(gateway_env)
         argv = [sys.executable, "-m", spec.module]
         record = processes.spawn(data_dir, spec.name, argv, env=env, cwd=project)
         started.append(spec.name)
@@ -352,6 +384,7 @@ def _start(
         gateway_dir=project / "gateway",
         upstreams=upstreams,
         health_upstream=health_upstream,
+        xds_address=None if control_plane is None else f"{LOOPBACK}:{ports[control_plane.name]}",
         name="envoy",
         wait=False,
     )

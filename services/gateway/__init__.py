@@ -1,0 +1,1 @@
+"""Gateway control plane: an xDS (ADS) server feeding Envoy the live mesh."""

@@ -1,0 +1,174 @@
+"""The gateway control plane as one object with start()/stop(): alone under
+`python -m services.gateway`, or beside other services in one process for tests.
+
+It follows the registry (NATS KV) and serves Envoy, over ADS, a listener with the edge
+features, the routes, one cluster per public service and one EDS cluster per agent name
+(``agent-<name>``, endpoints = live replicas). A registry change reaches every connected
+Envoy within ``debounce_s`` plus one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from nats.aio.client import Client
+
+from services.gateway.ads import ADS_SERVICE_NAME, AggregatedDiscoveryServer, SnapshotCache
+from services.gateway.resources import agent_endpoints, to_snapshot
+from services.gateway.settings import GatewaySettings
+from tessera.launcher.gateway import Upstream, build_resources, load_edge_config
+from tessera.registry import Registry, registry_key
+from tessera.runtime.bus import Topology, connect, declare
+from tessera.runtime.grpc_server import GrpcServer
+from tessera.v1 import agent_pb2
+
+__all__ = ["SERVICE_NAME", "GatewayControlPlane"]
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = ADS_SERVICE_NAME
+_WATCH_BACKOFF_MAX_S = 5.0
+
+
+class GatewayControlPlane:
+    """Serves ``envoy.service.discovery.v3.AggregatedDiscoveryService`` (and health)."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.topology = Topology(settings.namespace)
+        self.cache = SnapshotCache()
+        self.server: GrpcServer | None = None
+        self._edge: dict[str, Any] = {}
+        self._upstreams: list[Upstream] = []
+        self._nc: Client | None = None
+        self._registry: Registry | None = None
+        self._replicas: dict[str, agent_pb2.AgentDescriptor] = {}
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return self.server.address
+
+    def _public_upstreams(self) -> list[Upstream]:
+        public = [
+            ("coordinator", self.settings.coordinator_address, "tessera.v1.CoordinatorService"),
+            ("planner", self.settings.planner_address, "tessera.v1.PlannerService"),
+            ("tool-proxy", self.settings.tool_proxy_address, "tessera.v1.ToolProxyService"),
+        ]
+        return [Upstream(name, address, (service,)) for name, address, service in public if address]
+
+    async def start(self) -> str:
+        """Load the edge policy, sync the registry, then serve; the listening address."""
+        settings = self.settings
+        self._edge = load_edge_config(settings.routes_file)
+        if settings.descriptor_set is not None and not settings.descriptor_set.is_file():
+            raise FileNotFoundError(f"descriptor set {settings.descriptor_set} does not exist")
+        self._upstreams = self._public_upstreams()
+        self._nc = await connect(settings.nats_url, name="gateway")
+        js = self._nc.jetstream()
+        await declare(js, self.topology)
+        self._registry = Registry(js, self.topology)
+        self._replicas = {
+            registry_key(d.name, d.instance_id): d for d in await self._registry.agents()
+        }
+        await self._publish()  # a bad edge policy fails start(), not a later update
+        servicer = AggregatedDiscoveryServer(self.cache, identifier=f"tessera-gateway/{id(self)}")
+        self.server = GrpcServer(
+            name="gateway",
+            settings=settings,
+            register=[
+                lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, s)
+            ],
+            service_names=[SERVICE_NAME],
+        )
+        self._tasks = [
+            asyncio.create_task(self._follow_registry(), name="gateway-registry"),
+            asyncio.create_task(self._publisher(), name="gateway-publisher"),
+        ]
+        await self.server.start()
+        return self.server.address
+
+    async def stop(self) -> None:
+        """Stop serving, following the registry and NATS. Idempotent."""
+        if self.server is not None:
+            await self.server.stop()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            await nc.drain()
+
+    async def _publish(self) -> None:
+        agents = await agent_endpoints(self._replicas.values())
+        resources = build_resources(
+            self._edge,
+            listen=self.settings.envoy_listen,
+            access_log=self.settings.access_log,
+            upstreams=self._upstreams,
+            health_upstream="coordinator"
+            if any(u.name == "coordinator" for u in self._upstreams)
+            else None,
+            agents=agents,
+            descriptor_set=self.settings.descriptor_set,
+            dynamic=True,
+        )
+        self.cache.set(to_snapshot(resources))
+        log.info(
+            "gateway_snapshot",
+            agents=len(agents),
+            replicas=sum(len(e) for e in agents.values()),
+            clusters=len(resources.clusters),
+        )
+
+    async def _publisher(self) -> None:
+        """Turn bursts of registry changes into one snapshot each."""
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.settings.debounce_s)
+            self._dirty.clear()
+            try:
+                await self._publish()
+            except Exception as exc:  # keep serving the last good snapshot
+                log.error("gateway_snapshot_failed", error=repr(exc))
+
+    async def _follow_registry(self) -> None:
+        """Apply registry changes; after a failure, resync from a full read, with backoff."""
+        assert self._registry is not None
+        backoff = 0.1
+        while True:
+            try:
+                async for change in self._registry.watch():
+                    backoff = 0.1
+                    if change.kind == "put" and change.descriptor is not None:
+                        self._replicas[change.key] = change.descriptor
+                    else:
+                        self._replicas.pop(change.key, None)
+                    log.info(
+                        "registry_change",
+                        kind=change.kind,
+                        agent=change.agent_name,
+                        instance_id=change.instance_id,
+                        expired=change.expired,
+                    )
+                    self._dirty.set()
+                log.warning("registry_watch_ended")
+            except Exception as exc:  # NATS outage, bucket gone...: resync below
+                log.warning("registry_watch_failed", error=repr(exc), retry_in_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _WATCH_BACKOFF_MAX_S)
+            try:
+                fresh = await self._registry.agents()
+            except Exception as exc:
+                log.warning("registry_resync_failed", error=repr(exc))
+                continue
+            self._replicas = {registry_key(d.name, d.instance_id): d for d in fresh}
+            self._dirty.set()

@@ -1,0 +1,42 @@
+"""Gateway control-plane settings (env ``TESSERA_GATEWAY_*``; shared ones ``TESSERA_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from tessera.runtime.config import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TESSERA_GATEWAY_", extra="ignore", populate_by_name=True
+    )
+
+    envoy_listen: str = "127.0.0.1:8080"
+    """host:port of the Envoy listener this control plane configures."""
+    access_log: str = "/dev/stdout"
+    """Where Envoy writes its JSON access log."""
+    routes_file: Path = Path("gateway/routes.yaml")
+    """Edge policy: limits, timeouts, rate limits, transcoding."""
+    descriptor_set: Path | None = None
+    """FileDescriptorSet of the contracts (``buf build --as-file-descriptor-set``) for
+    gRPC-JSON transcoding; unset disables HTTP/JSON."""
+    coordinator_address: str = Field(
+        default="", validation_alias=AliasChoices("TESSERA_COORDINATOR_ADDRESS")
+    )
+    planner_address: str = Field(
+        default="", validation_alias=AliasChoices("TESSERA_PLANNER_ADDRESS")
+    )
+    tool_proxy_address: str = Field(
+        default="", validation_alias=AliasChoices("TESSERA_TOOL_PROXY_ADDRESS")
+    )
+    """Public services: an empty address means the service is not routed."""
+    debounce_s: float = Field(default=0.05, ge=0)
+    """Registry changes closer together than this are sent to Envoy as one update."""
+    default_deadline_s: float = Field(default=24 * 3600.0, gt=0)
+    """ADS streams carry no deadline and live as long as Envoy does: the server deadline
+    guard must not cut them (Envoy reconnects if it does, at a cost of a resync)."""
+    max_deadline_s: float = Field(default=24 * 3600.0, gt=0)
