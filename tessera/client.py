@@ -1,9 +1,9 @@
 """A small async client for calling the mesh (through the Envoy gateway or directly).
 
-    async with MeshClient("127.0.0.1:8080") as mesh:
-        workflow = await mesh.start("support", ticket={"text": "refund please"})
-        async for event in mesh.watch(workflow.name):
-            ...
+async with MeshClient("127.0.0.1:8080") as mesh:
+    workflow = await mesh.start("support", ticket={"text": "refund please"})
+    async for event in mesh.watch(workflow.name):
+        ...
 """
 
 from __future__ import annotations
@@ -37,33 +37,43 @@ class MeshClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def start(self, goal: str, *, request_id: str | None = None,
-                    **inputs: Any) -> coordinator_pb2.Workflow:
+    async def start(
+        self, goal: str, *, request_id: str | None = None, **inputs: Any
+    ) -> coordinator_pb2.Workflow:
         """Start a workflow; `request_id` makes a retried call return the same one."""
         values = struct_pb2.Struct()
         values.update(inputs)
-        response = await self.stub.StartWorkflow(coordinator_pb2.StartWorkflowRequest(
-            request_id=request_id or uuid.uuid4().hex, goal=goal, inputs=values))
+        response = await self.stub.StartWorkflow(
+            coordinator_pb2.StartWorkflowRequest(
+                request_id=request_id or uuid.uuid4().hex, goal=goal, inputs=values
+            )
+        )
         return response.workflow
 
     async def get(self, name: str) -> coordinator_pb2.Workflow:
         response = await self.stub.GetWorkflow(coordinator_pb2.GetWorkflowRequest(name=name))
         return response.workflow
 
-    async def list(self, *, state: int = 0, page_size: int = 50,
-                   page_token: str = "") -> coordinator_pb2.ListWorkflowsResponse:
-        return await self.stub.ListWorkflows(coordinator_pb2.ListWorkflowsRequest(
-            state=state, page_size=page_size, page_token=page_token))  # type: ignore[arg-type]
+    async def list(
+        self, *, state: int = 0, page_size: int = 50, page_token: str = ""
+    ) -> coordinator_pb2.ListWorkflowsResponse:
+        return await self.stub.ListWorkflows(
+            coordinator_pb2.ListWorkflowsRequest(
+                state=state, page_size=page_size, page_token=page_token
+            )
+        )  # type: ignore[arg-type]
 
-    async def watch(self, name: str, *, start_sequence: int = 1,
-                    stream_timeout_s: float = 290.0) -> AsyncIterator[events_pb2.WorkflowEvent]:
+    async def watch(
+        self, name: str, *, start_sequence: int = 1, stream_timeout_s: float = 290.0
+    ) -> AsyncIterator[events_pb2.WorkflowEvent]:
         """Every event from `start_sequence` until the workflow ends. Servers bound one
         stream's life; the watch resumes after the last event it saw."""
         next_sequence = start_sequence
         while True:
             call = self.stub.WatchWorkflow(
                 coordinator_pb2.WatchWorkflowRequest(name=name, start_sequence=next_sequence),
-                timeout=stream_timeout_s)
+                timeout=stream_timeout_s,
+            )
             try:
                 async for item in call:
                     next_sequence = item.event.sequence + 1
@@ -77,15 +87,23 @@ class MeshClient:
             finally:
                 call.cancel()
 
-    async def decide(self, gate: str, *, approve: bool, decided_by: str = "",
-                     comment: str = "") -> coordinator_pb2.Gate:
-        decision = (coordinator_pb2.GATE_DECISION_APPROVE if approve
-                    else coordinator_pb2.GATE_DECISION_REJECT)
-        response = await self.stub.DecideGate(coordinator_pb2.DecideGateRequest(
-            name=gate, decision=decision, decided_by=decided_by, comment=comment))
+    async def decide(
+        self, gate: str, *, approve: bool, decided_by: str = "", comment: str = ""
+    ) -> coordinator_pb2.Gate:
+        decision = (
+            coordinator_pb2.GATE_DECISION_APPROVE
+            if approve
+            else coordinator_pb2.GATE_DECISION_REJECT
+        )
+        response = await self.stub.DecideGate(
+            coordinator_pb2.DecideGateRequest(
+                name=gate, decision=decision, decided_by=decided_by, comment=comment
+            )
+        )
         return response.gate
 
     async def cancel(self, name: str, *, reason: str = "") -> coordinator_pb2.Workflow:
         response = await self.stub.CancelWorkflow(
-            coordinator_pb2.CancelWorkflowRequest(name=name, reason=reason))
+            coordinator_pb2.CancelWorkflowRequest(name=name, reason=reason)
+        )
         return response.workflow

@@ -155,7 +155,7 @@ class Registry:
         stream = f"KV_{self.topology.registry_bucket}"
         prefix = f"$KV.{self.topology.registry_bucket}."
         info = await self._js.stream_info(stream, subjects_filter=f"{prefix}{_PREFIX}>")
-        keys = [subject[len(prefix):] for subject in (info.state.subjects or {})]
+        keys = [subject[len(prefix) :] for subject in (info.state.subjects or {})]
         entries: dict[str, agent_pb2.AgentDescriptor] = {}
         for key in keys:
             try:

@@ -67,7 +67,7 @@ class Emitter:
     def trip(self, guardrail: int, task_id: str, detail: str) -> None:
         self.emit(
             guardrail_tripped=events_pb2.GuardrailTripped(
-                guardrail=guardrail, task_id=task_id, detail=detail
+                guardrail=events_pb2.Guardrail.ValueType(guardrail), task_id=task_id, detail=detail
             )
         )
 

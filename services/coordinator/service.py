@@ -267,9 +267,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             rec, revision = await self._load(wf_id)
             if rec.terminal:
                 raise FailedPrecondition(
-                    f"{request.name} has already ended ({WS.Name(rec.state)})",
+                    f"{request.name} has already ended ({WS.Name(WS.ValueType(rec.state))})",
                     reason="WORKFLOW_ENDED",
-                    violations=[("WORKFLOW_STATE", request.name, WS.Name(rec.state))],
+                    violations=[("WORKFLOW_STATE", request.name, WS.Name(WS.ValueType(rec.state)))],
                 )
             Emitter(rec, now=time.time(), causation_id=request.name).emit(
                 workflow_cancelled=events_pb2.WorkflowCancelled(

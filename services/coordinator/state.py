@@ -276,19 +276,19 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         gate.decided_by = decided.decided_by
         gate.comment = decided.comment
         gate.decide_time = now
-        task = rec.tasks.get(gate.task_id)
-        if decided.approved and task is not None:
+        gated = rec.tasks.get(gate.task_id)
+        if decided.approved and gated is not None:
             held = (
                 events_pb2.GateOpened.FromString(base64.b64decode(gate.held)) if gate.held else None
             )
             if held is not None and held.HasField("held_result"):
                 _accept_result(rec, held.held_result)
             elif held is not None and held.HasField("held_handoff"):
-                task.state = TS.TASK_STATE_SUCCEEDED
+                gated.state = TS.TASK_STATE_SUCCEEDED
                 rec.handoffs.clear()  # a human let the loop go on: start counting afresh
                 _route_handoff(rec, held.held_handoff)
             else:
-                task.state = TS.TASK_STATE_SUCCEEDED
+                gated.state = TS.TASK_STATE_SUCCEEDED
         gate.held = ""
         if not rec.pending_gates() and not rec.terminal:
             rec.state = WS.WORKFLOW_STATE_RUNNING

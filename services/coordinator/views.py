@@ -9,7 +9,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.coordinator.state import WorkflowRecord, dict_to_struct
 from tessera.runtime.errors import InvalidArgument
-from tessera.v1 import common_pb2, coordinator_pb2
+from tessera.v1 import common_pb2, coordinator_pb2, events_pb2
 
 _WORKFLOW = re.compile(r"^workflows/([A-Za-z0-9_-]{1,64})$")
 _GATE = re.compile(r"^workflows/([A-Za-z0-9_-]{1,64})/gates/([A-Za-z0-9_.~-]{1,128})$")
@@ -55,12 +55,12 @@ def gate_view(rec: WorkflowRecord, gate_id: str) -> coordinator_pb2.Gate:
         name=f"workflows/{rec.id}/gates/{gate.id}",
         task_id=gate.task_id,
         reason=gate.reason,
-        state=gate.state,
+        state=coordinator_pb2.GateState.ValueType(gate.state),
         decided_by=gate.decided_by,
         comment=gate.comment,
         create_time=_ts(gate.create_time),
         decide_time=_ts(gate.decide_time) if gate.decide_time else None,
-        kind=gate.kind,
+        kind=events_pb2.GateKind.ValueType(gate.kind),
     )
 
 
@@ -68,7 +68,7 @@ def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
     view = coordinator_pb2.Workflow(
         name=f"workflows/{rec.id}",
         request_id=rec.request_id,
-        state=rec.state,
+        state=coordinator_pb2.WorkflowState.ValueType(rec.state),
         plan=rec.graph() if rec.plan else None,
         goal=rec.goal,
         blackboard=dict_to_struct(rec.blackboard),
@@ -86,7 +86,7 @@ def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
         status = coordinator_pb2.TaskStatus(
             task_id=task.id,
             capability=task.capability,
-            state=task.state,
+            state=coordinator_pb2.TaskState.ValueType(task.state),
             attempts=task.attempts,
             agent=task.agent,
         )

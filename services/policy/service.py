@@ -13,6 +13,8 @@ import grpc
 import structlog
 from google.protobuf import json_format
 
+from services.policy.store import PolicyStore
+from tessera.audit import AuditWriter
 from tessera.policy.engine import (
     CheckInput,
     LoadedPolicySet,
@@ -21,8 +23,6 @@ from tessera.policy.engine import (
     Verdict,
     evaluate,
 )
-from services.policy.store import PolicyStore
-from tessera.audit import AuditWriter
 from tessera.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tessera.v1 import audit_pb2, common_pb2, policy_pb2, policy_pb2_grpc
 

@@ -25,28 +25,50 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("Customer support: a refund request is triaged to billing",
-             "a customer wants a refund for a double charge",
-             {"ticket": {"id": "T-100", "customer_id": "C-42",
-                         "text": "I was charged twice, please refund the invoice"}},
-             WS.WORKFLOW_STATE_SUCCEEDED),
-    Scenario("Customer support: a ticket two agents would bounce forever",
-             "support",
-             {"ticket": {"id": "T-101", "customer_id": "C-43",
-                         "text": "ping-pong refund for my account"}},
-             WS.WORKFLOW_STATE_CANCELLED, {"loop": False}),
-    Scenario("Loan application: missing tax id, then an AML flag for a human",
-             "loan",
-             {"application": {"applicant": "ACME Trading Ltd", "amount": 250000,
-                              "country": "XX"}},
-             WS.WORKFLOW_STATE_SUCCEEDED, {"approval": True}),
-    Scenario("Procurement: an offer above max_budget is refused and renegotiated",
-             "procurement", {"item": "laptop", "quantity": 100, "max_budget": 10000},
-             WS.WORKFLOW_STATE_SUCCEEDED),
-    Scenario("Risk assessment: three scorers in parallel, one too slow",
-             "risk", {"customer": {"id": "C-42", "income": 55000,
-                                   "transactions": [120, 7000, 30]}},
-             WS.WORKFLOW_STATE_SUCCEEDED),
+    Scenario(
+        "Customer support: a refund request is triaged to billing",
+        "a customer wants a refund for a double charge",
+        {
+            "ticket": {
+                "id": "T-100",
+                "customer_id": "C-42",
+                "text": "I was charged twice, please refund the invoice",
+            }
+        },
+        WS.WORKFLOW_STATE_SUCCEEDED,
+    ),
+    Scenario(
+        "Customer support: a ticket two agents would bounce forever",
+        "support",
+        {
+            "ticket": {
+                "id": "T-101",
+                "customer_id": "C-43",
+                "text": "ping-pong refund for my account",
+            }
+        },
+        WS.WORKFLOW_STATE_CANCELLED,
+        {"loop": False},
+    ),
+    Scenario(
+        "Loan application: missing tax id, then an AML flag for a human",
+        "loan",
+        {"application": {"applicant": "ACME Trading Ltd", "amount": 250000, "country": "XX"}},
+        WS.WORKFLOW_STATE_SUCCEEDED,
+        {"approval": True},
+    ),
+    Scenario(
+        "Procurement: an offer above max_budget is refused and renegotiated",
+        "procurement",
+        {"item": "laptop", "quantity": 100, "max_budget": 10000},
+        WS.WORKFLOW_STATE_SUCCEEDED,
+    ),
+    Scenario(
+        "Risk assessment: three scorers in parallel, one too slow",
+        "risk",
+        {"customer": {"id": "C-42", "income": 55000, "transactions": [120, 7000, 30]}},
+        WS.WORKFLOW_STATE_SUCCEEDED,
+    ),
 )
 
 
@@ -63,9 +85,12 @@ async def _play(client: MeshClient, scenario: Scenario) -> bool:
             approve = scenario.decisions.get(kind, True)
             verb = "approves" if approve else "rejects"
             out.print(f"  [bold]human {verb} {gate}[/]", highlight=False)
-            await client.decide(f"{workflow.name}/gates/{gate}", approve=approve,
-                                decided_by="demo-operator",
-                                comment="reviewed in tessera demo")
+            await client.decide(
+                f"{workflow.name}/gates/{gate}",
+                approve=approve,
+                decided_by="demo-operator",
+                comment="reviewed in tessera demo",
+            )
     final = await client.get(workflow.name)
     ok = final.state == scenario.expect
     verdict = "[green]as expected[/]" if ok else "[red]NOT as expected[/]"
@@ -73,13 +98,14 @@ async def _play(client: MeshClient, scenario: Scenario) -> bool:
     return ok
 
 
-def demo(gateway: Gateway = None,
-         only: Annotated[str | None, typer.Option(
-             help="Run only scenarios whose goal or title contains this text.")] = None,
-         ) -> None:
+def demo(
+    gateway: Gateway = None,
+    only: Annotated[
+        str | None, typer.Option(help="Run only scenarios whose goal or title contains this text.")
+    ] = None,
+) -> None:
     """Run the reference workflows through the gateway and print their timelines."""
-    chosen = [s for s in SCENARIOS
-              if not only or only.lower() in (s.goal + s.title).lower()]
+    chosen = [s for s in SCENARIOS if not only or only.lower() in (s.goal + s.title).lower()]
 
     async def work(client: MeshClient) -> list[bool]:
         return [await _play(client, scenario) for scenario in chosen]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -17,6 +18,7 @@ def _compact(message: object, limit: int = 90) -> str:
 def describe(event: events_pb2.WorkflowEvent) -> tuple[str, str]:
     """(style, text) for one event; style is a rich colour."""
     kind = event.WhichOneof("kind")
+    e: Any
     if kind == "workflow_started":
         e = event.workflow_started
         return "bold", f"started from template {e.plan.template!r} ({len(e.plan.tasks)} tasks)"

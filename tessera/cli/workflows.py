@@ -27,8 +27,12 @@ WS = coordinator_pb2.WorkflowState
 
 Gateway = Annotated[
     str | None,
-    typer.Option("--gateway", envvar="TESSERA_GATEWAY", show_default=False,
-                 help="host:port of the gateway (default: the one `tessera up` started)."),
+    typer.Option(
+        "--gateway",
+        envvar="TESSERA_GATEWAY",
+        show_default=False,
+        help="host:port of the gateway (default: the one `tessera up` started).",
+    ),
 ]
 
 
@@ -37,8 +41,10 @@ def _gateway(explicit: str | None) -> str:
         return explicit
     recorded = mesh_state.read(launcher.default_data_dir())
     if recorded is None:
-        err.print("[bold red]error:[/] no running mesh found: run `tessera up`, or pass "
-                  "--gateway host:port")
+        err.print(
+            "[bold red]error:[/] no running mesh found: run `tessera up`, or pass "
+            "--gateway host:port"
+        )
         raise typer.Exit(3)
     return recorded.gateway
 
@@ -78,8 +84,10 @@ async def follow(client: MeshClient, name: str) -> coordinator_pb2.Workflow:
         style, text = line(event)
         out.print(f"  {text}", style=style or None, highlight=False)
         if event.HasField("gate_opened"):
-            out.print(f"  [dim]decide with: tessera approve {name.split('/')[-1]} "
-                      f"{event.gate_opened.gate_id}[/]")
+            out.print(
+                f"  [dim]decide with: tessera approve {name.split('/')[-1]} "
+                f"{event.gate_opened.gate_id}[/]"
+            )
             workflow = await client.get(name)
             if workflow.state == WS.WORKFLOW_STATE_WAITING_APPROVAL:
                 return workflow
@@ -87,14 +95,22 @@ async def follow(client: MeshClient, name: str) -> coordinator_pb2.Workflow:
 
 
 def run(
-    goal: Annotated[str, typer.Argument(help="A template name (support, loan, procurement, "
-                                             "risk) or a free-text goal.")],
-    inputs: Annotated[list[str] | None, typer.Option(
-        "--input", "-i", help="key=value; the value may be JSON, e.g. -i quantity=100")] = None,
-    wait: Annotated[bool, typer.Option(help="Follow the timeline until it ends or parks.")]
-    = True,
-    request_id: Annotated[str | None, typer.Option(
-        help="Idempotency key: the same key returns the same workflow.")] = None,
+    goal: Annotated[
+        str,
+        typer.Argument(
+            help="A template name (support, loan, procurement, risk) or a free-text goal."
+        ),
+    ],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input", "-i", help="key=value; the value may be JSON, e.g. -i quantity=100"
+        ),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the timeline until it ends or parks.")] = True,
+    request_id: Annotated[
+        str | None, typer.Option(help="Idempotency key: the same key returns the same workflow.")
+    ] = None,
     gateway: Gateway = None,
 ) -> None:
     """Start a workflow and follow its timeline."""
@@ -110,8 +126,10 @@ def run(
     _run(gateway, work)
 
 
-def watch(workflow: Annotated[str, typer.Argument(help="Workflow id or workflows/{id}.")],
-          gateway: Gateway = None) -> None:
+def watch(
+    workflow: Annotated[str, typer.Argument(help="Workflow id or workflows/{id}.")],
+    gateway: Gateway = None,
+) -> None:
     """Follow a workflow's live timeline (from its first event)."""
     name = workflow if workflow.startswith("workflows/") else f"workflows/{workflow}"
     _run(gateway, lambda client: follow(client, name))
@@ -122,29 +140,36 @@ def _decide(workflow: str, gate: str, approve: bool, comment: str, gateway: str 
     who = os.environ.get("USER", "cli")
 
     async def work(client: MeshClient) -> None:
-        decided = await client.decide(f"workflows/{wf_id}/gates/{gate}", approve=approve,
-                                      decided_by=who, comment=comment)
+        decided = await client.decide(
+            f"workflows/{wf_id}/gates/{gate}", approve=approve, decided_by=who, comment=comment
+        )
         verdict = "approved" if approve else "rejected"
         out.print(f"{decided.name} {verdict}", highlight=False)
 
     _run(gateway, work)
 
 
-def approve(workflow: str, gate: str, comment: Annotated[str, typer.Option()] = "",
-            gateway: Gateway = None) -> None:
+def approve(
+    workflow: str, gate: str, comment: Annotated[str, typer.Option()] = "", gateway: Gateway = None
+) -> None:
     """Approve a pending gate; the workflow resumes where it parked."""
     _decide(workflow, gate, True, comment, gateway)
 
 
-def reject(workflow: str, gate: str, comment: Annotated[str, typer.Option()] = "",
-           gateway: Gateway = None) -> None:
+def reject(
+    workflow: str, gate: str, comment: Annotated[str, typer.Option()] = "", gateway: Gateway = None
+) -> None:
     """Reject a pending gate; the workflow is cancelled."""
     _decide(workflow, gate, False, comment, gateway)
 
 
 def workflows(
-    state: Annotated[str | None, typer.Option(
-        help="Only this state: running, waiting_approval, succeeded, failed, cancelled")] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            help="Only this state: running, waiting_approval, succeeded, failed, cancelled"
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option(help="Most rows to show.")] = 50,
     gateway: Gateway = None,
 ) -> None:
@@ -163,10 +188,14 @@ def workflows(
             table.add_column(column)
         for wf in page.workflows:
             pending = sum(g.state == coordinator_pb2.GATE_STATE_PENDING for g in wf.gates)
-            table.add_row(wf.name, wf.plan.template,
-                          WS.Name(wf.state).removeprefix("WORKFLOW_STATE_").lower(),
-                          str(len(wf.tasks)), str(pending),
-                          wf.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+            table.add_row(
+                wf.name,
+                wf.plan.template,
+                WS.Name(wf.state).removeprefix("WORKFLOW_STATE_").lower(),
+                str(len(wf.tasks)),
+                str(pending),
+                wf.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            )
         out.print(table)
 
     _run(gateway, work)

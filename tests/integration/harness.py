@@ -25,8 +25,20 @@ from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, events_pb2
 
 WS = coordinator_pb2.WorkflowState
 REFERENCE_AGENTS = (
-    "triage", "billing", "technical", "account", "synthesis", "document_analysis", "risk",
-    "compliance", "sourcing", "negotiation", "credit", "fraud", "churn", "aggregator",
+    "triage",
+    "billing",
+    "technical",
+    "account",
+    "synthesis",
+    "document_analysis",
+    "risk",
+    "compliance",
+    "sourcing",
+    "negotiation",
+    "credit",
+    "fraud",
+    "churn",
+    "aggregator",
 )
 TERMINAL = {WS.WORKFLOW_STATE_SUCCEEDED, WS.WORKFLOW_STATE_FAILED, WS.WORKFLOW_STATE_CANCELLED}
 
@@ -38,8 +50,15 @@ def reference_agent(module: str) -> Agent:
 class Mesh:
     """Start with `async with Mesh(...)`; `stub` talks to the first coordinator."""
 
-    def __init__(self, nats_url: str, namespace: str, *, agents: Iterable[Agent] = (),
-                 coordinators: int = 1, **coordinator_settings: Any) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        namespace: str,
+        *,
+        agents: Iterable[Agent] = (),
+        coordinators: int = 1,
+        **coordinator_settings: Any,
+    ) -> None:
         self.nats_url = nats_url
         self.namespace = namespace
         self.agents = list(agents)
@@ -78,8 +97,11 @@ class Mesh:
             self.channel = None
 
     async def add_coordinator(self, **overrides: Any) -> Coordinator:
-        settings = CoordinatorSettings(**self.common(), planner_address=self.planner_address,
-                                       **{**self.coordinator_settings, **overrides})
+        settings = CoordinatorSettings(
+            **self.common(),
+            planner_address=self.planner_address,
+            **{**self.coordinator_settings, **overrides},
+        )
         coordinator = Coordinator(settings)
         await coordinator.start()
         self._stack.push_async_callback(coordinator.stop)
@@ -91,7 +113,8 @@ class Mesh:
 
     async def start(self, goal: str, **inputs: Any) -> str:
         request = coordinator_pb2.StartWorkflowRequest(
-            request_id=uuid.uuid4().hex, goal=goal, inputs=_struct(inputs))
+            request_id=uuid.uuid4().hex, goal=goal, inputs=_struct(inputs)
+        )
         response = await self.stub.StartWorkflow(request)
         return response.workflow.name
 
@@ -104,8 +127,7 @@ class Mesh:
         out: list[events_pb2.WorkflowEvent] = []
         if workflow.event_count == 0:
             return out
-        call = self.stub.WatchWorkflow(coordinator_pb2.WatchWorkflowRequest(name=name),
-                                       timeout=10)
+        call = self.stub.WatchWorkflow(coordinator_pb2.WatchWorkflowRequest(name=name), timeout=10)
         async for item in call:
             out.append(item.event)
             if item.event.sequence >= workflow.event_count:
@@ -113,12 +135,18 @@ class Mesh:
                 break
         return out
 
-    async def wait_for(self, name: str, predicate: Callable[[coordinator_pb2.Workflow], bool],
-                       *, timeout: float = 30.0) -> coordinator_pb2.Workflow:  # noqa: ASYNC109
+    async def wait_for(
+        self,
+        name: str,
+        predicate: Callable[[coordinator_pb2.Workflow], bool],
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109
+    ) -> coordinator_pb2.Workflow:
         """Follow the workflow's event stream until `predicate(workflow)` holds."""
         deadline = time.monotonic() + timeout
-        call = self.stub.WatchWorkflow(coordinator_pb2.WatchWorkflowRequest(name=name),
-                                       timeout=timeout)
+        call = self.stub.WatchWorkflow(
+            coordinator_pb2.WatchWorkflowRequest(name=name), timeout=timeout
+        )
         try:
             workflow = await self.get(name)
             if predicate(workflow):
@@ -136,22 +164,30 @@ class Mesh:
         finally:
             call.cancel()
         left = deadline - time.monotonic()
-        raise AssertionError(f"{name} did not reach the expected state within {timeout}s "
-                             f"({left:.1f}s left): {WS.Name(workflow.state)}")
+        raise AssertionError(
+            f"{name} did not reach the expected state within {timeout}s "
+            f"({left:.1f}s left): {WS.Name(workflow.state)}"
+        )
 
     async def finished(self, name: str, timeout: float = 30.0) -> coordinator_pb2.Workflow:  # noqa: ASYNC109
         return await self.wait_for(name, lambda w: w.state in TERMINAL, timeout=timeout)
 
     async def parked(self, name: str, timeout: float = 30.0) -> coordinator_pb2.Workflow:  # noqa: ASYNC109
         return await self.wait_for(
-            name, lambda w: w.state in TERMINAL or w.state == WS.WORKFLOW_STATE_WAITING_APPROVAL,
-            timeout=timeout)
+            name,
+            lambda w: w.state in TERMINAL or w.state == WS.WORKFLOW_STATE_WAITING_APPROVAL,
+            timeout=timeout,
+        )
 
     async def decide(self, gate: str, *, approve: bool, by: str = "tester") -> coordinator_pb2.Gate:
-        decision = (coordinator_pb2.GATE_DECISION_APPROVE if approve
-                    else coordinator_pb2.GATE_DECISION_REJECT)
-        response = await self.stub.DecideGate(coordinator_pb2.DecideGateRequest(
-            name=gate, decision=decision, decided_by=by))
+        decision = (
+            coordinator_pb2.GATE_DECISION_APPROVE
+            if approve
+            else coordinator_pb2.GATE_DECISION_REJECT
+        )
+        response = await self.stub.DecideGate(
+            coordinator_pb2.DecideGateRequest(name=gate, decision=decision, decided_by=by)
+        )
         return response.gate
 
 

@@ -26,6 +26,7 @@ from tests.integration.harness import TERMINAL, WS, Mesh
 EXECUTIONS: Counter[tuple[str, str]] = Counter()
 ARRIVED: Counter[str] = Counter()
 RELEASE = asyncio.Event()
+ARRIVAL = asyncio.Event()
 
 agent = Agent("durability", version="1.0.0")
 
@@ -34,12 +35,19 @@ def _count(ctx: TaskContext) -> None:
     EXECUTIONS[(ctx.workflow_id, ctx.task_id)] += 1
 
 
-@agent.capability("dur.step", version="1.0.0", side_effect="external_action",
-                  writes=["steps"], reads=["steps"], timeout_s=20)
+@agent.capability(
+    "dur.step",
+    version="1.0.0",
+    side_effect="external_action",
+    writes=["steps"],
+    reads=["steps"],
+    timeout_s=20,
+)
 async def step(ctx: TaskContext) -> TaskResult:
     _count(ctx)
-    return TaskResult(output={"task": ctx.task_id},
-                      writes={"steps": (ctx.blackboard.get("steps") or 0) + 1})
+    return TaskResult(
+        output={"task": ctx.task_id}, writes={"steps": (ctx.blackboard.get("steps") or 0) + 1}
+    )
 
 
 @agent.capability("dur.held", version="1.0.0", side_effect="external_action", timeout_s=20)
@@ -47,24 +55,44 @@ async def held(ctx: TaskContext) -> TaskResult:
     """Runs once, then waits until the test releases it (the coordinator dies meanwhile)."""
     _count(ctx)
     ARRIVED[ctx.workflow_id] += 1
+    ARRIVAL.set()
     await RELEASE.wait()
     return TaskResult(output={"task": ctx.task_id})
 
 
 def _spec(task_id: str, capability: str, *deps: str) -> planner_pb2.TaskSpec:
-    return planner_pb2.TaskSpec(id=task_id, capability=capability, version="^1.0",
-                                depends_on=list(deps), max_attempts=3,
-                                timeout=duration_pb2.Duration(seconds=20))
+    return planner_pb2.TaskSpec(
+        id=task_id,
+        capability=capability,
+        version="^1.0",
+        depends_on=list(deps),
+        max_attempts=3,
+        timeout=duration_pb2.Duration(seconds=20),
+    )
 
 
-BUDGET = common_pb2.Budget(max_tokens=1000, max_cost_micros=1000, max_tool_calls=10,
-                           max_iterations=20)
-PIPELINE = planner_pb2.TaskGraph(template="pipeline", budget=BUDGET, tasks=[
-    _spec("first", "dur.step"), _spec("middle", "dur.held", "first"),
-    _spec("last", "dur.step", "middle")])
-FAN_OUT = planner_pb2.TaskGraph(template="fan-out", budget=BUDGET, tasks=[
-    _spec("a", "dur.step"), _spec("b", "dur.held"), _spec("c", "dur.step"),
-    _spec("join", "dur.step", "a", "b", "c")])
+BUDGET = common_pb2.Budget(
+    max_tokens=1000, max_cost_micros=1000, max_tool_calls=10, max_iterations=20
+)
+PIPELINE = planner_pb2.TaskGraph(
+    template="pipeline",
+    budget=BUDGET,
+    tasks=[
+        _spec("first", "dur.step"),
+        _spec("middle", "dur.held", "first"),
+        _spec("last", "dur.step", "middle"),
+    ],
+)
+FAN_OUT = planner_pb2.TaskGraph(
+    template="fan-out",
+    budget=BUDGET,
+    tasks=[
+        _spec("a", "dur.step"),
+        _spec("b", "dur.held"),
+        _spec("c", "dur.step"),
+        _spec("join", "dur.step", "a", "b", "c"),
+    ],
+)
 
 
 class CoordinatorProcess:
@@ -72,18 +100,26 @@ class CoordinatorProcess:
 
     def __init__(self, mesh: Mesh, log_dir: Path) -> None:
         self.port = free_port()
-        env = {**os.environ, "TESSERA_NATS_URL": mesh.nats_url,
-               "TESSERA_NAMESPACE": mesh.namespace,
-               "TESSERA_COORDINATOR_LISTEN": f"127.0.0.1:{self.port}",
-               "TESSERA_PLANNER_ADDRESS": mesh.planner_address,
-               "TESSERA_COORDINATOR_ACK_WAIT_S": "1"}
+        env = {
+            **os.environ,
+            "TESSERA_NATS_URL": mesh.nats_url,
+            "TESSERA_NAMESPACE": mesh.namespace,
+            "TESSERA_COORDINATOR_LISTEN": f"127.0.0.1:{self.port}",
+            "TESSERA_PLANNER_ADDRESS": mesh.planner_address,
+            "TESSERA_COORDINATOR_ACK_WAIT_S": "1",
+        }
         log = (log_dir / f"coordinator-{self.port}.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.coordinator"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     async def ready(self) -> None:
-        await wait_for_serving(f"127.0.0.1:{self.port}", "tessera.v1.CoordinatorService",
-                               timeout=30)
+        await wait_for_serving(
+            f"127.0.0.1:{self.port}", "tessera.v1.CoordinatorService", timeout=30
+        )
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -100,8 +136,9 @@ async def mesh(nats_url: str) -> AsyncIterator[Mesh]:
     EXECUTIONS.clear()
     ARRIVED.clear()
     RELEASE.clear()
-    async with Mesh(nats_url, "dur" + uuid.uuid4().hex[:6], agents=[agent],
-                    coordinators=0) as running:
+    async with Mesh(
+        nats_url, "dur" + uuid.uuid4().hex[:6], agents=[agent], coordinators=0
+    ) as running:
         yield running
 
 
@@ -116,21 +153,28 @@ def processes(tmp_path: Path) -> Iterator[list[CoordinatorProcess]]:
 async def _start_all(mesh: Mesh, plan: planner_pb2.TaskGraph, n: int) -> list[str]:
     names = []
     for _ in range(n):
-        response = await mesh.stub.StartWorkflow(coordinator_pb2.StartWorkflowRequest(
-            request_id=uuid.uuid4().hex, plan=plan))
+        response = await mesh.stub.StartWorkflow(
+            coordinator_pb2.StartWorkflowRequest(request_id=uuid.uuid4().hex, plan=plan)
+        )
         names.append(response.workflow.name)
     return names
 
 
-async def _until(condition, timeout: float = 30.0) -> None:  # noqa: ASYNC109
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.05)
+async def _until_arrived(ids: list[str]) -> None:
+    """Wait (event-driven) until every workflow's held task has started."""
+    async with asyncio.timeout(30):
+        while True:
+            ARRIVAL.clear()
+            if all(ARRIVED[i] == 1 for i in ids):
+                return
+            await ARRIVAL.wait()
 
 
 @pytest.mark.parametrize("plan", [PIPELINE, FAN_OUT], ids=["mid-workflow", "mid-fan-out"])
 async def test_killed_coordinator_is_replaced_and_effects_happen_once(
-    mesh: Mesh, processes: list[CoordinatorProcess], tmp_path: Path,
+    mesh: Mesh,
+    processes: list[CoordinatorProcess],
+    tmp_path: Path,
     plan: planner_pb2.TaskGraph,
 ) -> None:
     first = CoordinatorProcess(mesh, tmp_path)
@@ -139,7 +183,7 @@ async def test_killed_coordinator_is_replaced_and_effects_happen_once(
     await mesh.use_coordinator(f"127.0.0.1:{first.port}")
     names = await _start_all(mesh, plan, 3)
     ids = [n.split("/")[1] for n in names]
-    await _until(lambda: all(ARRIVED[i] == 1 for i in ids))
+    await _until_arrived(ids)
 
     first.kill()  # the held tasks are in flight; the coordinator never hears back
     RELEASE.set()
@@ -171,8 +215,10 @@ async def test_two_replicas_never_both_advance_a_workflow(mesh: Mesh) -> None:
         assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
         events = await mesh.events(name)
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
-        transitions = [(e.WhichOneof("kind"), e.task_dispatched.task_id,
-                        e.task_succeeded.task_id) for e in events]
+        transitions = [
+            (e.WhichOneof("kind"), e.task_dispatched.task_id, e.task_succeeded.task_id)
+            for e in events
+        ]
         assert len(transitions) == len(set(transitions)), transitions
         assert workflow.state in TERMINAL
     assert all(count == 1 for count in EXECUTIONS.values()), EXECUTIONS

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, as_dict, reference_agent
 from tessera.v1 import coordinator_pb2, events_pb2
+from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, as_dict, reference_agent
 
 
 @pytest.fixture(scope="module")
@@ -23,28 +23,35 @@ def kinds(events: list[events_pb2.WorkflowEvent]) -> list[str]:
 
 
 async def test_support_ticket_is_routed_to_billing_and_answered(mesh: Mesh) -> None:
-    name = await mesh.start("support", ticket={
-        "id": "T-1", "customer_id": "C-7", "text": "Please refund the double charge"})
+    name = await mesh.start(
+        "support",
+        ticket={"id": "T-1", "customer_id": "C-7", "text": "Please refund the double charge"},
+    )
     workflow = await mesh.finished(name)
     assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
     board = as_dict(workflow.blackboard)
     assert board["category"] == "billing"
     assert "billing_notes" in board
     assert "reply" in as_dict(workflow.result)
-    routed = [e.handoff_routed.capability for e in await mesh.events(name)
-              if e.HasField("handoff_routed")]
+    routed = [
+        e.handoff_routed.capability for e in await mesh.events(name) if e.HasField("handoff_routed")
+    ]
     assert routed == ["support.billing"]
 
 
 async def test_ping_pong_ticket_trips_the_loop_guard_and_escalates(mesh: Mesh) -> None:
-    name = await mesh.start("support", ticket={
-        "id": "T-2", "customer_id": "C-8", "text": "ping-pong refund please"})
+    name = await mesh.start(
+        "support", ticket={"id": "T-2", "customer_id": "C-8", "text": "ping-pong refund please"}
+    )
     workflow = await mesh.parked(name)
     assert workflow.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
     (gate,) = [g for g in workflow.gates if g.state == coordinator_pb2.GATE_STATE_PENDING]
     assert gate.kind == events_pb2.GATE_KIND_LOOP_ESCALATION
-    trips = [e.guardrail_tripped.guardrail for e in await mesh.events(name)
-             if e.HasField("guardrail_tripped")]
+    trips = [
+        e.guardrail_tripped.guardrail
+        for e in await mesh.events(name)
+        if e.HasField("guardrail_tripped")
+    ]
     assert trips == [events_pb2.GUARDRAIL_LOOP]
     await mesh.decide(gate.name, approve=False)
     workflow = await mesh.finished(name)
@@ -52,8 +59,9 @@ async def test_ping_pong_ticket_trips_the_loop_guard_and_escalates(mesh: Mesh) -
 
 
 async def test_loan_without_tax_id_is_clarified_and_parks_for_aml_approval(mesh: Mesh) -> None:
-    name = await mesh.start("loan", application={
-        "applicant": "ACME Ltd", "amount": 250000, "country": "XX"})
+    name = await mesh.start(
+        "loan", application={"applicant": "ACME Ltd", "amount": 250000, "country": "XX"}
+    )
     workflow = await mesh.parked(name)
     assert workflow.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
     capabilities = [t.capability for t in workflow.tasks]
@@ -83,15 +91,17 @@ async def test_procurement_offer_over_budget_is_rolled_back_then_renegotiated(me
 
 
 async def test_risk_fan_out_completes_partially_without_the_slow_branch(mesh: Mesh) -> None:
-    name = await mesh.start("risk", customer={"id": "42", "income": 55000,
-                                              "transactions": [120, 7000, 30]})
+    name = await mesh.start(
+        "risk", customer={"id": "42", "income": 55000, "transactions": [120, 7000, 30]}
+    )
     workflow = await mesh.finished(name)
     assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
     result = as_dict(workflow.result)
     assert result["missing"] == ["churn_score"]
     events = await mesh.events(name)
     assert events_pb2.GUARDRAIL_TIMEOUT in [
-        e.guardrail_tripped.guardrail for e in events if e.HasField("guardrail_tripped")]
+        e.guardrail_tripped.guardrail for e in events if e.HasField("guardrail_tripped")
+    ]
     states = {t.task_id: t.state for t in workflow.tasks}
     assert states["churn"] == coordinator_pb2.TASK_STATE_FAILED
     assert states["aggregate"] == coordinator_pb2.TASK_STATE_SUCCEEDED

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.policy.store import PolicyStore
 from tessera.policy.cases import load_cases, run_case
 from tessera.policy.engine import (
     CheckInput,
@@ -23,7 +24,6 @@ from tessera.policy.engine import (
     evaluate,
     load_policy_dir,
 )
-from services.policy.store import PolicyStore
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY_DIR = ROOT / "policy"
