@@ -59,9 +59,11 @@ class MeshClient:
     ) -> coordinator_pb2.ListWorkflowsResponse:
         return await self.stub.ListWorkflows(
             coordinator_pb2.ListWorkflowsRequest(
-                state=state, page_size=page_size, page_token=page_token
+                state=coordinator_pb2.WorkflowState.ValueType(state),
+                page_size=page_size,
+                page_token=page_token,
             )
-        )  # type: ignore[arg-type]
+        )
 
     async def watch(
         self, name: str, *, start_sequence: int = 1, stream_timeout_s: float = 290.0

@@ -81,6 +81,8 @@ def load_units(root: Path = ROOT) -> tuple[list[Unit], list[Unit]]:
     identities = yaml.safe_load((root / "vault/identities.yaml").read_text())
     services: list[Unit] = []
     for spec in topology["services"]:
+        if spec["module"].startswith("services.agents.") or spec["module"] == "services.gateway":
+            continue  # agents come from vault/identities.yaml; the control plane is below
         requests, limits = SERVICE_RESOURCES.get(spec["name"], DEFAULT_SERVICE_RESOURCES)
         services.append(
             Unit(

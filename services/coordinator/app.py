@@ -11,13 +11,15 @@ from prometheus_client import start_http_server
 from services.coordinator.dispatcher import Dispatcher
 from services.coordinator.runner import Runner
 from services.coordinator.service import CoordinatorServicer
-from services.coordinator.settings import CoordinatorSettings
+from services.coordinator.settings import CoordinatorSettings, load_agent_tiers
 from services.coordinator.store import WorkflowStore
+from services.coordinator.tokens import TaskTokens
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc
+from tessera.vault.client import VaultClient
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
@@ -32,6 +34,7 @@ class Coordinator:
         self.server: GrpcServer | None = None
         self.runner: Runner | None = None
         self.dispatcher: Dispatcher | None = None
+        self.tokens: TaskTokens | None = None
 
     @property
     def address(self) -> str:
@@ -44,13 +47,25 @@ class Coordinator:
         await declare(js, self.topology)
         store = WorkflowStore(js, self.topology)
         await store.open()
+        vault = None
+        if self.settings.vault_approle_file is not None:
+            vault = await VaultClient.from_approle_file(
+                self.settings.vault_addr, self.settings.vault_approle_file
+            )
+        self.tokens = TaskTokens(
+            vault, js, self.topology, tiers=load_agent_tiers(self.settings.agent_tiers_file)
+        )
         self.dispatcher = Dispatcher(
             Registry(js, self.topology, max_staleness_s=0.5),
             tool_proxy_address=self.settings.tool_proxy_address,
         )
         self._planner_channel = channel(self.settings.planner_address, service="coordinator")
         servicer = CoordinatorServicer(
-            store, js, planner_pb2_grpc.PlannerServiceStub(self._planner_channel), self.settings
+            store,
+            js,
+            planner_pb2_grpc.PlannerServiceStub(self._planner_channel),
+            self.tokens,
+            self.settings,
         )
         self.server = GrpcServer(
             name="coordinator",
@@ -61,7 +76,9 @@ class Coordinator:
             service_names=[SERVICE_NAME],
         )
         if self.settings.run_workers:
-            self.runner = Runner(js, self.topology, store, self.dispatcher, self.settings)
+            self.runner = Runner(
+                js, self.tokens, self.topology, store, self.dispatcher, self.settings
+            )
             await self.runner.start()
         await self.server.start()
         if self.settings.metrics_port:
@@ -75,6 +92,8 @@ class Coordinator:
             await self.runner.stop()
         if self.dispatcher is not None:
             await self.dispatcher.close()
+        if self.tokens is not None:
+            await self.tokens.close()
         if self._planner_channel is not None:
             await self._planner_channel.close()
         if self._nc is not None:

@@ -358,6 +358,19 @@ def _handoff(em: Emitter, source: TaskRun, handoff: agent_pb2.Handoff, version_b
     em.emit(handoff_routed=routed)
 
 
+def tool_approval_needed(em: Emitter, task_id: str, gate_id: str, reason: str) -> None:
+    """The tool proxy refused a call until a human approves it: park on that gate. On
+    approval the task runs again and its retried call (same idempotency key) executes."""
+    em.emit(
+        gate_opened=events_pb2.GateOpened(
+            gate_id=gate_id,
+            task_id=task_id,
+            kind=GK.GATE_KIND_TOOL_APPROVAL,
+            reason=reason or "a tool call needs approval",
+        )
+    )
+
+
 def decide_gate(em: Emitter, gate_id: str, *, approve: bool, decided_by: str, comment: str) -> None:
     em.emit(
         gate_decided=events_pb2.GateDecided(

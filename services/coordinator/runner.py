@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import grpc
 import structlog
+from google.rpc.status_pb2 import Status
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import FetchTimeoutError
@@ -30,13 +32,18 @@ from services.coordinator.engine import (
     status,
     task_answered,
     task_failed,
+    tool_approval_needed,
 )
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import TS, WorkflowRecord
 from services.coordinator.store import Conflict, WorkflowStore
+from services.coordinator.tokens import TaskTokens
 from tessera.runtime.bus import Topology
+from tessera.runtime.errors import TesseraError, error_details
 from tessera.runtime.logging import bind_context, clear_context
 from tessera.v1 import events_pb2
+from tessera.v1.agent_pb2 import AgentDescriptor
+from tessera.v1.common_pb2 import CapabilityContract
 
 log = structlog.get_logger(__name__)
 
@@ -54,16 +61,27 @@ RETRYABLE = {
 }
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """One attempt being executed by an agent, and the accessor of its task token."""
+
+    dispatch: Dispatch
+    call: asyncio.Task[Answer]
+    token_accessor: str
+
+
 class Runner:
     def __init__(
         self,
         js: JetStreamContext,
+        tokens: TaskTokens,
         topology: Topology,
         store: WorkflowStore,
         dispatcher: Dispatcher,
         settings: CoordinatorSettings,
     ) -> None:
         self.js = js
+        self.tokens = tokens
         self.topology = topology
         self.store = store
         self.dispatcher = dispatcher
@@ -155,7 +173,7 @@ class Runner:
             return
         rec, revision = loaded
         bind_context(workflow_id=wf_id)
-        in_flight: dict[str, tuple[Dispatch, asyncio.Task[Answer]]] = {}
+        in_flight: dict[str, InFlight] = {}
         conflicts = 0
         started = time.monotonic()
         try:
@@ -178,7 +196,7 @@ class Runner:
                     await asyncio.sleep(wait)
                     continue
                 await asyncio.wait(
-                    [t for _, t in in_flight.values()], return_when=asyncio.FIRST_COMPLETED
+                    [f.call for f in in_flight.values()], return_when=asyncio.FIRST_COMPLETED
                 )
                 try:
                     revision = await self._collect(rec, revision, in_flight)
@@ -189,12 +207,14 @@ class Runner:
                         raise
                     rec, revision = reloaded
         finally:
-            for _, task in in_flight.values():
-                task.cancel()
+            for flight in in_flight.values():
+                flight.call.cancel()
             metrics.STEP_SECONDS.observe(time.monotonic() - started)
             clear_context()
         if rec.terminal:
             metrics.WORKFLOWS_FINISHED.labels(state=str(rec.state)).inc()
+            # The kill switch also fires on normal ends: no task token outlives its workflow.
+            self.tokens.revoke_soon(rec.id, rec.token_accessors(), "workflow ended")
 
     def _next_retry_in(self, rec: WorkflowRecord) -> float | None:
         now = time.time()
@@ -211,24 +231,25 @@ class Runner:
         self,
         rec: WorkflowRecord,
         revision: int,
-        in_flight: dict[str, tuple[Dispatch, asyncio.Task[Answer]]],
+        in_flight: dict[str, InFlight],
     ) -> int:
         em = Emitter(rec, now=time.time())
         dispatches = next_steps(em, in_flight=set(in_flight))
-        ready: list[tuple[Dispatch, Answer | None, object]] = []
+        ready: list[tuple[Dispatch, AgentDescriptor, CapabilityContract, str, str]] = []
         for dispatch in dispatches:
             try:
                 agent, contract = await self.dispatcher.pick(dispatch.capability, dispatch.version)
             except NoAgent as exc:
-                task_failed(
-                    em,
-                    dispatch.task_id,
-                    dispatch.attempt,
-                    status(grpc.StatusCode.UNAVAILABLE, str(exc), "NO_AGENT"),
-                    retry_base_s=self.settings.retry_base_s,
-                    retry_max_s=self.settings.retry_max_s,
+                self._fail_attempt(
+                    em, dispatch, status(grpc.StatusCode.UNAVAILABLE, str(exc), "NO_AGENT")
                 )
                 continue
+            try:
+                token = await self.tokens.issue(rec, dispatch, contract, agent.name)
+            except TesseraError as exc:  # Vault unreachable: the agent never runs unscoped
+                self._fail_attempt(em, dispatch, status(exc.code, exc.message, exc.reason))
+                continue
+            accessor = token.accessor if token is not None else ""
             task = rec.tasks[dispatch.task_id]
             if not (task.state == TS.TASK_STATE_RUNNING and task.attempts == dispatch.attempt):
                 em.emit(
@@ -237,33 +258,47 @@ class Runner:
                         capability=dispatch.capability,
                         attempt=dispatch.attempt,
                         agent_instance=agent.instance_id,
+                        token_accessor=accessor,
                     )
                 )
-            request = self.dispatcher.request(rec, dispatch, contract)
-            ready.append((dispatch, None, (agent, contract, request)))
+            ready.append((dispatch, agent, contract, token.token if token else "", accessor))
         if em.events:
             revision = await self.store.save(rec, revision)
-        for dispatch, _, (agent, contract, request) in ready:  # type: ignore[misc]
+        for dispatch, agent, contract, token_value, accessor in ready:
+            request = self.dispatcher.request(rec, dispatch, contract, task_token=token_value)
             metrics.TASKS_DISPATCHED.labels(capability=dispatch.capability).inc()
-            in_flight[dispatch.task_id] = (
-                dispatch,
-                asyncio.create_task(
-                    self.dispatcher.send(agent, contract, request, dispatch.timeout_s)
-                ),
+            call = asyncio.create_task(
+                self.dispatcher.send(agent, contract, request, dispatch.timeout_s)
             )
+            in_flight[dispatch.task_id] = InFlight(dispatch, call, accessor)
         return revision
+
+    def _fail_attempt(
+        self, em: Emitter, dispatch: Dispatch, error: Status, *, retryable: bool = True
+    ) -> None:
+        task_failed(
+            em,
+            dispatch.task_id,
+            dispatch.attempt,
+            error,
+            retryable=retryable,
+            retry_base_s=self.settings.retry_base_s,
+            retry_max_s=self.settings.retry_max_s,
+        )
 
     async def _collect(
         self,
         rec: WorkflowRecord,
         revision: int,
-        in_flight: dict[str, tuple[Dispatch, asyncio.Task[Answer]]],
+        in_flight: dict[str, InFlight],
     ) -> int:
         em = Emitter(rec, now=time.time())
-        for task_id, (dispatch, call) in list(in_flight.items()):
+        for task_id, flight in list(in_flight.items()):
+            dispatch, call = flight.dispatch, flight.call
             if not call.done():
                 continue
             del in_flight[task_id]
+            self.tokens.revoke_soon(rec.id, [flight.token_accessor], "task attempt ended")
             task = rec.tasks.get(task_id)
             if (
                 task is None
@@ -272,27 +307,34 @@ class Runner:
                 or rec.terminal
             ):
                 continue  # someone else already recorded this attempt
-            kwargs = {
-                "retry_base_s": self.settings.retry_base_s,
-                "retry_max_s": self.settings.retry_max_s,
-            }
             try:
                 answer = call.result()
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                details = error_details(exc)
+                if (
+                    code == grpc.StatusCode.FAILED_PRECONDITION
+                    and details.reason == "APPROVAL_REQUIRED"
+                    and details.metadata.get("gate")
+                ):
+                    tool_approval_needed(
+                        em,
+                        task_id,
+                        details.metadata["gate"],
+                        details.metadata.get("reason", details.message),
+                    )
+                    continue
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     em.trip(
                         G.GUARDRAIL_TIMEOUT,
                         task_id,
                         f"attempt {dispatch.attempt} ran past {dispatch.timeout_s:g}s",
                     )
-                task_failed(
+                self._fail_attempt(
                     em,
-                    task_id,
-                    dispatch.attempt,
+                    dispatch,
                     status(code, exc.details() or code.name, code.name),
                     retryable=code in RETRYABLE,
-                    **kwargs,
                 )
                 metrics.TASK_OUTCOMES.labels(
                     capability=dispatch.capability, outcome=code.name.lower()
@@ -304,7 +346,8 @@ class Runner:
                 answer.response,
                 answer.contract,
                 agent_instance=answer.agent_instance,
-                **kwargs,
+                retry_base_s=self.settings.retry_base_s,
+                retry_max_s=self.settings.retry_max_s,
             )
             metrics.TASK_OUTCOMES.labels(capability=dispatch.capability, outcome="answered").inc()
             if answer.response.HasField("handoff"):

@@ -19,6 +19,7 @@ from services.coordinator.engine import Emitter, decide_gate, gate_is_pending
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import WS, WorkflowRecord
 from services.coordinator.store import Conflict, WorkflowStore
+from services.coordinator.tokens import TaskTokens
 from services.coordinator.views import gate_name, gate_view, workflow_id, workflow_view
 from tessera.runtime.errors import (
     Aborted,
@@ -54,11 +55,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         store: WorkflowStore,
         js: JetStreamContext,
         planner: planner_pb2_grpc.PlannerServiceStub,
+        tokens: TaskTokens,
         settings: CoordinatorSettings,
     ) -> None:
         self.store = store
         self.js = js
         self.planner = planner
+        self.tokens = tokens
         self.settings = settings
 
     async def _load(self, wf_id: str) -> tuple[WorkflowRecord, int]:
@@ -239,6 +242,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 )
             if rec.terminal:
                 raise FailedPrecondition(f"workflows/{wf_id} has ended", reason="WORKFLOW_ENDED")
+            if rec.gates[gate_id].kind == events_pb2.GATE_KIND_TOOL_APPROVAL:
+                # The tool proxy honours the decision on the retried call.
+                await self.store.record_tool_decision(
+                    wf_id, gate_id, approved=approve, decided_by=request.decided_by
+                )
             em = Emitter(rec, now=time.time(), causation_id=request.name)
             decide_gate(
                 em,
@@ -251,7 +259,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 await self.store.save(rec, revision)
             except Conflict:
                 continue
-            if not rec.terminal:
+            if rec.terminal:
+                await self.tokens.revoke(wf_id, rec.token_accessors(), "gate rejected")
+            else:
                 await self.store.enqueue(wf_id, f"gate {gate_id} decided")
             log.info("gate_decided", workflow_id=wf_id, gate=gate_id, approved=approve)
             return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
@@ -280,6 +290,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 await self.store.save(rec, revision)
             except Conflict:
                 continue
+            # The kill switch: every token of the workflow dies now, and proxies hear of it.
+            await self.tokens.revoke(wf_id, rec.token_accessors(), "workflow cancelled")
             log.info("workflow_cancelled", workflow_id=wf_id)
             return coordinator_pb2.CancelWorkflowResponse(workflow=workflow_view(rec))
         raise Aborted(f"workflows/{wf_id} kept changing; retry", reason="CONCURRENT_UPDATE")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -34,5 +37,15 @@ class CoordinatorSettings(ServiceSettings):
     retry_max_s: float = Field(default=2.0, gt=0)
     metrics_port: int = 0
     """Prometheus metrics HTTP port on 127.0.0.1; 0 disables the endpoint."""
+    agent_tiers_file: Path = Path("policy/agent_tiers.yaml")
+    """Trust tier of each agent (security-team config); missing file: all standard."""
     run_workers: bool = True
     """False serves only the API (tests use it to pin who advances workflows)."""
+
+
+def load_agent_tiers(path: Path) -> dict[str, str]:
+    """agent name -> tier, from `{tier: [agent, ...]}`."""
+    if not path.is_file():
+        return {}
+    raw = yaml.safe_load(path.read_text()) or {}
+    return {agent: str(tier) for tier, agents in raw.items() for agent in agents or ()}

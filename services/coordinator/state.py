@@ -65,6 +65,8 @@ class TaskRun(BaseModel):
     next: str | None = None
     """The task this one handed off to, if any: dependents wait for the chain's end."""
     root: str = ""
+    token_accessor: str = ""
+    """Accessor of the task token of the latest attempt (never the token)."""
 
 
 class GateRec(BaseModel):
@@ -136,6 +138,9 @@ class WorkflowRecord(BaseModel):
 
     def pending_gates(self) -> list[GateRec]:
         return [g for g in self.gates.values() if g.state == GS.GATE_STATE_PENDING]
+
+    def token_accessors(self) -> list[str]:
+        return [t.token_accessor for t in self.tasks.values() if t.token_accessor]
 
     def max_iterations(self) -> int:
         graph = self.graph()
@@ -235,6 +240,7 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         task.state = TS.TASK_STATE_RUNNING
         task.retry_at = None
         task.agent = event.task_dispatched.agent_instance
+        task.token_accessor = event.task_dispatched.token_accessor
     elif kind == "task_succeeded":
         result = event.task_succeeded
         add_usage(rec.usage, result.usage)
@@ -287,6 +293,9 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
                 gated.state = TS.TASK_STATE_SUCCEEDED
                 rec.handoffs.clear()  # a human let the loop go on: start counting afresh
                 _route_handoff(rec, held.held_handoff)
+            elif gate.kind == events_pb2.GATE_KIND_TOOL_APPROVAL:
+                gated.state = TS.TASK_STATE_PENDING  # run again: the tool call is now approved
+                gated.retry_at = None
             else:
                 gated.state = TS.TASK_STATE_SUCCEEDED
         gate.held = ""

@@ -49,6 +49,7 @@ from tessera.runtime.errors import (
     NotFound,
     ResourceExhausted,
     TesseraError,
+    from_rpc_error,
 )
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
@@ -285,6 +286,10 @@ class Agent:
             ) from None
         except TesseraError:
             raise
+        except grpc.aio.AioRpcError as exc:
+            # A tool-proxy refusal the handler did not handle (approval required, policy
+            # deny...): the coordinator acts on its reason, so keep the details.
+            raise from_rpc_error(exc) from None
         except Exception as exc:
             ref = uuid.uuid4().hex
             ctx.log.error("task_handler_failed", ref=ref, exc_info=exc)

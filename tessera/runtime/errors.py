@@ -36,6 +36,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "error_details",
+    "from_rpc_error",
     "to_grpc_status",
     "to_status",
 ]
@@ -294,3 +295,31 @@ def error_details(err: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
         precondition_violations=tuple(preconditions),
         retry_after_s=retry_after,
     )
+
+
+def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> TesseraError:
+    """A peer's failure as our own domain error, keeping its code, reason, metadata,
+    field and precondition violations, so a service can pass it on to its caller."""
+    details = error_details(err)
+    message = details.message or details.code.name
+    common: dict[str, Any] = {"reason": details.reason or None, "metadata": details.metadata}
+    if details.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(message, field_violations=details.field_violations, **common)
+    if details.code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(message, violations=details.precondition_violations, **common)
+    if details.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        cls: type[_Retryable] = (
+            ResourceExhausted
+            if details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            else Unavailable
+        )
+        return cls(message, retry_after_s=details.retry_after_s, **common)
+    simple: dict[grpc.StatusCode, type[TesseraError]] = {
+        grpc.StatusCode.NOT_FOUND: NotFound,
+        grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+        grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+        grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+        grpc.StatusCode.ABORTED: Aborted,
+    }
+    return simple.get(details.code, Internal)(message, **common)

@@ -1,0 +1,117 @@
+"""Task tokens: a Vault child token per dispatched attempt, scoped to exactly the tools
+the task may use (the agent's contract ∩ the plan step), revoked when the attempt ends,
+and all of a workflow's revoked at once when it ends or is cancelled (the kill switch)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from collections.abc import Iterable, Mapping
+
+import structlog
+from nats.js import JetStreamContext
+
+from services.coordinator.engine import Dispatch
+from services.coordinator.state import WorkflowRecord
+from tessera.runtime.bus import Topology, msg_id_headers
+from tessera.v1 import common_pb2, events_pb2
+from tessera.vault.client import VaultClient
+from tessera.vault.tokens import TaskToken
+
+log = structlog.get_logger(__name__)
+
+MAX_USES = 50
+TTL_SLACK_S = 5
+
+
+def scoped_tools(contract: common_pb2.CapabilityContract, step_tools: Iterable[str]) -> list[str]:
+    return sorted(set(contract.tools) & set(step_tools))
+
+
+class TaskTokens:
+    def __init__(
+        self,
+        vault: VaultClient | None,
+        js: JetStreamContext,
+        topology: Topology,
+        *,
+        tiers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.vault = vault
+        self.js = js
+        self.topology = topology
+        self.tiers = dict(tiers or {})
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def issue(
+        self,
+        rec: WorkflowRecord,
+        dispatch: Dispatch,
+        contract: common_pb2.CapabilityContract,
+        agent: str,
+    ) -> TaskToken | None:
+        """None when the task may use no tool (or Vault is not configured)."""
+        tools = scoped_tools(contract, rec.tasks[dispatch.task_id].tools)
+        if not tools or self.vault is None:
+            return None
+        budget = rec.graph().budget
+        calls_left = (
+            budget.max_tool_calls - rec.usage.tool_calls if budget.max_tool_calls else MAX_USES
+        )
+        cost_left_cents = (
+            (budget.max_cost_micros - rec.usage.cost_micros) // 10_000
+            if budget.max_cost_micros
+            else 10**12
+        )
+        return await self.vault.create_task_token(
+            tools=tools,
+            ttl_s=math.ceil(dispatch.timeout_s) + TTL_SLACK_S,
+            num_uses=max(1, min(calls_left, MAX_USES)),
+            meta={
+                "workflow": rec.id,
+                "task": dispatch.task_id,
+                "agent": agent,
+                "tier": self.tiers.get(agent, "standard"),
+                "budget_remaining": str(max(0, cost_left_cents)),
+            },
+        )
+
+    def revoke_soon(self, wf_id: str, accessors: Iterable[str], reason: str) -> None:
+        """Revoke without holding up the workflow; failures are logged (tokens expire
+        with their task's deadline anyway)."""
+        wanted = [a for a in accessors if a]
+        if not wanted or self.vault is None:
+            return
+        task = asyncio.create_task(self.revoke(wf_id, wanted, reason))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def revoke(self, wf_id: str, accessors: Iterable[str], reason: str) -> None:
+        wanted = sorted({a for a in accessors if a})
+        if not wanted or self.vault is None:
+            return
+        revoked = []
+        for accessor in wanted:
+            try:
+                await self.vault.revoke_accessor(accessor)
+                revoked.append(accessor)
+            except Exception as exc:  # Vault down: the token still dies at its TTL
+                log.warning("task_token_revoke_failed", workflow_id=wf_id, error=repr(exc))
+        event = events_pb2.TokenRevoked(accessors=wanted, workflow_id=wf_id, reason=reason)
+        event.time.FromMicroseconds(int(time.time() * 1e6))
+        # Published even if Vault could not be reached: proxies evict the tokens at once.
+        await self.js.publish(
+            self.topology.events_subject("token.revoked"),
+            event.SerializeToString(),
+            headers=msg_id_headers(
+                "revoked-" + hashlib.sha256("|".join(wanted).encode()).hexdigest()[:32]
+            ),
+        )
+        log.info("task_tokens_revoked", workflow_id=wf_id, count=len(revoked), reason=reason)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        if self.vault is not None:
+            await self.vault.close()
