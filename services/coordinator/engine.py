@@ -333,7 +333,7 @@ def _handoff(em: Emitter, source: TaskRun, handoff: agent_pb2.Handoff, version_b
     chain = sum(1 for t in rec.tasks.values() if t.root == source.root)
     routed = events_pb2.HandoffRouted(
         from_task_id=source.id,
-        to_task_id=f"{source.root}~{chain}",
+        to_task_id=f"{source.root}.{chain}",
         capability=handoff.capability,
         reason=handoff.reason,
         input=dict_to_struct(output_as_dict(handoff.input)),

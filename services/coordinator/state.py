@@ -208,6 +208,7 @@ def _route_handoff(rec: WorkflowRecord, handoff: events_pb2.HandoffRouted) -> No
         capability=handoff.capability,
         input=struct_to_dict(handoff.input),
         root=source.root,
+        tools=list(source.tools),  # the plan step authorizes the tools of its whole chain
         optional=source.optional,
         timeout_s=source.timeout_s,
         max_attempts=source.max_attempts,

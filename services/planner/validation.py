@@ -335,6 +335,22 @@ class _Contracts:
         return [c for _, c in found]
 
 
+def _chain_tools(contract: common_pb2.CapabilityContract, contracts: _Contracts) -> set[str]:
+    """Tools of `contract` and of every capability reachable from it by handoffs."""
+    tools: set[str] = set()
+    seen: set[str] = set()
+    pending = [contract]
+    while pending:
+        current = pending.pop()
+        if current.name in seen:
+            continue
+        seen.add(current.name)
+        tools.update(current.tools)
+        for target in current.handoffs:
+            pending.extend(contracts.find(target, "")[:1])
+    return tools
+
+
 class PlanValidator:
     """Validates plans against the structural rules and the live registry."""
 
@@ -369,15 +385,17 @@ class PlanValidator:
                 continue
             contract = matches[0]
             reachable.append((i, contract))
-            allowed = set(contract.tools)
+            # A step authorizes tools for its whole handoff chain, so a tool must be in
+            # the contract of the capability or of one it can hand off to.
+            allowed = _chain_tools(contract, contracts)
             for j, tool in enumerate(task.tools):
                 if tool not in allowed:
                     violations.append(
                         (
                             f"{_task(i)}.tools[{j}]",
                             f"task {task.id!r}: tool {tool!r} is not in the contract of "
-                            f"{contract.name} {contract.version} (allowed: "
-                            f"{', '.join(sorted(allowed)) or 'none'})",
+                            f"{contract.name} {contract.version} or of a capability it "
+                            f"hands off to (allowed: {', '.join(sorted(allowed)) or 'none'})",
                         )
                     )
             self._fill_defaults(task, contract)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -18,10 +20,23 @@ from services.coordinator.app import Coordinator
 from services.coordinator.settings import CoordinatorSettings
 from services.planner.service import PlannerService
 from services.planner.settings import PlannerSettings
+from services.policy.app import PolicyService
+from services.policy.settings import PolicySettings
+from services.tool_proxy.app import ToolProxy
+from services.tool_proxy.settings import ToolProxySettings
 from tessera.agent import Agent
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.grpc_client import channel
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, events_pb2
+from tessera.vault import bootstrap
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Vault(Protocol):
+    addr: str
+    root_token: str
+
 
 WS = coordinator_pb2.WorkflowState
 REFERENCE_AGENTS = (
@@ -57,8 +72,13 @@ class Mesh:
         *,
         agents: Iterable[Agent] = (),
         coordinators: int = 1,
+        vault: Vault | None = None,
         **coordinator_settings: Any,
     ) -> None:
+        """`vault`: govern tool calls (OpenBao bootstrapped from vault/, the policy
+        service and the tool proxy in-process); agents that call tools need it."""
+        self.vault = vault
+        self.approles: dict[str, Path] = {}
         self.nats_url = nats_url
         self.namespace = namespace
         self.agents = list(agents)
@@ -71,6 +91,9 @@ class Mesh:
         return {"nats_url": self.nats_url, "namespace": self.namespace, "listen": "127.0.0.1:0"}
 
     async def __aenter__(self) -> Mesh:
+        self.tool_proxy_address = ""
+        if self.vault is not None:
+            await self._start_governance(self.vault)
         planner = PlannerService(PlannerSettings(**self.common()))
         await planner.start()
         self._stack.push_async_callback(planner.stop)
@@ -96,10 +119,39 @@ class Mesh:
             await self.channel.close()  # type: ignore[union-attr]
             self.channel = None
 
+    async def _start_governance(self, vault: Vault) -> None:
+        secrets_dir = Path(tempfile.mkdtemp(prefix="approles-"))
+        secrets_dir.chmod(0o700)
+        self.approles = await asyncio.to_thread(
+            bootstrap.apply, vault.addr, vault.root_token, REPO / "vault", secrets_dir
+        )
+        self.governed = {"vault_addr": vault.addr}
+        policy = PolicyService(PolicySettings(**self.common(), policy_dir=REPO / "policy"))
+        await policy.start()
+        self._stack.push_async_callback(policy.stop)
+        proxy = ToolProxy(
+            ToolProxySettings(
+                **self.common(),
+                vault_addr=vault.addr,
+                vault_approle_file=self.approles["tool-proxy"],
+                policy_address=policy.address,
+            )
+        )
+        await proxy.start()
+        self._stack.push_async_callback(proxy.stop)
+        self.tool_proxy_address = proxy.address
+
     async def add_coordinator(self, **overrides: Any) -> Coordinator:
+        if self.vault is not None:
+            overrides = {
+                "vault_addr": self.vault.addr,
+                "vault_approle_file": self.approles["coordinator"],
+                **overrides,
+            }
         settings = CoordinatorSettings(
             **self.common(),
             planner_address=self.planner_address,
+            tool_proxy_address=self.tool_proxy_address,
             **{**self.coordinator_settings, **overrides},
         )
         coordinator = Coordinator(settings)

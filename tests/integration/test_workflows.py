@@ -3,18 +3,21 @@ reference agents, on the real NATS JetStream."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
 
+from tessera.runtime.bus import Topology, connect
 from tessera.v1 import coordinator_pb2, events_pb2
+from tests.conftest import OpenBao
 from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, as_dict, reference_agent
 
 
 @pytest.fixture(scope="module")
-async def mesh(nats_url: str) -> AsyncIterator[Mesh]:
+async def mesh(nats_url: str, openbao: OpenBao) -> AsyncIterator[Mesh]:
     agents = [reference_agent(name) for name in REFERENCE_AGENTS]
-    async with Mesh(nats_url, "wfref", agents=agents) as running:
+    async with Mesh(nats_url, "wfref", agents=agents, vault=openbao) as running:
         yield running
 
 
@@ -28,7 +31,7 @@ async def test_support_ticket_is_routed_to_billing_and_answered(mesh: Mesh) -> N
         ticket={"id": "T-1", "customer_id": "C-7", "text": "Please refund the double charge"},
     )
     workflow = await mesh.finished(name)
-    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     board = as_dict(workflow.blackboard)
     assert board["category"] == "billing"
     assert "billing_notes" in board
@@ -73,14 +76,14 @@ async def test_loan_without_tax_id_is_clarified_and_parks_for_aml_approval(mesh:
     assert "compliance" not in as_dict(workflow.blackboard)  # held until approved
     await mesh.decide(gate.name, approve=True)
     workflow = await mesh.finished(name)
-    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     assert as_dict(workflow.blackboard)["compliance"]["aml_flag"] is True
 
 
 async def test_procurement_offer_over_budget_is_rolled_back_then_renegotiated(mesh: Mesh) -> None:
     name = await mesh.start("procurement", item="laptop", quantity=100, max_budget=10000)
     workflow = await mesh.finished(name)
-    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     events = await mesh.events(name)
     rollbacks = [e.blackboard_rolled_back for e in events if e.HasField("blackboard_rolled_back")]
     assert len(rollbacks) == 1
@@ -95,7 +98,7 @@ async def test_risk_fan_out_completes_partially_without_the_slow_branch(mesh: Me
         "risk", customer={"id": "42", "income": 55000, "transactions": [120, 7000, 30]}
     )
     workflow = await mesh.finished(name)
-    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     result = as_dict(workflow.result)
     assert result["missing"] == ["churn_score"]
     events = await mesh.events(name)
@@ -105,3 +108,66 @@ async def test_risk_fan_out_completes_partially_without_the_slow_branch(mesh: Me
     states = {t.task_id: t.state for t in workflow.tasks}
     assert states["churn"] == coordinator_pb2.TASK_STATE_FAILED
     assert states["aggregate"] == coordinator_pb2.TASK_STATE_SUCCEEDED
+
+
+async def test_large_refund_waits_for_approval_then_happens_once(mesh: Mesh) -> None:
+    name = await mesh.start(
+        "support",
+        ticket={
+            "id": "T-3",
+            "customer_id": "C-9",
+            "text": "please refund 1500 for the double charge",
+        },
+    )
+    workflow = await mesh.parked(name)
+    assert workflow.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    (gate,) = [g for g in workflow.gates if g.state == coordinator_pb2.GATE_STATE_PENDING]
+    assert gate.kind == events_pb2.GATE_KIND_TOOL_APPROVAL
+    assert await refunds(mesh, name) == 0  # nothing moved before a human said so
+    await mesh.decide(gate.name, approve=True)
+    workflow = await mesh.finished(name)
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
+    assert "refunded 1500.00" in as_dict(workflow.blackboard)["billing_notes"]
+    assert await refunds(mesh, name) == 1
+
+
+async def test_every_tool_call_of_the_workflows_is_audited_and_the_chain_verifies(
+    mesh: Mesh,
+) -> None:
+    from tessera.audit import verify
+
+    nc = await connect(mesh.nats_url, name="test-audit")
+    try:
+        report = await verify(nc.jetstream(), Topology(mesh.namespace))
+    finally:
+        await nc.close()
+    assert report.ok, report.issues
+    assert sum(chain.records for chain in report.chains) > 0
+
+
+async def refunds(mesh: Mesh, name: str) -> int:
+    """Side effects of billing.issue_refund recorded for this workflow."""
+    wf_id = name.split("/")[1]
+    nc = await connect(mesh.nats_url, name="test-effects")
+    try:
+        js = nc.jetstream()
+        topology = Topology(mesh.namespace)
+        subject = topology.events_subject("tool.effects")
+        try:
+            info = await js.stream_info(topology.events_stream, subjects_filter=subject)
+        except Exception:
+            return 0
+        if not info.state.subjects:
+            return 0
+        sub = await js.subscribe(subject, ordered_consumer=True)
+        count = 0
+        for _ in range(info.state.subjects.get(subject, 0)):
+            msg = await sub.next_msg(timeout=5)
+            effect = json.loads(msg.data)
+            count += (
+                effect.get("tool") == "billing.issue_refund" and effect.get("workflow_id") == wf_id
+            )
+        await sub.unsubscribe()
+        return count
+    finally:
+        await nc.close()

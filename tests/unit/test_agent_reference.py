@@ -26,9 +26,32 @@ from services.agents.triage.agent import triage
 from tessera.agent import TaskContext
 from tessera.runtime.errors import FailedPrecondition
 
+TOOL_ANSWERS: dict[str, dict[str, Any]] = {
+    "crm.lookup_customer": {"customer_id": "C-9", "tier": "premium"},
+    "billing.get_invoices": {
+        "invoices": [{"invoice_id": "inv-000001", "amount": 42.5, "currency": "EUR"}]
+    },
+    "billing.issue_refund": {"refund_id": "rf-1", "status": "issued"},
+    "kb.search": {"hits": [{"id": "kb-0001", "title": "Known issue"}]},
+    "email.send": {"message_id": "m-1", "status": "queued"},
+    "credit.bureau_report": {"score": 700},
+}
+CALLS: list[tuple[str, dict[str, Any]]] = []
+
+
+async def answer_tool(
+    _ctx: TaskContext, name: str, arguments: dict[str, Any], _key: str
+) -> dict[str, Any]:
+    """The handlers' rules are under test here; governed calls are tested against the
+    real tool proxy in tests/integration."""
+    CALLS.append((name, arguments))
+    return TOOL_ANSWERS[name]
+
 
 def ctx(capability: str, attempt: int = 1, **blackboard: Any) -> TaskContext:
-    return TaskContext(capability=capability, attempt=attempt, blackboard=blackboard)
+    return TaskContext(
+        capability=capability, attempt=attempt, blackboard=blackboard, _tool_caller=answer_tool
+    )
 
 
 def ticket(text: str) -> dict[str, Any]:
@@ -205,3 +228,29 @@ async def test_aggregate_reports_missing_scores() -> None:
     partial = await aggregate(ctx("risk.aggregate", credit_score=0.2, fraud_score=0.5))
     assert full.output == {"overall": 0.3, "missing": []}
     assert partial.output == {"overall": 0.35, "missing": ["churn_score"]}
+
+
+async def test_billing_refunds_the_amount_the_ticket_names_through_the_tool_proxy() -> None:
+    from services.agents.billing.agent import billing
+
+    CALLS.clear()
+    result = await billing(ctx("support.billing", ticket=ticket("refund 1500 please")))
+    refunds = [args for name, args in CALLS if name == "billing.issue_refund"]
+    assert refunds == [
+        {
+            "customer_id": "C-9",
+            "invoice_id": "inv-000001",
+            "amount": 1500.0,
+            "currency": "EUR",
+            "reason": "ticket T-1",
+        }
+    ]
+    assert "refunded 1500.00" in result.writes["billing_notes"]
+
+
+async def test_billing_without_a_refund_request_moves_no_money() -> None:
+    from services.agents.billing.agent import billing
+
+    CALLS.clear()
+    await billing(ctx("support.billing", ticket=ticket("wrong invoice address")))
+    assert [name for name, _ in CALLS] == ["billing.get_invoices"]

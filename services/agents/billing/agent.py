@@ -1,8 +1,16 @@
 """support.billing: billing notes for a ticket (the "ping-pong" ticket bounces to account)."""
 
+import re
+
 from tessera.agent import Agent, Handoff, TaskContext, TaskResult, Usage
 
 agent = Agent("billing", version="1.0.0")
+
+
+def requested_amount(text: str) -> float | None:
+    """The amount a ticket asks for ("refund 1500"), if it names one."""
+    match = re.search(r"\b(\d{1,6}(?:\.\d{1,2})?)\b", text)
+    return float(match.group(1)) if match else None
 
 
 @agent.capability(
@@ -27,10 +35,26 @@ async def billing(ctx: TaskContext) -> TaskResult:
             usage=usage,
             handoff=Handoff("support.account", reason="account question"),
         )
+    customer_id = str(ticket.get("customer_id", "unknown"))
+    invoices = await ctx.call_tool("billing.get_invoices", {"customer_id": customer_id, "limit": 1})
     refund = "refund" in text.lower()
-    notes = f"customer {ticket.get('customer_id', '?')}: " + (
-        "refund of the last invoice approved" if refund else "invoices reviewed"
-    )
+    notes = f"customer {customer_id}: invoices reviewed"
+    if refund:
+        invoice = invoices["invoices"][0]
+        amount = requested_amount(text) or invoice["amount"] or 1.0
+        # Moves money: the policy service requires a human approval above 1,000, and the
+        # idempotency key (stable across attempts) makes sure it happens once.
+        await ctx.call_tool(
+            "billing.issue_refund",
+            {
+                "customer_id": customer_id,
+                "invoice_id": invoice["invoice_id"],
+                "amount": amount,
+                "currency": invoice["currency"],
+                "reason": f"ticket {ticket.get('id', '?')}",
+            },
+        )
+        notes = f"customer {customer_id}: refunded {amount:.2f} on {invoice['invoice_id']}"
     return TaskResult(
         output={"billing_notes": notes},
         writes={"billing_notes": notes},

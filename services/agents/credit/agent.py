@@ -18,7 +18,9 @@ FULL_CREDIT_INCOME = 100_000
 )
 async def credit(ctx: TaskContext) -> TaskResult:
     """Score the customer's credit risk."""
-    income = float((ctx.get("customer") or {}).get("income", 0))
+    customer = ctx.get("customer") or {}
+    income = float(customer.get("income", 0))
+    await ctx.call_tool("credit.bureau_report", {"customer_id": str(customer.get("id", "0"))})
     score = round(1 - min(max(income, 0), FULL_CREDIT_INCOME) / FULL_CREDIT_INCOME, 3)
     return TaskResult(
         output={"credit_score": score},

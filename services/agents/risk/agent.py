@@ -9,6 +9,12 @@ def band(score: float) -> str:
     return "low" if score < 30 else "medium" if score < 70 else "high"
 
 
+def applicant_id(application: dict[str, object]) -> str:
+    """A bureau-safe identifier for the applicant."""
+    slug = "".join(c for c in str(application.get("applicant", "applicant")) if c.isalnum())
+    return (slug or "applicant")[:64]
+
+
 @agent.capability(
     "loan.risk",
     version="1.0.0",
@@ -20,7 +26,10 @@ def band(score: float) -> str:
 )
 async def risk(ctx: TaskContext) -> TaskResult:
     """Score the application: amount / 1000, capped at 100."""
-    amount = float((ctx.get("application") or {}).get("amount", 0))
+    application = ctx.get("application") or {}
+    amount = float(application.get("amount", 0))
+    # PII: only compliance-tier agents may read bureau reports (policy/40_pii.cedar).
+    await ctx.call_tool("credit.bureau_report", {"customer_id": applicant_id(application)})
     score = min(amount / 1000, 100.0)
     writes = {"risk_score": score, "risk_band": band(score)}
     return TaskResult(

@@ -27,6 +27,16 @@ async def synthesis(ctx: TaskContext) -> TaskResult:
     notes = [str(ctx.blackboard[key]) for key in NOTES if ctx.blackboard.get(key)]
     body = " ".join(notes) if notes else "we are looking into it."
     reply = f"Re ticket {ticket.get('id', '?')} ({ctx.get('category', 'general')}): {body}"
+    if ticket.get("customer_id"):
+        # An external action: the default idempotency key keeps a retry from mailing twice.
+        await ctx.call_tool(
+            "email.send",
+            {
+                "to": f"{ticket['customer_id'].lower()}@customers.example",
+                "subject": f"Your ticket {ticket.get('id', '')}".strip(),
+                "body": reply,
+            },
+        )
     return TaskResult(
         output={"reply": reply},
         writes={"reply": reply},

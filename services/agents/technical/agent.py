@@ -18,7 +18,10 @@ async def technical(ctx: TaskContext) -> TaskResult:
     """Match the ticket against known issues and note the fix."""
     ticket = ctx.get("ticket") or {}
     text = str(ticket.get("text", ""))
+    hits = await ctx.call_tool("kb.search", {"query": text[:500] or "help", "top_k": 1})
     fix = "restart the app after updating" if "crash" in text.lower() else "collect logs"
+    if hits.get("hits"):
+        fix += f" (see {hits['hits'][0]['id']})"
     notes = f"ticket {ticket.get('id', '?')}: {fix}"
     return TaskResult(
         output={"technical_notes": notes},

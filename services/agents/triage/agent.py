@@ -32,8 +32,15 @@ def categorize(text: str) -> str | None:
 )
 async def triage(ctx: TaskContext) -> TaskResult:
     """Categorize a support ticket and hand it to the matching specialist."""
-    text = str((ctx.get("ticket") or {}).get("text", ""))
+    ticket = ctx.get("ticket") or {}
+    text = str(ticket.get("text", ""))
     category = categorize(text)
+    if ticket.get("customer_id"):
+        # Governed: the tool proxy checks this task's token and asks the policy service.
+        customer = await ctx.call_tool(
+            "crm.lookup_customer", {"customer_id": str(ticket["customer_id"])}
+        )
+        ctx.log.info("customer_found", tier=customer.get("tier"))
     usage = Usage(tokens=len(text) // 4)
     if category is None:
         return TaskResult(
