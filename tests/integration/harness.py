@@ -121,7 +121,6 @@ class Mesh:
 
     async def _start_governance(self, vault: Vault) -> None:
         secrets_dir = Path(tempfile.mkdtemp(prefix="approles-"))
-        secrets_dir.chmod(0o700)
         self.approles = await asyncio.to_thread(
             bootstrap.apply, vault.addr, vault.root_token, REPO / "vault", secrets_dir
         )
