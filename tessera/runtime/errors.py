@@ -309,9 +309,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> TesseraError:
         return FailedPrecondition(message, violations=details.precondition_violations, **common)
     if details.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
         cls: type[_Retryable] = (
-            ResourceExhausted
-            if details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            else Unavailable
+            ResourceExhausted if details.code == grpc.StatusCode.RESOURCE_EXHAUSTED else Unavailable
         )
         return cls(message, retry_after_s=details.retry_after_s, **common)
     simple: dict[grpc.StatusCode, type[TesseraError]] = {

@@ -124,7 +124,6 @@ class Mesh:
         self.approles = await asyncio.to_thread(
             bootstrap.apply, vault.addr, vault.root_token, REPO / "vault", secrets_dir
         )
-        self.governed = {"vault_addr": vault.addr}
         policy = PolicyService(PolicySettings(**self.common(), policy_dir=REPO / "policy"))
         await policy.start()
         self._stack.push_async_callback(policy.stop)
