@@ -3,17 +3,21 @@ services.coordinator`, or several in one process for tests."""
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import structlog
 from nats.aio.client import Client
 from prometheus_client import start_http_server
 
+from services.coordinator.audit import WorkflowAuditor
 from services.coordinator.dispatcher import Dispatcher
 from services.coordinator.runner import Runner
 from services.coordinator.service import CoordinatorServicer
 from services.coordinator.settings import CoordinatorSettings, load_agent_tiers
 from services.coordinator.store import WorkflowStore
 from services.coordinator.tokens import TaskTokens
+from tessera.audit import AuditWriter
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_client import channel
@@ -35,6 +39,7 @@ class Coordinator:
         self.runner: Runner | None = None
         self.dispatcher: Dispatcher | None = None
         self.tokens: TaskTokens | None = None
+        self.auditor: WorkflowAuditor | None = None
 
     @property
     def address(self) -> str:
@@ -45,7 +50,12 @@ class Coordinator:
         self._nc = await connect(self.settings.nats_url, name="coordinator")
         js = self._nc.jetstream()
         await declare(js, self.topology)
-        store = WorkflowStore(js, self.topology)
+        replica = self.settings.replica_id or uuid.uuid4().hex[:8]
+        self.auditor = WorkflowAuditor(
+            AuditWriter(js, self.topology, writer=f"coordinator-{replica}", actor="coordinator")
+        )
+        await self.auditor.start()
+        store = WorkflowStore(js, self.topology, on_published=self.auditor.events)
         await store.open()
         vault = None
         if self.settings.vault_approle_file is not None:
@@ -53,7 +63,11 @@ class Coordinator:
                 self.settings.vault_addr, self.settings.vault_approle_file
             )
         self.tokens = TaskTokens(
-            vault, js, self.topology, tiers=load_agent_tiers(self.settings.agent_tiers_file)
+            vault,
+            js,
+            self.topology,
+            tiers=load_agent_tiers(self.settings.agent_tiers_file),
+            auditor=self.auditor,
         )
         self.dispatcher = Dispatcher(
             Registry(js, self.topology, max_staleness_s=0.5),
@@ -94,6 +108,8 @@ class Coordinator:
             await self.dispatcher.close()
         if self.tokens is not None:
             await self.tokens.close()
+        if self.auditor is not None:
+            await self.auditor.stop()
         if self._planner_channel is not None:
             await self._planner_channel.close()
         if self._nc is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 
 import structlog
 from nats.js import JetStreamContext
@@ -36,9 +37,17 @@ class Conflict(Exception):
 
 
 class WorkflowStore:
-    def __init__(self, js: JetStreamContext, topology: Topology) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        topology: Topology,
+        *,
+        on_published: Callable[[list[events_pb2.WorkflowEvent]], None] | None = None,
+    ) -> None:
         self.js = js
         self.topology = topology
+        self.on_published = on_published
+        """Told of every event once it is in the stream (the audit trail listens)."""
         self._kv: KeyValue | None = None
 
     async def open(self) -> None:
@@ -90,11 +99,15 @@ class WorkflowStore:
         """Publish the snapshot's outbox (idempotent thanks to Nats-Msg-Id) and empty it
         in memory; the next save persists the emptied outbox."""
         subject = self.topology.wf_events_subject(rec.id)
+        published = []
         for encoded in rec.outbox:
             raw = base64.b64decode(encoded)
             event = events_pb2.WorkflowEvent.FromString(raw)
             await self.js.publish(subject, raw, headers=msg_id_headers(event.event_id))
+            published.append(event)
         rec.outbox.clear()
+        if self.on_published is not None and published:
+            self.on_published(published)
 
     async def _publish_missing(self, rec: WorkflowRecord) -> None:
         subject = self.topology.wf_events_subject(rec.id)

@@ -13,10 +13,12 @@ from collections.abc import Iterable, Mapping
 import structlog
 from nats.js import JetStreamContext
 
+from services.coordinator.audit import WorkflowAuditor
 from services.coordinator.engine import Dispatch
 from services.coordinator.state import WorkflowRecord
 from tessera.runtime.bus import Topology, msg_id_headers
 from tessera.v1 import common_pb2, events_pb2
+from tessera.v1.audit_pb2 import AuditKind
 from tessera.vault.client import VaultClient
 from tessera.vault.tokens import TaskToken
 
@@ -38,11 +40,13 @@ class TaskTokens:
         topology: Topology,
         *,
         tiers: Mapping[str, str] | None = None,
+        auditor: WorkflowAuditor | None = None,
     ) -> None:
         self.vault = vault
         self.js = js
         self.topology = topology
         self.tiers = dict(tiers or {})
+        self.auditor = auditor
         self._pending: set[asyncio.Task[None]] = set()
 
     async def issue(
@@ -109,6 +113,14 @@ class TaskTokens:
                 "revoked-" + hashlib.sha256("|".join(wanted).encode()).hexdigest()[:32]
             ),
         )
+        if self.auditor is not None:
+            self.auditor.record(
+                AuditKind.AUDIT_KIND_TOKEN_REVOKED,
+                workflow_id=wf_id,
+                outcome="revoked" if revoked else "revoke_failed",
+                resource=f"workflows/{wf_id}",
+                details={"accessors": wanted, "reason": reason},
+            )
         log.info("task_tokens_revoked", workflow_id=wf_id, count=len(revoked), reason=reason)
 
     async def close(self) -> None:

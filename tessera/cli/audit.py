@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tessera.cli._local import nats_url
 from tessera.runtime.errors import Unavailable
 
 app = typer.Typer(
@@ -48,7 +49,9 @@ async def _tail(follow: bool, n: int) -> None:
     from tessera.runtime.config import CommonSettings
 
     settings = CommonSettings()
-    nc = await connect(settings.nats_url, name="tessera-cli", initial_timeout_s=5.0)
+    nc = await connect(
+        nats_url(settings.nats_url), name="tessera-cli", initial_timeout_s=5.0
+    )
     try:
         async for entry in tail(nc.jetstream(), Topology(settings.namespace), follow=follow, n=n):
             record = entry.record
@@ -93,7 +96,9 @@ async def _verify() -> object:
     from tessera.runtime.config import CommonSettings
 
     settings = CommonSettings()
-    nc = await connect(settings.nats_url, name="tessera-cli", initial_timeout_s=5.0)
+    nc = await connect(
+        nats_url(settings.nats_url), name="tessera-cli", initial_timeout_s=5.0
+    )
     try:
         return await verify(nc.jetstream(), Topology(settings.namespace))
     finally:

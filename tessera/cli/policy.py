@@ -12,6 +12,7 @@ from pydantic import AliasChoices, Field
 from rich.console import Console
 from rich.table import Table
 
+from tessera.cli._local import service_address
 from tessera.runtime.config import CommonSettings
 
 app = typer.Typer(
@@ -109,7 +110,9 @@ def reload_cmd() -> None:
     from tessera.v1 import policy_pb2
 
     _quiet_logs()
-    address = _PolicyClientSettings().address
+    address = service_address(
+        "policy", "TESSERA_POLICY_ADDRESS", _PolicyClientSettings().address
+    )
     try:
         response = asyncio.run(_reload(address))
     except grpc.aio.AioRpcError as exc:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tessera.cli._local import nats_url
 from tessera.cli.timeline import line
 from tessera.client import MeshClient
 from tessera.launcher import mesh as launcher
@@ -207,11 +208,8 @@ def agents() -> None:
     from tessera.runtime.bus import Topology, connect
     from tessera.runtime.config import CommonSettings
 
-    recorded = mesh_state.read(launcher.default_data_dir())
     settings = CommonSettings()
-    url = settings.nats_url
-    if recorded is not None and "nats" in recorded.ports and "TESSERA_NATS_URL" not in os.environ:
-        url = f"nats://127.0.0.1:{recorded.ports['nats']}"
+    url = nats_url(settings.nats_url)
 
     async def main() -> None:
         nc = await connect(url, name="cli", initial_timeout_s=5)

@@ -1,0 +1,32 @@
+"""Where the CLI finds the mesh: explicit environment first, then what `tessera up`
+recorded in the data directory's state.json, then the defaults."""
+
+from __future__ import annotations
+
+import os
+
+from tessera.launcher import mesh as launcher
+from tessera.launcher import state as mesh_state
+
+
+def nats_url(default: str) -> str:
+    if "TESSERA_NATS_URL" in os.environ:
+        return os.environ["TESSERA_NATS_URL"]
+    recorded = mesh_state.read(launcher.default_data_dir())
+    if recorded is not None:
+        for component in recorded.components:
+            if component.name == "nats":
+                return component.address
+    return default
+
+
+def service_address(name: str, env: str, default: str) -> str:
+    """`name` as in the topology (e.g. "policy"), `env` e.g. TESSERA_POLICY_ADDRESS."""
+    if env in os.environ:
+        return os.environ[env]
+    recorded = mesh_state.read(launcher.default_data_dir())
+    if recorded is not None:
+        for component in recorded.components:
+            if component.name == name:
+                return component.address
+    return default
