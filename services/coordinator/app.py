@@ -19,7 +19,7 @@ from services.coordinator.store import WorkflowStore
 from services.coordinator.tokens import TaskTokens
 from tessera.audit import AuditWriter
 from tessera.registry import Registry
-from tessera.runtime.bus import Topology, connect, declare
+from tessera.runtime.bus import Topology, close, connect, declare
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc
@@ -113,4 +113,4 @@ class Coordinator:
         if self._planner_channel is not None:
             await self._planner_channel.close()
         if self._nc is not None:
-            await self._nc.drain()
+            await close(self._nc)

@@ -23,6 +23,7 @@ __all__ = [
     "KvSpec",
     "StreamSpec",
     "Topology",
+    "close",
     "connect",
     "declare",
     "msg_id_headers",
@@ -304,3 +305,15 @@ def msg_id_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[
     headers = dict(extra or {})
     headers["Nats-Msg-Id"] = msg_id
     return inject_headers(headers)
+
+
+async def close(nc: Client, *, timeout_s: float = 3.0) -> None:
+    """Drain the connection (flush pending publishes, finish subscriptions) but never wait
+    longer than ``timeout_s``: a subscription stuck mid-delivery must not hold up shutdown."""
+    if nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.drain(), timeout_s)
+    except Exception as exc:  # timeout or a drain error: closing is what matters now
+        log.warning("nats_drain_incomplete", error=repr(exc))
+        await nc.close()
