@@ -52,10 +52,10 @@ status: setup
 down: setup
 	tessera down
 
-## Health round trip through Envoy (the reference workflows replace it once they land).
+## The reference workflows end to end through the gateway, then the audit trail checked.
 demo: setup
 	tessera up
-	tessera demo || (tessera down; exit 1)
+	tessera demo && tessera audit verify || (tessera down; exit 1)
 	tessera down
 
 bench: setup

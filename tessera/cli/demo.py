@@ -12,6 +12,7 @@ from rich.rule import Rule
 from tessera.cli.timeline import line
 from tessera.cli.workflows import WS, Gateway, _run, err, out
 from tessera.client import MeshClient
+from tessera.v1 import events_pb2
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,16 @@ class Scenario:
     inputs: dict[str, Any]
     expect: int
     decisions: dict[str, bool] = field(default_factory=dict)
-    """Gate kind suffix (approval, loop, review) → approve?"""
+    """Gate kind (approval, loop, review, tool) → approve?"""
 
+
+GATE_KINDS = {
+    events_pb2.GATE_KIND_APPROVAL_STEP: "approval",
+    events_pb2.GATE_KIND_OUTPUT_APPROVAL: "approval",
+    events_pb2.GATE_KIND_LOW_CONFIDENCE: "review",
+    events_pb2.GATE_KIND_LOOP_ESCALATION: "loop",
+    events_pb2.GATE_KIND_TOOL_APPROVAL: "tool",
+}
 
 SCENARIOS = (
     Scenario(
@@ -36,6 +45,19 @@ SCENARIOS = (
             }
         },
         WS.WORKFLOW_STATE_SUCCEEDED,
+    ),
+    Scenario(
+        "Customer support: a refund above 1,000 waits for a human",
+        "support",
+        {
+            "ticket": {
+                "id": "T-102",
+                "customer_id": "C-44",
+                "text": "please refund 1500 for the duplicate annual plan",
+            }
+        },
+        WS.WORKFLOW_STATE_SUCCEEDED,
+        {"tool": True},
     ),
     Scenario(
         "Customer support: a ticket two agents would bounce forever",
@@ -81,8 +103,7 @@ async def _play(client: MeshClient, scenario: Scenario) -> bool:
         out.print(f"  {text}", style=style or None, highlight=False)
         if event.HasField("gate_opened"):
             gate = event.gate_opened.gate_id
-            kind = gate.rsplit("-", 1)[-1]
-            approve = scenario.decisions.get(kind, True)
+            approve = scenario.decisions.get(GATE_KINDS.get(event.gate_opened.kind, ""), True)
             verb = "approves" if approve else "rejects"
             out.print(f"  [bold]human {verb} {gate}[/]", highlight=False)
             await client.decide(
@@ -110,6 +131,9 @@ def demo(
     async def work(client: MeshClient) -> list[bool]:
         return [await _play(client, scenario) for scenario in chosen]
 
+    if not chosen:
+        err.print(f"[bold red]error:[/] no scenario matches {only!r}")
+        raise typer.Exit(2)
     results = _run(gateway, work)
     passed = sum(results)
     out.print(f"[bold]{passed}/{len(results)} workflows ended as expected[/]")
