@@ -21,6 +21,7 @@ from google.rpc.status_pb2 import Status
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import FetchTimeoutError
+from opentelemetry import trace
 
 from services.coordinator import metrics
 from services.coordinator.dispatcher import Answer, Dispatcher, NoAgent
@@ -41,11 +42,13 @@ from services.coordinator.tokens import TaskTokens
 from tessera.runtime.bus import Topology
 from tessera.runtime.errors import TesseraError, error_details
 from tessera.runtime.logging import bind_context, clear_context
+from tessera.runtime.telemetry import extract_context
 from tessera.v1 import events_pb2
 from tessera.v1.agent_pb2 import AgentDescriptor
 from tessera.v1.common_pb2 import CapabilityContract
 
 log = structlog.get_logger(__name__)
+tracer = trace.get_tracer(__name__)
 
 DURABLE = "coordinator"
 MAX_CONFLICTS = 20
@@ -173,6 +176,15 @@ class Runner:
             return
         rec, revision = loaded
         bind_context(workflow_id=wf_id)
+        # Continue the workflow's own trace, so every step and agent call joins it.
+        parent = extract_context({"traceparent": rec.traceparent} if rec.traceparent else {})
+        with tracer.start_as_current_span(
+            "workflow.step", context=parent, attributes={"tessera.workflow_id": wf_id}
+        ):
+            await self._advance(rec, revision)
+
+    async def _advance(self, rec: WorkflowRecord, revision: int) -> None:
+        wf_id = rec.id
         in_flight: dict[str, InFlight] = {}
         conflicts = 0
         started = time.monotonic()

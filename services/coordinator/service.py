@@ -28,6 +28,7 @@ from tessera.runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
+from tessera.runtime.telemetry import inject_headers
 from tessera.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -108,7 +109,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         rec = WorkflowRecord(id=wf_id)
         Emitter(rec, now=time.time(), causation_id=request.request_id).emit(
             workflow_started=events_pb2.WorkflowStarted(
-                request_id=request.request_id, goal=request.goal, plan=plan
+                request_id=request.request_id,
+                goal=request.goal,
+                plan=plan,
+                traceparent=inject_headers({}).get("traceparent", ""),
             )
         )
         try:

@@ -112,6 +112,8 @@ class WorkflowRecord(BaseModel):
     seq: int = 0
     create_time: float = 0.0
     update_time: float = 0.0
+    traceparent: str = ""
+    """Trace of the start request; every step continues it."""
     outbox: list[str] = Field(default_factory=list)
     """Events persisted with this snapshot but maybe not yet published (base64)."""
 
@@ -227,6 +229,7 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         started = event.workflow_started
         rec.request_id = started.request_id
         rec.goal = started.goal
+        rec.traceparent = started.traceparent
         rec.plan = base64.b64encode(started.plan.SerializeToString()).decode()
         rec.tasks = {spec.id: _task_from_spec(spec) for spec in started.plan.tasks}
         rec.blackboard = struct_to_dict(started.plan.blackboard)

@@ -238,10 +238,15 @@ class WorkflowStarted(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     GOAL_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of the start request."""
     goal: _builtins.str
     """The goal."""
+    traceparent: _builtins.str
+    """W3C traceparent of the start request: every later step of the workflow continues
+    this trace, so one workflow is one trace across gRPC and NATS hops.
+    """
     @_builtins.property
     def plan(self) -> _planner_pb2.TaskGraph:
         """The validated plan."""
@@ -252,10 +257,11 @@ class WorkflowStarted(_message.Message):
         request_id: _builtins.str = ...,
         goal: _builtins.str = ...,
         plan: _planner_pb2.TaskGraph | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal", "plan", b"plan", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal", "plan", b"plan", "request_id", b"request_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

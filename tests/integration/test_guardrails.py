@@ -245,3 +245,38 @@ async def test_list_pages_through_workflows_by_state(mesh: Mesh) -> None:
             break
     assert set(names) <= set(seen)
     assert len(seen) == len(set(seen))
+
+
+async def test_one_workflow_is_one_trace_across_coordinator_and_agents(mesh: Mesh) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    spans = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+
+    name = await start(mesh, plan("guard.spend", "guard.spend"))
+    await mesh.finished(name)
+    wf_id = name.split("/")[1]
+    steps = [
+        s
+        for s in spans.get_finished_spans()
+        if s.name == "workflow.step" and (s.attributes or {}).get("tessera.workflow_id") == wf_id
+    ]
+    assert steps
+    (trace_id,) = {s.context.trace_id for s in steps}
+    executions = [
+        s
+        for s in spans.get_finished_spans()
+        if s.name.endswith("AgentService/ExecuteTask")
+        and s.context.trace_id == trace_id
+        and s.kind == trace.SpanKind.SERVER
+    ]
+    assert len(executions) == 2  # both agent calls joined the workflow's trace
+    starts = [s for s in spans.get_finished_spans() if s.name.endswith("/StartWorkflow")]
+    assert trace_id in {s.context.trace_id for s in starts}
