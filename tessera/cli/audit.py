@@ -49,9 +49,7 @@ async def _tail(follow: bool, n: int) -> None:
     from tessera.runtime.config import CommonSettings
 
     settings = CommonSettings()
-    nc = await connect(
-        nats_url(settings.nats_url), name="tessera-cli", initial_timeout_s=5.0
-    )
+    nc = await connect(nats_url(settings.nats_url), name="tessera-cli", initial_timeout_s=5.0)
     try:
         async for entry in tail(nc.jetstream(), Topology(settings.namespace), follow=follow, n=n):
             record = entry.record
@@ -96,9 +94,7 @@ async def _verify() -> object:
     from tessera.runtime.config import CommonSettings
 
     settings = CommonSettings()
-    nc = await connect(
-        nats_url(settings.nats_url), name="tessera-cli", initial_timeout_s=5.0
-    )
+    nc = await connect(nats_url(settings.nats_url), name="tessera-cli", initial_timeout_s=5.0)
     try:
         return await verify(nc.jetstream(), Topology(settings.namespace))
     finally:

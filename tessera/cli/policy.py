@@ -110,9 +110,7 @@ def reload_cmd() -> None:
     from tessera.v1 import policy_pb2
 
     _quiet_logs()
-    address = service_address(
-        "policy", "TESSERA_POLICY_ADDRESS", _PolicyClientSettings().address
-    )
+    address = service_address("policy", "TESSERA_POLICY_ADDRESS", _PolicyClientSettings().address)
     try:
         response = asyncio.run(_reload(address))
     except grpc.aio.AioRpcError as exc:
