@@ -18,12 +18,20 @@ from typing import Any
 import grpc
 import structlog
 import uvloop
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from tessera.runtime.config import ServiceSettings
-from tessera.runtime.errors import DeadlineExceeded, Internal, TesseraError, to_grpc_status
+from tessera.runtime.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    TesseraError,
+    to_grpc_status,
+)
 from tessera.runtime.telemetry import server_interceptors
 
 __all__ = [
@@ -40,18 +48,53 @@ Behavior = Callable[..., Any]
 HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
+def _strict_decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[Any], Any]:
+    """Decode a request ourselves: grpcio answers INTERNAL to undecodable bytes and keeps
+    unknown fields silently; callers deserve INVALID_ARGUMENT saying what is wrong."""
+
+    def decode(raw: Any) -> Any:
+        if deserializer is None or not isinstance(raw, bytes):
+            return raw
+        try:
+            message = deserializer(raw)
+        except Exception as exc:  # DecodeError, bad UTF-8, wrong wire types
+            raise InvalidArgument(
+                "the request is not a valid message of this method's type",
+                reason="MALFORMED_REQUEST",
+                field_violations=[("request", str(exc)[:200])],
+            ) from None
+        if isinstance(message, Message):
+            unknown = sorted({f.field_number for f in UnknownFieldSet(message)})  # type: ignore[attr-defined]
+            if unknown:
+                raise InvalidArgument(
+                    "the request has fields this service does not know",
+                    reason="UNKNOWN_FIELDS",
+                    field_violations=[(f"#{n}", "unknown field number") for n in unknown],
+                )
+        return message
+
+    return decode
+
+
 def _wrap_handler(
     handler: grpc.RpcMethodHandler | None,
     wrap_unary: Callable[[Behavior], Behavior],
     wrap_stream: Callable[[Behavior], Behavior],
 ) -> grpc.RpcMethodHandler | None:
-    """Rebuild ``handler`` with its behaviour wrapped (unary or streaming response)."""
+    """Rebuild ``handler`` with its behaviour wrapped (unary or streaming response).
+    Unary requests arrive as bytes and are decoded by the wrapper (see _strict_decoder)."""
     if handler is None:
         return None
+    decode = _strict_decoder(handler.request_deserializer)
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": None,
         "response_serializer": handler.response_serializer,
     }
+    if handler.request_streaming:
+        kwargs["request_deserializer"] = handler.request_deserializer
+    else:
+        wrap_unary = _decoding(wrap_unary, decode)
+        wrap_stream = _decoding(wrap_stream, decode)
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kwargs)
     if handler.request_streaming:
@@ -59,6 +102,20 @@ def _wrap_handler(
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kwargs)
     return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kwargs)
+
+
+def _decoding(
+    wrap: Callable[[Behavior], Behavior], decode: Callable[[Any], Any]
+) -> Callable[[Behavior], Behavior]:
+    """`wrap`, with the request decoded first (inside the error mapping)."""
+
+    def wrap_decoded(behavior: Behavior) -> Behavior:
+        def decoded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return behavior(decode(request), context)
+
+        return wrap(decoded)
+
+    return wrap_decoded
 
 
 async def _maybe_await(value: Any) -> Any:
