@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # buf calls `python` and the protoc-gen-* plugins by name: make them the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup proto proto-deps check-proto lint test test-unit test-integration demo bench up down status breaking clean
+.PHONY: setup proto proto-deps check-proto lint test test-unit test-integration demo bench up down status breaking clients clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,22 @@ lint: proto-deps
 	ruff check .
 	mypy tessera services tools
 
-test: setup lint check-proto
+test: setup lint check-proto breaking
 	pytest -q
+
+## buf breaking on proto/ against the previous main commit (HEAD~1 on main; skipped,
+## exit 0, on a first commit or a shallow clone). tools/check_breaking.py says how.
+breaking: proto-deps
+	$(BIN)/python tools/check_breaking.py
+
+## Client code for other languages, from local plugins only: TypeScript/JS into
+## clients/node/gen (npm's protoc-gen-es), and the Go example when Debian's Go is there.
+clients: proto-deps
+	cd clients/node && npm ci --no-audit --no-fund
+	buf generate --template clients/node/buf.gen.yaml
+	@clients/go/build.sh; rc=$$?; \
+	  if [ $$rc -eq 3 ]; then echo "clients: Go skipped (see the apt-get line above)"; \
+	  elif [ $$rc -ne 0 ]; then exit $$rc; fi
 
 test-unit: setup
 	pytest -q tests/unit
