@@ -2,23 +2,8 @@
 
 from services.coordinator.app import Coordinator
 from services.coordinator.settings import CoordinatorSettings
-from tessera.runtime.grpc_server import run, serve
-from tessera.runtime.logging import configure_logging
-from tessera.runtime.telemetry import configure_tracing
-
-
-async def main() -> None:
-    settings = CoordinatorSettings()
-    configure_logging("coordinator", settings.log_level)
-    configure_tracing("coordinator", settings.otel_exporter, settings.otel_endpoint)
-    coordinator = Coordinator(settings)
-    try:
-        await coordinator.start()
-        assert coordinator.server is not None
-        await serve(coordinator.server)
-    finally:
-        await coordinator.stop()
-
+from tessera.runtime.service import run_service
 
 if __name__ == "__main__":
-    run(main)
+    settings = CoordinatorSettings()
+    run_service("coordinator", settings, lambda: Coordinator(settings))
