@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tessera.cli import audit, demo, mesh, policy, workflows
+from tessera.cli import audit, creds, demo, mesh, policy, vault, workflows
 
 app = typer.Typer(
     name="tessera",
@@ -20,6 +20,8 @@ workflows.register(app)
 demo.register(app)
 app.add_typer(policy.app, name="policy")
 app.add_typer(audit.app, name="audit")
+app.add_typer(vault.app, name="vault")
+app.add_typer(creds.app, name="creds")
 
 
 if __name__ == "__main__":
