@@ -140,7 +140,7 @@ async def _slow(
     return {"slept": True}
 
 
-def testing_tools() -> list[Tool]:
+def extra_tools_for_tests() -> list[Tool]:
     """test.noop and test.slow, registered by tests through the public registry API."""
     schema = {"type": "object", "properties": {}, "additionalProperties": False}
     return [
@@ -230,7 +230,7 @@ async def mesh(nats_url: str, bao: Bao, creds: dict[str, Path]) -> AsyncIterator
     await forwarder.up()
     settings = proxy_settings(nats_url, namespace, forwarder.addr, creds, policy.address)
     proxy = ToolProxy(settings, replica_id="it")
-    for tool in testing_tools():
+    for tool in extra_tools_for_tests():
         proxy.registry.register(tool)
     await proxy.start()
     nc = await connect(nats_url, name="governed-calls-test")
