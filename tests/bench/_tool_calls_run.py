@@ -1,0 +1,426 @@
+"""Runner of the governed-call benchmark (``bench_tool_calls.py`` starts it as a subprocess).
+
+One process, one uvloop event loop: the client, the tool proxy, the policy service and both
+bare chains all live in it (NATS and OpenBao are the real servers the test fixtures
+started). The governed path and the bare chains therefore pay for the same things: one
+Python process whose gRPC handlers share one core, gRPC over loopback TCP, protobuf
+(de)serialization on every hop.
+
+* governed: client → tool proxy (token lookup cache, scope, schema, rate limits, policy
+  ``Check`` on the policy service, use ledger in NATS KV, secret cache, ``allow`` audit
+  record acked by JetStream) → the no-op in-process (built-in backend) tool ``bench.noop``.
+* bare: client → relay → no-op server; the relay and the server serve
+  ``ToolProxyService.InvokeTool`` on the same :class:`GrpcServer` stack as every Tessera
+  service (OTel, error mapping, deadline guard) and the relay calls on through
+  :func:`tessera.runtime.grpc_client.channel`, like the proxy calls the policy service.
+* raw (informational): the same 2-hop chain on plain ``grpc.aio`` without interceptors.
+
+Samples are taken in interleaved blocks (bare, raw, governed, bare, …) so that noise from
+other tenants of this shared machine hits every path alike.
+
+``python -m tests.bench._tool_calls_run CONFIG.json OUT.json``; CONFIG holds ``nats_url``,
+``vault_addr``, ``creds`` (identity → AppRole file), ``n``, ``warmup``, ``rounds`` and
+optionally ``profile`` (a path: cProfile stats of the governed blocks are written there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import json
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import uvloop
+from google.protobuf import struct_pb2
+from pydantic import SecretStr
+
+from services.policy.app import PolicyService
+from services.policy.settings import PolicySettings
+from services.tool_proxy.app import ToolProxy
+from services.tool_proxy.settings import ToolProxySettings
+from services.tool_proxy.tools import CallInfo, SideEffect, Tool, ToolSpec
+from tessera.audit import verify
+from tessera.runtime.bus import Topology, connect
+from tessera.runtime.config import ServiceSettings
+from tessera.runtime.grpc_client import channel
+from tessera.runtime.grpc_server import GrpcServer
+from tessera.v1 import tool_proxy_pb2, tool_proxy_pb2_grpc
+from tessera.vault import ToolSecret, VaultClient
+
+REPO = Path(__file__).resolve().parents[2]
+NOOP_TOOL = "bench.noop"
+TOKEN_MD = "x-tessera-task-token"
+SERVICE_NAME = tool_proxy_pb2.DESCRIPTOR.services_by_name["ToolProxyService"].full_name
+
+
+async def _noop(
+    args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
+) -> dict[str, Any]:
+    if secret is None or not secret.data.get("api_key"):
+        raise RuntimeError("the no-op tool was called without its secret")
+    return {"ok": True}
+
+
+def noop_tool() -> Tool:
+    return Tool(
+        ToolSpec(
+            name=NOOP_TOOL,
+            description="does nothing (benchmark)",
+            input_schema={"type": "object", "properties": {}, "additionalProperties": False},
+            side_effect=SideEffect.READ_ONLY,
+            category="bench",
+        ),
+        _noop,
+    )
+
+
+# -- the bare chain ---------------------------------------------------------------------------
+
+
+class _Servicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
+    async def ListTools(
+        self, request: tool_proxy_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
+    ) -> tool_proxy_pb2.ListToolsResponse:
+        return tool_proxy_pb2.ListToolsResponse()
+
+
+class _NoopServicer(_Servicer):
+    async def InvokeTool(
+        self, request: tool_proxy_pb2.InvokeToolRequest, context: grpc.aio.ServicerContext
+    ) -> tool_proxy_pb2.InvokeToolResponse:
+        result = struct_pb2.Struct()
+        result.update({"ok": True})
+        return tool_proxy_pb2.InvokeToolResponse(result=result, decision_id="bare")
+
+
+class _RelayServicer(_Servicer):
+    def __init__(self, stub: tool_proxy_pb2_grpc.ToolProxyServiceStub) -> None:
+        self.stub = stub
+
+    async def InvokeTool(
+        self, request: tool_proxy_pb2.InvokeToolRequest, context: grpc.aio.ServicerContext
+    ) -> tool_proxy_pb2.InvokeToolResponse:
+        response: tool_proxy_pb2.InvokeToolResponse = await self.stub.InvokeTool(
+            request, timeout=5.0
+        )
+        return response
+
+
+class BareChain:
+    """client → relay → no-op server, on the Tessera server stack (``tessera=True``) or on
+    plain grpc.aio (``tessera=False``)."""
+
+    def __init__(self, *, tessera: bool) -> None:
+        self.tessera = tessera
+        self._servers: list[Any] = []
+        self._channels: list[grpc.aio.Channel] = []
+        self.address = ""
+
+    async def _serve(self, servicer: tool_proxy_pb2_grpc.ToolProxyServiceServicer) -> str:
+        def register(server: grpc.aio.Server) -> None:
+            tool_proxy_pb2_grpc.add_ToolProxyServiceServicer_to_server(servicer, server)
+
+        if self.tessera:
+            gs = GrpcServer(
+                name="bench-bare",
+                settings=ServiceSettings(listen="127.0.0.1:0"),
+                register=[register],
+                service_names=[SERVICE_NAME],
+            )
+            await gs.start()
+            self._servers.append(gs)
+            return gs.address
+        server = grpc.aio.server()
+        register(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        self._servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = (
+            channel(address, service="bench")
+            if self.tessera
+            else grpc.aio.insecure_channel(address)
+        )
+        self._channels.append(ch)
+        return ch
+
+    async def start(self) -> str:
+        noop = await self._serve(_NoopServicer())
+        relay_stub = tool_proxy_pb2_grpc.ToolProxyServiceStub(self._channel(noop))
+        self.address = await self._serve(_RelayServicer(relay_stub))
+        return self.address
+
+    async def stop(self) -> None:
+        for ch in self._channels:
+            await ch.close()
+        for server in reversed(self._servers):
+            await server.stop(0)
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {
+        "n": len(samples),
+        "p50_ms": round(statistics.median(samples), 3),
+        "p90_ms": round(_pct(samples, 90), 3),
+        "p99_ms": round(_pct(samples, 99), 3),
+        "max_ms": round(max(samples), 3),
+        "mean_ms": round(statistics.fmean(samples), 3),
+    }
+
+
+async def _block(fn: Callable[[], Awaitable[Any]], n: int, out: list[float]) -> None:
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fn()
+        out.append((time.perf_counter() - t0) * 1000)
+
+
+async def _components(
+    nats_url: str, namespace: str, policy_address: str, request: tool_proxy_pb2.InvokeToolRequest
+) -> dict[str, float]:
+    """p50 of the governed path's parts, each alone (where the remaining time goes)."""
+    from tessera.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+
+    topology = Topology(namespace)
+    nc = await connect(nats_url, name="bench-components")
+    ch = channel(policy_address, service="bench")
+    out: dict[str, float] = {}
+    try:
+        js = nc.jetstream()
+        kv = await js.key_value(topology.idempotency_bucket)
+        rev = await kv.put("bench.component", b"0")
+
+        async def kv_update() -> None:
+            nonlocal rev
+            rev = await kv.update("bench.component", b"1", last=rev)
+
+        async def js_publish() -> None:
+            await js.publish(
+                topology.audit_chain_subject("bench-component"), b"x", stream=topology.audit_stream
+            )
+
+        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        check = policy_pb2.CheckRequest(
+            context=request.context,
+            principal=common_pb2.Entity(type="Agent", id="bench"),
+            action="call_tool",
+            resource=common_pb2.Entity(type="Tool", id=NOOP_TOOL),
+        )
+        check.principal.attributes.update({"tier": "standard", "tools": [NOOP_TOOL]})
+        check.resource.attributes.update(
+            {"name": NOOP_TOOL, "side_effect": "read_only", "pii": False, "category": "bench"}
+        )
+        check.context_attributes.update(
+            {"arguments": {}, "approval": "none", "budget_remaining": 10**12, "hour": 1}
+        )
+
+        async def policy_check() -> None:
+            await stub.Check(check, timeout=5.0)
+
+        for name, fn in (
+            ("nats_kv_cas_update", kv_update),
+            ("jetstream_publish_ack", js_publish),
+            ("policy_check_rpc", policy_check),
+        ):
+            samples: list[float] = []
+            await _block(fn, 50, [])
+            await _block(fn, 500, samples)
+            out[name] = round(statistics.median(samples), 3)
+    finally:
+        await ch.close()
+        await nc.drain()
+    return out
+
+
+async def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    n, warmup, rounds = int(cfg["n"]), int(cfg["warmup"]), int(cfg["rounds"])
+    creds = {k: Path(v) for k, v in cfg["creds"].items()}
+    namespace = "bench" + secrets.token_hex(4)
+    policy = PolicyService(
+        PolicySettings(
+            policy_dir=REPO / "policy",
+            nats_url=cfg["nats_url"],
+            namespace=namespace,
+            listen="127.0.0.1:0",
+            instance_id=f"policy-{namespace}",
+        )
+    )
+    await policy.start()
+    # The same, with the policy service's decision records written asynchronously
+    # (``decision_audit = "async"``; see services/policy/service.py).
+    policy_async = PolicyService(
+        PolicySettings(
+            policy_dir=REPO / "policy",
+            nats_url=cfg["nats_url"],
+            namespace=namespace,
+            listen="127.0.0.1:0",
+            instance_id=f"policy-async-{namespace}",
+            decision_audit="async",
+        )
+    )
+    await policy_async.start()
+    settings = ToolProxySettings(
+        nats_url=cfg["nats_url"],
+        namespace=namespace,
+        vault_addr=cfg["vault_addr"],
+        vault_approle_file=creds["tool-proxy"],
+        policy_address=policy.address,
+        # The benchmark measures latency, not the (per-agent) rate limits.
+        agent_rate_per_s=1e6,
+        agent_burst=10**6,
+        tool_rate_per_s=1e6,
+        tool_burst=10**6,
+        audit_hmac_key=SecretStr("bench-hmac-key-0123456789abcdef"),
+        listen="127.0.0.1:0",
+    )
+    proxy = ToolProxy(settings, replica_id="bench")
+    proxy.registry.register(noop_tool())
+    await proxy.start()
+    proxy_async = ToolProxy(
+        settings.model_copy(update={"policy_address": policy_async.address}),
+        replica_id="bench-async",
+    )
+    proxy_async.registry.register(noop_tool())
+    await proxy_async.start()
+    bare, raw = BareChain(tessera=True), BareChain(tessera=False)
+    await bare.start()
+    await raw.start()
+    coordinator = await VaultClient.from_approle_file(cfg["vault_addr"], creds["coordinator"])
+    client_channels = [
+        channel(proxy.address, service="bench-agent"),
+        channel(bare.address, service="bench-agent"),
+        grpc.aio.insecure_channel(raw.address),
+        channel(proxy_async.address, service="bench-agent"),
+    ]
+    try:
+        wf, task = "wf-" + secrets.token_hex(6), "task-" + secrets.token_hex(4)
+        total = warmup + n * rounds
+        token = await coordinator.create_task_token(
+            tools=[NOOP_TOOL],
+            ttl_s=900,
+            num_uses=2 * total + 10,
+            meta={"workflow": wf, "task": task, "agent": "bench"},
+        )
+        request = tool_proxy_pb2.InvokeToolRequest(tool=NOOP_TOOL)
+        request.context.workflow_id, request.context.task_id = wf, task
+        request.context.principal = "bench"
+        request.arguments.CopyFrom(struct_pb2.Struct())
+        metadata = ((TOKEN_MD, token.token),)
+        stubs = [tool_proxy_pb2_grpc.ToolProxyServiceStub(ch) for ch in client_channels]
+
+        def caller(stub: tool_proxy_pb2_grpc.ToolProxyServiceStub) -> Callable[[], Awaitable[Any]]:
+            async def call() -> None:
+                response = await stub.InvokeTool(request, metadata=metadata, timeout=5.0)
+                if not response.result.fields["ok"].bool_value:
+                    raise RuntimeError("the no-op did not answer ok")
+
+            return call
+
+        governed_call, bare_call, raw_call, async_call = (caller(s) for s in stubs)
+        per_round = max(1, n // rounds)
+        discard: list[float] = []
+        for fn in (bare_call, raw_call, governed_call, async_call):
+            await _block(fn, warmup, discard)
+
+        samples: dict[str, list[float]] = {"governed": [], "bare": [], "raw": [], "async": []}
+        profiler = cProfile.Profile() if cfg.get("profile") else None
+        started = time.perf_counter()
+        for _ in range(rounds):
+            await _block(bare_call, per_round, samples["bare"])
+            await _block(raw_call, per_round, samples["raw"])
+            if profiler is not None:
+                profiler.enable()
+            await _block(governed_call, per_round, samples["governed"])
+            if profiler is not None:
+                profiler.disable()
+            await _block(async_call, per_round, samples["async"])
+        elapsed = time.perf_counter() - started
+        if profiler is not None:
+            profiler.dump_stats(cfg["profile"])
+
+        # Every governed call left its audit records: let the asynchronous ones land, then
+        # check that every chain still verifies.
+        for p in (proxy, proxy_async):
+            if p.servicer is not None:
+                await p.servicer.drain()
+        if policy_async.servicer is not None:
+            await policy_async.servicer.close()  # every queued decision record is written
+            policy_async.servicer = None
+        nc = await connect(cfg["nats_url"], name="bench-verify")
+        try:
+            report = await verify(nc.jetstream(), Topology(namespace))
+        finally:
+            await nc.drain()
+        # After the verification: these publish to a scratch subject of the audit stream.
+        components = await _components(cfg["nats_url"], namespace, policy.address, request)
+        governed, bare_s = summary(samples["governed"]), summary(samples["bare"])
+        raw_s, async_s = summary(samples["raw"]), summary(samples["async"])
+        return {
+            "process_model": "in-process: client, tool proxy, policy service and bare chains "
+            "share one uvloop event loop in one process; NATS and OpenBao are real servers",
+            "event_loop": type(asyncio.get_running_loop()).__module__
+            + "."
+            + type(asyncio.get_running_loop()).__name__,
+            "governed": governed,
+            "bare_2hop": bare_s,
+            "raw_grpc_2hop": raw_s,
+            "ratio_p50": round(governed["p50_ms"] / bare_s["p50_ms"], 3),
+            "ratio_p99": round(governed["p99_ms"] / bare_s["p99_ms"], 3),
+            "ratio_p50_vs_raw": round(governed["p50_ms"] / raw_s["p50_ms"], 3),
+            "governed_policy_audit_async": async_s,
+            "ratio_p50_policy_audit_async": round(async_s["p50_ms"] / bare_s["p50_ms"], 3),
+            "targets": {
+                "ratio_p50_max": 1.3,
+                "governed_p99_ms_max": 3.0,
+                "ratio_p50_met": governed["p50_ms"] <= 1.3 * bare_s["p50_ms"],
+                "p99_met": governed["p99_ms"] <= 3.0,
+            },
+            "components_p50_ms": components,
+            "warmup_per_path": warmup,
+            "rounds": rounds,
+            "elapsed_s": round(elapsed, 2),
+            "audit": {
+                "records": report.records,
+                "chains": [c.writer for c in report.chains],
+                "ok": report.ok,
+                "issues": [str(i) for i in report.issues[:10]],
+            },
+        }
+    finally:
+        for ch in client_channels:
+            await ch.close()
+        await raw.stop()
+        await bare.stop()
+        await proxy_async.stop()
+        await proxy.stop()
+        await policy_async.stop()
+        await policy.stop()
+        await coordinator.close()
+
+
+def main(argv: list[str]) -> int:
+    cfg = json.loads(Path(argv[1]).read_text())
+    result = uvloop.run(run(cfg))
+    Path(argv[2]).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,124 @@
+"""The workflow benchmark: the same 4-step supervisor workflow (supervisor -> worker ->
+supervisor -> synthesizer, trivial steps) through the real mesh and through LangGraph +
+SqliteSaver, in one run on one machine, at equal durability (SQLite commits every
+checkpoint with its default synchronous=FULL; JetStream runs with `sync_interval:
+always`). Also: the coordinator's resume after kill -9 and its memory with workflows
+parked on approval. Prints a table and writes JSON; asserts only that things worked,
+never absolute timings (ratios against the baseline measured in the same run are the
+point). See tests/bench/README.md."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bench import harness
+from tests.bench.report import render, write
+
+pytest.importorskip("langgraph.checkpoint.sqlite", reason="pip install langgraph-checkpoint-sqlite")
+
+RESULT = harness.REPO / ".tessera" / "bench" / "workflows.json"
+
+
+async def run_benchmark(
+    directory: Path,
+    *,
+    concurrencies: list[int],
+    warmup: float,
+    duration: float,
+    resume_workflows: int,
+    resume_ack_waits: list[float | None],
+    parked: int,
+    langgraph_modes: tuple[str, ...] = ("sync", "async"),
+) -> dict[str, Any]:
+    began = time.monotonic()
+    env = harness.environment()
+    mesh = harness.Infra(directory)
+    try:
+        await mesh.start()
+        coordinator = harness.CoordinatorProcess(mesh)
+        env["coordinator_start_to_serving_ms"] = await coordinator.ready() * 1000
+        runs: dict[str, list[dict[str, Any]]] = {"mesh": []}
+        runs.update({f"langgraph_{m}": [] for m in langgraph_modes})
+        try:
+            # Interleaved per concurrency level, so drift in the machine's load (it is
+            # shared) spreads over both sides instead of landing on one.
+            for concurrency in concurrencies:
+                runs["mesh"].append(
+                    await harness.mesh_run(
+                        mesh, coordinator, concurrency, warmup=warmup, duration=duration
+                    )
+                )
+                for mode in langgraph_modes:
+                    runs[f"langgraph_{mode}"].append(
+                        await harness.langgraph_run(
+                            directory, mode, concurrency, warmup=warmup, duration=duration
+                        )
+                    )
+            env["coordinator_rss_after_sweep_mb"] = harness.rss_mb(coordinator.pid)
+        finally:
+            coordinator.stop()
+        resume = [
+            await harness.resume_after_kill(mesh, ack_wait_s=a, workflows=resume_workflows)
+            for a in resume_ack_waits
+        ]
+        memory = await harness.parked_memory(mesh, workflows=parked)
+    finally:
+        mesh.stop()
+    env["loadavg_at_end"] = harness.machine_load()
+    env["wall_s"] = time.monotonic() - began
+    return {"runs": runs, "resume": resume, "memory": memory, "environment": env}
+
+
+def _check(report: dict[str, Any]) -> None:
+    for side, runs in report["runs"].items():
+        for run in runs:
+            assert run["completed"] > 0, (side, run)
+            assert (
+                set(run["outcomes"]) == {"workflow_completed"}
+                or run["outcomes"].get("wrong_result", 0) == 0
+            ), (side, run["outcomes"])
+    for resume in report["resume"]:
+        assert resume["completed"] == resume["workflows_in_flight"], resume
+    assert report["memory"]["approve_to_completed_ms"] > 0
+
+
+async def test_workflow_bench_smoke(tmp_path: Path) -> None:
+    """Bounded (about 30 s): every phase once at small N; writes to tmp, not the report."""
+    report = await run_benchmark(
+        tmp_path,
+        concurrencies=[4],
+        warmup=0.5,
+        duration=1.5,
+        resume_workflows=4,
+        resume_ack_waits=[0.5],
+        parked=100,
+        langgraph_modes=("sync",),
+    )
+    summary = write(report, tmp_path / "workflows.json")
+    print("\n" + render(summary))
+    _check(report)
+
+
+@pytest.mark.slow
+async def test_workflow_bench_full(tmp_path: Path) -> None:
+    """`make bench`: the sweep, resume at the default and a sub-second ack wait, and
+    10,000 parked workflows. Writes .tessera/bench/workflows.json."""
+    report = await run_benchmark(
+        tmp_path,
+        concurrencies=[8, 32, 64],
+        warmup=2.0,
+        duration=10.0,
+        resume_workflows=32,
+        resume_ack_waits=[None, 0.5],
+        parked=10_000,
+    )
+    summary = write(report, RESULT)
+    print("\n" + render(summary))
+    print(f"\nwritten: {RESULT}")
+    _check(report)
+    assert json.loads(RESULT.read_text())["throughput"]["ratio"] > 0
