@@ -102,13 +102,12 @@ class Runner:
             ack_wait=self.settings.ack_wait_s,
             max_deliver=-1,
             max_ack_pending=-1,
+            filter_subject=self.topology.work_subject("advance"),
         )
-        self._sub = await self.js.pull_subscribe(
-            self.topology.work_subject("advance"),
-            durable=DURABLE,
-            stream=self.topology.work_stream,
-            config=config,
-        )
+        # Create or update: the replicas share one durable consumer, and a changed ack
+        # wait (how fast a dead replica's steps move on) must reach the existing one.
+        await self.js.add_consumer(self.topology.work_stream, config=config)
+        self._sub = await self.js.pull_subscribe_bind(DURABLE, stream=self.topology.work_stream)
         self._loop_task = asyncio.create_task(self._consume(), name="coordinator-consume")
 
     async def stop(self) -> None:

@@ -65,8 +65,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.tokens = tokens
         self.settings = settings
 
-    async def _load(self, wf_id: str) -> tuple[WorkflowRecord, int]:
-        loaded = await self.store.load(wf_id)
+    async def _load(self, wf_id: str, *, repair: bool = True) -> tuple[WorkflowRecord, int]:
+        loaded = await self.store.load(wf_id, repair=repair)
         if loaded is None:
             raise NotFound(
                 f"workflows/{wf_id} does not exist",
@@ -158,7 +158,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         request: coordinator_pb2.GetWorkflowRequest,
         context: grpc.aio.ServicerContext,
     ) -> coordinator_pb2.GetWorkflowResponse:
-        rec, _ = await self._load(workflow_id(request.name))
+        rec, _ = await self._load(workflow_id(request.name), repair=False)
         return coordinator_pb2.GetWorkflowResponse(workflow=workflow_view(rec))
 
     async def ListWorkflows(
@@ -183,7 +183,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     "page_token is invalid for this request",
                     field_violations=[("page_token", str(exc))],
                 ) from exc
-        loaded = await asyncio.gather(*(self.store.load(i) for i in await self.store.ids()))
+        loaded = await asyncio.gather(
+            *(self.store.load(i, repair=False) for i in await self.store.ids())
+        )
         records = [
             r
             for r, _ in (x for x in loaded if x is not None)
@@ -204,7 +206,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[coordinator_pb2.WatchWorkflowResponse]:
         wf_id = workflow_id(request.name)
-        await self._load(wf_id)
+        await self._load(wf_id, repair=False)
         start = max(1, request.start_sequence)
         sub = await self.js.subscribe(
             self.store.topology.wf_events_subject(wf_id),

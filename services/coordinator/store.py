@@ -67,7 +67,9 @@ class WorkflowStore:
     def _claim_key(request_id: str) -> str:
         return "req." + hashlib.sha256(request_id.encode()).hexdigest()[:40]
 
-    async def load(self, wf_id: str) -> tuple[WorkflowRecord, int] | None:
+    async def load(self, wf_id: str, *, repair: bool = True) -> tuple[WorkflowRecord, int] | None:
+        """The snapshot and its revision. `repair` publishes outbox events the stream
+        lacks (writers need it; read-only callers skip the extra request)."""
         try:
             entry = await self.kv.get(self._key(wf_id))
         except KeyNotFoundError:
@@ -75,7 +77,7 @@ class WorkflowStore:
         if entry.value is None or entry.revision is None:
             return None
         rec = WorkflowRecord.model_validate_json(entry.value)
-        if rec.outbox:
+        if repair and rec.outbox:
             await self._publish_missing(rec)
         return rec, entry.revision
 
