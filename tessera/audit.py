@@ -29,6 +29,7 @@ stream sequence. External anchoring of chain heads (or signed records) closes bo
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import re
@@ -95,10 +96,23 @@ def _is_digest(value: object) -> bool:
     return isinstance(value, str) and value.startswith(HMAC_PREFIX)
 
 
+@functools.lru_cache(maxsize=4096)
+def _sensitive_str_key(key: str) -> bool:
+    return is_sensitive_key(key)
+
+
+def _sensitive(key: object) -> bool:
+    # Records reuse a handful of keys: memoize the rule (a pure function of the key) for
+    # short keys only, so argument names chosen by callers cannot grow the cache's memory.
+    if type(key) is str and len(key) <= 64:
+        return _sensitive_str_key(key)
+    return is_sensitive_key(key)
+
+
 def _scrub_value(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {
-            str(k): (v if _is_digest(v) else REDACTED) if is_sensitive_key(k) else _scrub_value(v)
+            str(k): (v if _is_digest(v) else REDACTED) if _sensitive(k) else _scrub_value(v)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -270,7 +284,8 @@ class AuditWriter:
         record.sequence = head.sequence + 1
         record.time.GetCurrentTime()
         record.prev_hash = head.hash
-        record.hash = record_hash(record)
+        # == record_hash(record): ``hash`` is still empty, so no copy is needed.
+        record.hash = hashlib.sha256(record.SerializeToString(deterministic=True)).digest()
         return record
 
 

@@ -49,7 +49,7 @@ class Coordinator:
     async def start(self) -> str:
         self._nc = await connect(self.settings.nats_url, name="coordinator")
         js = self._nc.jetstream()
-        await declare(js, self.topology)
+        await declare(js, self.topology, replicas=self.settings.jetstream_replicas)
         replica = self.settings.replica_id or uuid.uuid4().hex[:8]
         self.auditor = WorkflowAuditor(
             AuditWriter(js, self.topology, writer=f"coordinator-{replica}", actor="coordinator")

@@ -71,7 +71,7 @@ class GatewayControlPlane:
         self._upstreams = self._public_upstreams()
         self._nc = await connect(settings.nats_url, name="gateway")
         js = self._nc.jetstream()
-        await declare(js, self.topology)
+        await declare(js, self.topology, replicas=settings.jetstream_replicas)
         self._registry = Registry(js, self.topology)
         self._replicas = {
             registry_key(d.name, d.instance_id): d for d in await self._registry.agents()

@@ -180,7 +180,7 @@ class PlannerService:
         try:
             self._nc = await connect(s.nats_url, name="planner")
             js = self._nc.jetstream()
-            await declare(js, self.topology)
+            await declare(js, self.topology, replicas=s.jetstream_replicas)
             self.planner = Planner(
                 templates=templates,
                 registry=Registry(js, self.topology),

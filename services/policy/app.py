@@ -28,6 +28,7 @@ class PolicyService:
         self.store = PolicyStore(settings.policy_dir, poll_interval_s=settings.poll_interval_s)
         self._nc: Client | None = None
         self.audit: AuditWriter | None = None
+        self.servicer: PolicyServicer | None = None
         self.server: GrpcServer | None = None
 
     @property
@@ -40,7 +41,7 @@ class PolicyService:
         await self.store.start()
         self._nc = await connect(self.settings.nats_url, name=self.settings.instance_id)
         js = self._nc.jetstream()
-        await declare(js, self.topology)
+        await declare(js, self.topology, replicas=self.settings.jetstream_replicas)
         self.audit = AuditWriter(
             js,
             self.topology,
@@ -49,7 +50,15 @@ class PolicyService:
             publish_timeout_s=self.settings.audit_timeout_s,
         )
         await self.audit.start()
-        servicer = PolicyServicer(self.store, self.audit)
+        servicer = PolicyServicer(
+            self.store,
+            self.audit,
+            async_audit_queue=(
+                self.settings.decision_audit_queue if self.settings.decision_audit == "async" else 0
+            ),
+        )
+        servicer.start()
+        self.servicer = servicer
         self.server = GrpcServer(
             name="policy",
             settings=self.settings,
@@ -62,6 +71,9 @@ class PolicyService:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop()
+        if self.servicer is not None:
+            await self.servicer.close(self.settings.audit_timeout_s)
+            self.servicer = None
         await self.store.stop()
         if self._nc is not None:
             await self._nc.drain()

@@ -64,7 +64,7 @@ class ToolProxy:
             raise VaultConfigError("TESSERA_VAULT_APPROLE_FILE is required")
         self._nc = await connect(s.nats_url, name=f"tool-proxy-{self.replica_id}")
         js = self._nc.jetstream()
-        await declare(js, self.topology)
+        await declare(js, self.topology, replicas=s.jetstream_replicas)
         idem_kv = await js.key_value(self.topology.idempotency_bucket)
         approvals_kv = await js.key_value(self.topology.approvals_bucket)
 

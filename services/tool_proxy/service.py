@@ -206,6 +206,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         )
         self._secrets: dict[str, tuple[ToolSecret, float]] = {}
         self._pending_audits: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Future[None]] = set()
 
     # -- InvokeTool -------------------------------------------------------------------
     async def InvokeTool(
@@ -281,28 +282,41 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         # 6. Rate limits.
         self.limiter.acquire(agent=verified.agent, tool=spec.name)
 
-        # 7. Policy (and the approval flow).
-        decision = await self._authorize(request, context, verified, tool, arguments, digest, call)
-
-        # 8. Idempotency: replay a completed effect, refuse a concurrent duplicate.
+        # 7. Policy (and the approval flow). One call of the token's budget is reserved in
+        # the ledger meanwhile (independent I/O); it is given back unless the call goes on
+        # to step 9, and its errors surface only there, so the order of refusals is kept.
+        spend = asyncio.ensure_future(self.ledger.spend(verified))
         eid = effect_id(verified.workflow, spec.name, key) if key else ""
         claim = None
-        if spec.side_effect.needs_idempotency_key:
-            began = await self.idempotency.begin(
-                eid, tool=spec.name, arguments_digest=digest, decision_id=decision.decision_id
+        try:
+            decision = await self._authorize(
+                request, context, verified, tool, arguments, digest, call
             )
-            if isinstance(began, Replay):
-                call.details["replayed"] = True
-                await self._record(call, "replayed", wait=True)
-                return tool_proxy_pb2.InvokeToolResponse(
-                    result=_struct(began.result), decision_id=decision.decision_id, replayed=True
+
+            # 8. Idempotency: replay a completed effect, refuse a concurrent duplicate.
+            if spec.side_effect.needs_idempotency_key:
+                began = await self.idempotency.begin(
+                    eid, tool=spec.name, arguments_digest=digest, decision_id=decision.decision_id
                 )
-            claim = began
+                if isinstance(began, Replay):
+                    await self._give_back(spend, verified)
+                    call.details["replayed"] = True
+                    await self._record(call, "replayed", wait=True)
+                    return tool_proxy_pb2.InvokeToolResponse(
+                        result=_struct(began.result),
+                        decision_id=decision.decision_id,
+                        replayed=True,
+                    )
+                claim = began
+        except BaseException:
+            await self._give_back(spend, verified)
+            raise
 
         executed = False
         try:
-            # 9. Spend one call of the token's budget, read the secret with ITS token.
-            uses_left = await self.ledger.spend(verified)
+            # 9. Spend one call of the token's budget (reserved above), read the secret
+            # with ITS token.
+            uses_left = await spend
             call.details["uses_left"] = uses_left
             secret = await self._secret(tool, token, verified) if spec.requires_secret else None
             if secret is not None:
@@ -620,6 +634,25 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                 self._secrets[scope] = (secret, now)
         return secret
 
+    async def _give_back(self, spend: asyncio.Future[int], verified: VerifiedToken) -> None:
+        """Return the use reserved by ``spend`` (a call that will not execute spends none).
+
+        Waits for the reservation to settle (a CAS in flight cannot be called back); if it
+        failed there is nothing to return. Runs to its end even when the caller is
+        cancelled. A failed give-back only shrinks the budget, never widens it."""
+
+        async def settle() -> None:
+            try:
+                await spend
+            except BaseException:
+                return  # nothing was spent (or the outcome is unknown: never refund that)
+            await self.ledger.give_back(verified)
+
+        task = asyncio.ensure_future(settle())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)  # cancelled: ``task`` still finishes in the background
+
     def _backend_timeout(self, context: grpc.aio.ServicerContext, tool: Tool) -> float:
         timeout = tool.spec.timeout_s or self.settings.backend_timeout_s
         remaining = context.time_remaining()
@@ -674,9 +707,10 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             log.error("audit_write_failed", outcome=outcome, error=repr(exc))
 
     async def drain(self) -> None:
-        """Wait for the audit records still being written."""
-        if self._pending_audits:
-            await asyncio.gather(*self._pending_audits, return_exceptions=True)
+        """Wait for the audit records still being written (and uses being given back)."""
+        pending = self._pending_audits | self._settling
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- ListTools --------------------------------------------------------------------
     async def ListTools(

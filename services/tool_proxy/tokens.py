@@ -335,6 +335,38 @@ class UseLedger:
             retry_after_s=0.1,
         )
 
+    async def give_back(self, token: VerifiedToken) -> None:
+        """Return one call spent by :meth:`spend` for a call that did not execute (denied,
+        replayed, refused before execution). Best effort: a failure is logged and the use
+        stays spent, which only ever shrinks the budget."""
+        if token.info.num_uses <= 0:
+            return
+        key = self.key(token.info.accessor)
+        try:
+            for _ in range(_LEDGER_ATTEMPTS):
+                seen = self._last.get(key)
+                if seen is None:
+                    await self._refresh(key)
+                    seen = self._last.get(key)
+                    if seen is None:
+                        return  # purged (revoked): nothing to give back
+                rev, budget, used = seen
+                if used <= 0:
+                    return
+                try:
+                    new_rev = await self._kv.update(key, _ledger_value(budget, used - 1), last=rev)
+                except KeyWrongLastSequenceError:
+                    await self._refresh(key)
+                    continue
+                self._last[key] = (new_rev, budget, used - 1)
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("use_ledger_give_back_failed", error=repr(exc))
+            return
+        log.warning("use_ledger_give_back_contended")
+
     async def _refresh(self, key: str) -> None:
         try:
             entry = await self._kv.get(key)

@@ -454,7 +454,7 @@ class Agent:
                 self._nc, self._owns_nc = nats, False
             js = self._nc.jetstream()
             topology = Topology(settings.namespace)
-            await _ensure_topology(js, topology)
+            await _ensure_topology(js, topology, settings.jetstream_replicas)
             self._js, self._topology = js, topology
 
             servicer = _Servicer(self)
@@ -530,11 +530,11 @@ class Agent:
         grpc_server.run(lambda: self.serve(settings))
 
 
-async def _ensure_topology(js: JetStreamContext, topology: Topology) -> None:
+async def _ensure_topology(js: JetStreamContext, topology: Topology, replicas: int) -> None:
     """Declare the streams and buckets only when missing, so an agent never rewrites the
     replica count an operator gave an existing cluster."""
     try:
         await js.key_value(topology.registry_bucket)
         await js.stream_info(topology.events_stream)
     except (BucketNotFoundError, NotFoundError):
-        await declare(js, topology)
+        await declare(js, topology, replicas=replicas)

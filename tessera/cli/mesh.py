@@ -94,6 +94,21 @@ def up(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds allowed for everything to be SERVING.")
     ] = 60.0,
+    nats_cluster: Annotated[
+        int | None,
+        typer.Option(
+            "--nats-cluster",
+            envvar="TESSERA_NATS_CLUSTER",
+            min=3,
+            max=5,
+            help=(
+                "Run NATS as a JetStream cluster of this many nodes (nats-n1…) instead of one "
+                "server; streams and buckets get 3 replicas. Ports: 4222+i, 8222+i, 6222+i "
+                "when free, or --base-port +100+3i…"
+            ),
+            show_default=False,
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Start NATS, OpenBao, every service and the Envoy gateway as local processes.
@@ -112,6 +127,7 @@ def up(
                 topology=spec,
                 log_level=log_level,
                 timeout=timeout,
+                nats_cluster=nats_cluster or 0,
                 report=lambda msg: err.print(msg, highlight=False),
             )
     except mesh.ComponentFailed as exc:

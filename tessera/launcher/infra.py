@@ -135,29 +135,74 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
+@dataclass(frozen=True)
+class ClusterMembership:
+    """What makes one nats-server a member of a JetStream cluster (see
+    :mod:`tessera.launcher.cluster`)."""
+
+    cluster_name: str
+    port: int  # this node's route listener
+    peer_ports: tuple[int, ...]  # the route listeners of the other members
+
+
+def nats_config(
+    *,
+    port: int,
+    monitor_port: int,
+    server_name: str,
+    store: Path,
+    cluster: ClusterMembership | None = None,
+) -> str:
+    """The nats-server configuration: JetStream on file storage, fsync on every write."""
+    # sync_interval: always -- acknowledged writes must survive a power cut (DESIGN.md).
+    text = (
+        f"listen: {LOOPBACK}:{port}\n"
+        f"http: {LOOPBACK}:{monitor_port}\n"
+        f"server_name: {server_name}\n"
+        "jetstream {\n"
+        f"  store_dir: {json.dumps(str(store))}\n"
+        "  sync_interval: always\n"
+        "}\n"
+    )
+    if cluster is not None:
+        routes = "".join(f"    nats-route://{LOOPBACK}:{p}\n" for p in cluster.peer_ports)
+        text += (
+            "cluster {\n"
+            f"  name: {cluster.cluster_name}\n"
+            f"  listen: {LOOPBACK}:{cluster.port}\n"
+            "  routes: [\n"
+            f"{routes}"
+            "  ]\n"
+            "}\n"
+        )
+    return text
+
+
 def start_nats(
     data_dir: Path,
     *,
     port: int,
     monitor_port: int,
     name: str = "nats",
+    server_name: str | None = None,
+    cluster: ClusterMembership | None = None,
     wait: bool = True,
     timeout: float = 15.0,
 ) -> NatsServer:
-    """nats-server with JetStream on file storage, fsync on every write."""
+    """nats-server with JetStream on file storage, fsync on every write; a member of a
+    cluster with ``cluster``. ``server_name`` defaults to ``tessera_<name>``."""
     store = data_dir / name
     store.mkdir(parents=True, exist_ok=True)
     config = data_dir / "config" / f"{name}.conf"
     config.parent.mkdir(parents=True, exist_ok=True)
-    # sync_interval: always -- acknowledged writes must survive a power cut (DESIGN.md).
     config.write_text(
-        f"listen: {LOOPBACK}:{port}\n"
-        f"http: {LOOPBACK}:{monitor_port}\n"
-        f"server_name: tessera_{name.replace('-', '_')}\n"
-        "jetstream {\n"
-        f"  store_dir: {json.dumps(str(store))}\n"
-        "  sync_interval: always\n"
-        "}\n"
+        nats_config(
+            port=port,
+            monitor_port=monitor_port,
+            server_name=server_name or f"tessera_{name.replace('-', '_')}",
+            store=store,
+            cluster=cluster,
+        )
     )
     argv = [str(find_binary("nats-server")), "-c", str(config)]
     record = processes.spawn(data_dir, name, argv)

@@ -1,6 +1,7 @@
 """Orchestrate the local mesh: `up`, `status` and `down` over one data directory.
 
-Start order: NATS and OpenBao (in parallel), the Vault bootstrap, every service of the
+Start order: NATS (one server, or a JetStream cluster with ``nats_cluster``) and OpenBao
+(in parallel), the Vault bootstrap, every service of the
 topology, then Envoy; all of them are then awaited together. Stop order is the reverse.
 When the topology has the gateway control plane (``services.gateway``), Envoy takes its
 configuration from it over ADS (and is only ready once it has it); the descriptor set
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from tessera.launcher import infra, processes
+from tessera.launcher import cluster, infra, processes
 from tessera.launcher import state as state_file
 from tessera.launcher.gateway import (
     CONTROL_PLANE_MODULE,
@@ -57,6 +58,11 @@ FIRST_SERVICE_PORT = 50051
 # Offsets from --base-port. OpenBao takes two ports (+2, +3).
 BASE_OFFSETS = {"nats": 0, "nats-monitor": 1, "openbao": 2, "gateway": 4, "gateway-admin": 5}
 FIRST_SERVICE_OFFSET = 10
+# A NATS cluster (`up(nats_cluster=N)`) replaces "nats"/"nats-monitor": node i (0-based)
+# has client, monitor and route ports at the preferred 4222+i, 8222+i, 6222+i, or with
+# --base-port at base + CLUSTER_OFFSET + 3i (+0, +1, +2).
+CLUSTER_PREFERRED = {"": 4222, "-monitor": 8222, "-cluster": 6222}
+CLUSTER_OFFSET = 100
 
 Reporter = Callable[[str], None]
 
@@ -111,20 +117,38 @@ def _locked(data_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def plan_ports(topology: Topology, *, base_port: int | None = None) -> dict[str, int]:
+def plan_ports(
+    topology: Topology, *, base_port: int | None = None, nats_cluster: int = 0
+) -> dict[str, int]:
     """Choose every port and check it is free (raises ``PortInUse`` naming the first taken).
 
     With ``base_port`` the layout is fixed (see ``BASE_OFFSETS``); without it each
-    component gets its usual port when free, else one the kernel picks.
+    component gets its usual port when free, else one the kernel picks. With
+    ``nats_cluster`` nodes, the NATS ports are per node (``nats-n1``, ``nats-n1-monitor``,
+    ``nats-n1-cluster``…; see ``CLUSTER_OFFSET``).
     """
     ports: dict[str, int] = {}
+    single_nats = nats_cluster == 0
     if base_port is not None:
         for name, offset in BASE_OFFSETS.items():
-            ports[name] = base_port + offset
+            if single_nats or not name.startswith("nats"):
+                ports[name] = base_port + offset
         for index, spec in enumerate(topology.services):
             ports[spec.name] = base_port + FIRST_SERVICE_OFFSET + index
+        for index in range(nats_cluster):
+            for slot, suffix in enumerate(CLUSTER_PREFERRED):
+                ports[cluster.node_name(index) + suffix] = (
+                    base_port + CLUSTER_OFFSET + 3 * index + slot
+                )
     else:
-        wanted = dict(DEFAULT_PORTS)
+        wanted = {
+            name: port
+            for name, port in DEFAULT_PORTS.items()
+            if single_nats or not name.startswith("nats")
+        }
+        for index in range(nats_cluster):
+            for suffix, preferred in CLUSTER_PREFERRED.items():
+                wanted[cluster.node_name(index) + suffix] = preferred + index
         for index, spec in enumerate(topology.services):
             wanted[spec.name] = FIRST_SERVICE_PORT + index
         for name, preferred in wanted.items():
@@ -144,6 +168,7 @@ def _service_env(
     ports: Mapping[str, int],
     *,
     nats_url: str,
+    jetstream_replicas: int,
     vault_addr: str,
     approles: Mapping[str, Path],
     log_level: str,
@@ -153,6 +178,7 @@ def _service_env(
         {
             "PYTHONUNBUFFERED": "1",
             "TESSERA_NATS_URL": nats_url,
+            "TESSERA_JETSTREAM_REPLICAS": str(jetstream_replicas),
             "TESSERA_VAULT_ADDR": vault_addr,
             "TESSERA_LOG_LEVEL": log_level,
             f"TESSERA_{spec.env}_LISTEN": f"{LOOPBACK}:{ports[spec.name]}",
@@ -268,24 +294,44 @@ def up(
     project: Path | None = None,
     log_level: str = "info",
     timeout: float = 60.0,
+    nats_cluster: int = 0,
     report: Reporter = lambda _msg: None,
 ) -> MeshState:
     """Start the whole mesh in ``data_dir`` and return what runs where.
+
+    ``nats_cluster``: run NATS as a JetStream cluster of that many nodes (3 to 5) instead
+    of one server; the services then get every node's URL and create every stream and
+    bucket with 3 replicas.
 
     Raises:
         AlreadyRunning: every component of the previous run in ``data_dir`` is alive.
         PortInUse: a port (fixed by ``base_port``, or chosen) is taken.
         ComponentFailed: something did not become healthy; all started ones are stopped.
     """
+    if nats_cluster and not cluster.MIN_NODES <= nats_cluster <= cluster.MAX_NODES:
+        raise MeshError(
+            f"--nats-cluster takes {cluster.MIN_NODES} to {cluster.MAX_NODES} nodes, "
+            f"not {nats_cluster}"
+        )
     data_dir = data_dir.resolve()
     project = (project or project_root()).resolve()
     topology = topology or load_topology(project / "deploy/local/topology.yaml")
     with _locked(data_dir):
         _clean_previous(data_dir, report)
-        ports = plan_ports(topology, base_port=base_port)
+        ports = plan_ports(topology, base_port=base_port, nats_cluster=nats_cluster)
         started: list[str] = []
         try:
-            return _start(data_dir, project, topology, ports, log_level, timeout, started, report)
+            return _start(
+                data_dir,
+                project,
+                topology,
+                ports,
+                log_level,
+                timeout,
+                started,
+                report,
+                nats_cluster=nats_cluster,
+            )
         except infra.StartFailed as exc:
             tail = processes.tail(exc.log_path)
             _stop_all(data_dir, started)
@@ -324,16 +370,20 @@ def _start(
     timeout: float,
     started: list[str],
     report: Reporter,
+    *,
+    nats_cluster: int = 0,
 ) -> MeshState:
     t0 = time.monotonic()
-    nats = infra.start_nats(
-        data_dir, port=ports["nats"], monitor_port=ports["nats-monitor"], wait=False
-    )
-    started.append(nats.name)
+    nats_nodes = _start_nats(data_dir, ports, nats_cluster, started)
     bao = infra.start_openbao(data_dir, port=ports["openbao"], wait=False)
     started.append(bao.name)
-    infra.wait_ready([nats, bao], timeout=timeout)
+    infra.wait_ready([*nats_nodes, bao], timeout=timeout)
+    if nats_cluster:
+        # Replicated streams can only be created once the cluster has a meta leader.
+        cluster.wait_cluster_ready(nats_nodes, timeout=max(1.0, timeout - (time.monotonic() - t0)))
     infra.scrub_openbao_log(bao)
+    nats_url = ",".join(node.url for node in nats_nodes)
+    replicas = cluster.replicas_for(len(nats_nodes)) if nats_cluster else 1
     log.info("infra_ready", seconds=round(time.monotonic() - t0, 2))
 
     approles = _bootstrap_vault(bao, project, data_dir, report)
@@ -344,15 +394,18 @@ def _start(
 
     services: list[Component] = []
     components: list[Component] = [
-        Component("nats", "infra", nats.url, nats.pid, nats.log_path, (), nats.health_url),
-        Component("openbao", "infra", bao.addr, bao.pid, bao.log_path, (), bao.health_url),
+        Component(n.name, "infra", n.url, n.pid, n.log_path, (), n.health_url) for n in nats_nodes
     ]
+    components.append(
+        Component("openbao", "infra", bao.addr, bao.pid, bao.log_path, (), bao.health_url)
+    )
     for spec in topology.services:
         env = _service_env(
             spec,
             topology,
             ports,
-            nats_url=nats.url,
+            nats_url=nats_url,
+            jetstream_replicas=replicas,
             vault_addr=bao.addr,
             approles=approles or {},
             log_level=log_level,
@@ -408,6 +461,32 @@ def _start(
     state_file.write(data_dir, mesh)
     log.info("mesh_up", seconds=round(time.monotonic() - t0, 2), gateway=envoy.address)
     return mesh
+
+
+def _start_nats(
+    data_dir: Path, ports: Mapping[str, int], nats_cluster: int, started: list[str]
+) -> list[infra.NatsServer]:
+    """Spawn the one server (``nats``) or the cluster's nodes, without waiting."""
+    if not nats_cluster:
+        nats = infra.start_nats(
+            data_dir, port=ports["nats"], monitor_port=ports["nats-monitor"], wait=False
+        )
+        started.append(nats.name)
+        return [nats]
+    layout = [
+        cluster.NodePorts(
+            client=ports[cluster.node_name(i)],
+            monitor=ports[cluster.node_name(i) + "-monitor"],
+            route=ports[cluster.node_name(i) + "-cluster"],
+        )
+        for i in range(nats_cluster)
+    ]
+    nodes = []
+    for index in range(nats_cluster):
+        node = cluster.start_node(data_dir, layout, index, wait=False)
+        started.append(node.name)
+        nodes.append(node)
+    return nodes
 
 
 def _down_locked(data_dir: Path) -> list[tuple[str, StopResult]]:

@@ -46,6 +46,10 @@ class CommonSettings(BaseSettings):
     """NATS server URL (comma-separated for a cluster)."""
     namespace: str = Field(default="tessera", validation_alias=_fixed("TESSERA_NAMESPACE"))
     """Prefix of every NATS stream, bucket and subject name (tests isolate with it)."""
+    jetstream_replicas: int = Field(
+        default=1, ge=1, le=5, validation_alias=_fixed("TESSERA_JETSTREAM_REPLICAS")
+    )
+    """Replicas of the streams and KV buckets a service creates (3 on a 3-node cluster)."""
     vault_addr: str = Field(
         default="http://127.0.0.1:8200", validation_alias=_fixed("TESSERA_VAULT_ADDR")
     )

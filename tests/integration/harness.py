@@ -73,10 +73,13 @@ class Mesh:
         agents: Iterable[Agent] = (),
         coordinators: int = 1,
         vault: Vault | None = None,
+        jetstream_replicas: int = 1,
         **coordinator_settings: Any,
     ) -> None:
         """`vault`: govern tool calls (OpenBao bootstrapped from vault/, the policy
-        service and the tool proxy in-process); agents that call tools need it."""
+        service and the tool proxy in-process); agents that call tools need it.
+        `jetstream_replicas`: replicas of the streams and buckets (3 on a NATS cluster)."""
+        self.jetstream_replicas = jetstream_replicas
         self.vault = vault
         self.approles: dict[str, Path] = {}
         self.nats_url = nats_url
@@ -88,7 +91,12 @@ class Mesh:
         self._stack = AsyncExitStack()
 
     def common(self) -> dict[str, Any]:
-        return {"nats_url": self.nats_url, "namespace": self.namespace, "listen": "127.0.0.1:0"}
+        return {
+            "nats_url": self.nats_url,
+            "namespace": self.namespace,
+            "listen": "127.0.0.1:0",
+            "jetstream_replicas": self.jetstream_replicas,
+        }
 
     async def __aenter__(self) -> Mesh:
         self.tool_proxy_address = ""

@@ -1,0 +1,231 @@
+"""A team ships an agent on its own: nothing in the running mesh restarts.
+
+`tessera up` (the real CLI: NATS, OpenBao, the services, the gateway control plane and
+Envoy) runs the core services and one reference agent. A new agent process offering a
+capability nobody used (`translate.text`) is started beside it: it registers, the
+planner validates a plan that uses it against the live registry, a workflow started
+through Envoy completes with it, and Envoy gets an `agent-translator` cluster. On SIGTERM
+it deregisters: the same plan is refused by planning (INVALID_ARGUMENT naming the
+capability) and the cluster leaves Envoy. Every process `tessera up` started keeps its PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats
+import pytest
+import yaml
+from google.protobuf import duration_pb2, struct_pb2
+
+from tessera.launcher.topology import project_root
+from tessera.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    planner_pb2,
+)
+from tests.integration.agents.process import AgentProcess
+from tests.integration.harness import TERMINAL, WS
+
+PROJECT_ROOT = project_root(Path(__file__).parent)
+CORE = ("policy", "planner", "tool-proxy", "coordinator", "gateway-control-plane")
+BYSTANDER = "agent-billing"  # a reference agent that must not notice anything
+CALLER = (("x-tessera-caller", "independent-deployment-test"),)
+CLI_TIMEOUT_S = 120
+
+
+def tessera(*args: str, data_dir: Path, topology: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TESSERA_TOPOLOGY": str(topology), "COLUMNS": "200"}
+    env.pop("TESSERA_DATA_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli.main", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+    )
+
+
+@dataclass(frozen=True)
+class RunningMesh:
+    data_dir: Path
+    state: dict[str, Any]
+
+    def address(self, name: str) -> str:
+        return str(next(c["address"] for c in self.state["components"] if c["name"] == name))
+
+    @property
+    def gateway(self) -> str:
+        return str(self.state["gateway"])
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.state['ports']['gateway-admin']}"
+
+    def pids(self) -> dict[str, int]:
+        return {c["name"]: int(c["pid"]) for c in self.state["components"]}
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[RunningMesh]:
+    full = yaml.safe_load((PROJECT_ROOT / "deploy/local/topology.yaml").read_text())
+    services = [s for s in full["services"] if s["name"] in (*CORE, BYSTANDER)]
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(yaml.safe_dump({"services": services}))
+    data_dir = tmp_path / "mesh"
+    try:
+        up = await asyncio.to_thread(tessera, "up", data_dir=data_dir, topology=topology)
+        assert up.returncode == 0, up.stderr
+        yield RunningMesh(data_dir, json.loads((data_dir / "state.json").read_text()))
+    finally:
+        down = await asyncio.to_thread(tessera, "down", data_dir=data_dir, topology=topology)
+        assert down.returncode == 0, down.stderr
+
+
+def _envoy_clusters(admin_url: str) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{admin_url}/clusters", timeout=2) as response:
+        return str(response.read().decode())
+
+
+async def _until_cluster(admin_url: str, name: str, *, present: bool, within: float) -> str:
+    """Poll Envoy's admin /clusters until cluster ``name`` is (or is no longer) there."""
+    deadline = time.monotonic() + within
+    while True:
+        text = await asyncio.to_thread(_envoy_clusters, admin_url)
+        if (f"\n{name}::" in f"\n{text}") == present:
+            return text
+        if time.monotonic() >= deadline:
+            state = "never appeared" if present else "never left"
+            raise AssertionError(f"Envoy cluster {name} {state}:\n{text}")
+        await asyncio.sleep(0.1)
+
+
+def _plan(text: str) -> planner_pb2.TaskGraph:
+    task_input = struct_pb2.Struct()
+    task_input.update({"text": text})
+    return planner_pb2.TaskGraph(
+        template="translation",
+        budget=common_pb2.Budget(
+            max_tokens=100, max_cost_micros=100, max_tool_calls=1, max_iterations=5
+        ),
+        tasks=[
+            planner_pb2.TaskSpec(
+                id="translate",
+                capability="translate.text",
+                version="^1.0",
+                input=task_input,
+                timeout=duration_pb2.Duration(seconds=10),
+            )
+        ],
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
+    mesh: RunningMesh, tmp_path: Path
+) -> None:
+    before = mesh.pids()
+    assert BYSTANDER in before and "envoy" in before
+    clusters = await asyncio.to_thread(_envoy_clusters, mesh.admin_url)
+    assert f"\n{BYSTANDER}::" in f"\n{clusters}"  # the control plane feeds Envoy live
+    assert "\nagent-translator::" not in f"\n{clusters}"
+
+    async with grpc.aio.insecure_channel(mesh.gateway) as gateway:  # everything via Envoy
+        coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(gateway)
+
+        async def start(text: str) -> str:
+            request = coordinator_pb2.StartWorkflowRequest(
+                request_id=uuid.uuid4().hex, plan=_plan(text)
+            )
+            response = await coordinator.StartWorkflow(request, timeout=15, metadata=CALLER)
+            return response.workflow.name
+
+        with pytest.raises(grpc.aio.AioRpcError) as before_deploy:
+            await start("not yet")
+        assert before_deploy.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "translate.text" in (before_deploy.value.details() or "")
+
+        nc = await nats.connect(mesh.address("nats"))
+        translator = AgentProcess(
+            "translator",
+            "translator",
+            nats_url=mesh.address("nats"),
+            namespace="tessera",
+            log_dir=tmp_path / "agents",
+        )
+        try:
+            descriptor = await translator.registered(nc)
+            assert [c.name for c in descriptor.capabilities] == ["translate.text"]
+
+            # Planned against the live registry, run, and answered through Envoy.
+            name = await start("hello independent world")
+            workflow = await _terminal(coordinator, name, within=30)
+            assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error
+            assert dict(workflow.blackboard)["translation"] == "WORLD INDEPENDENT HELLO"
+
+            # Envoy routes to the new agent by its name, from the registry (EDS).
+            await _until_cluster(mesh.admin_url, "agent-translator", present=True, within=10)
+            agent = agent_pb2_grpc.AgentServiceStub(gateway)
+            described = await agent.Describe(
+                agent_pb2.DescribeRequest(),
+                timeout=5,
+                metadata=(*CALLER, ("x-tessera-agent", "translator")),
+            )
+            assert described.agent.instance_id == descriptor.instance_id
+
+            assert await translator.terminate() == 0  # deregisters, drains, exits
+        finally:
+            translator.kill()
+            await nc.close()
+
+        with pytest.raises(grpc.aio.AioRpcError) as after_stop:
+            await start("too late")
+        assert after_stop.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "translate.text" in (after_stop.value.details() or "")
+        await _until_cluster(mesh.admin_url, "agent-translator", present=False, within=10)
+
+    after = json.loads((mesh.data_dir / "state.json").read_text())
+    assert {c["name"]: int(c["pid"]) for c in after["components"]} == before
+    assert all(_alive(pid) for pid in before.values()), before
+
+
+async def _terminal(
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub, name: str, *, within: float
+) -> coordinator_pb2.Workflow:
+    deadline = time.monotonic() + within
+    while True:
+        workflow = (
+            await stub.GetWorkflow(
+                coordinator_pb2.GetWorkflowRequest(name=name), timeout=5, metadata=CALLER
+            )
+        ).workflow
+        if workflow.state in TERMINAL:
+            return workflow
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{name} is {WS.Name(workflow.state)} after {within}s")
+        await asyncio.sleep(0.1)

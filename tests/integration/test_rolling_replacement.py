@@ -1,0 +1,167 @@
+"""Rolling replacement of an agent's replicas under a steady stream of workflows.
+
+Two replicas of an agent run as their own processes; the planner and the coordinator run
+in-process (the harness). While a workflow is started every 50 ms, replica 1 is stopped
+with SIGTERM (it deregisters, lets its running tasks finish and exits 0) and a new one
+started, then the same for replica 2. Every workflow succeeds; every task attempt ran
+once; the new replicas took over the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import nats
+import pytest
+from google.protobuf import duration_pb2
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from tessera.runtime.bus import Topology
+from tessera.v1 import common_pb2, coordinator_pb2, planner_pb2
+from tests.integration.agents.process import AgentProcess
+from tests.integration.harness import WS, Mesh, as_dict
+
+MIN_WORKFLOWS = 30
+INTERVAL_S = 0.05
+
+
+def _spec(task_id: str, *deps: str) -> planner_pb2.TaskSpec:
+    return planner_pb2.TaskSpec(
+        id=task_id,
+        capability="rolling.step",
+        version="^1.0",
+        depends_on=list(deps),
+        max_attempts=3,
+        timeout=duration_pb2.Duration(seconds=10),
+    )
+
+
+PLAN = planner_pb2.TaskGraph(
+    template="rolling",
+    budget=common_pb2.Budget(
+        max_tokens=100, max_cost_micros=100, max_tool_calls=1, max_iterations=10
+    ),
+    tasks=[_spec("first"), _spec("second", "first")],
+)
+
+
+@pytest.fixture
+async def mesh(nats_url: str) -> AsyncIterator[Mesh]:
+    async with Mesh(nats_url, "roll" + uuid.uuid4().hex[:6]) as running:
+        yield running
+
+
+class Executions:
+    """Counts the SDK's task.executed events per (workflow, task, attempt) and replica."""
+
+    def __init__(self) -> None:
+        self.attempts: Counter[tuple[str, str, int]] = Counter()
+        self.by_instance: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()
+        self.arrived = asyncio.Event()
+
+    async def on_message(self, msg: Msg) -> None:
+        body = json.loads(msg.data)
+        self.attempts[(body["workflow_id"], body["task_id"], body["attempt"])] += 1
+        self.by_instance[body["instance_id"]] += 1
+        self.outcomes[body["outcome"]] += 1
+        self.arrived.set()
+
+    async def served_by(self, instance_id: str) -> None:
+        """Wait until ``instance_id`` has executed a task."""
+        while self.by_instance[instance_id] == 0:
+            self.arrived.clear()
+            await self.arrived.wait()
+
+
+async def _producer(mesh: Mesh, names: list[str], stop: asyncio.Event) -> None:
+    """Start a workflow every INTERVAL_S until told to stop (and at least MIN_WORKFLOWS)."""
+    while not (stop.is_set() and len(names) >= MIN_WORKFLOWS):
+        request = coordinator_pb2.StartWorkflowRequest(request_id=uuid.uuid4().hex, plan=PLAN)
+        response = await mesh.stub.StartWorkflow(request, timeout=10)
+        names.append(response.workflow.name)
+        await asyncio.sleep(INTERVAL_S)  # pacing of the load, not synchronisation
+
+
+async def _replace(
+    old: AgentProcess, start_new: Callable[[], AgentProcess], nc: Client, seen: Executions
+) -> AgentProcess:
+    assert await old.terminate() == 0, old.log_path.read_text()[-2000:]
+    new = start_new()
+    await new.registered(nc)
+    await seen.served_by(new.instance_id)
+    return new
+
+
+async def test_replicas_are_replaced_one_by_one_while_every_workflow_succeeds(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    nc = await nats.connect(mesh.nats_url)
+    seen = Executions()
+    await nc.subscribe(Topology(mesh.namespace).events_subject("task.executed"), cb=seen.on_message)
+    started: list[AgentProcess] = []
+
+    def start_replica() -> AgentProcess:
+        replica = AgentProcess(
+            "steady",
+            "steady",
+            nats_url=mesh.nats_url,
+            namespace=mesh.namespace,
+            log_dir=tmp_path / "agents",
+        )
+        started.append(replica)
+        return replica
+
+    names: list[str] = []
+    stop = asyncio.Event()
+    producer: asyncio.Task[None] | None = None
+    try:
+        replicas = [start_replica(), start_replica()]
+        for replica in replicas:
+            await replica.registered(nc)
+        async with asyncio.timeout(90):
+            producer = asyncio.create_task(_producer(mesh, names, stop))
+            for replica in replicas:
+                await seen.served_by(replica.instance_id)  # both take work before we roll
+            for index in range(len(replicas)):
+                replicas[index] = await _replace(replicas[index], start_replica, nc, seen)
+            stop.set()
+            await producer
+            workflows = await asyncio.gather(*(mesh.finished(n, timeout=60) for n in names))
+    finally:
+        stop.set()
+        if producer is not None and not producer.done():
+            producer.cancel()
+        for replica in started:
+            replica.kill()
+        await nc.close()
+
+    assert len(names) >= MIN_WORKFLOWS
+    states = Counter(WS.Name(w.state) for w in workflows)
+    assert states == {"WORKFLOW_STATE_SUCCEEDED": len(names)}, states
+    for workflow in workflows:
+        assert as_dict(workflow.blackboard)["steps"] == ["first", "second"]
+    # The coordinator reads the registry through a 0.5 s cache, so a dispatch can still
+    # pick a replica that has just deregistered and closed its port. Such an attempt can
+    # only fail with UNAVAILABLE before anything ran, and is retried on a live replica.
+    failed = [
+        event.task_failed
+        for name in names
+        for event in await mesh.events(name)
+        if event.HasField("task_failed")
+    ]
+    assert all(
+        f.error.code == grpc.StatusCode.UNAVAILABLE.value[0] and f.will_retry for f in failed
+    ), failed
+    # Four replicas served (two replaced, two new); each attempt ran once.
+    assert len(seen.by_instance) == 4, seen.by_instance
+    twice = {key: n for key, n in seen.attempts.items() if n > 1}
+    assert not twice, twice
+    assert seen.outcomes["error"] == 0, seen.outcomes
