@@ -102,7 +102,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if claimed != wf_id:
             existing = await self.store.load(claimed)
             if existing is not None:
-                return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(existing[0]))
+                rec = existing[0]
+                if rec.state == WS.WORKFLOW_STATE_RUNNING:
+                    # The first attempt may have stored it but failed to enqueue its first
+                    # step (NATS failover); advancing is compare-and-set, so re-sending a
+                    # step is always safe and nothing is left stranded.
+                    await self.store.enqueue(rec.id, "start retried")
+                return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(rec))
             wf_id = claimed  # an earlier attempt claimed the id and crashed: finish its job
 
         plan = await self._plan(request, context)

@@ -65,6 +65,10 @@ from tessera.v1 import (
 
 __all__ = ["AGENT_SERVICE_NAME", "TASK_TOKEN_METADATA", "Agent"]
 
+DEREGISTER_LINGER_S = 1.0
+"""How long a stopping replica keeps serving after leaving the registry: longer than the
+coordinator's registry snapshot may be stale (0.5 s)."""
+
 log = structlog.get_logger(__name__)
 
 AGENT_SERVICE_NAME: str = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
@@ -486,13 +490,17 @@ class Agent:
         )
         return self.endpoint
 
-    async def stop(self, grace_s: float | None = None) -> None:
+    async def stop(self, grace_s: float | None = None, *, linger_s: float = 0.0) -> None:
         """Deregister first (no new work is routed here), let running calls finish for
         ``grace_s`` (default ``settings.shutdown_grace_s``), then release everything.
         Idempotent."""
         if self._heartbeat is not None:
             await self._heartbeat.stop()
             self._heartbeat = None
+            if linger_s > 0:
+                # Callers may still hold a registry snapshot naming this replica for a
+                # moment: keep answering them instead of refusing connections.
+                await asyncio.sleep(linger_s)
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
@@ -519,7 +527,7 @@ class Agent:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            await self.stop()
+            await self.stop(linger_s=DEREGISTER_LINGER_S)
 
     def run(self) -> None:
         """Entry point of ``python -m services.agents.<name>``: settings from the

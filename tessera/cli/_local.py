@@ -14,9 +14,14 @@ def nats_url(default: str) -> str:
         return os.environ["TESSERA_NATS_URL"]
     recorded = mesh_state.read(launcher.default_data_dir())
     if recorded is not None:
-        for component in recorded.components:
-            if component.name == "nats":
-                return component.address
+        # One server ("nats"), or the nodes of `tessera up --nats-cluster N` ("nats-n1"...).
+        servers = [
+            c.address
+            for c in recorded.components
+            if c.name == "nats" or c.name.startswith("nats-n")
+        ]
+        if servers:
+            return ",".join(servers)
     return default
 
 

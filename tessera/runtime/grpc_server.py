@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+import nats.errors
 import structlog
 import uvloop
 from google.protobuf.message import Message
@@ -30,6 +31,7 @@ from tessera.runtime.errors import (
     Internal,
     InvalidArgument,
     TesseraError,
+    Unavailable,
     to_grpc_status,
 )
 from tessera.runtime.telemetry import server_interceptors
@@ -128,6 +130,19 @@ async def _abort_unexpected(
     context: grpc.aio.ServicerContext, method: str, exc: BaseException
 ) -> None:
     ref = str(uuid.uuid4())
+    if isinstance(exc, nats.errors.Error):
+        # NATS failing over or unreachable: the caller should retry, not report a bug.
+        log.warning("rpc_dependency_unavailable", method=method, ref=ref, error=repr(exc))
+        await context.abort_with_status(
+            to_grpc_status(
+                Unavailable(
+                    f"the event store is temporarily unavailable (ref {ref}); retry",
+                    reason="NATS_UNAVAILABLE",
+                    retry_after_s=1.0,
+                    metadata={"ref": ref},
+                )
+            )
+        )
     log.error("rpc_unexpected_error", method=method, ref=ref, exc_info=exc)
     await context.abort_with_status(
         to_grpc_status(Internal(f"internal error (ref {ref})", metadata={"ref": ref}))

@@ -262,15 +262,6 @@ async def test_workflows_complete_when_a_nats_node_is_killed(
     await _settled(mesh, dead=None, within=max(5.0, deadline - time.monotonic()))
 
 
-@pytest.mark.xfail(
-    reason=(
-        "coordinator StartWorkflow persists the workflow, then publishes its first work "
-        "message; when that publish fails (leaderless work stream) the caller gets "
-        "INTERNAL, and the idempotent retry returns the stored workflow without "
-        "enqueueing it, so it never advances"
-    ),
-    strict=False,
-)
 async def test_a_workflow_started_during_failover_is_refused_retryably_or_completes(
     mesh: Mesh, nats_cluster: cluster.NatsCluster
 ) -> None:

@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import grpc
 import nats
 import pytest
 from google.protobuf import duration_pb2
@@ -148,18 +147,15 @@ async def test_replicas_are_replaced_one_by_one_while_every_workflow_succeeds(
     assert states == {"WORKFLOW_STATE_SUCCEEDED": len(names)}, states
     for workflow in workflows:
         assert as_dict(workflow.blackboard)["steps"] == ["first", "second"]
-    # The coordinator reads the registry through a 0.5 s cache, so a dispatch can still
-    # pick a replica that has just deregistered and closed its port. Such an attempt can
-    # only fail with UNAVAILABLE before anything ran, and is retried on a live replica.
+    # A stopping replica leaves the registry, then keeps serving longer than the
+    # coordinator's registry snapshot may be stale: no attempt is sent to a closed port.
     failed = [
         event.task_failed
         for name in names
         for event in await mesh.events(name)
         if event.HasField("task_failed")
     ]
-    assert all(
-        f.error.code == grpc.StatusCode.UNAVAILABLE.value[0] and f.will_retry for f in failed
-    ), failed
+    assert not failed, failed
     # Four replicas served (two replaced, two new); each attempt ran once.
     assert len(seen.by_instance) == 4, seen.by_instance
     twice = {key: n for key, n in seen.attempts.items() if n > 1}
