@@ -125,7 +125,8 @@ class Runner:
 
     async def _consume(self) -> None:
         while not self._stopping.is_set():
-            free = max(1, min(32, self._slots._value))  # fetch no more than we can start
+            # Fetch no more than can start now; the rest stay queued for other replicas.
+            free = max(1, min(32, self.settings.max_concurrent_steps - len(self._steps)))
             try:
                 msgs = await self._sub.fetch(batch=free, timeout=1.0)
             except (TimeoutError, FetchTimeoutError):
