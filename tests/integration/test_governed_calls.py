@@ -10,13 +10,14 @@ effect in the effects outbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,9 +214,20 @@ def proxy_settings(
     return ToolProxySettings(**base)
 
 
-@pytest.fixture(scope="module")
-async def mesh(nats_url: str, bao: Bao, creds: dict[str, Path]) -> AsyncIterator[Mesh]:
-    namespace = "tp" + secrets.token_hex(4)
+@contextlib.asynccontextmanager
+async def governed_mesh(
+    nats_url: str,
+    bao: Bao,
+    creds: dict[str, Path],
+    *,
+    name: str,
+    extra_tools: Sequence[Tool] = (),
+    **proxy_overrides: Any,
+) -> AsyncIterator[Mesh]:
+    """The policy service and a tool proxy (reaching Vault through a cuttable forwarder)
+    in-process on the real NATS and OpenBao, plus Vault clients acting as the
+    coordinator and as an inspector."""
+    namespace = name + secrets.token_hex(4)
     policy = PolicyService(
         PolicySettings(
             policy_dir=REPO / "policy",
@@ -228,30 +240,31 @@ async def mesh(nats_url: str, bao: Bao, creds: dict[str, Path]) -> AsyncIterator
     await policy.start()
     forwarder = Forwarder(bao.port)
     await forwarder.up()
-    settings = proxy_settings(nats_url, namespace, forwarder.addr, creds, policy.address)
-    proxy = ToolProxy(settings, replica_id="it")
-    for tool in extra_tools_for_tests():
+    settings = proxy_settings(
+        nats_url, namespace, forwarder.addr, creds, policy.address, **proxy_overrides
+    )
+    proxy = ToolProxy(settings, replica_id=name)
+    for tool in extra_tools:
         proxy.registry.register(tool)
     await proxy.start()
-    nc = await connect(nats_url, name="governed-calls-test")
+    nc = await connect(nats_url, name=f"{name}-test")
     coordinator = await VaultClient.from_approle_file(bao.addr, creds["coordinator"])
     inspector = await VaultClient.from_approle_file(bao.addr, creds["tool-proxy"])
     channel = grpc.aio.insecure_channel(proxy.address)
-    mesh = Mesh(
-        proxy=proxy,
-        policy=policy,
-        nc=nc,
-        js=nc.jetstream(),
-        topology=Topology(namespace),
-        coordinator=coordinator,
-        inspector=inspector,
-        stub=tool_proxy_pb2_grpc.ToolProxyServiceStub(channel),
-        channel=channel,
-        forwarder=forwarder,
-        settings=settings,
-    )
     try:
-        yield mesh
+        yield Mesh(
+            proxy=proxy,
+            policy=policy,
+            nc=nc,
+            js=nc.jetstream(),
+            topology=Topology(namespace),
+            coordinator=coordinator,
+            inspector=inspector,
+            stub=tool_proxy_pb2_grpc.ToolProxyServiceStub(channel),
+            channel=channel,
+            forwarder=forwarder,
+            settings=settings,
+        )
     finally:
         await channel.close()
         await proxy.stop()
@@ -260,6 +273,14 @@ async def mesh(nats_url: str, bao: Bao, creds: dict[str, Path]) -> AsyncIterator
         await inspector.close()
         await forwarder.down()
         await nc.drain()
+
+
+@pytest.fixture(scope="module")
+async def mesh(nats_url: str, bao: Bao, creds: dict[str, Path]) -> AsyncIterator[Mesh]:
+    async with governed_mesh(
+        nats_url, bao, creds, name="tp", extra_tools=extra_tools_for_tests()
+    ) as running:
+        yield running
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -41,26 +38,12 @@ from tessera.v1 import (
 )
 from tests.integration.agents.process import AgentProcess
 from tests.integration.harness import TERMINAL, WS
+from tests.integration.test_mesh_up import tessera
 
 PROJECT_ROOT = project_root(Path(__file__).parent)
 CORE = ("policy", "planner", "tool-proxy", "coordinator", "gateway-control-plane")
 BYSTANDER = "agent-billing"  # a reference agent that must not notice anything
 CALLER = (("x-tessera-caller", "independent-deployment-test"),)
-CLI_TIMEOUT_S = 120
-
-
-def tessera(*args: str, data_dir: Path, topology: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESSERA_TOPOLOGY": str(topology), "COLUMNS": "200"}
-    env.pop("TESSERA_DATA_DIR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "tessera.cli.main", *args, "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
 
 
 @dataclass(frozen=True)

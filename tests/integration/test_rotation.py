@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import stat
 import sys
 import time
@@ -29,25 +28,20 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from services.policy.app import PolicyService
-from services.policy.settings import PolicySettings
-from services.tool_proxy.app import ToolProxy
 from tessera.audit import tail
-from tessera.runtime.bus import Topology, connect
-from tessera.v1 import audit_pb2, tool_proxy_pb2_grpc
+from tessera.v1 import audit_pb2
 from tessera.vault import VaultClient
 from tessera.vault.naming import TOOL_SECRETS_MOUNT, tool_slug
 from tessera.vault.rotation import audit_writer, rotate
 from tests.integration.test_governed_calls import (  # noqa: F401 (bao, creds: fixtures)
     REPO,
     Bao,
-    Forwarder,
     Mesh,
     bao,
     creds,
+    governed_mesh,
     invoke,
     new_ids,
-    proxy_settings,
     task_token,
 )
 
@@ -62,55 +56,16 @@ above the default 30 s one)."""
 
 @pytest.fixture(scope="module")
 async def mesh(nats_url: str, bao: Bao, creds: dict[str, Path]) -> AsyncIterator[Mesh]:  # noqa: F811
-    namespace = "rot" + secrets.token_hex(4)
-    policy = PolicyService(
-        PolicySettings(
-            policy_dir=REPO / "policy",
-            nats_url=nats_url,
-            namespace=namespace,
-            listen="127.0.0.1:0",
-            instance_id=f"policy-{namespace}",
-        )
-    )
-    await policy.start()
-    forwarder = Forwarder(bao.port)  # unused here (never cut), the Mesh record wants one
-    settings = proxy_settings(
+    async with governed_mesh(
         nats_url,
-        namespace,
-        bao.addr,
+        bao,
         creds,
-        policy.address,
+        name="rot",
         secret_cache_ttl_s=1.0,
         vault_attempts=2,
         vault_timeout_s=2.0,
-    )
-    proxy = ToolProxy(settings, replica_id="rot")
-    await proxy.start()
-    nc = await connect(nats_url, name="rotation-test")
-    coordinator = await VaultClient.from_approle_file(bao.addr, creds["coordinator"])
-    inspector = await VaultClient.from_approle_file(bao.addr, creds["tool-proxy"])
-    channel = grpc.aio.insecure_channel(proxy.address)
-    try:
-        yield Mesh(
-            proxy=proxy,
-            policy=policy,
-            nc=nc,
-            js=nc.jetstream(),
-            topology=Topology(namespace),
-            coordinator=coordinator,
-            inspector=inspector,
-            stub=tool_proxy_pb2_grpc.ToolProxyServiceStub(channel),
-            channel=channel,
-            forwarder=forwarder,
-            settings=settings,
-        )
-    finally:
-        await channel.close()
-        await proxy.stop()
-        await policy.stop()
-        await coordinator.close()
-        await inspector.close()
-        await nc.drain()
+    ) as running:
+        yield running
 
 
 # -- load ---------------------------------------------------------------------------------
