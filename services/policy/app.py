@@ -8,8 +8,8 @@ from nats.aio.client import Client
 
 from services.policy.service import PolicyServicer
 from services.policy.settings import PolicySettings
-from services.policy.store import PolicyStore
 from tessera.audit import AuditWriter
+from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.v1 import policy_pb2, policy_pb2_grpc

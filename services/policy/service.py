@@ -29,62 +29,21 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import json_format
 
-from services.policy.store import PolicyStore
 from tessera.audit import AuditWriter
+from tessera.policy.check import check_input, check_response
 from tessera.policy.engine import (
-    CheckInput,
     LoadedPolicySet,
     PolicyLoadError,
     RequestInvalid,
     Verdict,
     evaluate,
 )
+from tessera.policy.store import PolicyStore
 from tessera.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
-from tessera.v1 import audit_pb2, common_pb2, policy_pb2, policy_pb2_grpc
+from tessera.v1 import audit_pb2, policy_pb2, policy_pb2_grpc
 
 log = structlog.get_logger(__name__)
-
-_DECISIONS = {
-    "allow": policy_pb2.DECISION_ALLOW,
-    "deny": policy_pb2.DECISION_DENY,
-    "approval_required": policy_pb2.DECISION_APPROVAL_REQUIRED,
-}
-
-
-def _attrs(entity: common_pb2.Entity) -> dict[str, object]:
-    return json_format.MessageToDict(entity.attributes) if entity.HasField("attributes") else {}
-
-
-def check_input(request: policy_pb2.CheckRequest) -> CheckInput:
-    """The request as engine input; missing parts become INVALID_ARGUMENT."""
-    violations: list[tuple[str, str]] = []
-    if not request.HasField("principal"):
-        violations.append(("principal", "required"))
-    if not request.action:
-        violations.append(("action", "required"))
-    if not request.HasField("resource"):
-        violations.append(("resource", "required"))
-    if violations:
-        raise InvalidArgument(
-            "malformed policy check", reason="INVALID_CHECK", field_violations=violations
-        )
-    context = (
-        json_format.MessageToDict(request.context_attributes)
-        if request.HasField("context_attributes")
-        else {}
-    )
-    return CheckInput(
-        principal_type=request.principal.type,
-        principal_id=request.principal.id,
-        action=request.action,
-        resource_type=request.resource.type,
-        resource_id=request.resource.id,
-        principal_attrs=_attrs(request.principal),
-        resource_attrs=_attrs(request.resource),
-        context=context,
-    )
 
 
 def policy_set_info(ps: LoadedPolicySet, last_error: str) -> policy_pb2.PolicySetInfo:
@@ -186,14 +145,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             raise
         # Fail closed: Unavailable propagates, and no decision leaves without its record.
         await self._audit_decision(request, decision_id, verdict, ps.version)
-        return policy_pb2.CheckResponse(
-            decision=_DECISIONS[verdict.decision],
-            decision_id=decision_id,
-            determining_policies=list(verdict.determining_policies),
-            errors=list(verdict.errors),
-            policy_set_version=ps.version,
-            approval_reason=verdict.approval_reason,
-        )
+        return check_response(ps, verdict, decision_id)
 
     async def _audit_decision(
         self,

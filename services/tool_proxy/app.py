@@ -12,6 +12,7 @@ from nats.aio.client import Client
 from prometheus_client import start_http_server
 
 from services.tool_proxy.approvals import ApprovalStore
+from services.tool_proxy.embedded_policy import EmbeddedPolicy
 from services.tool_proxy.idempotency import IdempotencyStore
 from services.tool_proxy.limits import RateLimiter
 from services.tool_proxy.service import ToolProxyServicer, safe_deserializer
@@ -21,6 +22,7 @@ from services.tool_proxy.tools.builtin import builtin_tools
 from services.tool_proxy.tools.mcp_backend import McpServers
 from services.tool_proxy.tools.registry import ToolRegistry
 from tessera.audit import AuditWriter, hmac_digest
+from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
@@ -48,6 +50,8 @@ class ToolProxy:
         self._nc: Client | None = None
         self._vault: VaultClient | None = None
         self._policy_channel: grpc.aio.Channel | None = None
+        self.policy_store: PolicyStore | None = None
+        """The embedded policy set (``policy_mode = "embedded"`` only)."""
         self._mcp: McpServers | None = None
 
     @property
@@ -57,11 +61,16 @@ class ToolProxy:
         return self.server.address
 
     async def start(self) -> str:
-        """Connect NATS, Vault, the policy service and MCP servers, then serve; the
-        address. Anything that cannot be reached at start-up fails the start."""
+        """Connect NATS, Vault, the policy service (or load the embedded policy set) and
+        MCP servers, then serve; the address. Anything that cannot be reached at start-up,
+        or an invalid embedded policy set, fails the start."""
         s = self.settings
         if s.vault_approle_file is None:
             raise VaultConfigError("TESSERA_VAULT_APPROLE_FILE is required")
+        if s.policy_mode == "embedded":
+            store = PolicyStore(s.policy_dir, poll_interval_s=s.policy_poll_interval_s)
+            await store.start()  # PolicyLoadError: nothing valid to decide with
+            self.policy_store = store
         self._nc = await connect(s.nats_url, name=f"tool-proxy-{self.replica_id}")
         js = self._nc.jetstream()
         await declare(js, self.topology, replicas=s.jetstream_replicas)
@@ -101,14 +110,21 @@ class ToolProxy:
         self.tokens.on_revoked(ledger.forget)
         await self.tokens.subscribe(self._nc, self.topology.events_subject(REVOCATION_KIND))
 
-        self._policy_channel = channel(s.policy_address, service="tool-proxy")
+        embedded: EmbeddedPolicy | None = None
+        stub: policy_pb2_grpc.PolicyServiceStub | None = None
+        if self.policy_store is not None:
+            embedded = EmbeddedPolicy(self.policy_store)
+        else:
+            self._policy_channel = channel(s.policy_address, service="tool-proxy")
+            stub = policy_pb2_grpc.PolicyServiceStub(self._policy_channel)
         self.servicer = ToolProxyServicer(
             settings=s,
             registry=self.registry,
             tokens=self.tokens,
             ledger=ledger,
             vault=self._vault,
-            policy=policy_pb2_grpc.PolicyServiceStub(self._policy_channel),
+            policy=stub,
+            embedded_policy=embedded,
             limiter=RateLimiter(
                 agent_rate=s.agent_rate_per_s,
                 agent_burst=s.agent_burst,
@@ -130,7 +146,13 @@ class ToolProxy:
         await self.server.start()
         if s.metrics_port:
             start_http_server(s.metrics_port, addr="127.0.0.1")
-        log.info("tool_proxy_started", address=self.server.address, tools=len(self.registry))
+        log.info(
+            "tool_proxy_started",
+            address=self.server.address,
+            tools=len(self.registry),
+            policy_mode=s.policy_mode,
+            policy_set=self.policy_store.current.version if self.policy_store else None,
+        )
         return self.server.address
 
     async def stop(self) -> None:
@@ -147,6 +169,9 @@ class ToolProxy:
         if self._policy_channel is not None:
             await self._policy_channel.close()
             self._policy_channel = None
+        if self.policy_store is not None:
+            await self.policy_store.stop()
+            self.policy_store = None
         if self._vault is not None:
             await self._vault.close()
             self._vault = None

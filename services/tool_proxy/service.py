@@ -3,8 +3,9 @@
 InvokeTool, in order, failing closed at every step (README.md has the full contract):
 token format → token lookup (≤ 1 s cache) → token meta matches the call → tool exists and
 is in the token's scope → arguments (size, schema, hostile input, idempotency key) → rate
-limits → policy Check (→ approval flow) → idempotency claim → use budget → tool secret read
-with the caller's token → audit "allow" → backend under a deadline → audit outcome.
+limits → policy Check, remote or embedded (→ approval flow) → idempotency claim → use
+budget → tool secret read with the caller's token → audit "allow" → backend under a
+deadline → audit outcome.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from services.tool_proxy.approvals import APPROVED, PENDING, REJECTED, ApprovalStore, gate_id
+from services.tool_proxy.embedded_policy import EmbeddedPolicy
 from services.tool_proxy.idempotency import IdempotencyStore, Replay, effect_id
 from services.tool_proxy.limits import RateLimiter
 from services.tool_proxy.settings import ToolProxySettings
@@ -183,19 +185,25 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         tokens: TokenChecker,
         ledger: UseLedger,
         vault: SecretReader,
-        policy: policy_pb2_grpc.PolicyServiceStub,
+        policy: policy_pb2_grpc.PolicyServiceStub | None,
         limiter: RateLimiter,
         idempotency: IdempotencyStore,
         approvals: ApprovalStore,
         audit: AuditSink,
         digest: Callable[[str], str],
+        embedded_policy: EmbeddedPolicy | None = None,
     ) -> None:
+        """Exactly one of ``policy`` (remote mode: the policy service's stub) and
+        ``embedded_policy`` (embedded mode) decides."""
+        if (policy is None) == (embedded_policy is None):
+            raise ValueError("give exactly one of policy and embedded_policy")
         self.settings = settings
         self.registry = registry
         self.tokens = tokens
         self.ledger = ledger
         self.vault = vault
         self.policy = policy
+        self.embedded_policy = embedded_policy
         self.limiter = limiter
         self.idempotency = idempotency
         self.approvals = approvals
@@ -289,6 +297,10 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         eid = effect_id(verified.workflow, spec.name, key) if key else ""
         claim = None
         try:
+            if self.embedded_policy is not None:
+                # Let the reservation's request leave before the (CPU-bound) in-process
+                # decision, so the two still overlap.
+                await asyncio.sleep(0)
             decision = await self._authorize(
                 request, context, verified, tool, arguments, digest, call
             )
@@ -496,6 +508,9 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             ),
             context_attributes=_struct(attrs),
         )
+        if self.embedded_policy is not None:
+            return self.embedded_policy.check(check)
+        assert self.policy is not None
         remaining = context.time_remaining()
         timeout = self.settings.policy_timeout_s
         if remaining is not None:
@@ -585,13 +600,19 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             raise self._denied(approved)
         return approved
 
-    @staticmethod
-    def _note_decision(call: _Call, decision: policy_pb2.CheckResponse) -> None:
+    def _note_decision(self, call: _Call, decision: policy_pb2.CheckResponse) -> None:
         call.decision_id = decision.decision_id
         call.details["decision"] = policy_pb2.Decision.Name(decision.decision)
         call.details["policies"] = list(decision.determining_policies)
         if decision.policy_set_version:
             call.details["policy_set_version"] = decision.policy_set_version
+        if self.embedded_policy is not None:
+            # No policy service record of this decision exists: this record is the one.
+            call.details["policy_mode"] = "embedded"
+            if decision.errors:
+                call.details["policy_errors"] = list(decision.errors)
+            if decision.approval_reason:
+                call.details["approval_reason"] = decision.approval_reason
 
     @staticmethod
     def _denied(decision: policy_pb2.CheckResponse) -> PermissionDenied:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -21,6 +22,18 @@ class ToolProxySettings(ServiceSettings):
     """Where the policy service serves PolicyService."""
     policy_timeout_s: float = Field(default=2.0, gt=0)
     """Upper bound of one policy Check (the call's remaining time bounds it further)."""
+    policy_mode: Literal["remote", "embedded"] = "remote"
+    """``remote``: every decision is a ``Check`` RPC to the policy service (which writes its
+    own decision record). ``embedded``: the proxy loads ``policy_dir`` itself (validated
+    and hot-reloaded exactly like the policy service, refusing to start on an invalid set,
+    keeping the last good set on a refused reload) and decides in-process; the decision id,
+    determining policies and policy set version ride on the proxy's own awaited audit
+    record (``allow`` or the refusal), so there is no separate decision record."""
+    policy_dir: Path = Path("policy")
+    """``embedded`` only: directory holding ``schema.cedarschema`` and
+    ``policies/*.cedar``."""
+    policy_poll_interval_s: float = Field(default=1.0, gt=0)
+    """``embedded`` only: how often the policy files are compared for hot reload."""
 
     token_cache_ttl_s: float = Field(default=1.0, gt=0, le=1.0)
     """How long a token lookup is trusted (never more than 1 s; revocation events evict

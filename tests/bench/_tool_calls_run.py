@@ -13,10 +13,13 @@ Python process whose gRPC handlers share one core, gRPC over loopback TCP, proto
   ``ToolProxyService.InvokeTool`` on the same :class:`GrpcServer` stack as every Tessera
   service (OTel, error mapping, deadline guard) and the relay calls on through
   :func:`tessera.runtime.grpc_client.channel`, like the proxy calls the policy service.
+* embedded: the governed path with ``policy_mode = "embedded"`` (the same policy set
+  decided in the proxy's process; no policy hop, no policy-service decision record: the
+  proxy's ``allow`` record carries the decision).
 * raw (informational): the same 2-hop chain on plain ``grpc.aio`` without interceptors.
 
-Samples are taken in interleaved blocks (bare, raw, governed, bare, …) so that noise from
-other tenants of this shared machine hits every path alike.
+Samples are taken in interleaved blocks (bare, raw, governed, async, embedded, bare, …) so
+that noise from other tenants of this shared machine hits every path alike.
 
 ``python -m tests.bench._tool_calls_run CONFIG.json OUT.json``; CONFIG holds ``nats_url``,
 ``vault_addr``, ``creds`` (identity → AppRole file), ``n``, ``warmup``, ``rounds`` and
@@ -44,9 +47,11 @@ from pydantic import SecretStr
 from services.policy.app import PolicyService
 from services.policy.settings import PolicySettings
 from services.tool_proxy.app import ToolProxy
+from services.tool_proxy.embedded_policy import EmbeddedPolicy
 from services.tool_proxy.settings import ToolProxySettings
 from services.tool_proxy.tools import CallInfo, SideEffect, Tool, ToolSpec
 from tessera.audit import verify
+from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.grpc_client import channel
@@ -193,7 +198,11 @@ async def _block(fn: Callable[[], Awaitable[Any]], n: int, out: list[float]) -> 
 
 
 async def _components(
-    nats_url: str, namespace: str, policy_address: str, request: tool_proxy_pb2.InvokeToolRequest
+    nats_url: str,
+    namespace: str,
+    policy_address: str,
+    request: tool_proxy_pb2.InvokeToolRequest,
+    store: PolicyStore | None = None,
 ) -> dict[str, float]:
     """p50 of the governed path's parts, each alone (where the remaining time goes)."""
     from tessera.v1 import common_pb2, policy_pb2, policy_pb2_grpc
@@ -234,11 +243,20 @@ async def _components(
         async def policy_check() -> None:
             await stub.Check(check, timeout=5.0)
 
-        for name, fn in (
+        embedded = EmbeddedPolicy(store) if store is not None else None
+
+        async def embedded_check() -> None:
+            assert embedded is not None
+            embedded.check(check)
+
+        parts: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
             ("nats_kv_cas_update", kv_update),
             ("jetstream_publish_ack", js_publish),
             ("policy_check_rpc", policy_check),
-        ):
+        ]
+        if embedded is not None:
+            parts.append(("policy_check_embedded", embedded_check))
+        for name, fn in parts:
             samples: list[float] = []
             await _block(fn, 50, [])
             await _block(fn, 500, samples)
@@ -299,6 +317,12 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     proxy_async.registry.register(noop_tool())
     await proxy_async.start()
+    proxy_embedded = ToolProxy(
+        settings.model_copy(update={"policy_mode": "embedded", "policy_dir": REPO / "policy"}),
+        replica_id="bench-embedded",
+    )
+    proxy_embedded.registry.register(noop_tool())
+    await proxy_embedded.start()
     bare, raw = BareChain(tessera=True), BareChain(tessera=False)
     await bare.start()
     await raw.start()
@@ -308,6 +332,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         channel(bare.address, service="bench-agent"),
         grpc.aio.insecure_channel(raw.address),
         channel(proxy_async.address, service="bench-agent"),
+        channel(proxy_embedded.address, service="bench-agent"),
     ]
     try:
         wf, task = "wf-" + secrets.token_hex(6), "task-" + secrets.token_hex(4)
@@ -315,7 +340,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         token = await coordinator.create_task_token(
             tools=[NOOP_TOOL],
             ttl_s=900,
-            num_uses=2 * total + 10,
+            num_uses=3 * total + 10,
             meta={"workflow": wf, "task": task, "agent": "bench"},
         )
         request = tool_proxy_pb2.InvokeToolRequest(tool=NOOP_TOOL)
@@ -333,13 +358,19 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
             return call
 
-        governed_call, bare_call, raw_call, async_call = (caller(s) for s in stubs)
+        governed_call, bare_call, raw_call, async_call, embedded_call = (caller(s) for s in stubs)
         per_round = max(1, n // rounds)
         discard: list[float] = []
-        for fn in (bare_call, raw_call, governed_call, async_call):
+        for fn in (bare_call, raw_call, governed_call, async_call, embedded_call):
             await _block(fn, warmup, discard)
 
-        samples: dict[str, list[float]] = {"governed": [], "bare": [], "raw": [], "async": []}
+        samples: dict[str, list[float]] = {
+            "governed": [],
+            "bare": [],
+            "raw": [],
+            "async": [],
+            "embedded": [],
+        }
         profiler = cProfile.Profile() if cfg.get("profile") else None
         started = time.perf_counter()
         for _ in range(rounds):
@@ -351,13 +382,14 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             if profiler is not None:
                 profiler.disable()
             await _block(async_call, per_round, samples["async"])
+            await _block(embedded_call, per_round, samples["embedded"])
         elapsed = time.perf_counter() - started
         if profiler is not None:
             profiler.dump_stats(cfg["profile"])
 
         # Every governed call left its audit records: let the asynchronous ones land, then
         # check that every chain still verifies.
-        for p in (proxy, proxy_async):
+        for p in (proxy, proxy_async, proxy_embedded):
             if p.servicer is not None:
                 await p.servicer.drain()
         if policy_async.servicer is not None:
@@ -369,9 +401,12 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         finally:
             await nc.drain()
         # After the verification: these publish to a scratch subject of the audit stream.
-        components = await _components(cfg["nats_url"], namespace, policy.address, request)
+        components = await _components(
+            cfg["nats_url"], namespace, policy.address, request, proxy_embedded.policy_store
+        )
         governed, bare_s = summary(samples["governed"]), summary(samples["bare"])
         raw_s, async_s = summary(samples["raw"]), summary(samples["async"])
+        embedded_s = summary(samples["embedded"])
         return {
             "process_model": "in-process: client, tool proxy, policy service and bare chains "
             "share one uvloop event loop in one process; NATS and OpenBao are real servers",
@@ -386,11 +421,16 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "ratio_p50_vs_raw": round(governed["p50_ms"] / raw_s["p50_ms"], 3),
             "governed_policy_audit_async": async_s,
             "ratio_p50_policy_audit_async": round(async_s["p50_ms"] / bare_s["p50_ms"], 3),
+            "governed_policy_embedded": embedded_s,
+            "ratio_p50_embedded": round(embedded_s["p50_ms"] / bare_s["p50_ms"], 3),
+            "ratio_p99_embedded": round(embedded_s["p99_ms"] / bare_s["p99_ms"], 3),
             "targets": {
                 "ratio_p50_max": 1.3,
                 "governed_p99_ms_max": 3.0,
                 "ratio_p50_met": governed["p50_ms"] <= 1.3 * bare_s["p50_ms"],
                 "p99_met": governed["p99_ms"] <= 3.0,
+                "embedded_ratio_p50_met": embedded_s["p50_ms"] <= 1.3 * bare_s["p50_ms"],
+                "embedded_p99_met": embedded_s["p99_ms"] <= 3.0,
             },
             "components_p50_ms": components,
             "warmup_per_path": warmup,
@@ -408,6 +448,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             await ch.close()
         await raw.stop()
         await bare.stop()
+        await proxy_embedded.stop()
         await proxy_async.stop()
         await proxy.stop()
         await policy_async.stop()

@@ -2,7 +2,8 @@
 
 governed = agent → tool proxy → (policy Check ∥ use ledger) + token check + secret + `allow`
 audit record → the no-op built-in tool; bare = client → relay → no-op server on the same
-gRPC server stack. Both run in-process in ONE subprocess on uvloop (see
+gRPC server stack; embedded = governed with ``policy_mode = "embedded"`` (the policy set
+decided in the proxy's process, no policy hop). All run in-process in ONE subprocess on uvloop (see
 ``_tool_calls_run.py``); NATS (``sync_interval: always``) and OpenBao are the real servers.
 
 Not a timed test (DESIGN.md, Testing): it prints p50/p99 and the ratio and writes
@@ -66,7 +67,11 @@ def test_governed_call_against_bare_chain(
         f"ratio p50={result['ratio_p50']} | raw grpc 2-hop p50="
         f"{result['raw_grpc_2hop']['p50_ms']}ms | governed with async policy audit p50="
         f"{result['governed_policy_audit_async']['p50_ms']}ms p99="
-        f"{result['governed_policy_audit_async']['p99_ms']}ms | -> {OUTPUT}"
+        f"{result['governed_policy_audit_async']['p99_ms']}ms | governed with embedded policy "
+        f"p50={result['governed_policy_embedded']['p50_ms']}ms "
+        f"p99={result['governed_policy_embedded']['p99_ms']}ms "
+        f"ratio p50={result['ratio_p50_embedded']} | -> {OUTPUT}"
     )
     assert result["governed"]["n"] >= 1000
+    assert result["governed_policy_embedded"]["n"] >= 1000
     assert result["audit"]["ok"], result["audit"]["issues"]

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.policy.store import PolicyStore
 from tessera.policy.cases import load_cases, run_case
 from tessera.policy.engine import (
     CheckInput,
@@ -24,6 +23,7 @@ from tessera.policy.engine import (
     evaluate,
     load_policy_dir,
 )
+from tessera.policy.store import PolicyStore
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY_DIR = ROOT / "policy"

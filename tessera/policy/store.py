@@ -2,6 +2,9 @@
 
 Swapping the set is one reference assignment, so a decision always sees one whole set
 (old or new, never a mix). A refused reload leaves the serving set untouched.
+
+Shared by the policy service and the tool proxy's embedded decision point
+(``TESSERA_TOOL_PROXY_POLICY_MODE=embedded``), so both load, validate and hot-reload one way.
 """
 
 from __future__ import annotations

@@ -1,0 +1,57 @@
+"""The embedded policy decision point (``policy_mode = "embedded"``).
+
+The same policy-as-code as the policy service, loaded, schema-validated and hot-reloaded by
+the same :class:`~tessera.policy.store.PolicyStore`, and the same ``CheckRequest`` → Cedar
+mapping (:mod:`tessera.policy.check`), evaluated in-process: no gRPC hop and no separate
+decision record. The proxy audits the decision itself: its ``allow`` record (awaited before
+any tool runs) or its refusal record carries the decision id, the determining policies and
+the policy set version.
+
+Fail closed as in remote mode: only an explicit Cedar Allow allows (``evaluate``), and a
+request Cedar cannot evaluate is a denial (remote mode maps the policy service's
+INVALID_ARGUMENT the same way).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import structlog
+
+from tessera.policy.check import check_input, check_response
+from tessera.policy.engine import RequestInvalid, evaluate
+from tessera.policy.store import PolicyStore
+from tessera.runtime.errors import InvalidArgument, PermissionDenied
+from tessera.v1 import policy_pb2
+
+__all__ = ["EmbeddedPolicy"]
+
+log = structlog.get_logger(__name__)
+
+
+class EmbeddedPolicy:
+    """Decides ``CheckRequest``s against the store's current (last good) policy set."""
+
+    def __init__(self, store: PolicyStore) -> None:
+        self.store = store
+
+    def check(self, request: policy_pb2.CheckRequest) -> policy_pb2.CheckResponse:
+        ps = self.store.current  # one whole set per decision (a reload swaps a reference)
+        decision_id = str(uuid.uuid4())
+        try:
+            verdict = evaluate(ps, check_input(request), hour=datetime.now(UTC).hour)
+        except (RequestInvalid, InvalidArgument) as exc:
+            violations = exc.violations if isinstance(exc, RequestInvalid) else exc.field_violations
+            log.warning(
+                "policy_check_invalid",
+                decision_id=decision_id,
+                tool=request.resource.id,
+                violations=[f"{f}: {d}" for f, d in violations],
+            )
+            raise PermissionDenied(
+                "the policy refused to decide this call",
+                reason="POLICY_DENIED",
+                metadata={"policy_error": "INVALID_ARGUMENT", "decision_id": decision_id},
+            ) from None
+        return check_response(ps, verdict, decision_id)
