@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from services.coordinator.app import Coordinator
 from services.coordinator.settings import CoordinatorSettings
@@ -27,7 +27,7 @@ from services.tool_proxy.settings import ToolProxySettings
 from tessera.agent import Agent
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.grpc_client import channel
-from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, events_pb2
+from tessera.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, events_pb2, planner_pb2
 from tessera.vault import bootstrap
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,3 +261,37 @@ def as_dict(message: struct_pb2.Struct) -> dict[str, Any]:
 
 async def gather_with_timeout(*aws: Any, timeout: float) -> list[Any]:  # noqa: ASYNC109
     return await asyncio.wait_for(asyncio.gather(*aws), timeout)
+
+
+def task(
+    task_id: str, capability: str, *depends_on: str, max_attempts: int = 3, timeout_s: int = 20
+) -> planner_pb2.TaskSpec:
+    """One agent task of an explicit plan (any version of `capability` 1.x)."""
+    return planner_pb2.TaskSpec(
+        id=task_id,
+        capability=capability,
+        version="^1.0",
+        depends_on=list(depends_on),
+        max_attempts=max_attempts,
+        timeout=duration_pb2.Duration(seconds=timeout_s),
+    )
+
+
+def task_graph(
+    template: str,
+    *tasks: planner_pb2.TaskSpec,
+    max_iterations: int = 40,
+    max_tokens: int = 10_000,
+) -> planner_pb2.TaskGraph:
+    """An explicit plan with a budget generous enough not to be what a test measures."""
+    return planner_pb2.TaskGraph(
+        template=template,
+        tasks=list(tasks),
+        max_iterations=max_iterations,
+        budget=common_pb2.Budget(
+            max_tokens=max_tokens,
+            max_cost_micros=10**6,
+            max_tool_calls=10,
+            max_iterations=max_iterations,
+        ),
+    )

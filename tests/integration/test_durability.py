@@ -15,13 +15,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from google.protobuf import duration_pb2
 
 from tessera.agent import Agent, TaskContext, TaskResult
 from tessera.launcher.ports import free_port
 from tessera.runtime.grpc_client import wait_for_serving
-from tessera.v1 import common_pb2, coordinator_pb2, planner_pb2
-from tests.integration.harness import TERMINAL, WS, Mesh
+from tessera.v1 import coordinator_pb2, planner_pb2
+from tests.integration.harness import TERMINAL, WS, Mesh, task, task_graph
 
 EXECUTIONS: Counter[tuple[str, str]] = Counter()
 ARRIVED: Counter[str] = Counter()
@@ -60,38 +59,18 @@ async def held(ctx: TaskContext) -> TaskResult:
     return TaskResult(output={"task": ctx.task_id})
 
 
-def _spec(task_id: str, capability: str, *deps: str) -> planner_pb2.TaskSpec:
-    return planner_pb2.TaskSpec(
-        id=task_id,
-        capability=capability,
-        version="^1.0",
-        depends_on=list(deps),
-        max_attempts=3,
-        timeout=duration_pb2.Duration(seconds=20),
-    )
-
-
-BUDGET = common_pb2.Budget(
-    max_tokens=1000, max_cost_micros=1000, max_tool_calls=10, max_iterations=20
+PIPELINE = task_graph(
+    "pipeline",
+    task("first", "dur.step"),
+    task("middle", "dur.held", "first"),
+    task("last", "dur.step", "middle"),
 )
-PIPELINE = planner_pb2.TaskGraph(
-    template="pipeline",
-    budget=BUDGET,
-    tasks=[
-        _spec("first", "dur.step"),
-        _spec("middle", "dur.held", "first"),
-        _spec("last", "dur.step", "middle"),
-    ],
-)
-FAN_OUT = planner_pb2.TaskGraph(
-    template="fan-out",
-    budget=BUDGET,
-    tasks=[
-        _spec("a", "dur.step"),
-        _spec("b", "dur.held"),
-        _spec("c", "dur.step"),
-        _spec("join", "dur.step", "a", "b", "c"),
-    ],
+FAN_OUT = task_graph(
+    "fan-out",
+    task("a", "dur.step"),
+    task("b", "dur.held"),
+    task("c", "dur.step"),
+    task("join", "dur.step", "a", "b", "c"),
 )
 
 

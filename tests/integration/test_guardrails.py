@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import struct_pb2
 
 from tessera.agent import Agent, Handoff, TaskContext, TaskResult, Usage
 from tessera.runtime.errors import error_details
-from tessera.v1 import common_pb2, coordinator_pb2, events_pb2, planner_pb2
-from tests.integration.harness import WS, Mesh, as_dict
+from tessera.v1 import coordinator_pb2, events_pb2, planner_pb2
+from tests.integration.harness import WS, Mesh, as_dict, task, task_graph
 
 agent = Agent("guardrails", version="1.0.0")
 _counter = itertools.count()
@@ -78,28 +78,12 @@ async def mesh(nats_url: str) -> AsyncIterator[Mesh]:
 def plan(
     *capabilities: str, max_tokens: int = 10_000, max_iterations: int = 20, max_attempts: int = 1
 ) -> planner_pb2.TaskGraph:
+    """A pipeline t0 → t1 → ... of `capabilities`."""
     tasks = [
-        planner_pb2.TaskSpec(
-            id=f"t{i}",
-            capability=c,
-            version="^1.0",
-            depends_on=[f"t{i - 1}"] if i else [],
-            max_attempts=max_attempts,
-            timeout=duration_pb2.Duration(seconds=5),
-        )
+        task(f"t{i}", c, *([f"t{i - 1}"] if i else []), max_attempts=max_attempts, timeout_s=5)
         for i, c in enumerate(capabilities)
     ]
-    return planner_pb2.TaskGraph(
-        template="guardrails",
-        tasks=tasks,
-        max_iterations=max_iterations,
-        budget=common_pb2.Budget(
-            max_tokens=max_tokens,
-            max_cost_micros=10**6,
-            max_tool_calls=10,
-            max_iterations=max_iterations,
-        ),
-    )
+    return task_graph("guardrails", *tasks, max_iterations=max_iterations, max_tokens=max_tokens)
 
 
 async def start(mesh: Mesh, graph: planner_pb2.TaskGraph, request_id: str = "") -> str:

@@ -35,7 +35,6 @@ import grpc
 import nats
 import pytest
 import yaml
-from google.protobuf import duration_pb2
 
 from tessera.agent import Agent, TaskContext, TaskResult
 from tessera.launcher import cluster, infra, processes
@@ -44,8 +43,8 @@ from tessera.launcher.mesh import plan_ports
 from tessera.launcher.ports import free_port
 from tessera.launcher.topology import load, project_root
 from tessera.runtime.bus import Topology
-from tessera.v1 import common_pb2, coordinator_pb2, events_pb2, planner_pb2
-from tests.integration.harness import TERMINAL, WS, Mesh
+from tessera.v1 import coordinator_pb2, events_pb2
+from tests.integration.harness import TERMINAL, WS, Mesh, task, task_graph
 
 WORKFLOWS = 10
 KILL_AFTER_EXECUTIONS = 12
@@ -73,29 +72,11 @@ async def step(ctx: TaskContext) -> TaskResult:
     return TaskResult(output={"task": ctx.task_id}, writes={"steps": ctx.task_id})
 
 
-def _spec(task_id: str, *deps: str) -> planner_pb2.TaskSpec:
-    return planner_pb2.TaskSpec(
-        id=task_id,
-        capability="natsfault.step",
-        version="^1.0",
-        depends_on=list(deps),
-        max_attempts=5,
-        timeout=duration_pb2.Duration(seconds=20),
-    )
-
-
-PLAN = planner_pb2.TaskGraph(
-    template="nats-fault",
-    budget=common_pb2.Budget(
-        max_tokens=1000, max_cost_micros=1000, max_tool_calls=10, max_iterations=40
-    ),
-    tasks=[
-        _spec("a"),
-        _spec("b"),
-        _spec("c"),
-        _spec("join", "a", "b", "c"),
-        _spec("final", "join"),
-    ],
+PLAN = task_graph(
+    "nats-fault",
+    *(task(t, "natsfault.step", max_attempts=5) for t in ("a", "b", "c")),
+    task("join", "natsfault.step", "a", "b", "c", max_attempts=5),
+    task("final", "natsfault.step", "join", max_attempts=5),
 )
 
 

@@ -18,36 +18,22 @@ from pathlib import Path
 
 import nats
 import pytest
-from google.protobuf import duration_pb2
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from tessera.runtime.bus import Topology
-from tessera.v1 import common_pb2, coordinator_pb2, planner_pb2
+from tessera.v1 import coordinator_pb2
 from tests.integration.agents.process import AgentProcess
-from tests.integration.harness import WS, Mesh, as_dict
+from tests.integration.harness import WS, Mesh, as_dict, task, task_graph
 
 MIN_WORKFLOWS = 30
 INTERVAL_S = 0.05
 
 
-def _spec(task_id: str, *deps: str) -> planner_pb2.TaskSpec:
-    return planner_pb2.TaskSpec(
-        id=task_id,
-        capability="rolling.step",
-        version="^1.0",
-        depends_on=list(deps),
-        max_attempts=3,
-        timeout=duration_pb2.Duration(seconds=10),
-    )
-
-
-PLAN = planner_pb2.TaskGraph(
-    template="rolling",
-    budget=common_pb2.Budget(
-        max_tokens=100, max_cost_micros=100, max_tool_calls=1, max_iterations=10
-    ),
-    tasks=[_spec("first"), _spec("second", "first")],
+PLAN = task_graph(
+    "rolling",
+    task("first", "rolling.step", timeout_s=10),
+    task("second", "rolling.step", "first", timeout_s=10),
 )
 
 
