@@ -11,7 +11,7 @@ import base64
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from tessera.v1 import common_pb2, coordinator_pb2, events_pb2, planner_pb2
 
@@ -118,8 +118,13 @@ class WorkflowRecord(BaseModel):
     """Events persisted with this snapshot but maybe not yet published (base64)."""
 
     # -- derived views --------------------------------------------------------------
+    _graph: planner_pb2.TaskGraph | None = PrivateAttr(default=None)
+
     def graph(self) -> planner_pb2.TaskGraph:
-        return planner_pb2.TaskGraph.FromString(base64.b64decode(self.plan))
+        """The plan, decoded once per snapshot (several decisions per step read it)."""
+        if self._graph is None:
+            self._graph = planner_pb2.TaskGraph.FromString(base64.b64decode(self.plan))
+        return self._graph
 
     @property
     def terminal(self) -> bool:
@@ -231,6 +236,7 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         rec.goal = started.goal
         rec.traceparent = started.traceparent
         rec.plan = base64.b64encode(started.plan.SerializeToString()).decode()
+        rec._graph = None
         rec.tasks = {spec.id: _task_from_spec(spec) for spec in started.plan.tasks}
         rec.blackboard = struct_to_dict(started.plan.blackboard)
         rec.blackboard_version = 1

@@ -259,10 +259,6 @@ def as_dict(message: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(message)
 
 
-async def gather_with_timeout(*aws: Any, timeout: float) -> list[Any]:  # noqa: ASYNC109
-    return await asyncio.wait_for(asyncio.gather(*aws), timeout)
-
-
 def task(
     task_id: str, capability: str, *depends_on: str, max_attempts: int = 3, timeout_s: int = 20
 ) -> planner_pb2.TaskSpec:
