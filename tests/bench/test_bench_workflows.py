@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import langgraph.checkpoint.sqlite  # noqa: F401 (the baseline is required: a dev dependency)
 import pytest
 
 from tests.bench import harness
 from tests.bench.report import render, write
-
-pytest.importorskip("langgraph.checkpoint.sqlite", reason="pip install langgraph-checkpoint-sqlite")
 
 RESULT = harness.REPO / ".tessera" / "bench" / "workflows.json"
 

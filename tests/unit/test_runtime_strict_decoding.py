@@ -21,7 +21,7 @@ CALLS: list[str] = []
 SEED_CORPUS = [
     b"\xff\xff\xff",  # corrupt wire format
     b"\x0a\x02\xff\xfe",  # field 1 (string) with invalid UTF-8
-    b"\x0a\x05workf",  # truncated... valid prefix of a string
+    b"\x0a\x05wor",  # a string shorter than its length prefix
     b"\x08\x01",  # field 1 sent as varint: wrong wire type for a string
     b"\x98\x06\x01",  # unknown field 99
     b"\x0a",  # length prefix missing
@@ -80,8 +80,6 @@ async def test_valid_requests_still_reach_the_handler(channel: grpc.aio.Channel)
 async def test_seed_corpus_is_refused_precisely(channel: grpc.aio.Channel, payload: bytes) -> None:
     CALLS.clear()
     code = await outcome(channel, payload)
-    if code == grpc.StatusCode.OK:
-        return  # some corpus entries happen to be valid messages
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert not CALLS
 
