@@ -2,10 +2,10 @@
 
 Check fails closed: only an explicit Cedar Allow allows. Its decision record:
 
-* ``decision_audit = "sync"`` (default): no decision is answered before its audit record
-  is acknowledged (UNAVAILABLE otherwise), so the first Check after the audit stream broke
-  is already refused.
-* ``decision_audit = "async"``: the record is queued and one background task writes the
+* ``decision_audit = "sync"``: no decision is answered before its audit record is
+  acknowledged (UNAVAILABLE otherwise), so the first Check after the audit stream broke is
+  already refused.
+* ``decision_audit = "async"`` (default): the record is queued and one background task writes the
   queue in order ("audit records are published asynchronously with back-pressure",
   DESIGN.md, Hot path). Check answers UNAVAILABLE (AUDIT_UNAVAILABLE) while the queue is
   full or the writer is failing: fail closed, but only from the first failure *observed*,
@@ -77,13 +77,19 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if self._queue is not None and self._writer is None:
             self._writer = asyncio.create_task(self._write_queue(), name="policy-audit-writer")
 
-    async def close(self, timeout_s: float = 5.0) -> None:
-        """Write what is queued (at most ``timeout_s``), then stop the writer."""
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait (at most ``timeout_s``) until every queued decision record is written."""
         if self._writer is None or self._queue is None:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self._queue.join()
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (at most ``timeout_s``), then stop the writer."""
+        if self._writer is None or self._queue is None:
+            return
+        await self.flush(timeout_s)
         if self._queue.qsize():
             log.error("policy_decisions_unaudited", queued=self._queue.qsize())
         self._writer.cancel()

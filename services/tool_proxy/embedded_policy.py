@@ -15,12 +15,13 @@ INVALID_ARGUMENT the same way).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import structlog
 
 from tessera.policy.check import check_input, check_response
-from tessera.policy.engine import RequestInvalid, evaluate
+from tessera.policy.engine import CheckInput, RequestInvalid, evaluate
 from tessera.policy.store import PolicyStore
 from tessera.runtime.errors import InvalidArgument, PermissionDenied
 from tessera.v1 import policy_pb2
@@ -37,21 +38,36 @@ class EmbeddedPolicy:
         self.store = store
 
     def check(self, request: policy_pb2.CheckRequest) -> policy_pb2.CheckResponse:
+        """Decide a ``CheckRequest`` exactly as the policy service's ``Check`` would."""
+        try:
+            req = check_input(request)
+        except InvalidArgument as exc:
+            violations = exc.field_violations
+            raise self._refused(str(uuid.uuid4()), request.resource.id, violations) from None
+        return self.decide(req, tool=request.resource.id)
+
+    def decide(self, req: CheckInput, *, tool: str) -> policy_pb2.CheckResponse:
+        """Decide ``req`` (the values ``check_input`` would have read from a request)."""
         ps = self.store.current  # one whole set per decision (a reload swaps a reference)
         decision_id = str(uuid.uuid4())
         try:
-            verdict = evaluate(ps, check_input(request), hour=datetime.now(UTC).hour)
-        except (RequestInvalid, InvalidArgument) as exc:
-            violations = exc.violations if isinstance(exc, RequestInvalid) else exc.field_violations
-            log.warning(
-                "policy_check_invalid",
-                decision_id=decision_id,
-                tool=request.resource.id,
-                violations=[f"{f}: {d}" for f, d in violations],
-            )
-            raise PermissionDenied(
-                "the policy refused to decide this call",
-                reason="POLICY_DENIED",
-                metadata={"policy_error": "INVALID_ARGUMENT", "decision_id": decision_id},
-            ) from None
+            verdict = evaluate(ps, req, hour=datetime.now(UTC).hour)
+        except RequestInvalid as exc:
+            raise self._refused(decision_id, tool, exc.violations) from None
         return check_response(ps, verdict, decision_id)
+
+    @staticmethod
+    def _refused(
+        decision_id: str, tool: str, violations: Sequence[tuple[str, str]]
+    ) -> PermissionDenied:
+        log.warning(
+            "policy_check_invalid",
+            decision_id=decision_id,
+            tool=tool,
+            violations=[f"{f}: {d}" for f, d in violations],
+        )
+        return PermissionDenied(
+            "the policy refused to decide this call",
+            reason="POLICY_DENIED",
+            metadata={"policy_error": "INVALID_ARGUMENT", "decision_id": decision_id},
+        )

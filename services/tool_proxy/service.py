@@ -4,8 +4,8 @@ InvokeTool, in order, failing closed at every step (README.md has the full contr
 token format → token lookup (≤ 1 s cache) → token meta matches the call → tool exists and
 is in the token's scope → arguments (size, schema, hostile input, idempotency key) → rate
 limits → policy Check, remote or embedded (→ approval flow) → idempotency claim → use
-budget → tool secret read with the caller's token → audit "allow" → backend under a
-deadline → audit outcome.
+budget, settling while the tool secret is read with the caller's token and the ``allow``
+record is written (both must succeed) → backend under a deadline → audit outcome.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from services.tool_proxy.tokens import (
 )
 from services.tool_proxy.tools.registry import CallInfo, Tool, ToolError, ToolRegistry
 from tessera.jsonschema import Limits, validate
+from tessera.policy.engine import CheckInput
 from tessera.runtime.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -326,16 +327,24 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
 
         executed = False
         try:
-            # 9. Spend one call of the token's budget (reserved above), read the secret
-            # with ITS token.
-            uses_left = await spend
+            # 9. Read the secret with the caller's token and (11a) write the awaited
+            # ``allow`` record while the reservation of step 7 settles: both are round
+            # trips, so overlapping them takes one off the critical path.
+            allowed = asyncio.ensure_future(self._secret_then_allow(call, tool, token, verified))
+            try:
+                uses_left = await spend
+            except BaseException:
+                # No use could be spent: the call does not run. If the allow record was
+                # written, the refusal record InvokeTool writes next (same decision id)
+                # says so.
+                await _settle(allowed)
+                raise
+            try:
+                secret = await allowed
+            except BaseException:
+                await self._give_back(_done(uses_left), verified)
+                raise
             call.details["uses_left"] = uses_left
-            secret = await self._secret(tool, token, verified) if spec.requires_secret else None
-            if secret is not None:
-                call.details["key_version"] = secret.version
-
-            # 11a. No audit record, no call.
-            await self._record(call, "allow", wait=True, required=True)
 
             # 10. The backend, under the call's deadline.
             info = CallInfo(
@@ -480,6 +489,28 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         tools = sorted(
             verified.tools | {spec.name} if spec.scope in verified.tools else verified.tools
         )
+        principal_attrs = {"tier": meta.get("tier", "standard"), "tools": tools}
+        resource_attrs = {
+            "name": spec.name,
+            "side_effect": spec.side_effect.value,
+            "pii": spec.pii,
+            "category": spec.category,
+        }
+        if self.embedded_policy is not None:
+            # In-process: the same request, without a protobuf round trip of its values.
+            return self.embedded_policy.decide(
+                CheckInput(
+                    principal_type="Agent",
+                    principal_id=verified.agent,
+                    action="call_tool",
+                    resource_type="Tool",
+                    resource_id=spec.name,
+                    principal_attrs=principal_attrs,
+                    resource_attrs=resource_attrs,
+                    context=attrs,
+                ),
+                tool=spec.name,
+            )
         check = policy_pb2.CheckRequest(
             context=common_pb2.RequestContext(
                 workflow_id=verified.workflow,
@@ -489,27 +520,14 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                 principal=verified.agent,
             ),
             principal=common_pb2.Entity(
-                type="Agent",
-                id=verified.agent,
-                attributes=_struct({"tier": meta.get("tier", "standard"), "tools": tools}),
+                type="Agent", id=verified.agent, attributes=_struct(principal_attrs)
             ),
             action="call_tool",
             resource=common_pb2.Entity(
-                type="Tool",
-                id=spec.name,
-                attributes=_struct(
-                    {
-                        "name": spec.name,
-                        "side_effect": spec.side_effect.value,
-                        "pii": spec.pii,
-                        "category": spec.category,
-                    }
-                ),
+                type="Tool", id=spec.name, attributes=_struct(resource_attrs)
             ),
             context_attributes=_struct(attrs),
         )
-        if self.embedded_policy is not None:
-            return self.embedded_policy.check(check)
         assert self.policy is not None
         remaining = context.time_remaining()
         timeout = self.settings.policy_timeout_s
@@ -655,6 +673,16 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                 self._secrets[scope] = (secret, now)
         return secret
 
+    async def _secret_then_allow(
+        self, call: _Call, tool: Tool, token: str, verified: VerifiedToken
+    ) -> ToolSecret | None:
+        """The tool's secret, then the ``allow`` record (no audit record, no call)."""
+        secret = await self._secret(tool, token, verified) if tool.spec.requires_secret else None
+        if secret is not None:
+            call.details["key_version"] = secret.version
+        await self._record(call, "allow", wait=True, required=True)
+        return secret
+
     async def _give_back(self, spend: asyncio.Future[int], verified: VerifiedToken) -> None:
         """Return the use reserved by ``spend`` (a call that will not execute spends none).
 
@@ -779,6 +807,21 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                 json.dumps({"after": page[-1]}).encode()
             ).decode()
         return response
+
+
+async def _settle(future: asyncio.Future[Any]) -> None:
+    """Wait for ``future`` to end, whatever its outcome (it was already failed over)."""
+    try:
+        await future
+    except BaseException:
+        if not future.done():
+            raise  # we were cancelled ourselves
+
+
+def _done(value: int) -> asyncio.Future[int]:
+    future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:

@@ -6,9 +6,12 @@ started). The governed path and the bare chains therefore pay for the same thing
 Python process whose gRPC handlers share one core, gRPC over loopback TCP, protobuf
 (de)serialization on every hop.
 
-* governed: client → tool proxy (token lookup cache, scope, schema, rate limits, policy
-  ``Check`` on the policy service, use ledger in NATS KV, secret cache, ``allow`` audit
-  record acked by JetStream) → the no-op in-process (built-in backend) tool ``bench.noop``.
+* governed (the defaults): client → tool proxy (token lookup cache, scope, schema, rate
+  limits, policy ``Check`` on the policy service, whose decision record is queued, use
+  ledger in NATS KV, secret cache, ``allow`` audit record acked by JetStream) → the no-op
+  in-process (built-in backend) tool ``bench.noop``.
+* sync: governed, with the policy service acking each decision record before it answers
+  (``decision_audit = "sync"``).
 * bare: client → relay → no-op server; the relay and the server serve
   ``ToolProxyService.InvokeTool`` on the same :class:`GrpcServer` stack as every Tessera
   service (OTel, error mapping, deadline guard) and the relay calls on through
@@ -18,7 +21,7 @@ Python process whose gRPC handlers share one core, gRPC over loopback TCP, proto
   proxy's ``allow`` record carries the decision).
 * raw (informational): the same 2-hop chain on plain ``grpc.aio`` without interceptors.
 
-Samples are taken in interleaved blocks (bare, raw, governed, async, embedded, bare, …) so
+Samples are taken in interleaved blocks (bare, raw, governed, sync, embedded, bare, …) so
 that noise from other tenants of this shared machine hits every path alike.
 
 ``python -m tests.bench._tool_calls_run CONFIG.json OUT.json``; CONFIG holds ``nats_url``,
@@ -281,19 +284,19 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     )
     await policy.start()
-    # The same, with the policy service's decision records written asynchronously
-    # (``decision_audit = "async"``; see services/policy/service.py).
-    policy_async = PolicyService(
+    # The same, with the policy service writing each decision record before it answers
+    # (``decision_audit = "sync"``, opt-in; the default is async: services/policy/service.py).
+    policy_sync = PolicyService(
         PolicySettings(
             policy_dir=REPO / "policy",
             nats_url=cfg["nats_url"],
             namespace=namespace,
             listen="127.0.0.1:0",
-            instance_id=f"policy-async-{namespace}",
-            decision_audit="async",
+            instance_id=f"policy-sync-{namespace}",
+            decision_audit="sync",
         )
     )
-    await policy_async.start()
+    await policy_sync.start()
     settings = ToolProxySettings(
         nats_url=cfg["nats_url"],
         namespace=namespace,
@@ -311,12 +314,12 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
     proxy = ToolProxy(settings, replica_id="bench")
     proxy.registry.register(noop_tool())
     await proxy.start()
-    proxy_async = ToolProxy(
-        settings.model_copy(update={"policy_address": policy_async.address}),
-        replica_id="bench-async",
+    proxy_sync = ToolProxy(
+        settings.model_copy(update={"policy_address": policy_sync.address}),
+        replica_id="bench-sync",
     )
-    proxy_async.registry.register(noop_tool())
-    await proxy_async.start()
+    proxy_sync.registry.register(noop_tool())
+    await proxy_sync.start()
     proxy_embedded = ToolProxy(
         settings.model_copy(update={"policy_mode": "embedded", "policy_dir": REPO / "policy"}),
         replica_id="bench-embedded",
@@ -331,7 +334,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         channel(proxy.address, service="bench-agent"),
         channel(bare.address, service="bench-agent"),
         grpc.aio.insecure_channel(raw.address),
-        channel(proxy_async.address, service="bench-agent"),
+        channel(proxy_sync.address, service="bench-agent"),
         channel(proxy_embedded.address, service="bench-agent"),
     ]
     try:
@@ -358,17 +361,17 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
             return call
 
-        governed_call, bare_call, raw_call, async_call, embedded_call = (caller(s) for s in stubs)
+        governed_call, bare_call, raw_call, sync_call, embedded_call = (caller(s) for s in stubs)
         per_round = max(1, n // rounds)
         discard: list[float] = []
-        for fn in (bare_call, raw_call, governed_call, async_call, embedded_call):
+        for fn in (bare_call, raw_call, governed_call, sync_call, embedded_call):
             await _block(fn, warmup, discard)
 
         samples: dict[str, list[float]] = {
             "governed": [],
             "bare": [],
             "raw": [],
-            "async": [],
+            "sync": [],
             "embedded": [],
         }
         profiler = cProfile.Profile() if cfg.get("profile") else None
@@ -381,7 +384,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             await _block(governed_call, per_round, samples["governed"])
             if profiler is not None:
                 profiler.disable()
-            await _block(async_call, per_round, samples["async"])
+            await _block(sync_call, per_round, samples["sync"])
             await _block(embedded_call, per_round, samples["embedded"])
         elapsed = time.perf_counter() - started
         if profiler is not None:
@@ -389,12 +392,11 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
         # Every governed call left its audit records: let the asynchronous ones land, then
         # check that every chain still verifies.
-        for p in (proxy, proxy_async, proxy_embedded):
+        for p in (proxy, proxy_sync, proxy_embedded):
             if p.servicer is not None:
                 await p.servicer.drain()
-        if policy_async.servicer is not None:
-            await policy_async.servicer.close()  # every queued decision record is written
-            policy_async.servicer = None
+        if policy.servicer is not None:
+            await policy.servicer.flush()  # every queued decision record is written
         nc = await connect(cfg["nats_url"], name="bench-verify")
         try:
             report = await verify(nc.jetstream(), Topology(namespace))
@@ -405,7 +407,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             cfg["nats_url"], namespace, policy.address, request, proxy_embedded.policy_store
         )
         governed, bare_s = summary(samples["governed"]), summary(samples["bare"])
-        raw_s, async_s = summary(samples["raw"]), summary(samples["async"])
+        raw_s, sync_s = summary(samples["raw"]), summary(samples["sync"])
         embedded_s = summary(samples["embedded"])
         return {
             "process_model": "in-process: client, tool proxy, policy service and bare chains "
@@ -419,8 +421,8 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             "ratio_p50": round(governed["p50_ms"] / bare_s["p50_ms"], 3),
             "ratio_p99": round(governed["p99_ms"] / bare_s["p99_ms"], 3),
             "ratio_p50_vs_raw": round(governed["p50_ms"] / raw_s["p50_ms"], 3),
-            "governed_policy_audit_async": async_s,
-            "ratio_p50_policy_audit_async": round(async_s["p50_ms"] / bare_s["p50_ms"], 3),
+            "governed_policy_audit_sync": sync_s,
+            "ratio_p50_policy_audit_sync": round(sync_s["p50_ms"] / bare_s["p50_ms"], 3),
             "governed_policy_embedded": embedded_s,
             "ratio_p50_embedded": round(embedded_s["p50_ms"] / bare_s["p50_ms"], 3),
             "ratio_p99_embedded": round(embedded_s["p99_ms"] / bare_s["p99_ms"], 3),
@@ -449,9 +451,9 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         await raw.stop()
         await bare.stop()
         await proxy_embedded.stop()
-        await proxy_async.stop()
+        await proxy_sync.stop()
         await proxy.stop()
-        await policy_async.stop()
+        await policy_sync.stop()
         await policy.stop()
         await coordinator.close()
 

@@ -595,6 +595,20 @@ async def test_concurrent_replays_get_exactly_the_use_limit(mesh: Mesh) -> None:
     assert all(e.code == grpc.StatusCode.UNAUTHENTICATED for e in errors), errors
     assert len(await effects(mesh, wf)) == 3
 
+    # The allow record is written while the use is reserved: one written for a call that
+    # then found no use left is followed by that call's refusal (same decision id). So
+    # "allow" records not refused afterwards == executions.
+    async def settled() -> bool:
+        outcomes = [r.outcome for r in await audit_records(mesh, wf)]
+        return outcomes.count("executed") == 3 and outcomes.count("refused") == 7
+
+    await eventually(settled)
+    records = await audit_records(mesh, wf)
+    refused_ids = {r.decision_id for r in records if r.outcome == "refused"}
+    allowed = [r for r in records if r.outcome == "allow" and r.decision_id not in refused_ids]
+    executed = [r for r in records if r.outcome == "executed"]
+    assert sorted(r.decision_id for r in allowed) == sorted(r.decision_id for r in executed)
+
 
 async def test_concurrent_duplicates_execute_once(mesh: Mesh) -> None:
     wf, task = new_ids()

@@ -67,8 +67,11 @@ class Mesh:
         return self.service.settings.policy_dir
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path, nats_url: str, namespace: str) -> AsyncIterator[Mesh]:
+@pytest.fixture(params=["async", "sync"])
+async def mesh(
+    request: pytest.FixtureRequest, tmp_path: Path, nats_url: str, namespace: str
+) -> AsyncIterator[Mesh]:
+    """The service in each decision-audit mode (async is the default)."""
     policy_dir = tmp_path / "policy"
     shutil.copytree(ROOT / "policy", policy_dir)
     settings = PolicySettings(
@@ -78,6 +81,8 @@ async def mesh(tmp_path: Path, nats_url: str, namespace: str) -> AsyncIterator[M
         policy_dir=policy_dir,
         poll_interval_s=0.2,
         instance_id="policy-it",
+        decision_audit=request.param,
+        decision_audit_queue=8,  # small, so "bounded" below is a handful of decisions
     )
     service = PolicyService(settings)
     await service.start()
@@ -114,8 +119,19 @@ async def test_allow_deny_and_approval_over_grpc_each_audited(mesh: Mesh) -> Non
     info = (await mesh.stub.GetPolicySet(policy_pb2.GetPolicySetRequest())).policy_set
     assert {r.policy_set_version for r in (allowed, denied, approval)} == {info.version}
 
+    wanted = {allowed.decision_id, denied.decision_id, approval.decision_id}
+
+    async def recorded() -> bool:  # written before the answer (sync) or just after (async)
+        return wanted <= {r.decision_id for r in await _audit_records(mesh)}
+
+    await _until(recorded)
     records = await _audit_records(mesh)
     by_decision = {r.decision_id: r for r in records}
+    assert [r.decision_id for r in records if r.decision_id in wanted] == [
+        allowed.decision_id,
+        denied.decision_id,
+        approval.decision_id,
+    ], "decision records are written in the order of the decisions"
     for response, outcome in (
         (allowed, "allow"),
         (denied, "deny"),
@@ -154,11 +170,24 @@ async def test_audit_unwritable_fails_closed(mesh: Mesh) -> None:
     finally:
         await nc.close()
 
+    # sync: the very first Check is refused. async: a decision answered before the writer
+    # observed the failure may be queued, but none after it; the queue is bounded.
+    answered = 0
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await mesh.stub.Check(_check("billing.get_invoices"))
+        for _ in range(mesh.service.settings.decision_audit_queue + 1):
+            await mesh.stub.Check(_check("billing.get_invoices"))
+            answered += 1
 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_details(caught.value).reason == "AUDIT_UNAVAILABLE"
+    if mesh.service.settings.decision_audit == "sync":
+        assert answered == 0
+    else:
+        assert answered <= mesh.service.settings.decision_audit_queue
+    for _ in range(3):  # and it stays closed while the stream is gone
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mesh.stub.Check(_check("billing.get_invoices"))
+        assert error_details(caught.value).reason == "AUDIT_UNAVAILABLE"
 
 
 async def _until(predicate: Any, *, timeout_s: float = 10.0) -> None:
