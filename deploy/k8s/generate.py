@@ -343,6 +343,11 @@ def k8s_documents(unit: Unit) -> list[dict[str, Any]]:
 NATS_NODES = ("nats-1", "nats-2", "nats-3")
 
 
+COMPOSE_SUBNET = "172.30.0.0/24"
+COMPOSE_PROXY_IP = "172.30.0.10"
+"""The tool proxy's fixed address in compose: task tokens are usable from it only."""
+
+
 def compose_document(services: list[Unit], agents: list[Unit]) -> dict[str, Any]:
     core = [u for u in services]
     depends_infra = {n: {"condition": "service_healthy"} for n in NATS_NODES}
@@ -403,7 +408,8 @@ def compose_document(services: list[Unit], agents: list[Unit]) -> dict[str, Any]
     bootstrap = (
         "import os; from pathlib import Path; from tessera.vault.bootstrap import apply; "
         "apply(os.environ['TESSERA_VAULT_ADDR'], os.environ['BAO_DEV_ROOT_TOKEN'], "
-        "Path('/app/vault'), Path('/var/run/tessera/approle'))"
+        "Path('/app/vault'), Path('/var/run/tessera/approle'), "
+        f"task_token_bound_cidrs=['{COMPOSE_PROXY_IP}/32'])"
     )
     svc["vault-bootstrap"] = {
         "image": "tessera:dev",
@@ -456,6 +462,8 @@ def compose_document(services: list[Unit], agents: list[Unit]) -> dict[str, Any]
         if unit.name == "coordinator":
             extra = {"planner": {"condition": "service_healthy"}}
         svc[unit.name] = service_entry(unit, extra)
+    # Task tokens are bound to the tool proxy's address (vault-bootstrap above).
+    svc["tool-proxy"]["networks"] = {"default": {"ipv4_address": COMPOSE_PROXY_IP}}
     for unit in agents:
         svc[unit.name] = service_entry(unit, {"tool-proxy": {"condition": "service_healthy"}})
     svc["envoy"] = {
@@ -483,6 +491,7 @@ def compose_document(services: list[Unit], agents: list[Unit]) -> dict[str, Any]
     }
     out["services"] = svc
     out["volumes"] = {**{f"{n}-data": {} for n in NATS_NODES}, "tessera-secrets": {}}
+    out["networks"] = {"default": {"ipam": {"config": [{"subnet": COMPOSE_SUBNET}]}}}
     return out
 
 

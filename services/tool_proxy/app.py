@@ -82,6 +82,7 @@ class ToolProxy:
             s.vault_approle_file,
             timeout_s=s.vault_timeout_s,
             attempts=s.vault_attempts,
+            source_address=s.resolved_vault_source_address(),
         )
         audit = AuditWriter(
             js, self.topology, writer=f"tool-proxy-{self.replica_id}", actor="tool-proxy"

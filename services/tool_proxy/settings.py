@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from tessera.runtime.config import ServiceSettings
+from tessera.vault.naming import LOCAL_PROXY_SOURCE
 
 
 class ToolProxySettings(ServiceSettings):
@@ -34,6 +37,22 @@ class ToolProxySettings(ServiceSettings):
     ``policies/*.cedar``."""
     policy_poll_interval_s: float = Field(default=1.0, gt=0)
     """``embedded`` only: how often the policy files are compared for hot reload."""
+
+    vault_source_address: str = "auto"
+    """The local IP the proxy's requests to Vault leave from; task tokens are bound to the
+    proxy's addresses (``bound_cidrs`` in vault/tools.yaml), so only the proxy can use
+    them. ``auto``: 127.0.0.2 when Vault is on loopback (the local mesh), else the OS's
+    choice (a cluster binds tokens to the proxy pods' CIDR); ``""``: the OS's choice."""
+
+    def resolved_vault_source_address(self) -> str:
+        if self.vault_source_address != "auto":
+            return self.vault_source_address
+        host = urlsplit(self.vault_addr).hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        return LOCAL_PROXY_SOURCE if loopback else ""
 
     token_cache_ttl_s: float = Field(default=1.0, gt=0, le=1.0)
     """How long a token lookup is trusted (never more than 1 s; revocation events evict

@@ -124,7 +124,9 @@ def _exists(fn: Any) -> Any:
         return None
 
 
-def plan(addr: str, token: str, vault_dir: Path) -> list[str]:
+def plan(
+    addr: str, token: str, vault_dir: Path, *, task_token_bound_cidrs: list[str] | None = None
+) -> list[str]:
     """Human-readable lines: what :func:`tessera.vault.bootstrap.apply` will change."""
     import hvac
 
@@ -136,7 +138,7 @@ def plan(addr: str, token: str, vault_dir: Path) -> list[str]:
         tool_slug,
     )
 
-    spec = load_spec(vault_dir)
+    spec = load_spec(vault_dir, task_token_bound_cidrs=task_token_bound_cidrs)
     client = hvac.Client(url=addr, token=token, timeout=10)
     changes: list[str] = []
     try:
@@ -174,6 +176,12 @@ def plan(addr: str, token: str, vault_dir: Path) -> list[str]:
                     f"update token role {role_name}: +{len(wanted - current_allowed)} "
                     f"-{len(current_allowed - wanted)} tool policies"
                 )
+            bound = set((role.get("data") or {}).get("token_bound_cidrs") or ())
+            if bound != set(spec.task_token_role.bound_cidrs):
+                changes.append(
+                    f"update token role {role_name}: bound to "
+                    f"{', '.join(spec.task_token_role.bound_cidrs) or 'any address'}"
+                )
         if f"{TOOL_SECRETS_MOUNT}/" in mounts:
             for tool in spec.tools:
                 meta = _exists(
@@ -204,6 +212,15 @@ def bootstrap_cmd(
         Path | None,
         typer.Option("--vault-dir", help="Vault-as-code directory (default: <project>/vault)."),
     ] = None,
+    bound_cidrs: Annotated[
+        str | None,
+        typer.Option(
+            "--task-token-bound-cidrs",
+            envvar="TESSERA_VAULT_TASK_TOKEN_BOUND_CIDRS",
+            help="Comma-separated CIDRs task tokens may be used from: this environment's "
+            "tool proxy addresses (default: bound_cidrs in vault/tools.yaml, the local mesh's).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
 ) -> None:
     """Apply vault/ idempotently and print what changed.
@@ -219,10 +236,17 @@ def bootstrap_cmd(
     quiet_logs(verbose)
     target = resolve_target(data_dir, addr, secrets_dir)
     directory = (vault_dir or project_root() / "vault").resolve()
+    cidrs = [c.strip() for c in bound_cidrs.split(",") if c.strip()] if bound_cidrs else None
     try:
         with credentials_lock(target.secrets_dir):
-            changes = plan(target.addr, target.token, directory)
-            paths = apply(target.addr, target.token, directory, target.secrets_dir)
+            changes = plan(target.addr, target.token, directory, task_token_bound_cidrs=cidrs)
+            paths = apply(
+                target.addr,
+                target.token,
+                directory,
+                target.secrets_dir,
+                task_token_bound_cidrs=cidrs,
+            )
     except VaultUnavailable as exc:
         raise fail(str(exc), EXIT_UNAVAILABLE) from None
     except (VaultConfigError, VaultError) as exc:

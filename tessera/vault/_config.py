@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 from typing import Any, Literal
@@ -12,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tessera.vault.errors import VaultConfigError
 from tessera.vault.naming import (
     AGENT_PREFIX,
+    LOCAL_PROXY_SOURCE,
     TOOL_SECRETS_MOUNT,
     agent_identity,
     is_valid_identity_name,
@@ -65,6 +68,19 @@ class TaskTokenRole(_Model):
     # Fixed: the coordinator's client creates task tokens through this exact role.
     name: Literal["tessera-task"] = "tessera-task"
     token_explicit_max_ttl: str = Field(default="15m", pattern=_DURATION)
+    bound_cidrs: list[str] = Field(default_factory=lambda: [f"{LOCAL_PROXY_SOURCE}/32"])
+    """Where task tokens may be used from: the tool proxy's addresses only, so an agent
+    holding its task token cannot read a tool secret from Vault itself."""
+
+    @field_validator("bound_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError as exc:
+                raise ValueError(f"not a CIDR block: {cidr!r}") from exc
+        return value
 
 
 class ToolsFile(_Model):
@@ -123,8 +139,9 @@ def _resolve(entry: IdentityEntry, defaults: RoleTTLs, name: str, path: Path) ->
     return Identity(name=name, policy=name, **ttls)
 
 
-def load_spec(vault_dir: Path) -> VaultSpec:
-    """Read ``identities.yaml``, ``tools.yaml`` and ``policies/`` into a :class:`VaultSpec`.
+def load_spec(vault_dir: Path, *, task_token_bound_cidrs: Sequence[str] | None = None) -> VaultSpec:
+    """Read ``identities.yaml``, ``tools.yaml`` and ``policies/`` into a :class:`VaultSpec`;
+    ``task_token_bound_cidrs`` (an environment's proxy addresses) replaces the file's.
 
     Raises:
         VaultConfigError: a file is missing or invalid, or two names collide.
@@ -135,6 +152,10 @@ def load_spec(vault_dir: Path) -> VaultSpec:
     try:
         ids = IdentitiesFile.model_validate(_read_yaml(ids_path))
         tools = ToolsFile.model_validate(_read_yaml(tools_path))
+        if task_token_bound_cidrs is not None:
+            role = tools.task_token_role.model_dump()
+            role["bound_cidrs"] = list(task_token_bound_cidrs)
+            tools.task_token_role = TaskTokenRole.model_validate(role)
     except ValidationError as exc:
         raise VaultConfigError(f"invalid Vault-as-code in {vault_dir}: {exc}") from exc
 

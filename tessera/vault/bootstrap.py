@@ -15,7 +15,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,13 +55,16 @@ def apply(
     secrets_dir: Path,
     *,
     seed_tool_secrets: bool = True,
+    task_token_bound_cidrs: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Bring the server at ``addr`` in line with ``vault_dir``; return identity -> credentials.
 
     Enables the ``tool-secrets/`` KV v2 mount and the ``approle/`` auth method when missing,
     writes every policy, AppRole role and the task token role; with ``seed_tool_secrets``,
     writes a random ``{"api_key": ...}`` for each tool that has no secret yet (existing
-    secrets are never overwritten). Then, for every identity, fetches its role_id and a new
+    secrets are never overwritten). ``task_token_bound_cidrs`` replaces the task token
+    role's ``bound_cidrs`` of vault/tools.yaml (where this environment's tool proxies reach
+    Vault from). Then, for every identity, fetches its role_id and a new
     secret_id and writes ``<secrets_dir>/<identity>.approle.json`` (mode 0600, directory 0700).
 
     Raises:
@@ -70,7 +73,7 @@ def apply(
         VaultUnavailable: the server could not be reached (after bounded retries).
         VaultError: the server refused a write (e.g. the token is not privileged enough).
     """
-    spec = load_spec(vault_dir)
+    spec = load_spec(vault_dir, task_token_bound_cidrs=task_token_bound_cidrs)
     _prepare_secrets_dir(secrets_dir)
     client = hvac.Client(url=addr, token=root_token, timeout=_HTTP_TIMEOUT_S)
     try:
@@ -210,6 +213,8 @@ def _write_task_token_role(client: hvac.Client, spec: VaultSpec) -> None:
         "token_explicit_max_ttl": role.token_explicit_max_ttl,
         "token_no_default_policy": True,
         "token_type": "service",
+        # Usable only from the tool proxy: an agent holding its token gets 403 from Vault.
+        "token_bound_cidrs": list(role.bound_cidrs),
     }
     _call(
         f"write_token_role:{role.name}",

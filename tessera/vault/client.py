@@ -34,6 +34,7 @@ import hvac
 import hvac.adapters
 import hvac.exceptions
 import requests
+import requests.adapters
 import structlog
 
 from tessera.vault import _retry
@@ -67,6 +68,18 @@ _MAX_FAILURE_DELAY_S = 5.0
 # before it reaches an HTTP header (and before it could end up in an error message).
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._\-]{1,1024}$")
 _ACCESSOR_RE = re.compile(r"^[A-Za-z0-9._\-]{1,256}$")
+
+
+class _SourceAddressAdapter(requests.adapters.HTTPAdapter):
+    """Connections that leave from one local IP (``source_address``)."""
+
+    def __init__(self, source_address: str) -> None:
+        self._source = (source_address, 0)
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = self._source
+        super().init_poolmanager(*args, **kwargs)
 
 
 def _read_approle_file(path: Path) -> tuple[str, str]:
@@ -114,8 +127,13 @@ class VaultClient:
         mount: str = APPROLE_MOUNT,
         timeout_s: float = 5.0,
         attempts: int = 3,
+        source_address: str = "",
     ) -> None:
-        """Prefer :meth:`from_approle_file`, which also logs in and starts renewal."""
+        """Prefer :meth:`from_approle_file`, which also logs in and starts renewal.
+
+        ``source_address``: the local IP every request to Vault leaves from ("" lets the OS
+        choose). The tool proxy sets it, because task tokens are bound to its addresses.
+        """
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
         self._addr = addr.rstrip("/")
@@ -124,6 +142,9 @@ class VaultClient:
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._session = requests.Session()
+        if source_address:
+            for prefix in ("http://", "https://"):
+                self._session.mount(prefix, _SourceAddressAdapter(source_address))
         self._hvac = hvac.Client(url=self._addr, timeout=timeout_s, session=self._session)
         self._login_lock = asyncio.Lock()
         self._generation = 0
@@ -144,6 +165,7 @@ class VaultClient:
         mount: str = APPROLE_MOUNT,
         timeout_s: float = 5.0,
         attempts: int = 3,
+        source_address: str = "",
     ) -> Self:
         """Log in with the ``{"role_id", "secret_id"}`` JSON file at ``path``.
 
@@ -152,7 +174,14 @@ class VaultClient:
             VaultPermissionDenied: the credentials were refused.
             VaultError: the file is missing or malformed.
         """
-        client = cls(addr, Path(path), mount=mount, timeout_s=timeout_s, attempts=attempts)
+        client = cls(
+            addr,
+            Path(path),
+            mount=mount,
+            timeout_s=timeout_s,
+            attempts=attempts,
+            source_address=source_address,
+        )
         try:
             await client._login()
         except BaseException:

@@ -12,6 +12,7 @@ import re
 __all__ = [
     "AGENT_PREFIX",
     "APPROLE_MOUNT",
+    "LOCAL_PROXY_SOURCE",
     "TASK_TOKEN_ROLE",
     "TOOL_POLICY_PREFIX",
     "TOOL_SECRETS_MOUNT",
@@ -71,3 +72,8 @@ def agent_identity(agent: str) -> str:
     if not is_valid_identity_name(agent):
         raise ValueError(f"invalid agent name {agent!r}: expected lower-case kebab-case")
     return AGENT_PREFIX + agent
+
+
+LOCAL_PROXY_SOURCE = "127.0.0.2"
+"""The loopback address a local tool proxy reaches Vault from; vault/tools.yaml binds task
+tokens to it (``bound_cidrs``), so on one machine only the proxy can use a task token."""

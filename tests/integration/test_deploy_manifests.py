@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import ipaddress
 import os
 import re
 import shutil
@@ -691,3 +692,18 @@ def test_dockerfile() -> None:
             for source in sources:
                 if "*" not in source:
                     assert (ROOT / source).exists(), f"COPY source {source} missing"
+
+
+def test_compose_binds_task_tokens_to_the_tool_proxy(compose: dict[str, Any]) -> None:
+    """Task tokens are usable only from the proxy: bootstrap binds them to its fixed IP."""
+    services = compose["services"]
+    proxy_ip = services["tool-proxy"]["networks"]["default"]["ipv4_address"]
+    subnet = compose["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(proxy_ip) in ipaddress.ip_network(subnet)
+    bootstrap = " ".join(services["vault-bootstrap"]["entrypoint"])
+    assert f"task_token_bound_cidrs=['{proxy_ip}/32']" in bootstrap
+    assert all(
+        "ipv4_address" not in str(svc.get("networks", ""))
+        for name, svc in services.items()
+        if name != "tool-proxy"
+    )

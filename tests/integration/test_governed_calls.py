@@ -107,8 +107,12 @@ class Forwarder:
         self._conns.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Keep the caller's address (task tokens are bound to the proxy's, 127.0.0.2).
+        peer = writer.get_extra_info("peername")[0]
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_reader, up_writer = await asyncio.open_connection(
+                "127.0.0.1", self.target_port, local_addr=(peer, 0)
+            )
         except OSError:
             writer.close()
             return

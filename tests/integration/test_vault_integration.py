@@ -21,6 +21,7 @@ from pathlib import Path
 import hvac
 import hvac.exceptions
 import pytest
+import requests
 
 from tessera.launcher.ports import free_port
 from tessera.vault import (
@@ -31,6 +32,7 @@ from tessera.vault import (
     tool_slug,
 )
 from tessera.vault.bootstrap import apply, render_policies
+from tessera.vault.naming import LOCAL_PROXY_SOURCE
 from tests.conftest import OpenBao, private_openbao
 
 pytestmark = pytest.mark.integration
@@ -189,7 +191,10 @@ async def coordinator(mesh: _Mesh) -> AsyncIterator[VaultClient]:
 
 @pytest.fixture
 async def proxy(mesh: _Mesh) -> AsyncIterator[VaultClient]:
-    vault = await VaultClient.from_approle_file(mesh.addr, mesh.creds["tool-proxy"])
+    # Task tokens are bound to the proxy's address: it reaches Vault from there.
+    vault = await VaultClient.from_approle_file(
+        mesh.addr, mesh.creds["tool-proxy"], source_address=LOCAL_PROXY_SOURCE
+    )
     yield vault
     await vault.close()
 
@@ -211,6 +216,31 @@ async def test_task_token_reads_its_tool_and_nothing_else(
 
     with pytest.raises(VaultPermissionDenied):
         await proxy.read_tool_secret("email.send", token=task.token)
+
+
+async def test_a_task_token_is_useless_outside_the_tool_proxy(
+    mesh: _Mesh, coordinator: VaultClient, proxy: VaultClient
+) -> None:
+    """The agent holds its task token; Vault honours it only from the proxy's address."""
+    task = await coordinator.create_task_token(
+        tools=["kb.search"], ttl_s=60, num_uses=3, meta={"agent": "technical"}
+    )
+    # The agent, calling Vault itself (from its own address, 127.0.0.1 here).
+    async with VaultClient(mesh.addr, mesh.creds["agent-technical"]) as agent_side:
+        with pytest.raises(VaultPermissionDenied):
+            await agent_side.read_tool_secret("kb.search", token=task.token)
+    raw = await asyncio.to_thread(
+        requests.get,
+        f"{mesh.addr}/v1/tool-secrets/data/kb-search",
+        headers={"X-Vault-Token": task.token},
+        timeout=5,
+    )
+    assert raw.status_code == 403
+    info = await proxy.lookup_token(task.token)
+    assert info.num_uses == 3, "a refused request spends no use"
+
+    secret = await proxy.read_tool_secret("kb.search", token=task.token)  # the proxy may
+    assert secret.data == _root_read(mesh, "kb.search")["data"]
 
 
 async def test_token_role_refuses_anything_but_tool_policies(
@@ -315,7 +345,9 @@ async def test_no_secret_reaches_logs_or_reprs(
     creds = apply(openbao.addr, openbao.root_token, VAULT_DIR, secrets_dir)
     async with (
         await VaultClient.from_approle_file(mesh.addr, creds["coordinator"]) as coordinator,
-        await VaultClient.from_approle_file(mesh.addr, creds["tool-proxy"]) as proxy,
+        await VaultClient.from_approle_file(
+            mesh.addr, creds["tool-proxy"], source_address=LOCAL_PROXY_SOURCE
+        ) as proxy,
     ):
         task = await coordinator.create_task_token(
             tools=["email.send"], ttl_s=60, num_uses=3, meta={"task": "t-log"}

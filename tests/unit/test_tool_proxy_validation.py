@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.tool_proxy.settings import ToolProxySettings
 from tessera.jsonschema import Limits, host_problem, schema_problems, validate
 
 SCHEMA: dict[str, Any] = {
@@ -111,3 +112,21 @@ def test_schema_problems_keeps_the_coordinators_format() -> None:
 )
 def test_validation_never_raises(value: Any) -> None:
     validate({"id": "x", "any": value}, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("vault_addr", "configured", "expected"),
+    [
+        ("http://127.0.0.1:8200", "auto", "127.0.0.2"),
+        ("http://localhost:8200", "auto", "127.0.0.2"),
+        ("https://vault.internal:8200", "auto", ""),
+        ("http://10.0.0.5:8200", "auto", ""),
+        ("http://127.0.0.1:8200", "", ""),
+        ("http://10.0.0.5:8200", "10.1.2.3", "10.1.2.3"),
+    ],
+)
+def test_vault_source_address_matches_the_task_token_binding(
+    vault_addr: str, configured: str, expected: str
+) -> None:
+    settings = ToolProxySettings(vault_addr=vault_addr, vault_source_address=configured)
+    assert settings.resolved_vault_source_address() == expected
