@@ -16,3 +16,8 @@ STEP_SECONDS = Histogram(
     "tessera_workflow_step_seconds",
     "Time one replica spent advancing a workflow before it parked or finished",
 )
+STEPS_REDELIVERED = Counter(
+    "tessera_work_steps_redelivered_total",
+    "Work steps received again (a dead replica's, a failed one, or a live one whose "
+    "heartbeat came later than ack_wait)",
+)

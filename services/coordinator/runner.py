@@ -125,7 +125,12 @@ class Runner:
 
     async def _consume(self) -> None:
         while not self._stopping.is_set():
-            # Fetch no more than can start now; the rest stay queued for other replicas.
+            # Fetch only once a step can start, and no more than can start now: a fetched
+            # message has no heartbeat until its step starts, so one left waiting for a
+            # slot would be redelivered after ack_wait while this replica is alive. Only
+            # this loop takes slots, so the slot seen free here is still free below.
+            async with self._slots:
+                pass
             free = max(1, min(32, self.settings.max_concurrent_steps - len(self._steps)))
             try:
                 msgs = await self._sub.fetch(batch=free, timeout=1.0)
@@ -148,6 +153,12 @@ class Runner:
     async def _handle(self, msg: Msg) -> None:
         step = events_pb2.WorkStep.FromString(msg.data)
         heartbeat = asyncio.create_task(self._keep_alive(msg))
+        deliveries = msg.metadata.num_delivered
+        if deliveries > 1:
+            # After a replica died, a failed step (nak), or a live step whose heartbeat
+            # was late by more than ack_wait (a stalled replica: see settings.ack_wait_s).
+            metrics.STEPS_REDELIVERED.inc()
+            log.info("work_step_redelivered", workflow_id=step.workflow_id, deliveries=deliveries)
         try:
             async with self._locks[step.workflow_id]:
                 await self.advance(step.workflow_id)

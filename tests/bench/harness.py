@@ -4,9 +4,9 @@ Every measured component is its own process, so its CPU and memory are its own:
 nats-server (from the wheel, `sync_interval: always`), the coordinator
 (`python -m services.coordinator`), the planner plus the bench agent
 (`python -m tests.bench.mesh_services`), and the load generators
-(`tests.bench.mesh_driver`, `tests.bench.langgraph_driver`). The pytest process only
-orchestrates, samples /proc and, for the resume and parking phases, watches the
-workflow event subjects on core NATS.
+(`tests.bench.mesh_driver`, `tests.bench.floor_driver`, `tests.bench.langgraph_driver`).
+The pytest process only orchestrates, samples /proc and, for the resume and parking
+phases, watches the workflow event subjects on core NATS.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import nats.js.errors
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.msg import Msg
 
+from services.coordinator.settings import CoordinatorSettings
 from tessera.launcher import infra
 from tessera.launcher.ports import free_port
 from tessera.runtime.bus import Topology
@@ -42,6 +43,8 @@ from tests.bench.workload import parked_plan, supervisor_plan
 REPO = Path(__file__).resolve().parents[2]
 COORDINATOR_SERVICE = "tessera.v1.CoordinatorService"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+ACK_WAIT_ENV = "TESSERA_COORDINATOR_ACK_WAIT_S"
+DEFAULT_ACK_WAIT_S: float = CoordinatorSettings.model_fields["ack_wait_s"].default
 # A channel that re-dials every 10 ms: gRPC's default first reconnect backoff is 1 s,
 # which would blur the "SERVING" instant by up to a second.
 FAST_DIAL = [
@@ -210,6 +213,8 @@ class CoordinatorProcess:
     """`python -m services.coordinator`, a real process (killable with SIGKILL)."""
 
     def __init__(self, mesh: Infra, *, ack_wait_s: float | None = None) -> None:
+        """`ack_wait_s` None: the coordinator's default, even if the caller's
+        environment sets TESSERA_COORDINATOR_ACK_WAIT_S."""
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         extra = {
@@ -217,12 +222,15 @@ class CoordinatorProcess:
             "TESSERA_PLANNER_ADDRESS": mesh.planner_address,
         }
         if ack_wait_s is not None:
-            extra["TESSERA_COORDINATOR_ACK_WAIT_S"] = str(ack_wait_s)
+            extra[ACK_WAIT_ENV] = str(ack_wait_s)
+        env = mesh.env(**extra)
+        if ack_wait_s is None:
+            env.pop(ACK_WAIT_ENV, None)
         self.log_path = mesh.directory / f"coordinator-{self.port}.log"
         self.spawned = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.coordinator"],
-            env=mesh.env(**extra),
+            env=env,
             stdout=self.log_path.open("wb"),
             stderr=subprocess.STDOUT,
             cwd=REPO,
@@ -253,6 +261,12 @@ class CoordinatorProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def redelivered_steps(self) -> int:
+        """Work steps this replica received more than once (`work_step_redelivered` in
+        its log; read once it has stopped: its stdout is block-buffered)."""
+        with self.log_path.open("rb") as log:
+            return sum(1 for line in log if b'"work_step_redelivered"' in line)
 
 
 # -- throughput runs --------------------------------------------------------------------
@@ -332,6 +346,29 @@ async def mesh_run(
             "nats": mesh.nats.pid,
             "planner+agent": mesh.services.pid,
         },
+    )
+
+
+async def floor_run(
+    mesh: Infra, concurrency: int, *, warmup: float, duration: float
+) -> dict[str, Any]:
+    """The floor: the same workflow against the same agent process, called directly by
+    a minimal orchestrator with no durability (`floor_driver.py`). NATS is watched too:
+    the agent SDK still publishes its `executed` record on every execution."""
+    assert mesh.nats is not None and mesh.services is not None
+    return await run_driver(
+        [
+            "-m",
+            "tests.bench.floor_driver",
+            "--agent",
+            mesh.agent_address,
+            "--concurrency",
+            str(concurrency),
+        ],
+        env=mesh.env(),
+        warmup=warmup,
+        duration=duration,
+        watch={"nats": mesh.nats.pid, "planner+agent": mesh.services.pid},
     )
 
 
@@ -429,10 +466,10 @@ async def start_workflows(address: str, plan: Any, n: int, *, concurrency: int =
 
 async def reset_work_consumer(mesh: Infra) -> None:
     """Delete the coordinators' durable work consumer (only while no coordinator runs;
-    the work-queue stream keeps its messages). Needed because the consumer keeps the
-    ack_wait of whoever created it first: `Runner.start` binds to an existing durable
-    without updating it, so TESSERA_COORDINATOR_ACK_WAIT_S alone changes nothing once
-    the consumer exists (see README.md, findings)."""
+    the work-queue stream keeps its messages), so each phase starts from a consumer its
+    own coordinator created. `Runner.start` creates or updates the consumer (the last
+    replica started sets its ack_wait); `consumer_ack_wait_s` in the results checks that
+    the phase really ran at the ack wait it names (see README.md, findings)."""
     nc = await nats.connect(mesh.nats_url)
     try:
         with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -492,8 +529,9 @@ async def resume_after_kill(
             for at, wf, _ in progress:
                 per_wf.setdefault(wf, at)
             all_at = max(per_wf.values())
-        return {
-            "ack_wait_s": ack_wait_s if ack_wait_s is not None else 2.0,
+        result = {
+            "ack_wait_s": ack_wait_s if ack_wait_s is not None else DEFAULT_ACK_WAIT_S,
+            "default": ack_wait_s is None,
             "consumer_ack_wait_s": effective_ack_wait,
             "workflows_in_flight": workflows,
             "kill_to_serving_ms": (serving_at - killed_at) * 1000,
@@ -507,6 +545,10 @@ async def resume_after_kill(
         first.stop()
         if second is not None:
             second.stop()
+    # The replacement takes over the killed replica's steps: one redelivery each.
+    assert second is not None
+    result["steps_redelivered_to_replacement"] = second.redelivered_steps()
+    return result
 
 
 async def parked_memory(mesh: Infra, *, workflows: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tessera.agent import Agent, TaskContext, TaskResult
 from tessera.launcher.ports import free_port
@@ -22,6 +23,7 @@ from tessera.runtime.grpc_client import wait_for_serving
 from tessera.v1 import coordinator_pb2, planner_pb2
 from tests.integration.harness import TERMINAL, WS, Mesh, task, task_graph
 
+REDELIVERED = "tessera_work_steps_redelivered_total"  # the coordinators' Prometheus counter
 EXECUTIONS: Counter[tuple[str, str]] = Counter()
 ARRIVED: Counter[str] = Counter()
 RELEASE = asyncio.Event()
@@ -85,8 +87,8 @@ class CoordinatorProcess:
             "TESSERA_NAMESPACE": mesh.namespace,
             "TESSERA_COORDINATOR_LISTEN": f"127.0.0.1:{self.port}",
             "TESSERA_PLANNER_ADDRESS": mesh.planner_address,
-            "TESSERA_COORDINATOR_ACK_WAIT_S": "1",
         }
+        env.pop("TESSERA_COORDINATOR_ACK_WAIT_S", None)  # the default ack wait, as shipped
         log = (log_dir / f"coordinator-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.coordinator"],
@@ -179,10 +181,31 @@ async def test_killed_coordinator_is_replaced_and_effects_happen_once(
     assert all(count == 1 for count in EXECUTIONS.values()), EXECUTIONS
 
 
+async def test_a_step_running_for_many_ack_waits_stays_with_its_live_replica(
+    mesh: Mesh,
+) -> None:
+    """The replica running a step extends its ack deadline while the step lasts, so a
+    second replica polling the same queue never receives it, however short the ack wait."""
+    for _ in range(2):
+        await mesh.add_coordinator()
+    await mesh.use_coordinator(mesh.coordinators[0].address)
+    ack_wait = mesh.coordinators[0].settings.ack_wait_s
+    before = REGISTRY.get_sample_value(REDELIVERED) or 0.0
+    (name,) = await _start_all(mesh, PIPELINE, 1)
+    await _until_arrived([name.split("/")[1]])
+    # The scenario itself is a duration: the held task stays in flight for 5 ack waits.
+    await asyncio.sleep(5 * ack_wait)
+    RELEASE.set()
+    workflow = await mesh.finished(name, timeout=30)
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
+    assert (REGISTRY.get_sample_value(REDELIVERED) or 0.0) == before
+    assert all(count == 1 for count in EXECUTIONS.values()), EXECUTIONS
+
+
 async def test_two_replicas_never_both_advance_a_workflow(mesh: Mesh) -> None:
     RELEASE.set()
     for _ in range(2):
-        await mesh.add_coordinator(ack_wait_s=1.0)
+        await mesh.add_coordinator()
     await mesh.use_coordinator(mesh.coordinators[0].address)
     names = await _start_all(mesh, PIPELINE, 12)
     store = mesh.coordinators[0].runner.store  # type: ignore[union-attr]

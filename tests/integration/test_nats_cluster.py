@@ -106,7 +106,6 @@ async def mesh(nats_cluster: cluster.NatsCluster) -> AsyncIterator[Mesh]:
         "nc" + uuid.uuid4().hex[:6],
         agents=[agent],
         jetstream_replicas=nats_cluster.replicas,
-        ack_wait_s=1.0,
     ) as running:
         yield running
 
