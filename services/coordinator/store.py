@@ -20,7 +20,6 @@ from nats.js import JetStreamContext
 from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
@@ -139,11 +138,15 @@ class WorkflowStore:
             return (entry.value or b"").decode()
 
     async def ids(self) -> list[str]:
+        """Every workflow id, from the server's subject index of the bucket's stream: a
+        consistent snapshot (a KV key watcher can miss keys written while it runs)."""
+        bucket = self.topology.workflows_bucket
+        prefix = f"$KV.{bucket}.wf."
         try:
-            keys = await self.kv.keys()
-        except (NoKeysError, NotFoundError):
+            info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+        except NotFoundError:
             return []
-        return [k[3:] for k in keys if k.startswith("wf.")]
+        return [subject[len(prefix) :] for subject in (info.state.subjects or {})]
 
     async def record_tool_decision(
         self, wf_id: str, gate_id: str, *, approved: bool, decided_by: str
