@@ -198,11 +198,17 @@ class Runner:
         wf_id = rec.id
         in_flight: dict[str, InFlight] = {}
         conflicts = 0
+        # Answers collected (applied in memory, events in the outbox) and not yet saved:
+        # they are committed together with the dispatches they lead to, one write for
+        # both. A crash in between loses nothing: the attempts are still RUNNING in the
+        # last snapshot, so they are sent again with the same attempt number and the
+        # agents answer from their dedup records.
+        unsaved = False
         started = time.monotonic()
         try:
-            while not rec.terminal:
+            while True:
                 try:
-                    revision = await self._tick(rec, revision, in_flight)
+                    revision = await self._tick(rec, revision, in_flight, unsaved=unsaved)
                 except Conflict:
                     conflicts += 1
                     if conflicts > MAX_CONFLICTS:
@@ -211,24 +217,21 @@ class Runner:
                     if reloaded is None:
                         return
                     rec, revision = reloaded
+                    unsaved = False
                     continue
+                unsaved = False
+                if rec.terminal:
+                    break
                 if not in_flight:
                     wait = self._next_retry_in(rec)
                     if wait is None:
-                        break  # parked on a gate, or finished
+                        break  # parked on a gate
                     await asyncio.sleep(wait)
                     continue
                 await asyncio.wait(
                     [f.call for f in in_flight.values()], return_when=asyncio.FIRST_COMPLETED
                 )
-                try:
-                    revision = await self._collect(rec, revision, in_flight)
-                except Conflict:
-                    conflicts += 1
-                    reloaded = await self.store.load(wf_id)
-                    if reloaded is None or conflicts > MAX_CONFLICTS:
-                        raise
-                    rec, revision = reloaded
+                unsaved = self._collect(rec, in_flight) or unsaved
         finally:
             for flight in in_flight.values():
                 flight.call.cancel()
@@ -255,7 +258,11 @@ class Runner:
         rec: WorkflowRecord,
         revision: int,
         in_flight: dict[str, InFlight],
+        *,
+        unsaved: bool = False,
     ) -> int:
+        """Decide what runs next, save (with any ``unsaved`` collected answers), then send
+        the attempts. Nothing is sent before the snapshot that dispatches it is saved."""
         em = Emitter(rec, now=time.time())
         dispatches = next_steps(em, in_flight=set(in_flight))
         ready: list[tuple[Dispatch, AgentDescriptor, CapabilityContract, str, str]] = []
@@ -285,7 +292,7 @@ class Runner:
                     )
                 )
             ready.append((dispatch, agent, contract, token.token if token else "", accessor))
-        if em.events:
+        if em.events or unsaved:
             revision = await self.store.save(rec, revision)
         for dispatch, agent, contract, token_value, accessor in ready:
             request = self.dispatcher.request(rec, dispatch, contract, task_token=token_value)
@@ -309,12 +316,9 @@ class Runner:
             retry_max_s=self.settings.retry_max_s,
         )
 
-    async def _collect(
-        self,
-        rec: WorkflowRecord,
-        revision: int,
-        in_flight: dict[str, InFlight],
-    ) -> int:
+    def _collect(self, rec: WorkflowRecord, in_flight: dict[str, InFlight]) -> bool:
+        """Apply the answers of finished attempts to ``rec`` (in memory: the next tick
+        saves them); whether any event was emitted."""
         em = Emitter(rec, now=time.time())
         for task_id, flight in list(in_flight.items()):
             dispatch, call = flight.dispatch, flight.call
@@ -380,6 +384,4 @@ class Runner:
                 metrics.GUARDRAILS.labels(
                     guardrail=events_pb2.Guardrail.Name(event.guardrail_tripped.guardrail)
                 ).inc()
-        if em.events:
-            revision = await self.store.save(rec, revision)
-        return revision
+        return bool(em.events)
