@@ -17,10 +17,10 @@ and the SDK's awaited `executed` record on JetStream (one publish per execution)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 import uuid
+from typing import Any
 
 import grpc
 import uvloop
@@ -28,6 +28,7 @@ from google.protobuf import json_format, struct_pb2
 
 from tessera.runtime.grpc_client import channel
 from tessera.v1 import agent_pb2, agent_pb2_grpc, common_pb2, planner_pb2
+from tests.bench.load import closed_loop
 from tests.bench.workload import agent, supervisor_plan
 
 MAX_CHAIN = 20  # the plan's max_iterations: a runaway handoff loop ends the workflow
@@ -100,51 +101,27 @@ class Workflow:
         return "workflow_completed"
 
 
-async def main(args: argparse.Namespace) -> dict[str, object]:
+async def main(args: argparse.Namespace) -> dict[str, Any]:
     plan = supervisor_plan()
     # One channel to the agent, as the coordinator's dispatcher keeps (same options and
     # interceptors: tessera.runtime.grpc_client.channel).
     ch = channel(args.agent, service="bench-floor")
     stub = agent_pb2_grpc.AgentServiceStub(ch)
-    t0 = time.perf_counter()
-    window_start = t0 + args.warmup
-    deadline = window_start + args.duration
-    latencies: list[float] = []
-    outcomes: dict[str, int] = {}
-    cpu: dict[str, float] = {}
 
-    async def sample_cpu() -> None:
-        await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
-        cpu["start"] = time.process_time()
-        await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-        cpu["end"] = time.process_time()
+    async def one(_: int) -> tuple[str, float]:
+        began = time.perf_counter()
+        try:
+            kind = await Workflow(stub, plan).run()
+        except grpc.aio.AioRpcError as exc:
+            kind = f"rpc_{exc.code().name.lower()}"
+        return kind, time.perf_counter() - began
 
-    sampler = asyncio.create_task(sample_cpu())
-
-    async def client() -> None:
-        while time.perf_counter() < deadline:
-            began = time.perf_counter()
-            try:
-                kind = await Workflow(stub, plan).run()
-            except grpc.aio.AioRpcError as exc:
-                kind = f"rpc_{exc.code().name.lower()}"
-            end = time.perf_counter()
-            if window_start <= end <= deadline:
-                outcomes[kind] = outcomes.get(kind, 0) + 1
-                if kind == "workflow_completed":
-                    latencies.append(end - began)
-
-    await asyncio.gather(*(client() for _ in range(args.concurrency)))
-    await sampler
-    await ch.close()
-    return {
-        "concurrency": args.concurrency,
-        "window_s": args.duration,
-        "completed": len(latencies),
-        "outcomes": outcomes,
-        "latencies_s": latencies,
-        "client_cpu_s": cpu["end"] - cpu["start"],
-    }
+    try:
+        return await closed_loop(
+            one, concurrency=args.concurrency, warmup=args.warmup, duration=args.duration
+        )
+    finally:
+        await ch.close()
 
 
 if __name__ == "__main__":

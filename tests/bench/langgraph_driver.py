@@ -26,6 +26,7 @@ from typing import Any, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 
+from tests.bench.load import closed_loop
 from tests.bench.workload import do_work, supervise, synthesize
 
 
@@ -129,40 +130,25 @@ async def run_async(args: argparse.Namespace) -> dict[str, Any]:
         async with saver.conn.execute("PRAGMA journal_mode") as cur:
             journal = (await cur.fetchone() or [None])[0]
         graph = build(saver)
-        t0 = time.perf_counter()
-        window_start = t0 + args.warmup
-        deadline = window_start + args.duration
-        latencies: list[float] = []
-        bad = 0
 
-        async def client() -> None:
-            nonlocal bad
-            while time.perf_counter() < deadline:
-                began = time.perf_counter()
-                result = await graph.ainvoke(
-                    {"goal": "bench"},
-                    {"configurable": {"thread_id": uuid.uuid4().hex}},
-                    durability=args.durability,
-                )
-                end = time.perf_counter()
-                if window_start <= end <= deadline:
-                    if _check(result):
-                        latencies.append(end - began)
-                    else:
-                        bad += 1
+        async def one(_: int) -> tuple[str, float]:
+            began = time.perf_counter()
+            result = await graph.ainvoke(
+                {"goal": "bench"},
+                {"configurable": {"thread_id": uuid.uuid4().hex}},
+                durability=args.durability,
+            )
+            kind = "workflow_completed" if _check(result) else "wrong_result"
+            return kind, time.perf_counter() - began
 
-        cpu: dict[str, float] = {}
-
-        async def sample_cpu() -> None:
-            await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
-            cpu["start"] = time.process_time()
-            await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-            cpu["end"] = time.process_time()
-
-        await asyncio.gather(sample_cpu(), *(client() for _ in range(args.concurrency)))
+        report = await closed_loop(
+            one, concurrency=args.concurrency, warmup=args.warmup, duration=args.duration
+        )
         async with saver.conn.execute("SELECT count(*) FROM checkpoints") as cur:
             checkpoints = (await cur.fetchone() or [None])[0]
-    return _out(args, latencies, bad, synchronous, journal, checkpoints, cpu)
+    bad = report["outcomes"].get("wrong_result", 0)
+    cpu = {"start": 0.0, "end": report["client_cpu_s"]}
+    return _out(args, report["latencies_s"], bad, synchronous, journal, checkpoints, cpu)
 
 
 def _out(

@@ -7,15 +7,16 @@ event, over and over. Prints one JSON object: completed workflows and their late
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 import uuid
+from typing import Any
 
 import grpc
 import uvloop
 
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2
+from tests.bench.load import closed_loop
 from tests.bench.workload import supervisor_plan
 
 TERMINAL = {"workflow_completed", "workflow_failed", "workflow_cancelled"}
@@ -42,7 +43,7 @@ async def one(
     return kind, time.perf_counter() - began
 
 
-async def main(args: argparse.Namespace) -> dict[str, object]:
+async def main(args: argparse.Namespace) -> dict[str, Any]:
     plan = supervisor_plan()
     # One channel per 16 clients: one HTTP/2 connection would serialize on its reader.
     channels = [
@@ -50,46 +51,16 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         for _ in range(max(1, (args.concurrency + 15) // 16))
     ]
     stubs = [coordinator_pb2_grpc.CoordinatorServiceStub(c) for c in channels]
-    t0 = time.perf_counter()
-    window_start = t0 + args.warmup
-    deadline = window_start + args.duration
-    latencies: list[float] = []
-    finished_at: list[float] = []
-    outcomes: dict[str, int] = {}
-
-    cpu: dict[str, float] = {}
-
-    async def sample_cpu() -> None:
-        await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
-        cpu["start"] = time.process_time()
-        await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-        cpu["end"] = time.process_time()
-
-    sampler = asyncio.create_task(sample_cpu())
-
-    async def client(i: int) -> None:
-        stub = stubs[i % len(stubs)]
-        while time.perf_counter() < deadline:
-            kind, latency = await one(stub, plan)
-            end = time.perf_counter()
-            if window_start <= end <= deadline:
-                outcomes[kind] = outcomes.get(kind, 0) + 1
-                if kind == "workflow_completed":
-                    latencies.append(latency)
-                    finished_at.append(end)
-
-    await asyncio.gather(*(client(i) for i in range(args.concurrency)))
-    await sampler
-    for ch in channels:
-        await ch.close()
-    return {
-        "concurrency": args.concurrency,
-        "window_s": args.duration,
-        "completed": len(latencies),
-        "outcomes": outcomes,
-        "latencies_s": latencies,
-        "client_cpu_s": cpu["end"] - cpu["start"],
-    }
+    try:
+        return await closed_loop(
+            lambda i: one(stubs[i % len(stubs)], plan),
+            concurrency=args.concurrency,
+            warmup=args.warmup,
+            duration=args.duration,
+        )
+    finally:
+        for ch in channels:
+            await ch.close()
 
 
 if __name__ == "__main__":
