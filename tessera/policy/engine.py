@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +50,7 @@ OPAQUE_CONTEXT_KEYS = ("arguments",)
 SERVER_CONTEXT_KEYS = ("hour",)
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 _REQUEST_ERRORS = ("failed to parse entities", "failed to build request")
+_MAX_CACHED_ENTITY_SETS = 4096
 
 Decision = Literal["allow", "deny", "approval_required"]
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -91,10 +93,32 @@ class LoadedPolicySet:
     """Cedar's positional id (``policy0``…) → what we know about that policy."""
     load_time: datetime
     fingerprint: Fingerprint = ()
+    entities: OrderedDict[str, cedarpy.Entities] = field(
+        default_factory=OrderedDict, repr=False, compare=False
+    )
+    """Entity sets parsed against this schema, by their JSON (DESIGN.md, Hot path: entities
+    are parsed once and reused): a caller's principal and tool entities repeat."""
 
     @property
     def policy_ids(self) -> tuple[str, ...]:
         return tuple(sorted(p.id for p in self.policies.values()))
+
+    def parsed_entities(self, entities: list[dict[str, Any]]) -> cedarpy.Entities | None:
+        """``entities`` parsed and validated against the schema (cached), or None when
+        they do not parse (the caller then lets Cedar report why)."""
+        key = json.dumps(entities, sort_keys=True, separators=(",", ":"))
+        parsed = self.entities.get(key)
+        if parsed is not None:
+            self.entities.move_to_end(key)
+            return parsed
+        try:
+            parsed = cedarpy.Entities.from_json_str(key, self.schema)
+        except ValueError:
+            return None
+        self.entities[key] = parsed
+        while len(self.entities) > _MAX_CACHED_ENTITY_SETS:
+            self.entities.popitem(last=False)
+        return parsed
 
 
 @dataclass(frozen=True)
@@ -351,7 +375,10 @@ def evaluate(ps: LoadedPolicySet, req: CheckInput, *, hour: int) -> Verdict:
     names the forbids that matched (none: default deny). Raises :class:`RequestInvalid`
     for a request Cedar cannot evaluate against the schema (wrong types, unknown action)."""
     request, entities = prepare(req, hour=hour)
-    result = cedarpy.is_authorized(request, ps.policy_set, entities, schema=ps.schema)
+    parsed = ps.parsed_entities(entities)
+    result = cedarpy.is_authorized(
+        request, ps.policy_set, entities if parsed is None else parsed, schema=ps.schema
+    )
     errors = tuple(result.diagnostics.errors)
     reasons = [ps.policies[r] for r in result.diagnostics.reasons if r in ps.policies]
     ids = tuple(p.id for p in reasons)

@@ -311,3 +311,21 @@ def test_never_allowed_when_any_forbid_matches(req: CheckInput, hour: int) -> No
 
 
 REPO_SET_BY_ID = {p.id: p for p in REPO_SET.policies.values()}
+
+
+def test_entity_sets_are_parsed_once_and_decide_as_before() -> None:
+    ps = load_policy_dir(POLICY_DIR)
+    first = evaluate(ps, _refund(500), hour=12)
+    assert len(ps.entities) == 1
+    again = evaluate(ps, _refund(250_000), hour=12)  # same entities, other context
+    assert len(ps.entities) == 1
+    assert (first.decision, again.decision) == ("allow", "approval_required")
+    undeclared = {"tier": "standard", "tools": []}
+    other = CheckInput(**{**_refund(500).__dict__, "principal_attrs": undeclared})
+    assert evaluate(ps, other, hour=12).decision == "deny"  # other entities: own entry
+    assert len(ps.entities) == 2
+    # Entities that do not conform are never cached and are still reported precisely.
+    bad = CheckInput(**{**_refund(10).__dict__, "principal_attrs": {"tier": 1, "tools": ["x"]}})
+    with pytest.raises(RequestInvalid):
+        evaluate(ps, bad, hour=12)
+    assert len(ps.entities) == 2
