@@ -34,8 +34,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Vault(Protocol):
-    addr: str
-    root_token: str
+    @property
+    def addr(self) -> str: ...
+    @property
+    def root_token(self) -> str: ...
 
 
 WS = coordinator_pb2.WorkflowState

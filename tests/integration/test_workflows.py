@@ -22,7 +22,7 @@ async def mesh(nats_url: str, openbao: OpenBao) -> AsyncIterator[Mesh]:
 
 
 def kinds(events: list[events_pb2.WorkflowEvent]) -> list[str]:
-    return [e.WhichOneof("kind") for e in events]
+    return [e.WhichOneof("kind") or "" for e in events]
 
 
 async def test_support_ticket_is_routed_to_billing_and_answered(mesh: Mesh) -> None:

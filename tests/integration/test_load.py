@@ -1,0 +1,150 @@
+"""Sustained load with RELIABILITY.md's end-of-run checks, on the real mesh: W(N, T).
+
+N clients, each starting support-refund workflows one after another for T seconds
+(triage → billing, which calls `billing.get_invoices` and the side-effecting
+`billing.issue_refund` with an idempotency key through the governed tool proxy → synthesis),
+then, after the last one ended:
+
+- C1 at least one workflow completed; C2 every workflow started is terminal in JetStream;
+  C3 none failed; C5 the slowest is reported;
+- C6 every tool execution has an `allow` record carrying its decision id (an `allow` that
+  a refusal of the same call follows did not execute), and every audit chain verifies;
+- C7 no side effect happened twice: one refund per workflow, one per idempotency key.
+
+C4 (throughput against a baseline of the same run) belongs to the fault runs, which have a
+fault-free phase to compare with. The bounded CI run is N=8 for 12 s;
+`TESSERA_LOAD_CLIENTS` and `TESSERA_LOAD_SECONDS` make it RELIABILITY.md's W(50, 2-5 min).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext, api
+
+from services.tool_proxy.tools.builtin import effects_subject
+from tessera.audit import tail, verify
+from tessera.runtime.bus import Topology, connect
+from tessera.v1 import audit_pb2
+from tests.conftest import OpenBao
+from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, reference_agent
+
+CLIENTS = int(os.environ.get("TESSERA_LOAD_CLIENTS", "8"))
+SECONDS = float(os.environ.get("TESSERA_LOAD_SECONDS", "12"))
+REFUND = "billing.issue_refund"
+
+
+@pytest.fixture(scope="module")
+async def mesh(nats_url: str, openbao: OpenBao) -> AsyncIterator[Mesh]:
+    agents = [reference_agent(name) for name in REFERENCE_AGENTS]
+    async with Mesh(nats_url, "load", agents=agents, vault=openbao) as running:
+        yield running
+
+
+async def test_sustained_load_passes_the_end_of_run_checks(mesh: Mesh) -> None:
+    started: list[str] = []
+    outcomes: Counter[str] = Counter()
+    latencies: dict[str, float] = {}
+    deadline = time.monotonic() + SECONDS
+
+    async def client(i: int) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            ticket = {
+                "id": f"L-{i}-{n}",
+                "customer_id": f"C-{i}",
+                # Under the approval threshold: every refund runs without a human.
+                "text": f"please refund {10 + n % 90} for the double charge",
+            }
+            began = time.monotonic()
+            name = await mesh.start("support", ticket=ticket)
+            started.append(name)
+            workflow = await mesh.finished(name, timeout=60)
+            latencies[name] = time.monotonic() - began
+            outcomes[WS.Name(workflow.state)] += 1
+            n += 1
+
+    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+
+    # C1, C3.
+    assert outcomes["WORKFLOW_STATE_SUCCEEDED"] >= 1, outcomes
+    assert set(outcomes) == {"WORKFLOW_STATE_SUCCEEDED"}, outcomes
+    # C2: what JetStream holds, read back (not what the clients saw).
+    states = Counter([WS.Name((await mesh.get(name)).state) for name in started])
+    assert states == Counter({"WORKFLOW_STATE_SUCCEEDED": len(started)}), states
+    # C5.
+    slowest = max(latencies, key=latencies.__getitem__)
+    print(
+        f"\nW({CLIENTS}, {SECONDS:g}s): {len(started)} workflows, "
+        f"{len(started) / SECONDS:.1f} wf/s, slowest {latencies[slowest]:.2f}s ({slowest})"
+    )
+
+    ids = {name.split("/")[1] for name in started}
+    nc = await connect(mesh.nats_url, name="test-load-checks")
+    try:
+        js = nc.jetstream()
+        topology = Topology(mesh.namespace)
+        records = [
+            e.record
+            async for e in tail(js, topology, n=1_000_000)
+            if e.record is not None and e.record.workflow_id in ids
+        ]
+        effects = await _effects(js, topology, ids)
+        report = await verify(js, topology)
+    finally:
+        await nc.close()
+
+    # C6: per workflow and tool, the allow records that were not refused afterwards are the
+    # executions, one for one, each carrying the decision id of its allow.
+    by_call: defaultdict[tuple[str, str], list[audit_pb2.AuditRecord]] = defaultdict(list)
+    for record in records:
+        if record.actor == "tool-proxy":
+            by_call[(record.workflow_id, record.resource)].append(record)
+    executions = 0
+    for (wf, tool), calls in by_call.items():
+        refused = {r.decision_id for r in calls if r.outcome not in ("allow", "executed")}
+        allowed = sorted(
+            r.decision_id for r in calls if r.outcome == "allow" and r.decision_id not in refused
+        )
+        executed = sorted(r.decision_id for r in calls if r.outcome == "executed")
+        assert allowed == executed, (wf, tool, [(r.outcome, r.decision_id) for r in calls])
+        assert all(executed), (wf, tool)
+        executions += len(executed)
+    assert executions >= 2 * len(started)  # the invoices lookup and the refund, at least
+    assert report.ok, report.issues
+
+    # C7: exactly one refund per workflow, none twice for one idempotency key.
+    refunds = Counter(e["workflow_id"] for e in effects if e["tool"] == REFUND)
+    assert refunds == Counter(dict.fromkeys(ids, 1)), refunds
+    keys = Counter((e["workflow_id"], e["idempotency_key"]) for e in effects)
+    assert max(keys.values()) == 1, [k for k, v in keys.items() if v > 1]
+
+
+async def _effects(js: JetStreamContext, topology: Topology, ids: set[str]) -> list[dict[str, Any]]:
+    """The side effects the outbox recorded for the workflows ``ids``."""
+    subject = effects_subject(topology)
+    info = await js.stream_info(topology.events_stream, subjects_filter=subject)
+    total = (info.state.subjects or {}).get(subject, 0)
+    if not total:
+        return []
+    sub = await js.subscribe(
+        subject,
+        ordered_consumer=True,
+        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+    )
+    found: list[dict[str, Any]] = []
+    try:
+        for _ in range(total):
+            body = json.loads((await sub.next_msg(timeout=5.0)).data)
+            if body["workflow_id"] in ids:
+                found.append(body)
+    finally:
+        await sub.unsubscribe()
+    return found
