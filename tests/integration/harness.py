@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -25,8 +29,9 @@ from services.policy.settings import PolicySettings
 from services.tool_proxy.app import ToolProxy
 from services.tool_proxy.settings import ToolProxySettings
 from tessera.agent import Agent
+from tessera.launcher.ports import free_port
 from tessera.runtime.config import ServiceSettings
-from tessera.runtime.grpc_client import channel
+from tessera.runtime.grpc_client import channel, wait_for_serving
 from tessera.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, events_pb2, planner_pb2
 from tessera.vault import bootstrap
 
@@ -76,12 +81,17 @@ class Mesh:
         coordinators: int = 1,
         vault: Vault | None = None,
         jetstream_replicas: int = 1,
+        tool_proxy_process: bool = False,
         **coordinator_settings: Any,
     ) -> None:
         """`vault`: govern tool calls (OpenBao bootstrapped from vault/, the policy
         service and the tool proxy in-process); agents that call tools need it.
         `jetstream_replicas`: replicas of the streams and buckets (3 on a NATS cluster)."""
         self.jetstream_replicas = jetstream_replicas
+        self.tool_proxy_process = tool_proxy_process
+        """Run the tool proxy as `python -m services.tool_proxy` (killable with SIGKILL,
+        see :meth:`kill_tool_proxy`) on a fixed port, instead of in this process."""
+        self._proxy_proc: subprocess.Popen[bytes] | None = None
         self.vault = vault
         self.approles: dict[str, Path] = {}
         self.nats_url = nats_url
@@ -101,6 +111,13 @@ class Mesh:
         }
 
     async def __aenter__(self) -> Mesh:
+        try:
+            return await self._enter()
+        except BaseException:
+            await self._stack.aclose()  # what did start (a proxy process too) is stopped
+            raise
+
+    async def _enter(self) -> Mesh:
         self.tool_proxy_address = ""
         if self.vault is not None:
             await self._start_governance(self.vault)
@@ -137,6 +154,12 @@ class Mesh:
         policy = PolicyService(PolicySettings(**self.common(), policy_dir=REPO / "policy"))
         await policy.start()
         self._stack.push_async_callback(policy.stop)
+        self.policy_address = policy.address
+        if self.tool_proxy_process:
+            self.tool_proxy_address = f"127.0.0.1:{free_port()}"
+            await self.start_tool_proxy()
+            self._stack.callback(self.kill_tool_proxy)
+            return
         proxy = ToolProxy(
             ToolProxySettings(
                 **self.common(),
@@ -148,6 +171,34 @@ class Mesh:
         await proxy.start()
         self._stack.push_async_callback(proxy.stop)
         self.tool_proxy_address = proxy.address
+
+    async def start_tool_proxy(self) -> None:
+        """(Re)start the tool proxy process on its address; returns once it serves."""
+        assert self.vault is not None and self.tool_proxy_process
+        env = {
+            **os.environ,
+            "TESSERA_NATS_URL": self.nats_url,
+            "TESSERA_NAMESPACE": self.namespace,
+            "TESSERA_TOOL_PROXY_LISTEN": self.tool_proxy_address,
+            "TESSERA_VAULT_ADDR": self.vault.addr,
+            "TESSERA_VAULT_APPROLE_FILE": str(self.approles["tool-proxy"]),
+            "TESSERA_POLICY_ADDRESS": self.policy_address,
+            "TESSERA_JETSTREAM_REPLICAS": str(self.jetstream_replicas),
+        }
+        self._proxy_proc = subprocess.Popen(  # noqa: ASYNC220 (fork/exec returns at once)
+            [sys.executable, "-m", "services.tool_proxy"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        await wait_for_serving(self.tool_proxy_address, timeout=30)
+
+    def kill_tool_proxy(self) -> None:
+        """SIGKILL the tool proxy process (nothing flushed, nothing drained)."""
+        if self._proxy_proc is not None and self._proxy_proc.poll() is None:
+            self._proxy_proc.send_signal(signal.SIGKILL)
+            self._proxy_proc.wait(timeout=10)
 
     async def add_coordinator(self, **overrides: Any) -> Coordinator:
         if self.vault is not None:

@@ -11,9 +11,13 @@ then, after the last one ended:
   a refusal of the same call follows did not execute), and every audit chain verifies;
 - C7 no side effect happened twice: one refund per workflow, one per idempotency key.
 
-C4 (throughput against a baseline of the same run) belongs to the fault runs, which have a
-fault-free phase to compare with. The bounded CI run is N=8 for 12 s;
-`TESSERA_LOAD_CLIENTS` and `TESSERA_LOAD_SECONDS` make it RELIABILITY.md's W(50, 2-5 min).
+Then the same with the tool proxy killed (SIGKILL) a third into the run and restarted at
+once: C1-C3 and C5-C7 still hold (an `allow` whose outcome record the kill prevented is
+allowed, at most one per client), and the slowest workflows show the task failures the
+kill caused. C4 (throughput against a fault-free baseline) is printed, not asserted: on
+this shared 2-core machine a 90 % bound on a 12 s window would be noise. The bounded CI run
+is N=8 for 12 s; `TESSERA_LOAD_CLIENTS` and `TESSERA_LOAD_SECONDS` make it RELIABILITY.md's
+W(50, 2-5 min).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import pytest
@@ -43,16 +47,59 @@ REFUND = "billing.issue_refund"
 
 @pytest.fixture(scope="module")
 async def mesh(nats_url: str, openbao: OpenBao) -> AsyncIterator[Mesh]:
+    """The reference agents, planner, coordinator and policy service in this process; the
+    tool proxy in a process of its own, so that it can be killed."""
     agents = [reference_agent(name) for name in REFERENCE_AGENTS]
-    async with Mesh(nats_url, "load", agents=agents, vault=openbao) as running:
+    async with Mesh(
+        nats_url, "load", agents=agents, vault=openbao, tool_proxy_process=True
+    ) as running:
         yield running
 
 
 async def test_sustained_load_passes_the_end_of_run_checks(mesh: Mesh) -> None:
-    started: list[str] = []
-    outcomes: Counter[str] = Counter()
-    latencies: dict[str, float] = {}
-    deadline = time.monotonic() + SECONDS
+    load = await run_load(mesh, SECONDS)
+    await end_of_run_checks(mesh, load)
+
+
+async def test_tool_proxy_killed_under_load_loses_nothing_and_repeats_nothing(
+    mesh: Mesh,
+) -> None:
+    """kill -9 of the tool proxy a third into the run, restarted at once: calls in flight
+    fail (the agents' tasks are retried by the coordinator), refunds that ran before the
+    kill are replayed from the idempotency store, never repeated."""
+
+    async def fault() -> None:
+        await asyncio.sleep(SECONDS / 3)  # the scenario's timeline, not a wait for an event
+        mesh.kill_tool_proxy()
+        await mesh.start_tool_proxy()
+
+    load = await run_load(mesh, SECONDS, fault=fault())
+    await end_of_run_checks(mesh, load, killed=True)
+    # The kill did hit the load: the slowest workflows had tool calls fail (the proxy was
+    # gone for about a second, at ~40 tool calls a second) and their tasks retried.
+    slowest = sorted(load.latencies, key=load.latencies.__getitem__)[-5:]
+    failed = [
+        e.task_failed.error.code
+        for name in slowest
+        for e in await mesh.events(name)
+        if e.HasField("task_failed")
+    ]
+    assert failed, "no task failed: the kill hit no tool call"
+
+
+class Load:
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.outcomes: Counter[str] = Counter()
+        self.latencies: dict[str, float] = {}
+
+
+async def run_load(
+    mesh: Mesh, seconds: float, *, fault: Coroutine[Any, Any, None] | None = None
+) -> Load:
+    """W(CLIENTS, seconds): each client starts the next workflow when its last one ended."""
+    load = Load()
+    deadline = time.monotonic() + seconds
 
     async def client(i: int) -> None:
         n = 0
@@ -65,25 +112,30 @@ async def test_sustained_load_passes_the_end_of_run_checks(mesh: Mesh) -> None:
             }
             began = time.monotonic()
             name = await mesh.start("support", ticket=ticket)
-            started.append(name)
+            load.started.append(name)
             workflow = await mesh.finished(name, timeout=60)
-            latencies[name] = time.monotonic() - began
-            outcomes[WS.Name(workflow.state)] += 1
+            load.latencies[name] = time.monotonic() - began
+            load.outcomes[WS.Name(workflow.state)] += 1
             n += 1
 
-    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+    await asyncio.gather(*(client(i) for i in range(CLIENTS)), *([fault] if fault else []))
+    return load
 
+
+async def end_of_run_checks(mesh: Mesh, load: Load, *, killed: bool = False) -> None:
+    started = load.started
     # C1, C3.
-    assert outcomes["WORKFLOW_STATE_SUCCEEDED"] >= 1, outcomes
-    assert set(outcomes) == {"WORKFLOW_STATE_SUCCEEDED"}, outcomes
+    assert load.outcomes["WORKFLOW_STATE_SUCCEEDED"] >= 1, load.outcomes
+    assert set(load.outcomes) == {"WORKFLOW_STATE_SUCCEEDED"}, load.outcomes
     # C2: what JetStream holds, read back (not what the clients saw).
     states = Counter([WS.Name((await mesh.get(name)).state) for name in started])
     assert states == Counter({"WORKFLOW_STATE_SUCCEEDED": len(started)}), states
     # C5.
-    slowest = max(latencies, key=latencies.__getitem__)
+    slowest = max(load.latencies, key=load.latencies.__getitem__)
     print(
-        f"\nW({CLIENTS}, {SECONDS:g}s): {len(started)} workflows, "
-        f"{len(started) / SECONDS:.1f} wf/s, slowest {latencies[slowest]:.2f}s ({slowest})"
+        f"\nW({CLIENTS}, {SECONDS:g}s){' with kill -9' if killed else ''}: "
+        f"{len(started)} workflows, {len(started) / SECONDS:.1f} wf/s, "
+        f"slowest {load.latencies[slowest]:.2f}s ({slowest})"
     )
 
     ids = {name.split("/")[1] for name in started}
@@ -102,22 +154,28 @@ async def test_sustained_load_passes_the_end_of_run_checks(mesh: Mesh) -> None:
         await nc.close()
 
     # C6: per workflow and tool, the allow records that were not refused afterwards are the
-    # executions, one for one, each carrying the decision id of its allow.
+    # executions, one for one, each carrying the decision id of its allow. A proxy killed
+    # between an allow and its outcome leaves allows without one: at most one per client.
     by_call: defaultdict[tuple[str, str], list[audit_pb2.AuditRecord]] = defaultdict(list)
     for record in records:
         if record.actor == "tool-proxy":
             by_call[(record.workflow_id, record.resource)].append(record)
-    executions = 0
+    executions, unfinished = 0, 0
+    allow_ids: set[str] = set()
     for (wf, tool), calls in by_call.items():
         refused = {r.decision_id for r in calls if r.outcome not in ("allow", "executed")}
-        allowed = sorted(
+        allowed = {
             r.decision_id for r in calls if r.outcome == "allow" and r.decision_id not in refused
-        )
-        executed = sorted(r.decision_id for r in calls if r.outcome == "executed")
-        assert allowed == executed, (wf, tool, [(r.outcome, r.decision_id) for r in calls])
+        }
+        executed = [r.decision_id for r in calls if r.outcome == "executed"]
+        allow_ids |= allowed
         assert all(executed), (wf, tool)
+        assert len(set(executed)) == len(executed) and set(executed) <= allowed, (wf, tool)
+        unfinished += len(allowed) - len(executed)
         executions += len(executed)
+    assert unfinished <= (CLIENTS if killed else 0), unfinished
     assert executions >= 2 * len(started)  # the invoices lookup and the refund, at least
+    assert all(e["decision_id"] in allow_ids for e in effects), "an effect without an allow"
     assert report.ok, report.issues
 
     # C7: exactly one refund per workflow, none twice for one idempotency key.
