@@ -3,6 +3,7 @@ stops or parks the workflow in a defined state, with the reason on record."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -233,7 +234,7 @@ async def test_list_pages_through_workflows_by_state(mesh: Mesh) -> None:
 
 async def test_one_workflow_is_one_trace_across_coordinator_and_agents(mesh: Mesh) -> None:
     from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -243,10 +244,25 @@ async def test_one_workflow_is_one_trace_across_coordinator_and_agents(mesh: Mes
         trace.set_tracer_provider(provider)
     spans = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(spans))
+    # The step span ends when the coordinator's step returns, just after the terminal state
+    # it saved became visible to this test: wait for that span, not for the state.
+    loop = asyncio.get_running_loop()
+    step_ended = asyncio.Event()
+    watched: list[str] = []
+
+    class StepEnded(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            attrs = span.attributes or {}
+            if span.name == "workflow.step" and attrs.get("tessera.workflow_id") in watched:
+                loop.call_soon_threadsafe(step_ended.set)
+
+    provider.add_span_processor(StepEnded())
 
     name = await start(mesh, plan("guard.spend", "guard.spend"))
-    await mesh.finished(name)
     wf_id = name.split("/")[1]
+    watched.append(wf_id)
+    await mesh.finished(name)
+    await asyncio.wait_for(step_ended.wait(), timeout=10)
     steps = [
         s
         for s in spans.get_finished_spans()
