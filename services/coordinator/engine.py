@@ -197,14 +197,22 @@ def task_failed(
     retryable: bool = True,
     retry_base_s: float = 0.1,
     retry_max_s: float = 2.0,
+    retry_after_s: float = 0.0,
 ) -> None:
+    """``retry_after_s``: the failure said when a retry can succeed (RetryInfo, e.g. when
+    the lease of a crashed executor's idempotency claim ends); the retry waits at least
+    that long."""
     task = em.rec.tasks[task_id]
     will_retry = retryable and attempt < task.max_attempts
     failed = events_pb2.TaskFailed(
         task_id=task_id, attempt=attempt, error=error, will_retry=will_retry
     )
     if will_retry:
-        failed.retry_time.CopyFrom(_retry_time(em.now, attempt, retry_base_s, retry_max_s))
+        at = _retry_time(em.now, attempt, retry_base_s, retry_max_s)
+        not_before = em.now + max(0.0, retry_after_s)
+        if at.ToMicroseconds() < not_before * 1e6:
+            at.FromMicroseconds(int(not_before * 1e6))
+        failed.retry_time.CopyFrom(at)
     em.emit(task_failed=failed)
 
 

@@ -52,6 +52,8 @@ tracer = trace.get_tracer(__name__)
 
 DURABLE = "coordinator"
 MAX_CONFLICTS = 20
+# The longest a failure's RetryInfo may delay a task's next attempt.
+MAX_RETRY_AFTER_S = 60.0
 # Codes after which another attempt may succeed; the rest fail the attempt for good.
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -304,7 +306,13 @@ class Runner:
         return revision
 
     def _fail_attempt(
-        self, em: Emitter, dispatch: Dispatch, error: Status, *, retryable: bool = True
+        self,
+        em: Emitter,
+        dispatch: Dispatch,
+        error: Status,
+        *,
+        retryable: bool = True,
+        retry_after_s: float | None = None,
     ) -> None:
         task_failed(
             em,
@@ -314,6 +322,8 @@ class Runner:
             retryable=retryable,
             retry_base_s=self.settings.retry_base_s,
             retry_max_s=self.settings.retry_max_s,
+            # Bounded: a peer cannot park a task indefinitely.
+            retry_after_s=min(retry_after_s or 0.0, MAX_RETRY_AFTER_S),
         )
 
     def _collect(self, rec: WorkflowRecord, in_flight: dict[str, InFlight]) -> bool:
@@ -362,6 +372,7 @@ class Runner:
                     dispatch,
                     status(code, exc.details() or code.name, code.name),
                     retryable=code in RETRYABLE,
+                    retry_after_s=details.retry_after_s,
                 )
                 metrics.TASK_OUTCOMES.labels(
                     capability=dispatch.capability, outcome=code.name.lower()

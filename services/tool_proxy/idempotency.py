@@ -10,11 +10,12 @@ Record key: ``SHA-256(workflow_id|tool|idempotency_key)`` (hex, the *effect id*)
    backend refused with a ToolError, Vault was down) so a retry may run.
 
 A retry that finds ``done`` gets the stored result (``replayed = true``) and nothing
-runs. One that finds ``started`` gets ABORTED (IDEMPOTENCY_IN_PROGRESS, retryable) unless
-the record is older than the lease: then the original executor is presumed dead and the
-retry takes the record over by CAS (the backend is idempotent on the effect id, e.g. the
-outbox's ``Nats-Msg-Id``). The same key with different arguments is refused
-(FAILED_PRECONDITION, IDEMPOTENCY_KEY_REUSED).
+runs. One that finds ``started`` gets ABORTED (IDEMPOTENCY_IN_PROGRESS, retryable, with a
+RetryInfo of the lease's end) unless the record's lease has ended (``lease_until``: the
+claimer's backend deadline plus a margin, so a live executor has given up by then): then
+the original executor is presumed dead and the retry takes the record over by CAS (the
+backend is idempotent on the effect id, e.g. the outbox's ``Nats-Msg-Id``). The same key
+with different arguments is refused (FAILED_PRECONDITION, IDEMPOTENCY_KEY_REUSED).
 """
 
 from __future__ import annotations
@@ -68,15 +69,25 @@ class IdempotencyStore:
         self._clock = clock
 
     async def begin(
-        self, eid: str, *, tool: str, arguments_digest: str, decision_id: str
+        self,
+        eid: str,
+        *,
+        tool: str,
+        arguments_digest: str,
+        decision_id: str,
+        lease_s: float | None = None,
     ) -> Claim | Replay:
+        """Claim ``eid`` for ``lease_s`` (default: the store's): as long as the caller may
+        still be running the backend, so a claim whose executor died is taken over soon."""
+        now = self._clock()
         started = _encode(
             {
                 "state": "started",
                 "tool": tool,
                 "arguments_digest": arguments_digest,
                 "decision_id": decision_id,
-                "started_at": self._clock(),
+                "started_at": now,
+                "lease_until": now + (self._lease_s if lease_s is None else lease_s),
             }
         )
         try:
@@ -100,12 +111,16 @@ class IdempotencyStore:
                     return Replay(
                         eid, dict(record.get("result") or {}), str(record.get("decision_id", ""))
                     )
-                age = self._clock() - float(record.get("started_at", 0.0))
-                if age < self._lease_s:
+                since = float(record.get("started_at", 0.0))
+                left = float(record.get("lease_until", since + self._lease_s)) - self._clock()
+                age = self._clock() - since
+                if left > 0:
                     raise Aborted(
                         "the same call is in progress; retry later",
                         reason="IDEMPOTENCY_IN_PROGRESS",
                         metadata={"tool": tool},
+                        # When its executor's lease ends: then this call takes it over.
+                        retry_after_s=left,
                     )
                 try:
                     revision = await self._kv.update(eid, started, last=entry.revision)

@@ -85,6 +85,7 @@ _MAX_PAGE = 500
 _MAX_PENDING_AUDITS = 256
 _POLICY_MARGIN_S = 0.05
 _CALL_MARGIN_S = 0.02
+_LEASE_MARGIN_S = 1.0
 
 
 class AuditSink(Protocol):
@@ -309,7 +310,13 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             # 8. Idempotency: replay a completed effect, refuse a concurrent duplicate.
             if spec.side_effect.needs_idempotency_key:
                 began = await self.idempotency.begin(
-                    eid, tool=spec.name, arguments_digest=digest, decision_id=decision.decision_id
+                    eid,
+                    tool=spec.name,
+                    arguments_digest=digest,
+                    decision_id=decision.decision_id,
+                    # Held as long as this call may run the backend (step 10's deadline
+                    # is no later): if this replica dies, a retry takes over soon after.
+                    lease_s=self._backend_timeout(context, tool) + _LEASE_MARGIN_S,
                 )
                 if isinstance(began, Replay):
                     await self._give_back(spend, verified)

@@ -79,9 +79,11 @@ class ToolProxySettings(ServiceSettings):
     backend_timeout_s: float = Field(default=10.0, gt=0)
     """Default deadline of one backend call (a tool may declare a shorter one)."""
     idempotency_lease_s: float = Field(default=60.0, gt=0)
-    """A `started` idempotency record older than this is presumed crashed and may be taken
-    over by a retry (backends are idempotent on the key, so this never doubles an effect
-    they have recorded)."""
+    """Lease of a `started` idempotency record that does not carry its own (records written
+    before leases followed the call's backend deadline). Each call now holds its record for
+    its backend deadline plus 1 s; after that its executor is presumed dead and a retry
+    takes the record over (backends are idempotent on the key, so this never doubles an
+    effect they have recorded)."""
 
     audit_hmac_key: SecretStr | None = None
     """Key of the HMACs of secret-bearing arguments in audit records (share it between

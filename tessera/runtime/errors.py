@@ -191,7 +191,9 @@ class DeadlineExceeded(TesseraError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
-class Aborted(TesseraError):
+class Aborted(_Retryable):
+    """A concurrency conflict: retry, after ``retry_after_s`` when given."""
+
     code = grpc.StatusCode.ABORTED
     default_reason = "ABORTED"
 
@@ -307,17 +309,18 @@ def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> TesseraError:
         return InvalidArgument(message, field_violations=details.field_violations, **common)
     if details.code == grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(message, violations=details.precondition_violations, **common)
-    if details.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
-        cls: type[_Retryable] = (
-            ResourceExhausted if details.code == grpc.StatusCode.RESOURCE_EXHAUSTED else Unavailable
-        )
-        return cls(message, retry_after_s=details.retry_after_s, **common)
+    retryable: dict[grpc.StatusCode, type[_Retryable]] = {
+        grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+        grpc.StatusCode.UNAVAILABLE: Unavailable,
+        grpc.StatusCode.ABORTED: Aborted,
+    }
+    if details.code in retryable:
+        return retryable[details.code](message, retry_after_s=details.retry_after_s, **common)
     simple: dict[grpc.StatusCode, type[TesseraError]] = {
         grpc.StatusCode.NOT_FOUND: NotFound,
         grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
         grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
         grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
         grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-        grpc.StatusCode.ABORTED: Aborted,
     }
     return simple.get(details.code, Internal)(message, **common)

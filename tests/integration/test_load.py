@@ -93,6 +93,7 @@ class Load:
         self.started: list[str] = []
         self.outcomes: Counter[str] = Counter()
         self.latencies: dict[str, float] = {}
+        self.errors: dict[str, str] = {}
 
 
 async def run_load(
@@ -117,6 +118,8 @@ async def run_load(
             workflow = await mesh.finished(name, timeout=60)
             load.latencies[name] = time.monotonic() - began
             load.outcomes[WS.Name(workflow.state)] += 1
+            if workflow.state != WS.WORKFLOW_STATE_SUCCEEDED:
+                load.errors[name] = workflow.error.message
             n += 1
 
     await asyncio.gather(*(client(i) for i in range(CLIENTS)), *([fault] if fault else []))
@@ -127,7 +130,7 @@ async def end_of_run_checks(mesh: Mesh, load: Load, *, killed: bool = False) -> 
     started = load.started
     # C1, C3.
     assert load.outcomes["WORKFLOW_STATE_SUCCEEDED"] >= 1, load.outcomes
-    assert set(load.outcomes) == {"WORKFLOW_STATE_SUCCEEDED"}, load.outcomes
+    assert set(load.outcomes) == {"WORKFLOW_STATE_SUCCEEDED"}, (load.outcomes, load.errors)
     # C2: what JetStream holds, read back (not what the clients saw).
     states = Counter([WS.Name((await mesh.get(name)).state) for name in started])
     assert states == Counter({"WORKFLOW_STATE_SUCCEEDED": len(started)}), states

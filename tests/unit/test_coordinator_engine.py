@@ -229,3 +229,25 @@ def test_replaying_the_history_rebuilds_the_snapshot(script: list[str]) -> None:
     _run(rec, Answers(), {"c.a": contract})
     rebuilt = _replay(rec)
     assert rebuilt.model_dump(exclude={"outbox"}) == rec.model_dump(exclude={"outbox"})
+
+
+def test_a_retry_waits_at_least_as_long_as_the_failure_asked() -> None:
+    """RetryInfo (e.g. an idempotency claim whose crashed executor's lease ends in 7 s)
+    pushes the retry past the jittered backoff; without it the backoff alone applies."""
+    rec = _start(_plan(_task("a", "cap.a", max_attempts=3)))
+    em = Emitter(rec, now=100.0)
+    (dispatch,) = next_steps(em, in_flight=set())
+    assert dispatch.attempt == 1
+    em.emit(task_dispatched=events_pb2.TaskDispatched(task_id="a", capability="cap.a", attempt=1))
+    error = status(grpc.StatusCode.ABORTED, "in progress", "IDEMPOTENCY_IN_PROGRESS")
+    task_failed(em, "a", 1, error, retry_base_s=0.1, retry_max_s=2.0, retry_after_s=7.0)
+    waited = em.events[-1].task_failed
+    assert waited.will_retry
+    assert waited.retry_time.ToMicroseconds() >= 107_000_000
+    assert next_steps(Emitter(rec, now=106.9), in_flight=set()) == []
+    assert [x.attempt for x in next_steps(Emitter(rec, now=107.0), in_flight=set())] == [2]
+
+    em = Emitter(rec, now=200.0)
+    em.emit(task_dispatched=events_pb2.TaskDispatched(task_id="a", capability="cap.a", attempt=2))
+    task_failed(em, "a", 2, error, retry_base_s=0.1, retry_max_s=2.0)
+    assert em.events[-1].task_failed.retry_time.ToMicroseconds() <= 202_000_000
