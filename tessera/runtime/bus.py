@@ -7,8 +7,10 @@ namespace so parallel tests (or tenants) never see each other's data.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -33,6 +35,9 @@ log = structlog.get_logger(__name__)
 
 DUPLICATE_WINDOW_S = 120.0
 _STREAM_NAME_IN_USE = 10058  # JetStream: stream name already in use with a different config
+_NO_SUITABLE_PEERS = 10005  # JetStream: no suitable peers for placement (cluster forming)
+PLACEMENT_WAIT_S = 15.0
+"""How long :func:`declare` waits for a forming cluster to accept replicated streams."""
 
 
 async def connect(
@@ -288,16 +293,39 @@ async def _declare_bucket(js: JetStreamContext, spec: KvSpec, replicas: int) -> 
     log.info("bucket_updated", bucket=spec.bucket)
 
 
-async def declare(js: JetStreamContext, topology: Topology, *, replicas: int = 1) -> None:
+async def declare(
+    js: JetStreamContext,
+    topology: Topology,
+    *,
+    replicas: int = 1,
+    placement_wait_s: float = PLACEMENT_WAIT_S,
+) -> None:
     """Create every stream and KV bucket of ``topology``; safe to call any number of times.
 
     Existing ones with the same config are left alone; a compatible difference (replicas,
-    TTL, history…) is applied with an update; nothing is ever deleted.
+    TTL, history…) is applied with an update; nothing is ever deleted. While a cluster is
+    still forming (JetStream: "no suitable peers for placement"), each declaration is
+    retried for up to ``placement_wait_s``; after that the error is raised.
     """
     for stream in topology.streams():
-        await _declare_stream(js, stream, replicas)
+        await _placed(functools.partial(_declare_stream, js, stream, replicas), placement_wait_s)
     for bucket in topology.buckets():
-        await _declare_bucket(js, bucket, replicas)
+        await _placed(functools.partial(_declare_bucket, js, bucket, replicas), placement_wait_s)
+
+
+async def _placed(declare_one: Callable[[], Awaitable[None]], wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    delay = 0.1
+    while True:
+        try:
+            await declare_one()
+            return
+        except BadRequestError as exc:
+            if exc.err_code != _NO_SUITABLE_PEERS or time.monotonic() + delay > deadline:
+                raise
+            log.info("jetstream_placement_waiting", error=exc.description)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 def msg_id_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

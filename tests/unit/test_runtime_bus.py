@@ -13,9 +13,17 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 from nats.js import api
+from nats.js.errors import BadRequestError
 from opentelemetry import trace
 
-from tessera.runtime.bus import DUPLICATE_WINDOW_S, Topology, connect, declare, msg_id_headers
+from tessera.runtime.bus import (
+    DUPLICATE_WINDOW_S,
+    Topology,
+    _placed,
+    connect,
+    declare,
+    msg_id_headers,
+)
 from tessera.runtime.telemetry import configure_tracing
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
@@ -215,3 +223,30 @@ async def test_headers_carry_trace_context_to_the_consumer(nc: Client, topology:
     assert msg.headers["Nats-Msg-Id"] == "a-1"
     assert msg.headers["X-Kind"] == "tool"
     assert trace_id in msg.headers["traceparent"]
+
+
+async def test_declare_waits_for_a_forming_cluster_then_gives_up() -> None:
+    """ "No suitable peers for placement" while NATS peers are still joining is retried;
+    any other refusal, or one that outlasts the wait, is raised."""
+    calls = 0
+
+    async def joins_on_third_try() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise BadRequestError(code=400, err_code=10005, description="no suitable peers")
+
+    await _placed(joins_on_third_try, wait_s=5.0)
+    assert calls == 3
+
+    async def never_placed() -> None:
+        raise BadRequestError(code=400, err_code=10005, description="no suitable peers")
+
+    with pytest.raises(BadRequestError):
+        await _placed(never_placed, wait_s=0.2)
+
+    async def refused() -> None:
+        raise BadRequestError(code=400, err_code=10058, description="name in use")
+
+    with pytest.raises(BadRequestError):
+        await _placed(refused, wait_s=5.0)
