@@ -349,7 +349,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             try:
                 secret = await allowed
             except BaseException:
-                await self._give_back(_done(uses_left), verified)
+                await self._give_back(spend, verified)  # spent: give it back
                 raise
             call.details["uses_left"] = uses_left
 
@@ -823,12 +823,6 @@ async def _settle(future: asyncio.Future[Any]) -> None:
     except BaseException:
         if not future.done():
             raise  # we were cancelled ourselves
-
-
-def _done(value: int) -> asyncio.Future[int]:
-    future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    future.set_result(value)
-    return future
 
 
 def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:

@@ -44,16 +44,6 @@ class ToolProxySettings(ServiceSettings):
     them. ``auto``: 127.0.0.2 when Vault is on loopback (the local mesh), else the OS's
     choice (a cluster binds tokens to the proxy pods' CIDR); ``""``: the OS's choice."""
 
-    def resolved_vault_source_address(self) -> str:
-        if self.vault_source_address != "auto":
-            return self.vault_source_address
-        host = urlsplit(self.vault_addr).hostname or ""
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        return LOCAL_PROXY_SOURCE if loopback else ""
-
     token_cache_ttl_s: float = Field(default=1.0, gt=0, le=1.0)
     """How long a token lookup is trusted (never more than 1 s; revocation events evict
     at once)."""
@@ -96,3 +86,14 @@ class ToolProxySettings(ServiceSettings):
     """``context.budget_remaining`` (cents) for tokens whose meta carries no
     ``budget_remaining``: the coordinator does not put budgets in task-token meta yet."""
     metrics_port: int = 0
+
+    def resolved_vault_source_address(self) -> str:
+        """``vault_source_address`` with ``auto`` resolved against ``vault_addr``."""
+        if self.vault_source_address != "auto":
+            return self.vault_source_address
+        host = urlsplit(self.vault_addr).hostname or ""
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        return LOCAL_PROXY_SOURCE if loopback else ""

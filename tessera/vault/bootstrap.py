@@ -268,20 +268,24 @@ def _prepare_secrets_dir(secrets_dir: Path) -> None:
     os.chmod(secrets_dir, 0o700)  # mkdir's mode is filtered by the umask
 
 
-def _issue_credentials(client: hvac.Client, name: str, secrets_dir: Path) -> Path:
+def _new_secret_id(client: hvac.Client, name: str, *, issued_by: str) -> tuple[str, str, str]:
+    """AppRole ``name``'s role_id, a fresh secret_id and that secret_id's accessor."""
     approle = client.auth.approle
     role_id = _call(
         f"read_role_id:{name}",
         lambda: approle.read_role_id(role_name=name, mount_point=APPROLE_MOUNT),
     )["data"]["role_id"]
-    secret_id = _call(
+    issued = _call(
         f"generate_secret_id:{name}",
         lambda: approle.generate_secret_id(
-            role_name=name,
-            metadata={"issued_by": "tessera-bootstrap"},
-            mount_point=APPROLE_MOUNT,
+            role_name=name, metadata={"issued_by": issued_by}, mount_point=APPROLE_MOUNT
         ),
-    )["data"]["secret_id"]
+    )["data"]
+    return role_id, issued["secret_id"], issued["secret_id_accessor"]
+
+
+def _issue_credentials(client: hvac.Client, name: str, secrets_dir: Path) -> Path:
+    role_id, secret_id, _ = _new_secret_id(client, name, issued_by="tessera-bootstrap")
     path = secrets_dir / f"{name}.approle.json"
     _write_private(path, json.dumps({"role_id": role_id, "secret_id": secret_id}))
     log.debug("vault_approle_credentials_written", identity=name, path=str(path))

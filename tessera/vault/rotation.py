@@ -46,8 +46,7 @@ import structlog
 
 from tessera.runtime.errors import Unavailable
 from tessera.v1 import audit_pb2
-from tessera.vault import _retry
-from tessera.vault.bootstrap import _prepare_secrets_dir, _write_private
+from tessera.vault.bootstrap import _call, _new_secret_id, _prepare_secrets_dir, _write_private
 from tessera.vault.client import _read_approle_file
 from tessera.vault.errors import VaultError
 from tessera.vault.naming import (
@@ -145,10 +144,6 @@ class AuditSink(Protocol):
 # -- Vault helpers ------------------------------------------------------------------------
 
 
-def _call(what: str, fn: Callable[[], T]) -> T:
-    return _retry.call_sync(what, fn)
-
-
 def _keys(resp: Any) -> list[str]:
     data = resp.get("data") if isinstance(resp, Mapping) else None
     keys = (data or {}).get("keys") if isinstance(data, Mapping) else None
@@ -206,22 +201,9 @@ def credentials_lock(secrets_dir: Path) -> Iterator[None]:
 
 def _issue_approle(client: hvac.Client, addr: str, rot: Rotation, secrets_dir: Path) -> None:
     identity = rot.target.name
-    approle = client.auth.approle
     path = secrets_dir / f"{identity}.approle.json"
     old = tuple(_list(client, f"auth/{APPROLE_MOUNT}/role/{identity}/secret-id"))
-    role_id = _call(
-        f"read_role_id:{identity}",
-        lambda: approle.read_role_id(role_name=identity, mount_point=APPROLE_MOUNT),
-    )["data"]["role_id"]
-    issued = _call(
-        f"generate_secret_id:{identity}",
-        lambda: approle.generate_secret_id(
-            role_name=identity,
-            metadata={"issued_by": "tessera-rotation"},
-            mount_point=APPROLE_MOUNT,
-        ),
-    )["data"]
-    secret_id, accessor = issued["secret_id"], issued["secret_id_accessor"]
+    role_id, secret_id, accessor = _new_secret_id(client, identity, issued_by="tessera-rotation")
     try:
         _probe_login(client, addr, role_id, secret_id, identity)
         _write_private(path, json.dumps({"role_id": role_id, "secret_id": secret_id}))

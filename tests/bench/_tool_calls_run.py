@@ -274,26 +274,20 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
     n, warmup, rounds = int(cfg["n"]), int(cfg["warmup"]), int(cfg["rounds"])
     creds = {k: Path(v) for k, v in cfg["creds"].items()}
     namespace = "bench" + secrets.token_hex(4)
-    policy = PolicyService(
-        PolicySettings(
-            policy_dir=REPO / "policy",
-            nats_url=cfg["nats_url"],
-            namespace=namespace,
-            listen="127.0.0.1:0",
-            instance_id=f"policy-{namespace}",
-        )
+    policy_settings = PolicySettings(
+        policy_dir=REPO / "policy",
+        nats_url=cfg["nats_url"],
+        namespace=namespace,
+        listen="127.0.0.1:0",
+        instance_id=f"policy-{namespace}",
     )
+    policy = PolicyService(policy_settings)
     await policy.start()
     # The same, with the policy service writing each decision record before it answers
     # (``decision_audit = "sync"``, opt-in; the default is async: services/policy/service.py).
     policy_sync = PolicyService(
-        PolicySettings(
-            policy_dir=REPO / "policy",
-            nats_url=cfg["nats_url"],
-            namespace=namespace,
-            listen="127.0.0.1:0",
-            instance_id=f"policy-sync-{namespace}",
-            decision_audit="sync",
+        policy_settings.model_copy(
+            update={"instance_id": f"policy-sync-{namespace}", "decision_audit": "sync"}
         )
     )
     await policy_sync.start()
