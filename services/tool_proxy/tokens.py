@@ -14,6 +14,15 @@ replicas, compare-and-set): the budget is the ``num_uses`` Vault reported the fi
 replica saw the token, and every call that reaches execution spends one. A token created
 with ``num_uses = N`` thus allows at most N executed tool calls. Vault's counter only ever
 moves slower than the ledger (one use per secret-cache miss), so it never runs out first.
+
+Leases: a compare-and-set is an fsynced write on every call's critical path, so while many
+uses are left (at least ``LEASE_FROM``) a replica takes a block of them in one write (an
+eighth of what is left, at most ``LEASE_MAX``) and spends it locally. The ledger counts a
+leased use as spent, so all replicas together still never exceed the budget; what a lease
+costs is strictness the other way: uses leased by a replica that stops receiving the
+token's calls (or dies) are lost, so another replica may refuse a call before the token's
+last use. Below ``LEASE_FROM`` every use is its own write, so small budgets (the common
+task token) stay exact. A revocation drops the lease with the ledger.
 """
 
 from __future__ import annotations
@@ -274,11 +283,23 @@ class UseLedger:
     """Counts executed calls per task token in NATS KV (see the module docstring)."""
 
     PREFIX = "uses."
+    LEASE_FROM = 16
+    """Uses left (in the ledger) from which a replica leases a block instead of one."""
+    LEASE_MAX = 64
 
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
         self._last: dict[str, tuple[int, int, int]] = {}
         """ledger key -> (revision, budget, used) last seen by this replica."""
+        self._leased: dict[str, int] = {}
+        """ledger key -> uses counted as spent in the ledger but not yet spent here."""
+
+    @classmethod
+    def lease_size(cls, left: int) -> int:
+        """How many uses one ledger write takes when ``left`` (≥ 1) are left."""
+        if left < cls.LEASE_FROM:
+            return 1
+        return min(cls.LEASE_MAX, left // 8)
 
     @staticmethod
     def key(accessor: str) -> str:
@@ -294,18 +315,23 @@ class UseLedger:
         key = self.key(token.info.accessor)
         try:
             for _ in range(_LEDGER_ATTEMPTS):
+                leased = self._leased.get(key, 0)
+                if leased > 0:  # from this replica's lease (maybe a racing call's): no write
+                    self._leased[key] = leased - 1
+                    return self._left(key)
                 seen = self._last.get(key)
                 if seen is None:
                     if token.info.num_uses <= 0:
                         return -1
                     budget = token.info.num_uses
+                    take = self.lease_size(budget)
                     try:
-                        rev = await self._kv.create(key, _ledger_value(budget, 1))
+                        rev = await self._kv.create(key, _ledger_value(budget, take))
                     except KeyWrongLastSequenceError:
                         await self._refresh(key)
                         continue
-                    self._last[key] = (rev, budget, 1)
-                    return budget - 1
+                    self._took(key, (rev, budget, take), take)
+                    return self._left(key)
                 rev, budget, used = seen
                 if used >= budget:
                     await self._refresh(key)
@@ -315,13 +341,16 @@ class UseLedger:
                             "task token has no uses left", reason="TOKEN_USES_EXHAUSTED"
                         )
                     continue
+                take = self.lease_size(budget - used)
                 try:
-                    new_rev = await self._kv.update(key, _ledger_value(budget, used + 1), last=rev)
+                    new_rev = await self._kv.update(
+                        key, _ledger_value(budget, used + take), last=rev
+                    )
                 except KeyWrongLastSequenceError:
                     await self._refresh(key)
                     continue
-                self._last[key] = (new_rev, budget, used + 1)
-                return budget - used - 1
+                self._took(key, (new_rev, budget, used + take), take)
+                return self._left(key)
         except (Unauthenticated, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -342,6 +371,9 @@ class UseLedger:
         if token.info.num_uses <= 0:
             return
         key = self.key(token.info.accessor)
+        if key in self._leased:  # back into this replica's lease: no write
+            self._leased[key] += 1
+            return
         try:
             for _ in range(_LEDGER_ATTEMPTS):
                 seen = self._last.get(key)
@@ -367,11 +399,26 @@ class UseLedger:
             return
         log.warning("use_ledger_give_back_contended")
 
+    def _took(self, key: str, seen: tuple[int, int, int], take: int) -> None:
+        """Record a successful write that spent ``take`` uses: one for this call, the
+        rest leased (kept only if they are more than nothing)."""
+        self._last[key] = seen
+        leased = self._leased.get(key, 0) + take - 1
+        if leased > 0 or key in self._leased:
+            self._leased[key] = leased
+
+    def _left(self, key: str) -> int:
+        """Uses left for the token as this replica sees it (its lease included)."""
+        leased = self._leased.get(key, 0)
+        seen = self._last.get(key)
+        return leased if seen is None else seen[1] - seen[2] + leased
+
     async def _refresh(self, key: str) -> None:
         try:
             entry = await self._kv.get(key)
-        except KeyNotFoundError:
+        except KeyNotFoundError:  # purged: the token was revoked
             self._last.pop(key, None)
+            self._leased.pop(key, None)
             return
         data = json.loads(entry.value or b"{}")
         self._last[key] = (int(entry.revision or 0), int(data["budget"]), int(data["used"]))
@@ -381,6 +428,7 @@ class UseLedger:
         for accessor in accessors:
             key = self.key(accessor)
             self._last.pop(key, None)
+            self._leased.pop(key, None)
             try:
                 await self._kv.purge(key)
             except Exception as exc:

@@ -26,7 +26,8 @@ that noise from other tenants of this shared machine hits every path alike.
 
 ``python -m tests.bench._tool_calls_run CONFIG.json OUT.json``; CONFIG holds ``nats_url``,
 ``vault_addr``, ``creds`` (identity → AppRole file), ``n``, ``warmup``, ``rounds`` and
-optionally ``profile`` (a path: cProfile stats of the governed blocks are written there).
+optionally ``profile`` (a path: cProfile stats of one path's blocks are written there) and
+``profile_path`` (which path: ``governed`` by default, or ``embedded``, ``sync``, ``bare``).
 """
 
 from __future__ import annotations
@@ -370,16 +371,21 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         }
         profiler = cProfile.Profile() if cfg.get("profile") else None
         started = time.perf_counter()
+        blocks = {
+            "bare": bare_call,
+            "raw": raw_call,
+            "governed": governed_call,
+            "sync": sync_call,
+            "embedded": embedded_call,
+        }
+        profiled = cfg.get("profile_path") or "governed"
         for _ in range(rounds):
-            await _block(bare_call, per_round, samples["bare"])
-            await _block(raw_call, per_round, samples["raw"])
-            if profiler is not None:
-                profiler.enable()
-            await _block(governed_call, per_round, samples["governed"])
-            if profiler is not None:
-                profiler.disable()
-            await _block(sync_call, per_round, samples["sync"])
-            await _block(embedded_call, per_round, samples["embedded"])
+            for path, fn in blocks.items():
+                if profiler is not None and path == profiled:
+                    profiler.enable()
+                await _block(fn, per_round, samples[path])
+                if profiler is not None and path == profiled:
+                    profiler.disable()
         elapsed = time.perf_counter() - started
         if profiler is not None:
             profiler.dump_stats(cfg["profile"])

@@ -9,7 +9,7 @@ decided in the proxy's process, no policy hop). All run in-process in ONE subpro
 Not a timed test (DESIGN.md, Testing): it prints p50/p99 and the ratio and writes
 ``.tessera/bench/tool_calls.json``; it fails only if the calls fail or the audit chains do not
 verify. ``TESSERA_BENCH_N`` (default 2000 per path), ``TESSERA_BENCH_PROFILE=<path>``
-(cProfile of the governed blocks).
+(cProfile of the governed blocks; ``TESSERA_BENCH_PROFILE_PATH=embedded`` profiles another path).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def test_governed_call_against_bare_chain(
         "warmup": 300,
         "rounds": 10,
         "profile": os.environ.get("TESSERA_BENCH_PROFILE", ""),
+        "profile_path": os.environ.get("TESSERA_BENCH_PROFILE_PATH", "governed"),
     }
     cfg_file, out_file = tmp_path / "config.json", tmp_path / "result.json"
     cfg_file.write_text(json.dumps(config))
