@@ -5,11 +5,9 @@ writes)."""
 from __future__ import annotations
 
 import secrets
-
-import pytest
-
 from typing import Any
 
+import pytest
 from nats.js.kv import KeyValue
 
 from services.tool_proxy.tokens import UseLedger, VerifiedToken
