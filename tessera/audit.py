@@ -11,6 +11,10 @@ What a caller may rely on:
 * :meth:`AuditWriter.append` returns only after JetStream acknowledged the record (stored
   with ``sync_interval: always``); on any failure it raises
   :class:`~tessera.runtime.errors.Unavailable` and the caller must not perform the action.
+* :meth:`AuditWriter.defer` queues a record that need not be stored before anything else
+  happens (a tool call's outcome, after the call): it rides in the ``carried`` field of the
+  chain's next record, or is written on its own within ``linger_s``. Such a record is lost
+  if the process dies before then; never defer one that must precede an action.
 * Two processes using the same writer name cannot fork a chain: every publish carries
   ``Nats-Expected-Last-Subject-Sequence``, so the loser is refused, re-reads the head and
   retries (bounded), continuing the chain linearly.
@@ -165,6 +169,8 @@ class AuditWriter:
         actor: str,
         publish_timeout_s: float = 2.0,
         max_attempts: int = 3,
+        linger_s: float = 0.05,
+        max_carried: int = 64,
     ) -> None:
         self._js = js
         self._topology = topology
@@ -175,6 +181,15 @@ class AuditWriter:
         self._max_attempts = max_attempts
         self._lock = asyncio.Lock()
         self._head: _Head | None = None
+        self._linger_s = linger_s
+        self._max_carried = max_carried
+        self._deferred: list[audit_pb2.AuditRecord] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    @property
+    def deferred(self) -> int:
+        """Records deferred and not yet written."""
+        return len(self._deferred)
 
     @property
     def head_sequence(self) -> int:
@@ -218,11 +233,85 @@ class AuditWriter:
         decision_id: str = "",
         details: Mapping[str, Any] | None = None,
     ) -> audit_pb2.AuditRecord:
-        """Write one record and wait for JetStream's ack; the stored record.
+        """Write one record and wait for JetStream's ack; the stored record (carrying the
+        records deferred until then).
 
         Raises :class:`Unavailable` (reason ``AUDIT_UNAVAILABLE``) when it cannot be
         written; the caller must then not perform the audited action.
         """
+        body = self._body(kind, workflow_id, task_id, outcome, resource, decision_id, details)
+        async with self._lock:
+            return await self._write(body)
+
+    def defer(
+        self,
+        kind: audit_pb2.AuditKind.ValueType,
+        *,
+        workflow_id: str = "",
+        task_id: str = "",
+        outcome: str = "",
+        resource: str = "",
+        decision_id: str = "",
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Queue a record for the chain's next write, or its own within ``linger_s``.
+
+        Only for records nothing waits on (see the module docstring). Failures surface in
+        the log and at the next :meth:`append` or :meth:`flush`, which carry the records
+        still deferred. Callers bound their backlog with :attr:`deferred` and :meth:`flush`.
+        """
+        body = self._body(kind, workflow_id, task_id, outcome, resource, decision_id, details)
+        body.record_id = str(uuid.uuid4())
+        body.time.GetCurrentTime()
+        self._deferred.append(body)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_later(self._linger_s))
+
+    async def flush(self) -> None:
+        """Write every deferred record now (they ride on the last one). Raises
+        :class:`Unavailable` when they cannot be written; they stay deferred."""
+        async with self._lock:
+            while self._deferred:
+                # The oldest records ride on the last one of their batch, in order.
+                last = min(len(self._deferred), self._max_carried + 1) - 1
+                carrier = self._deferred.pop(last)
+                try:
+                    await self._write(carrier)
+                except BaseException:
+                    self._deferred.insert(last, carrier)
+                    raise
+
+    async def close(self) -> None:
+        """Write what is deferred (raises :class:`Unavailable` if it cannot be) and stop
+        the linger timer."""
+        try:
+            await self.flush()
+        finally:
+            if self._flusher is not None:
+                self._flusher.cancel()
+                self._flusher = None
+
+    async def _flush_later(self, delay_s: float) -> None:
+        try:
+            await asyncio.sleep(delay_s)
+            await self.flush()
+        except Unavailable:
+            pass  # logged by _write; the records stay deferred
+        finally:
+            self._flusher = None
+        if self._deferred:  # deferred meanwhile, or the write failed: try again later
+            self._flusher = asyncio.create_task(self._flush_later(max(self._linger_s, 1.0)))
+
+    def _body(
+        self,
+        kind: audit_pb2.AuditKind.ValueType,
+        workflow_id: str,
+        task_id: str,
+        outcome: str,
+        resource: str,
+        decision_id: str,
+        details: Mapping[str, Any] | None,
+    ) -> audit_pb2.AuditRecord:
         body = audit_pb2.AuditRecord(
             kind=kind,
             actor=self.actor,
@@ -234,55 +323,77 @@ class AuditWriter:
         )
         if details:
             body.details.CopyFrom(_to_struct(scrub(details)))
-        async with self._lock:
-            last_exc: BaseException | None = None
-            for _attempt in range(self._max_attempts):
-                if self._head is None:
-                    try:
-                        self._head = await self._read_head()
-                    except Unavailable as exc:
-                        last_exc = exc
-                        continue
-                record = self._chain(body, self._head)
+        return body
+
+    async def _write(self, body: audit_pb2.AuditRecord) -> audit_pb2.AuditRecord:
+        """Chain ``body`` (with up to ``max_carried`` deferred records) and store it; the
+        lock is held. On failure the carried records are deferred again."""
+        carried = self._deferred[: self._max_carried]
+        del self._deferred[: len(carried)]
+        try:
+            return await self._store(body, carried)
+        except BaseException:
+            self._deferred[:0] = carried
+            raise
+
+    async def _store(
+        self, body: audit_pb2.AuditRecord, carried: Sequence[audit_pb2.AuditRecord]
+    ) -> audit_pb2.AuditRecord:
+        last_exc: BaseException | None = None
+        for _attempt in range(self._max_attempts):
+            if self._head is None:
                 try:
-                    ack = await self._js.publish(
-                        self.subject,
-                        record.SerializeToString(deterministic=True),
-                        timeout=self._timeout,
-                        stream=self._topology.audit_stream,
-                        headers=msg_id_headers(
-                            record.record_id,
-                            {_EXPECTED_LAST_SUBJECT_SEQ: str(self._head.stream_sequence)},
-                        ),
-                    )
-                except APIError as exc:
+                    self._head = await self._read_head()
+                except Unavailable as exc:
                     last_exc = exc
-                    # Another process wrote to this chain (or our head is stale): re-read
-                    # the head and retry, continuing the chain instead of forking it.
-                    self._head = None
-                    if _is_wrong_last_sequence(exc):
-                        log.warning("audit_chain_head_moved", writer=self.writer)
-                        continue
-                    break
-                except (nats.errors.Error, TimeoutError) as exc:
-                    # Outcome unknown (the record may be stored): re-sync before the next.
-                    last_exc = exc
-                    self._head = None
-                    break
-                self._head = _Head(record.sequence, record.hash, ack.seq)
-                return record
+                    continue
+            record = self._chain(body, self._head, carried)
+            try:
+                ack = await self._js.publish(
+                    self.subject,
+                    record.SerializeToString(deterministic=True),
+                    timeout=self._timeout,
+                    stream=self._topology.audit_stream,
+                    headers=msg_id_headers(
+                        record.record_id,
+                        {_EXPECTED_LAST_SUBJECT_SEQ: str(self._head.stream_sequence)},
+                    ),
+                )
+            except APIError as exc:
+                last_exc = exc
+                # Another process wrote to this chain (or our head is stale): re-read
+                # the head and retry, continuing the chain instead of forking it.
+                self._head = None
+                if _is_wrong_last_sequence(exc):
+                    log.warning("audit_chain_head_moved", writer=self.writer)
+                    continue
+                break
+            except (nats.errors.Error, TimeoutError) as exc:
+                # Outcome unknown (the record may be stored; its carried records then
+                # appear twice, with the same record_id): re-sync before the next.
+                last_exc = exc
+                self._head = None
+                break
+            self._head = _Head(record.sequence, record.hash, ack.seq)
+            return record
         log.error("audit_write_failed", writer=self.writer, error=repr(last_exc))
         raise Unavailable(
             "audit record could not be written", reason="AUDIT_UNAVAILABLE", retry_after_s=1.0
         ) from last_exc
 
     @staticmethod
-    def _chain(body: audit_pb2.AuditRecord, head: _Head) -> audit_pb2.AuditRecord:
+    def _chain(
+        body: audit_pb2.AuditRecord,
+        head: _Head,
+        carried: Sequence[audit_pb2.AuditRecord] = (),
+    ) -> audit_pb2.AuditRecord:
         record = audit_pb2.AuditRecord()
         record.CopyFrom(body)
-        record.record_id = str(uuid.uuid4())
+        if not record.record_id:  # a deferred record keeps the id and time it was given
+            record.record_id = str(uuid.uuid4())
+            record.time.GetCurrentTime()
+        record.carried.extend(carried)
         record.sequence = head.sequence + 1
-        record.time.GetCurrentTime()
         record.prev_hash = head.hash
         # == record_hash(record): ``hash`` is still empty, so no copy is needed.
         record.hash = hashlib.sha256(record.SerializeToString(deterministic=True)).digest()
@@ -361,6 +472,9 @@ class AuditEntry:
     stream_sequence: int
     writer: str
     record: audit_pb2.AuditRecord | None = field(repr=False)
+    carried_by: int = 0
+    """For a record written in another's ``carried`` field (:func:`tail` lists those on
+    their own): that record's chain sequence."""
 
 
 def kind_name(kind: int) -> str:
@@ -541,8 +655,9 @@ async def verify(js: JetStreamContext, topology: Topology) -> VerifyReport:
 async def tail(
     js: JetStreamContext, topology: Topology, *, follow: bool = False, n: int = 20
 ) -> AsyncIterator[AuditEntry]:
-    """The last ``n`` records of all chains in stream order; with ``follow``, then every new
-    record as it is stored (until the caller stops iterating)."""
+    """The last ``n`` stored records of all chains in stream order; with ``follow``, then
+    every new record as it is stored (until the caller stops iterating). The records a
+    stored record carries are listed on their own, just before it."""
     try:
         first, last, count = await _stream_bounds(js, topology)
     except NotFoundError:
@@ -553,6 +668,11 @@ async def tail(
     if not follow and start > last:
         return
     async for entry in _entries(js, topology, start_seq=start, stop_seq=None if follow else last):
+        if entry.record is not None:
+            for carried in entry.record.carried:
+                yield AuditEntry(
+                    entry.stream_sequence, entry.writer, carried, entry.record.sequence
+                )
         yield entry
 
 

@@ -3,6 +3,7 @@ services.tool_proxy`, or composed with other services in one process for tests."
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import uuid
 
@@ -24,6 +25,7 @@ from services.tool_proxy.tools.registry import ToolRegistry
 from tessera.audit import AuditWriter, hmac_digest
 from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect, declare
+from tessera.runtime.errors import Unavailable
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.v1 import policy_pb2_grpc, tool_proxy_pb2
@@ -53,6 +55,7 @@ class ToolProxy:
         self.policy_store: PolicyStore | None = None
         """The embedded policy set (``policy_mode = "embedded"`` only)."""
         self._mcp: McpServers | None = None
+        self._audit: AuditWriter | None = None
 
     @property
     def address(self) -> str:
@@ -88,6 +91,7 @@ class ToolProxy:
             js, self.topology, writer=f"tool-proxy-{self.replica_id}", actor="tool-proxy"
         )
         await audit.start()
+        self._audit = audit
         key = (
             s.audit_hmac_key.get_secret_value().encode()
             if s.audit_hmac_key is not None
@@ -162,6 +166,10 @@ class ToolProxy:
             await self.server.stop()
         if self.servicer is not None:
             await self.servicer.drain()
+        if self._audit is not None:
+            with contextlib.suppress(Unavailable):  # drain() logged it
+                await self._audit.close()
+            self._audit = None
         if self.tokens is not None:
             await self.tokens.close()
         if self._mcp is not None:

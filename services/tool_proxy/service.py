@@ -103,6 +103,23 @@ class AuditSink(Protocol):
         details: dict[str, Any],
     ) -> Any: ...
 
+    def defer(
+        self,
+        kind: Any,
+        *,
+        workflow_id: str,
+        task_id: str,
+        outcome: str,
+        resource: str,
+        decision_id: str,
+        details: dict[str, Any],
+    ) -> None: ...
+
+    @property
+    def deferred(self) -> int: ...
+
+    async def flush(self) -> None: ...
+
 
 class SecretReader(Protocol):
     async def read_tool_secret(self, tool: str, *, token: str) -> ToolSecret: ...
@@ -215,7 +232,6 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             max_depth=settings.max_argument_depth, max_string_length=settings.max_string_length
         )
         self._secrets: dict[str, tuple[ToolSecret, float]] = {}
-        self._pending_audits: set[asyncio.Task[None]] = set()
         self._settling: set[asyncio.Future[None]] = set()
 
     # -- InvokeTool -------------------------------------------------------------------
@@ -295,11 +311,16 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         # 7. Policy (and the approval flow). One call of the token's budget is reserved in
         # the ledger meanwhile (independent I/O); it is given back unless the call goes on
         # to step 9, and its errors surface only there, so the order of refusals is kept.
-        spend = asyncio.ensure_future(self.ledger.spend(verified))
+        left = self.ledger.spend_leased(verified)
+        if left is not None:  # from this replica's lease: no write
+            spend: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            spend.set_result(left)
+        else:
+            spend = asyncio.ensure_future(self.ledger.spend(verified))
         eid = effect_id(verified.workflow, spec.name, key) if key else ""
         claim = None
         try:
-            if self.embedded_policy is not None:
+            if self.embedded_policy is not None and not spend.done():
                 # Let the reservation's request leave before the (CPU-bound) in-process
                 # decision, so the two still overlap.
                 await asyncio.sleep(0)
@@ -728,24 +749,23 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             "claimed_principal": call.claimed_principal,
             **call.details,
         }
-        coro = self.audit.append(
-            audit_pb2.AUDIT_KIND_TOOL_CALL,
-            workflow_id=call.workflow_id,
-            task_id=call.task_id,
-            outcome=outcome,
-            resource=call.tool,
-            decision_id=call.decision_id,
-            details=details,
-        )
+        fields: dict[str, Any] = {
+            "workflow_id": call.workflow_id,
+            "task_id": call.task_id,
+            "outcome": outcome,
+            "resource": call.tool,
+            "decision_id": call.decision_id,
+            "details": details,
+        }
         if not wait:
-            while len(self._pending_audits) >= _MAX_PENDING_AUDITS:
-                await asyncio.wait(self._pending_audits, return_when=asyncio.FIRST_COMPLETED)
-            task = asyncio.create_task(self._append_logged(coro, outcome))
-            self._pending_audits.add(task)
-            task.add_done_callback(self._pending_audits.discard)
+            # Rides on the chain's next record (or is written within the linger): no write
+            # of its own. Back-pressure: a full backlog is written before this call returns.
+            if self.audit.deferred >= _MAX_PENDING_AUDITS:
+                await self._flush_logged()
+            self.audit.defer(audit_pb2.AUDIT_KIND_TOOL_CALL, **fields)
             return
         try:
-            await coro
+            await self.audit.append(audit_pb2.AUDIT_KIND_TOOL_CALL, **fields)
         except Exception as exc:
             log.error("audit_write_failed", outcome=outcome, tool=call.tool, error=repr(exc))
             if required:
@@ -755,18 +775,17 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                     retry_after_s=1.0,
                 ) from None
 
-    @staticmethod
-    async def _append_logged(coro: Any, outcome: str) -> None:
+    async def _flush_logged(self) -> None:
         try:
-            await coro
+            await self.audit.flush()
         except Exception as exc:
-            log.error("audit_write_failed", outcome=outcome, error=repr(exc))
+            log.error("audit_write_failed", outcome="deferred", error=repr(exc))
 
     async def drain(self) -> None:
-        """Wait for the audit records still being written (and uses being given back)."""
-        pending = self._pending_audits | self._settling
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Write the deferred audit records; wait for uses being given back."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+        await self._flush_logged()
 
     # -- ListTools --------------------------------------------------------------------
     async def ListTools(

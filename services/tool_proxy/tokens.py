@@ -315,10 +315,9 @@ class UseLedger:
         key = self.key(token.info.accessor)
         try:
             for _ in range(_LEDGER_ATTEMPTS):
-                leased = self._leased.get(key, 0)
-                if leased > 0:  # from this replica's lease (maybe a racing call's): no write
-                    self._leased[key] = leased - 1
-                    return self._left(key)
+                left = self.spend_leased(token)  # maybe leased meanwhile by a racing call
+                if left is not None:
+                    return left
                 seen = self._last.get(key)
                 if seen is None:
                     if token.info.num_uses <= 0:
@@ -363,6 +362,16 @@ class UseLedger:
             reason="LEDGER_CONTENDED",
             retry_after_s=0.1,
         )
+
+    def spend_leased(self, token: VerifiedToken) -> int | None:
+        """Spend one use from this replica's lease without a write, if it holds one; the
+        calls left, or None (then :meth:`spend` must write)."""
+        key = self.key(token.info.accessor)
+        leased = self._leased.get(key, 0)
+        if leased <= 0:
+            return None
+        self._leased[key] = leased - 1
+        return self._left(key)
 
     async def give_back(self, token: VerifiedToken) -> None:
         """Return one call spent by :meth:`spend` for a call that did not execute (denied,

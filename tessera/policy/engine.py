@@ -51,6 +51,7 @@ SERVER_CONTEXT_KEYS = ("hour",)
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 _REQUEST_ERRORS = ("failed to parse entities", "failed to build request")
 _MAX_CACHED_ENTITY_SETS = 4096
+_MAX_CACHED_VERDICTS = 4096
 
 Decision = Literal["allow", "deny", "approval_required"]
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -98,15 +99,26 @@ class LoadedPolicySet:
     )
     """Entity sets parsed against this schema, by their JSON (DESIGN.md, Hot path: entities
     are parsed once and reused): a caller's principal and tool entities repeat."""
+    verdicts: OrderedDict[str, Verdict] = field(
+        default_factory=OrderedDict, repr=False, compare=False
+    )
+    """Verdicts by the JSON of their Cedar request and entities. Cedar is a pure function
+    of the policy set, the schema, the entities and the request (time reaches it only as
+    ``context.hour``), and a reload builds a new set: a verdict can be reused as long as
+    this set serves. A task token's calls of one tool repeat the same request (arguments
+    are opaque to Cedar; amounts and prices are in the key)."""
 
     @property
     def policy_ids(self) -> tuple[str, ...]:
         return tuple(sorted(p.id for p in self.policies.values()))
 
-    def parsed_entities(self, entities: list[dict[str, Any]]) -> cedarpy.Entities | None:
+    def parsed_entities(
+        self, entities: list[dict[str, Any]], key: str | None = None
+    ) -> cedarpy.Entities | None:
         """``entities`` parsed and validated against the schema (cached), or None when
-        they do not parse (the caller then lets Cedar report why)."""
-        key = json.dumps(entities, sort_keys=True, separators=(",", ":"))
+        they do not parse (the caller then lets Cedar report why). ``key``: their
+        :func:`canonical_json`, when the caller has it."""
+        key = key if key is not None else canonical_json(entities)
         parsed = self.entities.get(key)
         if parsed is not None:
             self.entities.move_to_end(key)
@@ -119,6 +131,10 @@ class LoadedPolicySet:
         while len(self.entities) > _MAX_CACHED_ENTITY_SETS:
             self.entities.popitem(last=False)
         return parsed
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -375,7 +391,26 @@ def evaluate(ps: LoadedPolicySet, req: CheckInput, *, hour: int) -> Verdict:
     names the forbids that matched (none: default deny). Raises :class:`RequestInvalid`
     for a request Cedar cannot evaluate against the schema (wrong types, unknown action)."""
     request, entities = prepare(req, hour=hour)
-    parsed = ps.parsed_entities(entities)
+    entities_key = canonical_json(entities)
+    key = entities_key + canonical_json(request)
+    cached = ps.verdicts.get(key)
+    if cached is not None:
+        ps.verdicts.move_to_end(key)
+        return cached
+    verdict = _evaluate(ps, request, entities, entities_key)
+    ps.verdicts[key] = verdict
+    while len(ps.verdicts) > _MAX_CACHED_VERDICTS:
+        ps.verdicts.popitem(last=False)
+    return verdict
+
+
+def _evaluate(
+    ps: LoadedPolicySet,
+    request: dict[str, Any],
+    entities: list[dict[str, Any]],
+    entities_key: str,
+) -> Verdict:
+    parsed = ps.parsed_entities(entities, entities_key)
     result = cedarpy.is_authorized(
         request, ps.policy_set, entities if parsed is None else parsed, schema=ps.schema
     )

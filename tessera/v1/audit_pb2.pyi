@@ -3,10 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -88,6 +90,7 @@ class AuditRecord(_message.Message):
     DETAILS_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    CARRIED_FIELD_NUMBER: _builtins.int
     record_id: _builtins.str
     """Unique id (also the Nats-Msg-Id)."""
     sequence: _builtins.int
@@ -118,6 +121,15 @@ class AuditRecord(_message.Message):
     def details(self) -> _struct_pb2.Struct:
         """Secret-free details."""
 
+    @_builtins.property
+    def carried(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]:
+        """Records written together with this one instead of on their own: records a writer may
+        defer (a tool call's outcome, after the call; never one that must be stored before an
+        action). Each has its own record_id, time, kind and fields; sequence, prev_hash, hash
+        and carried are empty, and this record's hash covers them. They were recorded no later
+        than this one: readers list them before it.
+        """
+
     def __init__(
         self,
         *,
@@ -134,10 +146,11 @@ class AuditRecord(_message.Message):
         details: _struct_pb2.Struct | None = ...,
         prev_hash: _builtins.bytes = ...,
         hash: _builtins.bytes = ...,
+        carried: _abc.Iterable[Global___AuditRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "decision_id", b"decision_id", "details", b"details", "hash", b"hash", "kind", b"kind", "outcome", b"outcome", "prev_hash", b"prev_hash", "record_id", b"record_id", "resource", b"resource", "sequence", b"sequence", "task_id", b"task_id", "time", b"time", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "carried", b"carried", "decision_id", b"decision_id", "details", b"details", "hash", b"hash", "kind", b"kind", "outcome", b"outcome", "prev_hash", b"prev_hash", "record_id", b"record_id", "resource", b"resource", "sequence", b"sequence", "task_id", b"task_id", "time", b"time", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

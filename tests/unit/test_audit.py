@@ -28,6 +28,7 @@ from tessera.runtime.errors import Unavailable
 from tessera.v1 import audit_pb2
 
 DECISION = audit_pb2.AUDIT_KIND_POLICY_DECISION
+TOOL_CALL = audit_pb2.AUDIT_KIND_TOOL_CALL
 
 
 @pytest.fixture
@@ -345,3 +346,96 @@ def test_hmac_digest_is_keyed_and_stable() -> None:
     assert hmac_digest(b"k1", "v") != hmac_digest(b"k2", "v")
     with pytest.raises(ValueError):
         hmac_digest(b"", "v")
+
+
+# -- deferred records ---------------------------------------------------------------------
+
+
+async def test_deferred_records_ride_on_the_next_record_in_order(
+    bus: tuple[JetStreamContext, Topology],
+) -> None:
+    js, topology = bus
+    writer = await _writer(bus, "proxy-1")
+    for i in range(3):
+        writer.defer(TOOL_CALL, outcome="executed", decision_id=f"d{i}", details={"i": i})
+    allow = await writer.append(TOOL_CALL, outcome="allow", decision_id="d3")
+
+    # One stored record, covered by its own hash, carries the three; readers list them first.
+    assert allow.sequence == 1 and [c.decision_id for c in allow.carried] == ["d0", "d1", "d2"]
+    assert record_hash(allow) == allow.hash
+    assert writer.deferred == 0
+    entries = [e async for e in tail(js, topology, n=10)]
+    listed = [(e.record.decision_id, e.carried_by) for e in entries if e.record]
+    assert listed == [("d0", 1), ("d1", 1), ("d2", 1), ("d3", 0)]
+    assert len({e.record.record_id for e in entries if e.record}) == 4
+    assert (await verify(js, topology)).ok
+
+
+async def test_a_deferred_record_is_written_on_its_own_within_the_linger(
+    bus: tuple[JetStreamContext, Topology],
+) -> None:
+    js, topology = bus
+    writer = AuditWriter(js, topology, writer="proxy-2", actor="tool-proxy", linger_s=0.01)
+    await writer.start()
+    writer.defer(TOOL_CALL, outcome="executed", decision_id="late")
+
+    async def stored() -> list[str]:
+        while True:
+            entries = [e async for e in tail(js, topology, n=10)]
+            if entries:
+                return [e.record.decision_id for e in entries if e.record]
+            await asyncio.sleep(0.01)
+
+    assert await asyncio.wait_for(stored(), timeout=10) == ["late"]
+    assert writer.deferred == 0 and writer.head_sequence == 1
+
+
+async def test_flush_writes_a_large_backlog_in_order_in_bounded_records(
+    bus: tuple[JetStreamContext, Topology],
+) -> None:
+    js, topology = bus
+    writer = AuditWriter(js, topology, writer="proxy-3", actor="tool-proxy", max_carried=4)
+    await writer.start()
+    for i in range(11):
+        writer.defer(TOOL_CALL, outcome="executed", decision_id=f"d{i:02}")
+    await writer.close()
+
+    entries = [e async for e in tail(js, topology, n=10)]
+    assert [e.record.decision_id for e in entries if e.record] == [f"d{i:02}" for i in range(11)]
+    assert writer.head_sequence == 3  # 5 + 5 + 1 records per stored message
+    assert (await verify(js, topology)).ok
+
+
+async def test_a_tampered_carried_record_is_detected(
+    bus: tuple[JetStreamContext, Topology],
+) -> None:
+    js, topology = bus
+    writer = await _writer(bus, "proxy-4")
+    writer.defer(TOOL_CALL, outcome="executed", decision_id="d0")
+    stored = await writer.append(TOOL_CALL, outcome="allow", decision_id="d1")
+    await js.delete_msg(topology.audit_stream, 1)
+    altered = audit_pb2.AuditRecord()
+    altered.CopyFrom(stored)
+    altered.carried[0].outcome = "denied"
+    await js.publish(writer.subject, altered.SerializeToString())
+
+    report = await verify(js, topology)
+
+    assert ("modified", 1) in {(i.kind, i.sequence) for i in report.issues}
+
+
+async def test_deferred_records_survive_a_failed_write(nc: Client, namespace: str) -> None:
+    js = nc.jetstream(timeout=0.5)
+    topology = Topology(namespace)
+    await declare(js, topology)
+    writer = AuditWriter(js, topology, writer="proxy-5", actor="tool-proxy", publish_timeout_s=0.5)
+    await writer.start()
+    writer.defer(TOOL_CALL, outcome="executed", decision_id="d0")
+    await js.delete_stream(topology.audit_stream)
+    with pytest.raises(Unavailable):
+        await writer.append(TOOL_CALL, outcome="allow", decision_id="d1")
+    assert writer.deferred == 1  # not lost with the refused record
+    await declare(js, topology)
+    await writer.close()
+    entries = [e async for e in tail(js, topology, n=10)]
+    assert [e.record.decision_id for e in entries if e.record] == ["d0"]

@@ -164,7 +164,7 @@ def test_no_decision_is_a_deny(monkeypatch: pytest.MonkeyPatch) -> None:
             reasons: list[str] = []
 
     monkeypatch.setattr(cedarpy, "is_authorized", lambda *a, **k: _NoDecision())
-    verdict = evaluate(REPO_SET, _refund(10), hour=12)
+    verdict = evaluate(load_policy_dir(POLICY_DIR), _refund(10), hour=12)  # nothing cached
     assert verdict.decision == "deny"
     assert verdict.errors == ("policy set is broken",)
 
@@ -329,3 +329,37 @@ def test_entity_sets_are_parsed_once_and_decide_as_before() -> None:
     with pytest.raises(RequestInvalid):
         evaluate(ps, bad, hour=12)
     assert len(ps.entities) == 2
+
+
+def test_verdicts_are_reused_only_for_the_same_request_and_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = 0
+    real = cedarpy.is_authorized
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cedarpy, "is_authorized", counting)
+    ps = load_policy_dir(POLICY_DIR)
+    first = evaluate(ps, _refund(500), hour=12)
+    assert evaluate(ps, _refund(500), hour=12) == first and calls == 1
+    # Arguments are opaque to Cedar: other arguments with the same amount, same verdict.
+    other_args = CheckInput(
+        **{**_refund(500).__dict__, "context": {**_refund(500).context, "arguments": {"x": 1}}}
+    )
+    assert evaluate(ps, other_args, hour=12) == first and calls == 1
+    # Anything Cedar sees is part of the key: the amount, the hour, the principal.
+    assert evaluate(ps, _refund(250_000), hour=12).decision == "approval_required"
+    assert calls == 2
+    evaluate(ps, _refund(500), hour=13)
+    assert calls == 3
+    undeclared = CheckInput(
+        **{**_refund(500).__dict__, "principal_attrs": {"tier": "standard", "tools": []}}
+    )
+    assert evaluate(ps, undeclared, hour=12).decision == "deny" and calls == 4
+    # A reloaded set starts empty, so a changed policy is never answered from the old set.
+    assert evaluate(load_policy_dir(POLICY_DIR), _refund(500), hour=12) == first
+    assert calls == 5
