@@ -37,6 +37,7 @@ import functools
 import hashlib
 import hmac
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -184,6 +185,8 @@ class AuditWriter:
         self._linger_s = linger_s
         self._max_carried = max_carried
         self._deferred: list[audit_pb2.AuditRecord] = []
+        self._oldest = 0.0
+        """When the oldest record still deferred was deferred (monotonic)."""
         self._flusher: asyncio.Task[None] | None = None
 
     @property
@@ -263,6 +266,8 @@ class AuditWriter:
         body = self._body(kind, workflow_id, task_id, outcome, resource, decision_id, details)
         body.record_id = str(uuid.uuid4())
         body.time.GetCurrentTime()
+        if not self._deferred:
+            self._oldest = time.monotonic()
         self._deferred.append(body)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_later(self._linger_s))
@@ -292,15 +297,25 @@ class AuditWriter:
                 self._flusher = None
 
     async def _flush_later(self, delay_s: float) -> None:
+        retry_s = self._linger_s
         try:
             await asyncio.sleep(delay_s)
-            await self.flush()
-        except Unavailable:
-            pass  # logged by _write; the records stay deferred
-        finally:
-            self._flusher = None
-        if self._deferred:  # deferred meanwhile, or the write failed: try again later
-            self._flusher = asyncio.create_task(self._flush_later(max(self._linger_s, 1.0)))
+            # Under load the records deferred by then rode on other records already.
+            waited = time.monotonic() - self._oldest
+            if self._deferred and waited >= self._linger_s:
+                await self.flush()
+            elif self._deferred:
+                retry_s = self._linger_s - waited
+        except Exception as exc:  # the records stay deferred; try again later
+            if not isinstance(exc, Unavailable):  # (Unavailable is logged by _store)
+                log.error("audit_deferred_flush_failed", writer=self.writer, error=repr(exc))
+            retry_s = max(self._linger_s, 1.0)
+        except asyncio.CancelledError:
+            self._flusher = None  # close(): no new timer
+            raise
+        self._flusher = None
+        if self._deferred:
+            self._flusher = asyncio.create_task(self._flush_later(retry_s))
 
     def _body(
         self,

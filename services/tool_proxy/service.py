@@ -245,7 +245,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             response = await self._invoke(request, context, call)
         except TesseraError as exc:
             call.details.update(code=exc.code.name, reason=exc.reason)
-            await self._record(call, _outcome(exc), wait=True)
+            await self._record(call, _outcome(exc))
             raise
         return response
 
@@ -342,7 +342,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                 if isinstance(began, Replay):
                     await self._give_back(spend, verified)
                     call.details["replayed"] = True
-                    await self._record(call, "replayed", wait=True)
+                    await self._record(call, "replayed")
                     return tool_proxy_pb2.InvokeToolResponse(
                         result=_struct(began.result),
                         decision_id=decision.decision_id,
@@ -417,9 +417,8 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             if claim is not None and not executed:
                 await self.idempotency.release(claim)
 
-        # 11b. The outcome (asynchronously, with back-pressure).
-        call.details["latency_ms"] = round((time.monotonic() - call.started) * 1000, 3)
-        await self._record(call, "executed", wait=False)
+        # 11b. The outcome (deferred, with back-pressure).
+        await self._record_executed(call)
         return tool_proxy_pb2.InvokeToolResponse(
             result=_struct(result), decision_id=decision.decision_id
         )
@@ -708,7 +707,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         secret = await self._secret(tool, token, verified) if tool.spec.requires_secret else None
         if secret is not None:
             call.details["key_version"] = secret.version
-        await self._record(call, "allow", wait=True, required=True)
+        await self._record(call, "allow", required=True)
         return secret
 
     async def _give_back(self, spend: asyncio.Future[int], verified: VerifiedToken) -> None:
@@ -740,32 +739,24 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         return timeout
 
     # -- audit ------------------------------------------------------------------------
-    async def _record(
-        self, call: _Call, outcome: str, *, wait: bool, required: bool = False
-    ) -> None:
+    async def _record(self, call: _Call, outcome: str, *, required: bool = False) -> None:
+        """Write a record and wait for it; ``required``: refuse the call if it fails."""
         details = {
             "tool": call.tool,
             "agent": call.agent,
             "claimed_principal": call.claimed_principal,
             **call.details,
         }
-        fields: dict[str, Any] = {
-            "workflow_id": call.workflow_id,
-            "task_id": call.task_id,
-            "outcome": outcome,
-            "resource": call.tool,
-            "decision_id": call.decision_id,
-            "details": details,
-        }
-        if not wait:
-            # Rides on the chain's next record (or is written within the linger): no write
-            # of its own. Back-pressure: a full backlog is written before this call returns.
-            if self.audit.deferred >= _MAX_PENDING_AUDITS:
-                await self._flush_logged()
-            self.audit.defer(audit_pb2.AUDIT_KIND_TOOL_CALL, **fields)
-            return
         try:
-            await self.audit.append(audit_pb2.AUDIT_KIND_TOOL_CALL, **fields)
+            await self.audit.append(
+                audit_pb2.AUDIT_KIND_TOOL_CALL,
+                workflow_id=call.workflow_id,
+                task_id=call.task_id,
+                outcome=outcome,
+                resource=call.tool,
+                decision_id=call.decision_id,
+                details=details,
+            )
         except Exception as exc:
             log.error("audit_write_failed", outcome=outcome, tool=call.tool, error=repr(exc))
             if required:
@@ -774,6 +765,30 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                     reason="AUDIT_UNAVAILABLE",
                     retry_after_s=1.0,
                 ) from None
+
+    async def _record_executed(self, call: _Call) -> None:
+        """The ``executed`` record: deferred, so it rides on the chain's next record (or
+        is written within the linger) instead of costing a write of its own. It says
+        what happened after the ``allow`` record of the same decision id, which holds the
+        call's arguments and decision. Back-pressure: a full backlog is written first."""
+        if self.audit.deferred >= _MAX_PENDING_AUDITS:
+            await self._flush_logged()
+        details = {
+            "tool": call.tool,
+            "agent": call.agent,
+            "latency_ms": round((time.monotonic() - call.started) * 1000, 3),
+        }
+        if "uses_left" in call.details:
+            details["uses_left"] = call.details["uses_left"]
+        self.audit.defer(
+            audit_pb2.AUDIT_KIND_TOOL_CALL,
+            workflow_id=call.workflow_id,
+            task_id=call.task_id,
+            outcome="executed",
+            resource=call.tool,
+            decision_id=call.decision_id,
+            details=details,
+        )
 
     async def _flush_logged(self) -> None:
         try:
