@@ -188,6 +188,12 @@ class AuditWriter:
         self._oldest = 0.0
         """When the oldest record still deferred was deferred (monotonic)."""
         self._flusher: asyncio.Task[None] | None = None
+        self._failed = False
+
+    @property
+    def failing(self) -> bool:
+        """Deferred records wait because the last write failed (the linger retries)."""
+        return self._failed and bool(self._deferred)
 
     @property
     def deferred(self) -> int:
@@ -346,10 +352,13 @@ class AuditWriter:
         carried = self._deferred[: self._max_carried]
         del self._deferred[: len(carried)]
         try:
-            return await self._store(body, carried)
+            stored = await self._store(body, carried)
         except BaseException:
             self._deferred[:0] = carried
+            self._failed = True
             raise
+        self._failed = False
+        return stored
 
     async def _store(
         self, body: audit_pb2.AuditRecord, carried: Sequence[audit_pb2.AuditRecord]

@@ -57,7 +57,6 @@ class PolicyService:
                 self.settings.decision_audit_queue if self.settings.decision_audit == "async" else 0
             ),
         )
-        servicer.start()
         self.servicer = servicer
         self.server = GrpcServer(
             name="policy",
