@@ -32,12 +32,13 @@ class PolicySettings(ServiceSettings):
     """Names this instance's audit chain. Keep it stable across restarts so the chain
     continues; give each replica its own (replicas sharing one are safe, but contend)."""
     decision_audit: Literal["sync", "async"] = "async"
-    """``async`` (default): the record is queued and written in order by one background
-    writer; Check answers UNAVAILABLE while the queue is full or the writer is failing (see
+    """``async`` (default): the record is deferred on the audit writer (written with the
+    chain's next record, within 50 ms, many per stored record); Check answers UNAVAILABLE
+    while the backlog is full or deferred records wait after a failed write (see
     services/policy/service.py for what this trades away and why the tool proxy's awaited
     ``allow`` record makes it safe). ``sync``: Check answers only after its decision record
     is acked (a Check after the audit stream broke is refused)."""
     decision_audit_queue: int = Field(default=1024, gt=0)
-    """``async`` only: decisions answered but not yet acked, at most."""
+    """``async`` only: decisions answered but not yet stored, at most."""
     audit_timeout_s: float = Field(default=2.0, gt=0)
     """How long one audit publish may wait for its ack before the decision fails closed."""

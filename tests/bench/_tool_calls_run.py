@@ -7,7 +7,7 @@ Python process whose gRPC handlers share one core, gRPC over loopback TCP, proto
 (de)serialization on every hop.
 
 * governed (the defaults): client → tool proxy (token lookup cache, scope, schema, rate
-  limits, policy ``Check`` on the policy service, whose decision record is queued, use
+  limits, policy ``Check`` on the policy service, whose decision record is deferred, use
   ledger in NATS KV, secret cache, ``allow`` audit record acked by JetStream) → the no-op
   in-process (built-in backend) tool ``bench.noop``.
 * sync: governed, with the policy service acking each decision record before it answers
@@ -396,7 +396,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             if p.servicer is not None:
                 await p.servicer.drain()
         if policy.servicer is not None:
-            await policy.servicer.flush()  # every queued decision record is written
+            await policy.servicer.flush()  # every deferred decision record is written
         nc = await connect(cfg["nats_url"], name="bench-verify")
         try:
             report = await verify(nc.jetstream(), Topology(namespace))
