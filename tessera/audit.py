@@ -461,8 +461,11 @@ class Issue:
 class ChainReport:
     writer: str
     records: int
+    """Stored records (each carries its ``carried`` ones)."""
     head_sequence: int
     issues: tuple[Issue, ...] = ()
+    carried: int = 0
+    """Records stored inside others' ``carried`` field."""
 
     @property
     def ok(self) -> bool:
@@ -486,6 +489,10 @@ class VerifyReport:
     @property
     def records(self) -> int:
         return sum(c.records for c in self.chains)
+
+    @property
+    def carried(self) -> int:
+        return sum(c.carried for c in self.chains)
 
 
 @dataclass(frozen=True)
@@ -643,7 +650,8 @@ def _check_chain(writer: str, entries: Sequence[AuditEntry]) -> ChainReport:
             )
         )
     issues.sort(key=lambda i: (i.sequence, i.stream_sequence))
-    return ChainReport(writer, len(entries), max_seen, tuple(issues))
+    carried = sum(len(e.record.carried) for e in entries if e.record is not None)
+    return ChainReport(writer, len(entries), max_seen, tuple(issues), carried)
 
 
 async def verify(js: JetStreamContext, topology: Topology) -> VerifyReport:

@@ -114,14 +114,23 @@ def verify_cmd() -> None:
         raise _fail(f"audit stream unreachable: {exc}", EXIT_UNAVAILABLE) from None
     assert isinstance(report, VerifyReport)
     table = Table(title="audit chains", title_justify="left")
-    for column in ("writer", "records", "head", "status"):
+    for column in ("writer", "records", "carried", "head", "status"):
         table.add_column(column)
     for chain in report.chains:
         status = "[green]intact[/]" if chain.ok else f"[red]{len(chain.issues)} issue(s)[/]"
-        table.add_row(chain.writer, str(chain.records), str(chain.head_sequence), status)
+        table.add_row(
+            chain.writer,
+            str(chain.records),
+            str(chain.carried),
+            str(chain.head_sequence),
+            status,
+        )
     out.print(table)
     if report.ok:
-        out.print(f"[green]OK[/]: {report.records} records in {len(report.chains)} chain(s) verify")
+        out.print(
+            f"[green]OK[/]: {report.records} records (carrying {report.carried} more) in "
+            f"{len(report.chains)} chain(s) verify"
+        )
         return
     issues = Table(title="integrity issues", title_justify="left")
     for column in ("kind", "writer", "chain seq", "stream seq", "detail"):

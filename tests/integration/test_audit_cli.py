@@ -21,6 +21,13 @@ async def _seed(nats_url: str, namespace: str, *, tamper: bool) -> None:
         await declare(js, topology)
         writer = AuditWriter(js, topology, writer="proxy-1", actor="tool-proxy")
         await writer.start()
+        # Rides on the first record below (AuditRecord.carried).
+        writer.defer(
+            audit_pb2.AUDIT_KIND_TOOL_CALL,
+            workflow_id="wf-9",
+            outcome="executed",
+            resource="kb.search",
+        )
         for tool in ("crm.lookup_customer", "billing.issue_refund", "email.send"):
             await writer.append(
                 audit_pb2.AUDIT_KIND_TOOL_CALL,
@@ -43,7 +50,7 @@ def test_verify_intact_then_tampered(nats_url: str, namespace: str, env: dict[st
     asyncio.run(_seed(nats_url, namespace, tamper=False))
     ok = CliRunner().invoke(app, ["verify"], env=env)
     assert ok.exit_code == 0, ok.output
-    assert "3 records in 1 chain(s) verify" in ok.output
+    assert "3 records (carrying 1 more) in 1 chain(s) verify" in ok.output
 
     asyncio.run(_seed(nats_url, namespace, tamper=True))
     bad = CliRunner().invoke(app, ["verify"], env=env)
@@ -65,3 +72,14 @@ def test_unreachable_nats_exits_2() -> None:
     env = {"TESSERA_NATS_URL": "nats://127.0.0.1:1", "TESSERA_NAMESPACE": "x"}
     result = CliRunner().invoke(app, ["verify"], env=env)
     assert result.exit_code == EXIT_UNAVAILABLE
+
+
+def test_tail_lists_carried_records_before_their_carrier(
+    nats_url: str, namespace: str, env: dict[str, str]
+) -> None:
+    asyncio.run(_seed(nats_url, namespace, tamper=False))
+    result = CliRunner().invoke(app, ["tail", "-n", "3"], env=env)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert ["kb.search" in lines[0], "crm.lookup_customer" in lines[1]] == [True, True]
+    assert len(lines) == 4
