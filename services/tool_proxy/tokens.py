@@ -68,6 +68,8 @@ _REVOKED_MEMORY_S = 20 * 60.0
 """How long a revoked accessor stays denied (above the 15 min task-token ceiling)."""
 _MAX_REVOKED = 100_000
 _LEDGER_ATTEMPTS = 64
+_MAX_LEDGERS = 100_000
+"""Token ledgers a replica remembers (their revision and lease), least recently used out."""
 
 
 class TokenLookup(Protocol):
@@ -289,8 +291,9 @@ class UseLedger:
 
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
-        self._last: dict[str, tuple[int, int, int]] = {}
-        """ledger key -> (revision, budget, used) last seen by this replica."""
+        self._last: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+        """ledger key -> (revision, budget, used) last seen by this replica, least recently
+        written first (bounded: tokens expire, their entries would not)."""
         self._leased: dict[str, int] = {}
         """ledger key -> uses counted as spent in the ledger but not yet spent here."""
 
@@ -399,7 +402,7 @@ class UseLedger:
                 except KeyWrongLastSequenceError:
                     await self._refresh(key)
                     continue
-                self._last[key] = (new_rev, budget, used - 1)
+                self._remember(key, (new_rev, budget, used - 1))
                 return
         except asyncio.CancelledError:
             raise
@@ -411,10 +414,19 @@ class UseLedger:
     def _took(self, key: str, seen: tuple[int, int, int], take: int) -> None:
         """Record a successful write that spent ``take`` uses: one for this call, the
         rest leased (kept only if they are more than nothing)."""
-        self._last[key] = seen
+        self._remember(key, seen)
         leased = self._leased.get(key, 0) + take - 1
         if leased > 0 or key in self._leased:
             self._leased[key] = leased
+
+    def _remember(self, key: str, seen: tuple[int, int, int]) -> None:
+        self._last[key] = seen
+        self._last.move_to_end(key)
+        while len(self._last) > _MAX_LEDGERS:
+            # Long unused (its token most likely expired): a later call re-reads the
+            # ledger; a lease still held is given up, which only shrinks the budget.
+            old, _ = self._last.popitem(last=False)
+            self._leased.pop(old, None)
 
     def _left(self, key: str) -> int:
         """Uses left for the token as this replica sees it (its lease included)."""
@@ -430,7 +442,7 @@ class UseLedger:
             self._leased.pop(key, None)
             return
         data = json.loads(entry.value or b"{}")
-        self._last[key] = (int(entry.revision or 0), int(data["budget"]), int(data["used"]))
+        self._remember(key, (int(entry.revision or 0), int(data["budget"]), int(data["used"])))
 
     async def forget(self, accessors: Iterable[str]) -> None:
         """Drop the ledgers of revoked tokens (they can never be used again)."""

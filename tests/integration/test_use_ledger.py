@@ -115,3 +115,18 @@ async def test_a_small_budget_give_back_is_written(kv: CountingKV) -> None:
         await second.spend(token)
     await first.give_back(token)  # visible to the other replica at once
     assert await second.spend(token) == 0
+
+
+async def test_a_forgotten_ledger_is_read_again_and_still_bounds_the_token(
+    kv: CountingKV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("services.tool_proxy.tokens._MAX_LEDGERS", 2)
+    ledger = UseLedger(kv)  # type: ignore[arg-type]
+    first, others = task_token(3), [task_token(3) for _ in range(3)]
+    await ledger.spend(first)
+    await ledger.spend(first)
+    for token in others:  # pushes the first token's ledger out of memory
+        await ledger.spend(token)
+    assert await ledger.spend(first) == 0  # read back from the KV, not started afresh
+    with pytest.raises(Unauthenticated):
+        await ledger.spend(first)
