@@ -13,10 +13,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+import nats.errors
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 
 from tessera.runtime.telemetry import inject_headers
 
@@ -304,8 +305,9 @@ async def declare(
 
     Existing ones with the same config are left alone; a compatible difference (replicas,
     TTL, history…) is applied with an update; nothing is ever deleted. While a cluster is
-    still forming (JetStream: "no suitable peers for placement"), each declaration is
-    retried for up to ``placement_wait_s``; after that the error is raised.
+    still forming (JetStream: "no suitable peers for placement", not ready, or no answer
+    yet), each declaration is retried for up to ``placement_wait_s``; after that the error
+    is raised.
     """
     for stream in topology.streams():
         await _placed(functools.partial(_declare_stream, js, stream, replicas), placement_wait_s)
@@ -320,12 +322,21 @@ async def _placed(declare_one: Callable[[], Awaitable[None]], wait_s: float) -> 
         try:
             await declare_one()
             return
-        except BadRequestError as exc:
-            if exc.err_code != _NO_SUITABLE_PEERS or time.monotonic() + delay > deadline:
+        except (BadRequestError, ServiceUnavailableError, nats.errors.TimeoutError) as exc:
+            if not _cluster_forming(exc) or time.monotonic() + delay > deadline:
                 raise
-            log.info("jetstream_placement_waiting", error=exc.description)
+            log.info("jetstream_placement_waiting", error=repr(exc))
         await asyncio.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+def _cluster_forming(exc: Exception) -> bool:
+    """What JetStream answers while its cluster is still forming: no suitable peers for a
+    replicated stream, "JetStream not ready" (503), or no answer at all before a meta
+    leader is elected. Retrying a declaration is safe: it is idempotent."""
+    if isinstance(exc, BadRequestError):
+        return exc.err_code == _NO_SUITABLE_PEERS
+    return True
 
 
 def msg_id_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

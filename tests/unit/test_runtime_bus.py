@@ -10,10 +10,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import api
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 from opentelemetry import trace
 
 from tessera.runtime.bus import (
@@ -250,3 +251,15 @@ async def test_declare_waits_for_a_forming_cluster_then_gives_up() -> None:
 
     with pytest.raises(BadRequestError):
         await _placed(refused, wait_s=5.0)
+
+    answers: list[Exception] = [
+        nats.errors.TimeoutError(),  # no meta leader yet: the API request is not answered
+        ServiceUnavailableError(code=503, description="JetStream system temporarily unavailable"),
+    ]
+
+    async def leader_elected_later() -> None:
+        if answers:
+            raise answers.pop(0)
+
+    await _placed(leader_elected_later, wait_s=5.0)
+    assert not answers
