@@ -3,16 +3,19 @@ services.policy`, or in one process with others for tests."""
 
 from __future__ import annotations
 
+import uuid
+
 import structlog
 from nats.aio.client import Client
 
 from services.policy.service import PolicyServicer
 from services.policy.settings import PolicySettings
 from tessera.audit import AuditWriter
+from tessera.policy.engine import LoadedPolicySet
 from tessera.policy.store import PolicyStore
-from tessera.runtime.bus import Topology, connect, declare
+from tessera.runtime.bus import Topology, connect, declare, msg_id_headers
 from tessera.runtime.grpc_server import GrpcServer
-from tessera.v1 import policy_pb2, policy_pb2_grpc
+from tessera.v1 import events_pb2, policy_pb2, policy_pb2_grpc
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
@@ -56,6 +59,7 @@ class PolicyService:
             async_audit_queue=(
                 self.settings.decision_audit_queue if self.settings.decision_audit == "async" else 0
             ),
+            announce_reload=self._announce_reload,
         )
         self.servicer = servicer
         self.server = GrpcServer(
@@ -66,6 +70,20 @@ class PolicyService:
         )
         await self.server.start()
         return self.server.address
+
+    async def _announce_reload(self, ps: LoadedPolicySet) -> None:
+        """Tell embedded decision points (tool proxies) to reload now (PolicyReloadRequested)."""
+        assert self._nc is not None
+        event = events_pb2.PolicyReloadRequested(policy_set_version=ps.version)
+        event.time.GetCurrentTime()
+        await self._nc.jetstream().publish(
+            self.topology.policy_reload_subject,
+            event.SerializeToString(),
+            stream=self.topology.events_stream,
+            headers=msg_id_headers(f"policy-reload-{uuid.uuid4()}"),
+            timeout=self.settings.audit_timeout_s,
+        )
+        log.info("policy_reload_announced", version=ps.version)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,13 +59,20 @@ def policy_set_info(ps: LoadedPolicySet, last_error: str) -> policy_pb2.PolicySe
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(
-        self, store: PolicyStore, audit: AuditWriter, *, async_audit_queue: int = 0
+        self,
+        store: PolicyStore,
+        audit: AuditWriter,
+        *,
+        async_audit_queue: int = 0,
+        announce_reload: Callable[[LoadedPolicySet], Awaitable[None]] | None = None,
     ) -> None:
         """``async_audit_queue > 0`` defers decision records, at most that many at a time
-        (see the module docstring); 0 writes each before answering."""
+        (see the module docstring); 0 writes each before answering. ``announce_reload``
+        tells the other decision points after a requested reload."""
         self.store = store
         self.audit = audit
         self._backlog = async_audit_queue
+        self._announce_reload = announce_reload
 
     # -- deferred decision records --------------------------------------------------------
     async def flush(self, timeout_s: float = 5.0) -> None:
@@ -183,6 +191,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 violations=[("POLICY_INVALID", s, d) for s, d in exc.errors],
                 metadata={"serving_version": self.store.current.version},
             ) from None
+        if self._announce_reload is not None:
+            try:
+                await self._announce_reload(ps)
+            except Exception as exc:
+                # This service reloaded; the others still pick the change up at their poll.
+                log.warning("policy_reload_announcement_failed", error=repr(exc))
         return policy_pb2.ReloadPoliciesResponse(policy_set=policy_set_info(ps, ""))
 
     async def GetPolicySet(

@@ -56,6 +56,7 @@ class ToolProxy:
         """The embedded policy set (``policy_mode = "embedded"`` only)."""
         self._mcp: McpServers | None = None
         self._audit: AuditWriter | None = None
+        self._embedded: EmbeddedPolicy | None = None
 
     @property
     def address(self) -> str:
@@ -119,6 +120,8 @@ class ToolProxy:
         stub: policy_pb2_grpc.PolicyServiceStub | None = None
         if self.policy_store is not None:
             embedded = EmbeddedPolicy(self.policy_store)
+            await embedded.follow_reloads(self._nc, self.topology.policy_reload_subject)
+            self._embedded = embedded
         else:
             self._policy_channel = channel(s.policy_address, service="tool-proxy")
             stub = policy_pb2_grpc.PolicyServiceStub(self._policy_channel)
@@ -178,6 +181,9 @@ class ToolProxy:
         if self._policy_channel is not None:
             await self._policy_channel.close()
             self._policy_channel = None
+        if self._embedded is not None:
+            await self._embedded.close()
+            self._embedded = None
         if self.policy_store is not None:
             await self.policy_store.stop()
             self.policy_store = None

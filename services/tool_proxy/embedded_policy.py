@@ -1,11 +1,12 @@
 """The embedded policy decision point (``policy_mode = "embedded"``).
 
 The same policy-as-code as the policy service, loaded, schema-validated and hot-reloaded by
-the same :class:`~tessera.policy.store.PolicyStore`, and the same ``CheckRequest`` → Cedar
-mapping (:mod:`tessera.policy.check`), evaluated in-process: no gRPC hop and no separate
-decision record. The proxy audits the decision itself: its ``allow`` record (awaited before
-any tool runs) or its refusal record carries the decision id, the determining policies and
-the policy set version.
+the same :class:`~tessera.policy.store.PolicyStore` (on change, and at once on the policy
+service's PolicyReloadRequested event, i.e. on ``tessera policy reload``), and the same
+``CheckRequest`` → Cedar mapping (:mod:`tessera.policy.check`), evaluated in-process: no
+gRPC hop and no separate decision record. The proxy audits the decision itself: its
+``allow`` record (awaited before any tool runs) or its refusal record carries the decision
+id, the determining policies and the policy set version.
 
 Fail closed as in remote mode: only an explicit Cedar Allow allows (``evaluate``), and a
 request Cedar cannot evaluate is a denial (remote mode maps the policy service's
@@ -14,17 +15,22 @@ INVALID_ARGUMENT the same way).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import structlog
+from google.protobuf.message import DecodeError
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from tessera.policy.check import check_input, check_response
-from tessera.policy.engine import CheckInput, RequestInvalid, evaluate
+from tessera.policy.engine import CheckInput, PolicyLoadError, RequestInvalid, evaluate
 from tessera.policy.store import PolicyStore
 from tessera.runtime.errors import InvalidArgument, PermissionDenied
-from tessera.v1 import policy_pb2
+from tessera.v1 import events_pb2, policy_pb2
 
 __all__ = ["EmbeddedPolicy"]
 
@@ -36,6 +42,30 @@ class EmbeddedPolicy:
 
     def __init__(self, store: PolicyStore) -> None:
         self.store = store
+        self._sub: Subscription | None = None
+
+    async def follow_reloads(self, nc: Client, subject: str) -> None:
+        """Reload at once when the policy service announces a requested reload
+        (``tessera policy reload``: PolicyReloadRequested), not only at the next poll."""
+
+        async def handle(msg: Msg) -> None:
+            event = events_pb2.PolicyReloadRequested()
+            try:
+                event.ParseFromString(msg.data)
+            except DecodeError:
+                log.warning("policy_reload_event_undecodable", size=len(msg.data))
+                return
+            log.info("policy_reload_requested", announced=event.policy_set_version)
+            with contextlib.suppress(PolicyLoadError):  # logged; the last good set serves on
+                await self.store.reload()
+
+        self._sub = await nc.subscribe(subject, cb=handle)
+        await nc.flush()
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
 
     def check(self, request: policy_pb2.CheckRequest) -> policy_pb2.CheckResponse:
         """Decide a ``CheckRequest`` exactly as the policy service's ``Check`` would."""

@@ -180,6 +180,11 @@ class Topology:
     def events_subject(self, kind: str) -> str:
         return f"{self._ns}.events.{kind}"
 
+    @property
+    def policy_reload_subject(self) -> str:
+        """Where the policy service announces a requested reload (PolicyReloadRequested)."""
+        return self.events_subject("policy.reload_requested")
+
     # audit (hash-chained records)
     @property
     def audit_stream(self) -> str:

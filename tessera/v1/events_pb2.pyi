@@ -762,3 +762,35 @@ class TokenRevoked(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TokenRevoked: _TypeAlias = TokenRevoked  # noqa: Y015
+
+@_typing.final
+class PolicyReloadRequested(_message.Message):
+    """PolicyReloadRequested is published on `tessera.events.policy.reload_requested` when the
+    policy service reloaded its policy set on request (`tessera policy reload`). Decision
+    points that read the policy files themselves (tool proxies in the embedded policy mode)
+    reload theirs at once instead of at their next poll.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_SET_VERSION_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    policy_set_version: _builtins.str
+    """The version the announcing policy service serves after its reload."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        policy_set_version: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_set_version", b"policy_set_version", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyReloadRequested: _TypeAlias = PolicyReloadRequested  # noqa: Y015

@@ -3,7 +3,8 @@
 The same policy-as-code as the policy service, decided in-process: allow, deny naming the
 policy, approval required → approved → exactly one side effect, a broken policy change
 refused while decisions continue on the last good set (and a valid one picked up), an
-invalid set refusing start-up, and the proxy's own audit records carrying the decision
+invalid set refusing start-up, ``tessera policy reload`` reaching the proxy at once, and
+the proxy's own audit records carrying the decision
 id, the determining policies and the policy set version (the policy service is never
 asked).
 """
@@ -24,6 +25,8 @@ from services.tool_proxy.app import ToolProxy
 from services.tool_proxy.approvals import gate_id
 from tessera.audit import tail
 from tessera.policy.engine import PolicyLoadError
+from tessera.runtime.grpc_client import channel
+from tessera.v1 import policy_pb2, policy_pb2_grpc
 from tests.integration.test_governed_calls import (
     REFUND,
     REPO,
@@ -238,6 +241,43 @@ async def test_invalid_policy_change_is_refused_while_decisions_continue(
         denied = [r for r in records if r.outcome == "denied"]
         assert len(denied) == 1
         assert details_of(denied[0])["policy_set_version"] == store.current.version
+
+
+async def test_tessera_policy_reload_reaches_an_embedded_proxy_at_once(
+    nats_url: str, bao: Bao, creds: dict[str, Path], tmp_path: Path
+) -> None:
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(REPO / "policy", policy_dir)
+    async with governed_mesh(
+        nats_url,
+        bao,
+        creds,
+        name="tpn",
+        policy_mode="embedded",
+        policy_dir=policy_dir,
+        policy_poll_interval_s=3600,  # only the announcement can bring the change in time
+    ) as mesh:
+        before = serving_version(mesh)
+        (policy_dir / "policies" / "60_no_crm.cedar").write_text(NO_CRM)
+        policy = channel(mesh.policy.address, service="test")
+        try:
+            # What `tessera policy reload` calls.
+            await policy_pb2_grpc.PolicyServiceStub(policy).ReloadPolicies(
+                policy_pb2.ReloadPoliciesRequest(), timeout=5
+            )
+        finally:
+            await policy.close()
+
+        async def reloaded() -> bool:
+            return serving_version(mesh) != before
+
+        await eventually(reloaded)
+        wf, task = new_ids()
+        token = await task_token(mesh, wf, task, tools=["crm.lookup_customer"])
+        details = await refused(
+            invoke(mesh, token.token, wf, task, "crm.lookup_customer", {"customer_id": "c-1"})
+        )
+        assert details.metadata["policies"] == "no-crm-today"
 
 
 async def test_invalid_policy_set_refuses_to_start(
