@@ -21,14 +21,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import structlog
-from google.protobuf.message import DecodeError
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from tessera.policy.check import check_input, check_response
 from tessera.policy.engine import CheckInput, PolicyLoadError, RequestInvalid, evaluate
 from tessera.policy.store import PolicyStore
+from tessera.runtime.bus import subscribe_events
 from tessera.runtime.errors import InvalidArgument, PermissionDenied
 from tessera.v1 import events_pb2, policy_pb2
 
@@ -48,19 +47,12 @@ class EmbeddedPolicy:
         """Reload at once when the policy service announces a requested reload
         (``tessera policy reload``: PolicyReloadRequested), not only at the next poll."""
 
-        async def handle(msg: Msg) -> None:
-            event = events_pb2.PolicyReloadRequested()
-            try:
-                event.ParseFromString(msg.data)
-            except DecodeError:
-                log.warning("policy_reload_event_undecodable", size=len(msg.data))
-                return
+        async def handle(event: events_pb2.PolicyReloadRequested) -> None:
             log.info("policy_reload_requested", announced=event.policy_set_version)
             with contextlib.suppress(PolicyLoadError):  # logged; the last good set serves on
                 await self.store.reload()
 
-        self._sub = await nc.subscribe(subject, cb=handle)
-        await nc.flush()
+        self._sub = await subscribe_events(nc, subject, events_pb2.PolicyReloadRequested, handle)
 
     async def close(self) -> None:
         if self._sub is not None:

@@ -39,11 +39,11 @@ from typing import Protocol
 
 import structlog
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from tessera.runtime.bus import subscribe_events
 from tessera.runtime.errors import Unauthenticated, Unavailable
 from tessera.v1 import events_pb2
 from tessera.vault.errors import InvalidToken, VaultPermissionDenied, VaultUnavailable
@@ -253,12 +253,7 @@ class TokenChecker:
     async def subscribe(self, nc: Client, subject: str) -> None:
         """Evict on every ``TokenRevoked`` (serialized protobuf) published on ``subject``."""
 
-        async def handle(msg: Msg) -> None:
-            try:
-                event = events_pb2.TokenRevoked.FromString(msg.data)
-            except Exception:  # DecodeError and friends: a bad event must not kill the sub
-                log.warning("token_revoked_event_undecodable", size=len(msg.data))
-                return
+        async def handle(event: events_pb2.TokenRevoked) -> None:
             evicted = self.evict_accessors(event.accessors)
             log.info(
                 "task_tokens_evicted",
@@ -272,8 +267,7 @@ class TokenChecker:
                 except Exception as exc:
                     log.warning("token_revoked_callback_failed", error=repr(exc))
 
-        self._sub = await nc.subscribe(subject, cb=handle)
-        await nc.flush()
+        self._sub = await subscribe_events(nc, subject, events_pb2.TokenRevoked, handle)
 
     async def close(self) -> None:
         if self._sub is not None:

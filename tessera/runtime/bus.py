@@ -12,10 +12,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats.errors
 import structlog
+from google.protobuf.message import Message
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, ServiceUnavailableError
 
@@ -342,6 +346,37 @@ def _cluster_forming(exc: Exception) -> bool:
     if isinstance(exc, BadRequestError):
         return exc.err_code == _NO_SUITABLE_PEERS
     return True
+
+
+EventT = TypeVar("EventT", bound=Message)
+
+
+async def subscribe_events(
+    nc: Client,
+    subject: str,
+    event_type: type[EventT],
+    on_event: Callable[[EventT], Awaitable[None]],
+) -> Subscription:
+    """A core NATS subscription handing each protobuf ``event_type`` on ``subject`` to
+    ``on_event``. An event that does not decode is logged and skipped, and a failing
+    handler is logged: neither ends the subscription. Flushed before it returns, so every
+    event published afterwards is seen."""
+    name = event_type.DESCRIPTOR.name
+
+    async def handle(msg: Msg) -> None:
+        try:
+            event = event_type.FromString(msg.data)
+        except Exception:  # DecodeError and friends
+            log.warning("event_undecodable", event_type=name, size=len(msg.data))
+            return
+        try:
+            await on_event(event)
+        except Exception as exc:
+            log.warning("event_handler_failed", event_type=name, error=repr(exc))
+
+    sub = await nc.subscribe(subject, cb=handle)
+    await nc.flush()
+    return sub
 
 
 def msg_id_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -24,8 +24,10 @@ from tessera.runtime.bus import (
     connect,
     declare,
     msg_id_headers,
+    subscribe_events,
 )
 from tessera.runtime.telemetry import configure_tracing
+from tessera.v1 import events_pb2
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 
@@ -263,3 +265,28 @@ async def test_declare_waits_for_a_forming_cluster_then_gives_up() -> None:
 
     await _placed(leader_elected_later, wait_s=5.0)
     assert not answers
+
+
+async def test_event_subscription_survives_bad_events_and_failing_handlers(
+    nc: Client, topology: Topology
+) -> None:
+    """A garbled event is skipped and a handler that raises is logged; later events still
+    arrive (a revocation after a bad message must still evict)."""
+    seen: asyncio.Queue[events_pb2.TokenRevoked] = asyncio.Queue()
+
+    async def on_event(event: events_pb2.TokenRevoked) -> None:
+        if event.reason == "boom":
+            raise RuntimeError("handler failed")
+        seen.put_nowait(event)
+
+    subject = topology.events_subject("token.revoked")
+    sub = await subscribe_events(nc, subject, events_pb2.TokenRevoked, on_event)
+    try:
+        await nc.publish(subject, b"\xff\xff not protobuf")
+        await nc.publish(subject, events_pb2.TokenRevoked(reason="boom").SerializeToString())
+        good = events_pb2.TokenRevoked(accessors=["a-1"], reason="task ended")
+        await nc.publish(subject, good.SerializeToString())
+        assert await asyncio.wait_for(seen.get(), timeout=5) == good
+        assert seen.empty()
+    finally:
+        await sub.unsubscribe()
