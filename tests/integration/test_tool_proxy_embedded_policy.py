@@ -11,6 +11,7 @@ asked).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import AsyncIterator
@@ -179,20 +180,32 @@ async def test_embedded_approval_then_exactly_one_refund(emesh: Mesh) -> None:
 # -- hot reload ------------------------------------------------------------------------------
 
 
-async def test_invalid_policy_change_is_refused_while_decisions_continue(
-    nats_url: str, bao: Bao, creds: dict[str, Path], tmp_path: Path
-) -> None:
+def copy_of_the_policies(tmp_path: Path) -> Path:
     policy_dir = tmp_path / "policy"
     shutil.copytree(REPO / "policy", policy_dir)
-    async with governed_mesh(
+    return policy_dir
+
+
+def embedded_mesh(
+    nats_url: str, bao: Bao, creds: dict[str, Path], name: str, policy_dir: Path, *, poll_s: float
+) -> contextlib.AbstractAsyncContextManager[Mesh]:
+    """A mesh whose tool proxy decides from ``policy_dir``, polling it every ``poll_s``."""
+    return governed_mesh(
         nats_url,
         bao,
         creds,
-        name="tpr",
+        name=name,
         policy_mode="embedded",
         policy_dir=policy_dir,
-        policy_poll_interval_s=0.05,
-    ) as mesh:
+        policy_poll_interval_s=poll_s,
+    )
+
+
+async def test_invalid_policy_change_is_refused_while_decisions_continue(
+    nats_url: str, bao: Bao, creds: dict[str, Path], tmp_path: Path
+) -> None:
+    policy_dir = copy_of_the_policies(tmp_path)
+    async with embedded_mesh(nats_url, bao, creds, "tpr", policy_dir, poll_s=0.05) as mesh:
         store = mesh.proxy.policy_store
         assert store is not None
         good = store.current.version
@@ -246,17 +259,9 @@ async def test_invalid_policy_change_is_refused_while_decisions_continue(
 async def test_tessera_policy_reload_reaches_an_embedded_proxy_at_once(
     nats_url: str, bao: Bao, creds: dict[str, Path], tmp_path: Path
 ) -> None:
-    policy_dir = tmp_path / "policy"
-    shutil.copytree(REPO / "policy", policy_dir)
-    async with governed_mesh(
-        nats_url,
-        bao,
-        creds,
-        name="tpn",
-        policy_mode="embedded",
-        policy_dir=policy_dir,
-        policy_poll_interval_s=3600,  # only the announcement can bring the change in time
-    ) as mesh:
+    policy_dir = copy_of_the_policies(tmp_path)
+    # Polling hourly: only the announcement can bring the change in time.
+    async with embedded_mesh(nats_url, bao, creds, "tpn", policy_dir, poll_s=3600) as mesh:
         before = serving_version(mesh)
         (policy_dir / "policies" / "60_no_crm.cedar").write_text(NO_CRM)
         policy = channel(mesh.policy.address, service="test")
