@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import uuid
 
 import grpc
 import structlog
@@ -45,7 +44,7 @@ class ToolProxy:
         self.settings = settings
         self.topology = Topology(settings.namespace)
         self.registry = ToolRegistry()
-        self.replica_id = replica_id or uuid.uuid4().hex[:8]
+        self.replica_id = replica_id or settings.replica_id
         self.server: GrpcServer | None = None
         self.servicer: ToolProxyServicer | None = None
         self.tokens: TokenChecker | None = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -14,10 +16,19 @@ from tessera.runtime.config import ServiceSettings
 from tessera.vault.naming import LOCAL_PROXY_SOURCE
 
 
+def _default_replica_id() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "local"
+
+
 class ToolProxySettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="TESSERA_TOOL_PROXY_", extra="ignore", populate_by_name=True
     )
+
+    replica_id: str = Field(default_factory=_default_replica_id, pattern=r"^[A-Za-z0-9_-]+$")
+    """Names this replica's audit chain (``tool-proxy-<replica_id>``); default: the host
+    name (a pod's name). Keep it stable across restarts so a restarted replica continues
+    its chain; give each live replica its own (two sharing one are safe, but contend)."""
 
     policy_address: str = Field(
         default="127.0.0.1:50054", validation_alias=AliasChoices("TESSERA_POLICY_ADDRESS")

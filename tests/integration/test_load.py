@@ -181,6 +181,8 @@ async def end_of_run_checks(mesh: Mesh, load: Load, *, killed: bool = False) -> 
     assert executions >= 2 * len(started)  # the invoices lookup and the refund, at least
     assert all(e["decision_id"] in allow_ids for e in effects), "an effect without an allow"
     assert report.ok, report.issues
+    # A restarted proxy (same host, same replica id) continued its audit chain.
+    assert len([c for c in report.chains if c.writer.startswith("tool-proxy-")]) == 1
 
     # C7: exactly one refund per workflow, none twice for one idempotency key.
     refunds = Counter(e["workflow_id"] for e in effects if e["tool"] == REFUND)
