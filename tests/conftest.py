@@ -22,7 +22,7 @@ import pytest
 
 from tessera.launcher import infra
 from tessera.launcher.gateway import Upstream
-from tessera.launcher.ports import free_port
+from tessera.launcher.ports import free_port, is_free
 from tessera.launcher.topology import project_root
 
 PROJECT_ROOT = project_root(Path(__file__).parent)
@@ -59,6 +59,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
+
+
+MESH_PORT_BLOCK = 200
+"""Ports a `tessera up` needs from its --base-port (services, OpenBao pair, NATS cluster)."""
+
+
+def _ephemeral_floor() -> int:
+    try:
+        low = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+    except (OSError, IndexError):
+        return 32768
+    return int(low)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mesh_base_port() -> Iterator[int]:
+    """Every `tessera up` a test runs gets its ports from one free block *below* the
+    kernel's ephemeral range (TESSERA_BASE_PORT). Its default ports (50051…) lie inside
+    that range, where any outgoing connection of the session may take one between the
+    launcher's check and a service's bind."""
+    floor = _ephemeral_floor()
+    for base in range(20000, floor - MESH_PORT_BLOCK, MESH_PORT_BLOCK):
+        if all(is_free(port) for port in range(base, base + MESH_PORT_BLOCK)):
+            break
+    else:
+        pytest.fail("no free block of ports below the ephemeral range for `tessera up`")
+    previous = os.environ.get("TESSERA_BASE_PORT")
+    os.environ["TESSERA_BASE_PORT"] = str(base)
+    try:
+        yield base
+    finally:
+        if previous is None:
+            os.environ.pop("TESSERA_BASE_PORT", None)
+        else:
+            os.environ["TESSERA_BASE_PORT"] = previous
 
 
 class _Ports:
