@@ -112,8 +112,7 @@ class IdempotencyStore:
                         eid, dict(record.get("result") or {}), str(record.get("decision_id", ""))
                     )
                 since = float(record.get("started_at", 0.0))
-                left = float(record.get("lease_until", since + self._lease_s)) - self._clock()
-                age = self._clock() - since
+                left = float(record.get("lease_until", since + self._lease_s)) - now
                 if left > 0:
                     raise Aborted(
                         "the same call is in progress; retry later",
@@ -126,7 +125,7 @@ class IdempotencyStore:
                     revision = await self._kv.update(eid, started, last=entry.revision)
                 except KeyWrongLastSequenceError:
                     continue
-                log.warning("idempotency_lease_taken_over", tool=tool, age_s=round(age, 1))
+                log.warning("idempotency_lease_taken_over", tool=tool, age_s=round(now - since, 1))
                 return Claim(eid, revision)
         except (Aborted, FailedPrecondition):
             raise

@@ -311,12 +311,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         # 7. Policy (and the approval flow). One call of the token's budget is reserved in
         # the ledger meanwhile (independent I/O); it is given back unless the call goes on
         # to step 9, and its errors surface only there, so the order of refusals is kept.
-        left = self.ledger.spend_leased(verified)
-        if left is not None:  # from this replica's lease: no write
-            spend: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            spend.set_result(left)
-        else:
-            spend = asyncio.ensure_future(self.ledger.spend(verified))
+        spend = self.ledger.reserve(verified)
         eid = effect_id(verified.workflow, spec.name, key) if key else ""
         claim = None
         try:

@@ -312,7 +312,7 @@ class UseLedger:
         key = self.key(token.info.accessor)
         try:
             for _ in range(_LEDGER_ATTEMPTS):
-                left = self.spend_leased(token)  # maybe leased meanwhile by a racing call
+                left = self._spend_leased(token)  # maybe leased meanwhile by a racing call
                 if left is not None:
                     return left
                 seen = self._last.get(key)
@@ -360,7 +360,17 @@ class UseLedger:
             retry_after_s=0.1,
         )
 
-    def spend_leased(self, token: VerifiedToken) -> int | None:
+    def reserve(self, token: VerifiedToken) -> asyncio.Future[int]:
+        """:meth:`spend` as a future the caller can overlap with other work: already done
+        when this replica's lease has a use (no write, no task)."""
+        left = self._spend_leased(token)
+        if left is None:
+            return asyncio.ensure_future(self.spend(token))
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done.set_result(left)
+        return done
+
+    def _spend_leased(self, token: VerifiedToken) -> int | None:
         """Spend one use from this replica's lease without a write, if it holds one; the
         calls left, or None (then :meth:`spend` must write)."""
         key = self.key(token.info.accessor)

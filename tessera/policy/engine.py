@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import cedarpy
 
@@ -52,6 +52,7 @@ _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 _REQUEST_ERRORS = ("failed to parse entities", "failed to build request")
 _MAX_CACHED_ENTITY_SETS = 4096
 _MAX_CACHED_VERDICTS = 4096
+_V = TypeVar("_V")
 
 Decision = Literal["allow", "deny", "approval_required"]
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -112,29 +113,35 @@ class LoadedPolicySet:
     def policy_ids(self) -> tuple[str, ...]:
         return tuple(sorted(p.id for p in self.policies.values()))
 
-    def parsed_entities(
-        self, entities: list[dict[str, Any]], key: str | None = None
-    ) -> cedarpy.Entities | None:
-        """``entities`` parsed and validated against the schema (cached), or None when
-        they do not parse (the caller then lets Cedar report why). ``key``: their
-        :func:`canonical_json`, when the caller has it."""
-        key = key if key is not None else canonical_json(entities)
-        parsed = self.entities.get(key)
+    def parsed_entities(self, entities_json: str) -> cedarpy.Entities | None:
+        """Entities (their :func:`canonical_json`) parsed and validated against the schema
+        (cached), or None when they do not parse (the caller then lets Cedar report why)."""
+        parsed = _lru_get(self.entities, entities_json)
         if parsed is not None:
-            self.entities.move_to_end(key)
             return parsed
         try:
-            parsed = cedarpy.Entities.from_json_str(key, self.schema)
+            parsed = cedarpy.Entities.from_json_str(entities_json, self.schema)
         except ValueError:
             return None
-        self.entities[key] = parsed
-        while len(self.entities) > _MAX_CACHED_ENTITY_SETS:
-            self.entities.popitem(last=False)
+        _lru_put(self.entities, entities_json, parsed, _MAX_CACHED_ENTITY_SETS)
         return parsed
 
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _lru_get(cache: OrderedDict[str, _V], key: str) -> _V | None:
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _lru_put(cache: OrderedDict[str, _V], key: str, value: _V, limit: int) -> None:
+    cache[key] = value
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -391,16 +398,12 @@ def evaluate(ps: LoadedPolicySet, req: CheckInput, *, hour: int) -> Verdict:
     names the forbids that matched (none: default deny). Raises :class:`RequestInvalid`
     for a request Cedar cannot evaluate against the schema (wrong types, unknown action)."""
     request, entities = prepare(req, hour=hour)
-    entities_key = canonical_json(entities)
-    key = entities_key + canonical_json(request)
-    cached = ps.verdicts.get(key)
-    if cached is not None:
-        ps.verdicts.move_to_end(key)
-        return cached
-    verdict = _evaluate(ps, request, entities, entities_key)
-    ps.verdicts[key] = verdict
-    while len(ps.verdicts) > _MAX_CACHED_VERDICTS:
-        ps.verdicts.popitem(last=False)
+    entities_json = canonical_json(entities)
+    key = entities_json + canonical_json(request)
+    verdict = _lru_get(ps.verdicts, key)
+    if verdict is None:
+        verdict = _evaluate(ps, request, entities, entities_json)
+        _lru_put(ps.verdicts, key, verdict, _MAX_CACHED_VERDICTS)
     return verdict
 
 
@@ -408,9 +411,9 @@ def _evaluate(
     ps: LoadedPolicySet,
     request: dict[str, Any],
     entities: list[dict[str, Any]],
-    entities_key: str,
+    entities_json: str,
 ) -> Verdict:
-    parsed = ps.parsed_entities(entities, entities_key)
+    parsed = ps.parsed_entities(entities_json)
     result = cedarpy.is_authorized(
         request, ps.policy_set, entities if parsed is None else parsed, schema=ps.schema
     )
