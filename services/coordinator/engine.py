@@ -83,10 +83,12 @@ class Dispatch:
     timeout_s: float
 
 
-def _retry_time(now: float, attempt: int, base_s: float, max_s: float) -> timestamp_pb2.Timestamp:
-    # Exponential backoff with full jitter; the jitter is fixed in the event, so a replay
-    # makes the same decision.
-    delay = random.uniform(0, min(max_s, base_s * (2 ** (attempt - 1))))
+def _retry_time(now: float, streak: int, base_s: float, max_s: float) -> timestamp_pb2.Timestamp:
+    # Capped exponential backoff with equal jitter (never retrying at once in a tight
+    # loop, never in lockstep); the jitter is fixed in the event, so a replay makes the
+    # same decision.
+    cap = min(max_s, base_s * (2 ** min(streak - 1, 30)))
+    delay = cap / 2 + random.uniform(0, cap / 2)
     out = timestamp_pb2.Timestamp()
     out.FromMicroseconds(int((now + delay) * 1e6))
     return out
@@ -119,7 +121,7 @@ def next_steps(em: Emitter, *, in_flight: set[str]) -> list[Dispatch]:
     deduplicate, so the side effect happens once.
     """
     rec = em.rec
-    if rec.terminal:
+    if rec.terminal or _past_deadline(em):
         return []
     dispatches: list[Dispatch] = []
     for task in list(rec.tasks.values()):
@@ -195,25 +197,73 @@ def task_failed(
     error: status_pb2.Status,
     *,
     retryable: bool = True,
+    transient: bool = False,
     retry_base_s: float = 0.1,
     retry_max_s: float = 2.0,
     retry_after_s: float = 0.0,
 ) -> None:
-    """``retry_after_s``: the failure said when a retry can succeed (RetryInfo, e.g. when
+    """Record a failed attempt and when the next one is due.
+
+    ``transient``: the infrastructure failed, not the agent (see TaskFailed.transient);
+    it is retried without spending an attempt, with a backoff that grows with the
+    faults in a row, until the task's deadline (`next_steps` ends it there).
+    ``retry_after_s``: the failure said when a retry can succeed (RetryInfo, e.g. when
     the lease of a crashed executor's idempotency claim ends); the retry waits at least
     that long."""
     task = em.rec.tasks[task_id]
-    will_retry = retryable and attempt < task.max_attempts
+    if transient:
+        will_retry = retryable
+        streak = task.transient_failures + 1
+    else:
+        will_retry = retryable and task.failures + 1 < task.max_attempts
+        streak = attempt
     failed = events_pb2.TaskFailed(
-        task_id=task_id, attempt=attempt, error=error, will_retry=will_retry
+        task_id=task_id, attempt=attempt, error=error, will_retry=will_retry, transient=transient
     )
     if will_retry:
-        at = _retry_time(em.now, attempt, retry_base_s, retry_max_s)
+        at = _retry_time(em.now, streak, retry_base_s, retry_max_s)
         not_before = em.now + max(0.0, retry_after_s)
         if at.ToMicroseconds() < not_before * 1e6:
             at.FromMicroseconds(int(not_before * 1e6))
+        deadline = task.deadline(em.rec.deadline)
+        if deadline and at.ToMicroseconds() > deadline * 1e6:
+            at.FromMicroseconds(int(deadline * 1e6))  # wake up in time to end it
         failed.retry_time.CopyFrom(at)
     em.emit(task_failed=failed)
+
+
+def _past_deadline(em: Emitter) -> bool:
+    """End what ran out of time: the workflow past its deadline fails; a waiting task
+    past its own deadline fails (which may fail the workflow). True if the workflow
+    ended."""
+    rec = em.rec
+    if rec.deadline and em.now >= rec.deadline:
+        em.trip(G.GUARDRAIL_TIMEOUT, "", "workflow deadline passed")
+        em.fail(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "the workflow did not finish before its deadline",
+            "WORKFLOW_DEADLINE",
+        )
+        return True
+    for task in list(rec.tasks.values()):
+        if task.state != TS.TASK_STATE_PENDING or not task.since:
+            continue
+        deadline = task.deadline(0.0)
+        if deadline and em.now >= deadline:
+            last = f" (last error: {task.error.message})" if task.error else ""
+            em.trip(G.GUARDRAIL_TIMEOUT, task.id, "task deadline passed")
+            em.emit(
+                task_failed=events_pb2.TaskFailed(
+                    task_id=task.id,
+                    attempt=task.attempts,
+                    error=status(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"task {task.id} did not finish before its deadline{last}",
+                        "TASK_DEADLINE",
+                    ),
+                )
+            )
+    return False
 
 
 def _constraint_problems(rec: WorkflowRecord, writes: dict[str, Any]) -> list[str]:

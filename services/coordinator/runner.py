@@ -54,6 +54,12 @@ DURABLE = "coordinator"
 MAX_CONFLICTS = 20
 # The longest a failure's RetryInfo may delay a task's next attempt.
 MAX_RETRY_AFTER_S = 60.0
+# Codes of infrastructure faults: the agent was unreachable or a dependency restarting
+# (an agent hands its tool proxy's UNAVAILABLE back unchanged). Retried until the
+# deadlines, without spending the task's attempts.
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE}
+# Reasons (ErrorInfo) that are transient whatever their code.
+TRANSIENT_REASONS = {"NO_AGENT", "IDEMPOTENCY_IN_PROGRESS", "CAPABILITY_BUSY"}
 # Codes after which another attempt may succeed; the rest fail the attempt for good.
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -272,14 +278,23 @@ class Runner:
             try:
                 agent, contract = await self.dispatcher.pick(dispatch.capability, dispatch.version)
             except NoAgent as exc:
+                # Waits (visible as NO_AGENT) until a replica registers or time runs out.
                 self._fail_attempt(
-                    em, dispatch, status(grpc.StatusCode.UNAVAILABLE, str(exc), "NO_AGENT")
+                    em,
+                    dispatch,
+                    status(grpc.StatusCode.UNAVAILABLE, str(exc), "NO_AGENT"),
+                    transient=True,
                 )
                 continue
             try:
                 token = await self.tokens.issue(rec, dispatch, contract, agent.name)
             except TesseraError as exc:  # Vault unreachable: the agent never runs unscoped
-                self._fail_attempt(em, dispatch, status(exc.code, exc.message, exc.reason))
+                self._fail_attempt(
+                    em,
+                    dispatch,
+                    status(exc.code, exc.message, exc.reason),
+                    transient=exc.code in (TRANSIENT | {grpc.StatusCode.DEADLINE_EXCEEDED}),
+                )
                 continue
             accessor = token.accessor if token is not None else ""
             task = rec.tasks[dispatch.task_id]
@@ -312,6 +327,7 @@ class Runner:
         error: Status,
         *,
         retryable: bool = True,
+        transient: bool = False,
         retry_after_s: float | None = None,
     ) -> None:
         task_failed(
@@ -320,8 +336,11 @@ class Runner:
             dispatch.attempt,
             error,
             retryable=retryable,
+            transient=transient,
             retry_base_s=self.settings.retry_base_s,
-            retry_max_s=self.settings.retry_max_s,
+            retry_max_s=(
+                self.settings.transient_retry_max_s if transient else self.settings.retry_max_s
+            ),
             # Bounded: a peer cannot park a task indefinitely.
             retry_after_s=min(retry_after_s or 0.0, MAX_RETRY_AFTER_S),
         )
@@ -370,8 +389,9 @@ class Runner:
                 self._fail_attempt(
                     em,
                     dispatch,
-                    status(code, exc.details() or code.name, code.name),
+                    status(code, exc.details() or code.name, details.reason or code.name),
                     retryable=code in RETRYABLE,
+                    transient=code in TRANSIENT or details.reason in TRANSIENT_REASONS,
                     retry_after_s=details.retry_after_s,
                 )
                 metrics.TASK_OUTCOMES.labels(

@@ -17,7 +17,7 @@ from nats.js import JetStreamContext, api
 from services.coordinator import metrics
 from services.coordinator.engine import Emitter, decide_gate, gate_is_pending
 from services.coordinator.settings import CoordinatorSettings
-from services.coordinator.state import WS, WorkflowRecord
+from services.coordinator.state import GS, WS, WorkflowRecord
 from services.coordinator.store import Conflict, WorkflowStore
 from services.coordinator.tokens import TaskTokens
 from services.coordinator.views import gate_name, gate_view, workflow_id, workflow_view
@@ -48,6 +48,15 @@ async def _forward(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError)
     """Answer with a peer's error unchanged (its code and google.rpc.Status details)."""
     details = [(k, v) for k, v in (err.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
     await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(details))
+
+
+def _same_decision(rec: WorkflowRecord, gate_id: str, approve: bool, decided_by: str) -> bool:
+    """Whether ``gate_id`` was already decided exactly so, by the same person."""
+    gate = rec.gates.get(gate_id)
+    if gate is None or gate.decided_by != decided_by:
+        return False
+    wanted = GS.GATE_STATE_APPROVED if approve else GS.GATE_STATE_REJECTED
+    return bool(gate.state == wanted)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -97,6 +106,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 reason="INPUT_TOO_LARGE",
             )
 
+        deadline = self._deadline(request, time.time())
         wf_id = uuid.uuid4().hex[:20]
         claimed = await self.store.claim(request.request_id, wf_id)
         if claimed != wf_id:
@@ -113,14 +123,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
         plan = await self._plan(request, context)
         rec = WorkflowRecord(id=wf_id)
-        Emitter(rec, now=time.time(), causation_id=request.request_id).emit(
-            workflow_started=events_pb2.WorkflowStarted(
-                request_id=request.request_id,
-                goal=request.goal,
-                plan=plan,
-                traceparent=inject_headers({}).get("traceparent", ""),
-            )
+        now = time.time()
+        started = events_pb2.WorkflowStarted(
+            request_id=request.request_id,
+            goal=request.goal,
+            plan=plan,
+            traceparent=inject_headers({}).get("traceparent", ""),
         )
+        started.deadline.FromMicroseconds(int(deadline * 1e6))
+        Emitter(rec, now=now, causation_id=request.request_id).emit(workflow_started=started)
         try:
             await self.store.create(rec)
         except Exception:
@@ -132,6 +143,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         metrics.WORKFLOWS_STARTED.inc()
         log.info("workflow_started", workflow_id=wf_id, template=plan.template)
         return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(rec))
+
+    def _deadline(self, request: coordinator_pb2.StartWorkflowRequest, now: float) -> float:
+        """The caller's deadline (``context.deadline``), capped; else the default."""
+        latest = now + self.settings.max_workflow_deadline_s
+        if request.context.HasField("deadline"):
+            asked = request.context.deadline.ToMicroseconds() / 1e6
+            if asked <= now:
+                raise InvalidArgument(
+                    "context.deadline has already passed",
+                    field_violations=[("context.deadline", "must be in the future")],
+                )
+            return min(asked, latest)
+        return now + self.settings.workflow_deadline_s
 
     async def _plan(
         self, request: coordinator_pb2.StartWorkflowRequest, context: grpc.aio.ServicerContext
@@ -245,6 +269,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         approve = request.decision == coordinator_pb2.GATE_DECISION_APPROVE
         for _ in range(CAS_ATTEMPTS):
             rec, revision = await self._load(wf_id)
+            decided_by = request.decided_by or "anonymous"
+            if not rec.terminal and _same_decision(rec, gate_id, approve, decided_by):
+                # A retry of a decision that was stored while queueing its step failed
+                # (no work-queue leader, say): queue it now, or the workflow waits forever.
+                # Sending a step twice is safe: advancing is compare-and-set.
+                await self.store.enqueue(wf_id, f"gate {gate_id} decision retried")
+                return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
             if not gate_is_pending(rec, gate_id):
                 state = "unknown" if gate_id not in rec.gates else "already decided"
                 raise FailedPrecondition(
@@ -264,7 +295,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 em,
                 gate_id,
                 approve=approve,
-                decided_by=request.decided_by or "anonymous",
+                decided_by=decided_by,
                 comment=request.comment,
             )
             try:

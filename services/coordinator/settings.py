@@ -41,7 +41,19 @@ class CoordinatorSettings(ServiceSettings):
     max_input_bytes: int = Field(default=256 * 1024, gt=0)
     """Largest serialized StartWorkflow inputs accepted."""
     retry_base_s: float = Field(default=0.1, gt=0)
+    """First backoff before retrying a failed attempt; doubles with each failure."""
     retry_max_s: float = Field(default=2.0, gt=0)
+    """Longest backoff after an agent's own error (these spend the task's attempts)."""
+    transient_retry_max_s: float = Field(default=2.0, gt=0)
+    """Longest backoff after a transient fault (agent or dependency unreachable, no live
+    replica). These never spend attempts; they are retried until the deadlines, so a
+    restarted process's work resumes at most this long after it serves again."""
+    workflow_deadline_s: float = Field(default=24 * 3600.0, gt=0)
+    """Deadline of a workflow whose StartWorkflow context carries none: past it, a still
+    running workflow fails with DEADLINE_EXCEEDED (time parked on a gate extends it).
+    Transient faults are retried for as long as it allows."""
+    max_workflow_deadline_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+    """A requested deadline further away than this is capped to it."""
     metrics_port: int = 0
     """Prometheus metrics HTTP port on 127.0.0.1; 0 disables the endpoint."""
     agent_tiers_file: Path = Path("policy/agent_tiers.yaml")

@@ -67,6 +67,26 @@ class TaskRun(BaseModel):
     root: str = ""
     token_accessor: str = ""
     """Accessor of the task token of the latest attempt (never the token)."""
+    deadline_s: float = 0.0
+    """Bound on the task's whole life from its first attempt (0: the workflow's)."""
+    since: float | None = None
+    """When its first attempt was made or tried."""
+    failures: int = 0
+    """Attempts the agent itself failed: these, not transient faults, spend
+    max_attempts."""
+    transient: bool = False
+    """The last failure was the infrastructure's (see TaskFailed.transient)."""
+    transient_failures: int = 0
+    """Transient failures in a row (the backoff grows with them)."""
+    counted: bool = False
+    """The current execution already counts as an iteration: a resend after a
+    transient fault or a crash is the same execution."""
+
+    def deadline(self, workflow_deadline: float) -> float:
+        """The absolute time this task must be done by (0: none)."""
+        own = self.since + self.deadline_s if self.deadline_s and self.since else 0.0
+        bounds = [b for b in (own, workflow_deadline) if b]
+        return min(bounds) if bounds else 0.0
 
 
 class GateRec(BaseModel):
@@ -114,6 +134,8 @@ class WorkflowRecord(BaseModel):
     update_time: float = 0.0
     traceparent: str = ""
     """Trace of the start request; every step continues it."""
+    deadline: float = 0.0
+    """When a still running workflow fails (0: never); gate waits extend it."""
     outbox: list[str] = Field(default_factory=list)
     """Events persisted with this snapshot but maybe not yet published (base64)."""
 
@@ -186,6 +208,7 @@ def _task_from_spec(spec: planner_pb2.TaskSpec) -> TaskRun:
         gate_reason=spec.gate_reason,
         input=struct_to_dict(spec.input),
         root=spec.id,
+        deadline_s=spec.deadline.ToMilliseconds() / 1000 if spec.HasField("deadline") else 0.0,
     )
 
 
@@ -202,6 +225,8 @@ def _accept_result(rec: WorkflowRecord, result: events_pb2.TaskSucceeded) -> Non
     task.summary = result.summary
     task.agent = result.agent_instance
     task.error = None
+    task.transient = False
+    task.transient_failures = 0
     writes = struct_to_dict(result.blackboard_writes)
     if writes:
         rec.blackboard.update(writes)
@@ -219,6 +244,7 @@ def _route_handoff(rec: WorkflowRecord, handoff: events_pb2.HandoffRouted) -> No
         optional=source.optional,
         timeout_s=source.timeout_s,
         max_attempts=source.max_attempts,
+        deadline_s=source.deadline_s,
     )
     source.next = handoff.to_task_id
     rec.handoffs.append((source.capability, handoff.capability, rec.blackboard_version))
@@ -235,6 +261,9 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         rec.request_id = started.request_id
         rec.goal = started.goal
         rec.traceparent = started.traceparent
+        rec.deadline = (
+            started.deadline.ToMicroseconds() / 1e6 if started.HasField("deadline") else 0.0
+        )
         rec.plan = base64.b64encode(started.plan.SerializeToString()).decode()
         rec._graph = None
         rec.tasks = {spec.id: _task_from_spec(spec) for spec in started.plan.tasks}
@@ -244,8 +273,10 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         rec.create_time = now
     elif kind == "task_dispatched":
         task = rec.tasks[event.task_dispatched.task_id]
-        if event.task_dispatched.attempt > task.attempts:
+        if event.task_dispatched.attempt > task.attempts and not task.counted:
             rec.iterations += 1
+        task.counted = True
+        task.since = task.since or now
         task.attempts = event.task_dispatched.attempt
         task.state = TS.TASK_STATE_RUNNING
         task.retry_at = None
@@ -259,6 +290,14 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         failed = event.task_failed
         task = rec.tasks[failed.task_id]
         task.error = _error(failed.error)
+        task.since = task.since or now
+        task.transient = failed.transient
+        if failed.transient:
+            task.transient_failures += 1
+        else:
+            task.failures += 1
+            task.transient_failures = 0
+            task.counted = False
         if failed.will_retry:
             task.state = TS.TASK_STATE_PENDING
             task.retry_at = failed.retry_time.ToMicroseconds() / 1e6
@@ -292,6 +331,8 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         gate.decided_by = decided.decided_by
         gate.comment = decided.comment
         gate.decide_time = now
+        if rec.deadline:
+            rec.deadline += max(0.0, now - gate.create_time)  # the deadline bounds work, not humans
         gated = rec.tasks.get(gate.task_id)
         if decided.approved and gated is not None:
             held = (
@@ -306,6 +347,7 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
             elif gate.kind == events_pb2.GATE_KIND_TOOL_APPROVAL:
                 gated.state = TS.TASK_STATE_PENDING  # run again: the tool call is now approved
                 gated.retry_at = None
+                gated.counted = False
             else:
                 gated.state = TS.TASK_STATE_SUCCEEDED
         gate.held = ""

@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 
 from services.coordinator.state import WorkflowRecord
 from tessera.runtime.bus import Topology, msg_id_headers
+from tessera.runtime.retry import retry_transient
 from tessera.v1 import events_pb2
 
 log = structlog.get_logger(__name__)
@@ -174,6 +175,15 @@ class WorkflowStore:
                 continue
         raise Conflict(key)
 
-    async def enqueue(self, wf_id: str, reason: str) -> None:
+    async def enqueue(self, wf_id: str, reason: str, *, within_s: float = 10.0) -> None:
+        """Queue "advance ``wf_id``", retrying a NATS fault (a work-queue stream with no
+        leader during an election) for up to ``within_s``; then the error propagates and
+        the caller's retry repairs it (StartWorkflow and DecideGate re-queue on retry)."""
         step = events_pb2.WorkStep(workflow_id=wf_id, reason=reason)
-        await self.js.publish(self.topology.work_subject("advance"), step.SerializeToString())
+        await retry_transient(
+            lambda: self.js.publish(
+                self.topology.work_subject("advance"), step.SerializeToString()
+            ),
+            within_s=within_s,
+            what="enqueue",
+        )

@@ -7,7 +7,7 @@ import re
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from services.coordinator.state import WorkflowRecord, dict_to_struct
+from services.coordinator.state import TS, WorkflowRecord, dict_to_struct
 from tessera.runtime.errors import InvalidArgument
 from tessera.v1 import common_pb2, coordinator_pb2, events_pb2
 
@@ -82,6 +82,8 @@ def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
         update_time=_ts(rec.update_time),
         event_count=rec.seq,
     )
+    if rec.deadline:
+        view.deadline.CopyFrom(_ts(rec.deadline))
     for task in rec.tasks.values():
         status = coordinator_pb2.TaskStatus(
             task_id=task.id,
@@ -92,6 +94,10 @@ def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
         )
         if task.error is not None:
             status.error.CopyFrom(_status(task.error))
+        if task.transient and task.state == TS.TASK_STATE_PENDING:
+            status.waiting_reason = task.error.reason if task.error else "UNAVAILABLE"
+        if task.retry_at is not None and task.state == TS.TASK_STATE_PENDING:
+            status.retry_time.CopyFrom(_ts(task.retry_at))
         if task.output is not None:
             status.output.CopyFrom(dict_to_struct(task.output))
         view.tasks.append(status)

@@ -228,6 +228,8 @@ class TaskStatus(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
+    RETRY_TIME_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id from the plan."""
     capability: _builtins.str
@@ -238,6 +240,11 @@ class TaskStatus(_message.Message):
     """Attempts made."""
     agent: _builtins.str
     """Agent instance that produced the output."""
+    waiting_reason: _builtins.str
+    """Why a PENDING task is waiting out a transient fault, e.g. `NO_AGENT` (no live
+    replica offers its capability) or `UNAVAILABLE` (its agent or a dependency is
+    restarting); empty otherwise. Such waits never spend the task's attempts.
+    """
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Last error, if any."""
@@ -245,6 +252,10 @@ class TaskStatus(_message.Message):
     @_builtins.property
     def output(self) -> _struct_pb2.Struct:
         """Output, if done."""
+
+    @_builtins.property
+    def retry_time(self) -> _timestamp_pb2.Timestamp:
+        """When the task's next attempt is due, while it waits."""
 
     def __init__(
         self,
@@ -256,10 +267,12 @@ class TaskStatus(_message.Message):
         error: _status_pb2.Status | None = ...,
         output: _struct_pb2.Struct | None = ...,
         agent: _builtins.str = ...,
+        waiting_reason: _builtins.str = ...,
+        retry_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "output", b"output", "retry_time", b"retry_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "capability", b"capability", "error", b"error", "output", b"output", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempts", b"attempts", "capability", b"capability", "error", b"error", "output", b"output", "retry_time", b"retry_time", "state", b"state", "task_id", b"task_id", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,6 +299,7 @@ class Workflow(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     GOAL_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name `workflows/{workflow}`."""
     request_id: _builtins.str
@@ -334,6 +348,12 @@ class Workflow(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Last change."""
 
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The workflow fails with DEADLINE_EXCEEDED if still running then (time parked on
+        a human gate extends it).
+        """
+
     def __init__(
         self,
         *,
@@ -352,10 +372,11 @@ class Workflow(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         event_count: _builtins.int = ...,
         goal: _builtins.str = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "create_time", b"create_time", "error", b"error", "plan", b"plan", "result", b"result", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "plan", b"plan", "result", b"result", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "blackboard_version", b"blackboard_version", "create_time", b"create_time", "error", b"error", "event_count", b"event_count", "gates", b"gates", "goal", b"goal", "name", b"name", "plan", b"plan", "request_id", b"request_id", "result", b"result", "state", b"state", "tasks", b"tasks", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "blackboard_version", b"blackboard_version", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "event_count", b"event_count", "gates", b"gates", "goal", b"goal", "name", b"name", "plan", b"plan", "request_id", b"request_id", "result", b"result", "state", b"state", "tasks", b"tasks", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

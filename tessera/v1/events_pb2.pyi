@@ -239,6 +239,7 @@ class WorkflowStarted(_message.Message):
     GOAL_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of the start request."""
     goal: _builtins.str
@@ -251,6 +252,13 @@ class WorkflowStarted(_message.Message):
     def plan(self) -> _planner_pb2.TaskGraph:
         """The validated plan."""
 
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The workflow fails (DEADLINE_EXCEEDED) if it has not ended by then: the request
+        context's deadline, or the coordinator's default. Transient faults are retried
+        until it passes.
+        """
+
     def __init__(
         self,
         *,
@@ -258,10 +266,11 @@ class WorkflowStarted(_message.Message):
         goal: _builtins.str = ...,
         plan: _planner_pb2.TaskGraph | None = ...,
         traceparent: _builtins.str = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal", "plan", b"plan", "request_id", b"request_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "goal", b"goal", "plan", b"plan", "request_id", b"request_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -376,12 +385,19 @@ class TaskFailed(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     WILL_RETRY_FIELD_NUMBER: _builtins.int
     RETRY_TIME_FIELD_NUMBER: _builtins.int
+    TRANSIENT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id."""
     attempt: _builtins.int
     """Attempt number."""
     will_retry: _builtins.bool
     """Whether another attempt follows."""
+    transient: _builtins.bool
+    """The infrastructure failed, not the agent (no live replica, agent unreachable,
+    UNAVAILABLE, a dependency asking to retry later): the attempt does not count
+    against the task's max_attempts; it is retried with backoff until the task's or
+    the workflow's deadline.
+    """
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Why."""
@@ -398,10 +414,11 @@ class TaskFailed(_message.Message):
         error: _status_pb2.Status | None = ...,
         will_retry: _builtins.bool = ...,
         retry_time: _timestamp_pb2.Timestamp | None = ...,
+        transient: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "retry_time", b"retry_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "retry_time", b"retry_time", "task_id", b"task_id", "will_retry", b"will_retry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "retry_time", b"retry_time", "task_id", b"task_id", "transient", b"transient", "will_retry", b"will_retry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from tessera.v1 import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tessera/v1/planner.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17tessera/v1/common.proto\"\xfd\x02\n\x08TaskSpec\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x14.tessera.v1.TaskKindR\x04kind\x12\x1e\n\ncapability\x18\x03 \x01(\tR\ncapability\x12\x18\n\x07version\x18\x04 \x01(\tR\x07version\x12\x1d\n\ndepends_on\x18\x05 \x03(\tR\tdependsOn\x12\x14\n\x05tools\x18\x06 \x03(\tR\x05tools\x12\x33\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeout\x12!\n\x0cmax_attempts\x18\x08 \x01(\x05R\x0bmaxAttempts\x12\x1a\n\x08optional\x18\t \x01(\x08R\x08optional\x12\x1f\n\x0bgate_reason\x18\n \x01(\tR\ngateReason\x12-\n\x05input\x18\x0b \x01(\x0b\x32\x17.google.protobuf.StructR\x05input\"\xa3\x02\n\tTaskGraph\x12\x1a\n\x08template\x18\x01 \x01(\tR\x08template\x12*\n\x05tasks\x18\x02 \x03(\x0b\x32\x14.tessera.v1.TaskSpecR\x05tasks\x12*\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x12.tessera.v1.BudgetR\x06\x62udget\x12\x37\n\nblackboard\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructR\nblackboard\x12\x42\n\x0b\x63onstraints\x18\x05 \x03(\x0b\x32 .tessera.v1.BlackboardConstraintR\x0b\x63onstraints\x12%\n\x0emax_iterations\x18\x06 \x01(\x05R\rmaxIterations\"\xaf\x01\n\x14\x42lackboardConstraint\x12\x16\n\x03key\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x03key\x12@\n\x08operator\x18\x02 \x01(\x0e\x32\x1e.tessera.v1.ConstraintOperatorB\x04\xe2\x41\x01\x02R\x08operator\x12\x1b\n\tlimit_key\x18\x03 \x01(\tR\x08limitKey\x12 \n\x0b\x64\x65scription\x18\x04 \x01(\tR\x0b\x64\x65scription\"I\n\x0bIntentMatch\x12\x1a\n\x08template\x18\x01 \x01(\tR\x08template\x12\x1e\n\nconfidence\x18\x02 \x01(\x01R\nconfidence\"\xba\x01\n\x0bPlanRequest\x12\x34\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextR\x07\x63ontext\x12\x18\n\x04goal\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x04goal\x12/\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x06inputs\x12*\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x12.tessera.v1.BudgetR\x06\x62udget\"l\n\x0cPlanResponse\x12)\n\x04plan\x18\x01 \x01(\x0b\x32\x15.tessera.v1.TaskGraphR\x04plan\x12\x31\n\x07intents\x18\x02 \x03(\x0b\x32\x17.tessera.v1.IntentMatchR\x07intents\"|\n\x13ValidatePlanRequest\x12\x34\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextR\x07\x63ontext\x12/\n\x04plan\x18\x02 \x01(\x0b\x32\x15.tessera.v1.TaskGraphB\x04\xe2\x41\x01\x02R\x04plan\"A\n\x14ValidatePlanResponse\x12)\n\x04plan\x18\x01 \x01(\x0b\x32\x15.tessera.v1.TaskGraphR\x04plan*W\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_AGENT\x10\x01\x12\x1b\n\x17TASK_KIND_APPROVAL_GATE\x10\x02*\x94\x01\n\x12\x43onstraintOperator\x12#\n\x1f\x43ONSTRAINT_OPERATOR_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONSTRAINT_OPERATOR_LTE\x10\x01\x12\x1b\n\x17\x43ONSTRAINT_OPERATOR_GTE\x10\x02\x12\x1f\n\x1b\x43ONSTRAINT_OPERATOR_PRESENT\x10\x03\x32\x9e\x01\n\x0ePlannerService\x12\x39\n\x04Plan\x12\x17.tessera.v1.PlanRequest\x1a\x18.tessera.v1.PlanResponse\x12Q\n\x0cValidatePlan\x12\x1f.tessera.v1.ValidatePlanRequest\x1a .tessera.v1.ValidatePlanResponseB\xb4\x01\n\x16\x64\x65v.tessera.tessera.v1B\x0cPlannerProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tessera/v1/planner.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17tessera/v1/common.proto\"\xb4\x03\n\x08TaskSpec\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x02id\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x14.tessera.v1.TaskKindR\x04kind\x12\x1e\n\ncapability\x18\x03 \x01(\tR\ncapability\x12\x18\n\x07version\x18\x04 \x01(\tR\x07version\x12\x1d\n\ndepends_on\x18\x05 \x03(\tR\tdependsOn\x12\x14\n\x05tools\x18\x06 \x03(\tR\x05tools\x12\x33\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeout\x12!\n\x0cmax_attempts\x18\x08 \x01(\x05R\x0bmaxAttempts\x12\x1a\n\x08optional\x18\t \x01(\x08R\x08optional\x12\x1f\n\x0bgate_reason\x18\n \x01(\tR\ngateReason\x12-\n\x05input\x18\x0b \x01(\x0b\x32\x17.google.protobuf.StructR\x05input\x12\x35\n\x08\x64\x65\x61\x64line\x18\x0c \x01(\x0b\x32\x19.google.protobuf.DurationR\x08\x64\x65\x61\x64line\"\xa3\x02\n\tTaskGraph\x12\x1a\n\x08template\x18\x01 \x01(\tR\x08template\x12*\n\x05tasks\x18\x02 \x03(\x0b\x32\x14.tessera.v1.TaskSpecR\x05tasks\x12*\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x12.tessera.v1.BudgetR\x06\x62udget\x12\x37\n\nblackboard\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructR\nblackboard\x12\x42\n\x0b\x63onstraints\x18\x05 \x03(\x0b\x32 .tessera.v1.BlackboardConstraintR\x0b\x63onstraints\x12%\n\x0emax_iterations\x18\x06 \x01(\x05R\rmaxIterations\"\xaf\x01\n\x14\x42lackboardConstraint\x12\x16\n\x03key\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x03key\x12@\n\x08operator\x18\x02 \x01(\x0e\x32\x1e.tessera.v1.ConstraintOperatorB\x04\xe2\x41\x01\x02R\x08operator\x12\x1b\n\tlimit_key\x18\x03 \x01(\tR\x08limitKey\x12 \n\x0b\x64\x65scription\x18\x04 \x01(\tR\x0b\x64\x65scription\"I\n\x0bIntentMatch\x12\x1a\n\x08template\x18\x01 \x01(\tR\x08template\x12\x1e\n\nconfidence\x18\x02 \x01(\x01R\nconfidence\"\xba\x01\n\x0bPlanRequest\x12\x34\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextR\x07\x63ontext\x12\x18\n\x04goal\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x04goal\x12/\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x06inputs\x12*\n\x06\x62udget\x18\x04 \x01(\x0b\x32\x12.tessera.v1.BudgetR\x06\x62udget\"l\n\x0cPlanResponse\x12)\n\x04plan\x18\x01 \x01(\x0b\x32\x15.tessera.v1.TaskGraphR\x04plan\x12\x31\n\x07intents\x18\x02 \x03(\x0b\x32\x17.tessera.v1.IntentMatchR\x07intents\"|\n\x13ValidatePlanRequest\x12\x34\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextR\x07\x63ontext\x12/\n\x04plan\x18\x02 \x01(\x0b\x32\x15.tessera.v1.TaskGraphB\x04\xe2\x41\x01\x02R\x04plan\"A\n\x14ValidatePlanResponse\x12)\n\x04plan\x18\x01 \x01(\x0b\x32\x15.tessera.v1.TaskGraphR\x04plan*W\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_AGENT\x10\x01\x12\x1b\n\x17TASK_KIND_APPROVAL_GATE\x10\x02*\x94\x01\n\x12\x43onstraintOperator\x12#\n\x1f\x43ONSTRAINT_OPERATOR_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONSTRAINT_OPERATOR_LTE\x10\x01\x12\x1b\n\x17\x43ONSTRAINT_OPERATOR_GTE\x10\x02\x12\x1f\n\x1b\x43ONSTRAINT_OPERATOR_PRESENT\x10\x03\x32\x9e\x01\n\x0ePlannerService\x12\x39\n\x04Plan\x12\x17.tessera.v1.PlanRequest\x1a\x18.tessera.v1.PlanResponse\x12Q\n\x0cValidatePlan\x12\x1f.tessera.v1.ValidatePlanRequest\x1a .tessera.v1.ValidatePlanResponseB\xb4\x01\n\x16\x64\x65v.tessera.tessera.v1B\x0cPlannerProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,26 +46,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANREQUEST'].fields_by_name['goal']._serialized_options = b'\342A\001\002'
   _globals['_VALIDATEPLANREQUEST'].fields_by_name['plan']._loaded_options = None
   _globals['_VALIDATEPLANREQUEST'].fields_by_name['plan']._serialized_options = b'\342A\001\002'
-  _globals['_TASKKIND']._serialized_start=1583
-  _globals['_TASKKIND']._serialized_end=1670
-  _globals['_CONSTRAINTOPERATOR']._serialized_start=1673
-  _globals['_CONSTRAINTOPERATOR']._serialized_end=1821
+  _globals['_TASKKIND']._serialized_start=1638
+  _globals['_TASKKIND']._serialized_end=1725
+  _globals['_CONSTRAINTOPERATOR']._serialized_start=1728
+  _globals['_CONSTRAINTOPERATOR']._serialized_end=1876
   _globals['_TASKSPEC']._serialized_start=161
-  _globals['_TASKSPEC']._serialized_end=542
-  _globals['_TASKGRAPH']._serialized_start=545
-  _globals['_TASKGRAPH']._serialized_end=836
-  _globals['_BLACKBOARDCONSTRAINT']._serialized_start=839
-  _globals['_BLACKBOARDCONSTRAINT']._serialized_end=1014
-  _globals['_INTENTMATCH']._serialized_start=1016
-  _globals['_INTENTMATCH']._serialized_end=1089
-  _globals['_PLANREQUEST']._serialized_start=1092
-  _globals['_PLANREQUEST']._serialized_end=1278
-  _globals['_PLANRESPONSE']._serialized_start=1280
-  _globals['_PLANRESPONSE']._serialized_end=1388
-  _globals['_VALIDATEPLANREQUEST']._serialized_start=1390
-  _globals['_VALIDATEPLANREQUEST']._serialized_end=1514
-  _globals['_VALIDATEPLANRESPONSE']._serialized_start=1516
-  _globals['_VALIDATEPLANRESPONSE']._serialized_end=1581
-  _globals['_PLANNERSERVICE']._serialized_start=1824
-  _globals['_PLANNERSERVICE']._serialized_end=1982
+  _globals['_TASKSPEC']._serialized_end=597
+  _globals['_TASKGRAPH']._serialized_start=600
+  _globals['_TASKGRAPH']._serialized_end=891
+  _globals['_BLACKBOARDCONSTRAINT']._serialized_start=894
+  _globals['_BLACKBOARDCONSTRAINT']._serialized_end=1069
+  _globals['_INTENTMATCH']._serialized_start=1071
+  _globals['_INTENTMATCH']._serialized_end=1144
+  _globals['_PLANREQUEST']._serialized_start=1147
+  _globals['_PLANREQUEST']._serialized_end=1333
+  _globals['_PLANRESPONSE']._serialized_start=1335
+  _globals['_PLANRESPONSE']._serialized_end=1443
+  _globals['_VALIDATEPLANREQUEST']._serialized_start=1445
+  _globals['_VALIDATEPLANREQUEST']._serialized_end=1569
+  _globals['_VALIDATEPLANRESPONSE']._serialized_start=1571
+  _globals['_VALIDATEPLANRESPONSE']._serialized_end=1636
+  _globals['_PLANNERSERVICE']._serialized_start=1879
+  _globals['_PLANNERSERVICE']._serialized_end=2037
 # @@protoc_insertion_point(module_scope)

@@ -91,6 +91,7 @@ class TaskSpec(_message.Message):
     OPTIONAL_FIELD_NUMBER: _builtins.int
     GATE_REASON_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id within the graph, e.g. `triage`."""
     kind: Global___TaskKind.ValueType
@@ -123,6 +124,12 @@ class TaskSpec(_message.Message):
     def input(self) -> _struct_pb2.Struct:
         """Static input merged into the task's JSON input."""
 
+    @_builtins.property
+    def deadline(self) -> _duration_pb2.Duration:
+        """Bound on the task's whole life, attempts and transient retries together, counted
+        from its first attempt; unset: the workflow's deadline alone bounds it.
+        """
+
     def __init__(
         self,
         *,
@@ -137,10 +144,11 @@ class TaskSpec(_message.Message):
         optional: _builtins.bool = ...,
         gate_reason: _builtins.str = ...,
         input: _struct_pb2.Struct | None = ...,
+        deadline: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "input", b"input", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "gate_reason", b"gate_reason", "id", b"id", "input", b"input", "kind", b"kind", "max_attempts", b"max_attempts", "optional", b"optional", "timeout", b"timeout", "tools", b"tools", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "deadline", b"deadline", "depends_on", b"depends_on", "gate_reason", b"gate_reason", "id", b"id", "input", b"input", "kind", b"kind", "max_attempts", b"max_attempts", "optional", b"optional", "timeout", b"timeout", "tools", b"tools", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -251,3 +251,92 @@ def test_a_retry_waits_at_least_as_long_as_the_failure_asked() -> None:
     em.emit(task_dispatched=events_pb2.TaskDispatched(task_id="a", capability="cap.a", attempt=2))
     task_failed(em, "a", 2, error, retry_base_s=0.1, retry_max_s=2.0)
     assert em.events[-1].task_failed.retry_time.ToMicroseconds() <= 202_000_000
+
+
+def _fail_transient(rec: WorkflowRecord, now: float, attempt: int, *, dispatched: bool) -> float:
+    """One attempt lost to the infrastructure; returns when the retry is due."""
+    em = Emitter(rec, now=now)
+    if dispatched:
+        em.emit(task_dispatched=events_pb2.TaskDispatched(task_id="a", attempt=attempt))
+    refused = status(grpc.StatusCode.UNAVAILABLE, "connection refused", "UNAVAILABLE")
+    task_failed(em, "a", attempt, refused, transient=True, retry_base_s=0.1, retry_max_s=2.0)
+    failed = em.events[-1].task_failed
+    assert failed.will_retry and failed.transient
+    return float(failed.retry_time.ToMicroseconds() / 1e6)
+
+
+def test_transient_faults_never_spend_the_tasks_attempts() -> None:
+    """An agent restarting for longer than three attempts' backoff: the task keeps
+    being retried (new attempt numbers, so agents never answer from a stale dedup
+    record) and counts as one iteration; the agent's own errors still spend attempts."""
+    rec = _start(_plan(_task("a", "cap.a", max_attempts=3), max_iterations=5))
+    now = 10.0
+    for _ in range(12):
+        (dispatch,) = next_steps(Emitter(rec, now=now), in_flight=set())
+        now = _fail_transient(rec, now, dispatch.attempt, dispatched=True)
+    assert rec.tasks["a"].state == TS.TASK_STATE_PENDING
+    assert rec.tasks["a"].attempts == 12
+    assert rec.iterations == 1, "resends after transient faults are one execution"
+    (dispatch,) = next_steps(Emitter(rec, now=now), in_flight=set())
+    assert dispatch.attempt == 13
+    for attempt in range(13, 16):  # the agent's own failures: three attempts
+        em = Emitter(rec, now=now)
+        em.emit(task_dispatched=events_pb2.TaskDispatched(task_id="a", attempt=attempt))
+        task_failed(em, "a", attempt, status(grpc.StatusCode.INTERNAL, "bug", "INTERNAL"))
+        now += 10
+        if attempt < 15:
+            assert em.events[-1].task_failed.will_retry
+            next_steps(Emitter(rec, now=now), in_flight=set())
+    assert rec.tasks["a"].state == TS.TASK_STATE_FAILED
+    assert rec.iterations == 3
+
+
+def test_transient_backoff_grows_and_stays_capped() -> None:
+    rec = _start(_plan(_task("a", "cap.a")))
+    now, waits = 10.0, []
+    for attempt in range(1, 10):
+        due = _fail_transient(rec, now, attempt, dispatched=False)  # no live replica
+        waits.append(due - now)
+        now = due
+    assert 0.05 <= waits[0] <= 0.1
+    assert all(w <= 2.0 for w in waits) and max(waits) >= 1.0
+    assert rec.iterations == 0, "nothing ran while no agent was there"
+
+
+def test_a_transient_wait_ends_at_the_workflow_deadline() -> None:
+    rec = _start(_plan(_task("a", "cap.a")))
+    rec.deadline = 12.0
+    due = 10.0
+    while due < 12.0:
+        due = _fail_transient(rec, due, 1, dispatched=False)
+    assert due == 12.0, "the last wait wakes up at the deadline, not past it"
+    em = Emitter(rec, now=12.0)
+    assert next_steps(em, in_flight=set()) == []
+    assert rec.state == WS.WORKFLOW_STATE_FAILED
+    assert rec.error is not None and rec.error.reason == "WORKFLOW_DEADLINE"
+    assert rec.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+
+
+def test_a_task_deadline_fails_a_task_that_keeps_meeting_faults() -> None:
+    spec = _task("a", "cap.a", deadline=duration_pb2.Duration(seconds=5))
+    rec = _start(_plan(spec))
+    due = _fail_transient(rec, 10.0, 1, dispatched=True)
+    while due < 15.0:
+        next_steps(Emitter(rec, now=due), in_flight=set())
+        due = _fail_transient(rec, due, rec.tasks["a"].attempts + 1, dispatched=True)
+    next_steps(Emitter(rec, now=15.0), in_flight=set())
+    assert rec.tasks["a"].state == TS.TASK_STATE_FAILED
+    assert rec.tasks["a"].error is not None and rec.tasks["a"].error.reason == "TASK_DEADLINE"
+    assert rec.state == WS.WORKFLOW_STATE_FAILED
+
+
+def test_time_parked_on_a_gate_extends_the_deadline() -> None:
+    gate = planner_pb2.TaskSpec(id="g", kind=planner_pb2.TASK_KIND_APPROVAL_GATE)
+    rec = _start(_plan(gate, _task("a", "cap.a", "g")))
+    rec.deadline = 100.0
+    next_steps(Emitter(rec, now=10.0), in_flight=set())
+    assert rec.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    decide_gate(Emitter(rec, now=500.0), "g-approval", approve=True, decided_by="x", comment="")
+    assert rec.deadline == 590.0
+    (dispatch,) = next_steps(Emitter(rec, now=501.0), in_flight=set())
+    assert dispatch.task_id == "a"
