@@ -16,6 +16,7 @@ from google.protobuf import json_format, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from services.coordinator.contracts import contract_problems, output_as_dict
+from services.coordinator.saga import compensate, finish_compensation, undo_outcome
 from services.coordinator.state import (
     GS,
     TS,
@@ -62,7 +63,27 @@ class Emitter:
 
     # -- terminal transitions ------------------------------------------------------
     def fail(self, code: grpc.StatusCode, message: str, reason: str) -> None:
-        self.emit(workflow_failed=events_pb2.WorkflowFailed(error=status(code, message, reason)))
+        """End the workflow as failed: first through its compensations, if effects ran
+        that declared one (see :func:`compensate`)."""
+        error = status(code, message, reason)
+        if compensate(self, events_pb2.CompensationStarted(error=error)):
+            return
+        compensated, uncompensated = undo_outcome(self.rec)
+        self.emit(
+            workflow_failed=events_pb2.WorkflowFailed(
+                error=error, compensated=compensated, uncompensated=uncompensated
+            )
+        )
+
+    def cancel(self, reason: str, cancelled_by: str) -> None:
+        """End the workflow as cancelled, through its compensations like :meth:`fail`."""
+        cancelled = events_pb2.WorkflowCancelled(reason=reason, cancelled_by=cancelled_by)
+        if compensate(self, events_pb2.CompensationStarted(cancelled=cancelled)):
+            return
+        compensated, uncompensated = undo_outcome(self.rec)
+        cancelled.compensated.extend(compensated)
+        cancelled.uncompensated.extend(uncompensated)
+        self.emit(workflow_cancelled=cancelled)
 
     def trip(self, guardrail: int, task_id: str, detail: str) -> None:
         self.emit(
@@ -144,7 +165,7 @@ def next_steps(em: Emitter, *, in_flight: set[str]) -> list[Dispatch]:
             )
             continue
         cap = rec.max_iterations()
-        if cap and rec.iterations >= cap:
+        if cap and rec.iterations >= cap and not rec.compensating:
             em.trip(
                 G.GUARDRAIL_ITERATION_CAP,
                 task.id,
@@ -169,6 +190,9 @@ def _dispatch(task: TaskRun, attempt: int) -> Dispatch:
 
 def _finish(em: Emitter) -> None:
     rec = em.rec
+    if rec.compensating:
+        finish_compensation(em)
+        return
     for root in (t for t in rec.tasks.values() if t.root == t.id):
         end = rec.chain_end(root.id)
         if end.state == TS.TASK_STATE_FAILED and not root.optional:
@@ -377,7 +401,7 @@ def task_answered(
         return
     version_before = rec.blackboard_version
     em.emit(task_succeeded=result)
-    over = _over_budget(rec)
+    over = None if rec.compensating else _over_budget(rec)
     if over:
         em.trip(G.GUARDRAIL_BUDGET, task_id, over)
         em.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, over, "BUDGET_EXHAUSTED")
@@ -436,12 +460,7 @@ def decide_gate(em: Emitter, gate_id: str, *, approve: bool, decided_by: str, co
         )
     )
     if not approve:
-        em.emit(
-            workflow_cancelled=events_pb2.WorkflowCancelled(
-                reason=f"gate {gate_id} rejected" + (f": {comment}" if comment else ""),
-                cancelled_by=decided_by,
-            )
-        )
+        em.cancel(f"gate {gate_id} rejected" + (f": {comment}" if comment else ""), decided_by)
 
 
 def gate_is_pending(rec: WorkflowRecord, gate_id: str) -> bool:

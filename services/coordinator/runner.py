@@ -306,6 +306,8 @@ class Runner:
                         attempt=dispatch.attempt,
                         agent_instance=agent.instance_id,
                         token_accessor=accessor,
+                        side_effect_class=contract.side_effect_class,
+                        compensation=contract.compensation,
                     )
                 )
             ready.append((dispatch, agent, contract, token.token if token else "", accessor))

@@ -304,7 +304,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 continue
             if rec.terminal:
                 await self.tokens.revoke(wf_id, rec.token_accessors(), "gate rejected")
-            else:
+            if not rec.terminal:
                 await self.store.enqueue(wf_id, f"gate {gate_id} decided")
             log.info("gate_decided", workflow_id=wf_id, gate=gate_id, approved=approve)
             return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
@@ -324,17 +324,24 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     reason="WORKFLOW_ENDED",
                     violations=[("WORKFLOW_STATE", request.name, WS.Name(WS.ValueType(rec.state)))],
                 )
-            Emitter(rec, now=time.time(), causation_id=request.name).emit(
-                workflow_cancelled=events_pb2.WorkflowCancelled(
-                    reason=request.reason or "cancelled", cancelled_by="api"
+            if rec.compensating:
+                raise FailedPrecondition(
+                    f"{request.name} is already ending: its compensations are running",
+                    reason="WORKFLOW_COMPENSATING",
+                    violations=[("WORKFLOW_STATE", request.name, "WORKFLOW_STATE_COMPENSATING")],
                 )
-            )
+            accessors = rec.token_accessors()
+            em = Emitter(rec, now=time.time(), causation_id=request.name)
+            em.cancel(request.reason or "cancelled", "api")
             try:
                 await self.store.save(rec, revision)
             except Conflict:
                 continue
-            # The kill switch: every token of the workflow dies now, and proxies hear of it.
-            await self.tokens.revoke(wf_id, rec.token_accessors(), "workflow cancelled")
+            # The kill switch: every token of the workflow dies now, and proxies hear of it
+            # (compensating tasks get tokens of their own).
+            await self.tokens.revoke(wf_id, accessors, "workflow cancelled")
+            if not rec.terminal:
+                await self.store.enqueue(wf_id, "cancelled: compensating")
             log.info("workflow_cancelled", workflow_id=wf_id)
             return coordinator_pb2.CancelWorkflowResponse(workflow=workflow_view(rec))
         raise Aborted(f"workflows/{wf_id} kept changing; retry", reason="CONCURRENT_UPDATE")

@@ -20,7 +20,12 @@ TS = coordinator_pb2.TaskState
 GS = coordinator_pb2.GateState
 
 TERMINAL_WORKFLOW = frozenset(
-    {WS.WORKFLOW_STATE_SUCCEEDED, WS.WORKFLOW_STATE_FAILED, WS.WORKFLOW_STATE_CANCELLED}
+    {
+        WS.WORKFLOW_STATE_SUCCEEDED,
+        WS.WORKFLOW_STATE_FAILED,
+        WS.WORKFLOW_STATE_CANCELLED,
+        WS.WORKFLOW_STATE_COMPENSATED,
+    }
 )
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_ATTEMPTS = 3
@@ -81,6 +86,14 @@ class TaskRun(BaseModel):
     counted: bool = False
     """The current execution already counts as an iteration: a resend after a
     transient fault or a crash is the same execution."""
+    side_effect_class: int = common_pb2.SIDE_EFFECT_CLASS_UNSPECIFIED
+    """From the contract of its latest attempt."""
+    compensation: str = ""
+    """The contract's compensating capability (empty: its effects cannot be undone)."""
+    compensates: str = ""
+    """For a compensating task: the task whose effects it undoes."""
+    ended_at: float | None = None
+    """When its latest attempt ended (compensations run in reverse order of it)."""
 
     def deadline(self, workflow_deadline: float) -> float:
         """The absolute time this task must be done by (0: none)."""
@@ -136,6 +149,11 @@ class WorkflowRecord(BaseModel):
     """Trace of the start request; every step continues it."""
     deadline: float = 0.0
     """When a still running workflow fails (0: never); gate waits extend it."""
+    ending: str = ""
+    """While compensating: the serialized CompensationStarted (base64), saying why the
+    workflow ends once its compensations ran."""
+    compensated: list[str] = Field(default_factory=list)
+    uncompensated: list[str] = Field(default_factory=list)
     outbox: list[str] = Field(default_factory=list)
     """Events persisted with this snapshot but maybe not yet published (base64)."""
 
@@ -170,6 +188,13 @@ class WorkflowRecord(BaseModel):
 
     def token_accessors(self) -> list[str]:
         return [t.token_accessor for t in self.tasks.values() if t.token_accessor]
+
+    @property
+    def compensating(self) -> bool:
+        return bool(self.ending)
+
+    def ending_event(self) -> events_pb2.CompensationStarted:
+        return events_pb2.CompensationStarted.FromString(base64.b64decode(self.ending))
 
     def max_iterations(self) -> int:
         graph = self.graph()
@@ -250,6 +275,48 @@ def _route_handoff(rec: WorkflowRecord, handoff: events_pb2.HandoffRouted) -> No
     rec.handoffs.append((source.capability, handoff.capability, rec.blackboard_version))
 
 
+def _start_compensation(rec: WorkflowRecord, started: events_pb2.CompensationStarted) -> None:
+    """Stop the workflow's own work and add the compensating tasks, chained in order."""
+    rec.state = WS.WORKFLOW_STATE_COMPENSATING
+    rec.ending = base64.b64encode(started.SerializeToString(deterministic=True)).decode()
+    rec.uncompensated = list(started.uncompensated)
+    rec.deadline = started.deadline.ToMicroseconds() / 1e6 if started.HasField("deadline") else 0.0
+    for task in rec.tasks.values():
+        if task.state in (
+            TS.TASK_STATE_PENDING,
+            TS.TASK_STATE_RUNNING,
+            TS.TASK_STATE_WAITING_APPROVAL,
+        ):
+            task.state = TS.TASK_STATE_SKIPPED  # a late answer of a running one is ignored
+    for gate in rec.gates.values():
+        if gate.state == GS.GATE_STATE_PENDING:
+            gate.state = GS.GATE_STATE_REJECTED
+            gate.comment = "the workflow ended before a decision"
+    previous: str | None = None
+    for undo in started.tasks:
+        source = rec.tasks[undo.from_task_id]
+        rec.tasks[undo.to_task_id] = TaskRun(
+            id=undo.to_task_id,
+            capability=undo.capability,
+            input=struct_to_dict(undo.input),
+            root=undo.to_task_id,
+            depends_on=[previous] if previous else [],
+            tools=list(source.tools),  # the plan step authorized its undoing too
+            timeout_s=source.timeout_s,
+            max_attempts=max(DEFAULT_ATTEMPTS, source.max_attempts),
+            optional=True,  # one failed compensation does not stop the others
+            compensates=source.id,
+        )
+        previous = undo.to_task_id
+
+
+def _end(rec: WorkflowRecord, state: int, compensated: Any, uncompensated: Any) -> None:
+    rec.compensated = list(compensated)
+    rec.uncompensated = list(uncompensated)
+    undone_all = rec.compensating and rec.compensated and not rec.uncompensated
+    rec.state = WS.WORKFLOW_STATE_COMPENSATED if undone_all else state
+
+
 def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
     """Apply one event to the snapshot. Pure and deterministic."""
     kind = event.WhichOneof("kind")
@@ -277,6 +344,8 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
             rec.iterations += 1
         task.counted = True
         task.since = task.since or now
+        task.side_effect_class = event.task_dispatched.side_effect_class
+        task.compensation = event.task_dispatched.compensation
         task.attempts = event.task_dispatched.attempt
         task.state = TS.TASK_STATE_RUNNING
         task.retry_at = None
@@ -286,11 +355,13 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         result = event.task_succeeded
         add_usage(rec.usage, result.usage)
         _accept_result(rec, result)
+        rec.tasks[result.task_id].ended_at = now
     elif kind == "task_failed":
         failed = event.task_failed
         task = rec.tasks[failed.task_id]
         task.error = _error(failed.error)
         task.since = task.since or now
+        task.ended_at = now
         task.transient = failed.transient
         if failed.transient:
             task.transient_failures += 1
@@ -357,11 +428,15 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         rec.state = WS.WORKFLOW_STATE_SUCCEEDED
         rec.result = struct_to_dict(event.workflow_completed.result)
         rec.partial = event.workflow_completed.partial
+    elif kind == "compensation_started":
+        _start_compensation(rec, event.compensation_started)
     elif kind == "workflow_failed":
-        rec.state = WS.WORKFLOW_STATE_FAILED
-        rec.error = _error(event.workflow_failed.error)
+        failed_wf = event.workflow_failed
+        rec.error = _error(failed_wf.error)
+        _end(rec, WS.WORKFLOW_STATE_FAILED, failed_wf.compensated, failed_wf.uncompensated)
     elif kind == "workflow_cancelled":
-        rec.state = WS.WORKFLOW_STATE_CANCELLED
-        rec.error = ErrorRec(code=1, message=event.workflow_cancelled.reason, reason="CANCELLED")
+        cancelled = event.workflow_cancelled
+        rec.error = ErrorRec(code=1, message=cancelled.reason, reason="CANCELLED")
+        _end(rec, WS.WORKFLOW_STATE_CANCELLED, cancelled.compensated, cancelled.uncompensated)
     # blackboard_rolled_back and guardrail_tripped are records only: refused writes were
     # never applied, so the blackboard already is the last valid version.

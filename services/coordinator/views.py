@@ -84,6 +84,8 @@ def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
     )
     if rec.deadline:
         view.deadline.CopyFrom(_ts(rec.deadline))
+    view.compensated.extend(rec.compensated)
+    view.uncompensated.extend(rec.uncompensated)
     for task in rec.tasks.values():
         status = coordinator_pb2.TaskStatus(
             task_id=task.id,

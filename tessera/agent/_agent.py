@@ -141,6 +141,7 @@ class Agent:
         writes: Sequence[str] = (),
         tools: Sequence[str] = (),
         handoffs: Sequence[str] = (),
+        compensation: str = "",
         timeout_s: float = 30.0,
         max_concurrency: int = 0,
         confidence_threshold: float = 0.0,
@@ -152,7 +153,10 @@ class Agent:
     ) -> Callable[[Handler], Handler]:
         """Declare a capability; decorates ``async def handler(ctx) -> TaskResult`` and
         returns it unchanged (so tests can call it directly). ``description`` defaults to
-        the handler's docstring. Raises ``ValueError`` on an invalid declaration."""
+        the handler's docstring. ``compensation`` names the capability that undoes this
+        one's effects when its workflow fails or is cancelled (see
+        CapabilityContract.compensation). Raises ``ValueError`` on an invalid
+        declaration."""
 
         def register(handler: Handler) -> Handler:
             if name in self._capabilities:
@@ -167,6 +171,7 @@ class Agent:
                 writes=writes,
                 tools=tools,
                 handoffs=handoffs,
+                compensation=compensation,
                 timeout_s=timeout_s,
                 max_concurrency=max_concurrency,
                 confidence_threshold=confidence_threshold,

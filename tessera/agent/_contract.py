@@ -67,6 +67,7 @@ def build_contract(
     writes: Sequence[str] = (),
     tools: Sequence[str] = (),
     handoffs: Sequence[str] = (),
+    compensation: str = "",
     approval: ApprovalName = "none",
     cost_class: CostClassName = "free",
     timeout_s: float = 30.0,
@@ -84,6 +85,10 @@ def build_contract(
     for target in handoffs:
         if not _NAME_RE.match(target):
             raise ValueError(f"handoff target {target!r} of {name!r} is not a capability name")
+    if compensation and not _NAME_RE.match(compensation):
+        raise ValueError(f"compensation {compensation!r} of {name!r} is not a capability name")
+    if compensation == name:
+        raise ValueError(f"capability {name!r} cannot be its own compensation")
     if timeout_s <= 0:
         raise ValueError(f"capability {name!r}: timeout_s must be > 0, got {timeout_s!r}")
     if max_concurrency < 0:
@@ -115,6 +120,7 @@ def build_contract(
         max_concurrency=max_concurrency or DEFAULT_MAX_CONCURRENCY,
         confidence_threshold=confidence_threshold,
         handoffs=list(handoffs),
+        compensation=compensation,
     )
     if output_schema is not None:
         contract.output_schema.CopyFrom(to_struct(output_schema))

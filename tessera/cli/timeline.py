@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,11 +57,27 @@ def describe(event: events_pb2.WorkflowEvent) -> tuple[str, str]:
         e = event.workflow_completed
         partial = " (partial)" if e.partial else ""
         return "bold green", f"■ completed{partial}: {_compact(e.result)}"
+    if kind == "compensation_started":
+        c = event.compensation_started
+        why = c.cancelled.reason if c.HasField("cancelled") else c.error.message
+        undo = ", ".join(t.from_task_id for t in c.tasks)
+        return "bold yellow", f"↺ compensating ({why}): undo {undo}" + _left(c.uncompensated)
     if kind == "workflow_failed":
-        return "bold red", f"■ failed: {event.workflow_failed.error.message}"
+        e = event.workflow_failed
+        return "bold red", f"■ failed: {e.error.message}" + _undone(e.compensated, e.uncompensated)
     if kind == "workflow_cancelled":
-        return "bold red", f"■ cancelled: {event.workflow_cancelled.reason}"
+        e = event.workflow_cancelled
+        return "bold red", f"■ cancelled: {e.reason}" + _undone(e.compensated, e.uncompensated)
     return "", kind or "?"
+
+
+def _left(uncompensated: Sequence[str]) -> str:
+    return f"; cannot undo {', '.join(uncompensated)}" if uncompensated else ""
+
+
+def _undone(compensated: Sequence[str], uncompensated: Sequence[str]) -> str:
+    done = f"; undone: {', '.join(compensated)}" if compensated else ""
+    return done + (f"; NOT undone: {', '.join(uncompensated)}" if uncompensated else "")
 
 
 def line(event: events_pb2.WorkflowEvent) -> tuple[str, str]:

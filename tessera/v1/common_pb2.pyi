@@ -286,6 +286,7 @@ class CapabilityContract(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     CONFIDENCE_THRESHOLD_FIELD_NUMBER: _builtins.int
     HANDOFFS_FIELD_NUMBER: _builtins.int
+    COMPENSATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Capability name, e.g. `support.triage`. Lower-case dotted."""
     version: _builtins.str
@@ -306,6 +307,14 @@ class CapabilityContract(_message.Message):
     """Maximum concurrent executions per agent replica; 0 means the SDK default."""
     confidence_threshold: _builtins.float
     """Outputs reporting a confidence below this open a human review gate (0 disables)."""
+    compensation: _builtins.str
+    """Capability that undoes what this one did (a saga's compensating action), e.g. a
+    refund's reversal. When a workflow fails or is cancelled after a task of this
+    capability was attempted, the coordinator runs it, governed like any task, with
+    the task's id, input and output (input fields `task_id`, `input`, `output`,
+    `succeeded`); it must be idempotent and do nothing where nothing happened. Empty:
+    the capability's effects cannot be undone, and a failed workflow lists them.
+    """
     @_builtins.property
     def output_schema(self) -> _struct_pb2.Struct:
         """JSON Schema of the output when output_type is `google.protobuf.Struct`."""
@@ -349,10 +358,11 @@ class CapabilityContract(_message.Message):
         max_concurrency: _builtins.int = ...,
         confidence_threshold: _builtins.float = ...,
         handoffs: _abc.Iterable[_builtins.str] | None = ...,
+        compensation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["output_schema", b"output_schema", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "confidence_threshold", b"confidence_threshold", "cost_class", b"cost_class", "description", b"description", "handoffs", b"handoffs", "input_type", b"input_type", "max_concurrency", b"max_concurrency", "name", b"name", "output_schema", b"output_schema", "output_type", b"output_type", "reads", b"reads", "side_effect_class", b"side_effect_class", "timeout", b"timeout", "tools", b"tools", "version", b"version", "writes", b"writes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "compensation", b"compensation", "confidence_threshold", b"confidence_threshold", "cost_class", b"cost_class", "description", b"description", "handoffs", b"handoffs", "input_type", b"input_type", "max_concurrency", b"max_concurrency", "name", b"name", "output_schema", b"output_schema", "output_type", b"output_type", "reads", b"reads", "side_effect_class", b"side_effect_class", "timeout", b"timeout", "tools", b"tools", "version", b"version", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -45,6 +45,12 @@ class _WorkflowStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Workflo
     """Finished with an error."""
     WORKFLOW_STATE_CANCELLED: _WorkflowState.ValueType  # 6
     """Cancelled by a caller or rejected at a gate."""
+    WORKFLOW_STATE_COMPENSATING: _WorkflowState.ValueType  # 7
+    """Failing or cancelled after effects ran: their compensations are running."""
+    WORKFLOW_STATE_COMPENSATED: _WorkflowState.ValueType  # 8
+    """Failed or cancelled, and every effect that ran was undone by its compensation
+    (`error` says why it ended).
+    """
 
 class WorkflowState(_WorkflowState, metaclass=_WorkflowStateEnumTypeWrapper):
     """WorkflowState is the lifecycle state of a workflow."""
@@ -63,6 +69,12 @@ WORKFLOW_STATE_FAILED: WorkflowState.ValueType  # 5
 """Finished with an error."""
 WORKFLOW_STATE_CANCELLED: WorkflowState.ValueType  # 6
 """Cancelled by a caller or rejected at a gate."""
+WORKFLOW_STATE_COMPENSATING: WorkflowState.ValueType  # 7
+"""Failing or cancelled after effects ran: their compensations are running."""
+WORKFLOW_STATE_COMPENSATED: WorkflowState.ValueType  # 8
+"""Failed or cancelled, and every effect that ran was undone by its compensation
+(`error` says why it ended).
+"""
 Global___WorkflowState: _TypeAlias = WorkflowState  # noqa: Y015
 
 class _TaskState:
@@ -300,6 +312,8 @@ class Workflow(_message.Message):
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     GOAL_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    COMPENSATED_FIELD_NUMBER: _builtins.int
+    UNCOMPENSATED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name `workflows/{workflow}`."""
     request_id: _builtins.str
@@ -354,6 +368,14 @@ class Workflow(_message.Message):
         a human gate extends it).
         """
 
+    @_builtins.property
+    def compensated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks whose effects were undone by their compensation (failed or cancelled)."""
+
+    @_builtins.property
+    def uncompensated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks whose effects were not undone: no compensation declared, or it failed."""
+
     def __init__(
         self,
         *,
@@ -373,10 +395,12 @@ class Workflow(_message.Message):
         event_count: _builtins.int = ...,
         goal: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        compensated: _abc.Iterable[_builtins.str] | None = ...,
+        uncompensated: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "plan", b"plan", "result", b"result", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "blackboard_version", b"blackboard_version", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "event_count", b"event_count", "gates", b"gates", "goal", b"goal", "name", b"name", "plan", b"plan", "request_id", b"request_id", "result", b"result", "state", b"state", "tasks", b"tasks", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "blackboard_version", b"blackboard_version", "compensated", b"compensated", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "event_count", b"event_count", "gates", b"gates", "goal", b"goal", "name", b"name", "plan", b"plan", "request_id", b"request_id", "result", b"result", "state", b"state", "tasks", b"tasks", "uncompensated", b"uncompensated", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

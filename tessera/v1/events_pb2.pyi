@@ -133,6 +133,7 @@ class WorkflowEvent(_message.Message):
     WORKFLOW_FAILED_FIELD_NUMBER: _builtins.int
     WORKFLOW_CANCELLED_FIELD_NUMBER: _builtins.int
     TASK_SKIPPED_FIELD_NUMBER: _builtins.int
+    COMPENSATION_STARTED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id; also the `Nats-Msg-Id` (deduplication key)."""
     workflow_id: _builtins.str
@@ -197,6 +198,10 @@ class WorkflowEvent(_message.Message):
     def task_skipped(self) -> Global___TaskSkipped:
         """A task was skipped."""
 
+    @_builtins.property
+    def compensation_started(self) -> Global___CompensationStarted:
+        """The workflow is failing or cancelled after effects ran: their compensations run."""
+
     def __init__(
         self,
         *,
@@ -218,12 +223,13 @@ class WorkflowEvent(_message.Message):
         workflow_failed: Global___WorkflowFailed | None = ...,
         workflow_cancelled: Global___WorkflowCancelled | None = ...,
         task_skipped: Global___TaskSkipped | None = ...,
+        compensation_started: Global___CompensationStarted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["blackboard_rolled_back", b"blackboard_rolled_back", "gate_decided", b"gate_decided", "gate_opened", b"gate_opened", "guardrail_tripped", b"guardrail_tripped", "handoff_routed", b"handoff_routed", "kind", b"kind", "task_dispatched", b"task_dispatched", "task_failed", b"task_failed", "task_skipped", b"task_skipped", "task_succeeded", b"task_succeeded", "time", b"time", "workflow_cancelled", b"workflow_cancelled", "workflow_completed", b"workflow_completed", "workflow_failed", b"workflow_failed", "workflow_started", b"workflow_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blackboard_rolled_back", b"blackboard_rolled_back", "compensation_started", b"compensation_started", "gate_decided", b"gate_decided", "gate_opened", b"gate_opened", "guardrail_tripped", b"guardrail_tripped", "handoff_routed", b"handoff_routed", "kind", b"kind", "task_dispatched", b"task_dispatched", "task_failed", b"task_failed", "task_skipped", b"task_skipped", "task_succeeded", b"task_succeeded", "time", b"time", "workflow_cancelled", b"workflow_cancelled", "workflow_completed", b"workflow_completed", "workflow_failed", b"workflow_failed", "workflow_started", b"workflow_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard_rolled_back", b"blackboard_rolled_back", "causation_id", b"causation_id", "event_id", b"event_id", "gate_decided", b"gate_decided", "gate_opened", b"gate_opened", "guardrail_tripped", b"guardrail_tripped", "handoff_routed", b"handoff_routed", "kind", b"kind", "sequence", b"sequence", "task_dispatched", b"task_dispatched", "task_failed", b"task_failed", "task_skipped", b"task_skipped", "task_succeeded", b"task_succeeded", "time", b"time", "workflow_cancelled", b"workflow_cancelled", "workflow_completed", b"workflow_completed", "workflow_failed", b"workflow_failed", "workflow_id", b"workflow_id", "workflow_started", b"workflow_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard_rolled_back", b"blackboard_rolled_back", "causation_id", b"causation_id", "compensation_started", b"compensation_started", "event_id", b"event_id", "gate_decided", b"gate_decided", "gate_opened", b"gate_opened", "guardrail_tripped", b"guardrail_tripped", "handoff_routed", b"handoff_routed", "kind", b"kind", "sequence", b"sequence", "task_dispatched", b"task_dispatched", "task_failed", b"task_failed", "task_skipped", b"task_skipped", "task_succeeded", b"task_succeeded", "time", b"time", "workflow_cancelled", b"workflow_cancelled", "workflow_completed", b"workflow_completed", "workflow_failed", b"workflow_failed", "workflow_id", b"workflow_id", "workflow_started", b"workflow_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workflow_started", "task_dispatched", "task_succeeded", "task_failed", "handoff_routed", "gate_opened", "gate_decided", "blackboard_rolled_back", "guardrail_tripped", "workflow_completed", "workflow_failed", "workflow_cancelled", "task_skipped"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workflow_started", "task_dispatched", "task_succeeded", "task_failed", "handoff_routed", "gate_opened", "gate_decided", "blackboard_rolled_back", "guardrail_tripped", "workflow_completed", "workflow_failed", "workflow_cancelled", "task_skipped", "compensation_started"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -287,6 +293,8 @@ class TaskDispatched(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     AGENT_INSTANCE_FIELD_NUMBER: _builtins.int
     TOKEN_ACCESSOR_FIELD_NUMBER: _builtins.int
+    SIDE_EFFECT_CLASS_FIELD_NUMBER: _builtins.int
+    COMPENSATION_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id."""
     capability: _builtins.str
@@ -297,6 +305,10 @@ class TaskDispatched(_message.Message):
     """Agent instance chosen."""
     token_accessor: _builtins.str
     """Accessor of the task token (never the token)."""
+    side_effect_class: _common_pb2.SideEffectClass.ValueType
+    """What running it does to the world (from the capability's contract)."""
+    compensation: _builtins.str
+    """The contract's compensating capability, if any."""
     def __init__(
         self,
         *,
@@ -305,10 +317,12 @@ class TaskDispatched(_message.Message):
         attempt: _builtins.int = ...,
         agent_instance: _builtins.str = ...,
         token_accessor: _builtins.str = ...,
+        side_effect_class: _common_pb2.SideEffectClass.ValueType = ...,
+        compensation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "attempt", b"attempt", "capability", b"capability", "task_id", b"task_id", "token_accessor", b"token_accessor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "attempt", b"attempt", "capability", b"capability", "compensation", b"compensation", "side_effect_class", b"side_effect_class", "task_id", b"task_id", "token_accessor", b"token_accessor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -631,6 +645,57 @@ class GuardrailTripped(_message.Message):
 Global___GuardrailTripped: _TypeAlias = GuardrailTripped  # noqa: Y015
 
 @_typing.final
+class CompensationStarted(_message.Message):
+    """CompensationStarted records the start of a saga's compensation: the workflow ends
+    (failed or cancelled, as `error` or `cancelled` says) once the compensating tasks,
+    which depend on each other in reverse order of the tasks they undo, have run.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERROR_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    UNCOMPENSATED_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why the workflow fails (unset when it is cancelled)."""
+
+    @_builtins.property
+    def cancelled(self) -> Global___WorkflowCancelled:
+        """Set when the workflow is cancelled (or a gate rejected)."""
+
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandoffRouted]:
+        """The compensating tasks, as added to the workflow, in the order they run."""
+
+    @_builtins.property
+    def uncompensated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks whose effects cannot be undone (no compensation declared)."""
+
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """The compensations must have run by then."""
+
+    def __init__(
+        self,
+        *,
+        error: _status_pb2.Status | None = ...,
+        cancelled: Global___WorkflowCancelled | None = ...,
+        tasks: _abc.Iterable[Global___HandoffRouted] | None = ...,
+        uncompensated: _abc.Iterable[_builtins.str] | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "deadline", b"deadline", "error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "deadline", b"deadline", "error", b"error", "tasks", b"tasks", "uncompensated", b"uncompensated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompensationStarted: _TypeAlias = CompensationStarted  # noqa: Y015
+
+@_typing.final
 class WorkflowCompleted(_message.Message):
     """WorkflowCompleted records success."""
 
@@ -665,18 +730,30 @@ class WorkflowFailed(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ERROR_FIELD_NUMBER: _builtins.int
+    COMPENSATED_FIELD_NUMBER: _builtins.int
+    UNCOMPENSATED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Why."""
+
+    @_builtins.property
+    def compensated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks whose effects were undone by their compensation."""
+
+    @_builtins.property
+    def uncompensated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks with effects that were not undone: no compensation declared, or it failed."""
 
     def __init__(
         self,
         *,
         error: _status_pb2.Status | None = ...,
+        compensated: _abc.Iterable[_builtins.str] | None = ...,
+        uncompensated: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensated", b"compensated", "error", b"error", "uncompensated", b"uncompensated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -690,19 +767,31 @@ class WorkflowCancelled(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     CANCELLED_BY_FIELD_NUMBER: _builtins.int
+    COMPENSATED_FIELD_NUMBER: _builtins.int
+    UNCOMPENSATED_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Why."""
     cancelled_by: _builtins.str
     """Who."""
+    @_builtins.property
+    def compensated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks whose effects were undone by their compensation."""
+
+    @_builtins.property
+    def uncompensated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tasks with effects that were not undone: no compensation declared, or it failed."""
+
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
         cancelled_by: _builtins.str = ...,
+        compensated: _abc.Iterable[_builtins.str] | None = ...,
+        uncompensated: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_by", b"cancelled_by", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_by", b"cancelled_by", "compensated", b"compensated", "reason", b"reason", "uncompensated", b"uncompensated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

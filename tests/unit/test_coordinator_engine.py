@@ -340,3 +340,144 @@ def test_time_parked_on_a_gate_extends_the_deadline() -> None:
     assert rec.deadline == 590.0
     (dispatch,) = next_steps(Emitter(rec, now=501.0), in_flight=set())
     assert dispatch.task_id == "a"
+
+
+def _dispatch_answer(
+    rec: WorkflowRecord,
+    now: float,
+    answers: dict[str, agent_pb2.ExecuteTaskResponse | grpc.StatusCode],
+    contracts: dict[str, common_pb2.CapabilityContract],
+) -> list[str]:
+    """One round: dispatch what is ready (recording its contract like the runner) and
+    answer it; returns the task ids dispatched."""
+    em = Emitter(rec, now=now)
+    ran = []
+    for d in next_steps(em, in_flight=set()):
+        contract = contracts[d.capability]
+        em.emit(
+            task_dispatched=events_pb2.TaskDispatched(
+                task_id=d.task_id,
+                capability=d.capability,
+                attempt=d.attempt,
+                side_effect_class=contract.side_effect_class,
+                compensation=contract.compensation,
+            )
+        )
+        answer = answers[d.capability]
+        if isinstance(answer, grpc.StatusCode):
+            task_failed(em, d.task_id, d.attempt, status(answer, "broken", answer.name))
+        else:
+            task_answered(em, d, answer, contract, agent_instance="a1")
+        ran.append(d.task_id)
+    return ran
+
+
+EXTERNAL = common_pb2.SIDE_EFFECT_CLASS_EXTERNAL_ACTION
+SAGA_CONTRACTS = {
+    "pay": _contract("pay", side_effect_class=EXTERNAL, compensation="pay.undo"),
+    "ship": _contract("ship", side_effect_class=EXTERNAL, compensation="ship.undo"),
+    "mail": _contract("mail", side_effect_class=EXTERNAL),
+    "look": _contract("look", side_effect_class=common_pb2.SIDE_EFFECT_CLASS_READ_ONLY),
+    "boom": _contract("boom", side_effect_class=EXTERNAL, compensation="boom.undo"),
+    "pay.undo": _contract("pay.undo", side_effect_class=EXTERNAL),
+    "ship.undo": _contract("ship.undo", side_effect_class=EXTERNAL),
+    "boom.undo": _contract("boom.undo", side_effect_class=EXTERNAL),
+}
+
+
+def _saga() -> WorkflowRecord:
+    return _start(
+        _plan(
+            _task("look", "look"),
+            _task("pay", "pay", "look"),
+            _task("mail", "mail", "pay"),
+            _task("ship", "ship", "mail"),
+            _task("boom", "boom", "ship", max_attempts=1),
+        )
+    )
+
+
+def test_a_failing_workflow_undoes_its_effects_latest_first_then_fails() -> None:
+    rec = _saga()
+    answers: dict[str, agent_pb2.ExecuteTaskResponse | grpc.StatusCode] = {
+        cap: _answer({"ok": cap}) for cap in SAGA_CONTRACTS
+    }
+    answers["boom"] = grpc.StatusCode.INTERNAL  # the agent's own failure, no retry
+    ran: list[str] = []
+    for step in range(12):
+        ran += _dispatch_answer(rec, 10.0 + step, answers, SAGA_CONTRACTS)
+        if rec.terminal:
+            break
+    # boom was attempted (it may have done something) and ended last: undone first.
+    assert ran == ["look", "pay", "mail", "ship", "boom", "boom.undo", "ship.undo", "pay.undo"]
+    assert rec.state == WS.WORKFLOW_STATE_FAILED, "mail's e-mail cannot be undone"
+    assert rec.compensated == ["boom", "ship", "pay"]
+    assert rec.uncompensated == ["mail"]
+    assert rec.error is not None and rec.error.reason == "TASK_FAILED"
+    undo = rec.tasks["pay.undo"]
+    assert undo.input["task_id"] == "pay" and undo.input["succeeded"] is True
+    assert undo.input["output"] == {"ok": "pay"}
+    assert _replay(rec).model_dump(exclude={"outbox"}) == rec.model_dump(exclude={"outbox"})
+
+
+def test_a_workflow_whose_effects_were_all_undone_ends_compensated() -> None:
+    rec = _saga()
+    contracts = {
+        **SAGA_CONTRACTS,
+        "mail": _contract("mail", side_effect_class=EXTERNAL, compensation="pay.undo"),
+    }
+    answers: dict[str, agent_pb2.ExecuteTaskResponse | grpc.StatusCode] = {
+        cap: _answer({"ok": cap}) for cap in contracts
+    }
+    answers["boom"] = grpc.StatusCode.INTERNAL
+    for step in range(12):
+        _dispatch_answer(rec, 10.0 + step, answers, contracts)
+    assert rec.state == WS.WORKFLOW_STATE_COMPENSATED
+    assert rec.uncompensated == [] and set(rec.compensated) == {"boom", "ship", "mail", "pay"}
+
+
+def test_a_failed_compensation_is_reported_and_the_rest_still_run() -> None:
+    rec = _saga()
+    answers: dict[str, agent_pb2.ExecuteTaskResponse | grpc.StatusCode] = {
+        cap: _answer({"ok": cap}) for cap in SAGA_CONTRACTS
+    }
+    answers["boom"] = grpc.StatusCode.INTERNAL
+    answers["ship.undo"] = grpc.StatusCode.FAILED_PRECONDITION
+    ran: list[str] = []
+    for step in range(20):
+        ran += _dispatch_answer(rec, 10.0 + 10 * step, answers, SAGA_CONTRACTS)
+    assert "pay.undo" in ran, "pay is undone although ship's undo failed"
+    assert rec.state == WS.WORKFLOW_STATE_FAILED
+    assert rec.compensated == ["boom", "pay"]
+    assert set(rec.uncompensated) == {"mail", "ship"}
+
+
+def test_a_rejected_gate_cancels_through_the_compensations() -> None:
+    gate = planner_pb2.TaskSpec(id="g", kind=planner_pb2.TASK_KIND_APPROVAL_GATE)
+    rec = _start(_plan(_task("pay", "pay"), gate, _task("ship", "ship", "pay", "g")))
+    answers: dict[str, agent_pb2.ExecuteTaskResponse | grpc.StatusCode] = {
+        cap: _answer({"ok": cap}) for cap in SAGA_CONTRACTS
+    }
+    _dispatch_answer(rec, 10.0, answers, SAGA_CONTRACTS)
+    _dispatch_answer(rec, 11.0, answers, SAGA_CONTRACTS)
+    assert rec.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    decide_gate(Emitter(rec, now=12.0), "g-approval", approve=False, decided_by="ann", comment="")
+    assert rec.state == WS.WORKFLOW_STATE_COMPENSATING
+    assert rec.tasks["ship"].state == TS.TASK_STATE_SKIPPED
+    assert _dispatch_answer(rec, 13.0, answers, SAGA_CONTRACTS) == ["pay.undo"]
+    assert _dispatch_answer(rec, 14.0, answers, SAGA_CONTRACTS) == []
+    assert rec.state == WS.WORKFLOW_STATE_COMPENSATED
+    assert rec.error is not None and "rejected" in rec.error.message
+
+
+def test_a_failure_with_nothing_to_undo_fails_at_once_listing_what_stays() -> None:
+    rec = _start(_plan(_task("mail", "mail"), _task("boom", "look", "mail", max_attempts=1)))
+    answers: dict[str, agent_pb2.ExecuteTaskResponse | grpc.StatusCode] = {
+        "mail": _answer({"sent": True}),
+        "look": grpc.StatusCode.INTERNAL,
+    }
+    for step in range(4):
+        _dispatch_answer(rec, 10.0 + step, answers, SAGA_CONTRACTS)
+    assert rec.state == WS.WORKFLOW_STATE_FAILED
+    assert rec.uncompensated == ["mail"] and rec.compensated == []
+    assert not any(t.compensates for t in rec.tasks.values())
