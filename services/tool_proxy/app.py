@@ -138,7 +138,11 @@ class ToolProxy:
                 tool_rate=s.tool_rate_per_s,
                 tool_burst=s.tool_burst,
             ),
-            idempotency=IdempotencyStore(idem_kv, lease_s=s.idempotency_lease_s),
+            idempotency=IdempotencyStore(
+                idem_kv,
+                lease_s=s.idempotency_lease_s,
+                finish_within_s=s.idempotency_finish_within_s,
+            ),
             approvals=ApprovalStore(approvals_kv),
             audit=audit,
             digest=lambda value: str(hmac_digest(key, value)),

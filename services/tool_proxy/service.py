@@ -3,15 +3,18 @@
 InvokeTool, in order, failing closed at every step (README.md has the full contract):
 token format → token lookup (≤ 1 s cache) → token meta matches the call → tool exists and
 is in the token's scope → arguments (size, schema, hostile input, idempotency key) → rate
-limits → policy Check, remote or embedded (→ approval flow) → idempotency claim → use
-budget, settling while the tool secret is read with the caller's token and the ``allow``
-record is written (both must succeed) → backend under a deadline → audit outcome.
+limits → policy Check, remote or embedded (→ approval flow) → idempotency claim (a
+claim taken over from a dead executor asks the tool first) → use budget, settling while
+the tool secret is read with the caller's token and the ``allow`` record is written (both
+must succeed) → backend under a deadline, then its outcome recorded, both run to their
+end even if the caller goes away → audit outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -30,6 +33,7 @@ from google.protobuf.message import DecodeError
 
 from services.tool_proxy.approvals import APPROVED, PENDING, REJECTED, ApprovalStore, gate_id
 from services.tool_proxy.embedded_policy import EmbeddedPolicy
+from services.tool_proxy.execution import Detached, Execution, canonical, execute
 from services.tool_proxy.idempotency import IdempotencyStore, Replay, effect_id
 from services.tool_proxy.limits import RateLimiter
 from services.tool_proxy.settings import ToolProxySettings
@@ -40,7 +44,7 @@ from services.tool_proxy.tokens import (
     VerifiedToken,
     check_format,
 )
-from services.tool_proxy.tools.registry import CallInfo, Tool, ToolError, ToolRegistry
+from services.tool_proxy.tools.registry import CallInfo, Tool, ToolRegistry
 from tessera.jsonschema import Limits, validate
 from tessera.policy.engine import CheckInput
 from tessera.runtime.errors import (
@@ -171,10 +175,6 @@ def _outcome(exc: TesseraError) -> str:
     return "refused"
 
 
-def _canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def _cents(value: Any) -> int | None:
     """A money amount in major units as integer minor units (cents), rounded UP so that
     rounding never slips a call under a policy threshold; None when not a number."""
@@ -232,7 +232,8 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             max_depth=settings.max_argument_depth, max_string_length=settings.max_string_length
         )
         self._secrets: dict[str, tuple[ToolSecret, float]] = {}
-        self._settling: set[asyncio.Future[None]] = set()
+        self._detached = Detached()
+        """Work that outlives its caller: uses being given back, effects being run."""
 
     # -- InvokeTool -------------------------------------------------------------------
     async def InvokeTool(
@@ -288,7 +289,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
 
         # 5. Arguments: size, schema and hostile input; idempotency key where needed.
         arguments = self._arguments(request, tool)
-        digest = hashlib.sha256(_canonical(arguments)).hexdigest()
+        digest = hashlib.sha256(canonical(arguments)).hexdigest()
         call.details.update(
             arguments=self._audit_arguments(arguments, tool), arguments_digest=digest
         )
@@ -322,9 +323,21 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             decision = await self._authorize(
                 request, context, verified, tool, arguments, digest, call
             )
+            info = CallInfo(
+                workflow_id=verified.workflow,
+                task_id=verified.task,
+                agent=verified.agent,
+                decision_id=decision.decision_id,
+                idempotency_key=key,
+                effect_id=eid or effect_id(verified.workflow, spec.name, digest),
+            )
 
-            # 8. Idempotency: replay a completed effect, refuse a concurrent duplicate.
+            # 8. Idempotency: replay a completed effect, refuse a concurrent duplicate;
+            # a claim whose executor died is taken over only if the tool says its effect
+            # did not happen (replayed if it did, refused if the tool cannot tell).
             if spec.side_effect.needs_idempotency_key:
+                call.details["effect_id"] = eid
+                timeout = self._backend_timeout(context, tool)
                 began = await self.idempotency.begin(
                     eid,
                     tool=spec.name,
@@ -332,11 +345,15 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                     decision_id=decision.decision_id,
                     # Held as long as this call may run the backend (step 10's deadline
                     # is no later): if this replica dies, a retry takes over soon after.
-                    lease_s=self._backend_timeout(context, tool) + _LEASE_MARGIN_S,
+                    lease_s=timeout + _LEASE_MARGIN_S,
+                    lookup=functools.partial(tool.lookup, info) if tool.lookup else None,
+                    lookup_timeout_s=timeout,
                 )
                 if isinstance(began, Replay):
                     await self._give_back(spend, verified)
                     call.details["replayed"] = True
+                    if began.recovered:
+                        call.details["recovered_from"] = "backend_lookup"
                     await self._record(call, "replayed")
                     return tool_proxy_pb2.InvokeToolResponse(
                         result=_struct(began.result),
@@ -369,54 +386,33 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                 raise
             call.details["uses_left"] = uses_left
 
-            # 10. The backend, under the call's deadline.
-            info = CallInfo(
-                workflow_id=verified.workflow,
-                task_id=verified.task,
-                agent=verified.agent,
-                decision_id=decision.decision_id,
-                idempotency_key=key,
-                effect_id=eid or effect_id(verified.workflow, spec.name, digest),
+            # 10. The backend under the call's deadline, then its outcome recorded: once
+            # started, both run to their end even if the caller goes away.
+            run = Execution(
+                tool=tool,
+                arguments=arguments,
+                secret=secret,
+                info=info,
+                claim=claim,
+                arguments_digest=digest,
+                timeout_s=self._backend_timeout(context, tool),
             )
-            timeout = self._backend_timeout(context, tool)
             executed = True
-            try:
-                async with asyncio.timeout(timeout):
-                    result = await tool.handler(arguments, secret, info)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"{spec.name!r} did not answer within {timeout:.3g}s",
-                    reason="TOOL_DEADLINE_EXCEEDED",
-                    metadata={"tool": spec.name},
-                ) from None
-            except ToolError as exc:
-                executed = False  # a ToolError promises that nothing happened
-                raise FailedPrecondition(
-                    exc.message, reason=exc.reason, metadata={"tool": spec.name}
-                ) from None
-            size = len(_canonical(result))
-            if size > self.settings.max_result_bytes:
-                raise ResourceExhausted(
-                    f"{spec.name!r} returned {size} bytes", reason="RESULT_TOO_LARGE"
-                )
-            if claim is not None:
-                await self.idempotency.finish(
-                    claim,
-                    tool=spec.name,
-                    arguments_digest=digest,
-                    result=result,
-                    decision_id=decision.decision_id,
-                )
-                claim = None
+            result = await self._detached.run(self._execute(run, call))
         finally:
             if claim is not None and not executed:
                 await self.idempotency.release(claim)
-
-        # 11b. The outcome (deferred, with back-pressure).
-        await self._record_executed(call)
         return tool_proxy_pb2.InvokeToolResponse(
             result=_struct(result), decision_id=decision.decision_id
         )
+
+    async def _execute(self, run: Execution, call: _Call) -> dict[str, Any]:
+        result = await execute(
+            run, store=self.idempotency, max_result_bytes=self.settings.max_result_bytes
+        )
+        # 11b. The outcome (deferred, with back-pressure).
+        await self._record_executed(call)
+        return result
 
     def _check_scope(
         self, request: tool_proxy_pb2.InvokeToolRequest, verified: VerifiedToken
@@ -478,7 +474,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             ):
                 out[name] = value
             else:
-                out[name] = self.digest(_canonical(value).decode())
+                out[name] = self.digest(canonical(value).decode())
         return out
 
     async def _check_policy(
@@ -719,10 +715,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                 return  # nothing was spent (or the outcome is unknown: never refund that)
             await self.ledger.give_back(verified)
 
-        task = asyncio.ensure_future(settle())
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-        await asyncio.shield(task)  # cancelled: ``task`` still finishes in the background
+        await self._detached.run(settle())
 
     def _backend_timeout(self, context: grpc.aio.ServicerContext, tool: Tool) -> float:
         timeout = tool.spec.timeout_s or self.settings.backend_timeout_s
@@ -792,9 +785,9 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             log.error("audit_write_failed", outcome="deferred", error=repr(exc))
 
     async def drain(self) -> None:
-        """Write the deferred audit records; wait for uses being given back."""
-        if self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+        """Wait for uses being given back and effects being run and recorded (also those
+        whose callers went away); write the deferred audit records."""
+        await self._detached.wait()
         await self._flush_logged()
 
     # -- ListTools --------------------------------------------------------------------

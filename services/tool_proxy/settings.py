@@ -83,8 +83,15 @@ class ToolProxySettings(ServiceSettings):
     """Lease of a `started` idempotency record that does not carry its own (records written
     before leases followed the call's backend deadline). Each call now holds its record for
     its backend deadline plus 1 s; after that its executor is presumed dead and a retry
-    takes the record over (backends are idempotent on the key, so this never doubles an
-    effect they have recorded)."""
+    takes the record over, but only after the tool said the effect did not happen (its
+    ``lookup``; one that did is replayed, one the tool cannot tell is refused)."""
+    idempotency_finish_within_s: float = Field(default=30.0, gt=0)
+    """How long the proxy keeps trying to record the outcome (``done``) of an effect that
+    ran, through faults of the idempotency bucket (a bucket electing a leader answers
+    nothing), with capped exponential backoff and jitter, whether or not the caller is
+    still waiting. After that the call answers UNAVAILABLE
+    ``IDEMPOTENCY_OUTCOME_UNRECORDED`` and the record stays ``started``: a retry after its
+    lease asks the tool whether the effect happened. Shutdown waits for these attempts."""
 
     audit_hmac_key: SecretStr | None = None
     """Key of the HMACs of secret-bearing arguments in audit records (share it between

@@ -3,6 +3,9 @@
 from services.tool_proxy.tools.registry import (
     Backend,
     CallInfo,
+    EffectLookup,
+    EffectStatus,
+    Lookup,
     SideEffect,
     Tool,
     ToolError,
@@ -10,4 +13,15 @@ from services.tool_proxy.tools.registry import (
     ToolSpec,
 )
 
-__all__ = ["Backend", "CallInfo", "SideEffect", "Tool", "ToolError", "ToolRegistry", "ToolSpec"]
+__all__ = [
+    "Backend",
+    "CallInfo",
+    "EffectLookup",
+    "EffectStatus",
+    "Lookup",
+    "SideEffect",
+    "Tool",
+    "ToolError",
+    "ToolRegistry",
+    "ToolSpec",
+]

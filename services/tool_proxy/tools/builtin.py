@@ -7,20 +7,26 @@ is never returned or logged; results carry only the secret's version.
 Side-effecting tools (``billing.issue_refund``, ``email.send``) record their effect in
 the effects outbox: one message on ``<ns>.events.tool.effects`` (events stream) whose
 ``Nats-Msg-Id`` is the call's effect id, so even a re-execution within the stream's
-duplicate window is stored once. Tests and demos count effects there.
+duplicate window is stored once. Tests and demos count effects there. The message holds
+the call's result too, so the tools can look their own effects up (``Tool.lookup``): a
+claim taken over from a dead executor is replayed from the outbox instead of run again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from nats.js import JetStreamContext
+import structlog
+from nats.js import JetStreamContext, api
 
 from services.tool_proxy.tools.registry import (
     CallInfo,
+    EffectLookup,
     SideEffect,
     Tool,
     ToolError,
@@ -32,6 +38,13 @@ from tessera.vault.tokens import ToolSecret
 __all__ = ["EFFECTS_KIND", "builtin_tools", "effects_subject"]
 
 EFFECTS_KIND = "tool.effects"
+
+log = structlog.get_logger(__name__)
+_CLOCK_SKEW_S = 60.0
+"""How far the proxy's clock (the claim's time) may be ahead of the NATS server's."""
+_MAX_SCAN = 100_000
+"""Outbox messages a lookup reads at most (headers only) before answering UNKNOWN."""
+_BATCH = 256
 
 _ID = {"type": "string", "format": "identifier", "maxLength": 64}
 
@@ -140,8 +153,17 @@ class _Outbox:
     def __init__(self, js: JetStreamContext, topology: Topology) -> None:
         self._js = js
         self._subject = effects_subject(topology)
+        self._stream = topology.events_stream
 
-    async def record(self, call: CallInfo, tool: str, effect: Mapping[str, Any]) -> int:
+    async def record(
+        self,
+        call: CallInfo,
+        tool: str,
+        effect: Mapping[str, Any],
+        result: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Publish the effect (once per effect id); the call's result: ``result`` plus
+        the message's ``outbox_seq``."""
         body = {
             "tool": tool,
             "effect_id": call.effect_id,
@@ -151,6 +173,7 @@ class _Outbox:
             "agent": call.agent,
             "decision_id": call.decision_id,
             "effect": dict(effect),
+            "result": dict(result),
         }
         ack = await self._js.publish(
             self._subject,
@@ -158,7 +181,60 @@ class _Outbox:
             headers=msg_id_headers(call.effect_id),
             timeout=2.0,
         )
-        return int(ack.seq)
+        return {**result, "outbox_seq": int(ack.seq)}
+
+    async def lookup(self, call: CallInfo, claimed_at: float) -> EffectLookup:
+        """Whether the outbox holds the effect of ``call``: a message whose
+        ``Nats-Msg-Id`` is its effect id, stored since ``claimed_at`` (less the clock
+        skew allowed). Reads the headers of the messages since then; NOT_EXECUTED only
+        if none of them was discarded by the stream's limits."""
+        start = datetime.fromtimestamp(claimed_at - _CLOCK_SKEW_S, UTC)
+        name = f"effect-lookup-{secrets.token_hex(8)}"
+        info = await self._js.add_consumer(
+            self._stream,
+            config=api.ConsumerConfig(
+                name=name,
+                filter_subject=self._subject,
+                deliver_policy=api.DeliverPolicy.BY_START_TIME,
+                opt_start_time=start,
+                headers_only=True,
+                ack_policy=api.AckPolicy.NONE,
+                inactive_threshold=30.0,  # gone even if the deletion below fails
+            ),
+        )
+        try:
+            # The first message since ``start``, and how many there are.
+            window_start = (info.delivered.stream_seq if info.delivered else 0) + 1
+            left = info.num_pending or 0
+            if left > _MAX_SCAN:
+                return EffectLookup.unknown(f"{left} outbox messages to scan")
+            sub = await self._js.pull_subscribe_bind(stream=self._stream, name=name)
+            try:
+                while left > 0:
+                    for msg in await sub.fetch(min(left, _BATCH), timeout=2.0):
+                        left -= 1
+                        if (msg.headers or {}).get("Nats-Msg-Id") == call.effect_id:
+                            return await self._stored(msg.metadata.sequence.stream)
+            finally:
+                await sub.unsubscribe()
+            state = (await self._js.stream_info(self._stream)).state
+            if window_start <= state.first_seq and state.first_seq > 1:
+                # Messages older than the first one read were discarded: they may have
+                # been stored after ``start``.
+                return EffectLookup.unknown("outbox messages since the claim were discarded")
+            return EffectLookup.not_executed()
+        finally:
+            try:
+                await self._js.delete_consumer(self._stream, name)
+            except Exception as exc:  # it expires on its own (inactive_threshold)
+                log.warning("effect_lookup_cleanup_failed", error=repr(exc))
+
+    async def _stored(self, seq: int) -> EffectLookup:
+        body = json.loads((await self._js.get_msg(self._stream, seq)).data or b"{}")
+        # Messages published before results were stored still prove the effect.
+        result = body.get("result") or body.get("effect") or {}
+        log.info("effect_found_in_outbox", tool=body.get("tool"), outbox_seq=seq)
+        return EffectLookup.executed({**result, "outbox_seq": seq})
 
 
 def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
@@ -177,13 +253,12 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
             "amount": args["amount"],
             "currency": args.get("currency", "EUR"),
         }
-        seq = await outbox.record(call, "billing.issue_refund", effect)
-        return {
+        result = {
             **effect,
             "status": "issued",
-            "outbox_seq": seq,
             "credential_version": secret.version if secret else 0,
         }
+        return await outbox.record(call, "billing.issue_refund", effect, result)
 
     async def send_email(
         args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
@@ -195,13 +270,12 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
             "to_digest": hashlib.sha256(str(args["to"]).encode()).hexdigest()[:16],
             "subject_length": len(str(args["subject"])),
         }
-        seq = await outbox.record(call, "email.send", effect)
-        return {
+        result = {
             "message_id": message_id,
             "status": "queued",
-            "outbox_seq": seq,
             "credential_version": secret.version if secret else 0,
         }
+        return await outbox.record(call, "email.send", effect, result)
 
     return [
         Tool(
@@ -249,6 +323,7 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
                 category="billing",
             ),
             issue_refund,
+            outbox.lookup,
         ),
         Tool(
             ToolSpec(
@@ -284,6 +359,7 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
                 secret_fields=frozenset({"to", "body"}),
             ),
             send_email,
+            outbox.lookup,
         ),
         Tool(
             ToolSpec(

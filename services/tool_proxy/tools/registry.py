@@ -14,6 +14,9 @@ from tessera.vault.tokens import ToolSecret
 __all__ = [
     "Backend",
     "CallInfo",
+    "EffectLookup",
+    "EffectStatus",
+    "Lookup",
     "SideEffect",
     "Tool",
     "ToolError",
@@ -86,6 +89,46 @@ class CallInfo:
 Handler = Callable[[Mapping[str, Any], ToolSecret | None, CallInfo], Awaitable[dict[str, Any]]]
 
 
+class EffectStatus(StrEnum):
+    """What a backend knows of one effect (by its effect id)."""
+
+    EXECUTED = "executed"
+    NOT_EXECUTED = "not_executed"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class EffectLookup:
+    """A backend's answer to "did the effect of this call happen?"."""
+
+    status: EffectStatus
+    result: Mapping[str, Any] | None = None
+    """EXECUTED: what the call returned (or would have), replayed to the caller."""
+    detail: str = ""
+    """UNKNOWN: why not (logged; never a secret)."""
+
+    @classmethod
+    def executed(cls, result: Mapping[str, Any]) -> EffectLookup:
+        return cls(EffectStatus.EXECUTED, result=result)
+
+    @classmethod
+    def not_executed(cls) -> EffectLookup:
+        return cls(EffectStatus.NOT_EXECUTED)
+
+    @classmethod
+    def unknown(cls, detail: str) -> EffectLookup:
+        return cls(EffectStatus.UNKNOWN, detail=detail)
+
+
+Lookup = Callable[[CallInfo, float], Awaitable[EffectLookup]]
+"""Optional backend capability: ``lookup(call, claimed_at)`` says whether the effect of
+``call`` (its ``effect_id``) happened, at or after ``claimed_at`` (wall clock, seconds:
+when the proxy first claimed it, so the effect cannot be older). Asked only when a claim
+is taken over from an executor presumed dead. Answer NOT_EXECUTED only when certain (the
+proxy then runs the call); UNKNOWN makes the proxy refuse the call until a human decides;
+raising (or not answering within the tool's timeout) makes it answer UNAVAILABLE."""
+
+
 @dataclass(frozen=True, slots=True)
 class ToolSpec:
     """A tool's declaration. ``scope`` is the Vault tool name whose policy and secret
@@ -120,6 +163,9 @@ class ToolSpec:
 class Tool:
     spec: ToolSpec
     handler: Handler
+    lookup: Lookup | None = None
+    """How the backend finds out whether an interrupted call's effect happened; without
+    one, a side-effecting call whose executor died is never run again automatically."""
 
 
 class ToolRegistry:
