@@ -440,6 +440,22 @@ def _handoff(em: Emitter, source: TaskRun, handoff: agent_pb2.Handoff, version_b
     em.emit(handoff_routed=routed)
 
 
+def effect_outcome_unknown(em: Emitter, task_id: str, attempt: int, message: str) -> None:
+    """A tool could not tell whether an effect started by a crashed executor happened:
+    retrying could do it twice and failing could leave it undone, so a human decides."""
+    em.emit(
+        gate_opened=events_pb2.GateOpened(
+            gate_id=f"{task_id}-effect-{attempt}",
+            task_id=task_id,
+            kind=GK.GATE_KIND_EFFECT_UNKNOWN,
+            reason=(
+                f"{message}: check whether it happened, resolve its idempotency record "
+                "(tool proxy README, 'When a tool cannot tell'), then approve to retry"
+            ),
+        )
+    )
+
+
 def tool_approval_needed(em: Emitter, task_id: str, gate_id: str, reason: str) -> None:
     """The tool proxy refused a call until a human approves it: park on that gate. On
     approval the task runs again and its retried call (same idempotency key) executes."""

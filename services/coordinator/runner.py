@@ -29,6 +29,7 @@ from services.coordinator.engine import (
     Dispatch,
     Emitter,
     G,
+    effect_outcome_unknown,
     next_steps,
     status,
     task_answered,
@@ -380,6 +381,11 @@ class Runner:
                         task_id,
                         details.metadata["gate"],
                         details.metadata.get("reason", details.message),
+                    )
+                    continue
+                if details.reason == "EFFECT_OUTCOME_UNKNOWN":
+                    effect_outcome_unknown(
+                        em, task_id, dispatch.attempt, exc.details() or details.reason
                     )
                     continue
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:

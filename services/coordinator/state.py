@@ -28,6 +28,10 @@ TERMINAL_WORKFLOW = frozenset(
     }
 )
 DEFAULT_TIMEOUT_S = 30.0
+# Gates after whose approval the task runs again (its retried tool call now goes ahead).
+_RUN_AGAIN_GATES = frozenset(
+    {events_pb2.GATE_KIND_TOOL_APPROVAL, events_pb2.GATE_KIND_EFFECT_UNKNOWN}
+)
 DEFAULT_ATTEMPTS = 3
 
 
@@ -415,7 +419,7 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
                 gated.state = TS.TASK_STATE_SUCCEEDED
                 rec.handoffs.clear()  # a human let the loop go on: start counting afresh
                 _route_handoff(rec, held.held_handoff)
-            elif gate.kind == events_pb2.GATE_KIND_TOOL_APPROVAL:
+            elif gate.kind in _RUN_AGAIN_GATES:
                 gated.state = TS.TASK_STATE_PENDING  # run again: the tool call is now approved
                 gated.retry_at = None
                 gated.counted = False

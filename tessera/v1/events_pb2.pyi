@@ -42,6 +42,12 @@ class _GateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GateKind.Val
     """The loop guard tripped and escalated."""
     GATE_KIND_TOOL_APPROVAL: _GateKind.ValueType  # 5
     """A tool call needs approval by policy."""
+    GATE_KIND_EFFECT_UNKNOWN: _GateKind.ValueType  # 6
+    """A tool cannot tell whether a side effect started before a crash happened
+    (EFFECT_OUTCOME_UNKNOWN): a human finds out, resolves the effect's idempotency
+    record (services/tool_proxy/README.md), then approves to run the task again (its
+    call is replayed or runs) or rejects to end the workflow.
+    """
 
 class GateKind(_GateKind, metaclass=_GateKindEnumTypeWrapper):
     """GateKind says why a gate opened."""
@@ -58,6 +64,12 @@ GATE_KIND_LOOP_ESCALATION: GateKind.ValueType  # 4
 """The loop guard tripped and escalated."""
 GATE_KIND_TOOL_APPROVAL: GateKind.ValueType  # 5
 """A tool call needs approval by policy."""
+GATE_KIND_EFFECT_UNKNOWN: GateKind.ValueType  # 6
+"""A tool cannot tell whether a side effect started before a crash happened
+(EFFECT_OUTCOME_UNKNOWN): a human finds out, resolves the effect's idempotency
+record (services/tool_proxy/README.md), then approves to run the task again (its
+call is replayed or runs) or rejects to end the workflow.
+"""
 Global___GateKind: _TypeAlias = GateKind  # noqa: Y015
 
 class _Guardrail:

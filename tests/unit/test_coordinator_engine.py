@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from services.coordinator.engine import (
     Emitter,
     decide_gate,
+    effect_outcome_unknown,
     next_steps,
     status,
     task_answered,
@@ -481,3 +482,20 @@ def test_a_failure_with_nothing_to_undo_fails_at_once_listing_what_stays() -> No
     assert rec.state == WS.WORKFLOW_STATE_FAILED
     assert rec.uncompensated == ["mail"] and rec.compensated == []
     assert not any(t.compensates for t in rec.tasks.values())
+
+
+def test_an_effect_nobody_can_vouch_for_waits_for_a_human_then_runs_again() -> None:
+    """EFFECT_OUTCOME_UNKNOWN: neither retried (it could pay twice) nor failed (it could
+    leave a payment undone): a gate opens; approving it runs the task again."""
+    rec = _start(_plan(_task("pay", "pay", max_attempts=1)))
+    em = Emitter(rec, now=10.0)
+    assert [d.attempt for d in next_steps(em, in_flight=set())] == [1]
+    em.emit(task_dispatched=events_pb2.TaskDispatched(task_id="pay", attempt=1))
+    effect_outcome_unknown(em, "pay", 1, "billing.issue_refund cannot tell")
+    assert rec.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    (gate,) = rec.gates.values()
+    assert gate.kind == events_pb2.GATE_KIND_EFFECT_UNKNOWN and "cannot tell" in gate.reason
+    assert next_steps(Emitter(rec, now=11.0), in_flight=set()) == []
+    decide_gate(Emitter(rec, now=12.0), gate.id, approve=True, decided_by="ops", comment="")
+    (again,) = next_steps(Emitter(rec, now=13.0), in_flight=set())
+    assert (again.task_id, again.attempt) == ("pay", 2)
