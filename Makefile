@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # buf calls `python` and the protoc-gen-* plugins by name: make them the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup proto proto-deps check-proto lint test test-unit test-integration demo bench up down status breaking clients clean
+.PHONY: setup proto proto-deps check-proto lint test test-unit test-integration demo bench chaos up down status breaking clients clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,12 @@ demo: setup
 
 bench: setup
 	pytest -q -m bench -p no:cacheprovider tests/bench -s
+
+## The long chaos tier: W(50, 5 min) per fault (every process kind killed -9 and
+## restarted, one NATS node of three) and a 60 s 5x burst, on `tessera up --nats-cluster 3`.
+## Writes its table to .tessera/chaos/long.md (the bounded tier runs in `make test`).
+chaos: setup
+	TESSERA_CHAOS_LONG=1 pytest -q -p no:cacheprovider tests/chaos -s
 
 clean:
 	-tessera down

@@ -3,6 +3,9 @@
 from prometheus_client import Counter, Histogram
 
 WORKFLOWS_STARTED = Counter("tessera_workflows_started_total", "Workflows started")
+WORKFLOWS_REFUSED = Counter(
+    "tessera_workflows_refused_total", "StartWorkflow calls refused by admission control"
+)
 WORKFLOWS_FINISHED = Counter("tessera_workflows_finished_total", "Workflows finished", ["state"])
 TASKS_DISPATCHED = Counter(
     "tessera_tasks_dispatched_total", "Task attempts sent to agents", ["capability"]

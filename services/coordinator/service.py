@@ -15,6 +15,7 @@ import structlog
 from nats.js import JetStreamContext, api
 
 from services.coordinator import metrics
+from services.coordinator.admission import Admission
 from services.coordinator.engine import Emitter, decide_gate, gate_is_pending
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import GS, WS, WorkflowRecord
@@ -67,7 +68,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         planner: planner_pb2_grpc.PlannerServiceStub,
         tokens: TaskTokens,
         settings: CoordinatorSettings,
+        admission: Admission | None = None,
     ) -> None:
+        self.admission = admission
         self.store = store
         self.js = js
         self.planner = planner
@@ -121,6 +124,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(rec))
             wf_id = claimed  # an earlier attempt claimed the id and crashed: finish its job
 
+        # Only new work is refused (a retried start above gets its workflow); the claim
+        # stays, and the client's retry after RetryInfo finishes this start.
+        if self.admission is not None:
+            await self.admission.admit()
         plan = await self._plan(request, context)
         rec = WorkflowRecord(id=wf_id)
         now = time.time()
@@ -270,11 +277,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         for _ in range(CAS_ATTEMPTS):
             rec, revision = await self._load(wf_id)
             decided_by = request.decided_by or "anonymous"
-            if not rec.terminal and _same_decision(rec, gate_id, approve, decided_by):
-                # A retry of a decision that was stored while queueing its step failed
-                # (no work-queue leader, say): queue it now, or the workflow waits forever.
-                # Sending a step twice is safe: advancing is compare-and-set.
-                await self.store.enqueue(wf_id, f"gate {gate_id} decision retried")
+            if _same_decision(rec, gate_id, approve, decided_by):
+                # A retry of a stored decision (its answer was lost, or queueing its step
+                # failed: no work-queue leader, say) is answered as the first was, and
+                # its step queued again, or the workflow could wait forever. Sending a
+                # step twice is safe: advancing is compare-and-set.
+                if not rec.terminal:
+                    await self.store.enqueue(wf_id, f"gate {gate_id} decision retried")
                 return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
             if not gate_is_pending(rec, gate_id):
                 state = "unknown" if gate_id not in rec.gates else "already decided"

@@ -38,6 +38,10 @@ class CoordinatorSettings(ServiceSettings):
     one consumer and the last one started sets its value, so give them all the same."""
     max_concurrent_steps: int = Field(default=128, gt=0)
     """Workflow steps one replica runs at once."""
+    max_active_workflows: int = Field(default=2000, gt=0)
+    """Admission limit: workflows running or queued (the work queue's backlog, across
+    replicas; parked ones do not count) beyond which StartWorkflow answers
+    RESOURCE_EXHAUSTED (MESH_BUSY) with a RetryInfo of a second."""
     max_input_bytes: int = Field(default=256 * 1024, gt=0)
     """Largest serialized StartWorkflow inputs accepted."""
     retry_base_s: float = Field(default=0.1, gt=0)

@@ -179,8 +179,37 @@ def down(data_dir: DataDir = None, verbose: Verbose = False) -> None:
         out.print(f"{name}: {result.value}", highlight=False)
 
 
+def restart(
+    name: Annotated[str, typer.Argument(help="Component, as `tessera status` names it.")],
+    data_dir: DataDir = None,
+    kill: Annotated[
+        bool, typer.Option("--kill", help="SIGKILL it first, as a crash would (no drain).")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait until it serves.")] = 60.0,
+) -> None:
+    """Stop one component (SIGTERM, or SIGKILL with --kill) and start it again with the
+    same command and settings; returns once it serves again.
+
+    Exits 1 if it cannot be restarted on its own or does not come back.
+    """
+    from tessera.launcher.restart import NotRestartable
+    from tessera.launcher.restart import restart as restart_component
+
+    directory = data_dir or mesh.default_data_dir()
+    try:
+        done = restart_component(directory, name, kill=kill, timeout=timeout)
+    except (NotRestartable, StopFailed) as exc:
+        raise _fail(str(exc)) from None
+    out.print(
+        f"{done.name}: {done.stopped}, started again (pid {done.pid}), "
+        f"serving after {done.seconds_to_ready:.2f}s",
+        highlight=False,
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add the mesh commands to ``app``."""
     app.command("up")(up)
     app.command("status")(status)
     app.command("down")(down)
+    app.command("restart")(restart)

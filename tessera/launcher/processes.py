@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import structlog
@@ -38,6 +38,10 @@ class ProcessRecord:
     argv: tuple[str, ...]
     start_time: int | None
     log_path: str
+    env: dict[str, str] = field(default_factory=dict)
+    """The Tessera settings it was started with (``TESSERA_*``; never other variables,
+    which may hold a user's secrets): what :func:`respawn` starts it with again."""
+    cwd: str | None = None
 
 
 class StopResult(enum.Enum):
@@ -129,6 +133,9 @@ def is_alive(record: ProcessRecord) -> bool:
     return cmdline is not None and cmdline[1:] == record.argv[1:]
 
 
+_KEPT_ENV = frozenset({"PYTHONUNBUFFERED"})
+
+
 def spawn(
     data_dir: Path,
     name: str,
@@ -162,6 +169,8 @@ def spawn(
         argv=tuple(argv),
         start_time=_start_time(proc.pid),
         log_path=str(log_path),
+        env={k: v for k, v in (env or {}).items() if k in _KEPT_ENV or k.startswith("TESSERA_")},
+        cwd=None if cwd is None else str(cwd),
     )
     path = pid_file(data_dir, name)
     tmp = path.with_suffix(".pid.tmp")
@@ -181,8 +190,10 @@ def read_record(data_dir: Path, name: str) -> ProcessRecord | None:
             argv=tuple(str(a) for a in data["argv"]),
             start_time=None if data.get("start_time") is None else int(data["start_time"]),
             log_path=str(data["log_path"]),
+            env={str(k): str(v) for k, v in (data.get("env") or {}).items()},
+            cwd=None if data.get("cwd") is None else str(data["cwd"]),
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -281,6 +292,36 @@ def stop(data_dir: Path, name: str, *, timeout: float = 10.0) -> StopResult:
     _children.pop(record.pid, None)
     log.debug("process_stopped", component=name, pid=record.pid, result=result.value)
     return result
+
+
+def kill(data_dir: Path, name: str) -> ProcessRecord | None:
+    """SIGKILL ``name``'s process group at once, as a crash would (nothing flushed);
+    the PID file stays, so :func:`respawn` can start the same command again. None if
+    it was not running."""
+    record = read_record(data_dir, name)
+    if record is None or not is_alive(record):
+        return None
+    _signal_group(record.pid, signal.SIGKILL)
+    if not _wait_gone(record.pid, time.monotonic() + 5.0):
+        raise StopFailed(f"{name} (pid {record.pid}) survived SIGKILL")
+    _wait_group_gone(record.pid, time.monotonic() + 5.0)
+    _children.pop(record.pid, None)
+    return record
+
+
+def respawn(data_dir: Path, record: ProcessRecord) -> ProcessRecord:
+    """Start ``record``'s component again with the command, settings and directory it
+    was started with (the rest of the environment is this process's). Read the record
+    before stopping the old process: stopping removes the PID file."""
+    if is_alive(record):
+        raise RuntimeError(f"{record.name} is still running (pid {record.pid})")
+    return spawn(
+        data_dir,
+        record.name,
+        record.argv,
+        env={**os.environ, **record.env},
+        cwd=None if record.cwd is None else Path(record.cwd),
+    )
 
 
 def tail(path: Path | str, *, lines: int = 20) -> str:

@@ -147,9 +147,14 @@ async def test_low_confidence_opens_a_review_gate_holding_the_output(mesh: Mesh)
     workflow = await mesh.finished(name)
     assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
     assert as_dict(workflow.blackboard)["guess"] == 42
-    again = await refused(mesh.decide(gate.name, approve=True))
+    # The same decision again is a retry, answered as the first; another is refused.
+    approved = coordinator_pb2.GATE_STATE_APPROVED
+    assert (await mesh.decide(gate.name, approve=True)).state == approved
+    again = await refused(mesh.decide(gate.name, approve=False))
     assert again.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_details(again).reason == "GATE_NOT_PENDING"
+    decided = [e for e in await mesh.events(name) if e.HasField("gate_decided")]
+    assert len(decided) == 1
 
 
 async def test_a_repeated_start_with_the_same_request_id_returns_the_same_workflow(

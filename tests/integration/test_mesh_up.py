@@ -182,6 +182,34 @@ def test_root_token_stays_out_of_logs_and_command_lines(mesh: Mesh) -> None:
         assert token.encode() not in Path(f"/proc/{component['pid']}/cmdline").read_bytes()
 
 
+def test_restart_kills_a_component_and_starts_the_same_command_again(mesh: Mesh) -> None:
+    before = json.loads((mesh.data_dir / "run" / "agent-billing.pid").read_text())
+    result = tessera("restart", "agent-billing", "--kill", data_dir=mesh.data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "killed" in result.stdout and "serving after" in result.stdout
+    after = json.loads((mesh.data_dir / "run" / "agent-billing.pid").read_text())
+    assert after["pid"] != before["pid"] and not pid_alive(before["pid"])
+    assert after["argv"] == before["argv"] and after["env"] == before["env"]
+    state = json.loads((mesh.data_dir / "state.json").read_text())
+    assert next(c["pid"] for c in state["components"] if c["name"] == "agent-billing") == (
+        after["pid"]
+    )
+    status = tessera("status", data_dir=mesh.data_dir)
+    assert status.returncode == 0, status.stdout
+    # What a PID file keeps to restart with never includes a secret.
+    token = (mesh.data_dir / "secrets" / "root-token").read_text().strip()
+    for pid_file in (mesh.data_dir / "run").glob("*.pid"):
+        assert token not in pid_file.read_text(), pid_file.name
+
+
+def test_restart_refuses_what_it_cannot_restart_alone(mesh: Mesh) -> None:
+    vault = tessera("restart", "openbao", data_dir=mesh.data_dir)
+    assert vault.returncode == 1 and "in memory" in vault.stderr
+    unknown = tessera("restart", "nosuch", data_dir=mesh.data_dir)
+    assert unknown.returncode == 1 and "no component 'nosuch'" in unknown.stderr
+    assert "Traceback" not in vault.stderr + unknown.stderr
+
+
 def test_down_leaves_no_process_and_a_second_down_is_a_no_op(mesh: Mesh) -> None:
     result = tessera("down", data_dir=mesh.data_dir)
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,96 @@
+"""`tessera restart`: stop one component of the local mesh (or kill it, as a crash
+would) and start it again with the same command, then wait until it serves.
+
+Operators use it to pick up a changed setting or binary for one process; the chaos suite
+uses it to restart what it killed exactly as an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tessera.launcher import processes
+from tessera.launcher import state as state_file
+from tessera.launcher.health import Health, grpc_health, http_ok
+
+__all__ = ["NotRestartable", "Restarted", "restart"]
+
+# OpenBao runs in dev mode locally: its storage is in memory, so a restarted one has no
+# PKI, no AppRoles and no tool secrets. Restart the whole mesh instead.
+_IN_MEMORY = frozenset({"openbao"})
+
+
+class NotRestartable(RuntimeError):
+    """The component is unknown or cannot be restarted on its own."""
+
+
+@dataclass(frozen=True)
+class Restarted:
+    name: str
+    pid: int
+    stopped: str
+    """How the old process ended: killed, stopped, or not running."""
+    seconds_to_ready: float
+    """From the new process's start until it served (health SERVING or HTTP ready)."""
+
+
+def restart(data_dir: Path, name: str, *, kill: bool = False, timeout: float = 60.0) -> Restarted:
+    data_dir = data_dir.resolve()
+    recorded = state_file.read(data_dir)
+    if recorded is None:
+        raise NotRestartable(f"no mesh is running in {data_dir}")
+    component = next((c for c in recorded.components if c.name == name), None)
+    if component is None:
+        known = ", ".join(c.name for c in recorded.components)
+        raise NotRestartable(f"no component {name!r} in this mesh (components: {known})")
+    if name in _IN_MEMORY:
+        raise NotRestartable(
+            f"{name} keeps its state in memory (dev mode): restarting it alone would lose "
+            "every identity and secret; use `tessera down` and `tessera up`"
+        )
+    previous = processes.read_record(data_dir, name)
+    if previous is None:
+        raise NotRestartable(f"{name} has no PID file in {processes.run_dir(data_dir)}")
+    if kill:
+        stopped = "killed" if processes.kill(data_dir, name) is not None else "not running"
+    else:
+        stopped = processes.stop(data_dir, name).value
+    record = processes.respawn(data_dir, previous)
+    started = time.monotonic()
+    _wait_ready(component, record.pid, timeout)
+    ready = time.monotonic() - started
+    replaced = tuple(
+        dataclasses.replace(c, pid=record.pid) if c.name == name else c for c in recorded.components
+    )
+    state_file.write(data_dir, dataclasses.replace(recorded, components=replaced))
+    return Restarted(name, record.pid, stopped, ready)
+
+
+def _wait_ready(component: state_file.Component, pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        if not processes.pid_exists(pid):
+            raise NotRestartable(
+                f"{component.name} exited during its start (log: {component.log_path})"
+            )
+        if component.kind == "service":
+            ready = (
+                asyncio.run(grpc_health(component.address, component.health, rpc_timeout=0.5))
+                is Health.SERVING
+            )
+        else:
+            ready = component.health_url is not None and http_ok(component.health_url)
+        if ready:
+            return
+        if time.monotonic() >= deadline:
+            raise NotRestartable(
+                f"{component.name} did not become ready within {timeout:g}s "
+                f"(log: {component.log_path})"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)

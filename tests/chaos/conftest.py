@@ -1,0 +1,74 @@
+"""The chaos suite's mesh: one real `tessera up` (a 3-node NATS cluster in the long
+tier) shared by the suite's modules, and the tier's sizes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tessera.launcher import processes
+from tessera.launcher import state as state_file
+
+PROJECT = Path(__file__).resolve().parents[2]
+REPORT_DIR = PROJECT / ".tessera" / "chaos"
+LONG = os.environ.get("TESSERA_CHAOS_LONG") == "1"
+"""`make chaos`: RELIABILITY.md's long tier."""
+CLIENTS = int(os.environ.get("TESSERA_CHAOS_CLIENTS", "50" if LONG else "6"))
+SECONDS = float(os.environ.get("TESSERA_CHAOS_SECONDS", "300" if LONG else "12"))
+ADMISSION_LIMIT = 4 * CLIENTS
+"""The coordinators' admission limit on this mesh: 4x the steady load's workflows."""
+
+
+@dataclass
+class Mesh:
+    data_dir: Path
+    gateway: str
+    nats_url: str
+    namespace: str
+
+
+def tessera(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """The `tessera` command line, as an operator runs it."""
+    env = {
+        **os.environ,
+        "COLUMNS": "200",
+        "TESSERA_COORDINATOR_MAX_ACTIVE_WORKFLOWS": str(ADMISSION_LIMIT),
+    }
+    env.pop("TESSERA_DATA_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli.main", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT,
+        timeout=240,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="package")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    data_dir = tmp_path_factory.mktemp("chaos")
+    up = ["up", "--nats-cluster", "3"] if LONG else ["up"]
+    started = tessera(*up, data_dir=data_dir)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        recorded = state_file.read(data_dir)
+        assert recorded is not None
+        nats = [c.address for c in recorded.components if c.name.startswith("nats")]
+        coordinator = processes.read_record(data_dir, "coordinator")
+        assert coordinator is not None
+        yield Mesh(
+            data_dir,
+            recorded.gateway,
+            ",".join(a for a in nats if a.startswith("nats://")),
+            coordinator.env.get("TESSERA_NAMESPACE", "tessera"),
+        )
+    finally:
+        tessera("down", data_dir=data_dir)
