@@ -119,6 +119,26 @@ async def test_a_capability_with_no_live_replica_waits_for_one(mesh: Mesh) -> No
     assert work.attempts == 1 and work.waiting_reason == ""
 
 
+class _FaultyQueue:
+    """The coordinator's store, whose next `enqueue` fails as a publish to a work queue
+    with no leader does (after its own bounded retries); then NATS is back."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.enqueue = store.enqueue
+        self.faulty = True
+        store.enqueue = self._leaderless
+
+    async def _leaderless(self, *args: Any, **kwargs: Any) -> None:
+        self.store.enqueue = self.enqueue
+        self.faulty = False
+        raise nats.errors.NoRespondersError
+
+
+def _fail_next_enqueue(mesh: Mesh) -> _FaultyQueue:
+    return _FaultyQueue(mesh.coordinators[0].runner.store)  # type: ignore[union-attr]
+
+
 async def test_a_retried_gate_decision_queues_the_step_its_first_try_could_not(
     mesh: Mesh,
 ) -> None:
@@ -131,16 +151,9 @@ async def test_a_retried_gate_decision_queues_the_step_its_first_try_could_not(
     try:
         name = await _start(mesh, GATED)
         (gate,) = (await mesh.parked(name)).gates
-        store: Any = mesh.coordinators[0].runner.store  # type: ignore[union-attr]
-        enqueue = store.enqueue
-
-        async def leaderless(*args: Any, **kwargs: Any) -> None:
-            store.enqueue = enqueue  # one outage, then NATS is back
-            raise nats.errors.NoRespondersError
-
-        store.enqueue = leaderless
+        store = _fail_next_enqueue(mesh)
         retried = await mesh.decide(gate.name, approve=True)
-        assert store.enqueue is enqueue, "the fault was injected"
+        assert not store.faulty, "the fault was injected"
         assert retried.state == coordinator_pb2.GATE_STATE_APPROVED
         workflow = await mesh.finished(name)
         assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED
@@ -157,16 +170,9 @@ async def test_a_retried_decision_by_someone_else_is_still_refused(mesh: Mesh) -
     try:
         name = await _start(mesh, GATED)
         (gate,) = (await mesh.parked(name)).gates
-        store: Any = mesh.coordinators[0].runner.store  # type: ignore[union-attr]
-        enqueue = store.enqueue
-
-        async def leaderless(*args: Any, **kwargs: Any) -> None:
-            store.enqueue = enqueue
-            raise nats.errors.NoRespondersError
-
-        store.enqueue = leaderless
+        store = _fail_next_enqueue(mesh)
         await mesh.decide(gate.name, approve=True, by="alice")
-        assert store.enqueue is enqueue, "the fault was injected"
+        assert not store.faulty, "the fault was injected"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await mesh.decide(gate.name, approve=True, by="mallory")
         assert error_details(refused.value).reason == "GATE_NOT_PENDING"
