@@ -19,7 +19,8 @@ from tessera.runtime.bus import Topology, connect
 from tessera.v1 import audit_pb2
 
 REFUND = "billing.issue_refund"
-SIDE_EFFECTING = (REFUND, "email.send")
+REVERSAL = "billing.reverse_refund"
+SIDE_EFFECTING = (REFUND, REVERSAL, "email.send")
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,30 @@ def check_executions(stored: Stored, *, unfinished_allowed: int) -> int:
 
 
 def check_effects_once(
-    stored: Stored, *, refunding: Iterable[str], succeeded: Iterable[str]
+    stored: Stored,
+    *,
+    refunding: Iterable[str],
+    succeeded: Iterable[str],
+    compensated: Iterable[str] = (),
 ) -> None:
     """C7 and C8: exactly one refund for each workflow in ``refunding`` (ids), none for
     any other; no side effect twice for one idempotency key; no side effect on a
-    workflow outside ``succeeded`` (C8 without compensations: there are none to run)."""
+    workflow outside ``succeeded`` unless it is ``compensated`` and each of its refunds
+    was reversed exactly once."""
     refunds = Counter(e["workflow_id"] for e in stored.effects if e["tool"] == REFUND)
     assert refunds == Counter(dict.fromkeys(refunding, 1)), refunds
     keys = Counter((e["workflow_id"], e["idempotency_key"]) for e in stored.effects)
     assert not keys or max(keys.values()) == 1, [k for k, v in keys.items() if v > 1]
-    done = set(succeeded)
-    stranded = {e["workflow_id"] for e in stored.effects} - done
+    undone = set(compensated)
+    reversed_refunds = Counter(
+        e["effect"].get("refund_effect_id") for e in stored.effects if e["tool"] == REVERSAL
+    )
+    for effect in stored.effects:
+        if effect["workflow_id"] in undone and effect["tool"] == REFUND:
+            assert reversed_refunds[effect["effect_id"]] == 1, f"refund not reversed: {effect}"
+    stranded = (
+        {e["workflow_id"] for e in stored.effects if e["tool"] != REVERSAL}
+        - set(succeeded)
+        - undone
+    )
     assert not stranded, f"side effects on workflows that did not succeed: {sorted(stranded)}"

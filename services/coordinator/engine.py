@@ -139,8 +139,17 @@ def next_steps(em: Emitter, *, in_flight: set[str]) -> list[Dispatch]:
 
     Tasks already RUNNING but not `in_flight` here were dispatched by a replica that
     crashed: they are dispatched again with the SAME attempt number, which agents
-    deduplicate, so the side effect happens once.
+    deduplicate, so the side effect happens once. A failure decided here that starts the
+    workflow's compensation returns the compensating tasks' first attempts at once.
     """
+    compensating = em.rec.compensating
+    dispatches = _next_steps(em, in_flight=in_flight)
+    if not dispatches and em.rec.compensating and not compensating:
+        dispatches = _next_steps(em, in_flight=in_flight)
+    return dispatches
+
+
+def _next_steps(em: Emitter, *, in_flight: set[str]) -> list[Dispatch]:
     rec = em.rec
     if rec.terminal or _past_deadline(em):
         return []

@@ -335,8 +335,18 @@ class _Contracts:
         return [c for _, c in found]
 
 
+def _next_capabilities(contract: common_pb2.CapabilityContract) -> list[tuple[str, str]]:
+    """(capability, how) a task of `contract` may lead to: its handoff targets and the
+    compensation that undoes it (run under the same plan step's tools)."""
+    out = [(target, "hand off to") for target in contract.handoffs]
+    if contract.compensation:
+        out.append((contract.compensation, "be compensated by"))
+    return out
+
+
 def _chain_tools(contract: common_pb2.CapabilityContract, contracts: _Contracts) -> set[str]:
-    """Tools of `contract` and of every capability reachable from it by handoffs."""
+    """Tools of `contract` and of every capability reachable from it by handoffs or as
+    a compensation."""
     tools: set[str] = set()
     seen: set[str] = set()
     pending = [contract]
@@ -346,7 +356,7 @@ def _chain_tools(contract: common_pb2.CapabilityContract, contracts: _Contracts)
             continue
         seen.add(current.name)
         tools.update(current.tools)
-        for target in current.handoffs:
+        for target, _ in _next_capabilities(current):
             pending.extend(contracts.find(target, "")[:1])
     return tools
 
@@ -385,8 +395,9 @@ class PlanValidator:
                 continue
             contract = matches[0]
             reachable.append((i, contract))
-            # A step authorizes tools for its whole handoff chain, so a tool must be in
-            # the contract of the capability or of one it can hand off to.
+            # A step authorizes tools for its whole handoff chain and its compensations,
+            # so a tool must be in the contract of the capability or of one it can hand
+            # off to or be compensated by.
             allowed = _chain_tools(contract, contracts)
             for j, tool in enumerate(task.tools):
                 if tool not in allowed:
@@ -395,7 +406,8 @@ class PlanValidator:
                             f"{_task(i)}.tools[{j}]",
                             f"task {task.id!r}: tool {tool!r} is not in the contract of "
                             f"{contract.name} {contract.version} or of a capability it "
-                            f"hands off to (allowed: {', '.join(sorted(allowed)) or 'none'})",
+                            "hands off to or is compensated by "
+                            f"(allowed: {', '.join(sorted(allowed)) or 'none'})",
                         )
                     )
             self._fill_defaults(task, contract)
@@ -441,13 +453,14 @@ def _missing(task: planner_pb2.TaskSpec, contracts: _Contracts) -> str:
 def _handoff_warnings(
     reachable: list[tuple[int, common_pb2.CapabilityContract]], contracts: _Contracts
 ) -> list[Violation]:
-    """Handoff targets (transitively reachable from the plan's tasks) nobody offers."""
+    """Handoff targets and compensations (transitively reachable from the plan's tasks)
+    nobody offers."""
     warnings: list[Violation] = []
     visited = {c.name for _, c in reachable}
     queue = list(reachable)
     while queue:
         i, contract = queue.pop(0)
-        for target in contract.handoffs:
+        for target, how in _next_capabilities(contract):
             if target in visited:
                 continue
             visited.add(target)
@@ -458,7 +471,7 @@ def _handoff_warnings(
                 warnings.append(
                     (
                         f"{_task(i)}.capability",
-                        f"{contract.name} may hand off to {target!r}, which is not registered",
+                        f"{contract.name} may {how} {target!r}, which is not registered",
                     )
                 )
     return warnings

@@ -69,7 +69,7 @@ SCENARIOS = (
                 "text": "ping-pong refund for my account",
             }
         },
-        WS.WORKFLOW_STATE_CANCELLED,
+        WS.WORKFLOW_STATE_COMPENSATED,
         {"loop": False},
     ),
     Scenario(

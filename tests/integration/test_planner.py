@@ -29,7 +29,8 @@ AGENTS: dict[str, list[tuple[str, Sequence[str], Sequence[str]]]] = {
         ),
     ],
     "billing": [
-        ("support.billing", ["billing.get_invoices", "billing.issue_refund"], ["support.account"])
+        ("support.billing", ["billing.get_invoices", "billing.issue_refund"], ["support.account"]),
+        ("support.billing.reverse", ["billing.reverse_refund"], []),
     ],
     "technical": [("support.technical", ["kb.search"], [])],
     "account": [("support.account", ["crm.lookup_customer"], ["support.billing"])],
@@ -40,12 +41,20 @@ AGENTS: dict[str, list[tuple[str, Sequence[str], Sequence[str]]]] = {
     ],
     "risk": [("loan.risk", ["credit.bureau_report"], [])],
     "compliance": [("loan.compliance", [], [])],
-    "sourcing": [("procurement.sourcing", [], ["procurement.negotiation"])],
+    "sourcing": [
+        ("procurement.sourcing", [], ["procurement.negotiation"]),
+        ("procurement.cancel_order", [], []),
+    ],
     "negotiation": [("procurement.negotiation", [], ["procurement.sourcing"])],
     "credit": [("risk.credit", ["credit.bureau_report"], [])],
     "fraud": [("risk.fraud", [], [])],
     "churn": [("risk.churn", [], [])],
     "aggregator": [("risk.aggregate", [], [])],
+}
+# capability → the capability that undoes it (its saga compensation)
+COMPENSATIONS = {
+    "support.billing": "support.billing.reverse",
+    "procurement.sourcing": "procurement.cancel_order",
 }
 
 
@@ -61,6 +70,7 @@ def descriptor(name: str, *, skip: str = "") -> agent_pb2.AgentDescriptor:
                 version="1.0.0",
                 tools=list(tools),
                 handoffs=list(handoffs),
+                compensation=COMPENSATIONS.get(capability, ""),
                 timeout=duration_pb2.Duration(seconds=10),
             )
             for capability, tools, handoffs in AGENTS[name]

@@ -58,7 +58,13 @@ async def test_ping_pong_ticket_trips_the_loop_guard_and_escalates(mesh: Mesh) -
     assert trips == [events_pb2.GUARDRAIL_LOOP]
     await mesh.decide(gate.name, approve=False)
     workflow = await mesh.finished(name)
-    assert workflow.state == WS.WORKFLOW_STATE_CANCELLED
+    # Rejected: the billing steps are compensated on the way out. They bounced without
+    # refunding, so there is nothing to reverse.
+    assert workflow.state == WS.WORKFLOW_STATE_COMPENSATED
+    billing = [t.task_id for t in workflow.tasks if t.capability == "support.billing"]
+    assert billing and sorted(workflow.compensated) == sorted(billing)
+    assert await refunds(mesh, name) == 0
+    assert await effects_of(mesh, name, "billing.reverse_refund") == 0
 
 
 async def test_loan_without_tax_id_is_clarified_and_parks_for_aml_approval(mesh: Mesh) -> None:
@@ -147,6 +153,11 @@ async def test_every_tool_call_of_the_workflows_is_audited_and_the_chain_verifie
 
 async def refunds(mesh: Mesh, name: str) -> int:
     """Side effects of billing.issue_refund recorded for this workflow."""
+    return await effects_of(mesh, name, "billing.issue_refund")
+
+
+async def effects_of(mesh: Mesh, name: str, tool: str) -> int:
+    """Side effects of ``tool`` recorded for this workflow."""
     wf_id = name.split("/")[1]
     nc = await connect(mesh.nats_url, name="test-effects")
     try:
@@ -164,9 +175,7 @@ async def refunds(mesh: Mesh, name: str) -> int:
         for _ in range(info.state.subjects.get(subject, 0)):
             msg = await sub.next_msg(timeout=5)
             effect = json.loads(msg.data)
-            count += (
-                effect.get("tool") == "billing.issue_refund" and effect.get("workflow_id") == wf_id
-            )
+            count += effect.get("tool") == tool and effect.get("workflow_id") == wf_id
         await sub.unsubscribe()
         return count
     finally:

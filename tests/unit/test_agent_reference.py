@@ -9,7 +9,8 @@ import pytest
 
 from services.agents.account.agent import account
 from services.agents.aggregator.agent import aggregate
-from services.agents.billing.agent import billing
+from services.agents.billing.agent import agent as billing_agent
+from services.agents.billing.agent import billing, refund_key, reverse
 from services.agents.churn.agent import agent as churn_agent
 from services.agents.churn.agent import churn
 from services.agents.compliance.agent import compliance
@@ -19,12 +20,13 @@ from services.agents.document_analysis.agent import clarification, document_anal
 from services.agents.fraud.agent import fraud
 from services.agents.negotiation.agent import negotiation
 from services.agents.risk.agent import risk
-from services.agents.sourcing.agent import sourcing
+from services.agents.sourcing.agent import agent as sourcing_agent
+from services.agents.sourcing.agent import cancel_order, sourcing
 from services.agents.synthesis.agent import synthesis
 from services.agents.technical.agent import technical
 from services.agents.triage.agent import triage
 from tessera.agent import TaskContext
-from tessera.runtime.errors import FailedPrecondition
+from tessera.runtime.errors import FailedPrecondition, InvalidArgument
 
 TOOL_ANSWERS: dict[str, dict[str, Any]] = {
     "crm.lookup_customer": {"customer_id": "C-9", "tier": "premium"},
@@ -32,19 +34,23 @@ TOOL_ANSWERS: dict[str, dict[str, Any]] = {
         "invoices": [{"invoice_id": "inv-000001", "amount": 42.5, "currency": "EUR"}]
     },
     "billing.issue_refund": {"refund_id": "rf-1", "status": "issued"},
+    "billing.reverse_refund": {"reversed": True, "refund_id": "rf-1", "reversal_id": "rv-1"},
     "kb.search": {"hits": [{"id": "kb-0001", "title": "Known issue"}]},
     "email.send": {"message_id": "m-1", "status": "queued"},
     "credit.bureau_report": {"score": 700},
 }
 CALLS: list[tuple[str, dict[str, Any]]] = []
+KEYS: list[tuple[str, str]] = []
+"""(tool, idempotency key) of each call, in order."""
 
 
 async def answer_tool(
-    _ctx: TaskContext, name: str, arguments: dict[str, Any], _key: str
+    _ctx: TaskContext, name: str, arguments: dict[str, Any], key: str
 ) -> dict[str, Any]:
     """The handlers' rules are under test here; governed calls are tested against the
     real tool proxy in tests/integration."""
     CALLS.append((name, arguments))
+    KEYS.append((name, key))
     return TOOL_ANSWERS[name]
 
 
@@ -254,3 +260,81 @@ async def test_billing_without_a_refund_request_moves_no_money() -> None:
     CALLS.clear()
     await billing(ctx("support.billing", ticket=ticket("wrong invoice address")))
     assert [name for name, _ in CALLS] == ["billing.get_invoices"]
+
+
+async def test_billing_refunds_under_a_key_its_compensation_can_find() -> None:
+    KEYS.clear()
+    for attempt in (1, 2):
+        result = await billing(
+            TaskContext(
+                capability="support.billing",
+                task_id="triage.1",
+                attempt=attempt,
+                blackboard={"ticket": ticket("refund 20 please")},
+                _tool_caller=answer_tool,
+            )
+        )
+        assert result.writes == {"billing_notes": "customer C-9: refunded 20.00 on inv-000001"}
+    assert [k for name, k in KEYS if name == "billing.issue_refund"] == ["refund/triage.1"] * 2
+    contract = billing_agent.capabilities["support.billing"].contract
+    assert contract.compensation == "support.billing.reverse"
+
+
+async def test_billing_reverse_reverses_the_refund_of_the_task_it_undoes() -> None:
+    CALLS.clear()
+    KEYS.clear()
+    undo = TaskContext(
+        capability="support.billing.reverse",
+        task_id="triage.1.undo",
+        input={"task_id": "triage.1", "capability": "support.billing", "succeeded": True},
+        _tool_caller=answer_tool,
+    )
+    result = await reverse(undo)
+    calls, keys = list(CALLS), list(KEYS)
+    assert calls == [
+        (
+            "billing.reverse_refund",
+            {
+                "refund_idempotency_key": refund_key("triage.1"),
+                "reason": "compensate task triage.1",
+            },
+        )
+    ]
+    assert keys == [("billing.reverse_refund", "reverse/triage.1")]
+    assert result.output == {
+        "task_id": "triage.1",
+        "reversed": True,
+        "refund_id": "rf-1",
+        "reversal_id": "rv-1",
+    }
+    assert result.writes == {}
+    contract = billing_agent.capabilities["support.billing.reverse"].contract
+    assert list(contract.tools) == ["billing.reverse_refund"]
+    with pytest.raises(InvalidArgument):
+        await reverse(TaskContext(capability="support.billing.reverse", input={}))
+
+
+async def test_cancel_order_cancels_the_order_its_sourcing_task_placed() -> None:
+    order = {"supplier": "globex", "price": 8550.0}
+    cancelled = await cancel_order(
+        TaskContext(
+            capability="procurement.cancel_order",
+            input={"task_id": "sourcing.2", "succeeded": True, "output": order},
+            blackboard={"purchase_order": order},
+        )
+    )
+    assert cancelled.output == {"cancelled": order}
+    assert cancelled.writes == {"purchase_order": {**order, "status": "cancelled"}}
+    # The first visit only listed suppliers; a failed task placed nothing.
+    for output in ({"suppliers": [{"name": "acme", "unit_price": 120}]}, {}):
+        nothing = await cancel_order(
+            TaskContext(
+                capability="procurement.cancel_order",
+                input={"task_id": "sourcing", "succeeded": bool(output), "output": output},
+                blackboard={"purchase_order": order},
+            )
+        )
+        assert nothing.output == {"cancelled": None}
+        assert nothing.writes == {}
+    contract = sourcing_agent.capabilities["procurement.sourcing"].contract
+    assert contract.compensation == "procurement.cancel_order"

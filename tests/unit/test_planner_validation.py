@@ -66,9 +66,14 @@ def contract(
     tools: Sequence[str] = (),
     timeout_s: int = 0,
     handoffs: Sequence[str] = (),
+    compensation: str = "",
 ) -> common_pb2.CapabilityContract:
     c = common_pb2.CapabilityContract(
-        name=name, version=version, tools=list(tools), handoffs=list(handoffs)
+        name=name,
+        version=version,
+        tools=list(tools),
+        handoffs=list(handoffs),
+        compensation=compensation,
     )
     if timeout_s:
         c.timeout.CopyFrom(duration_pb2.Duration(seconds=timeout_s))
@@ -231,6 +236,34 @@ def test_task_tools_must_be_in_the_contract() -> None:
             [contract("demo.work", tools=["kb.search"])],
         )
     assert [f for f, _ in raised.value.field_violations] == ["plan.tasks[0].tools[1]"]
+
+
+def test_a_step_authorizes_the_tools_of_its_chains_compensations() -> None:
+    # demo.work hands off to demo.pay, which demo.refund undoes: the plan step must grant
+    # demo.refund's tool too (a compensation runs under the step's tools).
+    contracts = [
+        contract("demo.work", tools=["kb.search"], handoffs=["demo.pay"]),
+        contract("demo.pay", tools=["pay.charge"], compensation="demo.refund"),
+        contract("demo.refund", tools=["pay.refund"]),
+    ]
+    plan = validate(graph(task("a", tools=["kb.search", "pay.charge", "pay.refund"])), contracts)
+    assert list(plan.tasks[0].tools) == ["kb.search", "pay.charge", "pay.refund"]
+    with pytest.raises(InvalidArgument) as raised:
+        validate(graph(task("a", tools=["pay.refund", "db.drop"])), contracts)
+    assert [f for f, _ in raised.value.field_violations] == ["plan.tasks[0].tools[1]"]
+
+
+def test_an_unregistered_compensation_is_only_a_warning() -> None:
+    async def run() -> tuple[tuple[str, str], ...]:
+        validator = PlanValidator(Contracts([contract("demo.work", compensation="demo.undo")]))
+        return (await validator.validate(graph(task("a")))).warnings
+
+    assert asyncio.run(run()) == (
+        (
+            "plan.tasks[0].capability",
+            "demo.work may be compensated by 'demo.undo', which is not registered",
+        ),
+    )
 
 
 def test_unregistered_handoff_targets_are_only_warnings() -> None:

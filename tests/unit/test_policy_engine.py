@@ -221,6 +221,7 @@ TOOL_NAMES = [
     "crm.lookup_customer",
     "billing.get_invoices",
     "billing.issue_refund",
+    "billing.reverse_refund",
     "kb.search",
     "email.send",
     "credit.bureau_report",

@@ -4,12 +4,14 @@ Each one needs its Vault secret (``api_key``): the handler refuses to run withou
 so a successful call proves the proxy read the secret with the caller's token. The key
 is never returned or logged; results carry only the secret's version.
 
-Side-effecting tools (``billing.issue_refund``, ``email.send``) record their effect in
-the effects outbox: one message on ``<ns>.events.tool.effects`` (events stream) whose
-``Nats-Msg-Id`` is the call's effect id, so even a re-execution within the stream's
-duplicate window is stored once. Tests and demos count effects there. The message holds
-the call's result too, so the tools can look their own effects up (``Tool.lookup``): a
-claim taken over from a dead executor is replayed from the outbox instead of run again.
+Side-effecting tools (``billing.issue_refund``, ``billing.reverse_refund``,
+``email.send``) record their effect in the effects outbox: one message on
+``<ns>.events.tool.effects`` (events stream) whose ``Nats-Msg-Id`` is the call's effect
+id, so even a re-execution within the stream's duplicate window is stored once. Tests and
+demos count effects there. The message holds the call's result too, so the tools can look
+their own effects up (``Tool.lookup``): a claim taken over from a dead executor is
+replayed from the outbox instead of run again. ``billing.reverse_refund`` finds the refund
+it undoes the same way, by the refund's effect id.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import structlog
 from nats.js import JetStreamContext, api
 
+from services.tool_proxy.idempotency import effect_id
 from services.tool_proxy.tools.registry import (
     CallInfo,
     EffectLookup,
@@ -33,11 +36,24 @@ from services.tool_proxy.tools.registry import (
     ToolSpec,
 )
 from tessera.runtime.bus import Topology, msg_id_headers
+from tessera.runtime.errors import Internal
 from tessera.vault.tokens import ToolSecret
 
-__all__ = ["EFFECTS_KIND", "builtin_tools", "effects_subject"]
+__all__ = [
+    "EFFECTS_KIND",
+    "REFUND",
+    "REVERSES_HEADER",
+    "REVERSE_REFUND",
+    "builtin_tools",
+    "effects_subject",
+]
 
 EFFECTS_KIND = "tool.effects"
+REVERSES_HEADER = "Tessera-Reverses"
+"""Header of a reversal's outbox message: the effect id of the refund it reverses (so a
+refund is found reversed by its id, whatever idempotency key the reversal used)."""
+REFUND = "billing.issue_refund"
+REVERSE_REFUND = "billing.reverse_refund"
 
 log = structlog.get_logger(__name__)
 _CLOCK_SKEW_S = 60.0
@@ -45,6 +61,7 @@ _CLOCK_SKEW_S = 60.0
 _MAX_SCAN = 100_000
 """Outbox messages a lookup reads at most (headers only) before answering UNKNOWN."""
 _BATCH = 256
+_MSG_ID = "Nats-Msg-Id"
 
 _ID = {"type": "string", "format": "identifier", "maxLength": 64}
 
@@ -161,9 +178,11 @@ class _Outbox:
         tool: str,
         effect: Mapping[str, Any],
         result: Mapping[str, Any],
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Publish the effect (once per effect id); the call's result: ``result`` plus
-        the message's ``outbox_seq``."""
+        """Publish the effect (once per effect id; ``headers`` besides the message id);
+        the call's result: ``result`` plus the message's ``outbox_seq``."""
         body = {
             "tool": tool,
             "effect_id": call.effect_id,
@@ -178,7 +197,7 @@ class _Outbox:
         ack = await self._js.publish(
             self._subject,
             json.dumps(body, sort_keys=True).encode(),
-            headers=msg_id_headers(call.effect_id),
+            headers=msg_id_headers(call.effect_id, headers),
             timeout=2.0,
         )
         return {**result, "outbox_seq": int(ack.seq)}
@@ -186,55 +205,83 @@ class _Outbox:
     async def lookup(self, call: CallInfo, claimed_at: float) -> EffectLookup:
         """Whether the outbox holds the effect of ``call``: a message whose
         ``Nats-Msg-Id`` is its effect id, stored since ``claimed_at`` (less the clock
-        skew allowed). Reads the headers of the messages since then; NOT_EXECUTED only
-        if none of them was discarded by the stream's limits."""
-        start = datetime.fromtimestamp(claimed_at - _CLOCK_SKEW_S, UTC)
+        skew allowed). NOT_EXECUTED only if none of the messages since then was
+        discarded by the stream's limits."""
+        found, unsure = await self.find(
+            {"effect": (_MSG_ID, call.effect_id)}, since=claimed_at - _CLOCK_SKEW_S
+        )
+        if "effect" in found:
+            body = await self.body(found["effect"])
+            # Messages published before results were stored still prove the effect.
+            result = body.get("result") or body.get("effect") or {}
+            log.info("effect_found_in_outbox", tool=body.get("tool"), outbox_seq=found["effect"])
+            return EffectLookup.executed({**result, "outbox_seq": found["effect"]})
+        if unsure:
+            return EffectLookup.unknown(unsure)
+        return EffectLookup.not_executed()
+
+    async def find(
+        self, wanted: Mapping[str, tuple[str, str]], *, since: float | None
+    ) -> tuple[dict[str, int], str]:
+        """Where the outbox holds the messages ``wanted`` (label -> (header, value)): the
+        stream sequence of the first message stored since ``since`` (wall clock; None:
+        every message the stream kept) carrying that header value, by label; and why
+        the labels not found may still exist ("" when they certainly do not: no message
+        of the window was discarded by the stream's limits). Reads headers only, at
+        most ``_MAX_SCAN`` messages; stops once every label is found."""
+        if since is None:
+            policy, start = api.DeliverPolicy.ALL, None
+        else:
+            policy, start = api.DeliverPolicy.BY_START_TIME, datetime.fromtimestamp(since, UTC)
         name = f"effect-lookup-{secrets.token_hex(8)}"
         info = await self._js.add_consumer(
             self._stream,
             config=api.ConsumerConfig(
                 name=name,
                 filter_subject=self._subject,
-                deliver_policy=api.DeliverPolicy.BY_START_TIME,
+                deliver_policy=policy,
                 opt_start_time=start,
                 headers_only=True,
                 ack_policy=api.AckPolicy.NONE,
                 inactive_threshold=30.0,  # gone even if the deletion below fails
             ),
         )
+        found: dict[str, int] = {}
         try:
-            # The first message since ``start``, and how many there are.
+            # The first message of the window, and how many there are.
             window_start = (info.delivered.stream_seq if info.delivered else 0) + 1
             left = info.num_pending or 0
             if left > _MAX_SCAN:
-                return EffectLookup.unknown(f"{left} outbox messages to scan")
+                return found, f"{left} outbox messages to scan"
             sub = await self._js.pull_subscribe_bind(stream=self._stream, name=name)
             try:
-                while left > 0:
+                while left > 0 and len(found) < len(wanted):
                     for msg in await sub.fetch(min(left, _BATCH), timeout=2.0):
                         left -= 1
-                        if (msg.headers or {}).get("Nats-Msg-Id") == call.effect_id:
-                            return await self._stored(msg.metadata.sequence.stream)
+                        headers = msg.headers or {}
+                        for label, (header, value) in wanted.items():
+                            if label not in found and headers.get(header) == value:
+                                found[label] = msg.metadata.sequence.stream
             finally:
                 await sub.unsubscribe()
+            if len(found) == len(wanted):
+                return found, ""
             state = (await self._js.stream_info(self._stream)).state
             if window_start <= state.first_seq and state.first_seq > 1:
                 # Messages older than the first one read were discarded: they may have
-                # been stored after ``start``.
-                return EffectLookup.unknown("outbox messages since the claim were discarded")
-            return EffectLookup.not_executed()
+                # been stored in the window.
+                return found, "outbox messages of the window were discarded"
+            return found, ""
         finally:
             try:
                 await self._js.delete_consumer(self._stream, name)
             except Exception as exc:  # it expires on its own (inactive_threshold)
                 log.warning("effect_lookup_cleanup_failed", error=repr(exc))
 
-    async def _stored(self, seq: int) -> EffectLookup:
-        body = json.loads((await self._js.get_msg(self._stream, seq)).data or b"{}")
-        # Messages published before results were stored still prove the effect.
-        result = body.get("result") or body.get("effect") or {}
-        log.info("effect_found_in_outbox", tool=body.get("tool"), outbox_seq=seq)
-        return EffectLookup.executed({**result, "outbox_seq": seq})
+    async def body(self, seq: int) -> dict[str, Any]:
+        """The outbox message at stream sequence ``seq``."""
+        body: dict[str, Any] = json.loads((await self._js.get_msg(self._stream, seq)).data or b"{}")
+        return body
 
 
 def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
@@ -244,7 +291,7 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
     async def issue_refund(
         args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
     ) -> dict[str, Any]:
-        _require_key(secret, "billing.issue_refund")
+        _require_key(secret, REFUND)
         refund_id = f"rf-{call.effect_id[:16]}"
         effect = {
             "refund_id": refund_id,
@@ -258,7 +305,56 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
             "status": "issued",
             "credential_version": secret.version if secret else 0,
         }
-        return await outbox.record(call, "billing.issue_refund", effect, result)
+        return await outbox.record(call, REFUND, effect, result)
+
+    async def reverse_refund(
+        args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
+    ) -> dict[str, Any]:
+        """Undo the refund this workflow made with ``refund_idempotency_key``: once per
+        refund (a refund already reversed, by any key, answers with that reversal),
+        nothing where no refund was made, and an error, never a guess, when the outbox
+        cannot tell."""
+        _require_key(secret, REVERSE_REFUND)
+        version = secret.version if secret else 0
+        refund_eid = effect_id(call.workflow_id, REFUND, str(args["refund_idempotency_key"]))
+        found, unsure = await outbox.find(
+            {"refund": (_MSG_ID, refund_eid), "reversal": (REVERSES_HEADER, refund_eid)},
+            since=None,  # the refund may be as old as the workflow
+        )
+        if "reversal" in found:
+            previous = await outbox.body(found["reversal"])
+            log.info("refund_already_reversed", outbox_seq=found["reversal"])
+            return {**(previous.get("result") or {}), "outbox_seq": found["reversal"]}
+        if "refund" in found:
+            refund = (await outbox.body(found["refund"])).get("effect") or {}
+            effect = {
+                "reversal_id": f"rv-{call.effect_id[:16]}",
+                "refund_effect_id": refund_eid,
+                "refund_id": refund.get("refund_id"),
+                "customer_id": refund.get("customer_id"),
+                "invoice_id": refund.get("invoice_id"),
+                "amount": refund.get("amount"),
+                "currency": refund.get("currency", "EUR"),
+                "reason": str(args.get("reason", "")),
+            }
+            result = {
+                **effect,
+                "reversed": True,
+                "status": "reversed",
+                "credential_version": version,
+            }
+            return await outbox.record(
+                call, REVERSE_REFUND, effect, result, headers={REVERSES_HEADER: refund_eid}
+            )
+        if unsure:
+            # Not a ToolError: the call must fail (and the compensation be retried, then
+            # reported), and its claim must not be released as if nothing could happen.
+            raise Internal(
+                f"{REVERSE_REFUND}: cannot tell whether the refund was made ({unsure})",
+                reason="REFUND_OUTCOME_UNKNOWN",
+                metadata={"tool": REVERSE_REFUND, "refund_effect_id": refund_eid},
+            )
+        return {"reversed": False, "reason": "no refund was made", "credential_version": version}
 
     async def send_email(
         args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
@@ -307,7 +403,7 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
         ),
         Tool(
             ToolSpec(
-                name="billing.issue_refund",
+                name=REFUND,
                 description="Refund (part of) an invoice. Moves money: never repeated.",
                 input_schema=_obj(
                     {
@@ -323,6 +419,29 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
                 category="billing",
             ),
             issue_refund,
+            outbox.lookup,
+        ),
+        Tool(
+            ToolSpec(
+                name=REVERSE_REFUND,
+                description=(
+                    "Reverse the refund this workflow made with an idempotency key (a "
+                    "saga's compensation): once per refund; nothing if none was made."
+                ),
+                input_schema=_obj(
+                    {
+                        "refund_idempotency_key": {
+                            "type": "string",
+                            "pattern": "^[A-Za-z0-9._:@/+=-]{1,128}$",
+                        },
+                        "reason": {"type": "string", "maxLength": 500},
+                    },
+                    ["refund_idempotency_key"],
+                ),
+                side_effect=SideEffect.EXTERNAL_ACTION,
+                category="billing",
+            ),
+            reverse_refund,
             outbox.lookup,
         ),
         Tool(
