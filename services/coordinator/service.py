@@ -313,7 +313,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 continue
             if rec.terminal:
                 await self.tokens.revoke(wf_id, rec.token_accessors(), "gate rejected")
-            if not rec.terminal:
+            else:  # running again, or compensating after a rejection
                 await self.store.enqueue(wf_id, f"gate {gate_id} decided")
             log.info("gate_decided", workflow_id=wf_id, gate=gate_id, approved=approve)
             return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
