@@ -31,6 +31,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from tessera import semver
 from tessera.runtime.bus import Topology
+from tessera.runtime.startup import STARTUP_TIMEOUT_S, until_ready
 from tessera.v1 import agent_pb2, common_pb2
 
 __all__ = ["Heartbeat", "Registry", "RegistryChange", "registry_key"]
@@ -298,8 +299,10 @@ class Heartbeat:
     (default TTL/3) and deregisters on stop. ``async with Heartbeat(...)`` or
     ``await start()`` / ``await stop()``.
 
-    A failed re-put (NATS reconnecting) is logged and retried at the next beat; the
-    first registration must succeed or ``start()`` raises.
+    A failed re-put (NATS reconnecting) is logged and retried at the next beat. The first
+    registration is retried through faults that pass (the bucket's stream still electing a
+    leader, NATS reconnecting; see :func:`tessera.runtime.startup.until_ready`) for up to
+    ``register_within_s``; if it still fails, ``start()`` raises.
     """
 
     def __init__(
@@ -308,16 +311,22 @@ class Heartbeat:
         descriptor: agent_pb2.AgentDescriptor,
         *,
         interval_s: float | None = None,
+        register_within_s: float = STARTUP_TIMEOUT_S,
     ) -> None:
         self.registry = registry
         self.descriptor = descriptor
         self.interval_s = interval_s if interval_s is not None else registry.ttl_s / 3
+        self.register_within_s = register_within_s
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("heartbeat already started")
-        await self.registry.register(self.descriptor)
+        await until_ready(
+            lambda: self.registry.register(self.descriptor),
+            what="registry registration",
+            within_s=self.register_within_s,
+        )
         self._task = asyncio.create_task(
             self._beat(), name=f"heartbeat-{self.descriptor.name}-{self.descriptor.instance_id}"
         )

@@ -10,9 +10,10 @@ import structlog
 from nats.aio.client import Client
 from prometheus_client import start_http_server
 
+from services.coordinator.admission import Admission
 from services.coordinator.audit import WorkflowAuditor
 from services.coordinator.dispatcher import Dispatcher
-from services.coordinator.runner import Runner
+from services.coordinator.runner import DURABLE, Runner
 from services.coordinator.service import CoordinatorServicer
 from services.coordinator.settings import CoordinatorSettings, load_agent_tiers
 from services.coordinator.store import WorkflowStore
@@ -22,8 +23,10 @@ from tessera.registry import Registry
 from tessera.runtime.bus import Topology, close, connect, declare
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.startup import until_ready
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc
 from tessera.vault.client import VaultClient
+from tessera.vault.errors import VaultUnavailable
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
@@ -47,9 +50,14 @@ class Coordinator:
         return self.server.address
 
     async def start(self) -> str:
-        self._nc = await connect(self.settings.nats_url, name="coordinator")
+        within_s = self.settings.startup_timeout_s
+        self._nc = await connect(
+            self.settings.nats_url, name="coordinator", initial_timeout_s=within_s
+        )
         js = self._nc.jetstream()
-        await declare(js, self.topology, replicas=self.settings.jetstream_replicas)
+        await declare(
+            js, self.topology, replicas=self.settings.jetstream_replicas, within_s=within_s
+        )
         replica = self.settings.replica_id or uuid.uuid4().hex[:8]
         self.auditor = WorkflowAuditor(
             AuditWriter(js, self.topology, writer=f"coordinator-{replica}", actor="coordinator")
@@ -58,9 +66,13 @@ class Coordinator:
         store = WorkflowStore(js, self.topology, on_published=self.auditor.events)
         await store.open()
         vault = None
-        if self.settings.vault_approle_file is not None:
-            vault = await VaultClient.from_approle_file(
-                self.settings.vault_addr, self.settings.vault_approle_file
+        approle_file = self.settings.vault_approle_file
+        if approle_file is not None:
+            vault = await until_ready(
+                lambda: VaultClient.from_approle_file(self.settings.vault_addr, approle_file),
+                what="vault login",
+                within_s=within_s,
+                retry_if=lambda exc: isinstance(exc, VaultUnavailable),
             )
         self.tokens = TaskTokens(
             vault,
@@ -74,12 +86,19 @@ class Coordinator:
             tool_proxy_address=self.settings.tool_proxy_address,
         )
         self._planner_channel = channel(self.settings.planner_address, service="coordinator")
+        admission = Admission(
+            js,
+            stream=self.topology.work_stream,
+            consumer=DURABLE,
+            limit=self.settings.max_active_workflows,
+        )
         servicer = CoordinatorServicer(
             store,
             js,
             planner_pb2_grpc.PlannerServiceStub(self._planner_channel),
             self.tokens,
             self.settings,
+            admission,
         )
         self.server = GrpcServer(
             name="coordinator",

@@ -24,6 +24,7 @@ from tessera.launcher.gateway import Upstream, build_resources, load_edge_config
 from tessera.registry import Registry, registry_key
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.startup import until_ready
 from tessera.v1 import agent_pb2
 
 __all__ = ["SERVICE_NAME", "GatewayControlPlane"]
@@ -69,13 +70,13 @@ class GatewayControlPlane:
         if settings.descriptor_set is not None and not settings.descriptor_set.is_file():
             raise FileNotFoundError(f"descriptor set {settings.descriptor_set} does not exist")
         self._upstreams = self._public_upstreams()
-        self._nc = await connect(settings.nats_url, name="gateway")
+        within_s = settings.startup_timeout_s
+        self._nc = await connect(settings.nats_url, name="gateway", initial_timeout_s=within_s)
         js = self._nc.jetstream()
-        await declare(js, self.topology, replicas=settings.jetstream_replicas)
-        self._registry = Registry(js, self.topology)
-        self._replicas = {
-            registry_key(d.name, d.instance_id): d for d in await self._registry.agents()
-        }
+        await declare(js, self.topology, replicas=settings.jetstream_replicas, within_s=within_s)
+        registry = self._registry = Registry(js, self.topology)
+        live = await until_ready(registry.agents, what="registry read", within_s=within_s)
+        self._replicas = {registry_key(d.name, d.instance_id): d for d in live}
         await self._publish()  # a bad edge policy fails start(), not a later update
         servicer = AggregatedDiscoveryServer(self.cache, identifier=f"tessera-gateway/{id(self)}")
         self.server = GrpcServer(

@@ -178,9 +178,13 @@ class PlannerService:
         s = self.settings
         templates = load_templates(s.template_dirs)
         try:
-            self._nc = await connect(s.nats_url, name="planner")
+            self._nc = await connect(
+                s.nats_url, name="planner", initial_timeout_s=s.startup_timeout_s
+            )
             js = self._nc.jetstream()
-            await declare(js, self.topology, replicas=s.jetstream_replicas)
+            await declare(
+                js, self.topology, replicas=s.jetstream_replicas, within_s=s.startup_timeout_s
+            )
             self.planner = Planner(
                 templates=templates,
                 registry=Registry(js, self.topology),

@@ -42,9 +42,14 @@ class PolicyService:
 
     async def start(self) -> str:
         await self.store.start()
-        self._nc = await connect(self.settings.nats_url, name=self.settings.instance_id)
+        within_s = self.settings.startup_timeout_s
+        self._nc = await connect(
+            self.settings.nats_url, name=self.settings.instance_id, initial_timeout_s=within_s
+        )
         js = self._nc.jetstream()
-        await declare(js, self.topology, replicas=self.settings.jetstream_replicas)
+        await declare(
+            js, self.topology, replicas=self.settings.jetstream_replicas, within_s=within_s
+        )
         self.audit = AuditWriter(
             js,
             self.topology,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
 from nats.aio.client import Client
-from prometheus_client import start_http_server
 
 from services.tool_proxy.approvals import ApprovalStore
 from services.tool_proxy.embedded_policy import EmbeddedPolicy
@@ -19,7 +19,6 @@ from services.tool_proxy.service import ToolProxyServicer, safe_deserializer
 from services.tool_proxy.settings import ToolProxySettings
 from services.tool_proxy.tokens import TokenChecker, UseLedger
 from services.tool_proxy.tools.builtin import builtin_tools
-from services.tool_proxy.tools.mcp_backend import McpServers
 from services.tool_proxy.tools.registry import ToolRegistry
 from tessera.audit import AuditWriter, hmac_digest
 from tessera.policy.store import PolicyStore
@@ -27,9 +26,13 @@ from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import Unavailable
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.startup import until_ready
 from tessera.v1 import policy_pb2_grpc, tool_proxy_pb2
 from tessera.vault.client import VaultClient
-from tessera.vault.errors import VaultConfigError
+from tessera.vault.errors import VaultConfigError, VaultUnavailable
+
+if TYPE_CHECKING:
+    from services.tool_proxy.tools.mcp_backend import McpServers
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = tool_proxy_pb2.DESCRIPTOR.services_by_name["ToolProxyService"].full_name
@@ -74,18 +77,28 @@ class ToolProxy:
             store = PolicyStore(s.policy_dir, poll_interval_s=s.policy_poll_interval_s)
             await store.start()  # PolicyLoadError: nothing valid to decide with
             self.policy_store = store
-        self._nc = await connect(s.nats_url, name=f"tool-proxy-{self.replica_id}")
+        self._nc = await connect(
+            s.nats_url, name=f"tool-proxy-{self.replica_id}", initial_timeout_s=s.startup_timeout_s
+        )
         js = self._nc.jetstream()
-        await declare(js, self.topology, replicas=s.jetstream_replicas)
+        await declare(
+            js, self.topology, replicas=s.jetstream_replicas, within_s=s.startup_timeout_s
+        )
         idem_kv = await js.key_value(self.topology.idempotency_bucket)
         approvals_kv = await js.key_value(self.topology.approvals_bucket)
 
-        self._vault = await VaultClient.from_approle_file(
-            s.vault_addr,
-            s.vault_approle_file,
-            timeout_s=s.vault_timeout_s,
-            attempts=s.vault_attempts,
-            source_address=s.resolved_vault_source_address(),
+        approle_file = s.vault_approle_file
+        self._vault = await until_ready(
+            lambda: VaultClient.from_approle_file(
+                s.vault_addr,
+                approle_file,
+                timeout_s=s.vault_timeout_s,
+                attempts=s.vault_attempts,
+                source_address=s.resolved_vault_source_address(),
+            ),
+            what="vault login",
+            within_s=s.startup_timeout_s,
+            retry_if=lambda exc: isinstance(exc, VaultUnavailable),
         )
         audit = AuditWriter(
             js, self.topology, writer=f"tool-proxy-{self.replica_id}", actor="tool-proxy"
@@ -104,6 +117,8 @@ class ToolProxy:
             if self.registry.get(tool.spec.name) is None:
                 self.registry.register(tool)
         if s.mcp_servers is not None:
+            from services.tool_proxy.tools.mcp_backend import McpServers  # only when asked
+
             self._mcp = McpServers.from_file(s.mcp_servers, timeout_s=s.mcp_timeout_s)
             for tool in await self._mcp.start():
                 self.registry.register(tool)
@@ -156,6 +171,8 @@ class ToolProxy:
         )
         await self.server.start()
         if s.metrics_port:
+            from prometheus_client import start_http_server  # only when asked: ~15 ms
+
             start_http_server(s.metrics_port, addr="127.0.0.1")
         log.info(
             "tool_proxy_started",

@@ -39,7 +39,7 @@ from tessera.agent._settings import AgentSettings
 from tessera.agent._types import TaskContext, TaskResult
 from tessera.registry import Heartbeat, Registry
 from tessera.runtime import grpc_server
-from tessera.runtime.bus import Topology, connect, declare, msg_id_headers
+from tessera.runtime.bus import DECLARE_ATTEMPT_S, Topology, connect, declare, msg_id_headers
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.errors import (
     DeadlineExceeded,
@@ -54,6 +54,7 @@ from tessera.runtime.errors import (
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.logging import configure_logging
+from tessera.runtime.startup import until_ready
 from tessera.runtime.telemetry import configure_tracing
 from tessera.v1 import (
     agent_pb2,
@@ -456,14 +457,17 @@ class Agent:
         if not self._capabilities:
             raise RuntimeError(f"agent {self.name!r} declares no capability")
         try:
+            within_s = settings.startup_timeout_s
             if nats is None:
-                self._nc = await connect(settings.nats_url, name=f"agent-{self.name}")
+                self._nc = await connect(
+                    settings.nats_url, name=f"agent-{self.name}", initial_timeout_s=within_s
+                )
                 self._owns_nc = True
             else:
                 self._nc, self._owns_nc = nats, False
             js = self._nc.jetstream()
             topology = Topology(settings.namespace)
-            await _ensure_topology(js, topology, settings.jetstream_replicas)
+            await _ensure_topology(js, topology, settings.jetstream_replicas, within_s=within_s)
             self._js, self._topology = js, topology
 
             servicer = _Servicer(self)
@@ -480,7 +484,10 @@ class Agent:
                 settings.heartbeat_interval_s if isinstance(settings, AgentSettings) else None
             )
             self._heartbeat = Heartbeat(
-                Registry(js, topology), self.descriptor(), interval_s=interval
+                Registry(js, topology),
+                self.descriptor(),
+                interval_s=interval,
+                register_within_s=within_s,
             )
             await self._heartbeat.start()
         except BaseException:
@@ -543,11 +550,22 @@ class Agent:
         grpc_server.run(lambda: self.serve(settings))
 
 
-async def _ensure_topology(js: JetStreamContext, topology: Topology, replicas: int) -> None:
+async def _ensure_topology(
+    js: JetStreamContext, topology: Topology, replicas: int, *, within_s: float
+) -> None:
     """Declare the streams and buckets only when missing, so an agent never rewrites the
-    replica count an operator gave an existing cluster."""
-    try:
-        await js.key_value(topology.registry_bucket)
-        await js.stream_info(topology.events_stream)
-    except (BucketNotFoundError, NotFoundError):
-        await declare(js, topology, replicas=replicas)
+    replica count an operator gave an existing cluster. The check waits out a JetStream
+    that is still electing leaders, like :func:`declare` itself."""
+
+    async def exists() -> bool:
+        try:
+            await js.key_value(topology.registry_bucket)
+            await js.stream_info(topology.events_stream)
+        except (BucketNotFoundError, NotFoundError):
+            return False
+        return True
+
+    if not await until_ready(
+        exists, what="jetstream topology check", within_s=within_s, attempt_s=DECLARE_ATTEMPT_S
+    ):
+        await declare(js, topology, replicas=replicas, within_s=within_s)

@@ -1,8 +1,9 @@
 """Orchestrate the local mesh: `up`, `status` and `down` over one data directory.
 
 Start order: NATS (one server, or a JetStream cluster with ``nats_cluster``) and OpenBao
-(in parallel), the Vault bootstrap, every service of the
-topology, then Envoy; all of them are then awaited together. Stop order is the reverse.
+are spawned; then at once: NATS awaited and every stream and bucket declared, OpenBao
+awaited and the Vault bootstrap applied, the gateway's descriptor set built. Then every
+service of the topology and Envoy are spawned and all awaited together. Stop order is the reverse.
 When the topology has the gateway control plane (``services.gateway``), Envoy takes its
 configuration from it over ADS (and is only ready once it has it); the descriptor set
 for HTTP/JSON transcoding is built with buf first. Otherwise Envoy gets static routes.
@@ -12,6 +13,7 @@ Nothing here prints: callers (the CLI, tests) present the results and errors.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import fcntl
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -377,20 +380,43 @@ def _start(
     nats_nodes = _start_nats(data_dir, ports, nats_cluster, started)
     bao = infra.start_openbao(data_dir, port=ports["openbao"], wait=False)
     started.append(bao.name)
-    infra.wait_ready([*nats_nodes, bao], timeout=timeout)
-    if nats_cluster:
-        # Replicated streams can only be created once the cluster has a meta leader.
-        cluster.wait_cluster_ready(nats_nodes, timeout=max(1.0, timeout - (time.monotonic() - t0)))
-    infra.scrub_openbao_log(bao)
     nats_url = ",".join(node.url for node in nats_nodes)
     replicas = cluster.replicas_for(len(nats_nodes)) if nats_cluster else 1
-    log.info("infra_ready", seconds=round(time.monotonic() - t0, 2))
-
-    approles = _bootstrap_vault(bao, project, data_dir, report)
     control_plane = next((s for s in topology.services if s.module == CONTROL_PLANE_MODULE), None)
-    gateway_env: dict[str, str] = {}
-    if control_plane is not None:
-        gateway_env = _control_plane_env(data_dir, project, ports)
+
+    def left() -> float:
+        return max(1.0, timeout - (time.monotonic() - t0))
+
+    def jetstream() -> None:
+        infra.wait_ready(nats_nodes, timeout=left())
+        if nats_cluster:
+            # Replicated streams can only be created once the cluster has a meta leader.
+            cluster.wait_cluster_ready(nats_nodes, timeout=left())
+        _declare_jetstream(nats_url, replicas, within_s=left(), log_path=nats_nodes[0].log_path)
+
+    def vault() -> dict[str, Path] | None:
+        infra.wait_ready([bao], timeout=left())
+        infra.scrub_openbao_log(bao)
+        return _bootstrap_vault(bao, project, data_dir, report)
+
+    def gateway() -> dict[str, str]:
+        return {} if control_plane is None else _control_plane_env(data_dir, project, ports)
+
+    # Independent, so at once: NATS up and the streams declared, OpenBao up and
+    # bootstrapped, the gateway's descriptor set built.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        declared = pool.submit(jetstream)
+        bootstrapped = pool.submit(vault)
+        described = pool.submit(gateway)
+        steps: list[concurrent.futures.Future[Any]] = [declared, bootstrapped, described]
+        concurrent.futures.wait(steps, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for step in steps:  # the first failure, in this order
+            if step.done() and (error := step.exception()) is not None:
+                raise error
+        declared.result()
+        approles = bootstrapped.result()
+        gateway_env = described.result()
+    log.info("infra_ready", seconds=round(time.monotonic() - t0, 2))
 
     services: list[Component] = []
     components: list[Component] = [
@@ -461,6 +487,31 @@ def _start(
     state_file.write(data_dir, mesh)
     log.info("mesh_up", seconds=round(time.monotonic() - t0, 2), gateway=envoy.address)
     return mesh
+
+
+def _declare_jetstream(nats_url: str, replicas: int, *, within_s: float, log_path: str) -> None:
+    """Create the streams and buckets before any service starts. Every service declares
+    them again (a no-op then); without this, a dozen processes would race to create them
+    while a fresh cluster is still electing their leaders."""
+    from tessera.runtime import bus  # only `up` needs NATS
+    from tessera.runtime.config import CommonSettings
+
+    namespace = CommonSettings().namespace  # what the services will read (TESSERA_NAMESPACE)
+
+    async def declare() -> None:
+        nc = await bus.connect(nats_url, name="tessera-up", initial_timeout_s=within_s)
+        try:
+            topology = bus.Topology(namespace)
+            await bus.declare(nc.jetstream(), topology, replicas=replicas, within_s=within_s)
+        finally:
+            await bus.close(nc)
+
+    try:
+        asyncio.run(declare())
+    except Exception as exc:  # one clear line, like any other component that failed
+        raise infra.StartFailed(
+            "jetstream", f"streams not declared: {type(exc).__name__}: {exc}", log_path
+        ) from exc
 
 
 def _start_nats(

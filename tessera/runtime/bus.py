@@ -7,22 +7,23 @@ namespace so parallel tests (or tenants) never see each other's data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
-import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-import nats.errors
 import structlog
 from google.protobuf.message import Message
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NotFoundError
 
+from tessera.runtime.startup import STARTUP_TIMEOUT_S, NotReadyYet, until_ready
 from tessera.runtime.telemetry import inject_headers
 
 __all__ = [
@@ -40,9 +41,10 @@ log = structlog.get_logger(__name__)
 
 DUPLICATE_WINDOW_S = 120.0
 _STREAM_NAME_IN_USE = 10058  # JetStream: stream name already in use with a different config
-_NO_SUITABLE_PEERS = 10005  # JetStream: no suitable peers for placement (cluster forming)
-PLACEMENT_WAIT_S = 15.0
-"""How long :func:`declare` waits for a forming cluster to accept replicated streams."""
+_DEFAULT_NATS_PORT = 4222
+DECLARE_ATTEMPT_S = 2.0
+"""One declaration (or leader check) unanswered this long is asked again: a forming
+cluster can drop a request, which would otherwise cost the API timeout (5 s) each time."""
 
 
 async def connect(
@@ -51,14 +53,16 @@ async def connect(
     name: str,
     connect_timeout_s: float = 2.0,
     reconnect_wait_s: float = 1.0,
-    initial_timeout_s: float | None = 30.0,
+    initial_timeout_s: float | None = STARTUP_TIMEOUT_S,
 ) -> Client:
     """Connect to NATS (``url`` may list several servers, comma-separated).
 
-    The client retries forever, waiting ``reconnect_wait_s`` between attempts, both at
-    start-up and after losing its server; every attempt gives up after
-    ``connect_timeout_s``. The first connection must succeed within ``initial_timeout_s``
-    (``None``: wait forever), else ``TimeoutError``. Connection events are logged.
+    The first connection waits, with capped exponential backoff and jitter (see
+    :func:`tessera.runtime.startup.until_ready`), until one of the servers accepts
+    connections, then connects; all within ``initial_timeout_s`` (``None``: wait forever),
+    else ``TimeoutError``. Once connected, the client reconnects by itself forever after
+    losing its server, waiting ``reconnect_wait_s`` between attempts; every attempt gives
+    up after ``connect_timeout_s``. Connection events are logged.
     """
 
     async def on_error(exc: Exception) -> None:
@@ -73,10 +77,21 @@ async def connect(
     async def on_closed() -> None:
         log.info("nats_closed", client=name)
 
-    nc = Client()
     servers = [s.strip() for s in url.split(",") if s.strip()]
+    loop = asyncio.get_running_loop()
+    give_up = None if initial_timeout_s is None else loop.time() + initial_timeout_s
+    unreachable = f"NATS {', '.join(servers)} not reachable within {initial_timeout_s}s"
     try:
-        async with asyncio.timeout(initial_timeout_s):
+        await until_ready(
+            functools.partial(_any_accepts, servers, connect_timeout_s),
+            what="nats connect",
+            within_s=initial_timeout_s,
+        )
+    except (TimeoutError, OSError) as exc:
+        raise TimeoutError(unreachable) from exc
+    nc = Client()
+    try:
+        async with asyncio.timeout_at(give_up):
             await nc.connect(
                 servers=servers,
                 name=name,
@@ -91,11 +106,30 @@ async def connect(
             )
     except TimeoutError:
         await nc.close()
-        raise TimeoutError(
-            f"NATS {', '.join(servers)} not reachable within {initial_timeout_s:g}s"
-        ) from None
+        raise TimeoutError(unreachable) from None
     log.info("nats_connected", client=name, server=_server(nc))
     return nc
+
+
+async def _any_accepts(servers: list[str], timeout_s: float) -> None:
+    """Return once one of ``servers`` accepts a TCP connection (closed again at once);
+    ``ConnectionError`` if none does."""
+    last: BaseException | None = None
+    for server in servers:
+        parsed = urllib.parse.urlsplit(server if "://" in server else f"nats://{server}")
+        try:
+            async with asyncio.timeout(timeout_s):
+                _reader, writer = await asyncio.open_connection(
+                    parsed.hostname or "127.0.0.1", parsed.port or _DEFAULT_NATS_PORT
+                )
+        except (OSError, TimeoutError, ValueError) as exc:
+            last = exc
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    raise ConnectionError(f"no NATS server accepts connections ({last!r})")
 
 
 def _server(nc: Client) -> str:
@@ -308,44 +342,60 @@ async def declare(
     topology: Topology,
     *,
     replicas: int = 1,
-    placement_wait_s: float = PLACEMENT_WAIT_S,
+    within_s: float = STARTUP_TIMEOUT_S,
 ) -> None:
     """Create every stream and KV bucket of ``topology``; safe to call any number of times.
 
     Existing ones with the same config are left alone; a compatible difference (replicas,
-    TTL, history…) is applied with an update; nothing is ever deleted. While a cluster is
-    still forming (JetStream: "no suitable peers for placement", not ready, or no answer
-    yet), each declaration is retried for up to ``placement_wait_s``; after that the error
-    is raised.
+    TTL, history…) is applied with an update; nothing is ever deleted. The declarations
+    run concurrently. With ``replicas`` > 1, returns only once every stream and bucket has
+    an elected leader, so the first publish or KV put is answered. While a cluster is
+    still forming ("no suitable peers for placement", JetStream not ready, no answer
+    yet), each step is retried (:func:`tessera.runtime.startup.until_ready`); after
+    ``within_s`` in all, the last error is raised.
     """
-    for stream in topology.streams():
-        await _placed(functools.partial(_declare_stream, js, stream, replicas), placement_wait_s)
-    for bucket in topology.buckets():
-        await _placed(functools.partial(_declare_bucket, js, bucket, replicas), placement_wait_s)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + within_s
+
+    async def step(what: str, call: Callable[[], Awaitable[None]]) -> None:
+        left = max(0.0, give_up - loop.time())
+        await until_ready(call, what=what, within_s=left, attempt_s=DECLARE_ATTEMPT_S)
+
+    async def stream(spec: StreamSpec) -> None:
+        await step(
+            f"declare stream {spec.name}", functools.partial(_declare_stream, js, spec, replicas)
+        )
+        if replicas > 1:
+            await step(f"leader of {spec.name}", functools.partial(_has_leader, js, spec.name))
+
+    async def bucket(spec: KvSpec) -> None:
+        await step(
+            f"declare bucket {spec.bucket}", functools.partial(_declare_bucket, js, spec, replicas)
+        )
+        if replicas > 1:
+            name = f"KV_{spec.bucket}"
+            await step(f"leader of {name}", functools.partial(_has_leader, js, name))
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for spec in topology.streams():
+                group.create_task(stream(spec))
+            for kv in topology.buckets():
+                group.create_task(bucket(kv))
+    except BaseExceptionGroup as failed:
+        # One cause is enough for the caller (they are alike: the same server said no).
+        raise failed.exceptions[0] from None
 
 
-async def _placed(declare_one: Callable[[], Awaitable[None]], wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    delay = 0.1
-    while True:
-        try:
-            await declare_one()
-            return
-        except (BadRequestError, ServiceUnavailableError, nats.errors.TimeoutError) as exc:
-            if not _cluster_forming(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.info("jetstream_placement_waiting", error=repr(exc))
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
-
-
-def _cluster_forming(exc: Exception) -> bool:
-    """What JetStream answers while its cluster is still forming: no suitable peers for a
-    replicated stream, "JetStream not ready" (503), or no answer at all before a meta
-    leader is elected. Retrying a declaration is safe: it is idempotent."""
-    if isinstance(exc, BadRequestError):
-        return exc.err_code == _NO_SUITABLE_PEERS
-    return True
+async def _has_leader(js: JetStreamContext, stream: str) -> None:
+    """Raise ``NotReadyYet`` until the (just declared) ``stream`` has a leader. Right
+    after its creation a cluster may still answer "stream not found": not ready either."""
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        raise NotReadyYet(f"stream {stream} not placed yet") from None
+    if info.cluster is not None and not info.cluster.leader:
+        raise NotReadyYet(f"stream {stream} has no leader yet")
 
 
 EventT = TypeVar("EventT", bound=Message)

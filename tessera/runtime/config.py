@@ -21,9 +21,11 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["MIB", "CommonSettings", "ServiceSettings"]
+__all__ = ["MIB", "STARTUP_TIMEOUT_S", "CommonSettings", "ServiceSettings"]
 
 MIB = 1024 * 1024
+STARTUP_TIMEOUT_S = 30.0
+"""Default of ``startup_timeout_s``: how long start-up waits out a dependency."""
 
 
 def _fixed(env: str) -> AliasChoices:
@@ -65,6 +67,12 @@ class CommonSettings(BaseSettings):
         default=None, validation_alias=_fixed("TESSERA_OTEL_ENDPOINT")
     )
     """OTLP gRPC endpoint; ``None`` means the exporter's default / OTEL_* env vars."""
+    startup_timeout_s: float = Field(
+        default=STARTUP_TIMEOUT_S, gt=0, validation_alias=_fixed("TESSERA_STARTUP_TIMEOUT_S")
+    )
+    """How long start-up waits for a dependency that is not ready yet (NATS reachable,
+    JetStream streams placed and led, Vault answering) before the process gives up; see
+    :mod:`tessera.runtime.startup`."""
 
 
 class ServiceSettings(CommonSettings):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,9 +28,11 @@ from typing import Any
 import pytest
 
 from tessera.launcher import processes
+from tessera.launcher.ports import free_port
 from tessera.launcher.restart import restart
+from tessera.runtime.grpc_client import wait_for_serving
 from tests.chaos import workload
-from tests.chaos.conftest import CLIENTS, LONG, REPORT_DIR, SECONDS, Mesh
+from tests.chaos.conftest import CLIENTS, LONG, PROJECT, REPORT_DIR, SECONDS, Mesh
 from tests.end_of_run import check_effects_once, check_executions, read_stored
 
 DOWN_S = 1.0
@@ -189,5 +192,44 @@ async def test_kill_9_and_restart_loses_nothing_and_repeats_nothing(
         stall_s=stall,
         restart_s=restart_s,
         rate_ratio=rate / Baseline.rate if Baseline.rate else 0.0,
+    )
+    table.append(row)
+
+
+async def test_one_of_two_agent_replicas_killed_for_good_the_other_takes_its_work(
+    mesh: Mesh, table: list[dict[str, Any]]
+) -> None:
+    """Billing with two replicas: one is killed and not restarted during the run. Its
+    registry entry outlives it until its heartbeat TTL; tasks sent there meet a
+    refused connection (transient) and go to the live replica instead."""
+    original = processes.read_record(mesh.data_dir, "agent-billing")
+    assert original is not None
+    second = "agent-billing-2"
+    env = {
+        **os.environ,
+        **original.env,
+        "TESSERA_AGENT_BILLING_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    processes.spawn(mesh.data_dir, second, original.argv, env=env, cwd=PROJECT)
+    try:
+        await wait_for_serving(env["TESSERA_AGENT_BILLING_LISTEN"], timeout=60)
+
+        async def inject() -> float:
+            await asyncio.sleep(SECONDS / 3)  # the scenario's timeline
+            assert processes.kill(mesh.data_dir, "agent-billing") is not None
+            return time.monotonic()
+
+        load, killed_at = await asyncio.gather(
+            workload.run(mesh.gateway, CLIENTS, SECONDS), inject()
+        )
+        row = await _checks(mesh, load, "agent-billing (1 of 2, not restarted)")
+    finally:
+        if processes.read_record(mesh.data_dir, "agent-billing") is not None:
+            await asyncio.to_thread(restart, mesh.data_dir, "agent-billing")
+        processes.stop(mesh.data_dir, second)
+    row.update(
+        stall_s=load.stall_after(killed_at),
+        restart_s=0.0,
+        rate_ratio=len(load.started) / SECONDS / Baseline.rate if Baseline.rate else 0.0,
     )
     table.append(row)

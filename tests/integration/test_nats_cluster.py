@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -40,7 +40,6 @@ from tessera.agent import Agent, TaskContext, TaskResult
 from tessera.launcher import cluster, infra, processes
 from tessera.launcher import mesh as mesh_launcher
 from tessera.launcher.mesh import plan_ports
-from tessera.launcher.ports import free_port
 from tessera.launcher.topology import load, project_root
 from tessera.runtime.bus import Topology
 from tessera.v1 import coordinator_pb2, events_pb2
@@ -78,24 +77,6 @@ PLAN = task_graph(
     task("join", "natsfault.step", "a", "b", "c", max_attempts=5),
     task("final", "natsfault.step", "join", max_attempts=5),
 )
-
-
-@pytest.fixture
-def nats_cluster(tmp_path: Path) -> Iterator[cluster.NatsCluster]:
-    taken: set[int] = set()
-
-    def port() -> int:
-        chosen = free_port(exclude=taken)
-        taken.add(chosen)
-        return chosen
-
-    layout = [cluster.NodePorts(port(), port(), port()) for _ in range(3)]
-    running = cluster.start_nats_cluster(tmp_path, layout, timeout=30)
-    try:
-        yield running
-    finally:
-        for node in running.nodes:
-            infra.stop(tmp_path, node.name)
 
 
 @pytest.fixture

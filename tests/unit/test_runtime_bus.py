@@ -10,17 +10,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import api
-from nats.js.errors import BadRequestError, ServiceUnavailableError
 from opentelemetry import trace
 
 from tessera.runtime.bus import (
     DUPLICATE_WINDOW_S,
     Topology,
-    _placed,
     connect,
     declare,
     msg_id_headers,
@@ -228,43 +225,21 @@ async def test_headers_carry_trace_context_to_the_consumer(nc: Client, topology:
     assert trace_id in msg.headers["traceparent"]
 
 
-async def test_declare_waits_for_a_forming_cluster_then_gives_up() -> None:
-    """ "No suitable peers for placement" while NATS peers are still joining is retried;
-    any other refusal, or one that outlasts the wait, is raised."""
-    calls = 0
-
-    async def joins_on_third_try() -> None:
-        nonlocal calls
-        calls += 1
-        if calls < 3:
-            raise BadRequestError(code=400, err_code=10005, description="no suitable peers")
-
-    await _placed(joins_on_third_try, wait_s=5.0)
-    assert calls == 3
-
-    async def never_placed() -> None:
-        raise BadRequestError(code=400, err_code=10005, description="no suitable peers")
-
-    with pytest.raises(BadRequestError):
-        await _placed(never_placed, wait_s=0.2)
-
-    async def refused() -> None:
-        raise BadRequestError(code=400, err_code=10058, description="name in use")
-
-    with pytest.raises(BadRequestError):
-        await _placed(refused, wait_s=5.0)
-
-    answers: list[Exception] = [
-        nats.errors.TimeoutError(),  # no meta leader yet: the API request is not answered
-        ServiceUnavailableError(code=503, description="JetStream system temporarily unavailable"),
-    ]
-
-    async def leader_elected_later() -> None:
-        if answers:
-            raise answers.pop(0)
-
-    await _placed(leader_elected_later, wait_s=5.0)
-    assert not answers
+async def test_connect_waits_for_a_server_that_starts_late(tmp_path: Path) -> None:
+    """A service started before its NATS server connects once the server is up."""
+    port = _free_port()
+    connecting = asyncio.create_task(
+        connect(f"nats://127.0.0.1:{port}", name="early", initial_timeout_s=20)
+    )
+    await asyncio.sleep(0.3)  # the server is not there yet: the connect keeps waiting
+    assert not connecting.done()
+    server = _start_nats(port, tmp_path)
+    try:
+        client = await connecting
+        assert client.is_connected
+        await client.drain()
+    finally:
+        _stop_nats(server)
 
 
 async def test_event_subscription_survives_bad_events_and_failing_handlers(

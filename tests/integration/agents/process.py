@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 class AgentProcess:
-    """``python -m tests.integration.agents.<module>`` on a free loopback port."""
+    """``python -m tests.integration.agents.<module>`` on a free loopback port (or on
+    ``port``: the same command again, e.g. to restart a killed replica)."""
 
     def __init__(
         self,
@@ -32,11 +33,12 @@ class AgentProcess:
         namespace: str,
         log_dir: Path,
         replicas: int = 1,
+        port: int | None = None,
     ) -> None:
         self.module = module
         self.agent_name = agent_name
         self.namespace = namespace
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         env_name = agent_name.upper().replace("-", "_")
         env = {
@@ -61,8 +63,13 @@ class AgentProcess:
             )
         self.instance_id = ""
 
-    async def registered(self, nc: Client, *, within: float = 30.0) -> agent_pb2.AgentDescriptor:
-        """Wait until the registry lists this process's endpoint; its descriptor."""
+    async def registered(
+        self, nc: Client, *, within: float = 30.0, replacing: str = ""
+    ) -> agent_pb2.AgentDescriptor:
+        """Wait until the registry lists this process's endpoint; its descriptor.
+
+        ``replacing``: the instance id of a killed process that had the same endpoint (its
+        entry stays until the registry TTL): skipped."""
         registry = Registry(nc.jetstream(), Topology(self.namespace))
         deadline = time.monotonic() + within
         while True:
@@ -72,7 +79,7 @@ class AgentProcess:
                     f"{self.log_path.read_text()[-2000:]}"
                 )
             for descriptor in await registry.agents():
-                if descriptor.endpoint == self.endpoint:
+                if descriptor.endpoint == self.endpoint and descriptor.instance_id != replacing:
                     self.instance_id = descriptor.instance_id
                     return descriptor
             if time.monotonic() >= deadline:
