@@ -98,7 +98,7 @@ def test_adding_a_field_is_not_breaking(workspace: Path) -> None:
     edit(
         workspace,
         "  string goal = 15;\n",
-        "  string goal = 15;\n  // Labels set by the caller.\n  map<string, string> labels = 16;\n",
+        "  string goal = 15;\n  // Labels set by the caller.\n  map<string, string> labels = 99;\n",
     )
     result = check_breaking(workspace)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -123,7 +123,7 @@ def test_first_commit_is_skipped_with_a_reason(workspace: Path) -> None:
 
 
 def test_shallow_clone_is_skipped_with_a_reason(workspace: Path, tmp_path: Path) -> None:
-    edit(workspace, "  string goal = 15;\n", "  string goal = 15;\n  string owner = 16;\n")
+    edit(workspace, "  string goal = 15;\n", "  string goal = 15;\n  string owner = 99;\n")
     shallow = tmp_path / "shallow"
     subprocess.run(
         ["git", "clone", "-q", "--depth", "1", "--branch", "main",
