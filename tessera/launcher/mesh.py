@@ -223,8 +223,9 @@ def _bootstrap_vault(
     return approles
 
 
-async def _wait_service(component: Component, deadline: float) -> None:
-    """Poll grpc.health.v1 until every name is SERVING; fail fast if the process exits."""
+async def wait_service(component: Component, deadline: float) -> None:
+    """Poll grpc.health.v1 until every name is SERVING; fail fast if the process exits.
+    ``deadline`` is on the running loop's clock."""
     loop = asyncio.get_running_loop()
     delay = 0.05
     while True:
@@ -251,7 +252,7 @@ async def _wait_service(component: Component, deadline: float) -> None:
 async def _wait_all(services: list[Component], gateway: infra.EnvoyServer, budget: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
-    tasks = [asyncio.create_task(_wait_service(c, deadline)) for c in services]
+    tasks = [asyncio.create_task(wait_service(c, deadline)) for c in services]
     tasks.append(
         asyncio.create_task(asyncio.to_thread(infra.wait_ready, [gateway], timeout=budget))
     )

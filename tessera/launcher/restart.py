@@ -15,7 +15,9 @@ from pathlib import Path
 
 from tessera.launcher import processes
 from tessera.launcher import state as state_file
-from tessera.launcher.health import Health, grpc_health, http_ok
+from tessera.launcher.health import http_ok
+from tessera.launcher.infra import StartFailed
+from tessera.launcher.mesh import wait_service
 
 __all__ = ["NotRestartable", "Restarted", "restart"]
 
@@ -71,22 +73,26 @@ def restart(data_dir: Path, name: str, *, kill: bool = False, timeout: float = 6
 
 
 def _wait_ready(component: state_file.Component, pid: int, timeout: float) -> None:
+    """Until the new process serves: grpc.health.v1 for services (the poll `up` uses),
+    the HTTP readiness URL for the rest."""
+    component = dataclasses.replace(component, pid=pid)
+    if component.kind == "service":
+
+        async def serving() -> None:
+            await wait_service(component, asyncio.get_running_loop().time() + timeout)
+
+        try:
+            asyncio.run(serving())
+        except StartFailed as exc:
+            raise NotRestartable(str(exc)) from None
+        return
     deadline = time.monotonic() + timeout
     delay = 0.02
-    while True:
+    while not (component.health_url is not None and http_ok(component.health_url)):
         if not processes.pid_exists(pid):
             raise NotRestartable(
                 f"{component.name} exited during its start (log: {component.log_path})"
             )
-        if component.kind == "service":
-            ready = (
-                asyncio.run(grpc_health(component.address, component.health, rpc_timeout=0.5))
-                is Health.SERVING
-            )
-        else:
-            ready = component.health_url is not None and http_ok(component.health_url)
-        if ready:
-            return
         if time.monotonic() >= deadline:
             raise NotRestartable(
                 f"{component.name} did not become ready within {timeout:g}s "

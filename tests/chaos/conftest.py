@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from tessera.launcher import processes
 from tessera.launcher import state as state_file
+from tests.integration.test_mesh_up import tessera as run_cli
 
 PROJECT = Path(__file__).resolve().parents[2]
 REPORT_DIR = PROJECT / ".tessera" / "chaos"
@@ -34,22 +34,9 @@ class Mesh:
 
 
 def tessera(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """The `tessera` command line, as an operator runs it."""
-    env = {
-        **os.environ,
-        "COLUMNS": "200",
-        "TESSERA_COORDINATOR_MAX_ACTIVE_WORKFLOWS": str(ADMISSION_LIMIT),
-    }
-    env.pop("TESSERA_DATA_DIR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "tessera.cli.main", *args, "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=PROJECT,
-        timeout=240,
-        check=False,
-    )
+    """The `tessera` command line, as an operator runs it, with this mesh's limit."""
+    limit = {"TESSERA_COORDINATOR_MAX_ACTIVE_WORKFLOWS": str(ADMISSION_LIMIT)}
+    return run_cli(*args, data_dir=data_dir, env=limit, timeout_s=240)
 
 
 @pytest.fixture(scope="package")

@@ -36,10 +36,14 @@ CLI_TIMEOUT_S = 90
 
 
 def tessera(
-    *args: str, data_dir: Path, topology: Path = TOPOLOGY_FILE
+    *args: str,
+    data_dir: Path,
+    topology: Path = TOPOLOGY_FILE,
+    env: dict[str, str] | None = None,
+    timeout_s: float = CLI_TIMEOUT_S,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the `tessera` command line as a user would."""
-    env = {**os.environ, "TESSERA_TOPOLOGY": str(topology), "COLUMNS": "200"}
+    """Run the `tessera` command line as a user would (``env``: settings on top)."""
+    env = {**os.environ, "TESSERA_TOPOLOGY": str(topology), "COLUMNS": "200", **(env or {})}
     env.pop("TESSERA_DATA_DIR", None)
     return subprocess.run(
         [sys.executable, "-m", "tessera.cli.main", *args, "--data-dir", str(data_dir)],
@@ -47,7 +51,7 @@ def tessera(
         text=True,
         env=env,
         cwd=PROJECT_ROOT,
-        timeout=CLI_TIMEOUT_S,
+        timeout=timeout_s,
         check=False,
     )
 
@@ -191,8 +195,9 @@ def test_restart_kills_a_component_and_starts_the_same_command_again(mesh: Mesh)
     assert after["pid"] != before["pid"] and not pid_alive(before["pid"])
     assert after["argv"] == before["argv"] and after["env"] == before["env"]
     state = json.loads((mesh.data_dir / "state.json").read_text())
-    assert next(c["pid"] for c in state["components"] if c["name"] == "agent-billing") == (
-        after["pid"]
+    assert (
+        next(c["pid"] for c in state["components"] if c["name"] == "agent-billing")
+        == (after["pid"])
     )
     status = tessera("status", data_dir=mesh.data_dir)
     assert status.returncode == 0, status.stdout
