@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from tessera.launcher import cluster, infra, processes
+from tessera.launcher import cluster, infra, openbao, processes
 from tessera.launcher import state as state_file
 from tessera.launcher.gateway import (
     CONTROL_PLANE_MODULE,
@@ -379,8 +379,6 @@ def _start(
 ) -> MeshState:
     t0 = time.monotonic()
     nats_nodes = _start_nats(data_dir, ports, nats_cluster, started)
-    bao = infra.start_openbao(data_dir, port=ports["openbao"], wait=False)
-    started.append(bao.name)
     nats_url = ",".join(node.url for node in nats_nodes)
     replicas = cluster.replicas_for(len(nats_nodes)) if nats_cluster else 1
     control_plane = next((s for s in topology.services if s.module == CONTROL_PLANE_MODULE), None)
@@ -395,10 +393,11 @@ def _start(
             cluster.wait_cluster_ready(nats_nodes, timeout=left())
         _declare_jetstream(nats_url, replicas, within_s=left(), log_path=nats_nodes[0].log_path)
 
-    def vault() -> dict[str, Path] | None:
+    def vault() -> tuple[infra.OpenBaoServer, dict[str, Path] | None]:
+        started.append("openbao")  # before the spawn: a failed start is still stopped
+        bao = openbao.start_persistent_openbao(data_dir, port=ports["openbao"], timeout=left())
         infra.wait_ready([bao], timeout=left())
-        infra.scrub_openbao_log(bao)
-        return _bootstrap_vault(bao, project, data_dir, report)
+        return bao, _bootstrap_vault(bao, project, data_dir, report)
 
     def gateway() -> dict[str, str]:
         return {} if control_plane is None else _control_plane_env(data_dir, project, ports)
@@ -415,7 +414,7 @@ def _start(
             if step.done() and (error := step.exception()) is not None:
                 raise error
         declared.result()
-        approles = bootstrapped.result()
+        bao, approles = bootstrapped.result()
         gateway_env = described.result()
     log.info("infra_ready", seconds=round(time.monotonic() - t0, 2))
 

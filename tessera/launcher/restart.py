@@ -13,17 +13,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tessera.launcher import processes
+from tessera.launcher import openbao, processes
 from tessera.launcher import state as state_file
 from tessera.launcher.health import http_ok
-from tessera.launcher.infra import StartFailed
+from tessera.launcher.infra import OpenBaoServer, StartFailed
 from tessera.launcher.mesh import wait_service
 
 __all__ = ["NotRestartable", "Restarted", "restart"]
 
-# OpenBao runs in dev mode locally: its storage is in memory, so a restarted one has no
-# PKI, no AppRoles and no tool secrets. Restart the whole mesh instead.
-_IN_MEMORY = frozenset({"openbao"})
+# `tessera up` runs OpenBao on file storage; it starts sealed, and the launcher holds the
+# local mesh's unseal key (see tessera.launcher.openbao).
+_SEALED_AT_START = frozenset({"openbao"})
 
 
 class NotRestartable(RuntimeError):
@@ -49,11 +49,6 @@ def restart(data_dir: Path, name: str, *, kill: bool = False, timeout: float = 6
     if component is None:
         known = ", ".join(c.name for c in recorded.components)
         raise NotRestartable(f"no component {name!r} in this mesh (components: {known})")
-    if name in _IN_MEMORY:
-        raise NotRestartable(
-            f"{name} keeps its state in memory (dev mode): restarting it alone would lose "
-            "every identity and secret; use `tessera down` and `tessera up`"
-        )
     previous = processes.read_record(data_dir, name)
     if previous is None:
         raise NotRestartable(f"{name} has no PID file in {processes.run_dir(data_dir)}")
@@ -63,6 +58,8 @@ def restart(data_dir: Path, name: str, *, kill: bool = False, timeout: float = 6
         stopped = processes.stop(data_dir, name).value
     record = processes.respawn(data_dir, previous)
     started = time.monotonic()
+    if name in _SEALED_AT_START:
+        _unseal(data_dir, component, record.pid, timeout)
     _wait_ready(component, record.pid, timeout)
     ready = time.monotonic() - started
     replaced = tuple(
@@ -70,6 +67,21 @@ def restart(data_dir: Path, name: str, *, kill: bool = False, timeout: float = 6
     )
     state_file.write(data_dir, dataclasses.replace(recorded, components=replaced))
     return Restarted(name, record.pid, stopped, ready)
+
+
+def _unseal(data_dir: Path, component: state_file.Component, pid: int, timeout: float) -> None:
+    server = OpenBaoServer(
+        name=component.name,
+        addr=component.address,
+        pid=pid,
+        log_path=component.log_path,
+        root_token_file="",
+        root_token="",
+    )
+    try:
+        openbao.unseal(server, data_dir / "secrets", timeout=timeout)
+    except StartFailed as exc:
+        raise NotRestartable(str(exc)) from None
 
 
 def _wait_ready(component: state_file.Component, pid: int, timeout: float) -> None:

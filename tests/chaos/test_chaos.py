@@ -11,7 +11,7 @@ succeed. C4 (throughput ≥ 90 % of the fault-free run) is reported, not asserte
 shared cores a short window's rate is noise. The time from the kill to the next workflow
 ending (the stall) is reported too.
 
-Bounded (in `make test`): every service kind, an agent, the control plane and Envoy,
+Bounded (in `make test`): every service kind, an agent, the control plane, Envoy and OpenBao,
 W(6, 12 s) each. Long (`make chaos`, marked slow): W(50, 5 min) per fault on a 3-node
 NATS cluster, one node killed as well. Both write their table to `.tessera/chaos/`.
 """
@@ -50,6 +50,7 @@ FAULTS = (
     "agent-triage",
     "gateway-control-plane",
     "envoy",
+    "openbao",  # raft storage on disk: it comes back sealed and `tessera restart` unseals it
 )
 LONG_FAULTS = (*FAULTS, "nats-n2")  # a NATS node of three (not the seed), restarted later
 
