@@ -20,6 +20,11 @@ from pathlib import Path
 
 import pytest
 
+# Services built in-process by the fixtures without an AppRole run plaintext (the explicit
+# debugging opt-in); every `tessera up` mesh the tests start runs mTLS with workload
+# certificates (the launcher sets TESSERA_INSECURE_PLAINTEXT=0 for what it starts).
+os.environ.setdefault("TESSERA_INSECURE_PLAINTEXT", "1")
+
 from tessera.launcher import infra
 from tessera.launcher.gateway import Upstream
 from tessera.launcher.ports import free_port, is_free

@@ -21,8 +21,8 @@ from services.coordinator.tokens import TaskTokens
 from tessera.audit import AuditWriter
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, close, connect, declare
-from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.identity import Workload
 from tessera.runtime.startup import until_ready
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc
 from tessera.vault.client import VaultClient
@@ -43,6 +43,7 @@ class Coordinator:
         self.dispatcher: Dispatcher | None = None
         self.tokens: TaskTokens | None = None
         self.auditor: WorkflowAuditor | None = None
+        self.workload: Workload | None = None
 
     @property
     def address(self) -> str:
@@ -74,6 +75,7 @@ class Coordinator:
                 within_s=within_s,
                 retry_if=lambda exc: isinstance(exc, VaultUnavailable),
             )
+        self.workload = await Workload.start(self.settings, vault=vault)
         self.tokens = TaskTokens(
             vault,
             js,
@@ -83,9 +85,14 @@ class Coordinator:
         )
         self.dispatcher = Dispatcher(
             Registry(js, self.topology, max_staleness_s=0.5),
+            self.workload,
             tool_proxy_address=self.settings.tool_proxy_address,
         )
-        self._planner_channel = channel(self.settings.planner_address, service="coordinator")
+        self._planner_channel = self.workload.channel(
+            self.settings.planner_address,
+            peer=self.workload.peer("service", "planner"),
+            service="coordinator",
+        )
         admission = Admission(
             js,
             stream=self.topology.work_stream,
@@ -107,6 +114,7 @@ class Coordinator:
                 lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s)
             ],
             service_names=[SERVICE_NAME],
+            identity=self.workload.certificate,
         )
         if self.settings.run_workers:
             self.runner = Runner(
@@ -131,5 +139,7 @@ class Coordinator:
             await self.auditor.stop()
         if self._planner_channel is not None:
             await self._planner_channel.close()
+        if self.workload is not None:
+            await self.workload.close()
         if self._nc is not None:
             await close(self._nc)

@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 from services.coordinator.engine import Dispatch
 from services.coordinator.state import WorkflowRecord, dict_to_struct
 from tessera.registry import Registry
-from tessera.runtime.grpc_client import channel
+from tessera.runtime.identity import Workload
 from tessera.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 
@@ -28,8 +28,11 @@ class Answer:
 
 
 class Dispatcher:
-    def __init__(self, registry: Registry, *, tool_proxy_address: str = "") -> None:
+    def __init__(
+        self, registry: Registry, workload: Workload, *, tool_proxy_address: str = ""
+    ) -> None:
         self.registry = registry
+        self.workload = workload
         self.tool_proxy_address = tool_proxy_address
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._round_robin = itertools.count()
@@ -39,11 +42,17 @@ class Dispatcher:
             await ch.close()
         self._channels.clear()
 
-    def _stub(self, endpoint: str) -> agent_pb2_grpc.AgentServiceStub:
-        ch = self._channels.get(endpoint)
+    def _stub(self, agent: agent_pb2.AgentDescriptor) -> agent_pb2_grpc.AgentServiceStub:
+        key = f"{agent.name}@{agent.endpoint}"
+        ch = self._channels.get(key)
         if ch is None:
+            # The channel accepts only a server holding the certificate of the agent the
+            # registry names: an entry pointing elsewhere fails the handshake, and no task
+            # (nor its task token) reaches whoever listens there.
             # ExecuteTask is idempotent on (task_id, attempt): transport retries are safe.
-            ch = self._channels[endpoint] = channel(endpoint, service="coordinator")
+            ch = self._channels[key] = self.workload.channel(
+                agent.endpoint, peer=self.workload.peer("agent", agent.name), service="coordinator"
+            )
         return agent_pb2_grpc.AgentServiceStub(ch)
 
     async def pick(
@@ -102,7 +111,7 @@ class Dispatcher:
         request: agent_pb2.ExecuteTaskRequest,
         timeout_s: float,
     ) -> Answer:
-        response = await self._stub(agent.endpoint).ExecuteTask(request, timeout=timeout_s)
+        response = await self._stub(agent).ExecuteTask(request, timeout=timeout_s)
         return Answer(response, contract, agent.instance_id)
 
 

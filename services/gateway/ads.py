@@ -39,6 +39,7 @@ __all__ = [
     "ENDPOINT",
     "LISTENER",
     "ROUTE",
+    "SECRET",
     "AggregatedDiscoveryServer",
     "Snapshot",
     "SnapshotCache",
@@ -54,7 +55,9 @@ LISTENER: Final = _PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE: Final = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
 CLUSTER: Final = _PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT: Final = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
-ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+SECRET: Final = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+# Secrets first: a cluster whose certificate has not arrived cannot connect.
+ORDER: Final = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
 _WILDCARD_TYPES: Final = frozenset({LISTENER, CLUSTER})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import structlog
@@ -18,12 +19,21 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from nats.aio.client import Client
 
 from services.gateway.ads import ADS_SERVICE_NAME, AggregatedDiscoveryServer, SnapshotCache
+from services.gateway.envoy_identity import write_files
 from services.gateway.resources import agent_endpoints, to_snapshot
 from services.gateway.settings import GatewaySettings
-from tessera.launcher.gateway import Upstream, build_resources, load_edge_config
+from tessera.identity.source import CertificateSource
+from tessera.launcher.gateway import (
+    Upstream,
+    UpstreamTls,
+    build_resources,
+    load_edge_config,
+    tls_secrets,
+)
 from tessera.registry import Registry, registry_key
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.identity import Workload
 from tessera.runtime.startup import until_ready
 from tessera.v1 import agent_pb2
 
@@ -32,6 +42,7 @@ __all__ = ["SERVICE_NAME", "GatewayControlPlane"]
 log = structlog.get_logger(__name__)
 SERVICE_NAME = ADS_SERVICE_NAME
 _WATCH_BACKOFF_MAX_S = 5.0
+ENVOY_IDENTITY = "gateway"
 
 
 class GatewayControlPlane:
@@ -49,6 +60,9 @@ class GatewayControlPlane:
         self._replicas: dict[str, agent_pb2.AgentDescriptor] = {}
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.workload: Workload | None = None
+        self._envoy_identity: CertificateSource | None = None
+        self._tls: UpstreamTls | None = None
 
     @property
     def address(self) -> str:
@@ -77,6 +91,13 @@ class GatewayControlPlane:
         registry = self._registry = Registry(js, self.topology)
         live = await until_ready(registry.agents, what="registry read", within_s=within_s)
         self._replicas = {registry_key(d.name, d.instance_id): d for d in live}
+        self.workload = await Workload.start(settings)
+        if self.workload.certificate is not None:
+            self._envoy_identity = await self.workload.issue_for(ENVOY_IDENTITY)
+            self._tls = UpstreamTls(trust_domain=self.workload.certificate.name.trust_domain)
+            self._envoy_identity.subscribe(self._envoy_renewed)
+            if settings.cert_dir is not None:
+                write_files(self._envoy_identity, settings.cert_dir)
         await self._publish()  # a bad edge policy fails start(), not a later update
         servicer = AggregatedDiscoveryServer(self.cache, identifier=f"tessera-gateway/{id(self)}")
         self.server = GrpcServer(
@@ -86,6 +107,7 @@ class GatewayControlPlane:
                 lambda s: ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, s)
             ],
             service_names=[SERVICE_NAME],
+            identity=self.workload.certificate,
         )
         self._tasks = [
             asyncio.create_task(self._follow_registry(), name="gateway-registry"),
@@ -104,12 +126,37 @@ class GatewayControlPlane:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._envoy_identity is not None:
+            await self._envoy_identity.close()
+            self._envoy_identity = None
+        if self.workload is not None:
+            await self.workload.close()
+            self.workload = None
         nc, self._nc = self._nc, None
         if nc is not None:
             await nc.drain()
 
+    def _envoy_renewed(self) -> None:
+        """A renewed Envoy certificate: new files for the ADS connection, new SDS secret."""
+        if self._envoy_identity is not None and self.settings.cert_dir is not None:
+            write_files(self._envoy_identity, self.settings.cert_dir)
+        self._dirty.set()
+
+    def _secrets(self) -> list[dict[str, Any]]:
+        if self._envoy_identity is None or self._tls is None:
+            return []
+        current = self._envoy_identity.current
+        return tls_secrets(
+            self._tls,
+            certificate=current.certificate,
+            private_key=current.private_key,
+            ca="\n".join(current.ca_chain),
+        )
+
     async def _publish(self) -> None:
-        agents = await agent_endpoints(self._replicas.values())
+        agents = (
+            await agent_endpoints(self._replicas.values()) if self.settings.route_agents else {}
+        )
         resources = build_resources(
             self._edge,
             listen=self.settings.envoy_listen,
@@ -121,7 +168,9 @@ class GatewayControlPlane:
             agents=agents,
             descriptor_set=self.settings.descriptor_set,
             dynamic=True,
+            tls=self._tls,
         )
+        resources = dataclasses.replace(resources, secrets=self._secrets())
         self.cache.set(to_snapshot(resources))
         log.info(
             "gateway_snapshot",

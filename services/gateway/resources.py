@@ -30,11 +30,12 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
-from services.gateway.ads import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from services.gateway.ads import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from tessera.launcher.gateway import AgentEndpoint, Resources
 from tessera.v1 import agent_pb2
 
@@ -108,5 +109,6 @@ def to_snapshot(resources: Resources) -> Snapshot:
             ENDPOINT: _pack(
                 resources.load_assignments, endpoint_pb2.ClusterLoadAssignment, "cluster_name"
             ),
+            SECRET: _pack(resources.secrets, secret_pb2.Secret, "name"),
         }
     )

@@ -34,6 +34,13 @@ class GatewaySettings(ServiceSettings):
         default="", validation_alias=AliasChoices("TESSERA_TOOL_PROXY_ADDRESS")
     )
     """Public services: an empty address means the service is not routed."""
+    cert_dir: Path | None = None
+    """Where Envoy's certificate files for its ADS connection are written (its bootstrap
+    watches them); unset: only SDS over ADS."""
+    route_agents: bool = False
+    """Also route ``AgentService`` to agent replicas (one EDS cluster per agent). Off: only
+    the coordinator's public API is reachable from outside; agents take tasks from the
+    coordinator alone."""
     debounce_s: float = Field(default=0.05, ge=0)
     """Registry changes closer together than this are sent to Envoy as one update."""
     default_deadline_s: float = Field(default=24 * 3600.0, gt=0)

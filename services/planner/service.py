@@ -18,6 +18,7 @@ from tessera.registry import Registry
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import InvalidArgument, ResourceExhausted
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.identity import Workload
 from tessera.v1 import common_pb2, planner_pb2, planner_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "Planner", "PlannerService", "PlannerServicer"]
@@ -153,6 +154,7 @@ class PlannerService:
         self._nc: Client | None = None
         self.server: GrpcServer | None = None
         self.planner: Planner | None = None
+        self.workload: Workload | None = None
 
     @property
     def address(self) -> str:
@@ -200,6 +202,7 @@ class PlannerService:
                 llm=self._llm_backend(),
             )
             servicer = PlannerServicer(self.planner)
+            self.workload = await Workload.start(s)
             self.server = GrpcServer(
                 name="planner",
                 settings=s,
@@ -209,6 +212,7 @@ class PlannerService:
                     )
                 ],
                 service_names=[SERVICE_NAME],
+                identity=self.workload.certificate,
             )
             await self.server.start()
         except BaseException:
@@ -227,6 +231,9 @@ class PlannerService:
         server, self.server = self.server, None
         if server is not None and server.started:
             await server.stop()
+        workload, self.workload = self.workload, None
+        if workload is not None:
+            await workload.close()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             try:

@@ -15,6 +15,7 @@ from tessera.policy.engine import LoadedPolicySet
 from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect, declare, msg_id_headers
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.identity import Workload
 from tessera.v1 import events_pb2, policy_pb2, policy_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,7 @@ class PolicyService:
         self.audit: AuditWriter | None = None
         self.servicer: PolicyServicer | None = None
         self.server: GrpcServer | None = None
+        self.workload: Workload | None = None
 
     @property
     def address(self) -> str:
@@ -67,11 +69,13 @@ class PolicyService:
             announce_reload=self._announce_reload,
         )
         self.servicer = servicer
+        self.workload = await Workload.start(self.settings)
         self.server = GrpcServer(
             name="policy",
             settings=self.settings,
             register=[lambda s: policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, s)],
             service_names=[SERVICE_NAME],
+            identity=self.workload.certificate,
         )
         await self.server.start()
         return self.server.address
@@ -97,6 +101,9 @@ class PolicyService:
             await self.servicer.close(self.settings.audit_timeout_s)
             self.servicer = None
         await self.store.stop()
+        if self.workload is not None:
+            await self.workload.close()
+            self.workload = None
         if self._nc is not None:
             await self._nc.drain()
             self._nc = None

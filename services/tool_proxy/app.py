@@ -24,8 +24,8 @@ from tessera.audit import AuditWriter, hmac_digest
 from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import Unavailable
-from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.identity import Workload
 from tessera.runtime.startup import until_ready
 from tessera.v1 import policy_pb2_grpc, tool_proxy_pb2
 from tessera.vault.client import VaultClient
@@ -59,6 +59,7 @@ class ToolProxy:
         self._mcp: McpServers | None = None
         self._audit: AuditWriter | None = None
         self._embedded: EmbeddedPolicy | None = None
+        self.workload: Workload | None = None
 
     @property
     def address(self) -> str:
@@ -130,6 +131,7 @@ class ToolProxy:
         self.tokens.on_revoked(ledger.forget)
         await self.tokens.subscribe(self._nc, self.topology.events_subject(REVOCATION_KIND))
 
+        workload = self.workload = await Workload.start(s, vault=self._vault)
         embedded: EmbeddedPolicy | None = None
         stub: policy_pb2_grpc.PolicyServiceStub | None = None
         if self.policy_store is not None:
@@ -137,7 +139,9 @@ class ToolProxy:
             await embedded.follow_reloads(self._nc, self.topology.policy_reload_subject)
             self._embedded = embedded
         else:
-            self._policy_channel = channel(s.policy_address, service="tool-proxy")
+            self._policy_channel = workload.channel(
+                s.policy_address, peer=workload.peer("service", "policy"), service="tool-proxy"
+            )
             stub = policy_pb2_grpc.PolicyServiceStub(self._policy_channel)
         self.servicer = ToolProxyServicer(
             settings=s,
@@ -168,6 +172,7 @@ class ToolProxy:
             settings=s,
             register=[lambda server: _register(server, servicer)],
             service_names=[SERVICE_NAME],
+            identity=workload.certificate,
         )
         await self.server.start()
         if s.metrics_port:
@@ -207,6 +212,9 @@ class ToolProxy:
         if self.policy_store is not None:
             await self.policy_store.stop()
             self.policy_store = None
+        if self.workload is not None:
+            await self.workload.close()
+            self.workload = None
         if self._vault is not None:
             await self._vault.close()
             self._vault = None

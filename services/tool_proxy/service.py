@@ -58,6 +58,7 @@ from tessera.runtime.errors import (
     Unauthenticated,
     Unavailable,
 )
+from tessera.runtime.grpc_authz import peer
 from tessera.v1 import (
     audit_pb2,
     common_pb2,
@@ -273,6 +274,9 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
 
         # 3. Its metadata names this very call; the principal comes from it.
         self._check_scope(request, verified)
+        # 3b. It was issued to the agent calling: a token that leaked to another workload
+        #     (or was copied out of a task) is useless there.
+        _check_caller_holds_token(verified)
 
         # 4. The tool exists and the token was scoped to it.
         tool = self.registry.get(request.tool)
@@ -858,3 +862,17 @@ def _struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     out.update(dict(value))
     return out
+
+
+def _check_caller_holds_token(verified: VerifiedToken) -> None:
+    """The calling workload's certificate must name the agent the token was issued to
+    (skipped only on a plaintext debugging server, which has no verified caller)."""
+    caller = peer()
+    if caller is None:
+        return
+    if caller.kind != "agent" or caller.name != verified.agent:
+        raise PermissionDenied(
+            f"the task token was issued to agent {verified.agent!r}, not to {caller}",
+            reason="TOKEN_NOT_CALLERS",
+            metadata={"caller": caller.spiffe_id, "token_agent": verified.agent},
+        )

@@ -51,8 +51,8 @@ from tessera.runtime.errors import (
     TesseraError,
     from_rpc_error,
 )
-from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.identity import Workload
 from tessera.runtime.logging import configure_logging
 from tessera.runtime.startup import until_ready
 from tessera.runtime.telemetry import configure_tracing
@@ -126,6 +126,7 @@ class Agent:
         self._js: JetStreamContext | None = None
         self._topology: Topology | None = None
         self._server: GrpcServer | None = None
+        self._workload: Workload | None = None
         self._heartbeat: Heartbeat | None = None
         self._tool_channels: dict[str, grpc.aio.Channel] = {}
 
@@ -425,7 +426,13 @@ class Agent:
             )
         ch = self._tool_channels.get(endpoint)
         if ch is None:
-            ch = self._tool_channels[endpoint] = channel(endpoint, service=f"agent-{self.name}")
+            workload = self._workload
+            assert workload is not None, "tools are called only while the agent runs"
+            ch = self._tool_channels[endpoint] = workload.channel(
+                endpoint,
+                peer=workload.peer("service", "tool-proxy"),
+                service=f"agent-{self.name}",
+            )
         stub = tool_proxy_pb2_grpc.ToolProxyServiceStub(ch)
         request = tool_proxy_pb2.InvokeToolRequest(
             context=common_pb2.RequestContext(
@@ -471,11 +478,13 @@ class Agent:
             self._js, self._topology = js, topology
 
             servicer = _Servicer(self)
+            self._workload = await Workload.start(settings, what=f"agent {self.name!r}")
             self._server = GrpcServer(
                 name=f"agent-{self.name}",
                 settings=settings,
                 register=[lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, s)],
                 service_names=[AGENT_SERVICE_NAME],
+                identity=self._workload.certificate,
             )
             await self._server.start()
             advertise = settings.advertise if isinstance(settings, AgentSettings) else ""
@@ -520,6 +529,9 @@ class Agent:
         for ch in self._tool_channels.values():
             await ch.close()
         self._tool_channels.clear()
+        if self._workload is not None:
+            await self._workload.close()
+            self._workload = None
         if self._nc is not None and self._owns_nc:
             with contextlib.suppress(Exception):
                 await self._nc.drain()

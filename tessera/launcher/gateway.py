@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from tessera.identity.names import WorkloadName
 from tessera.launcher.binaries import find_binary
 
 __all__ = [
@@ -57,6 +58,7 @@ CALLER_HEADER = "x-tessera-caller"
 
 _T = "type.googleapis.com/"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _FILE_LOG = "envoy.extensions.access_loggers.file.v3.FileAccessLog"
 _HEALTH_FILTER = "envoy.extensions.filters.http.health_check.v3.HealthCheck"
@@ -118,6 +120,7 @@ class Resources:
     route_configs: list[dict[str, Any]] = field(default_factory=list)
     clusters: list[dict[str, Any]] = field(default_factory=list)
     load_assignments: list[dict[str, Any]] = field(default_factory=list)
+    secrets: list[dict[str, Any]] = field(default_factory=list)
 
 
 class DescriptorBuildFailed(RuntimeError):
@@ -192,7 +195,61 @@ def _grpc_health_check(service: str, interval: str) -> dict[str, Any]:
     }
 
 
-def _upstream_cluster(upstream: Upstream, health_check: dict[str, Any] | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class UpstreamTls:
+    """mTLS from Envoy to the services: Envoy's certificate and the mesh CA arrive over
+    SDS (on the ADS stream) as the secrets named here; each upstream must present the
+    certificate of its own identity (its component name)."""
+
+    trust_domain: str
+    certificate_secret: str = "gateway-certificate"
+    ca_secret: str = "mesh-ca"
+
+
+def _sds(name: str) -> dict[str, Any]:
+    return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
+
+
+def _upstream_tls(identity: str, tls: UpstreamTls) -> dict[str, Any]:
+    peer = WorkloadName.of(identity, tls.trust_domain)
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _T + _UPSTREAM_TLS,
+            "sni": peer.dns_name,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [_sds(tls.certificate_secret)],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": {"exact": peer.spiffe_id}}
+                        ]
+                    },
+                    "validation_context_sds_secret_config": _sds(tls.ca_secret),
+                },
+            },
+        },
+    }
+
+
+def tls_secrets(tls: UpstreamTls, *, certificate: str, private_key: str, ca: str) -> list[Any]:
+    """The SDS secrets ``UpstreamTls`` refers to (inline PEM; only ever sent over mTLS)."""
+    return [
+        {
+            "name": tls.certificate_secret,
+            "tls_certificate": {
+                "certificate_chain": {"inline_string": certificate},
+                "private_key": {"inline_string": private_key},
+            },
+        },
+        {"name": tls.ca_secret, "validation_context": {"trusted_ca": {"inline_string": ca}}},
+    ]
+
+
+def _upstream_cluster(
+    upstream: Upstream, health_check: dict[str, Any] | None, tls: UpstreamTls | None = None
+) -> dict[str, Any]:
     name = cluster_name(upstream.name)
     cluster: dict[str, Any] = {
         "name": name,
@@ -207,6 +264,8 @@ def _upstream_cluster(upstream: Upstream, health_check: dict[str, Any] | None) -
     }
     if health_check is not None:
         cluster["health_checks"] = [health_check]
+    if tls is not None:
+        cluster["transport_socket"] = _upstream_tls(upstream.name, tls)
     return cluster
 
 
@@ -403,6 +462,7 @@ def build_resources(
     agents: Mapping[str, Sequence[AgentEndpoint]] | None = None,
     descriptor_set: Path | None = None,
     dynamic: bool = True,
+    tls: UpstreamTls | None = None,
 ) -> Resources:
     """Every Envoy resource of the gateway.
 
@@ -474,7 +534,8 @@ def build_resources(
         ],
     }
     clusters = [
-        _upstream_cluster(u, health_check if u.name == health_upstream else None) for u in upstreams
+        _upstream_cluster(u, health_check if u.name == health_upstream else None, tls)
+        for u in upstreams
     ]
     clusters += [_agent_cluster(n, agents[n], dynamic=dynamic) for n in names]
     return Resources(
@@ -485,6 +546,57 @@ def build_resources(
             [_load_assignment(agent_cluster_name(n), agents[n]) for n in names] if dynamic else []
         ),
     )
+
+
+@dataclass(frozen=True)
+class XdsTls:
+    """mTLS on Envoy's ADS connection: its certificate and the mesh CA from the SDS files
+    the control plane keeps in ``cert_dir`` (services/gateway/envoy_identity.py), the
+    control plane verified by its SPIFFE ID."""
+
+    cert_dir: Path
+    trust_domain: str
+    control_plane: str = "gateway-control-plane"
+
+
+def _file_sds(name: str, path: Path) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sds_config": {
+            "path_config_source": {
+                "path": str(path),
+                "watched_directory": {"path": str(path.parent)},
+            },
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def _xds_transport_socket(tls: XdsTls) -> dict[str, Any]:
+    peer = WorkloadName.of(tls.control_plane, tls.trust_domain)
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _T + _UPSTREAM_TLS,
+            "sni": peer.dns_name,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [
+                    _file_sds("xds-certificate", tls.cert_dir / "xds-certificate.yaml")
+                ],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": {"exact": peer.spiffe_id}}
+                        ]
+                    },
+                    "validation_context_sds_secret_config": _file_sds(
+                        "xds-ca", tls.cert_dir / "xds-ca.yaml"
+                    ),
+                },
+            },
+        },
+    }
 
 
 def render(
@@ -498,6 +610,7 @@ def render(
     node_id: str = "tessera-gateway",
     xds_address: str | None = None,
     descriptor_set: Path | None = None,
+    xds_tls: XdsTls | None = None,
 ) -> str:
     """The Envoy bootstrap YAML.
 
@@ -516,7 +629,13 @@ def render(
         XDS_PORT=xds_port,
     )
     if xds_address is not None:
-        return text
+        if xds_tls is None:
+            return text
+        bootstrap = yaml.safe_load(text)
+        for cluster in bootstrap["static_resources"]["clusters"]:
+            if cluster["name"] == "xds":
+                cluster["transport_socket"] = _xds_transport_socket(xds_tls)
+        return yaml.safe_dump(bootstrap, sort_keys=False)
     resources = build_resources(
         load_edge_config(gateway_dir / "routes.yaml"),
         listen=f"127.0.0.1:{listen_port}",

@@ -29,13 +29,25 @@ def http_ok(url: str, *, timeout: float = 1.0) -> bool:
         return False
 
 
-async def grpc_health(address: str, names: Sequence[str], *, rpc_timeout: float = 1.0) -> Health:
+async def grpc_health(
+    address: str,
+    names: Sequence[str],
+    *,
+    rpc_timeout: float = 1.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, str]] = (),
+) -> Health:
     """SERVING if every name in ``names`` reports SERVING at ``address``.
 
     NOT_SERVING if the server answers but some name is not serving (or unknown), DOWN if
-    the server cannot be reached within ``rpc_timeout`` seconds per check.
+    the server cannot be reached within ``rpc_timeout`` seconds per check. ``credentials``
+    (and the ``options`` that name the expected server) make the probe mTLS.
     """
-    async with grpc.aio.insecure_channel(address) as channel:
+    if credentials is None:
+        probe = grpc.aio.insecure_channel(address)
+    else:
+        probe = grpc.aio.secure_channel(address, credentials, options=list(options))
+    async with probe as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for name in names or [""]:
             try:

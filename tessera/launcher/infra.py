@@ -20,7 +20,7 @@ import structlog
 
 from tessera.launcher import processes
 from tessera.launcher.binaries import find_binary
-from tessera.launcher.gateway import Upstream, render
+from tessera.launcher.gateway import Upstream, XdsTls, render
 from tessera.launcher.health import http_ok
 
 log = structlog.get_logger(__name__)
@@ -324,6 +324,7 @@ def start_envoy(
     upstreams: Sequence[Upstream] = (),
     health_upstream: str | None = None,
     xds_address: str | None = None,
+    xds_tls: XdsTls | None = None,
     name: str = "envoy",
     wait: bool = True,
     timeout: float = 20.0,
@@ -350,6 +351,7 @@ def start_envoy(
             health_upstream=health_upstream,
             node_id=name,
             xds_address=xds_address,
+            xds_tls=xds_tls,
         )
     )
     argv = [

@@ -21,7 +21,7 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,11 @@ from tessera.launcher.gateway import (
     CONTROL_PLANE_MODULE,
     DescriptorBuildFailed,
     Upstream,
+    XdsTls,
     build_descriptor_set,
 )
 from tessera.launcher.health import Health, grpc_health, http_ok
+from tessera.launcher.operator import OperatorIdentity, operator_identity
 from tessera.launcher.ports import ensure_free, preferred_port
 from tessera.launcher.processes import StopResult
 from tessera.launcher.state import Component, MeshState
@@ -184,6 +186,8 @@ def _service_env(
             "TESSERA_JETSTREAM_REPLICAS": str(jetstream_replicas),
             "TESSERA_VAULT_ADDR": vault_addr,
             "TESSERA_LOG_LEVEL": log_level,
+            # Every process `up` starts has a workload certificate and refuses plaintext.
+            "TESSERA_INSECURE_PLAINTEXT": "0",
             f"TESSERA_{spec.env}_LISTEN": f"{LOOPBACK}:{ports[spec.name]}",
         }
     )
@@ -223,9 +227,34 @@ def _bootstrap_vault(
     return approles
 
 
-async def wait_service(component: Component, deadline: float) -> None:
+def probe_identity(data_dir: Path, components: Sequence[Component]) -> OperatorIdentity | None:
+    """The operator certificate the launcher probes mTLS services with (None: the mesh has
+    no OpenBao or no operator identity, e.g. a stand-in topology)."""
+    vault = next((c for c in components if c.name == "openbao"), None)
+    if vault is None:
+        return None
+    return operator_identity(data_dir, vault.address)
+
+
+async def _health(
+    component: Component, rpc_timeout: float, operator: OperatorIdentity | None
+) -> Health:
+    if operator is None:
+        return await grpc_health(component.address, component.health, rpc_timeout=rpc_timeout)
+    return await grpc_health(
+        component.address,
+        component.health,
+        rpc_timeout=rpc_timeout,
+        credentials=operator.credentials(),
+        options=operator.options_for(component.name),
+    )
+
+
+async def wait_service(
+    component: Component, deadline: float, operator: OperatorIdentity | None = None
+) -> None:
     """Poll grpc.health.v1 until every name is SERVING; fail fast if the process exits.
-    ``deadline`` is on the running loop's clock."""
+    ``deadline`` is on the running loop's clock; ``operator`` makes the probe mTLS."""
     loop = asyncio.get_running_loop()
     delay = 0.05
     while True:
@@ -234,9 +263,7 @@ async def wait_service(component: Component, deadline: float) -> None:
             reason = "exited" if code is None else f"exited with code {code}"
             raise infra.StartFailed(component.name, reason, component.log_path)
         remaining = deadline - loop.time()
-        health = await grpc_health(
-            component.address, component.health, rpc_timeout=max(0.05, min(1.0, remaining))
-        )
+        health = await _health(component, max(0.05, min(1.0, remaining)), operator)
         if health is Health.SERVING:
             return
         if loop.time() >= deadline:
@@ -249,10 +276,15 @@ async def wait_service(component: Component, deadline: float) -> None:
         delay = min(delay * 2, 0.3)
 
 
-async def _wait_all(services: list[Component], gateway: infra.EnvoyServer, budget: float) -> None:
+async def _wait_all(
+    services: list[Component],
+    gateway: infra.EnvoyServer,
+    budget: float,
+    operator: OperatorIdentity | None,
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
-    tasks = [asyncio.create_task(wait_service(c, deadline)) for c in services]
+    tasks = [asyncio.create_task(wait_service(c, deadline, operator)) for c in services]
     tasks.append(
         asyncio.create_task(asyncio.to_thread(infra.wait_ready, [gateway], timeout=budget))
     )
@@ -347,6 +379,11 @@ def up(
             raise
 
 
+def envoy_cert_dir(data_dir: Path) -> Path:
+    """Envoy's certificate files for its ADS connection (written by the control plane)."""
+    return data_dir / "secrets" / "envoy"
+
+
 def _control_plane_env(data_dir: Path, project: Path, ports: Mapping[str, int]) -> dict[str, str]:
     """What the gateway control plane needs to configure the Envoy `up` starts."""
     descriptors = data_dir / "gateway" / "tessera.binpb"
@@ -359,6 +396,11 @@ def _control_plane_env(data_dir: Path, project: Path, ports: Mapping[str, int]) 
         raise infra.StartFailed("gateway descriptors", "buf build failed", str(error_log)) from exc
     return {
         "TESSERA_GATEWAY_ENVOY_LISTEN": f"{LOOPBACK}:{ports['gateway']}",
+        "TESSERA_GATEWAY_CERT_DIR": str(envoy_cert_dir(data_dir)),
+        # From outside, only the coordinator's public API: the planner, the tool proxy and
+        # the agents take calls from mesh identities alone.
+        "TESSERA_PLANNER_ADDRESS": "",
+        "TESSERA_TOOL_PROXY_ADDRESS": "",
         "TESSERA_GATEWAY_ACCESS_LOG": str(processes.logs_dir(data_dir) / "envoy-access.log"),
         "TESSERA_GATEWAY_DESCRIPTOR_SET": str(descriptors),
         "TESSERA_GATEWAY_ROUTES_FILE": str(project / "gateway" / "routes.yaml"),
@@ -456,6 +498,17 @@ def _start(
         (s.name for s in topology.services if s.name == "coordinator"),
         upstreams[0].name if upstreams else None,
     )
+    operator = probe_identity(data_dir, components) if approles else None
+    xds_tls = None
+    if control_plane is not None and operator is not None:
+        # Envoy's ADS connection needs the certificate the control plane writes at start.
+        plane = next(c for c in services if c.name == control_plane.name)
+
+        async def plane_serving() -> None:
+            await wait_service(plane, asyncio.get_running_loop().time() + left(), operator)
+
+        asyncio.run(plane_serving())
+        xds_tls = XdsTls(envoy_cert_dir(data_dir), operator.trust_domain, control_plane.name)
     envoy = infra.start_envoy(
         data_dir,
         port=ports["gateway"],
@@ -464,6 +517,7 @@ def _start(
         upstreams=upstreams,
         health_upstream=health_upstream,
         xds_address=None if control_plane is None else f"{LOOPBACK}:{ports[control_plane.name]}",
+        xds_tls=xds_tls,
         name="envoy",
         wait=False,
     )
@@ -474,7 +528,7 @@ def _start(
         )
     )
     remaining = max(1.0, timeout - (time.monotonic() - t0))
-    asyncio.run(_wait_all(services, envoy, remaining))
+    asyncio.run(_wait_all(services, envoy, remaining, operator))
 
     mesh = MeshState(
         data_dir=str(data_dir),
@@ -563,8 +617,8 @@ def down(data_dir: Path) -> list[tuple[str, StopResult]]:
         return _down_locked(data_dir)
 
 
-async def _service_health(component: Component) -> Health:
-    return await grpc_health(component.address, component.health, rpc_timeout=1.0)
+async def _service_health(component: Component, operator: OperatorIdentity | None) -> Health:
+    return await _health(component, 1.0, operator)
 
 
 def status(data_dir: Path) -> list[ComponentStatus] | None:
@@ -574,12 +628,17 @@ def status(data_dir: Path) -> list[ComponentStatus] | None:
     if recorded is None:
         return None
 
+    try:
+        operator = probe_identity(data_dir, recorded.components)
+    except Exception:  # OpenBao down: services then show as not serving, not a crash
+        operator = None
+
     async def check(component: Component) -> Health:
         record = processes.read_record(data_dir, component.name)
         if record is None or not processes.is_alive(record):
             return Health.DOWN
         if component.kind == "service":
-            health = await _service_health(component)
+            health = await _service_health(component, operator)
             return Health.NOT_SERVING if health is Health.DOWN else health
         url = component.health_url
         ok = url is not None and await asyncio.to_thread(http_ok, url)

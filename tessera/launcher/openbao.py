@@ -3,8 +3,8 @@
 Dev mode (``infra.start_openbao``, used by throwaway test fixtures) keeps everything in
 memory: a restarted one has no PKI, no AppRoles and no tool secrets. The local mesh instead
 runs ``bao server`` with integrated (raft) storage under ``<data_dir>/openbao/storage``;
-the launcher initialises it once (one key share, which is enough for a single-operator local mesh) and
-unseals it at every start. The unseal key and the root token are local-bootstrap material:
+the launcher initialises it once (one key share, enough for a single-operator local
+mesh) and unseals it at every start. The unseal key and the root token are local-bootstrap material:
 they live only in ``<data_dir>/secrets/`` (mode 0600) and never reach a log, argv or a
 service's environment. Production runs its own OpenBao or Vault, unsealed by its own
 operators or auto-unseal.

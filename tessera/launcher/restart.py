@@ -17,7 +17,8 @@ from tessera.launcher import openbao, processes
 from tessera.launcher import state as state_file
 from tessera.launcher.health import http_ok
 from tessera.launcher.infra import OpenBaoServer, StartFailed
-from tessera.launcher.mesh import wait_service
+from tessera.launcher.mesh import probe_identity, wait_service
+from tessera.launcher.operator import OperatorIdentity
 
 __all__ = ["NotRestartable", "Restarted", "restart"]
 
@@ -52,6 +53,10 @@ def restart(data_dir: Path, name: str, *, kill: bool = False, timeout: float = 6
     previous = processes.read_record(data_dir, name)
     if previous is None:
         raise NotRestartable(f"{name} has no PID file in {processes.run_dir(data_dir)}")
+    # The probe's certificate first: whatever is restarted, Vault is not needed mid-restart.
+    operator = (
+        probe_identity(data_dir, recorded.components) if component.kind == "service" else None
+    )
     if kill:
         stopped = "killed" if processes.kill(data_dir, name) is not None else "not running"
     else:
@@ -60,7 +65,7 @@ def restart(data_dir: Path, name: str, *, kill: bool = False, timeout: float = 6
     started = time.monotonic()
     if name in _SEALED_AT_START:
         _unseal(data_dir, component, record.pid, timeout)
-    _wait_ready(component, record.pid, timeout)
+    _wait_ready(component, record.pid, timeout, operator)
     ready = time.monotonic() - started
     replaced = tuple(
         dataclasses.replace(c, pid=record.pid) if c.name == name else c for c in recorded.components
@@ -84,14 +89,19 @@ def _unseal(data_dir: Path, component: state_file.Component, pid: int, timeout: 
         raise NotRestartable(str(exc)) from None
 
 
-def _wait_ready(component: state_file.Component, pid: int, timeout: float) -> None:
+def _wait_ready(
+    component: state_file.Component,
+    pid: int,
+    timeout: float,
+    operator: OperatorIdentity | None = None,
+) -> None:
     """Until the new process serves: grpc.health.v1 for services (the poll `up` uses),
     the HTTP readiness URL for the rest."""
     component = dataclasses.replace(component, pid=pid)
     if component.kind == "service":
 
         async def serving() -> None:
-            await wait_service(component, asyncio.get_running_loop().time() + timeout)
+            await wait_service(component, asyncio.get_running_loop().time() + timeout, operator)
 
         try:
             asyncio.run(serving())

@@ -67,6 +67,19 @@ class CommonSettings(BaseSettings):
         default=None, validation_alias=_fixed("TESSERA_OTEL_ENDPOINT")
     )
     """OTLP gRPC endpoint; ``None`` means the exporter's default / OTEL_* env vars."""
+    trust_domain: str = Field(
+        default="tessera.local", validation_alias=_fixed("TESSERA_TRUST_DOMAIN")
+    )
+    """SPIFFE trust domain of the mesh's workload identities (see vault/pki.yaml)."""
+    cert_ttl_s: int = Field(
+        default=3600, ge=5, le=86_400, validation_alias=_fixed("TESSERA_CERT_TTL_S")
+    )
+    """Lifetime of this process's workload certificate; renewed at two thirds of it."""
+    insecure_plaintext: bool = Field(
+        default=False, validation_alias=_fixed("TESSERA_INSECURE_PLAINTEXT")
+    )
+    """Serve and call gRPC without TLS or caller checks. Local debugging only: every
+    connection is then unauthenticated and every caller allowed. Logged loudly."""
     startup_timeout_s: float = Field(
         default=STARTUP_TIMEOUT_S, gt=0, validation_alias=_fixed("TESSERA_STARTUP_TIMEOUT_S")
     )

@@ -14,6 +14,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tessera.identity.channel import RotatingChannel
+from tessera.identity.names import WorkloadName
+from tessera.identity.source import CertificateSource
 from tessera.runtime.config import MIB
 from tessera.runtime.telemetry import client_interceptors
 
@@ -100,10 +103,17 @@ def channel(
     max_attempts: int = 3,
     max_message_bytes: int = 4 * MIB,
     default_timeout_s: float = 10.0,
+    identity: CertificateSource | None = None,
+    peer: WorkloadName | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure aio channel to ``target`` with keepalive, tracing, a default deadline,
-    transparent retries (``max_attempts`` in total, UNAVAILABLE only; gRPC caps it at 5) and
-    a short reconnect backoff (see ``RECONNECT_BACKOFF_MAX_MS``).
+    """An aio channel to ``target`` with keepalive, tracing, a default deadline, transparent
+    retries (``max_attempts`` in total, UNAVAILABLE only; gRPC caps it at 5) and a short
+    reconnect backoff (see ``RECONNECT_BACKOFF_MAX_MS``).
+
+    With ``identity`` the channel is mTLS: it presents this workload's certificate, trusts
+    only the mesh CA, accepts only a server whose certificate names ``peer`` (required)
+    and follows certificate renewals (:class:`~tessera.identity.channel.RotatingChannel`).
+    Without it the channel is plaintext, for servers in local-debugging mode only.
 
     ``service`` only labels the channel (``grpc.primary_user_agent``) for the peer's logs.
     """
@@ -123,7 +133,18 @@ def channel(
     if service:
         options.append(("grpc.primary_user_agent", f"tessera-{service}"))
     interceptors = [*client_interceptors(), DefaultDeadlineInterceptor(default_timeout_s)]
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if identity is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if peer is None:
+        raise ValueError("an mTLS channel needs the peer identity it expects")
+    secure_options = [*options, ("grpc.ssl_target_name_override", peer.dns_name)]
+
+    def secure(credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            target, credentials, options=secure_options, interceptors=interceptors
+        )
+
+    return RotatingChannel(identity, secure)
 
 
 async def wait_for_serving(
@@ -131,6 +152,8 @@ async def wait_for_serving(
     service: str = "",
     *,
     timeout: float,  # noqa: ASYNC109 (a readiness budget, not one call's timeout)
+    identity: CertificateSource | None = None,
+    peer: WorkloadName | None = None,
 ) -> None:
     """Poll grpc.health.v1 ``Check`` on ``target`` until ``service`` is SERVING.
 
@@ -140,7 +163,11 @@ async def wait_for_serving(
     deadline = loop.time() + timeout
     delay = 0.02
     last = "no answer"
-    async with grpc.aio.insecure_channel(target, options=reconnect_options()) as ch:
+    if identity is None:
+        probe = grpc.aio.insecure_channel(target, options=reconnect_options())
+    else:
+        probe = channel(target, identity=identity, peer=peer, max_attempts=1)
+    async with probe as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             remaining = deadline - loop.time()

@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from tessera.identity.credentials import server_credentials
+from tessera.identity.source import CertificateSource
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.errors import (
     DeadlineExceeded,
@@ -34,9 +36,16 @@ from tessera.runtime.errors import (
     Unavailable,
     to_grpc_status,
 )
+from tessera.runtime.grpc_authz import (
+    CallerAuthorization,
+    RefusedCall,
+    authorizing,
+    authorizing_stream,
+)
 from tessera.runtime.telemetry import server_interceptors
 
 __all__ = [
+    "CallerAuthorizationInterceptor",
     "DeadlineGuardInterceptor",
     "ErrorMappingInterceptor",
     "GrpcServer",
@@ -208,6 +217,27 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_handler(handler, wrap_unary, wrap_stream)
 
 
+class CallerAuthorizationInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a call before its handler runs unless the table allows the verified caller
+    (see :mod:`tessera.runtime.grpc_authz`); sits inside the error mapping."""
+
+    def __init__(self, authorization: CallerAuthorization) -> None:
+        self._authorization = authorization
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        return _wrap_handler(
+            handler,
+            authorizing(self._authorization, method),
+            authorizing_stream(self._authorization, method),
+        )
+
+
 def _failing_handler(exc: TesseraError) -> grpc.RpcMethodHandler:
     async def abort(_request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort_with_status(to_grpc_status(exc))
@@ -337,8 +367,14 @@ class GrpcServer:
 
     ``register`` callables add servicers (``add_FooServiceServicer_to_server``);
     ``service_names`` are their full names (``tessera.v1.PlannerService``) for health and
-    reflection. Interceptors, outermost first: OpenTelemetry, error mapping, deadline
-    guard, then ``extra_interceptors`` (whose TesseraErrors are mapped as well).
+    reflection. Interceptors, outermost first: OpenTelemetry, error mapping, caller
+    authorization, deadline guard, then ``extra_interceptors`` (whose TesseraErrors are
+    mapped as well).
+
+    ``identity``: this workload's certificate. The server then listens with mTLS only
+    (client certificates from the mesh CA required, renewals picked up at the next
+    handshake) and authorizes every call by the caller's identity. Without one it refuses
+    to start unless ``settings.insecure_plaintext`` (a loud local-debugging opt-in).
     """
 
     def __init__(
@@ -349,8 +385,12 @@ class GrpcServer:
         register: Sequence[Callable[[grpc.aio.Server], None]],
         service_names: Sequence[str],
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        identity: CertificateSource | None = None,
+        on_refused: RefusedCall | None = None,
     ) -> None:
         self.name = name
+        self.identity = identity
+        self._on_refused = on_refused
         self.settings = settings
         self._register = list(register)
         self.service_names: tuple[str, ...] = tuple(service_names)
@@ -383,9 +423,27 @@ class GrpcServer:
         """Bind ``settings.listen``, start serving, mark every name SERVING; the port."""
         if self._server is not None:
             raise RuntimeError(f"{self.name}: server already started")
+        if self.identity is None and not self.settings.insecure_plaintext:
+            raise RuntimeError(
+                f"{self.name}: no workload identity (set TESSERA_VAULT_APPROLE_FILE so the "
+                "service can obtain its certificate); plaintext gRPC is only for local "
+                "debugging, with TESSERA_INSECURE_PLAINTEXT=1"
+            )
+        authorization: list[grpc.aio.ServerInterceptor] = []
+        if self.identity is not None:
+            authorization.append(
+                CallerAuthorizationInterceptor(
+                    CallerAuthorization(
+                        trust_domain=self.identity.name.trust_domain, on_refused=self._on_refused
+                    )
+                )
+            )
+        else:
+            log.warning("grpc_server_plaintext", server=self.name, insecure_plaintext=True)
         interceptors: list[grpc.aio.ServerInterceptor] = [
             *server_interceptors(),
             ErrorMappingInterceptor(),
+            *authorization,
             DeadlineGuardInterceptor(
                 default_s=self.settings.default_deadline_s, max_s=self.settings.max_deadline_s
             ),
@@ -399,7 +457,12 @@ class GrpcServer:
             [*self.service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         try:
-            port = server.add_insecure_port(self.settings.listen)
+            if self.identity is not None:
+                port = server.add_secure_port(
+                    self.settings.listen, server_credentials(self.identity)
+                )
+            else:
+                port = server.add_insecure_port(self.settings.listen)
         except RuntimeError as exc:
             raise OSError(f"{self.name}: cannot bind {self.settings.listen}") from exc
         if port == 0:

@@ -22,6 +22,7 @@ from tessera.vault.naming import (
     tool_policy_name,
     tool_slug,
 )
+from tessera.vault.pki import PkiSpec, issue_policy, load_pki_spec
 
 _DURATION = r"^[0-9]+(s|m|h)?$"
 
@@ -101,6 +102,7 @@ class Identity(_Model):
 class VaultSpec(_Model):
     """Everything the bootstrap writes, fully resolved."""
 
+    pki: PkiSpec
     policies: dict[str, str]
     identities: tuple[Identity, ...]
     tools: tuple[str, ...]
@@ -192,9 +194,19 @@ def load_spec(vault_dir: Path, *, task_token_bound_cidrs: Sequence[str] | None =
             ),
         )
 
+    pki = load_pki_spec(vault_dir)
+    known = {identity.name for identity in identities}
+    for issuer, targets in pki.issue_for.items():
+        unknown = sorted({issuer, *targets} - known)
+        if unknown:
+            raise VaultConfigError(f"{vault_dir / 'pki.yaml'}: unknown identities {unknown}")
+    for identity in identities:
+        policies[identity.policy] += issue_policy(pki, identity.name)
+
     tool_names = [t.name for t in tools.tools]
 
     return VaultSpec(
+        pki=pki,
         policies=policies,
         identities=tuple(identities),
         tools=tuple(tool_names),

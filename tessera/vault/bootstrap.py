@@ -28,6 +28,7 @@ from tessera.vault import _retry
 from tessera.vault._config import Identity, VaultSpec, load_spec
 from tessera.vault.errors import VaultConfigError, VaultError
 from tessera.vault.naming import APPROLE_MOUNT, TOOL_SECRETS_MOUNT, tool_policy_name, tool_slug
+from tessera.vault.pki import ensure_pki
 
 __all__ = ["apply", "render_policies"]
 
@@ -81,6 +82,7 @@ def apply(
         _ensure_approle(client)
         changed = _write_policies(client, spec.policies)
         _write_approle_roles(client, spec.identities)
+        ensure_pki(client, spec.pki, [identity.name for identity in spec.identities])
         _write_task_token_role(client, spec)
         seeded = _seed_tool_secrets(client, spec.tools) if seed_tool_secrets else 0
         paths = {

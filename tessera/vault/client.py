@@ -52,7 +52,13 @@ from tessera.vault.naming import (
     tool_policy_name,
     tool_slug,
 )
-from tessera.vault.tokens import TaskToken, TokenInfo, ToolSecret, expires_in
+from tessera.vault.tokens import (
+    IssuedCertificate,
+    TaskToken,
+    TokenInfo,
+    ToolSecret,
+    expires_in,
+)
 
 __all__ = ["VaultClient"]
 
@@ -337,6 +343,43 @@ class VaultClient:
             log.debug("vault_accessor_already_gone")
             return
         log.debug("vault_token_revoked")
+
+    async def issue_certificate(
+        self, *, mount: str, role: str, common_name: str, uri_sans: Sequence[str], ttl_s: int
+    ) -> IssuedCertificate:
+        """A fresh key pair and certificate from PKI role ``role`` (see tessera.vault.pki).
+
+        Raises:
+            VaultPermissionDenied: this identity may not issue from ``role``, or asked for a
+                name the role does not allow.
+            VaultUnavailable: Vault unreachable.
+        """
+        data = {
+            "common_name": common_name,
+            "uri_sans": ",".join(uri_sans),
+            "ttl": f"{int(ttl_s)}s",
+            "format": "pem",
+            "private_key_format": "pkcs8",
+            "exclude_cn_from_sans": False,
+        }
+        try:
+            resp = await self._call_own(
+                f"pki_issue:{role}", lambda c: c.write_data(f"{mount}/issue/{role}", data=data)
+            )
+        except (hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest) as exc:
+            raise VaultPermissionDenied(
+                f"{self.identity!r} may not issue {common_name!r} from {mount}/{role}: "
+                f"{_errors_text(exc)}"
+            ) from exc
+        issued = resp["data"]
+        chain = issued.get("ca_chain") or [issued["issuing_ca"]]
+        return IssuedCertificate(
+            certificate=issued["certificate"],
+            private_key=issued["private_key"],
+            ca_chain=tuple(chain),
+            serial=issued["serial_number"],
+            expiration=int(issued["expiration"]),
+        )
 
     async def lookup_token(self, token: str) -> TokenInfo:
         """Look another token up (policies, meta, TTL left, uses left) without using it.

@@ -11,7 +11,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-__all__ = ["TaskToken", "TokenInfo", "ToolSecret"]
+__all__ = ["IssuedCertificate", "TaskToken", "TokenInfo", "ToolSecret"]
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    """A workload certificate from the mesh CA; the private key never appears in ``repr``.
+
+    ``ca_chain`` is the issuing CA chain (PEM each), what peers are verified against;
+    ``expiration`` is the certificate's notAfter as a Unix time.
+    """
+
+    certificate: str
+    private_key: str = field(repr=False)
+    ca_chain: tuple[str, ...]
+    serial: str
+    expiration: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,11 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tessera.launcher.operator import operator_identity
 from tessera.launcher.ports import free_port
 from tessera.launcher.topology import Topology, load, project_root
+from tessera.runtime.errors import error_details
+from tessera.v1 import agent_pb2, agent_pb2_grpc
 
 PROJECT_ROOT = project_root(Path(__file__).parent)
 TOPOLOGY_FILE = Path(
@@ -108,7 +111,17 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         tessera("down", data_dir=data_dir)
 
 
+def operator_channel(mesh: Mesh, name: str) -> grpc.aio.Channel:
+    """An mTLS channel to component ``name`` with the operator's certificate."""
+    operator = operator_identity(mesh.data_dir, mesh.address("openbao"))
+    assert operator is not None
+    return grpc.aio.secure_channel(
+        mesh.address(name), operator.credentials(), options=operator.options_for(name)
+    )
+
+
 async def check(address: str, service: str) -> int:
+    """Health through Envoy's public (plaintext, loopback) listener."""
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=5
@@ -121,15 +134,38 @@ async def test_up_brings_every_component_to_serving(mesh: Mesh) -> None:
     assert names == ["nats", "openbao", *(s.name for s in mesh.topology.services), "envoy"]
     for spec in mesh.topology.services:
         assert spec.name in mesh.up.stdout
-        for name in spec.health:
-            assert (
-                await check(mesh.address(spec.name), name) == health_pb2.HealthCheckResponse.SERVING
-            )
+        async with operator_channel(mesh, spec.name) as channel:
+            for name in spec.health:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=name), timeout=5
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_every_service_refuses_plaintext_and_callers_the_table_does_not_allow(
+    mesh: Mesh,
+) -> None:
+    for spec in mesh.topology.services:
+        async with grpc.aio.insecure_channel(mesh.address(spec.name)) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=3
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, spec.name
+    # A mesh identity the table does not list for the method: refused before the handler.
+    async with operator_channel(mesh, "agent-billing") as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.ExecuteTask(agent_pb2.ExecuteTaskRequest(), timeout=5)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    refusal = error_details(denied.value)
+    assert refusal.reason == "CALLER_NOT_ALLOWED"
+    assert refusal.metadata["caller"] == "spiffe://tessera.local/service/operator"
 
 
 async def test_reflection_lists_each_service(mesh: Mesh) -> None:
     for spec in mesh.topology.services:
-        async with grpc.aio.insecure_channel(mesh.address(spec.name)) as channel:
+        async with operator_channel(mesh, spec.name) as channel:
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             request = reflection_pb2.ServerReflectionRequest(list_services="")
             listed: set[str] = set()

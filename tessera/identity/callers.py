@@ -1,0 +1,56 @@
+"""Who may call which RPC: the mesh's one table, enforced on every server by
+:class:`tessera.runtime.grpc_authz.CallerAuthorization` from the peer's verified
+certificate (its SPIFFE ID), and reproduced in docs/identity.md.
+
+Keys are ``package.Service/Method`` or ``package.Service/*``; values are callers as
+``kind/name`` (``service/coordinator``), ``kind/*`` (every agent) or ``*`` (any identity
+of the mesh CA). The most specific key wins; a method in no key is refused (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from tessera.identity.names import WorkloadName
+
+__all__ = ["CALLERS", "allowed_callers", "may_call"]
+
+_GATEWAY = "service/gateway"  # Envoy, the front door: public APIs only
+_OPERATOR = "service/operator"  # the local CLI and launcher
+
+CALLERS: Mapping[str, frozenset[str]] = {
+    # Public API, reached from outside only through Envoy.
+    "tessera.v1.CoordinatorService/*": frozenset({_GATEWAY, _OPERATOR}),
+    # Only the coordinator hands out tasks (and the live task tokens that come with them).
+    "tessera.v1.AgentService/ExecuteTask": frozenset({"service/coordinator"}),
+    "tessera.v1.AgentService/Describe": frozenset({"service/coordinator", _OPERATOR}),
+    # Only agents call tools; the tool proxy also checks the task token is the caller's.
+    "tessera.v1.ToolProxyService/*": frozenset({"agent/*"}),
+    "tessera.v1.PlannerService/*": frozenset({"service/coordinator", _OPERATOR}),
+    "tessera.v1.PolicyService/Check": frozenset(
+        {"service/tool-proxy", "service/coordinator", _OPERATOR}
+    ),
+    "tessera.v1.PolicyService/*": frozenset({_OPERATOR}),
+    # Envoy's configuration and certificates come from the gateway control plane.
+    "envoy.service.discovery.v3.AggregatedDiscoveryService/*": frozenset({_GATEWAY}),
+    "envoy.service.secret.v3.SecretDiscoveryService/*": frozenset({_GATEWAY}),
+    "grpc.health.v1.Health/*": frozenset({"*"}),
+    "grpc.reflection.v1alpha.ServerReflection/*": frozenset({_OPERATOR}),
+    "grpc.reflection.v1.ServerReflection/*": frozenset({_OPERATOR}),
+}
+
+
+def allowed_callers(method: str, table: Mapping[str, frozenset[str]] = CALLERS) -> frozenset[str]:
+    """Callers allowed for ``/package.Service/Method`` (empty: nobody)."""
+    service, _, name = method.lstrip("/").partition("/")
+    exact = table.get(f"{service}/{name}")
+    if exact is not None:
+        return exact
+    return table.get(f"{service}/*", frozenset())
+
+
+def may_call(
+    caller: WorkloadName, method: str, table: Mapping[str, frozenset[str]] = CALLERS
+) -> bool:
+    allowed = allowed_callers(method, table)
+    return bool(allowed & {"*", f"{caller.kind}/*", f"{caller.kind}/{caller.name}"})

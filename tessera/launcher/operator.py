@@ -1,0 +1,99 @@
+"""The operator's workload identity: what the launcher and the CLI present to the mesh's
+mTLS servers (health probes, `tessera status`, administration RPCs).
+
+`tessera up` bootstraps an ``operator`` AppRole (vault/identities.yaml) like every other
+identity; here the CLI logs in with it and issues a short-lived certificate, kept in
+``<data_dir>/secrets/operator-cert.json`` (0600) until it is within a few minutes of expiry,
+so a quick `tessera status` does not ask Vault every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import hvac
+
+from tessera.identity.names import WorkloadName
+from tessera.identity.source import PKI_MOUNT
+
+__all__ = ["OPERATOR", "OperatorIdentity", "operator_identity"]
+
+OPERATOR = "operator"
+_TTL_S = 3600
+_REUSE_MARGIN_S = 300
+
+
+@dataclass(frozen=True)
+class OperatorIdentity:
+    certificate: str
+    private_key: str
+    ca: str
+    expiration: int
+    trust_domain: str
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.encode(),
+            private_key=self.private_key.encode(),
+            certificate_chain=self.certificate.encode(),
+        )
+
+    def options_for(self, identity: str) -> list[tuple[str, str]]:
+        """Channel options that verify the server is ``identity`` (a component name)."""
+        name = WorkloadName.of(identity, self.trust_domain)
+        return [("grpc.ssl_target_name_override", name.dns_name)]
+
+    def __repr__(self) -> str:
+        return f"OperatorIdentity(expiration={self.expiration})"
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def operator_identity(
+    data_dir: Path, vault_addr: str, *, trust_domain: str = "tessera.local"
+) -> OperatorIdentity | None:
+    """A valid operator certificate for the mesh in ``data_dir``; None when the mesh has no
+    operator AppRole (an older data directory)."""
+    secrets_dir = data_dir / "secrets"
+    cached = secrets_dir / "operator-cert.json"
+    try:
+        found = OperatorIdentity(**json.loads(cached.read_text()))
+        if found.expiration - time.time() > _REUSE_MARGIN_S:
+            return found
+    except (OSError, ValueError, TypeError):
+        pass
+    approle = secrets_dir / f"{OPERATOR}.approle.json"
+    try:
+        creds = json.loads(approle.read_text())
+    except (OSError, ValueError):
+        return None
+    client = hvac.Client(url=vault_addr, timeout=5)
+    try:
+        client.auth.approle.login(role_id=creds["role_id"], secret_id=creds["secret_id"])
+        name = WorkloadName.of(OPERATOR, trust_domain)
+        issued = client.write_data(
+            f"{PKI_MOUNT}/issue/{OPERATOR}",
+            data={"common_name": name.dns_name, "uri_sans": name.spiffe_id, "ttl": f"{_TTL_S}s"},
+        )["data"]
+    finally:
+        client.adapter.close()
+    found = OperatorIdentity(
+        certificate=issued["certificate"],
+        private_key=issued["private_key"],
+        ca="\n".join(issued.get("ca_chain") or [issued["issuing_ca"]]),
+        expiration=int(issued["expiration"]),
+        trust_domain=trust_domain,
+    )
+    _write_private(cached, json.dumps(found.__dict__))
+    return found
