@@ -45,6 +45,8 @@ class _AuditKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditKind.V
     """A request was refused as invalid."""
     AUDIT_KIND_CREDENTIAL_ROTATED: _AuditKind.ValueType  # 8
     """A credential was rotated."""
+    AUDIT_KIND_CHECKPOINT: _AuditKind.ValueType  # 9
+    """The writer signed its chain head (the record's `checkpoint` says which head and how)."""
 
 class AuditKind(_AuditKind, metaclass=_AuditKindEnumTypeWrapper):
     """AuditKind classifies audit records."""
@@ -67,6 +69,8 @@ AUDIT_KIND_REQUEST_REJECTED: AuditKind.ValueType  # 7
 """A request was refused as invalid."""
 AUDIT_KIND_CREDENTIAL_ROTATED: AuditKind.ValueType  # 8
 """A credential was rotated."""
+AUDIT_KIND_CHECKPOINT: AuditKind.ValueType  # 9
+"""The writer signed its chain head (the record's `checkpoint` says which head and how)."""
 Global___AuditKind: _TypeAlias = AuditKind  # noqa: Y015
 
 @_typing.final
@@ -91,6 +95,7 @@ class AuditRecord(_message.Message):
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
     CARRIED_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     record_id: _builtins.str
     """Unique id (also the Nats-Msg-Id)."""
     sequence: _builtins.int
@@ -130,6 +135,12 @@ class AuditRecord(_message.Message):
         than this one: readers list them before it.
         """
 
+    @_builtins.property
+    def checkpoint(self) -> Global___AuditCheckpoint:
+        """Set on AUDIT_KIND_CHECKPOINT records only: the writer's signature over an earlier
+        position of this chain.
+        """
+
     def __init__(
         self,
         *,
@@ -147,11 +158,101 @@ class AuditRecord(_message.Message):
         prev_hash: _builtins.bytes = ...,
         hash: _builtins.bytes = ...,
         carried: _abc.Iterable[Global___AuditRecord] | None = ...,
+        checkpoint: Global___AuditCheckpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "details", b"details", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "carried", b"carried", "decision_id", b"decision_id", "details", b"details", "hash", b"hash", "kind", b"kind", "outcome", b"outcome", "prev_hash", b"prev_hash", "record_id", b"record_id", "resource", b"resource", "sequence", b"sequence", "task_id", b"task_id", "time", b"time", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "carried", b"carried", "checkpoint", b"checkpoint", "decision_id", b"decision_id", "details", b"details", "hash", b"hash", "kind", b"kind", "outcome", b"outcome", "prev_hash", b"prev_hash", "record_id", b"record_id", "resource", b"resource", "sequence", b"sequence", "task_id", b"task_id", "time", b"time", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class AuditCheckpoint(_message.Message):
+    """AuditCheckpoint is a writer's signature over its own chain head at some position. The
+    signature covers that record's hash, which covers every record before it through the
+    `prev_hash` links: one valid checkpoint proves the whole prefix up to `covered_sequence`.
+    Records after the last checkpoint are not yet covered (a forger who re-hashed them
+    cannot be told apart from the writer until the next checkpoint).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COVERED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    COVERED_HASH_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    covered_sequence: _builtins.int
+    """Chain position signed (an earlier record of the same chain, usually the one just
+    before this checkpoint).
+    """
+    covered_hash: _builtins.bytes
+    """The `hash` of the record at `covered_sequence`."""
+    key_name: _builtins.str
+    """OpenBao/Vault Transit key that signed, `audit-<writer identity>`."""
+    key_version: _builtins.int
+    """Version of `key_name` that signed (keys rotate; every version stays verifiable)."""
+    algorithm: _builtins.str
+    """Signature algorithm, e.g. `ed25519`."""
+    signature: _builtins.bytes
+    """Raw signature over the canonical payload `tessera-audit-checkpoint/v1\\n<chain>\\n
+    <covered_sequence>\\n<hex covered_hash>` (chain: the writer name of the chain subject).
+    """
+    def __init__(
+        self,
+        *,
+        covered_sequence: _builtins.int = ...,
+        covered_hash: _builtins.bytes = ...,
+        key_name: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        algorithm: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "covered_hash", b"covered_hash", "covered_sequence", b"covered_sequence", "key_name", b"key_name", "key_version", b"key_version", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditCheckpoint: _TypeAlias = AuditCheckpoint  # noqa: Y015
+
+@_typing.final
+class AuditReceipt(_message.Message):
+    """AuditReceipt tells the caller of a governed call where its audit record is, so that it
+    can later prove the record exists unchanged (`tessera audit verify --receipt`): the
+    record at `sequence` of chain `writer` has hash `record_hash`, and a later signed
+    checkpoint of that chain covers it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITER_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    RECORD_HASH_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    writer: _builtins.str
+    """Chain (writer name) holding the record."""
+    sequence: _builtins.int
+    """Position of the record in that chain."""
+    record_hash: _builtins.bytes
+    """The record's `hash`."""
+    decision_id: _builtins.str
+    """Policy decision id recorded in that record."""
+    def __init__(
+        self,
+        *,
+        writer: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        record_hash: _builtins.bytes = ...,
+        decision_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "record_hash", b"record_hash", "sequence", b"sequence", "writer", b"writer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditReceipt: _TypeAlias = AuditReceipt  # noqa: Y015

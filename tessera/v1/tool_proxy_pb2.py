@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from tessera.v1 import audit_pb2 as tessera_dot_v1_dot_audit__pb2
 from tessera.v1 import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btessera/v1/tool_proxy.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17tessera/v1/common.proto\"\xa1\x02\n\x04Tool\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12 \n\x0b\x64\x65scription\x18\x02 \x01(\tR\x0b\x64\x65scription\x12:\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x0binputSchema\x12G\n\x11side_effect_class\x18\x04 \x01(\x0e\x32\x1b.tessera.v1.SideEffectClassR\x0fsideEffectClass\x12\x35\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x1b.tessera.v1.ToolBackendKindR\x07\x62\x61\x63kend\x12\'\n\x0frequires_secret\x18\x06 \x01(\x08R\x0erequiresSecret\"\xc9\x01\n\x11InvokeToolRequest\x12:\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextB\x04\xe2\x41\x01\x02R\x07\x63ontext\x12\x18\n\x04tool\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x04tool\x12\x35\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\targuments\x12\'\n\x0fidempotency_key\x18\x04 \x01(\tR\x0eidempotencyKey\"\x82\x01\n\x12InvokeToolResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructR\x06result\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\tR\ndecisionId\x12\x1a\n\x08replayed\x18\x03 \x01(\x08R\x08replayed\"N\n\x10ListToolsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"c\n\x11ListToolsResponse\x12&\n\x05tools\x18\x01 \x03(\x0b\x32\x10.tessera.v1.ToolR\x05tools\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*\x94\x01\n\x0fToolBackendKind\x12!\n\x1dTOOL_BACKEND_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19TOOL_BACKEND_KIND_BUILTIN\x10\x01\x12\x1f\n\x1bTOOL_BACKEND_KIND_MCP_STDIO\x10\x02\x12\x1e\n\x1aTOOL_BACKEND_KIND_MCP_HTTP\x10\x03\x32\xa9\x01\n\x10ToolProxyService\x12K\n\nInvokeTool\x12\x1d.tessera.v1.InvokeToolRequest\x1a\x1e.tessera.v1.InvokeToolResponse\x12H\n\tListTools\x12\x1c.tessera.v1.ListToolsRequest\x1a\x1d.tessera.v1.ListToolsResponseB\xb6\x01\n\x16\x64\x65v.tessera.tessera.v1B\x0eToolProxyProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btessera/v1/tool_proxy.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16tessera/v1/audit.proto\x1a\x17tessera/v1/common.proto\"\xa1\x02\n\x04Tool\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12 \n\x0b\x64\x65scription\x18\x02 \x01(\tR\x0b\x64\x65scription\x12:\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x0binputSchema\x12G\n\x11side_effect_class\x18\x04 \x01(\x0e\x32\x1b.tessera.v1.SideEffectClassR\x0fsideEffectClass\x12\x35\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x1b.tessera.v1.ToolBackendKindR\x07\x62\x61\x63kend\x12\'\n\x0frequires_secret\x18\x06 \x01(\x08R\x0erequiresSecret\"\xc9\x01\n\x11InvokeToolRequest\x12:\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextB\x04\xe2\x41\x01\x02R\x07\x63ontext\x12\x18\n\x04tool\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x04tool\x12\x35\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\targuments\x12\'\n\x0fidempotency_key\x18\x04 \x01(\tR\x0eidempotencyKey\"\xb6\x01\n\x12InvokeToolResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructR\x06result\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\tR\ndecisionId\x12\x1a\n\x08replayed\x18\x03 \x01(\x08R\x08replayed\x12\x32\n\x07receipt\x18\x04 \x01(\x0b\x32\x18.tessera.v1.AuditReceiptR\x07receipt\"N\n\x10ListToolsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"c\n\x11ListToolsResponse\x12&\n\x05tools\x18\x01 \x03(\x0b\x32\x10.tessera.v1.ToolR\x05tools\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*\x94\x01\n\x0fToolBackendKind\x12!\n\x1dTOOL_BACKEND_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19TOOL_BACKEND_KIND_BUILTIN\x10\x01\x12\x1f\n\x1bTOOL_BACKEND_KIND_MCP_STDIO\x10\x02\x12\x1e\n\x1aTOOL_BACKEND_KIND_MCP_HTTP\x10\x03\x32\xa9\x01\n\x10ToolProxyService\x12K\n\nInvokeTool\x12\x1d.tessera.v1.InvokeToolRequest\x1a\x1e.tessera.v1.InvokeToolResponse\x12H\n\tListTools\x12\x1c.tessera.v1.ListToolsRequest\x1a\x1d.tessera.v1.ListToolsResponseB\xb6\x01\n\x16\x64\x65v.tessera.tessera.v1B\x0eToolProxyProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,18 +40,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INVOKETOOLREQUEST'].fields_by_name['context']._serialized_options = b'\342A\001\002'
   _globals['_INVOKETOOLREQUEST'].fields_by_name['tool']._loaded_options = None
   _globals['_INVOKETOOLREQUEST'].fields_by_name['tool']._serialized_options = b'\342A\001\002'
-  _globals['_TOOLBACKENDKIND']._serialized_start=942
-  _globals['_TOOLBACKENDKIND']._serialized_end=1090
-  _globals['_TOOL']._serialized_start=132
-  _globals['_TOOL']._serialized_end=421
-  _globals['_INVOKETOOLREQUEST']._serialized_start=424
-  _globals['_INVOKETOOLREQUEST']._serialized_end=625
-  _globals['_INVOKETOOLRESPONSE']._serialized_start=628
-  _globals['_INVOKETOOLRESPONSE']._serialized_end=758
-  _globals['_LISTTOOLSREQUEST']._serialized_start=760
-  _globals['_LISTTOOLSREQUEST']._serialized_end=838
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=840
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=939
-  _globals['_TOOLPROXYSERVICE']._serialized_start=1093
-  _globals['_TOOLPROXYSERVICE']._serialized_end=1262
+  _globals['_TOOLBACKENDKIND']._serialized_start=1018
+  _globals['_TOOLBACKENDKIND']._serialized_end=1166
+  _globals['_TOOL']._serialized_start=156
+  _globals['_TOOL']._serialized_end=445
+  _globals['_INVOKETOOLREQUEST']._serialized_start=448
+  _globals['_INVOKETOOLREQUEST']._serialized_end=649
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=652
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=834
+  _globals['_LISTTOOLSREQUEST']._serialized_start=836
+  _globals['_LISTTOOLSREQUEST']._serialized_end=914
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=916
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=1015
+  _globals['_TOOLPROXYSERVICE']._serialized_start=1169
+  _globals['_TOOLPROXYSERVICE']._serialized_end=1338
 # @@protoc_insertion_point(module_scope)

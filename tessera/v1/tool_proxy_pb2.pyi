@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from tessera.v1 import audit_pb2 as _audit_pb2
 from tessera.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -142,6 +143,7 @@ class InvokeToolResponse(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     DECISION_ID_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     """Policy decision that allowed the call."""
     replayed: _builtins.bool
@@ -152,16 +154,23 @@ class InvokeToolResponse(_message.Message):
     def result(self) -> _struct_pb2.Struct:
         """Result."""
 
+    @_builtins.property
+    def receipt(self) -> _audit_pb2.AuditReceipt:
+        """Where the audit record of the decision that allowed this call is stored (unset when
+        the proxy writes no audit trail, e.g. a replayed result).
+        """
+
     def __init__(
         self,
         *,
         result: _struct_pb2.Struct | None = ...,
         decision_id: _builtins.str = ...,
         replayed: _builtins.bool = ...,
+        receipt: _audit_pb2.AuditReceipt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "replayed", b"replayed", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision_id", b"decision_id", "receipt", b"receipt", "replayed", b"replayed", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

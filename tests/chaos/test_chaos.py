@@ -19,6 +19,7 @@ NATS cluster, one node killed as well. Both write their table to `.tessera/chaos
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -28,9 +29,10 @@ from typing import Any
 import pytest
 
 from tessera.launcher import processes
+from tessera.launcher import state as state_file
+from tessera.launcher.mesh import probe_identity, wait_service
 from tessera.launcher.ports import free_port
 from tessera.launcher.restart import restart
-from tessera.runtime.grpc_client import wait_for_serving
 from tests.chaos import workload
 from tests.chaos.conftest import CLIENTS, LONG, PROJECT, REPORT_DIR, SECONDS, Mesh
 from tests.end_of_run import check_effects_once, check_executions, read_stored
@@ -213,7 +215,17 @@ async def test_one_of_two_agent_replicas_killed_for_good_the_other_takes_its_wor
     }
     processes.spawn(mesh.data_dir, second, original.argv, env=env, cwd=PROJECT)
     try:
-        await wait_for_serving(env["TESSERA_AGENT_BILLING_LISTEN"], timeout=60)
+        recorded = state_file.read(mesh.data_dir)
+        assert recorded is not None
+        billing = next(c for c in recorded.components if c.name == "agent-billing")
+        spawned = processes.read_record(mesh.data_dir, second)
+        assert spawned is not None
+        replica = dataclasses.replace(
+            billing, address=env["TESSERA_AGENT_BILLING_LISTEN"], pid=spawned.pid
+        )
+        # Probed over mTLS as the operator, exactly as `tessera up` probes it.
+        operator = probe_identity(mesh.data_dir, recorded.components)
+        await wait_service(replica, asyncio.get_running_loop().time() + 60, operator)
 
         async def inject() -> float:
             await asyncio.sleep(SECONDS / 3)  # the scenario's timeline
