@@ -7,7 +7,7 @@ Sources (never edit the outputs by hand; edit these and re-run):
 
 * ``deploy/local/topology.yaml``  - the core services (module, env prefix, identity, health)
 * ``vault/identities.yaml``       - the agents (one Vault identity ``agent-<name>`` each)
-* ``CONTROL_PLANE`` below          - the gateway xDS control plane (no Vault identity)
+* ``CONTROL_PLANE`` below          - the gateway xDS control plane
 
 Outputs:
 
@@ -104,7 +104,8 @@ def load_units(root: Path = ROOT) -> tuple[list[Unit], list[Unit]]:
             name=CONTROL_PLANE["name"],
             module=CONTROL_PLANE["module"],
             listen_env=f"TESSERA_{CONTROL_PLANE['env']}_LISTEN",
-            identity=None,
+            # Its own certificate, and Envoy's, which it delivers over SDS.
+            identity=CONTROL_PLANE["name"],
             health=CONTROL_PLANE["health"],
             role=CONTROL_PLANE["name"],
             component="gateway",

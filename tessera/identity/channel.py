@@ -25,16 +25,21 @@ ChannelFactory = Callable[[grpc.ChannelCredentials], grpc.aio.Channel]
 
 
 class _Current:
-    """One multicallable kind and method, bound to whichever channel is current."""
+    """One multicallable (kind, method, serializers), bound to whichever channel is
+    current: rebuilt on the first call after a renewal."""
 
     def __init__(self, owner: RotatingChannel, kind: str, method: str, kwargs: dict[str, Any]):
         self._owner = owner
         self._kind = kind
         self._method = method
         self._kwargs = kwargs
+        self._bound: tuple[int, Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._owner._multicallable(self._kind, self._method, self._kwargs)(*args, **kwargs)
+        generation, current = self._owner._current()
+        if self._bound is None or self._bound[0] != generation:
+            self._bound = (generation, getattr(current, self._kind)(self._method, **self._kwargs))
+        return self._bound[1](*args, **kwargs)
 
 
 class RotatingChannel(grpc.aio.Channel):
@@ -46,7 +51,6 @@ class RotatingChannel(grpc.aio.Channel):
         self._drain_s = drain_s
         self._channel = factory(channel_credentials(source))
         self._generation = source.generation
-        self._callables: dict[tuple[str, str], Any] = {}
         self._draining: set[asyncio.Task[None]] = set()
         self._closed = False
         self._unsubscribe = source.subscribe(self._rebuild)
@@ -57,7 +61,6 @@ class RotatingChannel(grpc.aio.Channel):
         old = self._channel
         self._channel = self._factory(channel_credentials(self._source))
         self._generation = self._source.generation
-        self._callables = {}
         task = asyncio.get_running_loop().create_task(self._drain(old))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
@@ -65,12 +68,8 @@ class RotatingChannel(grpc.aio.Channel):
     async def _drain(self, old: grpc.aio.Channel) -> None:
         await old.close(grace=self._drain_s)
 
-    def _multicallable(self, kind: str, method: str, kwargs: dict[str, Any]) -> Any:
-        key = (kind, method)
-        found = self._callables.get(key)
-        if found is None:
-            found = self._callables[key] = getattr(self._channel, kind)(method, **kwargs)
-        return found
+    def _current(self) -> tuple[int, grpc.aio.Channel]:
+        return self._generation, self._channel
 
     # grpc.aio.Channel ------------------------------------------------------------------
 

@@ -10,12 +10,14 @@ supervisor restarting it). Per restart:
 - ``serving_s``: exec to grpc.health.v1 SERVING for every name the topology lists,
   probed by dialling as soon as the port accepts connections (2 ms polls);
 - ``cpu_s``: CPU the new process used until then;
-- ``peer_s``: exec until a client channel opened before the kill
-  (:func:`tessera.runtime.grpc_client.channel`, polled while the process was down, as a
-  coordinator retrying a task would) gets SERVING from the new process.
+- ``peer_s``: exec until a client channel opened before the kill (with the mesh's
+  reconnect backoff, polled while the process was down, as a coordinator retrying a task
+  would) gets SERVING from the new process.
 
-The baseline, ``bare-grpc``, is ``python -m tests.bench._bare_server``: grpc.aio with only
-the health service, restarted and timed the same way, interleaved with the others so drift
+The mesh's services are probed over mTLS with the operator's certificate, as `tessera up`
+probes them; their figures include obtaining their own certificate at start. The
+baseline, ``bare-grpc``, is ``python -m tests.bench._bare_server``: plaintext grpc.aio
+with only the health service (no identity to obtain), restarted and timed the same way, interleaved with the others so drift
 in the shared machine's load spreads over all. Phases: ``idle``, then ``loaded`` (one busy
 loop per core, each in its own session like an unrelated program). Ratios are the point:
 nothing asserts a timing; the test fails only if a process does not come back. Writes
@@ -43,10 +45,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera.launcher import mesh, processes
+from tessera.launcher.mesh import probe_identity
+from tessera.launcher.operator import OperatorIdentity
 from tessera.launcher.ports import free_port
 from tessera.launcher.state import Component
 from tessera.launcher.topology import Topology, load, project_root
-from tessera.runtime.grpc_client import channel
+from tessera.runtime.grpc_client import reconnect_options
 from tests.bench.harness import cpu_s, machine_load
 
 REPO = project_root(Path(__file__).parent)
@@ -93,7 +97,26 @@ class Sample:
     cpu_s: float
 
 
-async def serving_at(address: str, names: Sequence[str], *, deadline: float) -> float:
+def _probe(address: str, name: str, operator: OperatorIdentity | None) -> grpc.aio.Channel:
+    """A channel to ``name``: mTLS as the operator for the mesh's services, plaintext for
+    the bare baseline (whose server has no identity)."""
+    if operator is None or name == BASELINE:
+        return grpc.aio.insecure_channel(address, options=reconnect_options())
+    return grpc.aio.secure_channel(
+        address,
+        operator.credentials(),
+        options=[*reconnect_options(), *operator.options_for(name)],
+    )
+
+
+async def serving_at(
+    address: str,
+    names: Sequence[str],
+    *,
+    deadline: float,
+    name: str = BASELINE,
+    operator: OperatorIdentity | None = None,
+) -> float:
     """``time.monotonic()`` at which every name of ``names`` first answers SERVING."""
     host, port = address.rsplit(":", 1)
     while time.monotonic() < deadline:
@@ -103,7 +126,7 @@ async def serving_at(address: str, names: Sequence[str], *, deadline: float) -> 
             await asyncio.sleep(0.002)
             continue
         writer.close()
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with _probe(address, name, operator) as ch:
             if await _all_serving(health_pb2_grpc.HealthStub(ch), names, deadline=deadline):
                 return time.monotonic()
     raise AssertionError(f"{address} not SERVING {COME_BACK_S:g}s after its restart")
@@ -155,7 +178,12 @@ def _kill(pid: int) -> None:
         time.sleep(0.002)
 
 
-async def restart(data_dir: Path, launch: Launch, peer: health_pb2_grpc.HealthStub) -> Sample:
+async def restart(
+    data_dir: Path,
+    launch: Launch,
+    peer: health_pb2_grpc.HealthStub,
+    operator: OperatorIdentity | None,
+) -> Sample:
     """SIGKILL the running ``launch.name``, start it again, time it back to SERVING."""
     record = processes.read_record(data_dir, launch.name)
     assert record is not None
@@ -165,7 +193,13 @@ async def restart(data_dir: Path, launch: Launch, peer: health_pb2_grpc.HealthSt
     new = processes.spawn(data_dir, launch.name, launch.argv, env=launch.env, cwd=launch.cwd)
     peer_back = asyncio.create_task(peer_sees(peer, launch.health, up=True))
     try:
-        back = await serving_at(launch.address, launch.health, deadline=began + COME_BACK_S)
+        back = await serving_at(
+            launch.address,
+            launch.health,
+            deadline=began + COME_BACK_S,
+            name=launch.name,
+            operator=operator,
+        )
         cpu = cpu_s(new.pid)
         peer_at = await peer_back
     finally:
@@ -222,16 +256,20 @@ def summarize(samples: dict[str, list[Sample]]) -> dict[str, Any]:
     return rows
 
 
-async def measure(data_dir: Path, launches: list[Launch], rounds: int) -> dict[str, Any]:
+async def measure(
+    data_dir: Path, launches: list[Launch], rounds: int, operator: OperatorIdentity | None
+) -> dict[str, Any]:
     samples: dict[str, list[Sample]] = {launch.name: [] for launch in launches}
-    channels = {launch.name: channel(launch.address, service="bench") for launch in launches}
+    channels = {launch.name: _probe(launch.address, launch.name, operator) for launch in launches}
     try:
         stubs = {name: health_pb2_grpc.HealthStub(ch) for name, ch in channels.items()}
         for launch in launches:  # every peer channel is connected before the first kill
             await peer_sees(stubs[launch.name], launch.health, up=True)
         for _ in range(rounds):
             for launch in launches:
-                samples[launch.name].append(await restart(data_dir, launch, stubs[launch.name]))
+                samples[launch.name].append(
+                    await restart(data_dir, launch, stubs[launch.name], operator)
+                )
     finally:
         for ch in channels.values():
             await ch.close()
@@ -281,10 +319,11 @@ async def run(
         launches = [bare] + [
             Launch.running(data_dir, c) for c in state.components if c.kind == "service"
         ]
-        report["phases"] = {"idle": await measure(data_dir, launches, rounds)}
+        operator = probe_identity(data_dir, state.components)
+        report["phases"] = {"idle": await measure(data_dir, launches, rounds, operator)}
         if loaded:
             with busy_cores():
-                report["phases"]["loaded"] = await measure(data_dir, launches, rounds)
+                report["phases"]["loaded"] = await measure(data_dir, launches, rounds, operator)
     finally:
         mesh.down(data_dir)
     return report

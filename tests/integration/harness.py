@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+import yaml
 from google.protobuf import duration_pb2, json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.coordinator.app import Coordinator
 from services.coordinator.settings import CoordinatorSettings
@@ -29,9 +32,11 @@ from services.policy.settings import PolicySettings
 from services.tool_proxy.app import ToolProxy
 from services.tool_proxy.settings import ToolProxySettings
 from tessera.agent import Agent
+from tessera.identity.names import WorkloadName
 from tessera.launcher.ports import free_port
 from tessera.runtime.config import ServiceSettings
-from tessera.runtime.grpc_client import channel, wait_for_serving
+from tessera.runtime.grpc_client import channel
+from tessera.runtime.identity import Workload
 from tessera.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, events_pb2, planner_pb2
 from tessera.vault import bootstrap
 
@@ -70,6 +75,19 @@ TERMINAL = {
 }
 
 
+def vault_dir_with_agents(agents: Iterable[Agent]) -> Path:
+    """The repo's vault/ with an identity for every test agent it does not list yet, so
+    a test agent gets its own certificate like a deployed one."""
+    target = Path(tempfile.mkdtemp(prefix="vault-")) / "vault"
+    shutil.copytree(REPO / "vault", target)
+    identities_file = target / "identities.yaml"
+    identities = yaml.safe_load(identities_file.read_text())
+    known = {entry["name"] for entry in identities["agents"]}
+    identities["agents"] += [{"name": a.name} for a in agents if a.name not in known]
+    identities_file.write_text(yaml.safe_dump(identities))
+    return target
+
+
 def reference_agent(module: str) -> Agent:
     return importlib.import_module(f"services.agents.{module}.agent").agent  # type: ignore[no-any-return]
 
@@ -105,6 +123,7 @@ class Mesh:
         self.coordinator_count = coordinators
         self.coordinator_settings = coordinator_settings
         self.coordinators: list[Coordinator] = []
+        self._workloads: dict[str, Workload] = {}
         self._stack = AsyncExitStack()
 
     def common(self) -> dict[str, Any]:
@@ -114,6 +133,38 @@ class Mesh:
             "listen": "127.0.0.1:0",
             "jetstream_replicas": self.jetstream_replicas,
         }
+
+    def identity(self, name: str) -> dict[str, Any]:
+        """Settings that give a component its workload identity (governed meshes: every
+        hop is mTLS, as under `tessera up`); nothing without Vault (plaintext mesh)."""
+        if self.vault is None:
+            return {}
+        return {
+            "vault_addr": self.vault.addr,
+            "vault_approle_file": self.approles[name],
+            "insecure_plaintext": False,
+        }
+
+    async def _operator_channel(self, address: str, peer: str) -> grpc.aio.Channel:
+        """The test's own client: the operator identity when governed."""
+        return await self.channel_as("operator", address, peer=peer)
+
+    async def channel_as(
+        self, identity: str, address: str, *, peer: str, **options: Any
+    ) -> grpc.aio.Channel:
+        """A channel to ``peer`` (an identity name, e.g. ``agent-billing``) presenting the
+        certificate of ``identity``: how a test acts as one of the mesh's workloads.
+        Plaintext in an ungoverned mesh."""
+        options.setdefault("default_timeout_s", 30)
+        if self.vault is None:
+            return channel(address, **options)
+        workload = self._workloads.get(identity)
+        if workload is None:
+            settings = ServiceSettings(**self.common(), **self.identity(identity))
+            workload = self._workloads[identity] = await Workload.start(settings)
+            self._stack.push_async_callback(workload.close)
+        name = WorkloadName.of(peer)
+        return workload.channel(address, peer=workload.peer(name.kind, name.name), **options)
 
     async def __aenter__(self) -> Mesh:
         try:
@@ -126,12 +177,13 @@ class Mesh:
         self.tool_proxy_address = ""
         if self.vault is not None:
             await self._start_governance(self.vault)
-        planner = PlannerService(PlannerSettings(**self.common()))
+        planner = PlannerService(PlannerSettings(**self.common(), **self.identity("planner")))
         await planner.start()
         self._stack.push_async_callback(planner.stop)
         self.planner_address = planner.address
         for agent in self.agents:
-            await agent.start(settings=ServiceSettings(**self.common()))
+            settings = ServiceSettings(**self.common(), **self.identity(f"agent-{agent.name}"))
+            await agent.start(settings=settings)
             self._stack.push_async_callback(agent.stop)
         for _ in range(self.coordinator_count):
             await self.add_coordinator()
@@ -143,7 +195,7 @@ class Mesh:
     async def use_coordinator(self, address: str) -> None:
         """Point `stub` at the coordinator serving `address`."""
         await self._close_channel()
-        self.channel: grpc.aio.Channel | None = channel(address, default_timeout_s=30)
+        self.channel: grpc.aio.Channel | None = await self._operator_channel(address, "coordinator")
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
 
     async def _close_channel(self) -> None:
@@ -154,9 +206,15 @@ class Mesh:
     async def _start_governance(self, vault: Vault) -> None:
         secrets_dir = Path(tempfile.mkdtemp(prefix="approles-"))
         self.approles = await asyncio.to_thread(
-            bootstrap.apply, vault.addr, vault.root_token, REPO / "vault", secrets_dir
+            bootstrap.apply,
+            vault.addr,
+            vault.root_token,
+            vault_dir_with_agents(self.agents),
+            secrets_dir,
         )
-        policy = PolicyService(PolicySettings(**self.common(), policy_dir=REPO / "policy"))
+        policy = PolicyService(
+            PolicySettings(**self.common(), **self.identity("policy"), policy_dir=REPO / "policy")
+        )
         await policy.start()
         self._stack.push_async_callback(policy.stop)
         self.policy_address = policy.address
@@ -168,8 +226,7 @@ class Mesh:
         proxy = ToolProxy(
             ToolProxySettings(
                 **self.common(),
-                vault_addr=vault.addr,
-                vault_approle_file=self.approles["tool-proxy"],
+                **self.identity("tool-proxy"),
                 policy_address=policy.address,
             )
         )
@@ -189,6 +246,7 @@ class Mesh:
             "TESSERA_VAULT_APPROLE_FILE": str(self.approles["tool-proxy"]),
             "TESSERA_POLICY_ADDRESS": self.policy_address,
             "TESSERA_JETSTREAM_REPLICAS": str(self.jetstream_replicas),
+            "TESSERA_INSECURE_PLAINTEXT": "0",
         }
         self._proxy_proc = subprocess.Popen(  # noqa: ASYNC220 (fork/exec returns at once)
             [sys.executable, "-m", "services.tool_proxy"],
@@ -197,7 +255,8 @@ class Mesh:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        await wait_for_serving(self.tool_proxy_address, timeout=30)
+        async with await self._operator_channel(self.tool_proxy_address, "tool-proxy") as ch:
+            await wait_until_serving(ch, timeout=30)
 
     def kill_tool_proxy(self) -> None:
         """SIGKILL the tool proxy process (nothing flushed, nothing drained)."""
@@ -206,12 +265,7 @@ class Mesh:
             self._proxy_proc.wait(timeout=10)
 
     async def add_coordinator(self, **overrides: Any) -> Coordinator:
-        if self.vault is not None:
-            overrides = {
-                "vault_addr": self.vault.addr,
-                "vault_approle_file": self.approles["coordinator"],
-                **overrides,
-            }
+        overrides = {**self.identity("coordinator"), **overrides}
         settings = CoordinatorSettings(
             **self.common(),
             planner_address=self.planner_address,
@@ -349,3 +403,18 @@ def task_graph(
             max_iterations=max_iterations,
         ),
     )
+
+
+async def wait_until_serving(ch: grpc.aio.Channel, *, timeout: float) -> None:  # noqa: ASYNC109
+    """Poll grpc.health.v1 over ``ch`` until SERVING (a start-up budget, polled)."""
+    deadline = time.monotonic() + timeout
+    stub = health_pb2_grpc.HealthStub(ch)
+    while True:
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)

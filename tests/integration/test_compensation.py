@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 from nats.js import JetStreamContext
@@ -283,7 +282,8 @@ async def test_a_compensation_run_twice_reverses_once(
         task_token=token.token,
         tool_proxy_endpoint=mesh.tool_proxy_address,
     )
-    async with grpc.aio.insecure_channel(reference_agent("billing").endpoint) as channel:
+    endpoint = reference_agent("billing").endpoint
+    async with await mesh.channel_as("coordinator", endpoint, peer="agent-billing") as channel:
         again = await agent_pb2_grpc.AgentServiceStub(channel).ExecuteTask(request, timeout=10)
     assert json_format.MessageToDict(again.output.json) == first  # that same reversal
 
@@ -297,7 +297,9 @@ async def test_a_compensation_run_twice_reverses_once(
         arguments=arguments,
         idempotency_key="reverse/by-hand",
     )
-    async with grpc.aio.insecure_channel(mesh.tool_proxy_address) as channel:
+    async with await mesh.channel_as(
+        "agent-billing", mesh.tool_proxy_address, peer="tool-proxy"
+    ) as channel:
         by_hand = await tool_proxy_pb2_grpc.ToolProxyServiceStub(channel).InvokeTool(
             call, metadata=(("x-tessera-task-token", token.token),), timeout=10
         )
