@@ -25,6 +25,7 @@ from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
 from tessera.runtime.startup import until_ready
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc
+from tessera.vault.audit_keys import TransitSigner
 from tessera.vault.client import VaultClient
 from tessera.vault.errors import VaultUnavailable
 
@@ -76,6 +77,8 @@ class Coordinator:
                 retry_if=lambda exc: isinstance(exc, VaultUnavailable),
             )
         self.workload = await Workload.start(self.settings, vault=vault)
+        if vault is not None:  # checkpoints signed with the coordinator's own Transit key
+            self.auditor.writer.attach_signer(TransitSigner.for_client(vault))
         self.tokens = TaskTokens(
             vault,
             js,
@@ -133,10 +136,14 @@ class Coordinator:
             await self.runner.stop()
         if self.dispatcher is not None:
             await self.dispatcher.close()
+        # Revocations under way write audit records; the auditor's final checkpoint is
+        # signed with the Vault login the tokens hold: drain, stop the auditor, then close.
         if self.tokens is not None:
-            await self.tokens.close()
+            await self.tokens.drain()
         if self.auditor is not None:
             await self.auditor.stop()
+        if self.tokens is not None:
+            await self.tokens.close()
         if self._planner_channel is not None:
             await self._planner_channel.close()
         if self.workload is not None:

@@ -1,16 +1,26 @@
 """The coordinator's audit trail: workflow transitions, approvals, task-token issue and
 revocation, appended to its own hash chain (tessera.audit) in the background so the
-workflow's critical path never waits on it; records are appended in order."""
+workflow's critical path does not wait on each write; records are appended in order.
+
+No record is ever dropped. The backlog is bounded (``queue_limit``): when it is full,
+:meth:`WorkflowAuditor.record` waits for room, so a coordinator whose audit stream is down
+stops making progress (back-pressure) instead of acting unaudited. The background writer
+retries a failed append until it is stored (capped backoff, every failure logged); at
+:meth:`WorkflowAuditor.stop` whatever could not be written within ``stop_timeout_s`` is
+logged loudly with its count."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import structlog
 
 from tessera.audit import AuditWriter
+from tessera.runtime.errors import Unavailable
 from tessera.v1 import audit_pb2, events_pb2
 
 log = structlog.get_logger(__name__)
@@ -24,34 +34,68 @@ _TRANSITIONS = {
     "gate_opened": "parked",
 }
 QUEUE_LIMIT = 10_000
+_MAX_BACKOFF_S = 2.0
 
 
 class WorkflowAuditor:
-    def __init__(self, writer: AuditWriter) -> None:
+    def __init__(
+        self,
+        writer: AuditWriter,
+        *,
+        queue_limit: int = QUEUE_LIMIT,
+        stop_timeout_s: float = 10.0,
+    ) -> None:
         self.writer = writer
-        self._queue: asyncio.Queue[tuple[Any, dict[str, Any]]] = asyncio.Queue(QUEUE_LIMIT)
+        self._queue: asyncio.Queue[tuple[Any, dict[str, Any]]] = asyncio.Queue(queue_limit)
         self._task: asyncio.Task[None] | None = None
+        self._stop_timeout_s = stop_timeout_s
+        self._full_since: float | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Records waiting to be written."""
+        return self._queue.qsize()
 
     async def start(self) -> None:
         await self.writer.start()
         self._task = asyncio.create_task(self._drain(), name="coordinator-audit")
 
     async def stop(self) -> None:
+        """Write the backlog (bounded by ``stop_timeout_s``), then close the writer (its
+        deferred records and a final signed checkpoint)."""
         if self._task is not None:
-            await self._queue.join()
+            try:
+                await asyncio.wait_for(self._queue.join(), self._stop_timeout_s)
+            except TimeoutError:
+                log.error("audit_backlog_unwritten", records=self._queue.qsize())
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Unavailable):  # logged by the writer
+            await self.writer.close()
 
-    def record(self, kind: Any, **fields: Any) -> None:
-        try:
-            self._queue.put_nowait((kind, fields))
-        except asyncio.QueueFull:  # back-pressure would stall workflows; say so loudly
-            log.error("audit_backlog_full", dropped_kind=AK.Name(kind))
+    async def record(self, kind: Any, **fields: Any) -> None:
+        """Queue a record; waits while the backlog is full (never drops one)."""
+        if self._queue.full():
+            if self._full_since is None:
+                self._full_since = time.monotonic()
+                log.error("audit_backlog_full", waiting_kind=AK.Name(kind))
+            await self._queue.put((kind, fields))
+            if self._full_since is not None and not self._queue.full():
+                log.warning(
+                    "audit_backlog_recovered",
+                    waited_s=round(time.monotonic() - self._full_since, 3),
+                )
+                self._full_since = None
+            return
+        self._queue.put_nowait((kind, fields))
 
-    def events(self, events: Iterable[events_pb2.WorkflowEvent]) -> None:
+    async def events(self, events: Iterable[events_pb2.WorkflowEvent]) -> None:
         for event in events:
             kind = event.WhichOneof("kind")
             if kind in _TRANSITIONS:
-                self.record(
+                await self.record(
                     AK.AUDIT_KIND_WORKFLOW_TRANSITION,
                     workflow_id=event.workflow_id,
                     task_id=event.gate_opened.task_id,
@@ -61,7 +105,7 @@ class WorkflowAuditor:
                 )
             elif kind == "gate_decided":
                 decided = event.gate_decided
-                self.record(
+                await self.record(
                     AK.AUDIT_KIND_APPROVAL,
                     workflow_id=event.workflow_id,
                     outcome="approved" if decided.approved else "rejected",
@@ -69,7 +113,7 @@ class WorkflowAuditor:
                     details={"decided_by": decided.decided_by},
                 )
             elif kind == "task_dispatched" and event.task_dispatched.token_accessor:
-                self.record(
+                await self.record(
                     AK.AUDIT_KIND_TOKEN_ISSUED,
                     workflow_id=event.workflow_id,
                     task_id=event.task_dispatched.task_id,
@@ -85,12 +129,22 @@ class WorkflowAuditor:
         while True:
             kind, fields = await self._queue.get()
             try:
-                for attempt in range(5):
-                    try:
-                        await self.writer.append(kind, **fields)
-                        break
-                    except Exception as exc:
-                        log.warning("audit_append_failed", attempt=attempt, error=repr(exc))
-                        await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+                await self._append_until_stored(kind, fields)
             finally:
                 self._queue.task_done()
+
+    async def _append_until_stored(self, kind: Any, fields: dict[str, Any]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.writer.append(kind, **fields)
+                return
+            except Exception as exc:
+                attempt += 1
+                log.warning(
+                    "audit_append_failed",
+                    attempt=attempt,
+                    backlog=self._queue.qsize(),
+                    error=type(exc).__name__,
+                )
+                await asyncio.sleep(min(_MAX_BACKOFF_S, 0.1 * 2 ** min(attempt, 5)))

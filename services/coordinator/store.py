@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 from nats.js import JetStreamContext
@@ -42,7 +42,7 @@ class WorkflowStore:
         js: JetStreamContext,
         topology: Topology,
         *,
-        on_published: Callable[[list[events_pb2.WorkflowEvent]], None] | None = None,
+        on_published: Callable[[list[events_pb2.WorkflowEvent]], Awaitable[None]] | None = None,
     ) -> None:
         self.js = js
         self.topology = topology
@@ -109,7 +109,7 @@ class WorkflowStore:
             published.append(event)
         rec.outbox.clear()
         if self.on_published is not None and published:
-            self.on_published(published)
+            await self.on_published(published)  # waits while the audit backlog is full
 
     async def _publish_missing(self, rec: WorkflowRecord) -> None:
         subject = self.topology.wf_events_subject(rec.id)

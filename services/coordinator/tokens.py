@@ -114,7 +114,7 @@ class TaskTokens:
             ),
         )
         if self.auditor is not None:
-            self.auditor.record(
+            await self.auditor.record(
                 AuditKind.AUDIT_KIND_TOKEN_REVOKED,
                 workflow_id=wf_id,
                 outcome="revoked" if revoked else "revoke_failed",
@@ -123,7 +123,11 @@ class TaskTokens:
             )
         log.info("task_tokens_revoked", workflow_id=wf_id, count=len(revoked), reason=reason)
 
-    async def close(self) -> None:
+    async def drain(self) -> None:
+        """Let the revocations under way finish (they write audit records)."""
         await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
         if self.vault is not None:
             await self.vault.close()

@@ -17,6 +17,7 @@ from tessera.runtime.bus import Topology, connect, declare, msg_id_headers
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
 from tessera.v1 import events_pb2, policy_pb2, policy_pb2_grpc
+from tessera.vault.audit_keys import TransitSigner
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
@@ -70,6 +71,9 @@ class PolicyService:
         )
         self.servicer = servicer
         self.workload = await Workload.start(self.settings)
+        vault = self.workload.vault  # the login Workload made (no second login)
+        if vault is not None:  # checkpoints signed with the policy service's own Transit key
+            self.audit.attach_signer(TransitSigner.for_client(vault))
         self.server = GrpcServer(
             name="policy",
             settings=self.settings,

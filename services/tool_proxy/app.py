@@ -4,7 +4,6 @@ services.tool_proxy`, or composed with other services in one process for tests."
 from __future__ import annotations
 
 import contextlib
-import secrets
 from typing import TYPE_CHECKING
 
 import grpc
@@ -28,6 +27,7 @@ from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
 from tessera.runtime.startup import until_ready
 from tessera.v1 import policy_pb2_grpc, tool_proxy_pb2
+from tessera.vault.audit_keys import TransitSigner, read_hmac_key
 from tessera.vault.client import VaultClient
 from tessera.vault.errors import VaultConfigError, VaultUnavailable
 
@@ -101,18 +101,22 @@ class ToolProxy:
             within_s=s.startup_timeout_s,
             retry_if=lambda exc: isinstance(exc, VaultUnavailable),
         )
+        # Checkpoints signed with this identity's own Transit key (receipts need them).
         audit = AuditWriter(
-            js, self.topology, writer=f"tool-proxy-{self.replica_id}", actor="tool-proxy"
+            js,
+            self.topology,
+            writer=f"tool-proxy-{self.replica_id}",
+            actor="tool-proxy",
+            signer=TransitSigner.for_client(self._vault),
         )
         await audit.start()
         self._audit = audit
+        # One HMAC key for every replica and restart, from Vault (or an explicit override).
         key = (
             s.audit_hmac_key.get_secret_value().encode()
             if s.audit_hmac_key is not None
-            else secrets.token_bytes(32)
+            else await read_hmac_key(self._vault)
         )
-        if s.audit_hmac_key is None:
-            log.warning("audit_hmac_key_random", hint="set TESSERA_TOOL_PROXY_AUDIT_HMAC_KEY")
 
         for tool in builtin_tools(js, self.topology):
             if self.registry.get(tool.spec.name) is None:

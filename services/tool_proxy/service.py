@@ -125,6 +125,8 @@ class AuditSink(Protocol):
 
     async def flush(self) -> None: ...
 
+    def receipt(self, record: Any) -> audit_pb2.AuditReceipt: ...
+
 
 class SecretReader(Protocol):
     async def read_tool_secret(self, tool: str, *, token: str) -> ToolSecret: ...
@@ -160,6 +162,8 @@ class _Call:
     claimed_principal: str = ""
     agent: str = ""
     decision_id: str = ""
+    receipt: audit_pb2.AuditReceipt | None = None
+    """Where the awaited record of the decision is stored (the response's receipt)."""
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -363,6 +367,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                         result=_struct(began.result),
                         decision_id=decision.decision_id,
                         replayed=True,
+                        receipt=call.receipt,
                     )
                 claim = began
         except BaseException:
@@ -407,7 +412,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             if claim is not None and not executed:
                 await self.idempotency.release(claim)
         return tool_proxy_pb2.InvokeToolResponse(
-            result=_struct(result), decision_id=decision.decision_id
+            result=_struct(result), decision_id=decision.decision_id, receipt=call.receipt
         )
 
     async def _execute(self, run: Execution, call: _Call) -> dict[str, Any]:
@@ -740,7 +745,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             **call.details,
         }
         try:
-            await self.audit.append(
+            stored = await self.audit.append(
                 audit_pb2.AUDIT_KIND_TOOL_CALL,
                 workflow_id=call.workflow_id,
                 task_id=call.task_id,
@@ -757,6 +762,8 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                     reason="AUDIT_UNAVAILABLE",
                     retry_after_s=1.0,
                 ) from None
+            return
+        call.receipt = self.audit.receipt(stored)
 
     async def _record_executed(self, call: _Call) -> None:
         """The ``executed`` record: deferred, so it rides on the chain's next record (or

@@ -94,8 +94,9 @@ class ToolProxySettings(ServiceSettings):
     lease asks the tool whether the effect happened. Shutdown waits for these attempts."""
 
     audit_hmac_key: SecretStr | None = None
-    """Key of the HMACs of secret-bearing arguments in audit records (share it between
-    replicas so digests compare). Unset: a random key per process."""
+    """Override of the key of the HMACs of secret-bearing arguments in audit records.
+    Unset (the default): the key the Vault bootstrap stored (``tessera-audit/hmac-key``),
+    the same for every replica and restart, so digests compare."""
     mcp_servers: Path | None = None
     """JSON or YAML file describing the MCP servers whose tools are exposed."""
     mcp_timeout_s: float = Field(default=15.0, gt=0)

@@ -68,8 +68,18 @@ class _Head:
     sequence: int = 0
     hash: bytes = b""
     stream_sequence: int = 0
-    checkpoint: bool = False
-    """The record at the head is a checkpoint (nothing written since the last signature)."""
+    covers: int = 0
+    """When the record at the head is a checkpoint: the sequence it signs."""
+
+    @property
+    def signed(self) -> bool:
+        """Everything up to this head is signed: it is a checkpoint of the record before."""
+        return self.covers > 0 and self.covers == self.sequence - 1
+
+
+def _head_of(record: audit_pb2.AuditRecord, stream_sequence: int) -> _Head:
+    covers = record.checkpoint.covered_sequence if record.kind == _CHECKPOINT else 0
+    return _Head(record.sequence, record.hash, stream_sequence, covers)
 
 
 class AuditWriter:
@@ -122,6 +132,8 @@ class AuditWriter:
         self._checkpoint_lock = asyncio.Lock()
         self._last_checkpoint = 0
         """Chain sequence of the last checkpoint record written or recovered."""
+        self._covered = 0
+        """Chain sequence the last checkpoint signed."""
         self._since_checkpoint = 0
         self._checkpointer: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -155,8 +167,9 @@ class AuditWriter:
         """Recover the chain head from the stream, so a restarted writer continues it."""
         async with self._lock:
             self._head = await self._read_head()
-            if self._head.checkpoint:
+            if self._head.covers:
                 self._last_checkpoint = self._head.sequence
+                self._covered = self._head.covers
         self._started = True
         self._start_ticker()
         log.info("audit_writer_started", writer=self.writer, head=self._head.sequence)
@@ -189,7 +202,7 @@ class AuditWriter:
                 f"audit chain {self.writer}: last record (stream seq {msg.seq}) is unreadable",
                 reason="AUDIT_CHAIN_CORRUPT",
             ) from exc
-        return _Head(record.sequence, record.hash, msg.seq or 0, record.kind == _CHECKPOINT)
+        return _head_of(record, msg.seq or 0)
 
     async def append(
         self,
@@ -264,8 +277,9 @@ class AuditWriter:
             return None
         async with self._checkpoint_lock:
             head = self._head
-            if head is None or head.sequence == 0 or head.sequence <= self._last_checkpoint:
+            if head is None or not self._needs_checkpoint(head):
                 return None
+            counted = self._since_checkpoint
             payload = checkpoint_payload(self.writer, head.sequence, head.hash)
             try:
                 signed = await asyncio.wait_for(signer.sign(payload), self._sign_timeout_s)
@@ -292,7 +306,8 @@ class AuditWriter:
             )
             async with self._lock:
                 try:
-                    stored = await self._write(body)
+                    # Carrying nothing: what it stores must be what it signs before it.
+                    stored = await self._write(body, carry=False)
                 except Unavailable as exc:
                     raise Unavailable(
                         "audit checkpoint could not be stored",
@@ -300,7 +315,8 @@ class AuditWriter:
                         retry_after_s=1.0,
                     ) from exc
             self._last_checkpoint = stored.sequence
-            self._since_checkpoint = 0
+            self._covered = max(self._covered, head.sequence)
+            self._since_checkpoint = max(0, self._since_checkpoint - counted)
             log.debug(
                 "audit_checkpoint_written",
                 writer=self.writer,
@@ -331,7 +347,7 @@ class AuditWriter:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self._checkpoint_interval_s)
-            if self.head_sequence > self._last_checkpoint:
+            if self._head is not None and self._needs_checkpoint(self._head):
                 await self._checkpoint_logged()
 
     async def _checkpoint_logged(self) -> None:
@@ -341,6 +357,10 @@ class AuditWriter:
             pass  # logged by checkpoint()/_store; the next trigger tries again
         except Exception as exc:
             log.error("audit_checkpoint_failed", writer=self.writer, error=type(exc).__name__)
+
+    def _needs_checkpoint(self, head: _Head) -> bool:
+        """Some record up to ``head`` is not signed yet."""
+        return head.sequence > self._covered and not head.signed
 
     def _after_write(self, stored: audit_pb2.AuditRecord) -> None:
         if stored.kind == _CHECKPOINT or self._signer is None:
@@ -397,10 +417,13 @@ class AuditWriter:
             body.details.CopyFrom(to_struct(scrub(details)))
         return body
 
-    async def _write(self, body: audit_pb2.AuditRecord) -> audit_pb2.AuditRecord:
-        """Chain ``body`` (with up to ``max_carried`` deferred records) and store it; the
-        lock is held. On failure the carried records are deferred again."""
-        carried = self._deferred[: self._max_carried]
+    async def _write(
+        self, body: audit_pb2.AuditRecord, *, carry: bool = True
+    ) -> audit_pb2.AuditRecord:
+        """Chain ``body`` (with up to ``max_carried`` deferred records unless ``carry`` is
+        false) and store it; the lock is held. On failure the carried records are deferred
+        again."""
+        carried = self._deferred[: self._max_carried] if carry else []
         del self._deferred[: len(carried)]
         try:
             stored = await self._store(body, carried)
@@ -450,7 +473,7 @@ class AuditWriter:
                 last_exc = exc
                 self._head = None
                 break
-            self._head = _Head(record.sequence, record.hash, ack.seq, record.kind == _CHECKPOINT)
+            self._head = _head_of(record, ack.seq)
             return record
         log.error("audit_write_failed", writer=self.writer, error=repr(last_exc))
         raise Unavailable(

@@ -1,5 +1,8 @@
-"""`tessera creds rotate [approle <identity> | tool <tool> | all]`: rotate credentials
-while the mesh keeps serving (procedure and guarantees: vault/README.md, "Rotation").
+"""`tessera creds rotate [approle <identity> | tool <tool> | signing [<writer>] | all]`:
+rotate credentials while the mesh keeps serving (procedure and guarantees: vault/README.md,
+"Rotation"). ``signing`` adds a version to the audit checkpoint signing keys
+(``transit/keys/audit-<writer>``); writers sign with it from their next checkpoint, and
+checkpoints signed with older versions still verify.
 
 Same Vault target as `tessera vault bootstrap`: the local mesh (state.json + root token) or
 ``--addr`` with ``VAULT_TOKEN``. Each step is audited (``credential_rotated``) on the
@@ -10,6 +13,8 @@ namespace's audit stream when NATS is reachable (``TESSERA_NATS_URL`` or the loc
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,13 +22,40 @@ import typer
 from rich.console import Console
 
 from tessera.cli.vault import Addr, DataDir, SecretsDir, fail, quiet_logs, resolve_target
+from tessera.runtime.errors import Unavailable
+
+
+@dataclass(frozen=True)
+class SigningTarget:
+    """An audit writer's checkpoint signing key (``transit/keys/audit-<name>``)."""
+
+    name: str
+    kind: str = "signing"
+
+    @property
+    def resource(self) -> str:
+        return f"signing/audit-{self.name}"
+
+
+@dataclass
+class SigningRotation:
+    """The outcome of one signing key's rotation (a new key version, no secret)."""
+
+    target: SigningTarget
+    new_version: int = 0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
 
 if TYPE_CHECKING:
-    from tessera.vault.rotation import Rotation
+    from tessera.vault.rotation import AuditSink, Rotation
 
 app = typer.Typer(
     name="creds",
-    help="Rotate AppRole secret_ids and tool secrets with no downtime.",
+    help="Rotate AppRole secret_ids, tool secrets and audit signing keys with no downtime.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -33,12 +65,12 @@ out = Console()
 err = Console(stderr=True)
 
 EXIT_PARTIAL = 1
-KINDS = ("approle", "tool", "all")
+KINDS = ("approle", "tool", "signing", "all")
 
 
 @app.callback()
 def _group() -> None:
-    """Rotate AppRole secret_ids and tool secrets with no downtime."""
+    """Rotate AppRole secret_ids, tool secrets and audit signing keys with no downtime."""
 
 
 async def _run(
@@ -49,38 +81,106 @@ async def _run(
     name: str | None,
     grace_s: float,
     audit: bool,
-) -> list[Rotation]:
+) -> list[Rotation | SigningRotation]:
+    from tessera.audit import AuditWriter
     from tessera.cli._local import nats_url
     from tessera.runtime.config import CommonSettings
-    from tessera.vault.rotation import Target, audit_writer, rotate
+    from tessera.vault.audit_keys import TransitSigner
+    from tessera.vault.rotation import AUDIT_WRITER, Target, audit_writer, rotate
 
     targets = None
-    if what != "all":
+    if what not in ("all", "signing"):
         targets = [Target("approle" if what == "approle" else "tool", name or "")]
 
     def progress(msg: str) -> None:
         out.print(msg, highlight=False, soft_wrap=True)
 
+    async def run(writer: AuditSink | None) -> list[Rotation | SigningRotation]:
+        rotations: list[Rotation | SigningRotation] = []
+        if what != "signing":
+            rotations += await rotate(
+                addr, token, secrets_dir, targets, grace_s=grace_s, audit=writer, progress=progress
+            )
+        if what in ("signing", "all"):
+            rotations += await _rotate_signing(addr, token, name, writer, progress)
+        return rotations
+
     settings = CommonSettings()
     if not audit:
-        return await rotate(addr, token, secrets_dir, targets, grace_s=grace_s, progress=progress)
+        return await run(None)
     async with audit_writer(nats_url(settings.nats_url), settings.namespace) as writer:
         if writer is None:
             err.print(
                 "[yellow]warning:[/] audit stream unreachable: rotating without audit records",
                 highlight=False,
             )
-        return await rotate(
-            addr, token, secrets_dir, targets, grace_s=grace_s, audit=writer, progress=progress
-        )
+        signer = None
+        if isinstance(writer, AuditWriter):
+            # This chain's checkpoints are signed with the operator's token (key
+            # audit-creds-rotation), like every other writer's with its own key.
+            signer = TransitSigner.with_token(addr, token, AUDIT_WRITER)
+            writer.attach_signer(signer)
+        try:
+            return await run(writer)
+        finally:
+            if isinstance(writer, AuditWriter):
+                try:
+                    await writer.close()  # the final checkpoint
+                except Unavailable as exc:
+                    err.print(f"[yellow]warning:[/] audit records unwritten: {exc}")
+            if signer is not None:
+                signer.close()
+
+
+async def _rotate_signing(
+    addr: str,
+    token: str,
+    name: str | None,
+    audit: AuditSink | None,
+    progress: Callable[[str], None],
+) -> list[SigningRotation]:
+    """Add a version to the audit signing keys (``name``: one writer identity's only)."""
+    import hvac
+
+    from tessera.v1 import audit_pb2
+    from tessera.vault.audit_keys import AUDIT_WRITERS, rotate_signing_keys
+
+    writers = (name,) if name else AUDIT_WRITERS
+    results: list[SigningRotation] = []
+    for writer in writers:
+        rot = SigningRotation(SigningTarget(writer))
+        client = hvac.Client(url=addr, token=token, timeout=10)
+        try:
+            versions = await asyncio.to_thread(rotate_signing_keys, client, (writer,))
+            rot.new_version = next(iter(versions.values()))
+            progress(f"signing/audit-{writer}: now version {rot.new_version}")
+        except Exception as exc:  # one key failing does not stop the others
+            rot.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            client.adapter.close()
+        results.append(rot)
+        if audit is not None:
+            try:
+                await audit.append(
+                    audit_pb2.AUDIT_KIND_CREDENTIAL_ROTATED,
+                    outcome="failed" if rot.error else "rotated",
+                    resource=f"signing/audit-{writer}",
+                    details={"kind": "signing", "name": writer, "new_version": rot.new_version},
+                )
+            except Unavailable as exc:
+                err.print(f"[yellow]warning:[/] rotation not audited: {exc}", highlight=False)
+    return results
 
 
 @app.command("rotate")
 def rotate_cmd(
-    what: Annotated[str, typer.Argument(help="approle | tool | all", show_default=False)],
+    what: Annotated[str, typer.Argument(help="approle | tool | signing | all", show_default=False)],
     name: Annotated[
         str | None,
-        typer.Argument(help="The identity (approle) or tool name (tool).", show_default=False),
+        typer.Argument(
+            help="The identity (approle), tool name (tool) or audit writer (signing).",
+            show_default=False,
+        ),
     ] = None,
     data_dir: DataDir = None,
     addr: Addr = None,
@@ -113,12 +213,18 @@ def rotate_cmd(
         raise fail(f"expected one of {', '.join(KINDS)}, got {what!r}", 2)
     if what == "all" and name:
         raise fail("`all` takes no name", 2)
-    if what != "all" and not name:
+    if what not in ("all", "signing") and not name:
         raise fail(
             f"`{what}` needs a name (e.g. `tessera creds rotate {what} "
             f"{'tool-proxy' if what == 'approle' else 'kb.search'}`)",
             2,
         )
+    if what == "signing" and name:
+        from tessera.vault.audit_keys import AUDIT_WRITERS
+
+        if name not in AUDIT_WRITERS:
+            writers = ", ".join(AUDIT_WRITERS)
+            raise fail(f"no audit signing key for {name!r} (writers: {writers})", 2)
     target = resolve_target(data_dir, addr, secrets_dir)
     if what == "approle" and not (target.secrets_dir / f"{name}.approle.json").is_file():
         raise fail(
@@ -140,7 +246,8 @@ def rotate_cmd(
     out.print(
         f"rotated {len(rotations) - len(failed)}/{len(rotations)} "
         f"({sum(r.target.kind == 'approle' for r in rotations)} AppRole, "
-        f"{sum(r.target.kind == 'tool' for r in rotations)} tool secrets)",
+        f"{sum(r.target.kind == 'tool' for r in rotations)} tool secrets, "
+        f"{sum(r.target.kind == 'signing' for r in rotations)} signing keys)",
         highlight=False,
     )
     for rot in failed:

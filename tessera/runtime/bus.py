@@ -150,6 +150,10 @@ class StreamSpec:
     name: str
     subjects: tuple[str, ...]
     retention: api.RetentionPolicy = api.RetentionPolicy.LIMITS
+    deny_delete: bool = False
+    """Refuse deleting a message (the audit stream: an append-only record)."""
+    deny_purge: bool = False
+    """Refuse purging the stream."""
 
 
 @dataclass(frozen=True)
@@ -270,7 +274,9 @@ class Topology:
             StreamSpec(self.wf_events_stream, (self.wf_events_subjects,)),
             StreamSpec(self.work_stream, (self.work_subjects,), api.RetentionPolicy.WORK_QUEUE),
             StreamSpec(self.events_stream, (self.events_subjects,)),
-            StreamSpec(self.audit_stream, (self.audit_subjects,)),
+            StreamSpec(
+                self.audit_stream, (self.audit_subjects,), deny_delete=True, deny_purge=True
+            ),
         )
 
     def buckets(self) -> tuple[KvSpec, ...]:
@@ -301,6 +307,8 @@ async def _declare_stream(js: JetStreamContext, spec: StreamSpec, replicas: int)
         storage=api.StorageType.FILE,
         num_replicas=replicas,
         duplicate_window=DUPLICATE_WINDOW_S,
+        deny_delete=spec.deny_delete,
+        deny_purge=spec.deny_purge,
     )
     try:
         await js.add_stream(config)

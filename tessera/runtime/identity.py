@@ -87,6 +87,12 @@ class Workload:
             raise
         return cls(certificate, owned)
 
+    @property
+    def vault(self) -> VaultClient | None:
+        """The Vault login this workload made for itself (None when it was handed one, or
+        in plaintext mode); other start-up steps may reuse it instead of logging in twice."""
+        return self._owned_vault
+
     async def issue_for(self, identity: str) -> CertificateSource:
         """A renewed certificate for another identity this one issues for (vault/pki.yaml
         ``issue_for``), e.g. the gateway control plane for Envoy."""

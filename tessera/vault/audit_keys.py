@@ -23,6 +23,7 @@ here logs or raises a signature input, a key or the HMAC key.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
 import time
@@ -255,7 +256,6 @@ def read_public_keys_sync(client: hvac.Client) -> PublicKeys:
 
 async def read_public_keys(addr: str, token: str, *, timeout_s: float = 5.0) -> PublicKeys:
     """:func:`read_public_keys_sync` off the event loop, with its own short-lived client."""
-    import asyncio
 
     def read() -> PublicKeys:
         client = hvac.Client(url=addr, token=token, timeout=timeout_s)

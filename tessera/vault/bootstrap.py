@@ -26,6 +26,7 @@ import structlog
 
 from tessera.vault import _retry
 from tessera.vault._config import Identity, VaultSpec, load_spec
+from tessera.vault.audit_keys import ensure_audit_keys
 from tessera.vault.errors import VaultConfigError, VaultError
 from tessera.vault.naming import APPROLE_MOUNT, TOOL_SECRETS_MOUNT, tool_policy_name, tool_slug
 from tessera.vault.pki import ensure_pki
@@ -80,6 +81,7 @@ def apply(
     try:
         _ensure_kv_v2(client)
         _ensure_approle(client)
+        ensure_audit_keys(client)  # transit signing keys + audit HMAC key
         changed = _write_policies(client, spec.policies)
         _write_approle_roles(client, spec.identities)
         ensure_pki(client, spec.pki, [identity.name for identity in spec.identities])

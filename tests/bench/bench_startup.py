@@ -17,9 +17,10 @@ supervisor restarting it). Per restart:
 The mesh's services are probed over mTLS with the operator's certificate, as `tessera up`
 probes them; their figures include obtaining their own certificate at start. The
 baseline, ``bare-grpc``, is ``python -m tests.bench._bare_server``: plaintext grpc.aio
-with only the health service (no identity to obtain), restarted and timed the same way, interleaved with the others so drift
-in the shared machine's load spreads over all. Phases: ``idle``, then ``loaded`` (one busy
-loop per core, each in its own session like an unrelated program). Ratios are the point:
+with only the health service (no identity to obtain), restarted and timed the same way,
+interleaved with the others so drift in the shared machine's load spreads over all.
+Phases: ``idle``, then ``loaded`` (one busy loop per core, each in its own session like
+an unrelated program). Ratios are the point:
 nothing asserts a timing; the test fails only if a process does not come back. Writes
 ``.tessera/bench/startup.json``; ``TESSERA_BENCH_STARTUP_ROUNDS`` (default 3).
 """

@@ -180,6 +180,7 @@ async def stack(
             routes_file=routes_file,
             descriptor_set=descriptor_set,
             coordinator_address=coordinator.address,
+            route_agents=True,  # the opt-in these tests cover (off under `tessera up`)
         )
     )
     await control_plane.start()

@@ -37,6 +37,7 @@ async def control_plane(nats_url: str, tmp_path: Path) -> AsyncIterator[GatewayC
             routes_file=GATEWAY_DIR / "routes.yaml",
             access_log=str(tmp_path / "access.log"),
             coordinator_address="127.0.0.1:1",
+            route_agents=True,  # the opt-in these tests cover (off under `tessera up`)
         )
     )
     await plane.start()

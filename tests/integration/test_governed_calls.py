@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -37,12 +38,15 @@ from services.tool_proxy.approvals import gate_id
 from services.tool_proxy.settings import ToolProxySettings
 from services.tool_proxy.tools import CallInfo, SideEffect, Tool, ToolSpec
 from services.tool_proxy.tools.builtin import effects_subject
-from tessera.audit import tail
+from tessera.audit import check_receipt, read_all, tail, verify_entries
 from tessera.launcher.ports import free_port
 from tessera.runtime.bus import Topology, connect
+from tessera.runtime.config import ServiceSettings
 from tessera.runtime.errors import ErrorDetails, error_details
+from tessera.runtime.identity import Workload
 from tessera.v1 import audit_pb2, events_pb2, tool_proxy_pb2, tool_proxy_pb2_grpc
 from tessera.vault import InvalidToken, TaskToken, ToolSecret, VaultClient
+from tessera.vault.audit_keys import read_public_keys
 from tessera.vault.bootstrap import apply
 from tests.conftest import OpenBao, private_openbao
 
@@ -187,9 +191,46 @@ class Mesh:
     coordinator: VaultClient
     inspector: VaultClient
     stub: tool_proxy_pb2_grpc.ToolProxyServiceStub
+    """Calls as the billing agent (mTLS with its workload certificate)."""
     channel: grpc.aio.Channel
     forwarder: Forwarder
     settings: ToolProxySettings
+    callers: dict[str, tool_proxy_pb2_grpc.ToolProxyServiceStub] = dataclasses.field(
+        default_factory=dict
+    )
+    """Stubs calling as other agents, by agent name (see ``caller_stub``)."""
+    workloads: list[Workload] = dataclasses.field(default_factory=list)
+    creds: dict[str, Path] = dataclasses.field(default_factory=dict)
+    vault_addr: str = ""
+
+
+async def caller_stub(mesh: Mesh, agent: str) -> tool_proxy_pb2_grpc.ToolProxyServiceStub:
+    """A stub that calls the proxy as ``agent``, with that agent's own certificate."""
+    if agent not in mesh.callers:
+        workload = await agent_workload(mesh.vault_addr, mesh.creds, agent)
+        mesh.workloads.append(workload)
+        mesh.callers[agent] = tool_proxy_pb2_grpc.ToolProxyServiceStub(
+            proxy_channel(workload, mesh.proxy.address)
+        )
+    return mesh.callers[agent]
+
+
+def proxy_channel(workload: Workload, address: str) -> grpc.aio.Channel:
+    """mTLS to a tool proxy as ``workload``; no transparent retries, so each call is the
+    one attempt the test makes."""
+    return workload.channel(address, peer=workload.peer("service", "tool-proxy"), max_attempts=1)
+
+
+async def agent_workload(vault_addr: str, creds: dict[str, Path], agent: str) -> Workload:
+    return await identity_workload(vault_addr, creds, f"agent-{agent}")
+
+
+async def identity_workload(vault_addr: str, creds: dict[str, Path], identity: str) -> Workload:
+    """The workload certificate of ``identity`` (an AppRole of the bootstrap)."""
+    settings = ServiceSettings(
+        vault_addr=vault_addr, vault_approle_file=creds[identity], insecure_plaintext=False
+    )
+    return await Workload.start(settings)
 
 
 def proxy_settings(
@@ -239,6 +280,9 @@ async def governed_mesh(
             namespace=namespace,
             listen="127.0.0.1:0",
             instance_id=f"policy-{namespace}",
+            vault_addr=bao.addr,
+            vault_approle_file=creds["policy"],
+            insecure_plaintext=False,
         )
     )
     await policy.start()
@@ -254,7 +298,9 @@ async def governed_mesh(
     nc = await connect(nats_url, name=f"{name}-test")
     coordinator = await VaultClient.from_approle_file(bao.addr, creds["coordinator"])
     inspector = await VaultClient.from_approle_file(bao.addr, creds["tool-proxy"])
-    channel = grpc.aio.insecure_channel(proxy.address)
+    billing = await agent_workload(bao.addr, creds, "billing")
+    channel = proxy_channel(billing, proxy.address)
+    workloads = [billing]
     try:
         yield Mesh(
             proxy=proxy,
@@ -268,9 +314,14 @@ async def governed_mesh(
             channel=channel,
             forwarder=forwarder,
             settings=settings,
+            workloads=workloads,
+            creds=creds,
+            vault_addr=bao.addr,
         )
     finally:
         await channel.close()
+        for workload in workloads:
+            await workload.close()
         await proxy.stop()
         await policy.stop()
         await coordinator.close()
@@ -327,7 +378,9 @@ async def invoke(
     key: str = "",
     timeout: float = 5.0,  # noqa: ASYNC109 (the gRPC deadline of the call)
     principal: str = "",
+    caller: str = "billing",
 ) -> tool_proxy_pb2.InvokeToolResponse:
+    """One InvokeTool as agent ``caller`` (its certificate; the token says whose it is)."""
     arguments = struct_pb2.Struct()
     arguments.update(dict(args or {}))
     request = tool_proxy_pb2.InvokeToolRequest(
@@ -338,7 +391,8 @@ async def invoke(
     request.context.workflow_id, request.context.task_id = wf, task
     request.context.principal = principal
     metadata = ((TOKEN_MD, token),) if token is not None else ()
-    response: tool_proxy_pb2.InvokeToolResponse = await mesh.stub.InvokeTool(
+    stub = mesh.stub if caller == "billing" else await caller_stub(mesh, caller)
+    response: tool_proxy_pb2.InvokeToolResponse = await stub.InvokeTool(
         request, metadata=metadata, timeout=timeout
     )
     return response
@@ -413,6 +467,34 @@ async def publish_revoked(mesh: Mesh, wf: str, accessors: list[str]) -> None:
 
 
 # -- the happy path ------------------------------------------------------------------------
+
+
+async def test_a_governed_call_carries_a_receipt_that_a_signed_checkpoint_covers(
+    mesh: Mesh, bao: Bao
+) -> None:
+    wf, task = new_ids()
+    token = await task_token(mesh, wf, task, tools=["crm.lookup_customer"])
+
+    response = await invoke(
+        mesh, token.token, wf, task, "crm.lookup_customer", {"customer_id": "c-7"}
+    )
+
+    receipt = response.receipt
+    assert receipt.writer == "tool-proxy-tp" and receipt.sequence > 0
+    assert receipt.decision_id == response.decision_id and len(receipt.record_hash) == 32
+    keys = await read_public_keys(bao.addr, bao.root_token)
+    status: list[str] = []
+
+    async def covered() -> bool:  # the proxy signs its head within its checkpoint interval
+        stored, last = await read_all(mesh.js, mesh.topology)
+        report = verify_entries(stored, last_stream_sequence=last, keys=keys)
+        status.append(check_receipt(report, stored, receipt).status)
+        if status[-1] != "covered":
+            await asyncio.sleep(0.2)  # (reads the whole stream: not every 20 ms)
+        return status[-1] == "covered"
+
+    await eventually(covered, timeout_s=15.0)
+    assert "failed" not in status
 
 
 async def test_agent_reads_customer_and_refunds_once(mesh: Mesh) -> None:
@@ -724,7 +806,15 @@ async def test_policy_deny_names_the_policy(mesh: Mesh) -> None:
     wf, task = new_ids()
     token = await task_token(mesh, wf, task, tools=["credit.bureau_report"], agent="risk")
     details = await refused(
-        invoke(mesh, token.token, wf, task, "credit.bureau_report", {"customer_id": "c-1"})
+        invoke(
+            mesh,
+            token.token,
+            wf,
+            task,
+            "credit.bureau_report",
+            {"customer_id": "c-1"},
+            caller="risk",
+        )
     )
     await assert_refused_and_audited(
         mesh, wf, details, grpc.StatusCode.PERMISSION_DENIED, "POLICY_DENIED", "denied"
@@ -801,7 +891,7 @@ async def test_policy_service_down_fails_closed(
     proxy = ToolProxy(settings, replica_id="nopolicy")
     await proxy.start()
     try:
-        async with grpc.aio.insecure_channel(proxy.address) as ch:
+        async with proxy_channel(mesh.workloads[0], proxy.address) as ch:
             stub = tool_proxy_pb2_grpc.ToolProxyServiceStub(ch)
             wf, task = new_ids()
             token = await task_token(mesh, wf, task, tools=[REFUND])

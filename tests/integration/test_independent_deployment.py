@@ -2,17 +2,20 @@
 
 `tessera up` (the real CLI: NATS, OpenBao, the services, the gateway control plane and
 Envoy) runs the core services and one reference agent. A new agent process offering a
-capability nobody used (`translate.text`) is started beside it: it registers, the
-planner validates a plan that uses it against the live registry, a workflow started
-through Envoy completes with it, and Envoy gets an `agent-translator` cluster. On SIGTERM
-it deregisters: the same plan is refused by planning (INVALID_ARGUMENT naming the
-capability) and the cluster leaves Envoy. Every process `tessera up` started keeps its PID.
+capability nobody used (`translate.text`) gets its own identity (one line in
+vault/identities.yaml and `tessera vault bootstrap`), is started beside it with that
+AppRole, registers, the planner validates a plan that uses it against the live registry,
+and a workflow started through Envoy completes with it over mTLS. Envoy does not route to
+it from outside (only the coordinator's public API). On SIGTERM it deregisters: the same
+plan is refused by planning (INVALID_ARGUMENT naming the capability). Every process
+`tessera up` started keeps its PID.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 import urllib.request
 import uuid
@@ -88,19 +91,6 @@ def _envoy_clusters(admin_url: str) -> str:
         return str(response.read().decode())
 
 
-async def _until_cluster(admin_url: str, name: str, *, present: bool, within: float) -> str:
-    """Poll Envoy's admin /clusters until cluster ``name`` is (or is no longer) there."""
-    deadline = time.monotonic() + within
-    while True:
-        text = await asyncio.to_thread(_envoy_clusters, admin_url)
-        if (f"\n{name}::" in f"\n{text}") == present:
-            return text
-        if time.monotonic() >= deadline:
-            state = "never appeared" if present else "never left"
-            raise AssertionError(f"Envoy cluster {name} {state}:\n{text}")
-        await asyncio.sleep(0.1)
-
-
 def _plan(text: str) -> planner_pb2.TaskGraph:
     task_input = struct_pb2.Struct()
     task_input.update({"text": text})
@@ -135,8 +125,8 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
     before = mesh.pids()
     assert BYSTANDER in before and "envoy" in before
     clusters = await asyncio.to_thread(_envoy_clusters, mesh.admin_url)
-    assert f"\n{BYSTANDER}::" in f"\n{clusters}"  # the control plane feeds Envoy live
-    assert "\nagent-translator::" not in f"\n{clusters}"
+    assert "\ncoordinator::" in f"\n{clusters}"  # the control plane feeds Envoy live
+    assert f"\n{BYSTANDER}::" not in f"\n{clusters}"  # agents are not routed from outside
 
     async with grpc.aio.insecure_channel(mesh.gateway) as gateway:  # everything via Envoy
         coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(gateway)
@@ -153,6 +143,20 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
         assert before_deploy.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "translate.text" in (before_deploy.value.details() or "")
 
+        # A new agent gets its own identity the documented way: one line in
+        # vault/identities.yaml, then `tessera vault bootstrap` against the running mesh.
+        vault_dir = tmp_path / "vault"
+        shutil.copytree(PROJECT_ROOT / "vault", vault_dir)
+        identities = yaml.safe_load((vault_dir / "identities.yaml").read_text())
+        identities["agents"].append({"name": "translator"})
+        (vault_dir / "identities.yaml").write_text(yaml.safe_dump(identities))
+        applied = await asyncio.to_thread(
+            tessera, "vault", "bootstrap", "--vault-dir", str(vault_dir), data_dir=mesh.data_dir
+        )
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        approle = mesh.data_dir / "secrets" / "agent-translator.approle.json"
+        assert approle.stat().st_mode & 0o777 == 0o600
+
         nc = await nats.connect(mesh.address("nats"))
         translator = AgentProcess(
             "translator",
@@ -160,6 +164,11 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
             nats_url=mesh.address("nats"),
             namespace="tessera",
             log_dir=tmp_path / "agents",
+            extra_env={
+                "TESSERA_VAULT_ADDR": mesh.address("openbao"),
+                "TESSERA_VAULT_APPROLE_FILE": str(approle),
+                "TESSERA_INSECURE_PLAINTEXT": "0",
+            },
         )
         try:
             descriptor = await translator.registered(nc)
@@ -171,15 +180,16 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
             assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error
             assert dict(workflow.blackboard)["translation"] == "WORLD INDEPENDENT HELLO"
 
-            # Envoy routes to the new agent by its name, from the registry (EDS).
-            await _until_cluster(mesh.admin_url, "agent-translator", present=True, within=10)
+            # From outside, Envoy routes only the public API: the agent is not reachable.
             agent = agent_pb2_grpc.AgentServiceStub(gateway)
-            described = await agent.Describe(
-                agent_pb2.DescribeRequest(),
-                timeout=5,
-                metadata=(*CALLER, ("x-tessera-agent", "translator")),
-            )
-            assert described.agent.instance_id == descriptor.instance_id
+            with pytest.raises(grpc.aio.AioRpcError) as unrouted:
+                await agent.Describe(
+                    agent_pb2.DescribeRequest(),
+                    timeout=5,
+                    metadata=(*CALLER, ("x-tessera-agent", "translator")),
+                )
+            assert unrouted.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "\nagent-translator::" not in f"\n{_envoy_clusters(mesh.admin_url)}"
 
             assert await translator.terminate() == 0  # deregisters, drains, exits
         finally:
@@ -190,7 +200,6 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
             await start("too late")
         assert after_stop.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "translate.text" in (after_stop.value.details() or "")
-        await _until_cluster(mesh.admin_url, "agent-translator", present=False, within=10)
 
     after = json.loads((mesh.data_dir / "state.json").read_text())
     assert {c["name"]: int(c["pid"]) for c in after["components"]} == before

@@ -26,7 +26,6 @@ from services.tool_proxy.app import ToolProxy
 from services.tool_proxy.approvals import gate_id
 from tessera.audit import tail
 from tessera.policy.engine import PolicyLoadError
-from tessera.runtime.grpc_client import channel
 from tessera.v1 import policy_pb2, policy_pb2_grpc
 from tests.integration.test_governed_calls import (
     REFUND,
@@ -40,6 +39,7 @@ from tests.integration.test_governed_calls import (
     eventually,
     extra_tools_for_tests,
     governed_mesh,
+    identity_workload,
     invoke,
     new_ids,
     proxy_settings,
@@ -126,7 +126,15 @@ async def test_embedded_deny_names_the_policy(emesh: Mesh) -> None:
     wf, task = new_ids()
     token = await task_token(emesh, wf, task, tools=["credit.bureau_report"], agent="risk")
     details = await refused(
-        invoke(emesh, token.token, wf, task, "credit.bureau_report", {"customer_id": "c-1"})
+        invoke(
+            emesh,
+            token.token,
+            wf,
+            task,
+            "credit.bureau_report",
+            {"customer_id": "c-1"},
+            caller="risk",
+        )
     )
     assert (details.code, details.reason) == (grpc.StatusCode.PERMISSION_DENIED, "POLICY_DENIED")
     assert "pii-compliance-only" in details.metadata["policies"]
@@ -264,7 +272,10 @@ async def test_tessera_policy_reload_reaches_an_embedded_proxy_at_once(
     async with embedded_mesh(nats_url, bao, creds, "tpn", policy_dir, poll_s=3600) as mesh:
         before = serving_version(mesh)
         (policy_dir / "policies" / "60_no_crm.cedar").write_text(NO_CRM)
-        policy = channel(mesh.policy.address, service="test")
+        operator = await identity_workload(bao.addr, creds, "operator")
+        policy = operator.channel(
+            mesh.policy.address, peer=operator.peer("service", "policy"), service="test"
+        )
         try:
             # What `tessera policy reload` calls.
             await policy_pb2_grpc.PolicyServiceStub(policy).ReloadPolicies(
@@ -272,6 +283,7 @@ async def test_tessera_policy_reload_reaches_an_embedded_proxy_at_once(
             )
         finally:
             await policy.close()
+            await operator.close()
 
         async def reloaded() -> bool:
             return serving_version(mesh) != before

@@ -14,10 +14,12 @@ from services.tool_proxy.app import ToolProxy
 from tessera.v1 import tool_proxy_pb2, tool_proxy_pb2_grpc
 from tests.integration.test_governed_calls import (  # noqa: F401 (fixtures)
     Mesh,
+    agent_workload,
     bao,
     creds,
     mesh,
     new_ids,
+    proxy_channel,
     proxy_settings,
     refused,
     task_token,
@@ -58,11 +60,13 @@ async def mcp_proxy(
     )
     proxy = ToolProxy(settings, replica_id="mcp")
     await proxy.start()
-    channel = grpc.aio.insecure_channel(proxy.address)
+    technical = await agent_workload(mesh.vault_addr, mesh.creds, "technical")
+    channel = proxy_channel(technical, proxy.address)  # the agent the tests' tokens name
     try:
         yield tool_proxy_pb2_grpc.ToolProxyServiceStub(channel)
     finally:
         await channel.close()
+        await technical.close()
         await proxy.stop()
 
 
@@ -109,7 +113,7 @@ async def test_mcp_tool_runs_under_the_same_governance(
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
 
     other_wf, other_task = new_ids()
-    unscoped = await task_token(mesh, other_wf, other_task, tools=["kb.search"])
+    unscoped = await task_token(mesh, other_wf, other_task, tools=["kb.search"], agent="technical")
     denied = await refused(
         mcp_proxy.InvokeTool(
             _request(other_wf, other_task, "mcp.notes.echo", {"text": "x"}),

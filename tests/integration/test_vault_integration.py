@@ -40,7 +40,15 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 VAULT_DIR = REPO / "vault"
 BAO = REPO / ".venv" / "bin" / "bao"
-SERVICES = ("coordinator", "planner", "tool-proxy", "policy")
+SERVICES = (
+    "coordinator",
+    "planner",
+    "tool-proxy",
+    "policy",
+    "gateway-control-plane",
+    "gateway",
+    "operator",
+)
 AGENTS = (
     "triage",
     "billing",
@@ -378,6 +386,7 @@ async def test_client_keeps_a_valid_token_past_its_ttl_and_max_ttl(
     (vault_dir / "policies" / "renew-probe.hcl").write_text(
         (VAULT_DIR / "policies" / "planner.hcl").read_text()
     )
+    (vault_dir / "pki.yaml").unlink()  # its issue_for names identities this copy drops
     (vault_dir / "identities.yaml").write_text(
         "services:\n"
         "  - name: renew-probe\n"

@@ -48,6 +48,17 @@ async def bus(nc: Client, namespace: str) -> tuple[JetStreamContext, Topology]:
     return js, topology
 
 
+@pytest.fixture
+async def permissive_bus(nc: Client, namespace: str) -> tuple[JetStreamContext, Topology]:
+    """An audit stream that still allows deleting messages, as streams declared before
+    ``deny_delete`` did (``declare`` now refuses both): verify must still name what was
+    deleted from such a stream."""
+    js = nc.jetstream()
+    topology = Topology(namespace)
+    await js.add_stream(name=topology.audit_stream, subjects=[topology.audit_subjects])
+    return js, topology
+
+
 async def _writer(bus: tuple[JetStreamContext, Topology], name: str = "policy-1") -> AuditWriter:
     js, topology = bus
     writer = AuditWriter(js, topology, writer=name, actor="policy")
@@ -115,7 +126,10 @@ async def test_two_instances_with_one_writer_name_never_fork(
     assert report.chains[0].head_sequence == 6
 
 
-async def test_deleted_record_is_a_named_gap(bus: tuple[JetStreamContext, Topology]) -> None:
+async def test_deleted_record_is_a_named_gap(
+    permissive_bus: tuple[JetStreamContext, Topology],
+) -> None:
+    bus = permissive_bus
     js, topology = bus
     await _write(await _writer(bus), 4)
     await js.delete_msg(topology.audit_stream, 2)
@@ -129,8 +143,9 @@ async def test_deleted_record_is_a_named_gap(bus: tuple[JetStreamContext, Topolo
 
 
 async def test_deleting_the_last_record_is_reported(
-    bus: tuple[JetStreamContext, Topology],
+    permissive_bus: tuple[JetStreamContext, Topology],
 ) -> None:
+    bus = permissive_bus
     js, topology = bus
     await _write(await _writer(bus), 3)
     await js.delete_msg(topology.audit_stream, 3)
@@ -165,8 +180,9 @@ async def test_forged_record_breaks_hash_and_link(
 
 
 async def test_altered_copy_of_a_record_is_detected(
-    bus: tuple[JetStreamContext, Topology],
+    permissive_bus: tuple[JetStreamContext, Topology],
 ) -> None:
+    bus = permissive_bus
     js, topology = bus
     writer = await _writer(bus)
     records = await _write(writer, 3)
@@ -185,7 +201,10 @@ async def test_altered_copy_of_a_record_is_detected(
     assert ("deleted", 0) in kinds
 
 
-async def test_swapped_records_are_reordered(bus: tuple[JetStreamContext, Topology]) -> None:
+async def test_swapped_records_are_reordered(
+    permissive_bus: tuple[JetStreamContext, Topology],
+) -> None:
+    bus = permissive_bus
     js, topology = bus
     writer = await _writer(bus)
     records = await _write(writer, 4)
@@ -407,8 +426,9 @@ async def test_flush_writes_a_large_backlog_in_order_in_bounded_records(
 
 
 async def test_a_tampered_carried_record_is_detected(
-    bus: tuple[JetStreamContext, Topology],
+    permissive_bus: tuple[JetStreamContext, Topology],
 ) -> None:
+    bus = permissive_bus
     js, topology = bus
     writer = await _writer(bus, "proxy-4")
     writer.defer(TOOL_CALL, outcome="executed", decision_id="d0")

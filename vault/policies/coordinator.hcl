@@ -16,3 +16,8 @@ path "auth/token/lookup-self" {
 path "auth/token/renew-self" {
   capabilities = ["update"]
 }
+
+# Audit: sign checkpoints of this identity's own audit chains, with its own key only.
+path "transit/sign/audit-coordinator" {
+  capabilities = ["update"]
+}

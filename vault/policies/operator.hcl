@@ -8,3 +8,13 @@ path "auth/token/lookup-self" {
 path "auth/token/renew-self" {
   capabilities = ["update"]
 }
+
+# Audit: the public halves of the checkpoint signing keys (every version), for
+# `tessera audit verify` and `tessera audit export`. Transit never returns private keys here.
+path "transit/keys" {
+  capabilities = ["list"]
+}
+
+path "transit/keys/audit-*" {
+  capabilities = ["read"]
+}

@@ -13,3 +13,13 @@ path "auth/token/lookup-self" {
 path "auth/token/renew-self" {
   capabilities = ["update"]
 }
+
+# Audit: sign checkpoints of this identity's own audit chains, with its own key only.
+path "transit/sign/audit-tool-proxy" {
+  capabilities = ["update"]
+}
+
+# Audit: the HMAC key of secret-bearing arguments (read once at start).
+path "tessera-audit/data/hmac-key" {
+  capabilities = ["read"]
+}

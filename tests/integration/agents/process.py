@@ -34,7 +34,10 @@ class AgentProcess:
         log_dir: Path,
         replicas: int = 1,
         port: int | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
+        """``extra_env``: settings on top, e.g. the agent's Vault AppRole for a mesh that
+        runs mTLS (without one the process inherits the tests' plaintext opt-in)."""
         self.module = module
         self.agent_name = agent_name
         self.namespace = namespace
@@ -48,6 +51,7 @@ class AgentProcess:
             "TESSERA_NAMESPACE": namespace,
             "TESSERA_JETSTREAM_REPLICAS": str(replicas),
             f"TESSERA_AGENT_{env_name}_LISTEN": self.endpoint,
+            **(extra_env or {}),
         }
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{agent_name}-{self.port}.log"
