@@ -210,8 +210,11 @@ def _sds(name: str) -> dict[str, Any]:
     return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
 
 
-def _upstream_tls(identity: str, tls: UpstreamTls) -> dict[str, Any]:
-    peer = WorkloadName.of(identity, tls.trust_domain)
+def _tls_socket(
+    peer: WorkloadName, certificate: dict[str, Any], ca: dict[str, Any]
+) -> dict[str, Any]:
+    """An upstream mTLS transport socket: our certificate and the CA from the given SDS
+    sources, the server pinned to ``peer``'s SPIFFE ID (and asked for by its DNS name)."""
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -219,18 +222,26 @@ def _upstream_tls(identity: str, tls: UpstreamTls) -> dict[str, Any]:
             "sni": peer.dns_name,
             "common_tls_context": {
                 "alpn_protocols": ["h2"],
-                "tls_certificate_sds_secret_configs": [_sds(tls.certificate_secret)],
+                "tls_certificate_sds_secret_configs": [certificate],
                 "combined_validation_context": {
                     "default_validation_context": {
                         "match_typed_subject_alt_names": [
                             {"san_type": "URI", "matcher": {"exact": peer.spiffe_id}}
                         ]
                     },
-                    "validation_context_sds_secret_config": _sds(tls.ca_secret),
+                    "validation_context_sds_secret_config": ca,
                 },
             },
         },
     }
+
+
+def _upstream_tls(identity: str, tls: UpstreamTls) -> dict[str, Any]:
+    return _tls_socket(
+        WorkloadName.of(identity, tls.trust_domain),
+        _sds(tls.certificate_secret),
+        _sds(tls.ca_secret),
+    )
 
 
 def tls_secrets(tls: UpstreamTls, *, certificate: str, private_key: str, ca: str) -> list[Any]:
@@ -573,30 +584,11 @@ def _file_sds(name: str, path: Path) -> dict[str, Any]:
 
 
 def _xds_transport_socket(tls: XdsTls) -> dict[str, Any]:
-    peer = WorkloadName.of(tls.control_plane, tls.trust_domain)
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": _T + _UPSTREAM_TLS,
-            "sni": peer.dns_name,
-            "common_tls_context": {
-                "alpn_protocols": ["h2"],
-                "tls_certificate_sds_secret_configs": [
-                    _file_sds("xds-certificate", tls.cert_dir / "xds-certificate.yaml")
-                ],
-                "combined_validation_context": {
-                    "default_validation_context": {
-                        "match_typed_subject_alt_names": [
-                            {"san_type": "URI", "matcher": {"exact": peer.spiffe_id}}
-                        ]
-                    },
-                    "validation_context_sds_secret_config": _file_sds(
-                        "xds-ca", tls.cert_dir / "xds-ca.yaml"
-                    ),
-                },
-            },
-        },
-    }
+    return _tls_socket(
+        WorkloadName.of(tls.control_plane, tls.trust_domain),
+        _file_sds("xds-certificate", tls.cert_dir / "xds-certificate.yaml"),
+        _file_sds("xds-ca", tls.cert_dir / "xds-ca.yaml"),
+    )
 
 
 def render(

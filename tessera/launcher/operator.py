@@ -21,7 +21,7 @@ import hvac
 from tessera.identity.names import WorkloadName
 from tessera.identity.source import PKI_MOUNT
 
-__all__ = ["OPERATOR", "OperatorIdentity", "operator_identity"]
+__all__ = ["OPERATOR", "OperatorIdentity", "local_identity", "operator_identity"]
 
 OPERATOR = "operator"
 _TTL_S = 3600
@@ -65,15 +65,23 @@ def operator_identity(
 ) -> OperatorIdentity | None:
     """A valid operator certificate for the mesh in ``data_dir``; None when the mesh has no
     operator AppRole (an older data directory)."""
+    return local_identity(data_dir, vault_addr, OPERATOR, trust_domain=trust_domain)
+
+
+def local_identity(
+    data_dir: Path, vault_addr: str, identity: str, *, trust_domain: str = "tessera.local"
+) -> OperatorIdentity | None:
+    """A certificate of ``identity`` from its AppRole file in ``<data_dir>/secrets`` (the
+    local mesh's bootstrap writes one per identity); cached there until near expiry."""
     secrets_dir = data_dir / "secrets"
-    cached = secrets_dir / "operator-cert.json"
+    cached = secrets_dir / f"{identity}-cert.json"
     try:
         found = OperatorIdentity(**json.loads(cached.read_text()))
         if found.expiration - time.time() > _REUSE_MARGIN_S:
             return found
     except (OSError, ValueError, TypeError):
         pass
-    approle = secrets_dir / f"{OPERATOR}.approle.json"
+    approle = secrets_dir / f"{identity}.approle.json"
     try:
         creds = json.loads(approle.read_text())
     except (OSError, ValueError):
@@ -81,9 +89,9 @@ def operator_identity(
     client = hvac.Client(url=vault_addr, timeout=5)
     try:
         client.auth.approle.login(role_id=creds["role_id"], secret_id=creds["secret_id"])
-        name = WorkloadName.of(OPERATOR, trust_domain)
+        name = WorkloadName.of(identity, trust_domain)
         issued = client.write_data(
-            f"{PKI_MOUNT}/issue/{OPERATOR}",
+            f"{PKI_MOUNT}/issue/{identity}",
             data={"common_name": name.dns_name, "uri_sans": name.spiffe_id, "ttl": f"{_TTL_S}s"},
         )["data"]
     finally:

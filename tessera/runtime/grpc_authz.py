@@ -10,8 +10,10 @@ verified caller with :func:`peer`.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Awaitable, Callable, Mapping
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -94,6 +96,19 @@ class CallerAuthorization:
         _PEER.reset(token)
 
 
+@contextlib.asynccontextmanager
+async def _authorized(
+    authorization: CallerAuthorization, method: str, context: grpc.aio.ServicerContext
+) -> AsyncIterator[None]:
+    """Checks the caller, then exposes it to the handler through :func:`peer`."""
+    caller = await authorization.check(method, context)
+    token = authorization.bind(caller)
+    try:
+        yield
+    finally:
+        authorization.unbind(token)
+
+
 def authorizing(
     authorization: CallerAuthorization, method: str
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -101,15 +116,9 @@ def authorizing(
 
     def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            caller = await authorization.check(method, context)
-            token = authorization.bind(caller)
-            try:
+            async with _authorized(authorization, method, context):
                 result = behavior(request, context)
-                if hasattr(result, "__await__"):
-                    result = await result
-                return result
-            finally:
-                authorization.unbind(token)
+                return await result if inspect.isawaitable(result) else result
 
         return wrapper
 
@@ -123,20 +132,16 @@ def authorizing_stream(
 
     def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            caller = await authorization.check(method, context)
-            token = authorization.bind(caller)
-            try:
+            async with _authorized(authorization, method, context):
                 result = behavior(request, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
-                elif hasattr(result, "__await__"):
+                elif inspect.isawaitable(result):
                     await result
                 elif result is not None:
                     for item in result:
                         yield item
-            finally:
-                authorization.unbind(token)
 
         return wrapper
 

@@ -52,6 +52,8 @@ class Load:
     approvals: int = 0
     refused: int = 0
     """StartWorkflow calls refused by admission control (RESOURCE_EXHAUSTED)."""
+    retried: Counter[str] = field(default_factory=Counter)
+    """Calls a client had to retry, by the status that made it retry."""
 
     def stall_after(self, t0: float, window_s: float = 60.0) -> float:
         """Longest time without a workflow ending, from ``t0`` on: the fault's pause."""
@@ -96,6 +98,7 @@ class Client:
     def __init__(self, address: str) -> None:
         self.channel = channel(address, default_timeout_s=10)
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+        self.retried: Counter[str] = Counter()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -109,6 +112,7 @@ class Client:
             except grpc.aio.AioRpcError as err:
                 if err.code() not in RETRY or time.monotonic() > give_up:
                     raise
+                self.retried[err.code().name] += 1
             await asyncio.sleep(delay)  # backoff between retries of a refused call
             delay = min(1.0, delay * 2)
 
@@ -199,6 +203,7 @@ async def run(address: str, clients: int, seconds: float, *, mix: tuple[str, ...
                     load.errors[name] = workflow.error.message
                 n += 1
         finally:
+            load.retried.update(client.retried)
             await client.close()
 
     await asyncio.gather(*(one(i) for i in range(clients)))

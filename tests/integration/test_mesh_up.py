@@ -26,11 +26,11 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tessera.launcher.operator import operator_identity
+from tessera.launcher.operator import local_identity, operator_identity
 from tessera.launcher.ports import free_port
 from tessera.launcher.topology import Topology, load, project_root
 from tessera.runtime.errors import error_details
-from tessera.v1 import agent_pb2, agent_pb2_grpc
+from tessera.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 
 PROJECT_ROOT = project_root(Path(__file__).parent)
 TOPOLOGY_FILE = Path(
@@ -161,6 +161,19 @@ async def test_every_service_refuses_plaintext_and_callers_the_table_does_not_al
     refusal = error_details(denied.value)
     assert refusal.reason == "CALLER_NOT_ALLOWED"
     assert refusal.metadata["caller"] == "spiffe://tessera.local/service/operator"
+    # An agent deciding a gate straight at the coordinator's port (bypassing Envoy).
+    billing = local_identity(mesh.data_dir, mesh.address("openbao"), "agent-billing")
+    assert billing is not None
+    async with grpc.aio.secure_channel(
+        mesh.address("coordinator"), billing.credentials(), billing.options_for("coordinator")
+    ) as channel:
+        coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as decide:
+            await coordinator.DecideGate(
+                coordinator_pb2.DecideGateRequest(name="workflows/x/gates/y"), timeout=5
+            )
+    assert decide.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_details(decide.value).metadata["caller"] == "spiffe://tessera.local/agent/billing"
 
 
 async def test_reflection_lists_each_service(mesh: Mesh) -> None:
@@ -180,6 +193,23 @@ async def test_health_check_through_the_gateway_reaches_the_coordinator(mesh: Me
     for name in coordinator.health:
         assert await check(gateway, name) == health_pb2.HealthCheckResponse.SERVING
     assert await asyncio.to_thread(gateway_routed_health_check_to, mesh.data_dir, "coordinator")
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/tessera.v1.AgentService/ExecuteTask",
+        "/tessera.v1.PlannerService/Plan",
+        "/tessera.v1.ToolProxyService/InvokeTool",
+        "/tessera.v1.PolicyService/Check",
+    ],
+)
+async def test_the_front_door_routes_only_the_public_api(mesh: Mesh, method: str) -> None:
+    async with grpc.aio.insecure_channel(mesh.state["gateway"]) as channel:
+        raw = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as unrouted:
+            await raw(b"", timeout=5)
+    assert unrouted.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def gateway_routed_health_check_to(data_dir: Path, cluster: str, timeout: float = 10.0) -> bool:
