@@ -4,15 +4,17 @@ recorded in the data directory's state.json, then the defaults."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from tessera.launcher import mesh as launcher
 from tessera.launcher import state as mesh_state
 
 
-def nats_url(default: str) -> str:
+def nats_url(default: str, data_dir: Path | None = None) -> str:
+    """``data_dir``: the mesh a command's ``--data-dir`` names (else $TESSERA_DATA_DIR)."""
     if "TESSERA_NATS_URL" in os.environ:
         return os.environ["TESSERA_NATS_URL"]
-    recorded = mesh_state.read(launcher.default_data_dir())
+    recorded = mesh_state.read(data_dir or launcher.default_data_dir())
     if recorded is not None:
         # One server ("nats"), or the nodes of `tessera up --nats-cluster N` ("nats-n1"...).
         servers = [

@@ -184,13 +184,15 @@ def tail_cmd(
 # -- verify --------------------------------------------------------------------------------
 
 
-async def _read_live() -> tuple[list[AuditEntry], int]:
+async def _read_live(data_dir: Path | None = None) -> tuple[list[AuditEntry], int]:
     from tessera.audit import read_all
     from tessera.runtime.bus import Topology, connect
     from tessera.runtime.config import CommonSettings
 
     settings = CommonSettings()
-    nc = await connect(nats_url(settings.nats_url), name="tessera-cli", initial_timeout_s=5.0)
+    nc = await connect(
+        nats_url(settings.nats_url, data_dir), name="tessera-cli", initial_timeout_s=5.0
+    )
     try:
         return await read_all(nc.jetstream(), Topology(settings.namespace))
     finally:
@@ -300,7 +302,7 @@ def verify_cmd(
             stored, last = list(export.entries), export.last_stream_sequence
             keys = export.keys
         else:
-            stored, last = asyncio.run(_read_live())
+            stored, last = asyncio.run(_read_live(data_dir))
         if keys_file is not None:
             keys = _keys_from_file(keys_file)
         elif not hash_only and (source is None or addr):
@@ -377,7 +379,7 @@ def export_cmd(
             keys = _keys_from_file(keys_file)
         else:
             keys = asyncio.run(_keys_from_vault(data_dir, addr))
-        stored, last = asyncio.run(_read_live())
+        stored, last = asyncio.run(_read_live(data_dir))
         written = write_export(
             file,
             stored,
