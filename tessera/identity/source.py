@@ -106,10 +106,6 @@ class CertificateSource:
                 await self._renewer
             self._renewer = None
 
-    async def renew_now(self) -> None:
-        """Issue a new certificate at once (rotation on demand)."""
-        await self._issue()
-
     async def _issue(self) -> None:
         issued = await self._vault.issue_certificate(
             mount=self._mount,
@@ -127,7 +123,10 @@ class CertificateSource:
             expires_in_s=round(issued.expiration - self._issued_at),
         )
         for listener in list(self._listeners):
-            listener()
+            try:
+                listener()
+            except Exception:  # one consumer's failure must not stop the renewals
+                log.exception("workload_certificate_listener_failed", identity=str(self.name))
 
     def _renew_delay(self) -> float:
         lifetime = self.current.expiration - self._issued_at
