@@ -4,12 +4,17 @@ no failed call, and what a workload without the right certificate can and cannot
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tessera.identity.names import WorkloadName
@@ -218,3 +223,91 @@ def test_a_server_without_identity_refuses_to_start_unless_asked_for_plaintext()
     )
     with pytest.raises(RuntimeError, match="no workload identity"):
         asyncio.run(server.start())
+
+
+def _foreign_certificate(name: WorkloadName) -> tuple[bytes, bytes, bytes]:
+    """A key, certificate and CA of another CA that claims ``name``'s identity."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the mesh CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name.dns_name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName(name.dns_name),
+                    x509.UniformResourceIdentifier(name.spiffe_id),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, cert.public_bytes(pem), ca.public_bytes(pem)
+
+
+async def test_a_certificate_of_another_ca_or_an_expired_one_is_refused(
+    vaults: dict[str, VaultClient],
+) -> None:
+    """I2: the coordinator's name on a certificate from another CA, and the real
+    coordinator's certificate after it expired: both fail the handshake; nothing runs."""
+    billing = await _source(vaults["agent-billing"])
+    server = _server("billing", billing, agent=True)
+    await server.start()
+    coordinator = WorkloadName.of("coordinator")
+    try:
+        key, cert, _their_ca = _foreign_certificate(coordinator)
+        forged = grpc.ssl_channel_credentials(
+            root_certificates=billing.ca_pem, private_key=key, certificate_chain=cert
+        )
+        expired = await vaults["coordinator"].issue_certificate(
+            mount=PKI_MOUNT,
+            role="coordinator",
+            common_name=coordinator.dns_name,
+            uri_sans=[coordinator.spiffe_id],
+            ttl_s=2,
+        )
+        # The clock is the event here: wait until the short certificate has expired.
+        await asyncio.sleep(max(0.0, expired.expiration - time.time()) + 1.0)
+        stale = grpc.ssl_channel_credentials(
+            root_certificates=billing.ca_pem,
+            private_key=expired.private_key.encode(),
+            certificate_chain=expired.certificate.encode(),
+        )
+        for credentials in (forged, stale):
+            async with grpc.aio.secure_channel(
+                server.address,
+                credentials,
+                options=[("grpc.ssl_target_name_override", billing.name.dns_name)],
+            ) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await agent_pb2_grpc.AgentServiceStub(ch).ExecuteTask(
+                        agent_pb2.ExecuteTaskRequest(), timeout=3
+                    )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.calls.calls == 0  # type: ignore[attr-defined]
+    finally:
+        await server.stop(0)
+        await billing.close()
