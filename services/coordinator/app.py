@@ -53,8 +53,22 @@ class Coordinator:
 
     async def start(self) -> str:
         within_s = self.settings.startup_timeout_s
+        # Identity first: NATS maps this workload's certificate to its permissions.
+        vault = None
+        approle_file = self.settings.vault_approle_file
+        if approle_file is not None:
+            vault = await until_ready(
+                lambda: VaultClient.from_approle_file(self.settings.vault_addr, approle_file),
+                what="vault login",
+                within_s=within_s,
+                retry_if=lambda exc: isinstance(exc, VaultUnavailable),
+            )
+        self.workload = await Workload.start(self.settings, vault=vault)
         self._nc = await connect(
-            self.settings.nats_url, name="coordinator", initial_timeout_s=within_s
+            self.settings.nats_url,
+            name="coordinator",
+            initial_timeout_s=within_s,
+            **self.workload.nats_options(self.settings),
         )
         js = self._nc.jetstream()
         await declare(
@@ -67,16 +81,6 @@ class Coordinator:
         await self.auditor.start()
         store = WorkflowStore(js, self.topology, on_published=self.auditor.events)
         await store.open()
-        vault = None
-        approle_file = self.settings.vault_approle_file
-        if approle_file is not None:
-            vault = await until_ready(
-                lambda: VaultClient.from_approle_file(self.settings.vault_addr, approle_file),
-                what="vault login",
-                within_s=within_s,
-                retry_if=lambda exc: isinstance(exc, VaultUnavailable),
-            )
-        self.workload = await Workload.start(self.settings, vault=vault)
         if vault is not None:  # checkpoints signed with the coordinator's own Transit key
             self.auditor.writer.attach_signer(TransitSigner.for_client(vault))
         self.tokens = TaskTokens(

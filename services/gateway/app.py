@@ -85,13 +85,18 @@ class GatewayControlPlane:
             raise FileNotFoundError(f"descriptor set {settings.descriptor_set} does not exist")
         self._upstreams = self._public_upstreams()
         within_s = settings.startup_timeout_s
-        self._nc = await connect(settings.nats_url, name="gateway", initial_timeout_s=within_s)
+        self.workload = await Workload.start(settings)
+        self._nc = await connect(
+            settings.nats_url,
+            name="gateway",
+            initial_timeout_s=within_s,
+            **self.workload.nats_options(settings),
+        )
         js = self._nc.jetstream()
         await declare(js, self.topology, replicas=settings.jetstream_replicas, within_s=within_s)
         registry = self._registry = Registry(js, self.topology)
         live = await until_ready(registry.agents, what="registry read", within_s=within_s)
         self._replicas = {registry_key(d.name, d.instance_id): d for d in live}
-        self.workload = await Workload.start(settings)
         if self.workload.certificate is not None:
             self._envoy_identity = await self.workload.issue_for(ENVOY_IDENTITY)
             self._tls = UpstreamTls(trust_domain=self.workload.certificate.name.trust_domain)

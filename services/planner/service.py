@@ -180,8 +180,12 @@ class PlannerService:
         s = self.settings
         templates = load_templates(s.template_dirs)
         try:
+            self.workload = await Workload.start(s)
             self._nc = await connect(
-                s.nats_url, name="planner", initial_timeout_s=s.startup_timeout_s
+                s.nats_url,
+                name="planner",
+                initial_timeout_s=s.startup_timeout_s,
+                **self.workload.nats_options(s),
             )
             js = self._nc.jetstream()
             await declare(
@@ -202,7 +206,6 @@ class PlannerService:
                 llm=self._llm_backend(),
             )
             servicer = PlannerServicer(self.planner)
-            self.workload = await Workload.start(s)
             self.server = GrpcServer(
                 name="planner",
                 settings=s,

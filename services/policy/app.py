@@ -46,8 +46,12 @@ class PolicyService:
     async def start(self) -> str:
         await self.store.start()
         within_s = self.settings.startup_timeout_s
+        self.workload = await Workload.start(self.settings)
         self._nc = await connect(
-            self.settings.nats_url, name=self.settings.instance_id, initial_timeout_s=within_s
+            self.settings.nats_url,
+            name=self.settings.instance_id,
+            initial_timeout_s=within_s,
+            **self.workload.nats_options(self.settings),
         )
         js = self._nc.jetstream()
         await declare(
@@ -70,7 +74,6 @@ class PolicyService:
             announce_reload=self._announce_reload,
         )
         self.servicer = servicer
-        self.workload = await Workload.start(self.settings)
         vault = self.workload.vault  # the login Workload made (no second login)
         if vault is not None:  # checkpoints signed with the policy service's own Transit key
             self.audit.attach_signer(TransitSigner.for_client(vault))

@@ -78,16 +78,6 @@ class ToolProxy:
             store = PolicyStore(s.policy_dir, poll_interval_s=s.policy_poll_interval_s)
             await store.start()  # PolicyLoadError: nothing valid to decide with
             self.policy_store = store
-        self._nc = await connect(
-            s.nats_url, name=f"tool-proxy-{self.replica_id}", initial_timeout_s=s.startup_timeout_s
-        )
-        js = self._nc.jetstream()
-        await declare(
-            js, self.topology, replicas=s.jetstream_replicas, within_s=s.startup_timeout_s
-        )
-        idem_kv = await js.key_value(self.topology.idempotency_bucket)
-        approvals_kv = await js.key_value(self.topology.approvals_bucket)
-
         approle_file = s.vault_approle_file
         self._vault = await until_ready(
             lambda: VaultClient.from_approle_file(
@@ -101,6 +91,21 @@ class ToolProxy:
             within_s=s.startup_timeout_s,
             retry_if=lambda exc: isinstance(exc, VaultUnavailable),
         )
+        # Identity before NATS: NATS maps this workload's certificate to its permissions.
+        workload = self.workload = await Workload.start(s, vault=self._vault)
+        self._nc = await connect(
+            s.nats_url,
+            name=f"tool-proxy-{self.replica_id}",
+            initial_timeout_s=s.startup_timeout_s,
+            **workload.nats_options(s),
+        )
+        js = self._nc.jetstream()
+        await declare(
+            js, self.topology, replicas=s.jetstream_replicas, within_s=s.startup_timeout_s
+        )
+        idem_kv = await js.key_value(self.topology.idempotency_bucket)
+        approvals_kv = await js.key_value(self.topology.approvals_bucket)
+
         # Checkpoints signed with this identity's own Transit key (receipts need them).
         audit = AuditWriter(
             js,
@@ -135,7 +140,6 @@ class ToolProxy:
         self.tokens.on_revoked(ledger.forget)
         await self.tokens.subscribe(self._nc, self.topology.events_subject(REVOCATION_KIND))
 
-        workload = self.workload = await Workload.start(s, vault=self._vault)
         embedded: EmbeddedPolicy | None = None
         stub: policy_pb2_grpc.PolicyServiceStub | None = None
         if self.policy_store is not None:

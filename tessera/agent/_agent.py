@@ -465,9 +465,15 @@ class Agent:
             raise RuntimeError(f"agent {self.name!r} declares no capability")
         try:
             within_s = settings.startup_timeout_s
+            # Identity first: NATS, where it requires TLS, maps the certificate to the
+            # agent's permissions (its own registry entries only).
+            self._workload = await Workload.start(settings, what=f"agent {self.name!r}")
             if nats is None:
                 self._nc = await connect(
-                    settings.nats_url, name=f"agent-{self.name}", initial_timeout_s=within_s
+                    settings.nats_url,
+                    name=f"agent-{self.name}",
+                    initial_timeout_s=within_s,
+                    **self._workload.nats_options(settings),
                 )
                 self._owns_nc = True
             else:
@@ -478,7 +484,6 @@ class Agent:
             self._js, self._topology = js, topology
 
             servicer = _Servicer(self)
-            self._workload = await Workload.start(settings, what=f"agent {self.name!r}")
             self._server = GrpcServer(
                 name=f"agent-{self.name}",
                 settings=settings,

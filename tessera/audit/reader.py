@@ -51,7 +51,6 @@ async def entries(
 ) -> AsyncIterator[AuditEntry]:
     """Stored entries from ``start_seq`` in stream order; stops after ``stop_seq``
     (``None``: never). Raises Unavailable when the stream stops answering."""
-    prefix = topology.audit_subjects.removesuffix(">")
     config = api.ConsumerConfig(
         deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(start_seq, 1)
     )
@@ -72,7 +71,8 @@ async def entries(
                 raise Unavailable("audit stream stopped answering") from None
             seq = msg.metadata.sequence.stream
             data = msg.data or b""
-            yield AuditEntry(seq, msg.subject.removeprefix(prefix), parse_record(data), data=data)
+            # `<ns>.audit.<writer>` or `<ns>.audit.<owner>.<writer>`: the chain is the last token.
+            yield AuditEntry(seq, msg.subject.rsplit(".", 1)[-1], parse_record(data), data=data)
             # Deleted messages never arrive: also stop when nothing is pending any more.
             if stop_seq is not None and (seq >= stop_seq or msg.metadata.num_pending == 0):
                 return

@@ -113,7 +113,7 @@ class AuditWriter:
         self._topology = topology
         self.writer = writer
         self.actor = actor
-        self.subject = topology.audit_chain_subject(writer)
+        self.subject = topology.audit_chain_subject(writer, owner=actor)
         self._timeout = publish_timeout_s
         self._max_attempts = max_attempts
         self._lock = asyncio.Lock()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import re
+import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ async def connect(
     connect_timeout_s: float = 2.0,
     reconnect_wait_s: float = 1.0,
     initial_timeout_s: float | None = STARTUP_TIMEOUT_S,
+    tls: ssl.SSLContext | None = None,
+    tls_hostname: str | None = None,
 ) -> Client:
     """Connect to NATS (``url`` may list several servers, comma-separated).
 
@@ -63,6 +66,10 @@ async def connect(
     else ``TimeoutError``. Once connected, the client reconnects by itself forever after
     losing its server, waiting ``reconnect_wait_s`` between attempts; every attempt gives
     up after ``connect_timeout_s``. Connection events are logged.
+
+    ``tls``: connect with TLS, presenting the context's certificate (a mesh with NATS
+    authentication maps it to this identity's permissions); ``tls_hostname`` is the name
+    the server's certificate must carry.
     """
 
     async def on_error(exc: Exception) -> None:
@@ -101,6 +108,8 @@ async def connect(
                 allow_reconnect=True,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
+                tls=tls,  # type: ignore[arg-type]
+                tls_hostname=tls_hostname,  # type: ignore[arg-type]
                 reconnected_cb=on_reconnected,
                 closed_cb=on_closed,
             )
@@ -241,10 +250,18 @@ class Topology:
         """The default chain's subject (see `audit_chain_subject`)."""
         return self.audit_chain_subject("default")
 
-    def audit_chain_subject(self, writer: str) -> str:
+    def audit_chain_subject(self, writer: str, owner: str = "") -> str:
         """Each audit writer (service instance) keeps its own hash chain on its own
-        subject, so writers never contend for the head of one global chain."""
+        subject, so writers never contend for the head of one global chain. ``owner``
+        (the writer's identity) comes first, so NATS permissions can give each identity
+        exactly its own chains (``<ns>.audit.<owner>.>``)."""
+        if owner:
+            return f"{self._ns}.audit.{_token(owner)}.{_token(writer)}"
         return f"{self._ns}.audit.{_token(writer)}"
+
+    def audit_owner_subjects(self, owner: str) -> str:
+        """Every chain subject of identity ``owner``."""
+        return f"{self._ns}.audit.{_token(owner)}.>"
 
     # KV buckets
     @property

@@ -46,6 +46,9 @@ class CommonSettings(BaseSettings):
         default="nats://127.0.0.1:4222", validation_alias=_fixed("TESSERA_NATS_URL")
     )
     """NATS server URL (comma-separated for a cluster)."""
+    nats_tls: bool = Field(default=False, validation_alias=_fixed("TESSERA_NATS_TLS"))
+    """NATS requires TLS and maps each client's workload certificate to its identity's
+    permissions (`tessera up` sets it; see tessera.runtime.nats_permissions)."""
     namespace: str = Field(default="tessera", validation_alias=_fixed("TESSERA_NAMESPACE"))
     """Prefix of every NATS stream, bucket and subject name (tests isolate with it)."""
     jetstream_replicas: int = Field(

@@ -20,6 +20,7 @@ import grpc
 import structlog
 
 from tessera.identity.names import WorkloadName
+from tessera.identity.nats_tls import client_context, server_hostname
 from tessera.identity.source import CertificateSource
 from tessera.runtime.config import CommonSettings
 from tessera.runtime.grpc_client import channel
@@ -86,6 +87,18 @@ class Workload:
                 await owned.close()
             raise
         return cls(certificate, owned)
+
+    def nats_options(self, settings: CommonSettings) -> dict[str, Any]:
+        """Keyword arguments for :func:`tessera.runtime.bus.connect`: TLS with this
+        identity's certificate when the mesh's NATS requires it (``TESSERA_NATS_TLS``)."""
+        if not settings.nats_tls:
+            return {}
+        if self.certificate is None:
+            raise RuntimeError("NATS requires TLS but this process has no workload identity")
+        return {
+            "tls": client_context(self.certificate),
+            "tls_hostname": server_hostname(self.certificate.name.trust_domain),
+        }
 
     @property
     def vault(self) -> VaultClient | None:

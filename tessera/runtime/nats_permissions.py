@@ -1,0 +1,119 @@
+"""Who may publish and subscribe to what on NATS: the mesh's one table, keyed by
+workload identity, rendered into nats-server's ``authorization`` block (users are the
+identities' certificate DNS names, mapped by ``verify_and_map``) and tested by
+tests/integration/test_nats_permissions.py, which tries every forbidden write.
+
+Writes are least privilege: each identity publishes only to the subjects and KV buckets
+it owns (an agent: its own registry entries; the coordinator: workflow state and events;
+each audit writer: its own chains). Destroying data (deleting or purging a stream, or a
+message of one) is the operator's alone. Reads stay open to every mesh identity for now
+(JetStream's consumer API), which the table says plainly rather than pretends otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tessera.identity.names import WorkloadName
+from tessera.runtime.bus import Topology
+
+__all__ = ["OPERATOR", "Permissions", "permissions", "render_authorization"]
+
+OPERATOR = "operator"
+
+# What every JetStream client needs: account info, stream info, consumers (create, fetch,
+# ack, flow control), KV reads (direct get, message get), and the replies to its requests.
+_JS_CLIENT = (
+    "$JS.API.INFO",
+    "$JS.API.STREAM.INFO.>",
+    "$JS.API.STREAM.NAMES",
+    "$JS.API.STREAM.LIST",
+    "$JS.API.CONSUMER.>",
+    "$JS.API.DIRECT.GET.>",
+    "$JS.API.STREAM.MSG.GET.>",
+    "$JS.ACK.>",
+    "$JS.FC.>",
+)
+# Declaring streams and buckets at start (services only; `tessera up` declares first).
+_JS_DECLARE = ("$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>")
+# Destroying records: nobody but the operator.
+_JS_DESTROY = (
+    "$JS.API.STREAM.DELETE.>",
+    "$JS.API.STREAM.PURGE.>",
+    "$JS.API.STREAM.MSG.DELETE.>",
+)
+_INBOX = "_INBOX.>"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    publish_deny: tuple[str, ...] = _JS_DESTROY
+
+
+def _kv(bucket: str) -> str:
+    return f"$KV.{bucket}.>"
+
+
+def permissions(identity: str, topology: Topology) -> Permissions:
+    """The NATS permissions of one identity of vault/identities.yaml."""
+    t = topology
+    if identity == OPERATOR:
+        return Permissions(publish=(">",), subscribe=(">",), publish_deny=())
+    name = WorkloadName.of(identity)
+    if name.kind == "agent":
+        # Its own registry entries only (a replica registers and heartbeats as
+        # agent.<its name>.<instance>), and its executions on the events stream.
+        own = (f"$KV.{t.registry_bucket}.agent.{name.name}.>", t.events_subject("task.executed"))
+        return Permissions(publish=(*_JS_CLIENT, *own), subscribe=(_INBOX,))
+    owned: dict[str, tuple[str, ...]] = {
+        "coordinator": (
+            t.wf_events_subjects,
+            t.work_subjects,
+            t.events_subject("token.revoked"),
+            _kv(t.workflows_bucket),
+            _kv(t.blackboard_bucket),
+            _kv(t.approvals_bucket),  # until the approvals contract moves it to the proxy
+        ),
+        "tool-proxy": (
+            _kv(t.idempotency_bucket),
+            _kv(t.approvals_bucket),
+            t.events_subject("tool.effects"),
+        ),
+        "policy": (t.policy_reload_subject,),
+        "planner": (),
+        "gateway-control-plane": (),
+    }
+    subscribe: dict[str, tuple[str, ...]] = {
+        "tool-proxy": (t.events_subject("token.revoked"), t.policy_reload_subject),
+    }
+    if identity not in owned:
+        return Permissions(publish=(), subscribe=())
+    audit = (t.audit_owner_subjects(identity),)
+    return Permissions(
+        publish=(*_JS_CLIENT, *_JS_DECLARE, *owned[identity], *audit),
+        subscribe=(_INBOX, *subscribe.get(identity, ())),
+    )
+
+
+def _quoted(subjects: Iterable[str]) -> str:
+    return "[" + ", ".join(f'"{s}"' for s in subjects) + "]"
+
+
+def render_authorization(identities: Iterable[str], topology: Topology) -> str:
+    """nats-server's ``authorization { users: [...] }`` for ``identities``: each user is
+    the DNS name its certificate carries (``verify_and_map``)."""
+    users = []
+    for identity in sorted(set(identities)):
+        perms = permissions(identity, topology)
+        user = WorkloadName.of(identity).dns_name
+        publish = f"allow: {_quoted(perms.publish)}, deny: {_quoted(perms.publish_deny)}"
+        users.append(
+            f'    {{ user: "{user}", permissions: {{\n'
+            f"        publish: {{ {publish} }}\n"
+            f"        subscribe: {{ allow: {_quoted(perms.subscribe)} }}\n"
+            "    } }"
+        )
+    return "authorization {\n  users: [\n" + ",\n".join(users) + "\n  ]\n}\n"
