@@ -18,13 +18,14 @@ from services.coordinator.service import CoordinatorServicer
 from services.coordinator.settings import CoordinatorSettings, load_agent_tiers
 from services.coordinator.store import WorkflowStore
 from services.coordinator.tokens import TaskTokens
+from services.coordinator.tool_approvals import ToolApprovals
 from tessera.audit import AuditWriter
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, close, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
 from tessera.runtime.startup import until_ready
-from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc
+from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc, tool_proxy_pb2_grpc
 from tessera.vault.audit_keys import TransitSigner
 from tessera.vault.client import VaultClient
 from tessera.vault.errors import VaultUnavailable
@@ -39,6 +40,7 @@ class Coordinator:
         self.topology = Topology(settings.namespace)
         self._nc: Client | None = None
         self._planner_channel: grpc.aio.Channel | None = None
+        self._tool_proxy_channel: grpc.aio.Channel | None = None
         self.server: GrpcServer | None = None
         self.runner: Runner | None = None
         self.dispatcher: Dispatcher | None = None
@@ -100,6 +102,12 @@ class Coordinator:
             peer=self.workload.peer("service", "planner"),
             service="coordinator",
         )
+        if self.settings.tool_proxy_address:  # DecideApproval: tool-approval gates
+            self._tool_proxy_channel = self.workload.channel(
+                self.settings.tool_proxy_address,
+                peer=self.workload.peer("service", "tool-proxy"),
+                service="coordinator",
+            )
         admission = Admission(
             js,
             stream=self.topology.work_stream,
@@ -113,6 +121,11 @@ class Coordinator:
             self.tokens,
             self.settings,
             admission,
+            ToolApprovals(
+                tool_proxy_pb2_grpc.ToolProxyServiceStub(self._tool_proxy_channel)
+                if self._tool_proxy_channel is not None
+                else None
+            ),
         )
         self.server = GrpcServer(
             name="coordinator",
@@ -150,6 +163,8 @@ class Coordinator:
             await self.tokens.close()
         if self._planner_channel is not None:
             await self._planner_channel.close()
+        if self._tool_proxy_channel is not None:
+            await self._tool_proxy_channel.close()
         if self.workload is not None:
             await self.workload.close()
         if self._nc is not None:

@@ -25,7 +25,8 @@ from services.coordinator.state import (
     apply_event,
     dict_to_struct,
 )
-from tessera.v1 import agent_pb2, common_pb2, events_pb2, planner_pb2
+from tessera.runtime.errors import ErrorDetails
+from tessera.v1 import agent_pb2, common_pb2, events_pb2, planner_pb2, tool_proxy_pb2
 
 GK = events_pb2.GateKind
 G = events_pb2.Guardrail
@@ -463,6 +464,16 @@ def effect_outcome_unknown(em: Emitter, task_id: str, attempt: int, message: str
             ),
         )
     )
+
+
+def approval_required(details: ErrorDetails) -> tool_proxy_pb2.ApprovalRequired | None:
+    """The approval a refused attempt waits for: the typed ``tessera.v1.ApprovalRequired``
+    detail of a FAILED_PRECONDITION (sent by the tool proxy, passed on unchanged by the
+    agent); None for any other failure (a reason string alone is not the contract)."""
+    if details.code != grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+    required = details.detail(tool_proxy_pb2.ApprovalRequired)
+    return required if required is not None and required.gate_id else None
 
 
 def tool_approval_needed(em: Emitter, task_id: str, gate_id: str, reason: str) -> None:

@@ -29,6 +29,7 @@ from services.coordinator.engine import (
     Dispatch,
     Emitter,
     G,
+    approval_required,
     effect_outcome_unknown,
     next_steps,
     status,
@@ -371,16 +372,10 @@ class Runner:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 details = error_details(exc)
-                if (
-                    code == grpc.StatusCode.FAILED_PRECONDITION
-                    and details.reason == "APPROVAL_REQUIRED"
-                    and details.metadata.get("gate")
-                ):
+                required = approval_required(details)
+                if required is not None:
                     tool_approval_needed(
-                        em,
-                        task_id,
-                        details.metadata["gate"],
-                        details.metadata.get("reason", details.message),
+                        em, task_id, required.gate_id, required.reason or details.message
                     )
                     continue
                 if details.reason == "EFFECT_OUTCOME_UNKNOWN":

@@ -21,6 +21,7 @@ from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import GS, WS, WorkflowRecord
 from services.coordinator.store import Conflict, WorkflowStore
 from services.coordinator.tokens import TaskTokens
+from services.coordinator.tool_approvals import DecidedElsewhere, ToolApprovals
 from services.coordinator.views import gate_name, gate_view, workflow_id, workflow_view
 from tessera.runtime.errors import (
     Aborted,
@@ -69,8 +70,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         tokens: TaskTokens,
         settings: CoordinatorSettings,
         admission: Admission | None = None,
+        tool_approvals: ToolApprovals | None = None,
     ) -> None:
         self.admission = admission
+        self.tool_approvals = tool_approvals or ToolApprovals(None)
+        """Hands tool-approval decisions to the tool proxy (their owner)."""
         self.store = store
         self.js = js
         self.planner = planner
@@ -294,18 +298,31 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 )
             if rec.terminal:
                 raise FailedPrecondition(f"workflows/{wf_id} has ended", reason="WORKFLOW_ENDED")
+            applied = (approve, decided_by, request.comment)
+            elsewhere: DecidedElsewhere | None = None
             if rec.gates[gate_id].kind == events_pb2.GATE_KIND_TOOL_APPROVAL:
-                # The tool proxy honours the decision on the retried call.
-                await self.store.record_tool_decision(
-                    wf_id, gate_id, approved=approve, decided_by=request.decided_by
-                )
+                # The tool proxy owns the approval: it must acknowledge the decision
+                # before the task is re-queued, so that the retried call sees it.
+                try:
+                    await self.tool_approvals.decide(
+                        wf_id,
+                        gate_id,
+                        approve=approve,
+                        decided_by=decided_by,
+                        time_left_s=context.time_remaining(),
+                    )
+                except DecidedElsewhere as exc:
+                    # An earlier decision reached the proxy but not the gate (this replica
+                    # or another crashed in between): the gate follows the proxy's.
+                    elsewhere = exc
+                    applied = (exc.approved, exc.decided_by, "decision recorded by the tool proxy")
             em = Emitter(rec, now=time.time(), causation_id=request.name)
             decide_gate(
                 em,
                 gate_id,
-                approve=approve,
-                decided_by=decided_by,
-                comment=request.comment,
+                approve=applied[0],
+                decided_by=applied[1],
+                comment=applied[2],
             )
             try:
                 await self.store.save(rec, revision)
@@ -315,7 +332,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 await self.tokens.revoke(wf_id, rec.token_accessors(), "gate rejected")
             else:  # running again, or compensating after a rejection
                 await self.store.enqueue(wf_id, f"gate {gate_id} decided")
-            log.info("gate_decided", workflow_id=wf_id, gate=gate_id, approved=approve)
+            log.info("gate_decided", workflow_id=wf_id, gate=gate_id, approved=applied[0])
+            if elsewhere is not None:
+                raise FailedPrecondition(
+                    f"gate {request.name} was already decided by {elsewhere.decided_by}",
+                    reason="GATE_NOT_PENDING",
+                    violations=[("GATE_STATE", request.name, "gate is already decided")],
+                )
             return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
         raise Aborted(f"workflows/{wf_id} kept changing; retry", reason="CONCURRENT_UPDATE")
 

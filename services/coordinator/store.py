@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -148,32 +147,6 @@ class WorkflowStore:
         except NotFoundError:
             return []
         return [subject[len(prefix) :] for subject in (info.state.subjects or {})]
-
-    async def record_tool_decision(
-        self, wf_id: str, gate_id: str, *, approved: bool, decided_by: str
-    ) -> None:
-        """Write a human decision into the tool proxy's approval record (approvals
-        bucket, key `<workflow>.<gate>`), keeping what the proxy recorded (arguments
-        digest) so it can check the retried call is the one approved."""
-        kv = await self.js.key_value(self.topology.approvals_bucket)
-        key = f"{wf_id}.{gate_id}"
-        for _ in range(5):
-            try:
-                entry = await kv.get(key)
-                record = json.loads(entry.value or b"{}")
-                revision = entry.revision
-            except KeyNotFoundError:
-                record, revision = {}, 0
-            record.update(state="approved" if approved else "rejected", decided_by=decided_by)
-            try:
-                if revision:
-                    await kv.update(key, json.dumps(record).encode(), last=revision)
-                else:
-                    await kv.create(key, json.dumps(record).encode())
-                return
-            except KeyWrongLastSequenceError:
-                continue
-        raise Conflict(key)
 
     async def enqueue(self, wf_id: str, reason: str, *, within_s: float = 10.0) -> None:
         """Queue "advance ``wf_id``", retrying a NATS fault (a work-queue stream with no

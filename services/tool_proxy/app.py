@@ -245,5 +245,10 @@ def _register(server: grpc.aio.Server, servicer: ToolProxyServicer) -> None:
             request_deserializer=safe_deserializer(tool_proxy_pb2.ListToolsRequest),
             response_serializer=tool_proxy_pb2.ListToolsResponse.SerializeToString,
         ),
+        "DecideApproval": grpc.unary_unary_rpc_method_handler(
+            servicer.DecideApproval,
+            request_deserializer=safe_deserializer(tool_proxy_pb2.DecideApprovalRequest),
+            response_serializer=tool_proxy_pb2.DecideApprovalResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -45,13 +45,13 @@ from nats.js.kv import KeyValue
 
 from tessera.runtime.bus import subscribe_events
 from tessera.runtime.errors import Unauthenticated, Unavailable
+from tessera.runtime.metadata import TASK_TOKEN_METADATA
 from tessera.v1 import events_pb2
 from tessera.vault.errors import InvalidToken, VaultPermissionDenied, VaultUnavailable
 from tessera.vault.naming import TOOL_POLICY_PREFIX
 from tessera.vault.tokens import TokenInfo
 
 __all__ = [
-    "TOKEN_METADATA",
     "TokenChecker",
     "TokenLookup",
     "UseLedger",
@@ -62,7 +62,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-TOKEN_METADATA = "x-tessera-task-token"
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._\-]{8,1024}$")
 _REVOKED_MEMORY_S = 20 * 60.0
 """How long a revoked accessor stays denied (above the 15 min task-token ceiling)."""
@@ -84,7 +83,7 @@ def token_key(token: str) -> str:
 def check_format(token: str | None) -> str:
     """The token if it is well-formed; UNAUTHENTICATED otherwise (before any Vault call)."""
     if not token:
-        raise Unauthenticated(f"missing {TOKEN_METADATA} metadata", reason="TOKEN_MISSING")
+        raise Unauthenticated(f"missing {TASK_TOKEN_METADATA} metadata", reason="TOKEN_MISSING")
     if not _TOKEN_RE.fullmatch(token):
         raise Unauthenticated("malformed task token", reason="TOKEN_MALFORMED")
     return token

@@ -54,6 +54,7 @@ from tessera.runtime.errors import (
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
 from tessera.runtime.logging import configure_logging
+from tessera.runtime.metadata import TASK_TOKEN_METADATA
 from tessera.runtime.startup import until_ready
 from tessera.runtime.telemetry import configure_tracing
 from tessera.v1 import (
@@ -73,7 +74,6 @@ coordinator's registry snapshot may be stale (0.5 s)."""
 log = structlog.get_logger(__name__)
 
 AGENT_SERVICE_NAME: str = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
-TASK_TOKEN_METADATA = "x-tessera-task-token"
 EXECUTED_EVENT = "task.executed"
 _PUBLISH_TIMEOUT_S = 2.0
 

@@ -26,6 +26,9 @@ CALLERS: Mapping[str, frozenset[str]] = {
     "tessera.v1.AgentService/Describe": frozenset({"service/coordinator", _OPERATOR}),
     # Only agents call tools; the tool proxy also checks the task token is the caller's.
     "tessera.v1.ToolProxyService/*": frozenset({"agent/*"}),
+    # A human's decision on a tool-call approval reaches its owner, the proxy, only
+    # through the coordinator (which authorized the decision).
+    "tessera.v1.ToolProxyService/DecideApproval": frozenset({"service/coordinator"}),
     "tessera.v1.PlannerService/*": frozenset({"service/coordinator", _OPERATOR}),
     "tessera.v1.PolicyService/Check": frozenset(
         {"service/tool-proxy", "service/coordinator", _OPERATOR}

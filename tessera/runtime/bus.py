@@ -282,8 +282,9 @@ class Topology:
 
     @property
     def approvals_bucket(self) -> str:
-        """Tool-call approvals: the tool proxy records a pending request, the coordinator
-        records the human decision, the proxy honours it on the retried call."""
+        """Tool-call approvals, owned by the tool proxy: it records a pending request, the
+        coordinator hands it the human decision (ToolProxyService.DecideApproval), the
+        proxy honours it on the retried call."""
         return f"{self._ns}_approvals"
 
     def streams(self) -> tuple[StreamSpec, ...]:

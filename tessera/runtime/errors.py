@@ -5,18 +5,25 @@ Server side: raise a :class:`TesseraError` subclass anywhere in a handler; the
 with an ``ErrorInfo`` (reason, domain ``tessera``, metadata) plus the detail matching the
 class (``BadRequest``, ``PreconditionFailure``, ``RetryInfo``).
 
+Typed details of our own contracts (e.g. ``tessera.v1.ApprovalRequired``) ride along:
+give them as ``extra_details`` to any :class:`TesseraError`; they are packed as ``Any``
+after the standard details.
+
 Client side: :func:`error_details` parses any failed call back into :class:`ErrorDetails`, so
-callers branch on ``reason`` rather than on message strings.
+callers branch on ``reason`` rather than on message strings, and unpack a typed detail
+with :meth:`ErrorDetails.detail`. :func:`from_rpc_error` keeps every detail, so a service
+passes a peer's failure on to its own caller unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -39,11 +46,32 @@ __all__ = [
     "from_rpc_error",
     "to_grpc_status",
     "to_status",
+    "unpack_detail",
 ]
 
 DOMAIN = "tessera"
 _DETAILS_KEY = "grpc-status-details-bin"
 _CODES_BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+M = TypeVar("M", bound=Message)
+
+
+def _packed(detail: Message) -> any_pb2.Any:
+    if isinstance(detail, any_pb2.Any):
+        return detail
+    item = any_pb2.Any()
+    item.Pack(detail)
+    return item
+
+
+def unpack_detail(details: Iterable[any_pb2.Any], message_type: type[M]) -> M | None:
+    """The first detail of type ``message_type`` among ``details``, unpacked; None if
+    there is none."""
+    for item in details:
+        out = message_type()
+        if item.Unpack(out):  # False (and ``out`` untouched) for another type
+            return out
+    return None
 
 
 class TesseraError(Exception):
@@ -51,6 +79,8 @@ class TesseraError(Exception):
 
     ``reason`` is a stable UPPER_SNAKE identifier clients may branch on; ``message`` is
     for humans and is sent to the caller, so it must never hold secrets.
+    ``extra_details``: typed detail messages sent after the standard ones (packed as
+    ``Any``; an ``Any`` received from a peer is sent on unchanged).
     """
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
@@ -62,15 +92,22 @@ class TesseraError(Exception):
         *,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        extra_details: Iterable[Message] = (),
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.extra_details: tuple[any_pb2.Any, ...] = tuple(_packed(d) for d in extra_details)
+        """Typed details beyond the standard ones, packed."""
 
     def details(self) -> list[Any]:
-        """Detail messages beyond ErrorInfo; subclasses extend."""
+        """Standard detail messages beyond ErrorInfo; subclasses extend."""
         return []
+
+    def detail(self, message_type: type[M]) -> M | None:
+        """The extra detail of type ``message_type``, unpacked (None if absent)."""
+        return unpack_detail(self.extra_details, message_type)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, reason={self.reason!r})"
@@ -87,8 +124,9 @@ class InvalidArgument(TesseraError):
         reason: str = "INVALID_ARGUMENT",
         field_violations: Sequence[tuple[str, str]] = (),
         metadata: Mapping[str, str] | None = None,
+        extra_details: Iterable[Message] = (),
     ) -> None:
-        super().__init__(message, reason=reason, metadata=metadata)
+        super().__init__(message, reason=reason, metadata=metadata, extra_details=extra_details)
         self.field_violations: tuple[tuple[str, str], ...] = tuple(field_violations)
         """(field path, description) pairs."""
 
@@ -126,8 +164,9 @@ class FailedPrecondition(TesseraError):
         reason: str | None = None,
         violations: Sequence[tuple[str, str, str]] = (),
         metadata: Mapping[str, str] | None = None,
+        extra_details: Iterable[Message] = (),
     ) -> None:
-        super().__init__(message, reason=reason, metadata=metadata)
+        super().__init__(message, reason=reason, metadata=metadata, extra_details=extra_details)
         self.violations: tuple[tuple[str, str, str], ...] = tuple(violations)
         """(type, subject, description) triples."""
 
@@ -164,8 +203,9 @@ class _Retryable(TesseraError):
         reason: str | None = None,
         retry_after_s: float | None = None,
         metadata: Mapping[str, str] | None = None,
+        extra_details: Iterable[Message] = (),
     ) -> None:
-        super().__init__(message, reason=reason, metadata=metadata)
+        super().__init__(message, reason=reason, metadata=metadata, extra_details=extra_details)
         self.retry_after_s = retry_after_s
 
     def details(self) -> list[Any]:
@@ -204,13 +244,11 @@ class Internal(TesseraError):
 
 
 def to_status(exc: TesseraError) -> status_pb2.Status:
-    """The ``google.rpc.Status`` for ``exc``: ErrorInfo first, then class-specific details."""
+    """The ``google.rpc.Status`` for ``exc``: ErrorInfo first, then class-specific details,
+    then the extra typed details."""
     info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
-    packed: list[any_pb2.Any] = []
-    for detail in [info, *exc.details()]:
-        item = any_pb2.Any()
-        item.Pack(detail)
-        packed.append(item)
+    packed = [_packed(detail) for detail in [info, *exc.details()]]
+    packed.extend(exc.extra_details)
     return status_pb2.Status(code=exc.code.value[0], message=exc.message, details=packed)
 
 
@@ -232,6 +270,12 @@ class ErrorDetails:
     field_violations: tuple[tuple[str, str], ...] = ()
     precondition_violations: tuple[tuple[str, str, str], ...] = ()
     retry_after_s: float | None = None
+    extra: tuple[any_pb2.Any, ...] = ()
+    """Every other detail (our typed ones, e.g. ``ApprovalRequired``), packed as it came."""
+
+    def detail(self, message_type: type[M]) -> M | None:
+        """The detail of type ``message_type``, unpacked (None if the status has none)."""
+        return unpack_detail(self.extra, message_type)
 
 
 def _trailing(err: grpc.RpcError) -> Iterable[tuple[str, str | bytes]]:
@@ -246,7 +290,7 @@ def error_details(err: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
     """Parse a failed call (sync or aio) into :class:`ErrorDetails`.
 
     Works for any server: a status without ``grpc-status-details-bin`` yields only code and
-    message; unknown detail types are ignored.
+    message; detail types it does not parse itself are kept, packed, in ``extra``.
     """
     code_fn = getattr(err, "code", None)
     code = code_fn() if code_fn is not None else grpc.StatusCode.UNKNOWN
@@ -270,6 +314,7 @@ def error_details(err: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
     fields: list[tuple[str, str]] = []
     preconditions: list[tuple[str, str, str]] = []
     retry_after: float | None = None
+    extra: list[any_pb2.Any] = []
     for item in status.details:
         if item.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -287,6 +332,8 @@ def error_details(err: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
             retry = error_details_pb2.RetryInfo()
             item.Unpack(retry)
             retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+        else:
+            extra.append(item)
     return ErrorDetails(
         code=code,
         message=message,
@@ -296,15 +343,21 @@ def error_details(err: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
         field_violations=tuple(fields),
         precondition_violations=tuple(preconditions),
         retry_after_s=retry_after,
+        extra=tuple(extra),
     )
 
 
 def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> TesseraError:
     """A peer's failure as our own domain error, keeping its code, reason, metadata,
-    field and precondition violations, so a service can pass it on to its caller."""
+    field and precondition violations, retry delay and extra typed details, so a service
+    can pass it on to its caller unchanged."""
     details = error_details(err)
     message = details.message or details.code.name
-    common: dict[str, Any] = {"reason": details.reason or None, "metadata": details.metadata}
+    common: dict[str, Any] = {
+        "reason": details.reason or None,
+        "metadata": details.metadata,
+        "extra_details": details.extra,
+    }
     if details.code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(message, field_violations=details.field_violations, **common)
     if details.code == grpc.StatusCode.FAILED_PRECONDITION:

@@ -52,10 +52,11 @@ async def retry_transient(
     what: str,
     base_s: float = 0.05,
     max_s: float = 1.0,
+    retry_if: Callable[[BaseException], bool] = is_transient_nats_error,
 ) -> T:
     """``await call()``, retried with capped exponential backoff and jitter while it
-    raises a transient NATS fault and ``within_s`` has not passed; then the last fault
-    propagates."""
+    raises a transient fault (by default a NATS one; ``retry_if`` says otherwise, e.g.
+    for a gRPC peer) and ``within_s`` has not passed; then the last fault propagates."""
     give_up = time.monotonic() + within_s
     delay = base_s
     tries = 0
@@ -65,7 +66,7 @@ async def retry_transient(
             return await call()
         except Exception as exc:
             left = give_up - time.monotonic()
-            if not is_transient_nats_error(exc) or left <= 0:
+            if not retry_if(exc) or left <= 0:
                 raise
             pause = min(left, delay / 2 + random.uniform(0, delay / 2))
             if tries == 1:

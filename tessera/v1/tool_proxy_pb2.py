@@ -28,7 +28,7 @@ from tessera.v1 import audit_pb2 as tessera_dot_v1_dot_audit__pb2
 from tessera.v1 import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btessera/v1/tool_proxy.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16tessera/v1/audit.proto\x1a\x17tessera/v1/common.proto\"\xa1\x02\n\x04Tool\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12 \n\x0b\x64\x65scription\x18\x02 \x01(\tR\x0b\x64\x65scription\x12:\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x0binputSchema\x12G\n\x11side_effect_class\x18\x04 \x01(\x0e\x32\x1b.tessera.v1.SideEffectClassR\x0fsideEffectClass\x12\x35\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x1b.tessera.v1.ToolBackendKindR\x07\x62\x61\x63kend\x12\'\n\x0frequires_secret\x18\x06 \x01(\x08R\x0erequiresSecret\"\xc9\x01\n\x11InvokeToolRequest\x12:\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextB\x04\xe2\x41\x01\x02R\x07\x63ontext\x12\x18\n\x04tool\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x04tool\x12\x35\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\targuments\x12\'\n\x0fidempotency_key\x18\x04 \x01(\tR\x0eidempotencyKey\"\xb6\x01\n\x12InvokeToolResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructR\x06result\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\tR\ndecisionId\x12\x1a\n\x08replayed\x18\x03 \x01(\x08R\x08replayed\x12\x32\n\x07receipt\x18\x04 \x01(\x0b\x32\x18.tessera.v1.AuditReceiptR\x07receipt\"N\n\x10ListToolsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"c\n\x11ListToolsResponse\x12&\n\x05tools\x18\x01 \x03(\x0b\x32\x10.tessera.v1.ToolR\x05tools\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*\x94\x01\n\x0fToolBackendKind\x12!\n\x1dTOOL_BACKEND_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19TOOL_BACKEND_KIND_BUILTIN\x10\x01\x12\x1f\n\x1bTOOL_BACKEND_KIND_MCP_STDIO\x10\x02\x12\x1e\n\x1aTOOL_BACKEND_KIND_MCP_HTTP\x10\x03\x32\xa9\x01\n\x10ToolProxyService\x12K\n\nInvokeTool\x12\x1d.tessera.v1.InvokeToolRequest\x1a\x1e.tessera.v1.InvokeToolResponse\x12H\n\tListTools\x12\x1c.tessera.v1.ListToolsRequest\x1a\x1d.tessera.v1.ListToolsResponseB\xb6\x01\n\x16\x64\x65v.tessera.tessera.v1B\x0eToolProxyProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btessera/v1/tool_proxy.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16tessera/v1/audit.proto\x1a\x17tessera/v1/common.proto\"\xa1\x02\n\x04Tool\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12 \n\x0b\x64\x65scription\x18\x02 \x01(\tR\x0b\x64\x65scription\x12:\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x0binputSchema\x12G\n\x11side_effect_class\x18\x04 \x01(\x0e\x32\x1b.tessera.v1.SideEffectClassR\x0fsideEffectClass\x12\x35\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x1b.tessera.v1.ToolBackendKindR\x07\x62\x61\x63kend\x12\'\n\x0frequires_secret\x18\x06 \x01(\x08R\x0erequiresSecret\"\xc9\x01\n\x11InvokeToolRequest\x12:\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextB\x04\xe2\x41\x01\x02R\x07\x63ontext\x12\x18\n\x04tool\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x04tool\x12\x35\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\targuments\x12\'\n\x0fidempotency_key\x18\x04 \x01(\tR\x0eidempotencyKey\"\xb6\x01\n\x12InvokeToolResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructR\x06result\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\tR\ndecisionId\x12\x1a\n\x08replayed\x18\x03 \x01(\x08R\x08replayed\x12\x32\n\x07receipt\x18\x04 \x01(\x0b\x32\x18.tessera.v1.AuditReceiptR\x07receipt\"N\n\x10ListToolsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"c\n\x11ListToolsResponse\x12&\n\x05tools\x18\x01 \x03(\x0b\x32\x10.tessera.v1.ToolR\x05tools\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"W\n\x10\x41pprovalRequired\x12\x17\n\x07gate_id\x18\x01 \x01(\tR\x06gateId\x12\x12\n\x04tool\x18\x02 \x01(\tR\x04tool\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\"\xd9\x01\n\x08\x41pproval\x12\x1f\n\x0bworkflow_id\x18\x01 \x01(\tR\nworkflowId\x12\x17\n\x07gate_id\x18\x02 \x01(\tR\x06gateId\x12\x17\n\x07task_id\x18\x03 \x01(\tR\x06taskId\x12\x12\n\x04tool\x18\x04 \x01(\tR\x04tool\x12\x16\n\x06reason\x18\x05 \x01(\tR\x06reason\x12/\n\x05state\x18\x06 \x01(\x0e\x32\x19.tessera.v1.ApprovalStateR\x05state\x12\x1d\n\ndecided_by\x18\x07 \x01(\tR\tdecidedBy\"\xc2\x01\n\x15\x44\x65\x63ideApprovalRequest\x12%\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\nworkflowId\x12\x1d\n\x07gate_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x06gateId\x12>\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x1c.tessera.v1.ApprovalDecisionB\x04\xe2\x41\x01\x02R\x08\x64\x65\x63ision\x12#\n\ndecided_by\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02R\tdecidedBy\"J\n\x16\x44\x65\x63ideApprovalResponse\x12\x30\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x14.tessera.v1.ApprovalR\x08\x61pproval*\x94\x01\n\x0fToolBackendKind\x12!\n\x1dTOOL_BACKEND_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19TOOL_BACKEND_KIND_BUILTIN\x10\x01\x12\x1f\n\x1bTOOL_BACKEND_KIND_MCP_STDIO\x10\x02\x12\x1e\n\x1aTOOL_BACKEND_KIND_MCP_HTTP\x10\x03*r\n\x10\x41pprovalDecision\x12!\n\x1d\x41PPROVAL_DECISION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41PPROVAL_DECISION_APPROVE\x10\x01\x12\x1c\n\x18\x41PPROVAL_DECISION_REJECT\x10\x02*\x85\x01\n\rApprovalState\x12\x1e\n\x1a\x41PPROVAL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41PPROVAL_STATE_PENDING\x10\x01\x12\x1b\n\x17\x41PPROVAL_STATE_APPROVED\x10\x02\x12\x1b\n\x17\x41PPROVAL_STATE_REJECTED\x10\x03\x32\x82\x02\n\x10ToolProxyService\x12K\n\nInvokeTool\x12\x1d.tessera.v1.InvokeToolRequest\x1a\x1e.tessera.v1.InvokeToolResponse\x12H\n\tListTools\x12\x1c.tessera.v1.ListToolsRequest\x1a\x1d.tessera.v1.ListToolsResponse\x12W\n\x0e\x44\x65\x63ideApproval\x12!.tessera.v1.DecideApprovalRequest\x1a\".tessera.v1.DecideApprovalResponseB\xb6\x01\n\x16\x64\x65v.tessera.tessera.v1B\x0eToolProxyProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INVOKETOOLREQUEST'].fields_by_name['context']._serialized_options = b'\342A\001\002'
   _globals['_INVOKETOOLREQUEST'].fields_by_name['tool']._loaded_options = None
   _globals['_INVOKETOOLREQUEST'].fields_by_name['tool']._serialized_options = b'\342A\001\002'
-  _globals['_TOOLBACKENDKIND']._serialized_start=1018
-  _globals['_TOOLBACKENDKIND']._serialized_end=1166
+  _globals['_DECIDEAPPROVALREQUEST'].fields_by_name['workflow_id']._loaded_options = None
+  _globals['_DECIDEAPPROVALREQUEST'].fields_by_name['workflow_id']._serialized_options = b'\342A\001\002'
+  _globals['_DECIDEAPPROVALREQUEST'].fields_by_name['gate_id']._loaded_options = None
+  _globals['_DECIDEAPPROVALREQUEST'].fields_by_name['gate_id']._serialized_options = b'\342A\001\002'
+  _globals['_DECIDEAPPROVALREQUEST'].fields_by_name['decision']._loaded_options = None
+  _globals['_DECIDEAPPROVALREQUEST'].fields_by_name['decision']._serialized_options = b'\342A\001\002'
+  _globals['_DECIDEAPPROVALREQUEST'].fields_by_name['decided_by']._loaded_options = None
+  _globals['_DECIDEAPPROVALREQUEST'].fields_by_name['decided_by']._serialized_options = b'\342A\001\002'
+  _globals['_TOOLBACKENDKIND']._serialized_start=1600
+  _globals['_TOOLBACKENDKIND']._serialized_end=1748
+  _globals['_APPROVALDECISION']._serialized_start=1750
+  _globals['_APPROVALDECISION']._serialized_end=1864
+  _globals['_APPROVALSTATE']._serialized_start=1867
+  _globals['_APPROVALSTATE']._serialized_end=2000
   _globals['_TOOL']._serialized_start=156
   _globals['_TOOL']._serialized_end=445
   _globals['_INVOKETOOLREQUEST']._serialized_start=448
@@ -52,6 +64,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTOOLSREQUEST']._serialized_end=914
   _globals['_LISTTOOLSRESPONSE']._serialized_start=916
   _globals['_LISTTOOLSRESPONSE']._serialized_end=1015
-  _globals['_TOOLPROXYSERVICE']._serialized_start=1169
-  _globals['_TOOLPROXYSERVICE']._serialized_end=1338
+  _globals['_APPROVALREQUIRED']._serialized_start=1017
+  _globals['_APPROVALREQUIRED']._serialized_end=1104
+  _globals['_APPROVAL']._serialized_start=1107
+  _globals['_APPROVAL']._serialized_end=1324
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_start=1327
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_end=1521
+  _globals['_DECIDEAPPROVALRESPONSE']._serialized_start=1523
+  _globals['_DECIDEAPPROVALRESPONSE']._serialized_end=1597
+  _globals['_TOOLPROXYSERVICE']._serialized_start=2003
+  _globals['_TOOLPROXYSERVICE']._serialized_end=2261
 # @@protoc_insertion_point(module_scope)

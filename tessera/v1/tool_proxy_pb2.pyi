@@ -50,6 +50,58 @@ TOOL_BACKEND_KIND_MCP_HTTP: ToolBackendKind.ValueType  # 3
 """An MCP server over streamable HTTP."""
 Global___ToolBackendKind: _TypeAlias = ToolBackendKind  # noqa: Y015
 
+class _ApprovalDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApprovalDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApprovalDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APPROVAL_DECISION_UNSPECIFIED: _ApprovalDecision.ValueType  # 0
+    """Not set (invalid)."""
+    APPROVAL_DECISION_APPROVE: _ApprovalDecision.ValueType  # 1
+    """The call may run (policy permitting, with the arguments that were approved)."""
+    APPROVAL_DECISION_REJECT: _ApprovalDecision.ValueType  # 2
+    """The call is refused: PERMISSION_DENIED `APPROVAL_REJECTED` from now on."""
+
+class ApprovalDecision(_ApprovalDecision, metaclass=_ApprovalDecisionEnumTypeWrapper):
+    """ApprovalDecision is what a human decided on a tool-call approval."""
+
+APPROVAL_DECISION_UNSPECIFIED: ApprovalDecision.ValueType  # 0
+"""Not set (invalid)."""
+APPROVAL_DECISION_APPROVE: ApprovalDecision.ValueType  # 1
+"""The call may run (policy permitting, with the arguments that were approved)."""
+APPROVAL_DECISION_REJECT: ApprovalDecision.ValueType  # 2
+"""The call is refused: PERMISSION_DENIED `APPROVAL_REJECTED` from now on."""
+Global___ApprovalDecision: _TypeAlias = ApprovalDecision  # noqa: Y015
+
+class _ApprovalState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApprovalStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApprovalState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APPROVAL_STATE_UNSPECIFIED: _ApprovalState.ValueType  # 0
+    """Not set."""
+    APPROVAL_STATE_PENDING: _ApprovalState.ValueType  # 1
+    """Waiting for a human."""
+    APPROVAL_STATE_APPROVED: _ApprovalState.ValueType  # 2
+    """Approved."""
+    APPROVAL_STATE_REJECTED: _ApprovalState.ValueType  # 3
+    """Rejected."""
+
+class ApprovalState(_ApprovalState, metaclass=_ApprovalStateEnumTypeWrapper):
+    """ApprovalState is where a tool-call approval stands."""
+
+APPROVAL_STATE_UNSPECIFIED: ApprovalState.ValueType  # 0
+"""Not set."""
+APPROVAL_STATE_PENDING: ApprovalState.ValueType  # 1
+"""Waiting for a human."""
+APPROVAL_STATE_APPROVED: ApprovalState.ValueType  # 2
+"""Approved."""
+APPROVAL_STATE_REJECTED: ApprovalState.ValueType  # 3
+"""Rejected."""
+Global___ApprovalState: _TypeAlias = ApprovalState  # noqa: Y015
+
 @_typing.final
 class Tool(_message.Message):
     """Tool describes one tool."""
@@ -229,3 +281,144 @@ class ListToolsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListToolsResponse: _TypeAlias = ListToolsResponse  # noqa: Y015
+
+@_typing.final
+class ApprovalRequired(_message.Message):
+    """ApprovalRequired is the error detail (in the `google.rpc.Status` details, next to an
+    ErrorInfo with reason `APPROVAL_REQUIRED`) of the FAILED_PRECONDITION InvokeTool answers
+    when the policy wants a human to approve the call first. The caller (an agent, passing
+    it on unchanged to the coordinator) opens the gate `workflows/{workflow_id}/gates/{gate_id}`;
+    once it is approved, the same call with the same idempotency key runs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATE_ID_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    gate_id: _builtins.str
+    """Gate id, unique per task, tool and idempotency key (`tool-<16 hex>`)."""
+    tool: _builtins.str
+    """The tool waiting for the approval, e.g. `billing.issue_refund`."""
+    reason: _builtins.str
+    """Why the policy wants an approval (for the approver)."""
+    def __init__(
+        self,
+        *,
+        gate_id: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate_id", b"gate_id", "reason", b"reason", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRequired: _TypeAlias = ApprovalRequired  # noqa: Y015
+
+@_typing.final
+class Approval(_message.Message):
+    """Approval is the tool proxy's record of one tool-call approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    GATE_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    workflow_id: _builtins.str
+    """Workflow of the call."""
+    gate_id: _builtins.str
+    """Gate id (see ApprovalRequired.gate_id)."""
+    task_id: _builtins.str
+    """Task that made the call."""
+    tool: _builtins.str
+    """Tool waiting for the approval."""
+    reason: _builtins.str
+    """Why the policy wants an approval."""
+    state: Global___ApprovalState.ValueType
+    """Where the approval stands."""
+    decided_by: _builtins.str
+    """Who decided (empty while pending)."""
+    def __init__(
+        self,
+        *,
+        workflow_id: _builtins.str = ...,
+        gate_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        state: Global___ApprovalState.ValueType = ...,
+        decided_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_by", b"decided_by", "gate_id", b"gate_id", "reason", b"reason", "state", b"state", "task_id", b"task_id", "tool", b"tool", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approval: _TypeAlias = Approval  # noqa: Y015
+
+@_typing.final
+class DecideApprovalRequest(_message.Message):
+    """DecideApprovalRequest records a human decision on a pending tool-call approval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    GATE_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    workflow_id: _builtins.str
+    """Workflow of the call ([A-Za-z0-9_-], at most 128 characters)."""
+    gate_id: _builtins.str
+    """Gate id from the ApprovalRequired detail."""
+    decision: Global___ApprovalDecision.ValueType
+    """The decision."""
+    decided_by: _builtins.str
+    """The verified principal who decided (recorded and audited; at most 256 characters)."""
+    def __init__(
+        self,
+        *,
+        workflow_id: _builtins.str = ...,
+        gate_id: _builtins.str = ...,
+        decision: Global___ApprovalDecision.ValueType = ...,
+        decided_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_by", b"decided_by", "decision", b"decision", "gate_id", b"gate_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideApprovalRequest: _TypeAlias = DecideApprovalRequest  # noqa: Y015
+
+@_typing.final
+class DecideApprovalResponse(_message.Message):
+    """DecideApprovalResponse is the approval as recorded (for a repeated decision: as the
+    first one recorded it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approval(self) -> Global___Approval:
+        """The approval after the decision."""
+
+    def __init__(
+        self,
+        *,
+        approval: Global___Approval | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideApprovalResponse: _TypeAlias = DecideApprovalResponse  # noqa: Y015

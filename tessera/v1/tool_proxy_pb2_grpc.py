@@ -26,10 +26,17 @@ if _version_not_supported:
 
 
 class ToolProxyServiceStub:
-    """ToolProxyService is the only road from an agent to a tool. Every call carries a
-    task token in the `x-tessera-task-token` metadata; the proxy checks the token,
-    asks the policy service, reads the tool's secret with the caller's token, calls the
-    tool, and writes an audit record.
+    """ToolProxyService is the only road from an agent to a tool. The proxy checks the
+    caller's task token, asks the policy service, reads the tool's secret with the caller's
+    token, calls the tool, and writes an audit record. It owns the approvals of tool calls:
+    no other service writes them; a human decision reaches it through DecideApproval.
+
+    Task token header: every InvokeTool carries the task token the coordinator handed the
+    agent (`ExecuteTaskRequest.task_token`) in the gRPC request metadata under the key
+    `x-tessera-task-token` (lower case, ASCII value: the token exactly as received). A call
+    without it is UNAUTHENTICATED `TOKEN_MISSING`. The token is a secret: never log, store
+    or forward it. Agents in any language must send this header; Python agents get it from
+    the SDK (`tessera.runtime.metadata.TASK_TOKEN_METADATA`).
     """
 
     def __init__(self, channel):
@@ -48,19 +55,32 @@ class ToolProxyServiceStub:
                 request_serializer=tessera_dot_v1_dot_tool__proxy__pb2.ListToolsRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_tool__proxy__pb2.ListToolsResponse.FromString,
                 _registered_method=True)
+        self.DecideApproval = channel.unary_unary(
+                '/tessera.v1.ToolProxyService/DecideApproval',
+                request_serializer=tessera_dot_v1_dot_tool__proxy__pb2.DecideApprovalRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_tool__proxy__pb2.DecideApprovalResponse.FromString,
+                _registered_method=True)
 
 
 class ToolProxyServiceServicer:
-    """ToolProxyService is the only road from an agent to a tool. Every call carries a
-    task token in the `x-tessera-task-token` metadata; the proxy checks the token,
-    asks the policy service, reads the tool's secret with the caller's token, calls the
-    tool, and writes an audit record.
+    """ToolProxyService is the only road from an agent to a tool. The proxy checks the
+    caller's task token, asks the policy service, reads the tool's secret with the caller's
+    token, calls the tool, and writes an audit record. It owns the approvals of tool calls:
+    no other service writes them; a human decision reaches it through DecideApproval.
+
+    Task token header: every InvokeTool carries the task token the coordinator handed the
+    agent (`ExecuteTaskRequest.task_token`) in the gRPC request metadata under the key
+    `x-tessera-task-token` (lower case, ASCII value: the token exactly as received). A call
+    without it is UNAUTHENTICATED `TOKEN_MISSING`. The token is a secret: never log, store
+    or forward it. Agents in any language must send this header; Python agents get it from
+    the SDK (`tessera.runtime.metadata.TASK_TOKEN_METADATA`).
     """
 
     def InvokeTool(self, request, context):
         """InvokeTool calls one tool. Errors: UNAUTHENTICATED (missing, malformed, expired,
         revoked token), PERMISSION_DENIED (token scope, policy deny; names the deciding
-        policies), FAILED_PRECONDITION (approval required; names the gate),
+        policies), FAILED_PRECONDITION (approval required: ErrorInfo reason
+        `APPROVAL_REQUIRED` and an `ApprovalRequired` detail naming the gate),
         INVALID_ARGUMENT (arguments break the tool schema), RESOURCE_EXHAUSTED (rate
         limit, budget), UNAVAILABLE (Vault or policy unreachable: fail closed).
         """
@@ -70,6 +90,19 @@ class ToolProxyServiceServicer:
 
     def ListTools(self, request, context):
         """ListTools lists the tools the proxy can reach (built-in and MCP).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideApproval(self, request, context):
+        """DecideApproval records a human decision on a pending tool-call approval, so that the
+        retried call runs (approved) or is refused (rejected). Only the coordinator calls it,
+        after the human decided the gate and before it re-dispatches the task. Idempotent:
+        the same decision again is answered as the first. Errors: NOT_FOUND
+        `APPROVAL_NOT_FOUND` (no such gate), FAILED_PRECONDITION `APPROVAL_ALREADY_DECIDED`
+        (the gate was decided otherwise; ErrorInfo metadata `state`, `decided_by` say how),
+        INVALID_ARGUMENT (fields), UNAVAILABLE `APPROVALS_UNAVAILABLE` (retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,6 +121,11 @@ def add_ToolProxyServiceServicer_to_server(servicer, server):
                     request_deserializer=tessera_dot_v1_dot_tool__proxy__pb2.ListToolsRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_tool__proxy__pb2.ListToolsResponse.SerializeToString,
             ),
+            'DecideApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideApproval,
+                    request_deserializer=tessera_dot_v1_dot_tool__proxy__pb2.DecideApprovalRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_tool__proxy__pb2.DecideApprovalResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tessera.v1.ToolProxyService', rpc_method_handlers)
@@ -97,10 +135,17 @@ def add_ToolProxyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ToolProxyService:
-    """ToolProxyService is the only road from an agent to a tool. Every call carries a
-    task token in the `x-tessera-task-token` metadata; the proxy checks the token,
-    asks the policy service, reads the tool's secret with the caller's token, calls the
-    tool, and writes an audit record.
+    """ToolProxyService is the only road from an agent to a tool. The proxy checks the
+    caller's task token, asks the policy service, reads the tool's secret with the caller's
+    token, calls the tool, and writes an audit record. It owns the approvals of tool calls:
+    no other service writes them; a human decision reaches it through DecideApproval.
+
+    Task token header: every InvokeTool carries the task token the coordinator handed the
+    agent (`ExecuteTaskRequest.task_token`) in the gRPC request metadata under the key
+    `x-tessera-task-token` (lower case, ASCII value: the token exactly as received). A call
+    without it is UNAUTHENTICATED `TOKEN_MISSING`. The token is a secret: never log, store
+    or forward it. Agents in any language must send this header; Python agents get it from
+    the SDK (`tessera.runtime.metadata.TASK_TOKEN_METADATA`).
     """
 
     @staticmethod
@@ -147,6 +192,33 @@ class ToolProxyService:
             '/tessera.v1.ToolProxyService/ListTools',
             tessera_dot_v1_dot_tool__proxy__pb2.ListToolsRequest.SerializeToString,
             tessera_dot_v1_dot_tool__proxy__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.ToolProxyService/DecideApproval',
+            tessera_dot_v1_dot_tool__proxy__pb2.DecideApprovalRequest.SerializeToString,
+            tessera_dot_v1_dot_tool__proxy__pb2.DecideApprovalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,10 +27,17 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ToolProxyServiceStub:
-    """ToolProxyService is the only road from an agent to a tool. Every call carries a
-    task token in the `x-tessera-task-token` metadata; the proxy checks the token,
-    asks the policy service, reads the tool's secret with the caller's token, calls the
-    tool, and writes an audit record.
+    """ToolProxyService is the only road from an agent to a tool. The proxy checks the
+    caller's task token, asks the policy service, reads the tool's secret with the caller's
+    token, calls the tool, and writes an audit record. It owns the approvals of tool calls:
+    no other service writes them; a human decision reaches it through DecideApproval.
+
+    Task token header: every InvokeTool carries the task token the coordinator handed the
+    agent (`ExecuteTaskRequest.task_token`) in the gRPC request metadata under the key
+    `x-tessera-task-token` (lower case, ASCII value: the token exactly as received). A call
+    without it is UNAUTHENTICATED `TOKEN_MISSING`. The token is a secret: never log, store
+    or forward it. Agents in any language must send this header; Python agents get it from
+    the SDK (`tessera.runtime.metadata.TASK_TOKEN_METADATA`).
     """
 
     @_typing.overload
@@ -40,37 +47,71 @@ class ToolProxyServiceStub:
     InvokeTool: _grpc.UnaryUnaryMultiCallable[_tool_proxy_pb2.InvokeToolRequest, _tool_proxy_pb2.InvokeToolResponse]
     """InvokeTool calls one tool. Errors: UNAUTHENTICATED (missing, malformed, expired,
     revoked token), PERMISSION_DENIED (token scope, policy deny; names the deciding
-    policies), FAILED_PRECONDITION (approval required; names the gate),
+    policies), FAILED_PRECONDITION (approval required: ErrorInfo reason
+    `APPROVAL_REQUIRED` and an `ApprovalRequired` detail naming the gate),
     INVALID_ARGUMENT (arguments break the tool schema), RESOURCE_EXHAUSTED (rate
     limit, budget), UNAVAILABLE (Vault or policy unreachable: fail closed).
     """
     ListTools: _grpc.UnaryUnaryMultiCallable[_tool_proxy_pb2.ListToolsRequest, _tool_proxy_pb2.ListToolsResponse]
     """ListTools lists the tools the proxy can reach (built-in and MCP)."""
+    DecideApproval: _grpc.UnaryUnaryMultiCallable[_tool_proxy_pb2.DecideApprovalRequest, _tool_proxy_pb2.DecideApprovalResponse]
+    """DecideApproval records a human decision on a pending tool-call approval, so that the
+    retried call runs (approved) or is refused (rejected). Only the coordinator calls it,
+    after the human decided the gate and before it re-dispatches the task. Idempotent:
+    the same decision again is answered as the first. Errors: NOT_FOUND
+    `APPROVAL_NOT_FOUND` (no such gate), FAILED_PRECONDITION `APPROVAL_ALREADY_DECIDED`
+    (the gate was decided otherwise; ErrorInfo metadata `state`, `decided_by` say how),
+    INVALID_ARGUMENT (fields), UNAVAILABLE `APPROVALS_UNAVAILABLE` (retry).
+    """
 
 @_typing.type_check_only
 class ToolProxyServiceAsyncStub(ToolProxyServiceStub):
-    """ToolProxyService is the only road from an agent to a tool. Every call carries a
-    task token in the `x-tessera-task-token` metadata; the proxy checks the token,
-    asks the policy service, reads the tool's secret with the caller's token, calls the
-    tool, and writes an audit record.
+    """ToolProxyService is the only road from an agent to a tool. The proxy checks the
+    caller's task token, asks the policy service, reads the tool's secret with the caller's
+    token, calls the tool, and writes an audit record. It owns the approvals of tool calls:
+    no other service writes them; a human decision reaches it through DecideApproval.
+
+    Task token header: every InvokeTool carries the task token the coordinator handed the
+    agent (`ExecuteTaskRequest.task_token`) in the gRPC request metadata under the key
+    `x-tessera-task-token` (lower case, ASCII value: the token exactly as received). A call
+    without it is UNAUTHENTICATED `TOKEN_MISSING`. The token is a secret: never log, store
+    or forward it. Agents in any language must send this header; Python agents get it from
+    the SDK (`tessera.runtime.metadata.TASK_TOKEN_METADATA`).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     InvokeTool: _aio.UnaryUnaryMultiCallable[_tool_proxy_pb2.InvokeToolRequest, _tool_proxy_pb2.InvokeToolResponse]  # type: ignore[assignment]
     """InvokeTool calls one tool. Errors: UNAUTHENTICATED (missing, malformed, expired,
     revoked token), PERMISSION_DENIED (token scope, policy deny; names the deciding
-    policies), FAILED_PRECONDITION (approval required; names the gate),
+    policies), FAILED_PRECONDITION (approval required: ErrorInfo reason
+    `APPROVAL_REQUIRED` and an `ApprovalRequired` detail naming the gate),
     INVALID_ARGUMENT (arguments break the tool schema), RESOURCE_EXHAUSTED (rate
     limit, budget), UNAVAILABLE (Vault or policy unreachable: fail closed).
     """
     ListTools: _aio.UnaryUnaryMultiCallable[_tool_proxy_pb2.ListToolsRequest, _tool_proxy_pb2.ListToolsResponse]  # type: ignore[assignment]
     """ListTools lists the tools the proxy can reach (built-in and MCP)."""
+    DecideApproval: _aio.UnaryUnaryMultiCallable[_tool_proxy_pb2.DecideApprovalRequest, _tool_proxy_pb2.DecideApprovalResponse]  # type: ignore[assignment]
+    """DecideApproval records a human decision on a pending tool-call approval, so that the
+    retried call runs (approved) or is refused (rejected). Only the coordinator calls it,
+    after the human decided the gate and before it re-dispatches the task. Idempotent:
+    the same decision again is answered as the first. Errors: NOT_FOUND
+    `APPROVAL_NOT_FOUND` (no such gate), FAILED_PRECONDITION `APPROVAL_ALREADY_DECIDED`
+    (the gate was decided otherwise; ErrorInfo metadata `state`, `decided_by` say how),
+    INVALID_ARGUMENT (fields), UNAVAILABLE `APPROVALS_UNAVAILABLE` (retry).
+    """
 
 class ToolProxyServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ToolProxyService is the only road from an agent to a tool. Every call carries a
-    task token in the `x-tessera-task-token` metadata; the proxy checks the token,
-    asks the policy service, reads the tool's secret with the caller's token, calls the
-    tool, and writes an audit record.
+    """ToolProxyService is the only road from an agent to a tool. The proxy checks the
+    caller's task token, asks the policy service, reads the tool's secret with the caller's
+    token, calls the tool, and writes an audit record. It owns the approvals of tool calls:
+    no other service writes them; a human decision reaches it through DecideApproval.
+
+    Task token header: every InvokeTool carries the task token the coordinator handed the
+    agent (`ExecuteTaskRequest.task_token`) in the gRPC request metadata under the key
+    `x-tessera-task-token` (lower case, ASCII value: the token exactly as received). A call
+    without it is UNAUTHENTICATED `TOKEN_MISSING`. The token is a secret: never log, store
+    or forward it. Agents in any language must send this header; Python agents get it from
+    the SDK (`tessera.runtime.metadata.TASK_TOKEN_METADATA`).
     """
 
     @_abc_1.abstractmethod
@@ -81,7 +122,8 @@ class ToolProxyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tool_proxy_pb2.InvokeToolResponse, _abc.Awaitable[_tool_proxy_pb2.InvokeToolResponse]]:
         """InvokeTool calls one tool. Errors: UNAUTHENTICATED (missing, malformed, expired,
         revoked token), PERMISSION_DENIED (token scope, policy deny; names the deciding
-        policies), FAILED_PRECONDITION (approval required; names the gate),
+        policies), FAILED_PRECONDITION (approval required: ErrorInfo reason
+        `APPROVAL_REQUIRED` and an `ApprovalRequired` detail naming the gate),
         INVALID_ARGUMENT (arguments break the tool schema), RESOURCE_EXHAUSTED (rate
         limit, budget), UNAVAILABLE (Vault or policy unreachable: fail closed).
         """
@@ -93,5 +135,20 @@ class ToolProxyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tool_proxy_pb2.ListToolsResponse, _abc.Awaitable[_tool_proxy_pb2.ListToolsResponse]]:
         """ListTools lists the tools the proxy can reach (built-in and MCP)."""
+
+    @_abc_1.abstractmethod
+    def DecideApproval(
+        self,
+        request: _tool_proxy_pb2.DecideApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tool_proxy_pb2.DecideApprovalResponse, _abc.Awaitable[_tool_proxy_pb2.DecideApprovalResponse]]:
+        """DecideApproval records a human decision on a pending tool-call approval, so that the
+        retried call runs (approved) or is refused (rejected). Only the coordinator calls it,
+        after the human decided the gate and before it re-dispatches the task. Idempotent:
+        the same decision again is answered as the first. Errors: NOT_FOUND
+        `APPROVAL_NOT_FOUND` (no such gate), FAILED_PRECONDITION `APPROVAL_ALREADY_DECIDED`
+        (the gate was decided otherwise; ErrorInfo metadata `state`, `decided_by` say how),
+        INVALID_ARGUMENT (fields), UNAVAILABLE `APPROVALS_UNAVAILABLE` (retry).
+        """
 
 def add_ToolProxyServiceServicer_to_server(servicer: ToolProxyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -60,12 +60,13 @@ from tessera.runtime.bus import Topology, connect
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.metadata import TASK_TOKEN_METADATA
 from tessera.v1 import tool_proxy_pb2, tool_proxy_pb2_grpc
 from tessera.vault import ToolSecret, VaultClient
 
 REPO = Path(__file__).resolve().parents[2]
 NOOP_TOOL = "bench.noop"
-TOKEN_MD = "x-tessera-task-token"
+TOKEN_MD = TASK_TOKEN_METADATA
 SERVICE_NAME = tool_proxy_pb2.DESCRIPTOR.services_by_name["ToolProxyService"].full_name
 
 

@@ -40,6 +40,7 @@ from tessera.audit import (
 from tessera.cli import audit as audit_cli
 from tessera.cli import creds as creds_cli
 from tessera.runtime.bus import Topology, connect, declare
+from tessera.runtime.metadata import TASK_TOKEN_METADATA
 from tessera.v1 import audit_pb2, common_pb2, tool_proxy_pb2, tool_proxy_pb2_grpc
 from tessera.vault import VaultClient
 from tessera.vault.audit_keys import (
@@ -552,7 +553,7 @@ async def test_a_governed_call_returns_a_receipt_that_verifies_after_shutdown(
             "agent-billing", mesh.tool_proxy_address, peer="tool-proxy"
         ) as channel:
             response = await tool_proxy_pb2_grpc.ToolProxyServiceStub(channel).InvokeTool(
-                call, metadata=(("x-tessera-task-token", token.token),), timeout=10
+                call, metadata=((TASK_TOKEN_METADATA, token.token),), timeout=10
             )
     # Every writer signed its head when it stopped.
 

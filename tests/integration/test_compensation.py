@@ -21,6 +21,7 @@ from tessera.agent import Agent, TaskContext, TaskResult
 from tessera.audit import tail
 from tessera.runtime.bus import Topology, connect
 from tessera.runtime.errors import FailedPrecondition
+from tessera.runtime.metadata import TASK_TOKEN_METADATA
 from tessera.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -301,7 +302,7 @@ async def test_a_compensation_run_twice_reverses_once(
         "agent-billing", mesh.tool_proxy_address, peer="tool-proxy"
     ) as channel:
         by_hand = await tool_proxy_pb2_grpc.ToolProxyServiceStub(channel).InvokeTool(
-            call, metadata=(("x-tessera-task-token", token.token),), timeout=10
+            call, metadata=((TASK_TOKEN_METADATA, token.token),), timeout=10
         )
     assert as_dict(by_hand.result)["reversal_id"] == first["reversal_id"]
 

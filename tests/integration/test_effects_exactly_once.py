@@ -35,6 +35,7 @@ from services.tool_proxy.idempotency import IdempotencyStore
 from services.tool_proxy.tools import CallInfo, SideEffect, Tool, ToolSpec
 from services.tool_proxy.tools.registry import Handler
 from tessera.runtime.errors import error_details
+from tessera.runtime.metadata import TASK_TOKEN_METADATA
 from tessera.v1 import tool_proxy_pb2
 from tessera.vault import ToolSecret
 from tests.integration.test_governed_calls import (
@@ -60,7 +61,7 @@ pytestmark = pytest.mark.integration
 
 CHARGE = "test.charge"
 """A side-effecting test tool whose backend cannot look its effects up."""
-TOKEN_MD = "x-tessera-task-token"
+TOKEN_MD = TASK_TOKEN_METADATA
 
 
 # -- the backends, counting their effects ---------------------------------------------------

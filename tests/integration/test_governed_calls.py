@@ -44,6 +44,7 @@ from tessera.runtime.bus import Topology, connect
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.errors import ErrorDetails, error_details
 from tessera.runtime.identity import Workload
+from tessera.runtime.metadata import TASK_TOKEN_METADATA
 from tessera.v1 import audit_pb2, events_pb2, tool_proxy_pb2, tool_proxy_pb2_grpc
 from tessera.vault import InvalidToken, TaskToken, ToolSecret, VaultClient
 from tessera.vault.audit_keys import read_public_keys
@@ -54,7 +55,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_TOOLS = ("test.noop", "test.slow", "mcp.notes")
-TOKEN_MD = "x-tessera-task-token"
+TOKEN_MD = TASK_TOKEN_METADATA
 REFUND = "billing.issue_refund"
 
 
@@ -219,6 +220,43 @@ def proxy_channel(workload: Workload, address: str) -> grpc.aio.Channel:
     """mTLS to a tool proxy as ``workload``; no transparent retries, so each call is the
     one attempt the test makes."""
     return workload.channel(address, peer=workload.peer("service", "tool-proxy"), max_attempts=1)
+
+
+async def coordinator_stub(mesh: Mesh) -> tool_proxy_pb2_grpc.ToolProxyServiceStub:
+    """A stub that calls the proxy as the coordinator (its own workload certificate)."""
+    key = "service/coordinator"
+    if key not in mesh.callers:
+        workload = await identity_workload(mesh.vault_addr, mesh.creds, "coordinator")
+        mesh.workloads.append(workload)
+        mesh.callers[key] = tool_proxy_pb2_grpc.ToolProxyServiceStub(
+            proxy_channel(workload, mesh.proxy.address)
+        )
+    return mesh.callers[key]
+
+
+async def decide(
+    mesh: Mesh,
+    wf: str,
+    gate: str,
+    *,
+    approve: bool,
+    by: str = "alice",
+    stub: tool_proxy_pb2_grpc.ToolProxyServiceStub | None = None,
+) -> tool_proxy_pb2.Approval:
+    """A human decision handed to the proxy, by default as the coordinator does it."""
+    request = tool_proxy_pb2.DecideApprovalRequest(
+        workflow_id=wf,
+        gate_id=gate,
+        decision=(
+            tool_proxy_pb2.APPROVAL_DECISION_APPROVE
+            if approve
+            else tool_proxy_pb2.APPROVAL_DECISION_REJECT
+        ),
+        decided_by=by,
+    )
+    caller = stub if stub is not None else await coordinator_stub(mesh)
+    response = await caller.DecideApproval(request, timeout=5)
+    return response.approval
 
 
 async def agent_workload(vault_addr: str, creds: dict[str, Path], agent: str) -> Workload:
@@ -830,8 +868,10 @@ async def test_big_refund_runs_once_after_a_human_approves(mesh: Mesh) -> None:
     details = await refused(invoke(mesh, token.token, wf, task, REFUND, args, key="big"))
     gate = gate_id(task, REFUND, "big")
     assert details.code == grpc.StatusCode.FAILED_PRECONDITION
-    assert details.reason == "APPROVAL_REQUIRED"
-    assert details.metadata["gate"] == gate
+    assert details.reason == "APPROVAL_REQUIRED"  # for clients that branch on the reason
+    required = details.detail(tool_proxy_pb2.ApprovalRequired)  # the typed contract
+    assert required is not None
+    assert (required.gate_id, required.tool) == (gate, REFUND) and required.reason
     assert details.precondition_violations[0][:2] == ("APPROVAL", f"workflows/{wf}/gates/{gate}")
     assert await effects(mesh, wf) == []
 
@@ -845,8 +885,10 @@ async def test_big_refund_runs_once_after_a_human_approves(mesh: Mesh) -> None:
     again = await refused(invoke(mesh, token.token, wf, task, REFUND, args, key="big"))
     assert again.reason == "APPROVAL_REQUIRED"
 
-    # The coordinator's half: the human approved.
-    await kv.put(f"{wf}.{gate}", json.dumps({**record, "state": "approved"}).encode())
+    # The coordinator hands the human's decision to the proxy, which owns approvals.
+    approval = await decide(mesh, wf, gate, approve=True, by="alice")
+    assert approval.state == tool_proxy_pb2.APPROVAL_STATE_APPROVED
+    assert (approval.decided_by, approval.task_id, approval.tool) == ("alice", task, REFUND)
 
     # Changed arguments under the same key are not covered by the approval.
     changed = await refused(
@@ -858,8 +900,12 @@ async def test_big_refund_runs_once_after_a_human_approves(mesh: Mesh) -> None:
     second = await invoke(mesh, token.token, wf, task, REFUND, args, key="big")
     assert not first.replayed and second.replayed
     assert len(await effects(mesh, wf)) == 1
-    outcomes = [r.outcome for r in await audit_records(mesh, wf)]
+    records = await audit_records(mesh, wf)
+    outcomes = [r.outcome for r in records]
     assert "approval_required" in outcomes and "allow" in outcomes
+    (decided,) = [r for r in records if r.kind == audit_pb2.AUDIT_KIND_APPROVAL]
+    assert decided.outcome == "approved" and decided.details["decided_by"] == "alice"
+    assert decided.details["caller"].endswith("/service/coordinator")
 
 
 async def test_rejected_approval_is_permission_denied(mesh: Mesh) -> None:
@@ -867,15 +913,82 @@ async def test_rejected_approval_is_permission_denied(mesh: Mesh) -> None:
     token = await task_token(mesh, wf, task, tools=[REFUND])
     args = refund_args(5000.0)
     await refused(invoke(mesh, token.token, wf, task, REFUND, args, key="no"))
-    kv = await mesh.js.key_value(mesh.topology.approvals_bucket)
-    key = f"{wf}.{gate_id(task, REFUND, 'no')}"
-    record = json.loads((await kv.get(key)).value or b"{}")
-    await kv.put(key, json.dumps({**record, "state": "rejected"}).encode())
+    rejected = await decide(mesh, wf, gate_id(task, REFUND, "no"), approve=False)
+    assert rejected.state == tool_proxy_pb2.APPROVAL_STATE_REJECTED
 
     details = await refused(invoke(mesh, token.token, wf, task, REFUND, args, key="no"))
     await assert_refused_and_audited(
         mesh, wf, details, grpc.StatusCode.PERMISSION_DENIED, "APPROVAL_REJECTED", "denied"
     )
+
+
+async def test_only_the_coordinator_may_decide_an_approval(mesh: Mesh) -> None:
+    """An agent holding a pending big refund cannot approve it itself."""
+    wf, task = new_ids()
+    token = await task_token(mesh, wf, task, tools=[REFUND])
+    args = refund_args(2000.0)
+    await refused(invoke(mesh, token.token, wf, task, REFUND, args, key="self"))
+    gate = gate_id(task, REFUND, "self")
+
+    details = await refused(decide(mesh, wf, gate, approve=True, by="billing", stub=mesh.stub))
+    assert details.code == grpc.StatusCode.PERMISSION_DENIED
+    assert details.reason == "CALLER_NOT_ALLOWED"
+
+    still = await refused(invoke(mesh, token.token, wf, task, REFUND, args, key="self"))
+    assert still.reason == "APPROVAL_REQUIRED"
+    assert await effects(mesh, wf) == []
+
+
+async def test_a_repeated_decision_is_answered_as_the_first(mesh: Mesh) -> None:
+    """The coordinator retries a decision whose answer it lost: same answer, recorded
+    (and audited) once."""
+    wf, task = new_ids()
+    token = await task_token(mesh, wf, task, tools=[REFUND])
+    await refused(invoke(mesh, token.token, wf, task, REFUND, refund_args(1200.0), key="rep"))
+    gate = gate_id(task, REFUND, "rep")
+
+    first = await decide(mesh, wf, gate, approve=True, by="bob")
+    second = await decide(mesh, wf, gate, approve=True, by="bob")
+    assert second == first
+
+    async def audited_once() -> bool:
+        kinds = [r.kind for r in await audit_records(mesh, wf)]
+        return kinds.count(audit_pb2.AUDIT_KIND_APPROVAL) == 1
+
+    await eventually(audited_once)
+    done = await invoke(mesh, token.token, wf, task, REFUND, refund_args(1200.0), key="rep")
+    assert not done.replayed
+    assert len(await effects(mesh, wf)) == 1
+
+
+async def test_a_contradicting_decision_is_refused(mesh: Mesh) -> None:
+    wf, task = new_ids()
+    token = await task_token(mesh, wf, task, tools=[REFUND])
+    args = refund_args(3000.0)
+    await refused(invoke(mesh, token.token, wf, task, REFUND, args, key="flip"))
+    gate = gate_id(task, REFUND, "flip")
+    await decide(mesh, wf, gate, approve=True, by="carol")
+
+    for approve, by in ((False, "carol"), (True, "dave")):
+        details = await refused(decide(mesh, wf, gate, approve=approve, by=by))
+        assert details.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert details.reason == "APPROVAL_ALREADY_DECIDED"
+        assert details.metadata["state"] == "approved"
+        assert details.metadata["decided_by"] == "carol"
+
+    # The first decision stands: the call runs, once.
+    await invoke(mesh, token.token, wf, task, REFUND, args, key="flip")
+    assert len(await effects(mesh, wf)) == 1
+
+
+async def test_deciding_an_unknown_gate_is_not_found(mesh: Mesh) -> None:
+    wf, task = new_ids()
+    details = await refused(decide(mesh, wf, gate_id(task, REFUND, "none"), approve=True))
+    assert details.code == grpc.StatusCode.NOT_FOUND
+    assert details.reason == "APPROVAL_NOT_FOUND"
+    bad = await refused(decide(mesh, "wf.*", "tool-x", approve=True, by=""))
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert {f for f, _ in bad.field_violations} == {"workflow_id", "decided_by"}
 
 
 # -- dependencies down ------------------------------------------------------------------------

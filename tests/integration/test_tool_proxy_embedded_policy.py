@@ -12,7 +12,6 @@ asked).
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from services.tool_proxy.app import ToolProxy
 from services.tool_proxy.approvals import gate_id
 from tessera.audit import tail
 from tessera.policy.engine import PolicyLoadError
-from tessera.v1 import policy_pb2, policy_pb2_grpc
+from tessera.v1 import policy_pb2, policy_pb2_grpc, tool_proxy_pb2
 from tests.integration.test_governed_calls import (
     REFUND,
     REPO,
@@ -35,6 +34,7 @@ from tests.integration.test_governed_calls import (
     audit_records,
     bao,
     creds,
+    decide,
     effects,
     eventually,
     extra_tools_for_tests,
@@ -164,10 +164,9 @@ async def test_embedded_approval_then_exactly_one_refund(emesh: Mesh) -> None:
     assert details.metadata["reason"] == "Refunds above 1000.00 need a human approval"
     assert await effects(emesh, wf) == []
 
-    kv = await emesh.js.key_value(emesh.topology.approvals_bucket)
-    record = json.loads((await kv.get(f"{wf}.{gate}")).value or b"{}")
-    assert record["state"] == "pending"
-    await kv.put(f"{wf}.{gate}", json.dumps({**record, "state": "approved"}).encode())
+    # The human decision reaches the proxy as the coordinator hands it over.
+    approval = await decide(emesh, wf, gate, approve=True)
+    assert approval.state == tool_proxy_pb2.APPROVAL_STATE_APPROVED
 
     first = await invoke(emesh, token.token, wf, task, REFUND, args, key="big")
     second = await invoke(emesh, token.token, wf, task, REFUND, args, key="big")

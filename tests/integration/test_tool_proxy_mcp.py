@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from services.tool_proxy.app import ToolProxy
+from tessera.runtime.metadata import TASK_TOKEN_METADATA
 from tessera.v1 import tool_proxy_pb2, tool_proxy_pb2_grpc
 from tests.integration.test_governed_calls import (  # noqa: F401 (fixtures)
     Mesh,
@@ -27,7 +28,7 @@ from tests.integration.test_governed_calls import (  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
 
-TOKEN_MD = "x-tessera-task-token"
+TOKEN_MD = TASK_TOKEN_METADATA
 
 
 @pytest.fixture(scope="module")

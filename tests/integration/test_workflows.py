@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 
 from tessera.runtime.bus import Topology, connect
-from tessera.v1 import coordinator_pb2, events_pb2
+from tessera.runtime.errors import error_details
+from tessera.v1 import coordinator_pb2, events_pb2, tool_proxy_pb2, tool_proxy_pb2_grpc
 from tests.conftest import OpenBao
 from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, as_dict, reference_agent
 
@@ -129,12 +131,60 @@ async def test_large_refund_waits_for_approval_then_happens_once(mesh: Mesh) -> 
     assert workflow.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
     (gate,) = [g for g in workflow.gates if g.state == coordinator_pb2.GATE_STATE_PENDING]
     assert gate.kind == events_pb2.GATE_KIND_TOOL_APPROVAL
+    # The tool proxy's typed ApprovalRequired detail reached the coordinator through the
+    # billing agent unchanged: the gate is the proxy's and says the policy's reason.
+    assert gate.name.rsplit("/", 1)[1].startswith("tool-")
+    assert gate.reason == "Refunds above 1000.00 need a human approval"
     assert await refunds(mesh, name) == 0  # nothing moved before a human said so
-    await mesh.decide(gate.name, approve=True)
+    decided = await mesh.decide(gate.name, approve=True)
+    assert decided.state == coordinator_pb2.GATE_STATE_APPROVED
     workflow = await mesh.finished(name)
     assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     assert "refunded 1500.00" in as_dict(workflow.blackboard)["billing_notes"]
     assert await refunds(mesh, name) == 1
+    # The decision is the proxy's to keep: a repeated DecideGate is answered as the first.
+    again = await mesh.decide(gate.name, approve=True)
+    assert again.state == coordinator_pb2.GATE_STATE_APPROVED
+    assert await refunds(mesh, name) == 1
+
+
+async def test_a_rejected_big_refund_is_never_paid(mesh: Mesh) -> None:
+    name = await mesh.start(
+        "support",
+        ticket={"id": "T-4", "customer_id": "C-10", "text": "please refund 2500 right now"},
+    )
+    workflow = await mesh.parked(name)
+    (gate,) = [g for g in workflow.gates if g.state == coordinator_pb2.GATE_STATE_PENDING]
+    assert gate.kind == events_pb2.GATE_KIND_TOOL_APPROVAL
+    await mesh.decide(gate.name, approve=False)
+    workflow = await mesh.finished(name)
+    assert workflow.state in (WS.WORKFLOW_STATE_CANCELLED, WS.WORKFLOW_STATE_COMPENSATED)
+    assert await refunds(mesh, name) == 0
+
+
+async def test_a_gate_cannot_be_decided_past_the_coordinator(mesh: Mesh) -> None:
+    """Only the coordinator hands a decision to the tool proxy: an agent identity calling
+    DecideApproval is refused before any handler runs."""
+    channel = await mesh.channel_as(
+        "agent-billing", mesh.tool_proxy_address, peer="tool-proxy", max_attempts=1
+    )
+    try:
+        stub = tool_proxy_pb2_grpc.ToolProxyServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.DecideApproval(
+                tool_proxy_pb2.DecideApprovalRequest(
+                    workflow_id="wf-x",
+                    gate_id="tool-0123456789abcdef",
+                    decision=tool_proxy_pb2.APPROVAL_DECISION_APPROVE,
+                    decided_by="billing",
+                ),
+                timeout=5,
+            )
+    finally:
+        await channel.close()
+    details = error_details(info.value)
+    assert details.code == grpc.StatusCode.PERMISSION_DENIED
+    assert details.reason == "CALLER_NOT_ALLOWED"
 
 
 async def test_every_tool_call_of_the_workflows_is_audited_and_the_chain_verifies(

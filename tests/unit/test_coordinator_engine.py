@@ -12,15 +12,18 @@ from hypothesis import strategies as st
 
 from services.coordinator.engine import (
     Emitter,
+    approval_required,
     decide_gate,
     effect_outcome_unknown,
     next_steps,
     status,
     task_answered,
     task_failed,
+    tool_approval_needed,
 )
 from services.coordinator.state import GS, TS, WS, WorkflowRecord, apply_event, dict_to_struct
-from tessera.v1 import agent_pb2, common_pb2, events_pb2, planner_pb2
+from tessera.runtime.errors import FailedPrecondition, error_details, to_grpc_status
+from tessera.v1 import agent_pb2, common_pb2, events_pb2, planner_pb2, tool_proxy_pb2
 
 
 def _plan(*tasks: planner_pb2.TaskSpec, constraints=(), max_iterations: int = 20):
@@ -499,3 +502,58 @@ def test_an_effect_nobody_can_vouch_for_waits_for_a_human_then_runs_again() -> N
     decide_gate(Emitter(rec, now=12.0), gate.id, approve=True, decided_by="ops", comment="")
     (again,) = next_steps(Emitter(rec, now=13.0), in_flight=set())
     assert (again.task_id, again.attempt) == ("pay", 2)
+
+
+class _Refused(grpc.RpcError):
+    """A failed call as the coordinator sees an agent's answer (code, trailing details)."""
+
+    def __init__(self, exc: FailedPrecondition) -> None:
+        self._status = to_grpc_status(exc)
+
+    def code(self) -> grpc.StatusCode:
+        return self._status.code
+
+    def details(self) -> str:
+        return self._status.details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return tuple(self._status.trailing_metadata)
+
+
+def test_a_tool_call_waiting_for_approval_parks_on_its_gate_then_runs_again() -> None:
+    """The tool proxy's typed ApprovalRequired detail (passed on by the agent) names the
+    gate; approving it runs the task again, whose retried call then executes."""
+    required = tool_proxy_pb2.ApprovalRequired(
+        gate_id="tool-0123456789abcdef", tool="billing.issue_refund", reason="over 1000"
+    )
+    refusal = FailedPrecondition(
+        "needs approval", reason="APPROVAL_REQUIRED", extra_details=[required]
+    )
+    found = approval_required(error_details(_Refused(refusal)))
+    assert found == required
+
+    rec = _start(_plan(_task("refund", "refund", max_attempts=1)))
+    em = Emitter(rec, now=10.0)
+    (first,) = next_steps(em, in_flight=set())
+    em.emit(task_dispatched=events_pb2.TaskDispatched(task_id="refund", attempt=first.attempt))
+    tool_approval_needed(em, "refund", found.gate_id, found.reason)
+    assert rec.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    gate = rec.gates["tool-0123456789abcdef"]
+    assert gate.kind == events_pb2.GATE_KIND_TOOL_APPROVAL and gate.reason == "over 1000"
+    assert next_steps(Emitter(rec, now=11.0), in_flight=set()) == []
+    decide_gate(Emitter(rec, now=12.0), gate.id, approve=True, decided_by="ops", comment="")
+    (again,) = next_steps(Emitter(rec, now=13.0), in_flight=set())
+    assert again.task_id == "refund"
+
+
+def test_a_reason_string_alone_is_not_an_approval_request() -> None:
+    """The contract is the typed detail: the old reason-plus-metadata spelling, or the
+    detail on another code, parks nothing (the attempt fails like any other)."""
+    stringly = FailedPrecondition(
+        "needs approval", reason="APPROVAL_REQUIRED", metadata={"gate": "tool-1"}
+    )
+    assert approval_required(error_details(_Refused(stringly))) is None
+    empty = FailedPrecondition(
+        "x", reason="APPROVAL_REQUIRED", extra_details=[tool_proxy_pb2.ApprovalRequired()]
+    )
+    assert approval_required(error_details(_Refused(empty))) is None

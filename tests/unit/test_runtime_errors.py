@@ -21,9 +21,12 @@ from tessera.runtime.errors import (
     Unauthenticated,
     Unavailable,
     error_details,
+    from_rpc_error,
     to_grpc_status,
     to_status,
+    unpack_detail,
 )
+from tessera.v1 import tool_proxy_pb2
 
 
 class _FakeCall(grpc.RpcError):
@@ -130,3 +133,57 @@ def test_status_proto_is_what_google_clients_expect() -> None:
     raw = dict(to_grpc_status(NotFound("gone")).trailing_metadata)["grpc-status-details-bin"]
     status = status_pb2.Status.FromString(raw)
     assert status.details[0].type_url == "type.googleapis.com/google.rpc.ErrorInfo"
+
+
+def _approval_required() -> FailedPrecondition:
+    return FailedPrecondition(
+        "billing.issue_refund needs a human approval",
+        reason="APPROVAL_REQUIRED",
+        violations=[("APPROVAL", "workflows/wf-1/gates/tool-1", "refund over 1000")],
+        extra_details=[
+            tool_proxy_pb2.ApprovalRequired(
+                gate_id="tool-1", tool="billing.issue_refund", reason="refund over 1000"
+            )
+        ],
+    )
+
+
+def test_a_typed_detail_travels_after_the_standard_ones() -> None:
+    status = to_status(_approval_required())
+    assert [d.type_url.rsplit("/", 1)[1] for d in status.details] == [
+        "google.rpc.ErrorInfo",
+        "google.rpc.PreconditionFailure",
+        "tessera.v1.ApprovalRequired",
+    ]
+    parsed = error_details(_FakeCall(to_grpc_status(_approval_required())))
+    assert parsed.reason == "APPROVAL_REQUIRED"  # clients in other languages branch on it
+    required = parsed.detail(tool_proxy_pb2.ApprovalRequired)
+    assert required is not None
+    assert (required.gate_id, required.tool) == ("tool-1", "billing.issue_refund")
+    assert parsed.detail(tool_proxy_pb2.Approval) is None
+    assert unpack_detail(parsed.extra, tool_proxy_pb2.ApprovalRequired) == required
+
+
+def test_from_rpc_error_passes_every_detail_on_unchanged() -> None:
+    """An agent re-raises a failed tool call with from_rpc_error; its caller (the
+    coordinator) must see the very status the tool proxy sent."""
+    first = to_status(_approval_required())
+    passed_on = from_rpc_error(_FakeCall(to_grpc_status(_approval_required())))
+    assert isinstance(passed_on, FailedPrecondition)
+    again = to_status(passed_on)
+    assert again == first
+    detail = passed_on.detail(tool_proxy_pb2.ApprovalRequired)
+    assert detail is not None and detail.gate_id == "tool-1"
+
+
+def test_unknown_detail_types_are_kept_not_dropped() -> None:
+    resource = error_details_pb2.ResourceInfo(
+        resource_type="workflow", resource_name="workflows/wf-1"
+    )
+    status = to_status(NotFound("gone", extra_details=[resource]))
+    parsed = error_details(_FakeCall(to_grpc_status(NotFound("gone", extra_details=[resource]))))
+    assert parsed.detail(error_details_pb2.ResourceInfo) == resource
+    passed_on = from_rpc_error(
+        _FakeCall(to_grpc_status(NotFound("gone", extra_details=[resource])))
+    )
+    assert to_status(passed_on) == status

@@ -1,0 +1,365 @@
+"""The governed call pipeline: InvokeTool's steps in order, failing closed at every one
+(README.md has the full contract).
+
+token format → token lookup (≤ 1 s cache) → token meta matches the call → tool exists and
+is in the token's scope → arguments (size, schema, hostile input, idempotency key) → rate
+limits → policy Check, remote or embedded (→ approval flow, ``approval_flow.py``) →
+idempotency claim (a claim taken over from a dead executor asks the tool first) → use
+budget, settling while the tool secret is read with the caller's token and the ``allow``
+record is written (both must succeed) → backend under a deadline, then its outcome
+recorded, both run to their end even if the caller goes away → audit outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import re
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from services.tool_proxy.approval_flow import ApprovalFlow
+from services.tool_proxy.execution import Detached, Execution, canonical, execute
+from services.tool_proxy.idempotency import IdempotencyStore, Replay, effect_id
+from services.tool_proxy.limits import RateLimiter
+from services.tool_proxy.recording import CallRecord, Recorder
+from services.tool_proxy.settings import ToolProxySettings
+from services.tool_proxy.tokens import TokenChecker, UseLedger, VerifiedToken, check_format
+from services.tool_proxy.tool_secrets import ToolSecrets
+from services.tool_proxy.tools.registry import CallInfo, Tool, ToolRegistry
+from services.tool_proxy.wire import Malformed, metadata_value, to_struct
+from tessera.jsonschema import Limits, validate
+from tessera.runtime.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from tessera.runtime.grpc_authz import peer
+from tessera.runtime.metadata import TASK_TOKEN_METADATA
+from tessera.v1 import tool_proxy_pb2
+from tessera.vault.tokens import ToolSecret
+
+__all__ = ["CallPipeline"]
+
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_CALL_MARGIN_S = 0.02
+_LEASE_MARGIN_S = 1.0
+
+
+class CallPipeline:
+    """Runs one InvokeTool; the servicer records its refusals."""
+
+    def __init__(
+        self,
+        *,
+        settings: ToolProxySettings,
+        registry: ToolRegistry,
+        tokens: TokenChecker,
+        ledger: UseLedger,
+        secrets: ToolSecrets,
+        limiter: RateLimiter,
+        idempotency: IdempotencyStore,
+        flow: ApprovalFlow,
+        recorder: Recorder,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.tokens = tokens
+        self.ledger = ledger
+        self.secrets = secrets
+        self.limiter = limiter
+        self.idempotency = idempotency
+        self.flow = flow
+        self.recorder = recorder
+        self._limits = Limits(
+            max_depth=settings.max_argument_depth, max_string_length=settings.max_string_length
+        )
+        self._detached = Detached()
+        """Work that outlives its caller: uses being given back, effects being run."""
+
+    async def drain(self) -> None:
+        """Wait for uses being given back and effects being run and recorded (also those
+        whose callers went away)."""
+        await self._detached.wait()
+
+    async def invoke(
+        self,
+        request: tool_proxy_pb2.InvokeToolRequest | Malformed,
+        context: grpc.aio.ServicerContext,
+        call: CallRecord,
+    ) -> tool_proxy_pb2.InvokeToolResponse:
+        # 0. The request decoded at all (before anything else: nothing below is trusted).
+        if isinstance(request, Malformed):
+            raise InvalidArgument("request does not decode", reason="MALFORMED_REQUEST")
+        call.tool = request.tool[:200]
+        call.workflow_id = request.context.workflow_id[:128]
+        call.task_id = request.context.task_id[:128]
+        call.claimed_principal = request.context.principal[:128]
+
+        # 1. Token present and well-formed (no Vault call for garbage).
+        token = check_format(metadata_value(context, TASK_TOKEN_METADATA))
+
+        # 2. Vault vouches for it (cached ≤ 1 s, revocation events evict).
+        verified = await self.tokens.verify(token)
+        call.agent = verified.agent
+
+        # 3. Its metadata names this very call; the principal comes from it.
+        self._check_scope(request, verified)
+        # 3b. It was issued to the agent calling: a token that leaked to another workload
+        #     (or was copied out of a task) is useless there.
+        _check_caller_holds_token(verified)
+
+        # 4. The tool exists and the token was scoped to it.
+        tool = self.registry.get(request.tool)
+        if tool is None:
+            raise NotFound(f"no tool named {call.tool!r}", reason="TOOL_NOT_FOUND")
+        spec = tool.spec
+        call.details.update(side_effect=spec.side_effect.value, backend=spec.backend.value)
+        if spec.scope not in verified.tools:
+            raise PermissionDenied(
+                f"the task token is not scoped to {spec.name!r}",
+                reason="TOOL_NOT_IN_SCOPE",
+                metadata={"tool": spec.name},
+            )
+
+        # 5. Arguments: size, schema and hostile input; idempotency key where needed.
+        arguments = self._arguments(request, tool)
+        digest = hashlib.sha256(canonical(arguments)).hexdigest()
+        call.details.update(
+            arguments=self.recorder.arguments(arguments, tool), arguments_digest=digest
+        )
+        key = request.idempotency_key
+        if key and not _IDEMPOTENCY_KEY_RE.fullmatch(key):
+            raise InvalidArgument(
+                "invalid idempotency key",
+                field_violations=[("idempotency_key", "1-128 chars of [A-Za-z0-9._:@/+=-]")],
+            )
+        if spec.side_effect.needs_idempotency_key and not key:
+            raise InvalidArgument(
+                f"{spec.name!r} has side effects: an idempotency key is required",
+                reason="IDEMPOTENCY_KEY_REQUIRED",
+                field_violations=[("idempotency_key", "required for side-effecting tools")],
+            )
+
+        # 6. Rate limits.
+        self.limiter.acquire(agent=verified.agent, tool=spec.name)
+
+        # 7. Policy (and the approval flow). One call of the token's budget is reserved in
+        # the ledger meanwhile (independent I/O); it is given back unless the call goes on
+        # to step 9, and its errors surface only there, so the order of refusals is kept.
+        spend = self.ledger.reserve(verified)
+        eid = effect_id(verified.workflow, spec.name, key) if key else ""
+        claim = None
+        try:
+            if self.flow.policy.embedded_policy is not None and not spend.done():
+                # Let the reservation's request leave before the (CPU-bound) in-process
+                # decision, so the two still overlap.
+                await asyncio.sleep(0)
+            decision = await self.flow.authorize(
+                request, context, verified, tool, arguments, digest, call
+            )
+            info = CallInfo(
+                workflow_id=verified.workflow,
+                task_id=verified.task,
+                agent=verified.agent,
+                decision_id=decision.decision_id,
+                idempotency_key=key,
+                effect_id=eid or effect_id(verified.workflow, spec.name, digest),
+            )
+
+            # 8. Idempotency: replay a completed effect, refuse a concurrent duplicate;
+            # a claim whose executor died is taken over only if the tool says its effect
+            # did not happen (replayed if it did, refused if the tool cannot tell).
+            if spec.side_effect.needs_idempotency_key:
+                call.details["effect_id"] = eid
+                timeout = self._backend_timeout(context, tool)
+                began = await self.idempotency.begin(
+                    eid,
+                    tool=spec.name,
+                    arguments_digest=digest,
+                    decision_id=decision.decision_id,
+                    # Held as long as this call may run the backend (step 10's deadline
+                    # is no later): if this replica dies, a retry takes over soon after.
+                    lease_s=timeout + _LEASE_MARGIN_S,
+                    lookup=functools.partial(tool.lookup, info) if tool.lookup else None,
+                    lookup_timeout_s=timeout,
+                )
+                if isinstance(began, Replay):
+                    await self._give_back(spend, verified)
+                    call.details["replayed"] = True
+                    if began.recovered:
+                        call.details["recovered_from"] = "backend_lookup"
+                    await self.recorder.record(call, "replayed")
+                    return tool_proxy_pb2.InvokeToolResponse(
+                        result=to_struct(began.result),
+                        decision_id=decision.decision_id,
+                        replayed=True,
+                        receipt=call.receipt,
+                    )
+                claim = began
+        except BaseException:
+            await self._give_back(spend, verified)
+            raise
+
+        executed = False
+        try:
+            # 9. Read the secret with the caller's token and (11a) write the awaited
+            # ``allow`` record while the reservation of step 7 settles: both are round
+            # trips, so overlapping them takes one off the critical path.
+            allowed = asyncio.ensure_future(self._secret_then_allow(call, tool, token, verified))
+            try:
+                uses_left = await spend
+            except BaseException:
+                # No use could be spent: the call does not run. If the allow record was
+                # written, the refusal record InvokeTool writes next (same decision id)
+                # says so.
+                await _settle(allowed)
+                raise
+            try:
+                secret = await allowed
+            except BaseException:
+                await self._give_back(spend, verified)  # spent: give it back
+                raise
+            call.details["uses_left"] = uses_left
+
+            # 10. The backend under the call's deadline, then its outcome recorded: once
+            # started, both run to their end even if the caller goes away.
+            run = Execution(
+                tool=tool,
+                arguments=arguments,
+                secret=secret,
+                info=info,
+                claim=claim,
+                arguments_digest=digest,
+                timeout_s=self._backend_timeout(context, tool),
+            )
+            executed = True
+            result = await self._detached.run(self._execute(run, call))
+        finally:
+            if claim is not None and not executed:
+                await self.idempotency.release(claim)
+        return tool_proxy_pb2.InvokeToolResponse(
+            result=to_struct(result), decision_id=decision.decision_id, receipt=call.receipt
+        )
+
+    async def _execute(self, run: Execution, call: CallRecord) -> dict[str, Any]:
+        result = await execute(
+            run, store=self.idempotency, max_result_bytes=self.settings.max_result_bytes
+        )
+        # 11b. The outcome (deferred, with back-pressure).
+        await self.recorder.record_executed(call)
+        return result
+
+    def _check_scope(
+        self, request: tool_proxy_pb2.InvokeToolRequest, verified: VerifiedToken
+    ) -> None:
+        ctx = request.context
+        if not verified.agent or not verified.workflow or not verified.task:
+            raise PermissionDenied(
+                "the task token carries no workflow/task/agent", reason="TOKEN_SCOPE_MISMATCH"
+            )
+        mismatched = [
+            name
+            for name, claimed, actual in (
+                ("context.workflow_id", ctx.workflow_id, verified.workflow),
+                ("context.task_id", ctx.task_id, verified.task),
+            )
+            if claimed != actual
+        ]
+        if mismatched:
+            raise PermissionDenied(
+                "the task token was issued for another workflow or task",
+                reason="TOKEN_SCOPE_MISMATCH",
+                metadata={"fields": ",".join(mismatched)},
+            )
+
+    def _arguments(self, request: tool_proxy_pb2.InvokeToolRequest, tool: Tool) -> dict[str, Any]:
+        size = request.arguments.ByteSize()
+        if size > self.settings.max_argument_bytes:
+            raise ResourceExhausted(
+                f"arguments are {size} bytes; the limit is {self.settings.max_argument_bytes}",
+                reason="ARGUMENTS_TOO_LARGE",
+            )
+        try:
+            arguments: dict[str, Any] = json_format.MessageToDict(request.arguments)
+        except (ValueError, RecursionError, json_format.Error) as exc:
+            raise InvalidArgument(
+                "arguments are not valid JSON values",
+                reason="ARGUMENTS_INVALID",
+                field_violations=[("arguments", type(exc).__name__)],
+            ) from None
+        violations = validate(
+            arguments, tool.spec.input_schema, path="arguments", limits=self._limits
+        )
+        if violations:
+            raise InvalidArgument(
+                f"arguments do not satisfy the schema of {tool.spec.name!r}",
+                reason="ARGUMENTS_INVALID",
+                field_violations=[(v.path, v.description) for v in violations[:50]],
+            )
+        return arguments
+
+    async def _secret_then_allow(
+        self, call: CallRecord, tool: Tool, token: str, verified: VerifiedToken
+    ) -> ToolSecret | None:
+        """The tool's secret, then the ``allow`` record (no audit record, no call)."""
+        secret = (
+            await self.secrets.get(tool, token, verified) if tool.spec.requires_secret else None
+        )
+        if secret is not None:
+            call.details["key_version"] = secret.version
+        await self.recorder.record(call, "allow", required=True)
+        return secret
+
+    async def _give_back(self, spend: asyncio.Future[int], verified: VerifiedToken) -> None:
+        """Return the use reserved by ``spend`` (a call that will not execute spends none).
+
+        Waits for the reservation to settle (a CAS in flight cannot be called back); if it
+        failed there is nothing to return. Runs to its end even when the caller is
+        cancelled. A failed give-back only shrinks the budget, never widens it."""
+
+        async def settle() -> None:
+            try:
+                await spend
+            except BaseException:
+                return  # nothing was spent (or the outcome is unknown: never refund that)
+            await self.ledger.give_back(verified)
+
+        await self._detached.run(settle())
+
+    def _backend_timeout(self, context: grpc.aio.ServicerContext, tool: Tool) -> float:
+        timeout = tool.spec.timeout_s or self.settings.backend_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, remaining - _CALL_MARGIN_S)
+        if timeout <= 0:
+            raise DeadlineExceeded("no time left to call the tool", reason="DEADLINE_EXCEEDED")
+        return timeout
+
+
+async def _settle(future: asyncio.Future[Any]) -> None:
+    """Wait for ``future`` to end, whatever its outcome (it was already failed over)."""
+    try:
+        await future
+    except BaseException:
+        if not future.done():
+            raise  # we were cancelled ourselves
+
+
+def _check_caller_holds_token(verified: VerifiedToken) -> None:
+    """The calling workload's certificate must name the agent the token was issued to
+    (skipped only on a plaintext debugging server, which has no verified caller)."""
+    caller = peer()
+    if caller is None:
+        return
+    if caller.kind != "agent" or caller.name != verified.agent:
+        raise PermissionDenied(
+            f"the task token was issued to agent {verified.agent!r}, not to {caller}",
+            reason="TOKEN_NOT_CALLERS",
+            metadata={"caller": caller.spiffe_id, "token_agent": verified.agent},
+        )

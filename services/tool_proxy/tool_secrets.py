@@ -1,0 +1,66 @@
+"""Step 9 of InvokeTool: a tool's secret, read from Vault with the caller's own task token,
+cached per tool scope for ``secret_cache_ttl_s`` (served only to a token verified and
+scoped to it by the earlier steps)."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from services.tool_proxy.settings import ToolProxySettings
+from services.tool_proxy.tokens import TokenChecker, VerifiedToken
+from services.tool_proxy.tools.registry import Tool
+from tessera.runtime.errors import FailedPrecondition, Unauthenticated, Unavailable
+from tessera.vault.errors import (
+    InvalidToken,
+    ToolSecretNotFound,
+    VaultPermissionDenied,
+    VaultUnavailable,
+)
+from tessera.vault.tokens import ToolSecret
+
+__all__ = ["SecretReader", "ToolSecrets"]
+
+
+class SecretReader(Protocol):
+    async def read_tool_secret(self, tool: str, *, token: str) -> ToolSecret: ...
+
+
+class ToolSecrets:
+    def __init__(
+        self, *, settings: ToolProxySettings, vault: SecretReader, tokens: TokenChecker
+    ) -> None:
+        self.settings = settings
+        self.vault = vault
+        self.tokens = tokens
+        self._cache: dict[str, tuple[ToolSecret, float]] = {}
+
+    async def get(self, tool: Tool, token: str, verified: VerifiedToken) -> ToolSecret:
+        """The tool's secret; from the cache only for a token verified and scoped above."""
+        scope = tool.spec.scope
+        ttl = self.settings.secret_cache_ttl_s
+        cached = self._cache.get(scope)
+        now = time.monotonic()
+        if cached is not None and ttl > 0 and now - cached[1] < ttl:
+            return cached[0]
+        try:
+            secret = await self.vault.read_tool_secret(scope, token=token)
+        except (VaultPermissionDenied, InvalidToken):
+            # Scoped per the lookup, refused by Vault: revoked or used up since.
+            self.tokens.evict_accessors([verified.info.accessor])
+            raise Unauthenticated("Vault refused the task token", reason="TOKEN_INVALID") from None
+        except ToolSecretNotFound:
+            raise FailedPrecondition(
+                f"no secret is stored for {tool.spec.name!r}", reason="TOOL_SECRET_MISSING"
+            ) from None
+        except VaultUnavailable:
+            raise Unavailable(
+                "Vault unreachable: cannot read the tool secret",
+                reason="VAULT_UNAVAILABLE",
+                retry_after_s=1.0,
+            ) from None
+        if ttl > 0:
+            previous = self._cache.get(scope)
+            if previous is None or previous[0].version <= secret.version:
+                self._cache[scope] = (secret, now)
+        return secret
