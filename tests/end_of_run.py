@@ -30,10 +30,12 @@ class Stored:
     report: VerifyReport
 
 
-async def read_stored(nats_url: str, namespace: str, ids: set[str]) -> Stored:
+async def read_stored(
+    nats_url: str, namespace: str, ids: set[str], *, nats_options: dict[str, Any] | None = None
+) -> Stored:
     """The audit records and side effects of the workflows ``ids``, and the audit
-    trail's verification."""
-    nc = await connect(nats_url, name="end-of-run-checks")
+    trail's verification. ``nats_options``: TLS as the operator, on a `tessera up` mesh."""
+    nc = await connect(nats_url, name="end-of-run-checks", **(nats_options or {}))
     try:
         js = nc.jetstream()
         topology = Topology(namespace)

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tessera.cli._local import nats_url
+from tessera.cli._local import nats_options, nats_url
 from tessera.runtime.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -142,7 +142,9 @@ async def _tail(follow: bool, n: int) -> None:
     from tessera.runtime.config import CommonSettings
 
     settings = CommonSettings()
-    nc = await connect(nats_url(settings.nats_url), name="tessera-cli", initial_timeout_s=5.0)
+    nc = await connect(
+        nats_url(settings.nats_url), name="tessera-cli", initial_timeout_s=5.0, **nats_options()
+    )
     try:
         async for entry in tail(nc.jetstream(), Topology(settings.namespace), follow=follow, n=n):
             record = entry.record
@@ -191,7 +193,10 @@ async def _read_live(data_dir: Path | None = None) -> tuple[list[AuditEntry], in
 
     settings = CommonSettings()
     nc = await connect(
-        nats_url(settings.nats_url, data_dir), name="tessera-cli", initial_timeout_s=5.0
+        nats_url(settings.nats_url, data_dir),
+        name="tessera-cli",
+        initial_timeout_s=5.0,
+        **nats_options(data_dir),
     )
     try:
         return await read_all(nc.jetstream(), Topology(settings.namespace))

@@ -83,7 +83,7 @@ async def _run(
     audit: bool,
 ) -> list[Rotation | SigningRotation]:
     from tessera.audit import AuditWriter
-    from tessera.cli._local import nats_url
+    from tessera.cli._local import nats_options, nats_url
     from tessera.runtime.config import CommonSettings
     from tessera.vault.audit_keys import TransitSigner
     from tessera.vault.rotation import AUDIT_WRITER, Target, audit_writer, rotate
@@ -108,7 +108,9 @@ async def _run(
     settings = CommonSettings()
     if not audit:
         return await run(None)
-    async with audit_writer(nats_url(settings.nats_url), settings.namespace) as writer:
+    async with audit_writer(
+        nats_url(settings.nats_url), settings.namespace, nats_options=nats_options()
+    ) as writer:
         if writer is None:
             err.print(
                 "[yellow]warning:[/] audit stream unreachable: rotating without audit records",

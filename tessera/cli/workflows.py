@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tessera.cli._local import nats_url
+from tessera.cli._local import nats_options, nats_url
 from tessera.cli.timeline import line
 from tessera.client import MeshClient
 from tessera.launcher import mesh as launcher
@@ -212,7 +212,7 @@ def agents() -> None:
     url = nats_url(settings.nats_url)
 
     async def main() -> None:
-        nc = await connect(url, name="cli", initial_timeout_s=5)
+        nc = await connect(url, name="cli", initial_timeout_s=5, **nats_options())
         try:
             registry = Registry(nc.jetstream(), Topology(settings.namespace))
             table = Table(title="agents", title_justify="left")

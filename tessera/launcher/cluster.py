@@ -103,7 +103,12 @@ def _membership(ports: Sequence[NodePorts], index: int) -> infra.ClusterMembersh
 
 
 def start_node(
-    data_dir: Path, ports: Sequence[NodePorts], index: int, *, wait: bool = True
+    data_dir: Path,
+    ports: Sequence[NodePorts],
+    index: int,
+    *,
+    wait: bool = True,
+    security: infra.NatsSecurity | None = None,
 ) -> infra.NatsServer:
     """Start (or restart, on its existing store) node ``index`` of the cluster laid out by
     ``ports``. With ``wait``, returns once its JetStream health check passes."""
@@ -114,6 +119,7 @@ def start_node(
         name=node_name(index),
         server_name=server_name(index),
         cluster=_membership(ports, index),
+        security=security,
         wait=wait,
     )
 

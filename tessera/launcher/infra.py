@@ -22,6 +22,7 @@ from tessera.launcher import processes
 from tessera.launcher.binaries import find_binary
 from tessera.launcher.gateway import Upstream, XdsTls, render
 from tessera.launcher.health import http_ok
+from tessera.launcher.nats_security import NatsSecurity, route_tls, security_block
 
 log = structlog.get_logger(__name__)
 
@@ -152,8 +153,11 @@ def nats_config(
     server_name: str,
     store: Path,
     cluster: ClusterMembership | None = None,
+    security: NatsSecurity | None = None,
 ) -> str:
-    """The nats-server configuration: JetStream on file storage, fsync on every write."""
+    """The nats-server configuration: JetStream on file storage, fsync on every write;
+    with ``security``, TLS required from every client (and between routes), each client's
+    certificate mapped to its identity's permissions (:mod:`tessera.launcher.nats_security`)."""
     # sync_interval: always -- acknowledged writes must survive a power cut (DESIGN.md).
     text = (
         f"listen: {LOOPBACK}:{port}\n"
@@ -164,13 +168,16 @@ def nats_config(
         "  sync_interval: always\n"
         "}\n"
     )
+    if security is not None:
+        text += security_block(security)
     if cluster is not None:
         routes = "".join(f"    nats-route://{LOOPBACK}:{p}\n" for p in cluster.peer_ports)
         text += (
             "cluster {\n"
             f"  name: {cluster.cluster_name}\n"
             f"  listen: {LOOPBACK}:{cluster.port}\n"
-            "  routes: [\n"
+            + (route_tls(security) if security is not None else "")
+            + "  routes: [\n"
             f"{routes}"
             "  ]\n"
             "}\n"
@@ -186,6 +193,7 @@ def start_nats(
     name: str = "nats",
     server_name: str | None = None,
     cluster: ClusterMembership | None = None,
+    security: NatsSecurity | None = None,
     wait: bool = True,
     timeout: float = 15.0,
 ) -> NatsServer:
@@ -202,6 +210,7 @@ def start_nats(
             server_name=server_name or f"tessera_{name.replace('-', '_')}",
             store=store,
             cluster=cluster,
+            security=security,
         )
     )
     argv = [str(find_binary("nats-server")), "-c", str(config)]

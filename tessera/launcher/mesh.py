@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from tessera.launcher import cluster, infra, openbao, processes
+from tessera.launcher import cluster, infra, nats_security, openbao, processes
 from tessera.launcher import state as state_file
 from tessera.launcher.gateway import (
     CONTROL_PLANE_MODULE,
@@ -44,6 +44,7 @@ from tessera.launcher.processes import StopResult
 from tessera.launcher.state import Component, MeshState
 from tessera.launcher.topology import ServiceSpec, Topology, project_root
 from tessera.launcher.topology import load as load_topology
+from tessera.runtime.config import CommonSettings
 
 log = structlog.get_logger(__name__)
 
@@ -177,6 +178,7 @@ def _service_env(
     vault_addr: str,
     approles: Mapping[str, Path],
     log_level: str,
+    nats_tls: bool = False,
 ) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -188,6 +190,7 @@ def _service_env(
             "TESSERA_LOG_LEVEL": log_level,
             # Every process `up` starts has a workload certificate and refuses plaintext.
             "TESSERA_INSECURE_PLAINTEXT": "0",
+            "TESSERA_NATS_TLS": "1" if nats_tls else "0",
             f"TESSERA_{spec.env}_LISTEN": f"{LOOPBACK}:{ports[spec.name]}",
         }
     )
@@ -420,20 +423,11 @@ def _start(
     nats_cluster: int = 0,
 ) -> MeshState:
     t0 = time.monotonic()
-    nats_nodes = _start_nats(data_dir, ports, nats_cluster, started)
-    nats_url = ",".join(node.url for node in nats_nodes)
-    replicas = cluster.replicas_for(len(nats_nodes)) if nats_cluster else 1
+    replicas = cluster.replicas_for(nats_cluster) if nats_cluster else 1
     control_plane = next((s for s in topology.services if s.module == CONTROL_PLANE_MODULE), None)
 
     def left() -> float:
         return max(1.0, timeout - (time.monotonic() - t0))
-
-    def jetstream() -> None:
-        infra.wait_ready(nats_nodes, timeout=left())
-        if nats_cluster:
-            # Replicated streams can only be created once the cluster has a meta leader.
-            cluster.wait_cluster_ready(nats_nodes, timeout=left())
-        _declare_jetstream(nats_url, replicas, within_s=left(), log_path=nats_nodes[0].log_path)
 
     def vault() -> tuple[infra.OpenBaoServer, dict[str, Path] | None]:
         started.append("openbao")  # before the spawn: a failed start is still stopped
@@ -444,20 +438,37 @@ def _start(
     def gateway() -> dict[str, str]:
         return {} if control_plane is None else _control_plane_env(data_dir, project, ports)
 
-    # Independent, so at once: NATS up and the streams declared, OpenBao up and
-    # bootstrapped, the gateway's descriptor set built.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        declared = pool.submit(jetstream)
+    # OpenBao first (NATS needs its certificate and every identity's user), the gateway's
+    # descriptor set meanwhile; then NATS with TLS, and the streams declared as operator.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         bootstrapped = pool.submit(vault)
         described = pool.submit(gateway)
-        steps: list[concurrent.futures.Future[Any]] = [declared, bootstrapped, described]
+        steps: list[concurrent.futures.Future[Any]] = [bootstrapped, described]
         concurrent.futures.wait(steps, return_when=concurrent.futures.FIRST_EXCEPTION)
         for step in steps:  # the first failure, in this order
             if step.done() and (error := step.exception()) is not None:
                 raise error
-        declared.result()
         bao, approles = bootstrapped.result()
         gateway_env = described.result()
+    security = None
+    if approles:
+        security = nats_security.issue_server_certificate(
+            data_dir, bao.addr, approles, CommonSettings().namespace
+        )
+    nats_nodes = _start_nats(data_dir, ports, nats_cluster, started, security)
+    nats_url = ",".join(node.url for node in nats_nodes)
+    infra.wait_ready(nats_nodes, timeout=left())
+    if nats_cluster:
+        # Replicated streams can only be created once the cluster has a meta leader.
+        cluster.wait_cluster_ready(nats_nodes, timeout=left())
+    operator = probe_identity(data_dir, [Component("openbao", "infra", bao.addr, bao.pid, "", ())])
+    _declare_jetstream(
+        nats_url,
+        replicas,
+        within_s=left(),
+        log_path=nats_nodes[0].log_path,
+        operator=operator if security is not None else None,
+    )
     log.info("infra_ready", seconds=round(time.monotonic() - t0, 2))
 
     services: list[Component] = []
@@ -477,6 +488,7 @@ def _start(
             vault_addr=bao.addr,
             approles=approles or {},
             log_level=log_level,
+            nats_tls=security is not None,
         )
         if spec is control_plane:
             env.update(gateway_env)
@@ -543,7 +555,14 @@ def _start(
     return mesh
 
 
-def _declare_jetstream(nats_url: str, replicas: int, *, within_s: float, log_path: str) -> None:
+def _declare_jetstream(
+    nats_url: str,
+    replicas: int,
+    *,
+    within_s: float,
+    log_path: str,
+    operator: OperatorIdentity | None = None,
+) -> None:
     """Create the streams and buckets before any service starts. Every service declares
     them again (a no-op then); without this, a dozen processes would race to create them
     while a fresh cluster is still electing their leaders."""
@@ -553,7 +572,12 @@ def _declare_jetstream(nats_url: str, replicas: int, *, within_s: float, log_pat
     namespace = CommonSettings().namespace  # what the services will read (TESSERA_NAMESPACE)
 
     async def declare() -> None:
-        nc = await bus.connect(nats_url, name="tessera-up", initial_timeout_s=within_s)
+        nc = await bus.connect(
+            nats_url,
+            name="tessera-up",
+            initial_timeout_s=within_s,
+            **(operator.nats_options() if operator is not None else {}),
+        )
         try:
             topology = bus.Topology(namespace)
             await bus.declare(nc.jetstream(), topology, replicas=replicas, within_s=within_s)
@@ -569,12 +593,20 @@ def _declare_jetstream(nats_url: str, replicas: int, *, within_s: float, log_pat
 
 
 def _start_nats(
-    data_dir: Path, ports: Mapping[str, int], nats_cluster: int, started: list[str]
+    data_dir: Path,
+    ports: Mapping[str, int],
+    nats_cluster: int,
+    started: list[str],
+    security: infra.NatsSecurity | None = None,
 ) -> list[infra.NatsServer]:
     """Spawn the one server (``nats``) or the cluster's nodes, without waiting."""
     if not nats_cluster:
         nats = infra.start_nats(
-            data_dir, port=ports["nats"], monitor_port=ports["nats-monitor"], wait=False
+            data_dir,
+            port=ports["nats"],
+            monitor_port=ports["nats-monitor"],
+            security=security,
+            wait=False,
         )
         started.append(nats.name)
         return [nats]
@@ -588,7 +620,7 @@ def _start_nats(
     ]
     nodes = []
     for index in range(nats_cluster):
-        node = cluster.start_node(data_dir, layout, index, wait=False)
+        node = cluster.start_node(data_dir, layout, index, wait=False, security=security)
         started.append(node.name)
         nodes.append(node)
     return nodes

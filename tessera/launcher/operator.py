@@ -14,11 +14,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import hvac
 
 from tessera.identity.names import WorkloadName
+from tessera.identity.nats_tls import context_from_pem, server_hostname
 from tessera.identity.source import PKI_MOUNT
 
 __all__ = ["OPERATOR", "OperatorIdentity", "local_identity", "operator_identity"]
@@ -42,6 +44,13 @@ class OperatorIdentity:
             private_key=self.private_key.encode(),
             certificate_chain=self.certificate.encode(),
         )
+
+    def nats_options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`tessera.runtime.bus.connect` (TLS as this identity)."""
+        return {
+            "tls": context_from_pem(self.certificate, self.private_key, self.ca),
+            "tls_hostname": server_hostname(self.trust_domain),
+        }
 
     def options_for(self, identity: str) -> list[tuple[str, str]]:
         """Channel options that verify the server is ``identity`` (a component name)."""
@@ -69,7 +78,12 @@ def operator_identity(
 
 
 def local_identity(
-    data_dir: Path, vault_addr: str, identity: str, *, trust_domain: str = "tessera.local"
+    data_dir: Path,
+    vault_addr: str,
+    identity: str,
+    *,
+    trust_domain: str = "tessera.local",
+    ttl_s: int = _TTL_S,
 ) -> OperatorIdentity | None:
     """A certificate of ``identity`` from its AppRole file in ``<data_dir>/secrets`` (the
     local mesh's bootstrap writes one per identity); cached there until near expiry."""
@@ -92,7 +106,7 @@ def local_identity(
         name = WorkloadName.of(identity, trust_domain)
         issued = client.write_data(
             f"{PKI_MOUNT}/issue/{identity}",
-            data={"common_name": name.dns_name, "uri_sans": name.spiffe_id, "ttl": f"{_TTL_S}s"},
+            data={"common_name": name.dns_name, "uri_sans": name.spiffe_id, "ttl": f"{ttl_s}s"},
         )["data"]
     finally:
         client.adapter.close()

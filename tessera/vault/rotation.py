@@ -447,7 +447,11 @@ def rotate_sync(
 
 @contextlib.asynccontextmanager
 async def audit_writer(
-    nats_url: str, namespace: str, *, connect_timeout_s: float = 2.0
+    nats_url: str,
+    namespace: str,
+    *,
+    connect_timeout_s: float = 2.0,
+    nats_options: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[AuditSink | None]:
     """An :class:`~tessera.audit.AuditWriter` on chain ``creds-rotation``, or ``None`` (with a
     warning) when NATS or the audit stream cannot be reached: auditing rotation is best
@@ -470,6 +474,7 @@ async def audit_writer(
                 max_reconnect_attempts=0,
                 allow_reconnect=False,
                 error_cb=quiet,
+                **dict(nats_options or {}),  # TLS as the operator where NATS requires it
             ),
             connect_timeout_s,
         )

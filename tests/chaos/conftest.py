@@ -8,9 +8,11 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tessera.cli._local import nats_options
 from tessera.launcher import processes
 from tessera.launcher import state as state_file
 from tests.integration.test_mesh_up import tessera as run_cli
@@ -31,6 +33,11 @@ class Mesh:
     gateway: str
     nats_url: str
     namespace: str
+
+    @property
+    def nats_options(self) -> dict[str, Any]:
+        """TLS as the operator: the mesh's NATS admits only certificates of the mesh CA."""
+        return nats_options(self.data_dir)
 
 
 def tessera(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -35,6 +35,6 @@ async def test_a_5x_burst_is_shed_at_admission_and_loses_nothing(mesh: Mesh) -> 
     assert set(states.values()) == {workload.WS.WORKFLOW_STATE_SUCCEEDED}
     ids = {n.split("/")[1] for n in load.started}
     refunding = {n.split("/")[1] for n, k in load.started.items() if k.endswith("_refund")}
-    stored = await read_stored(mesh.nats_url, mesh.namespace, ids)
+    stored = await read_stored(mesh.nats_url, mesh.namespace, ids, nats_options=mesh.nats_options)
     check_executions(stored, unfinished_allowed=0)
     check_effects_once(stored, refunding=refunding, succeeded=ids)

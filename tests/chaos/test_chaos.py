@@ -103,7 +103,7 @@ async def _checks(mesh: Mesh, load: workload.Load, fault: str) -> dict[str, Any]
         n.split("/")[1] for n, s in states.items() if s == workload.WS.WORKFLOW_STATE_SUCCEEDED
     }
     refunding = {n.split("/")[1] for n, kind in load.started.items() if kind.endswith("_refund")}
-    stored = await read_stored(mesh.nats_url, mesh.namespace, ids)
+    stored = await read_stored(mesh.nats_url, mesh.namespace, ids, nats_options=mesh.nats_options)
     slowest = max(load.latencies, key=load.latencies.__getitem__)
     row: dict[str, Any] = {
         "fault": fault,

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import nats
 import pytest
 import yaml
 from google.protobuf import duration_pb2, struct_pb2
 
+from tessera.cli._local import nats_options
 from tessera.launcher.topology import project_root
+from tessera.runtime.bus import connect
 from tessera.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -157,7 +158,9 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
         approle = mesh.data_dir / "secrets" / "agent-translator.approle.json"
         assert approle.stat().st_mode & 0o777 == 0o600
 
-        nc = await nats.connect(mesh.address("nats"))
+        nc = await connect(
+            mesh.address("nats"), name="test", **nats_options(mesh.data_dir)
+        )  # the operator: NATS admits only certificates of the mesh CA
         translator = AgentProcess(
             "translator",
             "translator",

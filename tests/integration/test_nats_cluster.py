@@ -37,11 +37,12 @@ import pytest
 import yaml
 
 from tessera.agent import Agent, TaskContext, TaskResult
+from tessera.cli._local import nats_options
 from tessera.launcher import cluster, infra, processes
 from tessera.launcher import mesh as mesh_launcher
 from tessera.launcher.mesh import plan_ports
 from tessera.launcher.topology import load, project_root
-from tessera.runtime.bus import Topology
+from tessera.runtime.bus import Topology, connect
 from tessera.v1 import coordinator_pb2, events_pb2
 from tests.integration.harness import TERMINAL, WS, Mesh, task, task_graph
 
@@ -309,7 +310,7 @@ def test_up_with_a_nats_cluster_reports_and_stops_every_node(tmp_path: Path) -> 
             assert cluster.meta_leader(server) in {"n1", "n2", "n3"}
 
         async def replicas() -> dict[str, int]:
-            nc = await nats.connect(servers=urls.split(","))
+            nc = await connect(urls, name="test", **nats_options(data_dir))
             try:
                 infos = await nc.jetstream().streams_info()
                 return {i.config.name or "": i.config.num_replicas or 0 for i in infos}

@@ -1,0 +1,97 @@
+"""TLS and authentication for the local mesh's NATS.
+
+`tessera up` issues the ``nats`` identity's certificate (vault/identities.yaml) once
+OpenBao is bootstrapped, writes it to ``<data_dir>/secrets/nats/`` (0600) and starts
+nats-server requiring TLS from every client and between cluster routes, with
+``verify_and_map``: a client's certificate DNS name is its user, and each user has the
+permissions :mod:`tessera.runtime.nats_permissions` gives its identity. A connection
+without a certificate of the mesh CA is refused.
+
+The server certificate lives as long as the PKI roles allow (``max_cert_ttl``, 24 h);
+`tessera restart nats` (or `up` again) issues a fresh one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tessera.launcher.operator import local_identity
+from tessera.runtime.bus import Topology
+from tessera.runtime.nats_permissions import render_authorization
+
+__all__ = ["NATS_IDENTITY", "NatsSecurity", "issue_server_certificate", "security_block"]
+
+NATS_IDENTITY = "nats"
+SERVER_CERT_TTL_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class NatsSecurity:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    authorization: str
+    """The ``authorization { users: [...] }`` block."""
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def issue_server_certificate(
+    data_dir: Path, vault_addr: str, identities: Iterable[str], namespace: str
+) -> NatsSecurity:
+    """The server's certificate files and the users of every identity."""
+    issued = local_identity(data_dir, vault_addr, NATS_IDENTITY, ttl_s=SERVER_CERT_TTL_S)
+    if issued is None:
+        raise RuntimeError("no nats AppRole in the secrets directory: run the Vault bootstrap")
+    directory = data_dir / "secrets" / "nats"
+    security = NatsSecurity(
+        cert_file=directory / "server.crt",
+        key_file=directory / "server.key",
+        ca_file=directory / "ca.crt",
+        authorization=render_authorization(
+            [i for i in identities if i != NATS_IDENTITY], Topology(namespace)
+        ),
+    )
+    _write_private(security.key_file, issued.private_key)
+    _write_private(security.cert_file, issued.certificate)
+    _write_private(security.ca_file, issued.ca)
+    return security
+
+
+def security_block(security: NatsSecurity, *, cluster: bool = False) -> str:
+    """The nats.conf lines: client TLS (certificates required and mapped to users), the
+    users, and TLS between cluster routes."""
+    files = (
+        f"  cert_file: {json.dumps(str(security.cert_file))}\n"
+        f"  key_file: {json.dumps(str(security.key_file))}\n"
+        f"  ca_file: {json.dumps(str(security.ca_file))}\n"
+    )
+    text = "tls {\n" + files + "  verify_and_map: true\n  timeout: 2\n}\n" + security.authorization
+    if cluster:
+        text += "# routes: mutual TLS with the same certificate\n"
+    return text
+
+
+def route_tls(security: NatsSecurity) -> str:
+    """The ``tls`` block inside ``cluster {}``: routes authenticate each other by the
+    mesh CA."""
+    return (
+        "  tls {\n"
+        f"    cert_file: {json.dumps(str(security.cert_file))}\n"
+        f"    key_file: {json.dumps(str(security.key_file))}\n"
+        f"    ca_file: {json.dumps(str(security.ca_file))}\n"
+        "    verify: true\n"
+        "    timeout: 2\n"
+        "  }\n"
+    )

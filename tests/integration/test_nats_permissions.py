@@ -1,0 +1,173 @@
+"""NATS on a `tessera up` mesh (RELIABILITY.md I1, I4): TLS required, every client
+authenticated by its workload certificate, each identity writing only what it owns
+(tessera/runtime/nats_permissions.py). Every forbidden write is tried; each is refused by
+the server and the data is intact afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client
+
+from tessera.launcher import state as state_file
+from tessera.launcher.operator import local_identity
+from tessera.runtime.bus import Topology
+from tests.integration.test_mesh_up import tessera
+
+pytestmark = pytest.mark.integration
+
+TOPOLOGY = Topology("tessera")
+FORBIDDEN_WAIT_S = 2.0
+"""How long a refused JetStream write waits for the ack that never comes."""
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, str]]:
+    data_dir = tmp_path_factory.mktemp("natsperm")
+    started = tessera("up", data_dir=data_dir, timeout_s=240)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        recorded = state_file.read(data_dir)
+        assert recorded is not None
+        address = {c.name: c.address for c in recorded.components}
+        yield data_dir, address["nats"], address["openbao"]
+    finally:
+        tessera("down", data_dir=data_dir)
+
+
+class Violations:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    async def __call__(self, exc: Exception) -> None:
+        self.errors.append(str(exc))
+
+
+async def _as(mesh: tuple[Path, str, str], identity: str) -> tuple[Client, Violations]:
+    data_dir, url, vault = mesh
+    cert = local_identity(data_dir, vault, identity)
+    assert cert is not None
+    seen = Violations()
+    nc = await nats.connect(
+        servers=[url], error_cb=seen, max_reconnect_attempts=0, **cert.nats_options()
+    )
+    return nc, seen
+
+
+async def _refused_write(nc: Client, subject: str, payload: bytes = b"x") -> None:
+    """A JetStream publish the server must refuse: no ack ever comes."""
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+        await nc.jetstream().publish(subject, payload, timeout=FORBIDDEN_WAIT_S)
+
+
+async def test_a_client_without_a_mesh_certificate_cannot_connect(
+    mesh: tuple[Path, str, str],
+) -> None:
+    _, url, _ = mesh
+    with pytest.raises((nats.errors.NoServersError, ssl.SSLError, OSError, nats.errors.Error)):
+        await nats.connect(servers=[url], max_reconnect_attempts=0, connect_timeout=2)
+    insecure = ssl.create_default_context()
+    insecure.check_hostname = False
+    insecure.verify_mode = ssl.CERT_NONE  # TLS, but no client certificate to present
+    with pytest.raises((nats.errors.NoServersError, ssl.SSLError, OSError, nats.errors.Error)):
+        await nats.connect(servers=[url], tls=insecure, max_reconnect_attempts=0, connect_timeout=2)
+
+
+async def test_an_agent_writes_only_its_own_registry_entries(
+    mesh: tuple[Path, str, str],
+) -> None:
+    nc, seen = await _as(mesh, "agent-billing")
+    try:
+        js = nc.jetstream()
+        registry = await js.key_value(TOPOLOGY.registry_bucket)
+        await registry.put("agent.billing.probe", b"mine")  # its own name: allowed
+        await registry.delete("agent.billing.probe")
+        before = {k for k in await registry.keys() if k.startswith("agent.triage.")}
+        assert before, "the real triage replica is registered"
+        # Another agent's name, another replica's entry, workflow state, another service's
+        # bucket, the work queue, workflow events, someone else's audit chain: refused.
+        for subject in (
+            f"$KV.{TOPOLOGY.registry_bucket}.agent.triage.rogue",
+            f"$KV.{TOPOLOGY.registry_bucket}.{sorted(before)[0]}",
+            f"$KV.{TOPOLOGY.workflows_bucket}.wf.forged",
+            f"$KV.{TOPOLOGY.idempotency_bucket}.forged",
+            f"$KV.{TOPOLOGY.approvals_bucket}.forged",
+            TOPOLOGY.work_subject("advance"),
+            TOPOLOGY.wf_events_subject("forged"),
+            TOPOLOGY.audit_chain_subject("coordinator-forged", owner="coordinator"),
+        ):
+            await _refused_write(nc, subject)
+        after = {k for k in await registry.keys() if k.startswith("agent.triage.")}
+        assert after == before and "agent.triage.rogue" not in after
+        assert any("Permissions Violation" in e for e in seen.errors), seen.errors
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("identity", ["agent-billing", "coordinator", "tool-proxy"])
+async def test_nobody_but_the_operator_purges_or_deletes_the_audit_trail(
+    mesh: tuple[Path, str, str], identity: str
+) -> None:
+    nc, _ = await _as(mesh, identity)
+    operator, _ = await _as(mesh, "operator")
+    try:
+        before = (await operator.jetstream().stream_info(TOPOLOGY.audit_stream)).state
+        for request in (
+            f"$JS.API.STREAM.PURGE.{TOPOLOGY.audit_stream}",
+            f"$JS.API.STREAM.DELETE.{TOPOLOGY.audit_stream}",
+            f"$JS.API.STREAM.MSG.DELETE.{TOPOLOGY.audit_stream}",
+        ):
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                await nc.request(request, b'{"seq": 1}', timeout=FORBIDDEN_WAIT_S)
+        after = (await operator.jetstream().stream_info(TOPOLOGY.audit_stream)).state
+        assert after.messages >= before.messages and after.first_seq == before.first_seq
+    finally:
+        await nc.close()
+        await operator.close()
+
+
+async def test_the_coordinator_writes_workflow_state_but_not_the_proxys_buckets(
+    mesh: tuple[Path, str, str],
+) -> None:
+    nc, _ = await _as(mesh, "coordinator")
+    try:
+        workflows = await nc.jetstream().key_value(TOPOLOGY.workflows_bucket)
+        revision = await workflows.put("wf.permission-probe", b"{}")
+        assert revision > 0
+        await workflows.delete("wf.permission-probe")
+        await _refused_write(nc, f"$KV.{TOPOLOGY.idempotency_bucket}.forged")
+        await _refused_write(nc, TOPOLOGY.audit_chain_subject("tool-proxy-x", owner="tool-proxy"))
+    finally:
+        await nc.close()
+
+
+async def test_services_keep_working_under_the_permissions(
+    mesh: tuple[Path, str, str],
+) -> None:
+    """The whole mesh ran a workflow on these permissions: none of its processes logged
+    a permission violation."""
+    data_dir, _, _ = mesh
+    env = {**os.environ, "TESSERA_DATA_DIR": str(data_dir), "COLUMNS": "200"}
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tessera.cli.main", "demo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    for log in (data_dir / "logs").glob("*.log"):
+        if log.name.startswith("nats"):
+            continue
+        assert "Permissions Violation" not in log.read_text(errors="replace"), log.name
