@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from tessera.launcher import mesh as launcher
 from tessera.launcher import state as mesh_state
+from tessera.launcher.operator import operator_identity
 
 
 def nats_url(default: str, data_dir: Path | None = None) -> str:
@@ -25,6 +27,26 @@ def nats_url(default: str, data_dir: Path | None = None) -> str:
         if servers:
             return ",".join(servers)
     return default
+
+
+def service_channel(address: str, identity: str, data_dir: Path | None = None) -> Any:
+    """A channel to the mesh's service ``identity`` at ``address``: mTLS as the operator
+    when `tessera up` recorded a mesh (its services refuse plaintext), else plaintext."""
+    import grpc
+
+    from tessera.runtime.grpc_client import channel
+
+    directory = data_dir or launcher.default_data_dir()
+    recorded = mesh_state.read(directory)
+    vault = None
+    if recorded is not None:
+        vault = next((c for c in recorded.components if c.name == "openbao"), None)
+    operator = None if vault is None else operator_identity(directory, vault.address)
+    if operator is None:
+        return channel(address, service="tessera-cli", max_attempts=1)
+    return grpc.aio.secure_channel(
+        address, operator.credentials(), options=operator.options_for(identity)
+    )
 
 
 def service_address(name: str, env: str, default: str) -> str:

@@ -12,7 +12,7 @@ from pydantic import AliasChoices, Field
 from rich.console import Console
 from rich.table import Table
 
-from tessera.cli._local import service_address
+from tessera.cli._local import service_address, service_channel
 from tessera.runtime.config import CommonSettings
 
 app = typer.Typer(
@@ -92,10 +92,9 @@ def test_cmd(
 
 
 async def _reload(address: str) -> object:
-    from tessera.runtime.grpc_client import channel
     from tessera.v1 import policy_pb2, policy_pb2_grpc
 
-    async with channel(address, service="tessera-cli", max_attempts=1) as chan:
+    async with service_channel(address, "policy") as chan:
         stub = policy_pb2_grpc.PolicyServiceStub(chan)
         return await stub.ReloadPolicies(policy_pb2.ReloadPoliciesRequest(), timeout=10)
 
