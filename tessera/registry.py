@@ -2,8 +2,9 @@
 
 Each running agent replica owns one key, ``agent.<agent_name>.<instance_id>``, whose value
 is its serialized :class:`tessera.v1.agent_pb2.AgentDescriptor` with ``heartbeat_time`` set
-on every put. A :class:`Heartbeat` re-puts the entry every ``ttl/3`` and deletes it on a
-graceful stop; a replica that dies simply stops refreshing it.
+on every put. The registry service (services/registry) is the only writer: a replica
+re-registers over gRPC every ``ttl/3`` and deregisters on a graceful stop; one that dies
+simply stops refreshing its entry.
 
 The bucket's max age (``Topology.registry_ttl_s``) eventually removes stale entries, but
 that expiry emits no delete marker, so every reader here also filters on
@@ -13,12 +14,10 @@ still holds. :meth:`Registry.watch` turns that into explicit ``delete`` notifica
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Literal
 
 import nats.errors
@@ -31,10 +30,9 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from tessera import semver
 from tessera.runtime.bus import Topology
-from tessera.runtime.startup import STARTUP_TIMEOUT_S, until_ready
 from tessera.v1 import agent_pb2, common_pb2
 
-__all__ = ["Heartbeat", "Registry", "RegistryChange", "registry_key"]
+__all__ = ["Registry", "RegistryChange", "registry_key"]
 
 log = structlog.get_logger(__name__)
 
@@ -292,97 +290,3 @@ def _decode(key: str, value: bytes) -> agent_pb2.AgentDescriptor | None:
     except DecodeError:
         log.warning("registry_undecodable_entry", key=key)
         return None
-
-
-class Heartbeat:
-    """Keeps one replica registered: registers at once, re-puts every ``interval_s``
-    (default TTL/3) and deregisters on stop. ``async with Heartbeat(...)`` or
-    ``await start()`` / ``await stop()``.
-
-    A failed re-put (NATS reconnecting) is logged and retried at the next beat. The first
-    registration is retried through faults that pass (the bucket's stream still electing a
-    leader, NATS reconnecting; see :func:`tessera.runtime.startup.until_ready`) for up to
-    ``register_within_s``; if it still fails, ``start()`` raises.
-    """
-
-    def __init__(
-        self,
-        registry: Registry,
-        descriptor: agent_pb2.AgentDescriptor,
-        *,
-        interval_s: float | None = None,
-        register_within_s: float = STARTUP_TIMEOUT_S,
-    ) -> None:
-        self.registry = registry
-        self.descriptor = descriptor
-        self.interval_s = interval_s if interval_s is not None else registry.ttl_s / 3
-        self.register_within_s = register_within_s
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("heartbeat already started")
-        await until_ready(
-            lambda: self.registry.register(self.descriptor),
-            what="registry registration",
-            within_s=self.register_within_s,
-        )
-        self._task = asyncio.create_task(
-            self._beat(), name=f"heartbeat-{self.descriptor.name}-{self.descriptor.instance_id}"
-        )
-        log.info(
-            "agent_registered",
-            agent=self.descriptor.name,
-            instance_id=self.descriptor.instance_id,
-            endpoint=self.descriptor.endpoint,
-        )
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.registry.register(self.descriptor)
-            except Exception as exc:  # keep beating through NATS hiccups
-                log.warning(
-                    "heartbeat_failed",
-                    agent=self.descriptor.name,
-                    instance_id=self.descriptor.instance_id,
-                    error=repr(exc),
-                )
-
-    async def stop(self) -> None:
-        """Stop beating and delete the entry. Idempotent."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        try:
-            await self.registry.deregister(self.descriptor)
-        except Exception as exc:
-            # The entry then ages out after the TTL; readers already ignore it by then.
-            log.warning(
-                "deregister_failed",
-                agent=self.descriptor.name,
-                instance_id=self.descriptor.instance_id,
-                error=repr(exc),
-            )
-            return
-        log.info(
-            "agent_deregistered",
-            agent=self.descriptor.name,
-            instance_id=self.descriptor.instance_id,
-        )
-
-    async def __aenter__(self) -> Heartbeat:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

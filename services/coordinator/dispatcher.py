@@ -112,7 +112,8 @@ class Dispatcher:
         timeout_s: float,
     ) -> Answer:
         response = await self._stub(agent).ExecuteTask(request, timeout=timeout_s)
-        return Answer(response, contract, agent.instance_id)
+        # The replica that ran it says who it is; an older agent leaves it empty.
+        return Answer(response, contract, response.instance_id or agent.instance_id)
 
 
 def _value(value: Any) -> struct_pb2.Value:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import signal
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -12,9 +10,6 @@ from typing import Any
 
 import grpc
 import structlog
-from nats.aio.client import Client
-from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from tessera.agent._contract import (
     ApprovalName,
@@ -35,11 +30,10 @@ from tessera.agent._convert import (
     typed_name,
 )
 from tessera.agent._dedup import Deduplicator
+from tessera.agent._registration import Registration
 from tessera.agent._settings import AgentSettings
 from tessera.agent._types import TaskContext, TaskResult
-from tessera.registry import Heartbeat, Registry
 from tessera.runtime import grpc_server
-from tessera.runtime.bus import DECLARE_ATTEMPT_S, Topology, connect, declare, msg_id_headers
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.errors import (
     DeadlineExceeded,
@@ -55,7 +49,6 @@ from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
 from tessera.runtime.logging import configure_logging
 from tessera.runtime.metadata import TASK_TOKEN_METADATA
-from tessera.runtime.startup import until_ready
 from tessera.runtime.telemetry import configure_tracing
 from tessera.v1 import (
     agent_pb2,
@@ -74,8 +67,6 @@ coordinator's registry snapshot may be stale (0.5 s)."""
 log = structlog.get_logger(__name__)
 
 AGENT_SERVICE_NAME: str = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
-EXECUTED_EVENT = "task.executed"
-_PUBLISH_TIMEOUT_S = 2.0
 
 DedupKey = tuple[str, str, int]
 
@@ -121,13 +112,10 @@ class Agent:
         self._dedup: Deduplicator[agent_pb2.ExecuteTaskResponse] = Deduplicator(dedup_entries)
         self.instance_id: str = uuid.uuid4().hex[:12]
         self.endpoint: str = ""
-        self._nc: Client | None = None
-        self._owns_nc = False
-        self._js: JetStreamContext | None = None
-        self._topology: Topology | None = None
         self._server: GrpcServer | None = None
         self._workload: Workload | None = None
-        self._heartbeat: Heartbeat | None = None
+        self._registration: Registration | None = None
+        self._registry_channel: grpc.aio.Channel | None = None
         self._tool_channels: dict[str, grpc.aio.Channel] = {}
 
     # -- declaration ----------------------------------------------------------------------
@@ -278,9 +266,9 @@ class Agent:
                 except asyncio.CancelledError:
                     raise
                 except BaseException:
-                    await self._publish_executed(cap, request, ok=False)
+                    self._log_executed(cap, request, ok=False)
                     raise
-                await self._publish_executed(cap, request, ok=True)
+                self._log_executed(cap, request, ok=True)
                 return response
         finally:
             self._active[cap.name] -= 1
@@ -354,6 +342,7 @@ class Agent:
         if result.handoff is not None and result.handoff.capability not in contract.handoffs:
             ctx.log.warning("undeclared_handoff", target=result.handoff.capability)
         response = agent_pb2.ExecuteTaskResponse(
+            instance_id=self.instance_id,
             summary=result.summary,
             usage=common_pb2.Usage(
                 tokens=result.usage.tokens,
@@ -385,33 +374,21 @@ class Agent:
             response.approval_request.reason = result.approval_request
         return response
 
-    async def _publish_executed(
+    def _log_executed(
         self, cap: Capability, request: agent_pb2.ExecuteTaskRequest, *, ok: bool
     ) -> None:
-        if self._js is None or self._topology is None:
-            return  # not started (in-process unit use): nothing to publish to
-        ctx = request.context
-        body = {
-            "agent": self.name,
-            "instance_id": self.instance_id,
-            "capability": cap.name,
-            "workflow_id": ctx.workflow_id,
-            "task_id": ctx.task_id,
-            "attempt": request.attempt,
-            "outcome": "ok" if ok else "error",
-        }
-        msg_id = f"exec-{ctx.workflow_id}-{ctx.task_id}-{request.attempt}-{self.instance_id}"
-        if not ok:  # a failed execution may be retried with the same attempt
-            msg_id += f"-error-{uuid.uuid4().hex[:8]}"
-        try:
-            await self._js.publish(
-                self._topology.events_subject(EXECUTED_EVENT),
-                json.dumps(body, separators=(",", ":")).encode(),
-                headers=msg_id_headers(msg_id),
-                timeout=_PUBLISH_TIMEOUT_S,
-            )
-        except Exception as exc:
-            log.error("task_executed_event_lost", msg_id=msg_id, error=repr(exc))
+        # The coordinator records the outcome it received (TaskSucceeded/TaskFailed carry
+        # the replica); this line is the replica's own account, for its operators.
+        log.info(
+            "task_executed",
+            agent=self.name,
+            instance_id=self.instance_id,
+            capability=cap.name,
+            workflow_id=request.context.workflow_id,
+            task_id=request.context.task_id,
+            attempt=request.attempt,
+            outcome="ok" if ok else "error",
+        )
 
     # -- tools ----------------------------------------------------------------------------
 
@@ -452,37 +429,17 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self, *, settings: ServiceSettings, nats: Client | None = None) -> str:
-        """Serve AgentService on ``settings.listen``, register in the registry of
-        ``settings.namespace`` with a heartbeat; returns the registered endpoint.
-
-        ``nats``: an existing connection to use (left open by :meth:`stop`); otherwise one
-        is opened to ``settings.nats_url`` and drained on stop.
-        """
+    async def start(self, *, settings: ServiceSettings) -> str:
+        """Serve AgentService on ``settings.listen`` and register with the registry
+        service at ``settings.registry_address`` (heartbeat until :meth:`stop`); returns
+        the registered endpoint. The agent opens no NATS connection."""
         if self._server is not None:
             raise RuntimeError(f"agent {self.name!r} already started")
         if not self._capabilities:
             raise RuntimeError(f"agent {self.name!r} declares no capability")
         try:
             within_s = settings.startup_timeout_s
-            # Identity first: NATS, where it requires TLS, maps the certificate to the
-            # agent's permissions (its own registry entries only).
             self._workload = await Workload.start(settings, what=f"agent {self.name!r}")
-            if nats is None:
-                self._nc = await connect(
-                    settings.nats_url,
-                    name=f"agent-{self.name}",
-                    initial_timeout_s=within_s,
-                    **self._workload.nats_options(settings),
-                )
-                self._owns_nc = True
-            else:
-                self._nc, self._owns_nc = nats, False
-            js = self._nc.jetstream()
-            topology = Topology(settings.namespace)
-            await _ensure_topology(js, topology, settings.jetstream_replicas, within_s=within_s)
-            self._js, self._topology = js, topology
-
             servicer = _Servicer(self)
             self._server = GrpcServer(
                 name=f"agent-{self.name}",
@@ -497,13 +454,18 @@ class Agent:
             interval = (
                 settings.heartbeat_interval_s if isinstance(settings, AgentSettings) else None
             )
-            self._heartbeat = Heartbeat(
-                Registry(js, topology),
+            self._registry_channel = self._workload.channel(
+                settings.registry_address,
+                peer=self._workload.peer("service", "registry"),
+                service=f"agent-{self.name}",
+            )
+            self._registration = Registration(
+                self._registry_channel,
                 self.descriptor(),
                 interval_s=interval,
                 register_within_s=within_s,
             )
-            await self._heartbeat.start()
+            await self._registration.start()
         except BaseException:
             await self.stop()
             raise
@@ -520,9 +482,9 @@ class Agent:
         """Deregister first (no new work is routed here), let running calls finish for
         ``grace_s`` (default ``settings.shutdown_grace_s``), then release everything.
         Idempotent."""
-        if self._heartbeat is not None:
-            await self._heartbeat.stop()
-            self._heartbeat = None
+        if self._registration is not None:
+            await self._registration.stop()
+            self._registration = None
             if linger_s > 0:
                 # Callers may still hold a registry snapshot naming this replica for a
                 # moment: keep answering them instead of refusing connections.
@@ -534,13 +496,12 @@ class Agent:
         for ch in self._tool_channels.values():
             await ch.close()
         self._tool_channels.clear()
+        if self._registry_channel is not None:
+            await self._registry_channel.close()
+            self._registry_channel = None
         if self._workload is not None:
             await self._workload.close()
             self._workload = None
-        if self._nc is not None and self._owns_nc:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
-        self._nc, self._js, self._topology, self._owns_nc = None, None, None, False
         self.endpoint = ""
 
     async def serve(self, settings: ServiceSettings) -> None:
@@ -565,24 +526,3 @@ class Agent:
         configure_logging(f"agent-{self.name}", settings.log_level)
         configure_tracing(f"agent-{self.name}", settings.otel_exporter, settings.otel_endpoint)
         grpc_server.run(lambda: self.serve(settings))
-
-
-async def _ensure_topology(
-    js: JetStreamContext, topology: Topology, replicas: int, *, within_s: float
-) -> None:
-    """Declare the streams and buckets only when missing, so an agent never rewrites the
-    replica count an operator gave an existing cluster. The check waits out a JetStream
-    that is still electing leaders, like :func:`declare` itself."""
-
-    async def exists() -> bool:
-        try:
-            await js.key_value(topology.registry_bucket)
-            await js.stream_info(topology.events_stream)
-        except (BucketNotFoundError, NotFoundError):
-            return False
-        return True
-
-    if not await until_ready(
-        exists, what="jetstream topology check", within_s=within_s, attempt_s=DECLARE_ATTEMPT_S
-    ):
-        await declare(js, topology, replicas=replicas, within_s=within_s)

@@ -81,7 +81,9 @@ async def _run(
     name: str | None,
     grace_s: float,
     audit: bool,
+    data_dir: Path | None = None,
 ) -> list[Rotation | SigningRotation]:
+    """``data_dir``: the mesh whose audit stream records the rotation (``--data-dir``)."""
     from tessera.audit import AuditWriter
     from tessera.cli._local import nats_options, nats_url
     from tessera.runtime.config import CommonSettings
@@ -109,7 +111,9 @@ async def _run(
     if not audit:
         return await run(None)
     async with audit_writer(
-        nats_url(settings.nats_url), settings.namespace, nats_options=nats_options()
+        nats_url(settings.nats_url, data_dir),
+        settings.namespace,
+        nats_options=nats_options(data_dir),
     ) as writer:
         if writer is None:
             err.print(
@@ -237,7 +241,16 @@ def rotate_cmd(
         )
     try:
         results = asyncio.run(
-            _run(target.addr, target.token, target.secrets_dir, what, name, grace, audit)
+            _run(
+                target.addr,
+                target.token,
+                target.secrets_dir,
+                what,
+                name,
+                grace,
+                audit,
+                data_dir if target.local else None,
+            )
         )
     except ValueError as exc:
         raise fail(str(exc), 2) from None

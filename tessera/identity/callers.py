@@ -29,6 +29,8 @@ CALLERS: Mapping[str, frozenset[str]] = {
     # A human's decision on a tool-call approval reaches its owner, the proxy, only
     # through the coordinator (which authorized the decision).
     "tessera.v1.ToolProxyService/DecideApproval": frozenset({"service/coordinator"}),
+    # An agent registers itself (the registry checks the name is the caller's).
+    "tessera.v1.RegistryService/*": frozenset({"agent/*"}),
     "tessera.v1.PlannerService/*": frozenset({"service/coordinator", _OPERATOR}),
     "tessera.v1.PolicyService/Check": frozenset(
         {"service/tool-proxy", "service/coordinator", _OPERATOR}

@@ -22,7 +22,7 @@ from tessera.launcher import processes
 from tessera.launcher.binaries import find_binary
 from tessera.launcher.gateway import Upstream, XdsTls, render
 from tessera.launcher.health import http_ok
-from tessera.launcher.nats_security import NatsSecurity, route_tls, security_block
+from tessera.launcher.nats_security import NatsSecurity, route_tls, route_url, security_block
 
 log = structlog.get_logger(__name__)
 
@@ -171,7 +171,7 @@ def nats_config(
     if security is not None:
         text += security_block(security)
     if cluster is not None:
-        routes = "".join(f"    nats-route://{LOOPBACK}:{p}\n" for p in cluster.peer_ports)
+        routes = "".join(f"    {route_url(security, LOOPBACK, p)}\n" for p in cluster.peer_ports)
         text += (
             "cluster {\n"
             f"  name: {cluster.cluster_name}\n"
@@ -203,7 +203,9 @@ def start_nats(
     store.mkdir(parents=True, exist_ok=True)
     config = data_dir / "config" / f"{name}.conf"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(
+    # Private (0600): with security on it holds the route password.
+    _write_private(
+        config,
         nats_config(
             port=port,
             monitor_port=monitor_port,
@@ -211,7 +213,7 @@ def start_nats(
             store=store,
             cluster=cluster,
             security=security,
-        )
+        ),
     )
     argv = [str(find_binary("nats-server")), "-c", str(config)]
     record = processes.spawn(data_dir, name, argv)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,14 @@ from tessera.launcher.operator import local_identity
 from tessera.runtime.bus import Topology
 from tessera.runtime.nats_permissions import render_authorization
 
-__all__ = ["NATS_IDENTITY", "NatsSecurity", "issue_server_certificate", "security_block"]
+__all__ = [
+    "NATS_IDENTITY",
+    "NatsSecurity",
+    "issue_server_certificate",
+    "route_tls",
+    "route_url",
+    "security_block",
+]
 
 NATS_IDENTITY = "nats"
 SERVER_CERT_TTL_S = 24 * 3600
@@ -36,6 +44,9 @@ class NatsSecurity:
     ca_file: Path
     authorization: str
     """The ``authorization { users: [...] }`` block."""
+    route_password: str = ""
+    """What a cluster member presents on its routes, beside its certificate: a mesh
+    certificate alone (any workload's) must not let a process join the cluster."""
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -51,7 +62,15 @@ def issue_server_certificate(
     data_dir: Path, vault_addr: str, identities: Iterable[str], namespace: str
 ) -> NatsSecurity:
     """The server's certificate files and the users of every identity."""
-    issued = local_identity(data_dir, vault_addr, NATS_IDENTITY, ttl_s=SERVER_CERT_TTL_S)
+    # 127.0.0.1: cluster routes dial their peers by address and check it (vault/pki.yaml).
+    issued = local_identity(
+        data_dir,
+        vault_addr,
+        NATS_IDENTITY,
+        ttl_s=SERVER_CERT_TTL_S,
+        ip_sans=("127.0.0.1",),
+        reuse=False,
+    )
     if issued is None:
         raise RuntimeError("no nats AppRole in the secrets directory: run the Vault bootstrap")
     directory = data_dir / "secrets" / "nats"
@@ -62,6 +81,7 @@ def issue_server_certificate(
         authorization=render_authorization(
             [i for i in identities if i != NATS_IDENTITY], Topology(namespace)
         ),
+        route_password=secrets.token_urlsafe(24),
     )
     _write_private(security.key_file, issued.private_key)
     _write_private(security.cert_file, issued.certificate)
@@ -83,10 +103,23 @@ def security_block(security: NatsSecurity, *, cluster: bool = False) -> str:
     return text
 
 
+def route_url(security: NatsSecurity | None, host: str, port: int) -> str:
+    """A route to a peer, with the route credentials when the cluster requires them."""
+    if security is None or not security.route_password:
+        return f"nats-route://{host}:{port}"
+    return f"nats-route://route:{security.route_password}@{host}:{port}"
+
+
 def route_tls(security: NatsSecurity) -> str:
-    """The ``tls`` block inside ``cluster {}``: routes authenticate each other by the
-    mesh CA."""
-    return (
+    """The ``tls`` and ``authorization`` blocks inside ``cluster {}``: routes present a
+    certificate of the mesh CA naming the ``nats`` identity's address, and the route
+    password."""
+    auth = (
+        f'  authorization {{ user: "route", password: "{security.route_password}" }}\n'
+        if security.route_password
+        else ""
+    )
+    return auth + (
         "  tls {\n"
         f"    cert_file: {json.dumps(str(security.cert_file))}\n"
         f"    key_file: {json.dumps(str(security.key_file))}\n"

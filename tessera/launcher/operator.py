@@ -84,14 +84,17 @@ def local_identity(
     *,
     trust_domain: str = "tessera.local",
     ttl_s: int = _TTL_S,
+    ip_sans: tuple[str, ...] = (),
+    reuse: bool = True,
 ) -> OperatorIdentity | None:
     """A certificate of ``identity`` from its AppRole file in ``<data_dir>/secrets`` (the
-    local mesh's bootstrap writes one per identity); cached there until near expiry."""
+    local mesh's bootstrap writes one per identity); cached there until near expiry
+    (``reuse=False``: always a fresh one, e.g. a server certificate at every start)."""
     secrets_dir = data_dir / "secrets"
     cached = secrets_dir / f"{identity}-cert.json"
     try:
         found = OperatorIdentity(**json.loads(cached.read_text()))
-        if found.expiration - time.time() > _REUSE_MARGIN_S:
+        if reuse and found.expiration - time.time() > _REUSE_MARGIN_S:
             return found
     except (OSError, ValueError, TypeError):
         pass
@@ -106,7 +109,12 @@ def local_identity(
         name = WorkloadName.of(identity, trust_domain)
         issued = client.write_data(
             f"{PKI_MOUNT}/issue/{identity}",
-            data={"common_name": name.dns_name, "uri_sans": name.spiffe_id, "ttl": f"{ttl_s}s"},
+            data={
+                "common_name": name.dns_name,
+                "uri_sans": name.spiffe_id,
+                "ttl": f"{ttl_s}s",
+                **({"ip_sans": ",".join(ip_sans)} if ip_sans else {}),
+            },
         )["data"]
     finally:
         client.adapter.close()

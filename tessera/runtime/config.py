@@ -55,6 +55,10 @@ class CommonSettings(BaseSettings):
         default=1, ge=1, le=5, validation_alias=_fixed("TESSERA_JETSTREAM_REPLICAS")
     )
     """Replicas of the streams and KV buckets a service creates (3 on a 3-node cluster)."""
+    registry_address: str = Field(
+        default="127.0.0.1:50058", validation_alias=_fixed("TESSERA_REGISTRY_ADDRESS")
+    )
+    """The registry service (RegistryService), where agents register over gRPC."""
     vault_addr: str = Field(
         default="http://127.0.0.1:8200", validation_alias=_fixed("TESSERA_VAULT_ADDR")
     )

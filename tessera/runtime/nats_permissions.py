@@ -4,10 +4,12 @@ identities' certificate DNS names, mapped by ``verify_and_map``) and tested by
 tests/integration/test_nats_permissions.py, which tries every forbidden write.
 
 Writes are least privilege: each identity publishes only to the subjects and KV buckets
-it owns (an agent: its own registry entries; the coordinator: workflow state and events;
-each audit writer: its own chains). Destroying data (deleting or purging a stream, or a
-message of one) is the operator's alone. Reads stay open to every mesh identity for now
-(JetStream's consumer API), which the table says plainly rather than pretends otherwise.
+it owns (the registry service: the agent registry; the coordinator: workflow state and
+events; each audit writer: its own chains). Agents have no NATS user at all: they
+register over gRPC (RegistryService) and talk to the mesh only through gRPC. Destroying
+data (deleting or purging a stream, or a message of one) is the operator's alone. Reads
+stay open to every service identity for now (JetStream's consumer API), which the table
+says plainly rather than pretends otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from tessera.identity.names import WorkloadName
 from tessera.runtime.bus import Topology
 
-__all__ = ["OPERATOR", "Permissions", "permissions", "render_authorization"]
+__all__ = ["NO_ACCESS", "OPERATOR", "Permissions", "permissions", "render_authorization"]
 
 OPERATOR = "operator"
 
@@ -53,6 +55,10 @@ class Permissions:
     publish_deny: tuple[str, ...] = _JS_DESTROY
 
 
+NO_ACCESS = Permissions(publish=(), subscribe=())
+"""Identities with no business on NATS (agents): they get no NATS user at all."""
+
+
 def _kv(bucket: str) -> str:
     return f"$KV.{bucket}.>"
 
@@ -62,12 +68,8 @@ def permissions(identity: str, topology: Topology) -> Permissions:
     t = topology
     if identity == OPERATOR:
         return Permissions(publish=(">",), subscribe=(">",), publish_deny=())
-    name = WorkloadName.of(identity)
-    if name.kind == "agent":
-        # Its own registry entries only (a replica registers and heartbeats as
-        # agent.<its name>.<instance>), and its executions on the events stream.
-        own = (f"$KV.{t.registry_bucket}.agent.{name.name}.>", t.events_subject("task.executed"))
-        return Permissions(publish=(*_JS_CLIENT, *own), subscribe=(_INBOX,))
+    if WorkloadName.of(identity).kind == "agent":
+        return NO_ACCESS  # agents talk gRPC only: registry, tasks and tools (no NATS user)
     owned: dict[str, tuple[str, ...]] = {
         "coordinator": (
             t.wf_events_subjects,
@@ -75,7 +77,6 @@ def permissions(identity: str, topology: Topology) -> Permissions:
             t.events_subject("token.revoked"),
             _kv(t.workflows_bucket),
             _kv(t.blackboard_bucket),
-            _kv(t.approvals_bucket),  # until the approvals contract moves it to the proxy
         ),
         "tool-proxy": (
             _kv(t.idempotency_bucket),
@@ -83,6 +84,7 @@ def permissions(identity: str, topology: Topology) -> Permissions:
             t.events_subject("tool.effects"),
         ),
         "policy": (t.policy_reload_subject,),
+        "registry": (_kv(t.registry_bucket),),
         "planner": (),
         "gateway-control-plane": (),
     }
@@ -90,7 +92,7 @@ def permissions(identity: str, topology: Topology) -> Permissions:
         "tool-proxy": (t.events_subject("token.revoked"), t.policy_reload_subject),
     }
     if identity not in owned:
-        return Permissions(publish=(), subscribe=())
+        return NO_ACCESS
     audit = (t.audit_owner_subjects(identity),)
     return Permissions(
         publish=(*_JS_CLIENT, *_JS_DECLARE, *owned[identity], *audit),
@@ -108,6 +110,8 @@ def render_authorization(identities: Iterable[str], topology: Topology) -> str:
     users = []
     for identity in sorted(set(identities)):
         perms = permissions(identity, topology)
+        if perms == NO_ACCESS:
+            continue  # no user: its certificate cannot even connect
         user = WorkloadName.of(identity).dns_name
         publish = f"allow: {_quoted(perms.publish)}, deny: {_quoted(perms.publish_deny)}"
         users.append(

@@ -267,6 +267,7 @@ class ExecuteTaskResponse(_message.Message):
     HANDOFF_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     APPROVAL_REQUEST_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     confidence: _builtins.float
     """Confidence in [0, 1]; below the contract threshold opens a review gate.
     Unset (0) with a non-zero threshold is treated as "no confidence reported" only
@@ -276,6 +277,11 @@ class ExecuteTaskResponse(_message.Message):
     """Whether confidence was reported."""
     summary: _builtins.str
     """Short note for the workflow timeline."""
+    instance_id: _builtins.str
+    """Instance id of the replica that ran the attempt (for a replayed attempt, the one
+    that ran it first). The coordinator records it in TaskSucceeded.agent_instance; the
+    registry entry it dialled may name another replica at the same endpoint.
+    """
     @_builtins.property
     def output(self) -> _common_pb2.Payload:
         """Task output; checked against the contract's output type or schema."""
@@ -309,10 +315,11 @@ class ExecuteTaskResponse(_message.Message):
         handoff: Global___Handoff | None = ...,
         summary: _builtins.str = ...,
         approval_request: Global___ApprovalRequest | None = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "handoff", b"handoff", "output", b"output", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "blackboard_writes", b"blackboard_writes", "confidence", b"confidence", "handoff", b"handoff", "has_confidence", b"has_confidence", "output", b"output", "summary", b"summary", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "blackboard_writes", b"blackboard_writes", "confidence", b"confidence", "handoff", b"handoff", "has_confidence", b"has_confidence", "instance_id", b"instance_id", "output", b"output", "summary", b"summary", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

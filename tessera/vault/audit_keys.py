@@ -62,7 +62,13 @@ TRANSIT_MOUNT = "transit"
 AUDIT_KV_MOUNT = "tessera-audit"
 HMAC_KEY_PATH = "hmac-key"
 KEY_TYPE = "ed25519"
-AUDIT_WRITERS: tuple[str, ...] = ("coordinator", "policy", "tool-proxy", "creds-rotation")
+AUDIT_WRITERS: tuple[str, ...] = (
+    "coordinator",
+    "policy",
+    "tool-proxy",
+    "registry",
+    "creds-rotation",
+)
 """Identities that write an audit chain (``creds-rotation``: `tessera creds rotate`, which
 signs with the operator's root token)."""
 

@@ -40,6 +40,9 @@ class PkiSpec(BaseModel):
     ca_ttl: str = Field(default="87600h", pattern=_DURATION)
     max_cert_ttl: str = Field(default="24h", pattern=_DURATION)
     issue_for: dict[str, list[str]] = {}
+    ip_sans: list[str] = []
+    """Identities whose certificates may carry IP SANs: servers their peers dial by
+    address (NATS cluster routes verify the route URL's host, an IP on loopback)."""
 
 
 def load_pki_spec(vault_dir: Path) -> PkiSpec:
@@ -77,7 +80,7 @@ def _role_config(spec: PkiSpec, identity: str) -> dict[str, Any]:
         "allow_glob_domains": False,
         "allow_wildcard_certificates": False,
         "allow_localhost": False,
-        "allow_ip_sans": False,
+        "allow_ip_sans": identity in spec.ip_sans,
         "allowed_uri_sans": [name.spiffe_id],
         "allowed_other_sans": [],
         "enforce_hostnames": True,

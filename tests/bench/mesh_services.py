@@ -1,5 +1,5 @@
-"""`python -m tests.bench.mesh_services <addresses.json>`: the planner and the bench agent
-in one process (uvloop), registered on the NATS named by TESSERA_NATS_URL /
+"""`python -m tests.bench.mesh_services <addresses.json>`: the planner, the registry service
+and the bench agent in one process (uvloop), registered on the NATS named by TESSERA_NATS_URL /
 TESSERA_NAMESPACE; writes {"planner": ..., "agent": ...} to the file once serving, then
 runs until SIGTERM."""
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 from services.planner.service import PlannerService
 from services.planner.settings import PlannerSettings
+from services.registry.app import RegistryApp
+from services.registry.settings import RegistrySettings
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.grpc_server import run
 from tessera.runtime.logging import configure_logging
@@ -27,7 +29,11 @@ async def main() -> None:
         PlannerSettings(nats_url=common.nats_url, namespace=common.namespace, listen="127.0.0.1:0")
     )
     await planner.start()
-    await agent.start(settings=common)
+    registry = RegistryApp(
+        RegistrySettings(nats_url=common.nats_url, namespace=common.namespace, listen="127.0.0.1:0")
+    )
+    await registry.start()
+    await agent.start(settings=common.model_copy(update={"registry_address": registry.address}))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -39,6 +45,7 @@ async def main() -> None:
         await stop.wait()
     finally:
         await agent.stop(grace_s=0.5)
+        await registry.stop()
         await planner.stop()
 
 

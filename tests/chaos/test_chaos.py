@@ -48,6 +48,7 @@ FAULTS = (
     "agent-billing",
     "policy",
     "planner",
+    "registry",  # agents keep their entries through it: the lease outlasts the restart
     "agent-synthesis",
     "agent-triage",
     "gateway-control-plane",

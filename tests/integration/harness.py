@@ -29,6 +29,8 @@ from services.planner.service import PlannerService
 from services.planner.settings import PlannerSettings
 from services.policy.app import PolicyService
 from services.policy.settings import PolicySettings
+from services.registry.app import RegistryApp
+from services.registry.settings import RegistrySettings
 from services.tool_proxy.app import ToolProxy
 from services.tool_proxy.settings import ToolProxySettings
 from tessera.agent import Agent
@@ -125,14 +127,18 @@ class Mesh:
         self.coordinators: list[Coordinator] = []
         self._workloads: dict[str, Workload] = {}
         self._stack = AsyncExitStack()
+        self.registry_address = ""
 
     def common(self) -> dict[str, Any]:
-        return {
+        common = {
             "nats_url": self.nats_url,
             "namespace": self.namespace,
             "listen": "127.0.0.1:0",
             "jetstream_replicas": self.jetstream_replicas,
         }
+        if self.registry_address:  # where agents register (the registry service)
+            common["registry_address"] = self.registry_address
+        return common
 
     def identity(self, name: str) -> dict[str, Any]:
         """Settings that give a component its workload identity (governed meshes: every
@@ -177,6 +183,10 @@ class Mesh:
         self.tool_proxy_address = ""
         if self.vault is not None:
             await self._start_governance(self.vault)
+        registry = RegistryApp(RegistrySettings(**self.common(), **self.identity("registry")))
+        await registry.start()
+        self._stack.push_async_callback(registry.stop)
+        self.registry_address = registry.address
         planner = PlannerService(PlannerSettings(**self.common(), **self.identity("planner")))
         await planner.start()
         self._stack.push_async_callback(planner.stop)

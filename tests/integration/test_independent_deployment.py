@@ -166,6 +166,7 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
             "translator",
             nats_url=mesh.address("nats"),
             namespace="tessera",
+            registry_address=mesh.address("registry"),
             log_dir=tmp_path / "agents",
             extra_env={
                 "TESSERA_VAULT_ADDR": mesh.address("openbao"),

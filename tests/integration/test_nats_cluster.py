@@ -93,9 +93,20 @@ async def mesh(nats_cluster: cluster.NatsCluster) -> AsyncIterator[Mesh]:
 
 
 async def _start(mesh: Mesh) -> str:
+    """StartWorkflow as a client is told to call it: UNAVAILABLE (the streams of a fresh
+    cluster still electing leaders on a busy machine) is retried with the same request id,
+    which makes the retry idempotent, for a bounded time."""
     request = coordinator_pb2.StartWorkflowRequest(request_id=uuid.uuid4().hex, plan=PLAN)
-    response = await mesh.stub.StartWorkflow(request, timeout=10)
-    return response.workflow.name
+    give_up = time.monotonic() + 30
+    while True:
+        try:
+            response = await mesh.stub.StartWorkflow(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.2)  # backoff between retries, not synchronisation
+            continue
+        return response.workflow.name
 
 
 async def _terminal(mesh: Mesh, name: str, *, deadline: float) -> coordinator_pb2.Workflow:

@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from tessera.registry import Heartbeat, Registry, RegistryChange, registry_key
+from tessera.registry import Registry, RegistryChange, registry_key
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.v1 import agent_pb2, common_pb2
 
@@ -83,17 +83,6 @@ async def test_stale_and_deregistered_entries_are_not_live(
     await registry.deregister(live)
     assert await registry.find("support.billing") == []
     assert await registry.agents() == []
-
-
-async def test_heartbeat_keeps_an_entry_fresh_and_removes_it_on_stop(
-    js: JetStreamContext, topology: Topology
-) -> None:
-    short = Topology(topology.namespace, registry_ttl_s=0.6)  # readers' view of freshness
-    registry = Registry(js, short)
-    async with Heartbeat(registry, replica("risk", "r1", ("loan.risk", "1.0.0"))):
-        await asyncio.sleep(1.0)  # longer than the TTL: only re-puts keep it alive
-        assert [a.instance_id for a, _ in await registry.find("loan.risk", "^1.0")] == ["r1"]
-    assert await registry.find("loan.risk") == []
 
 
 async def test_watch_reports_joins_leaves_and_expiry_but_not_heartbeats(

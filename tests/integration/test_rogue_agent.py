@@ -7,9 +7,11 @@ certificate of the mesh CA for another agent (triage), and that same agent regis
 itself under the name ``billing``. None of them receives a single ExecuteTask (so no task
 token reaches them); every workflow still succeeds on the real billing replica.
 
-What this does not cover yet: NATS itself still lets the rogue write and delete registry
-entries (the NATS permissions and the RegistryService of issue 11 are next); here the
-payoff of that write is what is taken away.
+The forged entry is written straight to NATS here (this harness's NATS runs without
+permissions) to show that even a successful write pays nothing. On a deployed mesh the write
+itself is refused: agents hold no NATS user, only the registry service writes the bucket
+(tests/integration/test_nats_permissions.py), and the registry service registers an agent
+only under its certificate's name (the tests at the end of this file).
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import grpc
 import pytest
+from nats.js import JetStreamContext
 
+from tessera.audit.reader import tail
 from tessera.registry import Registry, registry_key
 from tessera.runtime.bus import Topology, connect
 from tessera.runtime.config import ServiceSettings
+from tessera.runtime.errors import error_details
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
-from tessera.v1 import agent_pb2, agent_pb2_grpc
+from tessera.v1 import agent_pb2, agent_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.conftest import OpenBao
 from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, reference_agent
 
@@ -145,3 +151,89 @@ async def test_a_forged_billing_entry_gets_no_task_and_workflows_succeed(
             await workload.close()
     assert [w.state for w in finished] == [WS.WORKFLOW_STATE_SUCCEEDED] * WORKFLOWS
     assert impostor.calls == 0 and impostor.tokens == []
+
+
+async def _register_as(
+    mesh: Mesh, identity: str | None, descriptor: agent_pb2.AgentDescriptor
+) -> grpc.aio.AioRpcError:
+    """Register ``descriptor`` presenting ``identity``'s certificate (None: none at all);
+    the refusal it gets."""
+    if identity is None:
+        ch = grpc.aio.insecure_channel(mesh.registry_address)
+    else:
+        ch = await mesh.channel_as(identity, mesh.registry_address, peer="registry")
+    async with ch:
+        stub = registry_pb2_grpc.RegistryServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Register(registry_pb2.RegisterRequest(agent=descriptor), timeout=10)
+    return refused.value
+
+
+@pytest.fixture
+async def js(mesh: Mesh) -> AsyncIterator[JetStreamContext]:
+    nc = await connect(mesh.nats_url, name="test-rogue")
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+async def _rejections(js: JetStreamContext, mesh: Mesh) -> list[dict[str, str]]:
+    found = []
+    async for entry in tail(js, Topology(mesh.namespace), n=100_000):
+        record = entry.record
+        if record is not None and record.actor == "registry" and record.outcome == "refused":
+            found.append({k: str(v) for k, v in record.details.items()})
+    return found
+
+
+async def test_the_registry_service_registers_an_agent_only_under_its_own_name(
+    mesh: Mesh, js: JetStreamContext
+) -> None:
+    registry = Registry(js, Topology(mesh.namespace))
+    real = await _real_billing(registry)
+    forged = agent_pb2.AgentDescriptor()
+    forged.CopyFrom(real[0])
+    forged.instance_id, forged.endpoint = "rogue", "127.0.0.1:1"
+    before = {(d.name, d.instance_id, d.endpoint) for d in await registry.agents()}
+
+    # Triage's real certificate, registering as billing: refused by the registry.
+    as_triage = await _register_as(mesh, "agent-triage", forged)
+    assert as_triage.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_details(as_triage).reason == "NAME_NOT_CALLERS"
+    # A service identity: no agent, refused by the caller table.
+    as_planner = await _register_as(mesh, "planner", forged)
+    assert as_planner.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_details(as_planner).reason == "CALLER_NOT_ALLOWED"
+    # No certificate: the handshake fails, nothing reaches the service.
+    anonymous = await _register_as(mesh, None, forged)
+    assert anonymous.code() == grpc.StatusCode.UNAVAILABLE
+
+    after = {(d.name, d.instance_id, d.endpoint) for d in await registry.agents()}
+    assert after == before and ("billing", "rogue", "127.0.0.1:1") not in after
+    reasons = {r.get("reason") for r in await _rejections(js, mesh)}
+    assert {"NAME_NOT_CALLERS", "CALLER_NOT_ALLOWED"} <= reasons, reasons
+
+    name = await mesh.start(
+        "support",
+        ticket={"id": "T-reg", "customer_id": "C-7", "text": "Please refund the double charge"},
+    )
+    assert (await mesh.finished(name, timeout=90)).state == WS.WORKFLOW_STATE_SUCCEEDED
+
+
+async def test_a_malformed_descriptor_is_refused_with_its_field_violations(
+    mesh: Mesh, js: JetStreamContext
+) -> None:
+    bad = agent_pb2.AgentDescriptor(name="triage", instance_id="bad id!", endpoint="nowhere")
+    bad.capabilities.add(name="Support Triage", version="one")
+    refused = await _register_as(mesh, "agent-triage", bad)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = {f for f, _ in error_details(refused).field_violations}
+    assert fields == {
+        "agent.instance_id",
+        "agent.endpoint",
+        "agent.capabilities[0].name",
+        "agent.capabilities[0].version",
+    }, fields
+    registry = Registry(js, Topology(mesh.namespace))
+    assert "bad id!" not in {d.instance_id for d in await registry.agents()}

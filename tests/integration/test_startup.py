@@ -14,18 +14,17 @@ No timing is asserted (tests/bench/bench_startup.py measures how fast).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
 import pytest
-from nats.aio.msg import Msg
 
+from services.registry.app import RegistryApp
+from services.registry.settings import RegistrySettings
 from tessera.agent import AGENT_SERVICE_NAME, Agent, AgentSettings, TaskContext, TaskResult
 from tessera.launcher import cluster
 from tessera.launcher.ports import free_port
@@ -34,6 +33,7 @@ from tessera.runtime.bus import Topology, connect
 from tessera.runtime.grpc_client import wait_for_serving
 from tessera.v1 import coordinator_pb2
 from tests.integration.agents.process import AgentProcess
+from tests.integration.executions import Executions
 from tests.integration.harness import WS, Mesh, task, task_graph
 
 PLAN = task_graph("restart", task("only", "rolling.step", timeout_s=10))
@@ -43,16 +43,6 @@ PLAN = task_graph("restart", task("only", "rolling.step", timeout_s=10))
 async def mesh(nats_url: str) -> AsyncIterator[Mesh]:
     async with Mesh(nats_url, "rs" + uuid.uuid4().hex[:6]) as running:
         yield running
-
-
-class Executions:
-    """The SDK's ``task.executed`` events, counted per agent replica (instance id)."""
-
-    def __init__(self) -> None:
-        self.by_instance: Counter[str] = Counter()
-
-    async def on_message(self, msg: Msg) -> None:
-        self.by_instance[json.loads(msg.data)["instance_id"]] += 1
 
 
 async def _run_workflow(mesh: Mesh) -> coordinator_pb2.Workflow:
@@ -66,7 +56,7 @@ async def test_a_killed_agent_restarted_with_the_same_command_serves_and_takes_a
 ) -> None:
     nc = await nats.connect(mesh.nats_url)
     seen = Executions()
-    await nc.subscribe(Topology(mesh.namespace).events_subject("task.executed"), cb=seen.on_message)
+    await seen.follow(nc, mesh.namespace)
     port = free_port()
 
     def start() -> AgentProcess:
@@ -75,6 +65,7 @@ async def test_a_killed_agent_restarted_with_the_same_command_serves_and_takes_a
             "steady",
             nats_url=mesh.nats_url,
             namespace=mesh.namespace,
+            registry_address=mesh.registry_address,
             log_dir=tmp_path / "agents",
             port=port,
         )
@@ -120,15 +111,26 @@ async def test_agents_started_while_a_cluster_elects_leaders_all_serve_and_regis
 ) -> None:
     """The registry bucket and the events stream exist with 3 replicas, and the node
     leading the registry has just been killed: its stream is electing a new leader when
-    the agents start. They find both, so declare nothing, and all register."""
+    the registry service and the agents start. The agents' registrations wait out the
+    registry service (not serving yet) and its writes (no leader yet): all register."""
     topology = Topology("el" + uuid.uuid4().hex[:6])
     agents = [_agent(f"elect{i}") for i in range(6)]
+    registry_port = free_port()
+    registry = RegistryApp(
+        RegistrySettings(
+            nats_url=nats_cluster.url,
+            namespace=topology.namespace,
+            jetstream_replicas=nats_cluster.replicas,
+            listen=f"127.0.0.1:{registry_port}",
+        )
+    )
     settings = [
         AgentSettings.for_agent(
             agent.name,
             nats_url=nats_cluster.url,
             namespace=topology.namespace,
             jetstream_replicas=nats_cluster.replicas,
+            registry_address=f"127.0.0.1:{registry_port}",
             listen="127.0.0.1:0",
         )
         for agent in agents
@@ -150,14 +152,17 @@ async def test_agents_started_while_a_cluster_elects_leaders_all_serve_and_regis
         assert info.cluster is not None and info.cluster.leader
         os.kill(nats_cluster.node(info.cluster.leader).pid, signal.SIGKILL)
         try:
-            endpoints = await asyncio.gather(
-                *(agent.start(settings=s) for agent, s in zip(agents, settings, strict=True))
+            started = await asyncio.gather(
+                registry.start(),
+                *(agent.start(settings=s) for agent, s in zip(agents, settings, strict=True)),
             )
+            endpoints = started[1:]
             for endpoint in endpoints:
                 await wait_for_serving(endpoint, AGENT_SERVICE_NAME, timeout=30)
             registered = {d.name for d in await Registry(js, topology).agents()}
         finally:
             await asyncio.gather(*(agent.stop(grace_s=0) for agent in agents))
+            await registry.stop()
     finally:
         await nc.close()
 

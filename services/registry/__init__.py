@@ -1,0 +1,1 @@
+"""The registry service: the one writer of the agent registry (RegistryService)."""
