@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import urllib.error
 import urllib.request
@@ -27,6 +29,26 @@ def http_ok(url: str, *, timeout: float = 1.0) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+async def accepts(address: str, *, connect_s: float = 1.0) -> bool:
+    """Whether something accepts a TCP connection at ``host:port`` (closed again at once);
+    True for an address without a port (nothing to try: the caller's probe decides).
+
+    A cheap "is it listening yet" before a gRPC health probe: a service binds its port
+    only once it has its certificate, just before it reports SERVING."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return True
+    try:
+        async with asyncio.timeout(connect_s):
+            _reader, writer = await asyncio.open_connection(host.strip("[]") or "127.0.0.1", port)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 async def grpc_health(

@@ -20,9 +20,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import cedarpy
+if TYPE_CHECKING:
+    import cedarpy
+
+# cedarpy (~55 ms of CPU to import) is imported inside the functions that parse or evaluate
+# Cedar: a tool proxy in remote policy mode imports this module for its types only, and
+# its start-up time is its restart time. A missing cedarpy still fails the first policy
+# load, before anything serves.
 
 __all__ = [
     "CONTEXT_DEFAULTS",
@@ -116,6 +122,8 @@ class LoadedPolicySet:
     def parsed_entities(self, entities_json: str) -> cedarpy.Entities | None:
         """Entities (their :func:`canonical_json`) parsed and validated against the schema
         (cached), or None when they do not parse (the caller then lets Cedar report why)."""
+        import cedarpy
+
         parsed = _lru_get(self.entities, entities_json)
         if parsed is not None:
             return parsed
@@ -212,6 +220,8 @@ def _annotation(annotations: Mapping[str, str], key: str) -> str | None:
 
 def build_policy_set(schema_text: str, files: Sequence[tuple[str, str]]) -> LoadedPolicySet:
     """Build a set from schema text and ``(file name, Cedar text)`` pairs (in order)."""
+    import cedarpy
+
     errors: list[tuple[str, str]] = []
     try:
         schema = cedarpy.Schema.from_str(schema_text)
@@ -377,6 +387,8 @@ def _diagnose(
     ps: LoadedPolicySet, entities: list[dict[str, Any]], errors: Sequence[str]
 ) -> RequestInvalid:
     """Turn Cedar's request errors into field violations (only on the error path)."""
+    import cedarpy
+
     violations: list[tuple[str, str]] = []
     for label, entity in zip(("principal", "resource"), entities, strict=True):
         try:
@@ -413,6 +425,8 @@ def _evaluate(
     entities: list[dict[str, Any]],
     entities_json: str,
 ) -> Verdict:
+    import cedarpy
+
     parsed = ps.parsed_entities(entities_json)
     result = cedarpy.is_authorized(
         request, ps.policy_set, entities if parsed is None else parsed, schema=ps.schema
