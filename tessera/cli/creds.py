@@ -1,8 +1,10 @@
-"""`tessera creds rotate [approle <identity> | tool <tool> | signing [<writer>] | all]`:
+"""`tessera creds rotate [approle <identity> | tool <tool> | signing [<writer>] | nats | all]`:
 rotate credentials while the mesh keeps serving (procedure and guarantees: vault/README.md,
 "Rotation"). ``signing`` adds a version to the audit checkpoint signing keys
 (``transit/keys/audit-<writer>``); writers sign with it from their next checkpoint, and
-checkpoints signed with older versions still verify.
+checkpoints signed with older versions still verify. ``nats`` (local mesh only) issues the
+NATS servers' certificate again and has them reload it (clients' NATS credentials are their
+workload certificates, which renew themselves).
 
 Same Vault target as `tessera vault bootstrap`: the local mesh (state.json + root token) or
 ``--addr`` with ``VAULT_TOKEN``. Each step is audited (``credential_rotated``) on the
@@ -22,6 +24,7 @@ import typer
 from rich.console import Console
 
 from tessera.cli.vault import Addr, DataDir, SecretsDir, fail, quiet_logs, resolve_target
+from tessera.launcher.mesh import default_data_dir
 from tessera.runtime.errors import Unavailable
 
 
@@ -50,8 +53,35 @@ class SigningRotation:
         return not self.error
 
 
+@dataclass(frozen=True)
+class NatsTarget:
+    """The NATS servers' own certificate (identity ``nats``)."""
+
+    name: str = "nats"
+    kind: str = "nats"
+
+    @property
+    def resource(self) -> str:
+        return "certificate/nats"
+
+
+@dataclass
+class NatsRotation:
+    """The outcome of the NATS server certificate's rotation (servers reloaded)."""
+
+    target: NatsTarget
+    reloaded: tuple[str, ...] = ()
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
 if TYPE_CHECKING:
     from tessera.vault.rotation import AuditSink, Rotation
+
+    Outcome = Rotation | SigningRotation | NatsRotation
 
 app = typer.Typer(
     name="creds",
@@ -65,7 +95,7 @@ out = Console()
 err = Console(stderr=True)
 
 EXIT_PARTIAL = 1
-KINDS = ("approle", "tool", "signing", "all")
+KINDS = ("approle", "tool", "signing", "nats", "all")
 
 
 @app.callback()
@@ -82,8 +112,9 @@ async def _run(
     grace_s: float,
     audit: bool,
     data_dir: Path | None = None,
-) -> list[Rotation | SigningRotation]:
-    """``data_dir``: the mesh whose audit stream records the rotation (``--data-dir``)."""
+) -> list[Outcome]:
+    """``data_dir``: the local mesh (``--data-dir``) whose audit stream records the
+    rotation and whose NATS servers ``nats`` rotates; None for a remote Vault."""
     from tessera.audit import AuditWriter
     from tessera.cli._local import nats_options, nats_url
     from tessera.runtime.config import CommonSettings
@@ -91,15 +122,19 @@ async def _run(
     from tessera.vault.rotation import AUDIT_WRITER, Target, audit_writer, rotate
 
     targets = None
-    if what not in ("all", "signing"):
+    if what not in ("all", "signing", "nats"):
         targets = [Target("approle" if what == "approle" else "tool", name or "")]
 
     def progress(msg: str) -> None:
         out.print(msg, highlight=False, soft_wrap=True)
 
-    async def run(writer: AuditSink | None) -> list[Rotation | SigningRotation]:
-        rotations: list[Rotation | SigningRotation] = []
-        if what != "signing":
+    async def run(writer: AuditSink | None) -> list[Outcome]:
+        rotations: list[Outcome] = []
+        if what in ("nats", "all") and data_dir is not None:
+            # First: a reload is instant, and an expiring server certificate is the one
+            # credential whose lapse stops every new NATS connection.
+            rotations.append(await _rotate_nats(data_dir, addr, writer, progress))
+        if what not in ("signing", "nats"):
             rotations += await rotate(
                 addr, token, secrets_dir, targets, grace_s=grace_s, audit=writer, progress=progress
             )
@@ -178,9 +213,37 @@ async def _rotate_signing(
     return results
 
 
+async def _rotate_nats(
+    data_dir: Path, addr: str, audit: AuditSink | None, progress: Callable[[str], None]
+) -> NatsRotation:
+    """A fresh certificate for the local mesh's NATS servers, reloaded in place."""
+    from tessera.launcher.nats_security import rotate_server_certificate
+    from tessera.v1 import audit_pb2
+
+    rot = NatsRotation(NatsTarget())
+    try:
+        rot.reloaded = tuple(await asyncio.to_thread(rotate_server_certificate, data_dir, addr))
+        progress(f"certificate/nats: reissued, reloaded by {', '.join(rot.reloaded)}")
+    except Exception as exc:  # the old certificate stays in place and valid
+        rot.error = f"{type(exc).__name__}: {exc}"
+    if audit is not None:
+        try:
+            await audit.append(
+                audit_pb2.AUDIT_KIND_CREDENTIAL_ROTATED,
+                outcome="failed" if rot.error else "rotated",
+                resource=rot.target.resource,
+                details={"kind": "nats", "name": "nats", "servers": len(rot.reloaded)},
+            )
+        except Unavailable as exc:
+            err.print(f"[yellow]warning:[/] rotation not audited: {exc}", highlight=False)
+    return rot
+
+
 @app.command("rotate")
 def rotate_cmd(
-    what: Annotated[str, typer.Argument(help="approle | tool | signing | all", show_default=False)],
+    what: Annotated[
+        str, typer.Argument(help="approle | tool | signing | nats | all", show_default=False)
+    ],
     name: Annotated[
         str | None,
         typer.Argument(
@@ -219,7 +282,9 @@ def rotate_cmd(
         raise fail(f"expected one of {', '.join(KINDS)}, got {what!r}", 2)
     if what == "all" and name:
         raise fail("`all` takes no name", 2)
-    if what not in ("all", "signing") and not name:
+    if what == "nats" and name:
+        raise fail("`nats` takes no name", 2)
+    if what not in ("all", "signing", "nats") and not name:
         raise fail(
             f"`{what}` needs a name (e.g. `tessera creds rotate {what} "
             f"{'tool-proxy' if what == 'approle' else 'kb.search'}`)",
@@ -232,6 +297,13 @@ def rotate_cmd(
             writers = ", ".join(AUDIT_WRITERS)
             raise fail(f"no audit signing key for {name!r} (writers: {writers})", 2)
     target = resolve_target(data_dir, addr, secrets_dir)
+    mesh_dir = (data_dir or default_data_dir()).resolve() if target.local else None
+    if what == "nats" and not target.local:
+        raise fail(
+            "`nats` rotates the local mesh's NATS servers (`tessera up`); a deployment's "
+            "NATS certificate comes from its own issuer (deploy/README.md)",
+            2,
+        )
     if what == "approle" and not (target.secrets_dir / f"{name}.approle.json").is_file():
         raise fail(
             f"{target.secrets_dir / f'{name}.approle.json'} does not exist: rotation replaces "
@@ -249,7 +321,7 @@ def rotate_cmd(
                 name,
                 grace,
                 audit,
-                data_dir if target.local else None,
+                mesh_dir,
             )
         )
     except ValueError as exc:
@@ -262,7 +334,8 @@ def rotate_cmd(
         f"rotated {len(rotations) - len(failed)}/{len(rotations)} "
         f"({sum(r.target.kind == 'approle' for r in rotations)} AppRole, "
         f"{sum(r.target.kind == 'tool' for r in rotations)} tool secrets, "
-        f"{sum(r.target.kind == 'signing' for r in rotations)} signing keys)",
+        f"{sum(r.target.kind == 'signing' for r in rotations)} signing keys, "
+        f"{sum(r.target.kind == 'nats' for r in rotations)} NATS server certificate)",
         highlight=False,
     )
     for rot in failed:

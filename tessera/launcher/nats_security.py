@@ -7,8 +7,10 @@ nats-server requiring TLS from every client and between cluster routes, with
 permissions :mod:`tessera.runtime.nats_permissions` gives its identity. A connection
 without a certificate of the mesh CA is refused.
 
-The server certificate lives as long as the PKI roles allow (``max_cert_ttl``, 24 h);
-`tessera restart nats` (or `up` again) issues a fresh one.
+The server certificate lives as long as the PKI roles allow (``max_cert_ttl``, 24 h):
+`tessera creds rotate nats` (part of ``all``) issues a fresh one and has every server reload
+it with no downtime (established connections stay; new handshakes see the new one);
+`tessera restart nats` or `up` again issue one too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tessera.launcher.operator import local_identity
+from tessera.launcher import processes
+from tessera.launcher.operator import OperatorIdentity, local_identity
 from tessera.runtime.bus import Topology
 from tessera.runtime.nats_permissions import render_authorization
 
@@ -28,6 +31,7 @@ __all__ = [
     "NATS_IDENTITY",
     "NatsSecurity",
     "issue_server_certificate",
+    "rotate_server_certificate",
     "route_tls",
     "route_url",
     "security_block",
@@ -58,10 +62,7 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def issue_server_certificate(
-    data_dir: Path, vault_addr: str, identities: Iterable[str], namespace: str
-) -> NatsSecurity:
-    """The server's certificate files and the users of every identity."""
+def _issue(data_dir: Path, vault_addr: str) -> OperatorIdentity:
     # 127.0.0.1: cluster routes dial their peers by address and check it (vault/pki.yaml).
     issued = local_identity(
         data_dir,
@@ -73,6 +74,14 @@ def issue_server_certificate(
     )
     if issued is None:
         raise RuntimeError("no nats AppRole in the secrets directory: run the Vault bootstrap")
+    return issued
+
+
+def issue_server_certificate(
+    data_dir: Path, vault_addr: str, identities: Iterable[str], namespace: str
+) -> NatsSecurity:
+    """The server's certificate files and the users of every identity."""
+    issued = _issue(data_dir, vault_addr)
     directory = data_dir / "secrets" / "nats"
     security = NatsSecurity(
         cert_file=directory / "server.crt",
@@ -83,10 +92,39 @@ def issue_server_certificate(
         ),
         route_password=secrets.token_urlsafe(24),
     )
+    _write_server_files(security, issued)
+    return security
+
+
+def _write_server_files(security: NatsSecurity, issued: OperatorIdentity) -> None:
+    # Key first: a reload between the two writes must not pair a new certificate with
+    # the old key (nats-server would refuse the pair and keep the old one, still valid).
     _write_private(security.key_file, issued.private_key)
     _write_private(security.cert_file, issued.certificate)
     _write_private(security.ca_file, issued.ca)
-    return security
+
+
+def rotate_server_certificate(data_dir: Path, vault_addr: str) -> list[str]:
+    """Issue a fresh server certificate, put it in place and SIGHUP every NATS server of
+    the mesh in ``data_dir`` (nats-server reloads TLS on it); the servers reloaded.
+
+    Raises:
+        RuntimeError: no ``nats`` AppRole, or no NATS server of this mesh is running.
+    """
+    issued = _issue(data_dir, vault_addr)
+    directory = data_dir / "secrets" / "nats"
+    files = NatsSecurity(
+        cert_file=directory / "server.crt",
+        key_file=directory / "server.key",
+        ca_file=directory / "ca.crt",
+        authorization="",
+    )
+    _write_server_files(files, issued)
+    names = [n for n in processes.recorded_names(data_dir) if n == "nats" or n.startswith("nats-n")]
+    reloaded = [n for n in names if processes.reload(data_dir, n)]
+    if not reloaded:
+        raise RuntimeError(f"no NATS server of the mesh in {data_dir} is running")
+    return reloaded
 
 
 def security_block(security: NatsSecurity, *, cluster: bool = False) -> str:

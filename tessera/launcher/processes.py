@@ -309,6 +309,16 @@ def kill(data_dir: Path, name: str) -> ProcessRecord | None:
     return record
 
 
+def reload(data_dir: Path, name: str) -> bool:
+    """SIGHUP ``name`` (nats-server re-reads its configuration and TLS files on it); False
+    when it is not running as recorded."""
+    record = read_record(data_dir, name)
+    if record is None or not is_alive(record):
+        return False
+    os.kill(record.pid, signal.SIGHUP)
+    return True
+
+
 def respawn(data_dir: Path, record: ProcessRecord) -> ProcessRecord:
     """Start ``record``'s component again with the command, settings and directory it
     was started with (the rest of the environment is this process's). Read the record

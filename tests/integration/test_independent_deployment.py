@@ -45,7 +45,7 @@ from tests.integration.harness import TERMINAL, WS
 from tests.integration.test_mesh_up import tessera
 
 PROJECT_ROOT = project_root(Path(__file__).parent)
-CORE = ("policy", "planner", "tool-proxy", "coordinator", "gateway-control-plane")
+CORE = ("policy", "planner", "tool-proxy", "registry", "coordinator", "gateway-control-plane")
 BYSTANDER = "agent-billing"  # a reference agent that must not notice anything
 CALLER = (("x-tessera-caller", "independent-deployment-test"),)
 

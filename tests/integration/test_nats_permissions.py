@@ -205,3 +205,37 @@ async def test_services_keep_working_under_the_permissions(
         # nats-py reports the server's -ERR as "nats: permissions violation for ...".
         text = log.read_text(errors="replace").lower()
         assert "permissions violation" not in text, log.name
+
+
+def _served_certificate(nc: Client) -> bytes:
+    # nats-py keeps the TLS stream in its transport; no public accessor for the peer cert.
+    writer = nc._transport._io_writer  # type: ignore[union-attr]
+    der: bytes = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return der
+
+
+async def test_the_server_certificate_rotates_with_no_dropped_connection(
+    mesh: tuple[Path, str, str],
+) -> None:
+    """`tessera creds rotate nats`: a fresh server certificate, reloaded in place; a
+    connection made before keeps working and a new one is served the new certificate."""
+    data_dir = mesh[0]
+    before, _ = await _as(mesh, "coordinator")
+    try:
+        old = _served_certificate(before)
+        rotated = await asyncio.to_thread(
+            tessera, "creds", "rotate", "nats", data_dir=data_dir, timeout_s=60
+        )
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        assert "reloaded by nats" in rotated.stdout, rotated.stdout
+        after, _ = await _as(mesh, "coordinator")
+        try:
+            assert _served_certificate(after) != old
+            for nc in (before, after):  # both still authenticated as the coordinator
+                workflows = await nc.jetstream().key_value(TOPOLOGY.workflows_bucket)
+                await workflows.put("wf.rotation-probe", b"{}")
+            await workflows.delete("wf.rotation-probe")
+        finally:
+            await after.close()
+    finally:
+        await before.close()

@@ -1,6 +1,7 @@
 """Rotation under load (RELIABILITY.md I9): a `tessera up` mesh whose workload
-certificates live 10 seconds, and `tessera creds rotate all` (AppRole secret IDs, tool
-secrets, audit signing keys) in the middle of W(N, T) of governed reference workflows.
+certificates live 10 seconds (and with them every client's NATS credential), and `tessera
+creds rotate all` (the NATS servers' certificate, AppRole secret IDs, tool secrets, audit
+signing keys) in the middle of W(N, T) of governed reference workflows.
 
 Every process renews its certificate several times during the run (servers pick the new
 one up at the next handshake, client channels are rebuilt, Envoy gets its new one over
@@ -75,9 +76,10 @@ async def test_certificates_and_credentials_rotate_under_load_and_no_call_fails(
     assert load.errors == {}, load.errors
     assert not load.retried, load.retried  # no client call had to be retried
     assert "signing" in rotated
+    assert "certificate/nats: reissued, reloaded by nats" in rotated, rotated
     # Every service renewed its certificate more than once during the run.
     renewals = _renewals(data_dir)
-    for name in ("coordinator", "tool-proxy", "policy", "planner", "agent-billing"):
+    for name in ("coordinator", "tool-proxy", "policy", "planner", "registry", "agent-billing"):
         assert renewals.get(name, 0) >= 3, renewals
     verified = await asyncio.to_thread(tessera, "audit", "verify", data_dir=data_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr

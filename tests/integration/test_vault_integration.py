@@ -48,6 +48,8 @@ SERVICES = (
     "gateway-control-plane",
     "gateway",
     "operator",
+    "registry",
+    "nats",
 )
 AGENTS = (
     "triage",
