@@ -1,28 +1,48 @@
 """Runner of the governed-call benchmark (``bench_tool_calls.py`` starts it as a subprocess).
 
-One process, one uvloop event loop: the client, the tool proxy, the policy service and both
+One process, one uvloop event loop: the client, the tool proxy, the policy service and the
 bare chains all live in it (NATS and OpenBao are the real servers the test fixtures
 started). The governed path and the bare chains therefore pay for the same things: one
 Python process whose gRPC handlers share one core, gRPC over loopback TCP, protobuf
-(de)serialization on every hop.
+(de)serialization on every hop, and, on every hop but the plaintext references, mTLS with
+workload certificates of the same mesh CA (OpenBao PKI, the bench's own bootstrap).
 
-* governed (the defaults): client → tool proxy (token lookup cache, scope, schema, rate
-  limits, policy ``Check`` on the policy service, whose decision record is deferred, use
-  ledger in NATS KV, secret cache, ``allow`` audit record acked by JetStream) → the no-op
-  in-process (built-in backend) tool ``bench.noop``.
+Identity is on as in a real mesh (docs/identity.md): every server below that is not a
+plaintext reference is a :class:`GrpcServer` with its workload certificate (client
+certificates of the mesh CA required, every call authorized by the caller's
+SPIFFE ID from :mod:`tessera.identity.callers`); every client channel is
+:meth:`Workload.channel` (mTLS, the server's DNS SAN checked). The process's environment
+says ``TESSERA_INSECURE_PLAINTEXT=0`` and every setting names ``insecure_plaintext``
+explicitly, so nothing falls back to plaintext unnoticed.
+
+* governed (the defaults): the agent ``agent-bench`` → tool proxy (AppRole ``tool-proxy``;
+  token lookup cache, the caller must be the token's agent, scope, schema, rate limits,
+  policy ``Check`` on the policy service (AppRole ``policy``), whose decision record is
+  deferred, use ledger in NATS KV, secret cache, ``allow`` audit record acked by
+  JetStream) → the no-op in-process (built-in backend) tool ``bench.noop``.
 * sync: governed, with the policy service acking each decision record before it answers
   (``decision_audit = "sync"``).
-* bare: client → relay → no-op server; the relay and the server serve
-  ``ToolProxyService.InvokeTool`` on the same :class:`GrpcServer` stack as every Tessera
-  service (OTel, error mapping, deadline guard) and the relay calls on through
-  :func:`tessera.runtime.grpc_client.channel`, like the proxy calls the policy service.
+* bare (the baseline, mTLS): ``agent-bench`` → relay (``agent-bench-relay``) → no-op
+  server (``agent-bench-noop``). Both serve ``ToolProxyService.InvokeTool`` on the same
+  :class:`GrpcServer` stack as every Tessera service (OTel, error mapping, caller
+  authorization, deadline guard) and the relay calls on through :meth:`Workload.channel`
+  with its own certificate, like the proxy calls the policy service. The two extra
+  identities are agents of the bench's bootstrap only (see ``_tool_calls_fixtures.py``):
+  agents, because ``ToolProxyService`` admits only ``agent/*`` callers, so the relay's
+  certificate must be an agent's; their own, so that no hop of the baseline borrows a
+  service's name.
+* bare_plaintext (informational): the same chain and server stack without TLS (and so
+  without the caller authorization, which needs a verified caller); bare / bare_plaintext
+  is what identity itself costs on two hops.
 * embedded: the governed path with ``policy_mode = "embedded"`` (the same policy set
   decided in the proxy's process; no policy hop, no policy-service decision record: the
   proxy's ``allow`` record carries the decision).
-* raw (informational): the same 2-hop chain on plain ``grpc.aio`` without interceptors.
+* raw (informational): the same 2-hop chain on plain ``grpc.aio``, plaintext, without
+  interceptors.
 
-Samples are taken in interleaved blocks (bare, raw, governed, sync, embedded, bare, …) so
-that noise from other tenants of this shared machine hits every path alike.
+Samples are taken in interleaved blocks (bare, bare_plaintext, raw, governed, sync,
+embedded, bare, …) so that noise from other tenants of this shared machine hits every path
+alike.
 
 ``python -m tests.bench._tool_calls_run CONFIG.json OUT.json``; CONFIG holds ``nats_url``,
 ``vault_addr``, ``creds`` (identity → AppRole file), ``n``, ``warmup``, ``rounds`` and
@@ -58,8 +78,10 @@ from tessera.audit import verify
 from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect
 from tessera.runtime.config import ServiceSettings
+from tessera.runtime.grpc_authz import peer
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.grpc_server import GrpcServer
+from tessera.runtime.identity import Workload
 from tessera.runtime.metadata import TASK_TOKEN_METADATA
 from tessera.v1 import tool_proxy_pb2, tool_proxy_pb2_grpc
 from tessera.vault import ToolSecret, VaultClient
@@ -93,18 +115,39 @@ def noop_tool() -> Tool:
 
 # -- the bare chain ---------------------------------------------------------------------------
 
+AGENT_IDENTITY = "agent-bench"
+"""The calling client of every path (an agent identity of the bench's bootstrap)."""
+RELAY_IDENTITY, NOOP_IDENTITY = "agent-bench-relay", "agent-bench-noop"
+"""The bare chain's two servers (agent identities of the bench's bootstrap)."""
+
 
 class _Servicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
+    caller: str | None = None
+    """The first call's verified caller (its SPIFFE ID; "" on a plaintext server, None
+    before any call): the JSON shows that each hop really was authenticated, and as whom."""
+
+    def _seen(self) -> None:
+        if self.caller is None:
+            name = peer()
+            self.caller = name.spiffe_id if name is not None else ""
+
     async def ListTools(
         self, request: tool_proxy_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
     ) -> tool_proxy_pb2.ListToolsResponse:
         return tool_proxy_pb2.ListToolsResponse()
+
+    async def DecideApproval(
+        self, request: tool_proxy_pb2.DecideApprovalRequest, context: grpc.aio.ServicerContext
+    ) -> tool_proxy_pb2.DecideApprovalResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of the benchmark")
+        raise AssertionError("unreachable")
 
 
 class _NoopServicer(_Servicer):
     async def InvokeTool(
         self, request: tool_proxy_pb2.InvokeToolRequest, context: grpc.aio.ServicerContext
     ) -> tool_proxy_pb2.InvokeToolResponse:
+        self._seen()
         result = struct_pb2.Struct()
         result.update({"ok": True})
         return tool_proxy_pb2.InvokeToolResponse(result=result, decision_id="bare")
@@ -117,6 +160,7 @@ class _RelayServicer(_Servicer):
     async def InvokeTool(
         self, request: tool_proxy_pb2.InvokeToolRequest, context: grpc.aio.ServicerContext
     ) -> tool_proxy_pb2.InvokeToolResponse:
+        self._seen()
         response: tool_proxy_pb2.InvokeToolResponse = await self.stub.InvokeTool(
             request, timeout=5.0
         )
@@ -124,50 +168,85 @@ class _RelayServicer(_Servicer):
 
 
 class BareChain:
-    """client → relay → no-op server, on the Tessera server stack (``tessera=True``) or on
-    plain grpc.aio (``tessera=False``)."""
+    """client → relay → no-op server.
 
-    def __init__(self, *, tessera: bool) -> None:
-        self.tessera = tessera
+    ``mode``: ``"mtls"`` (the Tessera server stack with workload certificates: the relay
+    serves and calls with ``relay``'s, the no-op server serves with ``noop``'s),
+    ``"plaintext"`` (the same stack, ``insecure_plaintext``) or ``"raw"`` (plain grpc.aio,
+    no interceptors, plaintext)."""
+
+    def __init__(
+        self, mode: str, *, relay: Workload | None = None, noop: Workload | None = None
+    ) -> None:
+        if mode not in ("mtls", "plaintext", "raw"):
+            raise ValueError(f"unknown bare chain mode {mode!r}")
+        if mode == "mtls" and (relay is None or noop is None):
+            raise ValueError("an mTLS bare chain needs the relay's and the no-op's identities")
+        self.mode = mode
+        self.relay_workload, self.noop_workload = relay, noop
         self._servers: list[Any] = []
         self._channels: list[grpc.aio.Channel] = []
         self.address = ""
+        self.servicers: list[_Servicer] = []
 
-    async def _serve(self, servicer: tool_proxy_pb2_grpc.ToolProxyServiceServicer) -> str:
+    async def _serve(self, servicer: _Servicer, workload: Workload | None) -> str:
+        self.servicers.append(servicer)
+
         def register(server: grpc.aio.Server) -> None:
             tool_proxy_pb2_grpc.add_ToolProxyServiceServicer_to_server(servicer, server)
 
-        if self.tessera:
-            gs = GrpcServer(
-                name="bench-bare",
-                settings=ServiceSettings(listen="127.0.0.1:0"),
-                register=[register],
-                service_names=[SERVICE_NAME],
-            )
-            await gs.start()
-            self._servers.append(gs)
-            return gs.address
-        server = grpc.aio.server()
-        register(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        self._servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = (
-            channel(address, service="bench")
-            if self.tessera
-            else grpc.aio.insecure_channel(address)
+        if self.mode == "raw":
+            server = grpc.aio.server()
+            register(server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            self._servers.append(server)
+            return f"127.0.0.1:{port}"
+        identity = workload.certificate if workload is not None else None
+        gs = GrpcServer(
+            name="bench-bare",
+            settings=ServiceSettings(
+                listen="127.0.0.1:0", insecure_plaintext=self.mode == "plaintext"
+            ),
+            register=[register],
+            service_names=[SERVICE_NAME],
+            identity=identity,
         )
-        self._channels.append(ch)
-        return ch
+        await gs.start()
+        self._servers.append(gs)
+        return gs.address
 
     async def start(self) -> str:
-        noop = await self._serve(_NoopServicer())
-        relay_stub = tool_proxy_pb2_grpc.ToolProxyServiceStub(self._channel(noop))
-        self.address = await self._serve(_RelayServicer(relay_stub))
+        noop = await self._serve(_NoopServicer(), self.noop_workload)
+        if self.mode == "mtls":
+            assert self.relay_workload is not None and self.noop_workload is not None
+            assert self.noop_workload.certificate is not None
+            # As the proxy dials the policy service: Workload.channel, expecting the peer's
+            # DNS SAN, presenting the relay's own certificate.
+            ch = self.relay_workload.channel(
+                noop, peer=self.noop_workload.certificate.name, service="bench-relay"
+            )
+        elif self.mode == "plaintext":
+            ch = channel(noop, service="bench-relay")
+        else:
+            ch = grpc.aio.insecure_channel(noop)
+        self._channels.append(ch)
+        relay_stub = tool_proxy_pb2_grpc.ToolProxyServiceStub(ch)
+        self.address = await self._serve(_RelayServicer(relay_stub), self.relay_workload)
         return self.address
+
+    def identity(self) -> dict[str, Any]:
+        """Who served and who called each hop (from the servers' verified peers)."""
+        noop, relay = self.servicers
+        served = [
+            w.certificate.name.spiffe_id if w is not None and w.certificate is not None else ""
+            for w in (self.relay_workload, self.noop_workload)
+        ]
+        return {
+            "mtls": self.mode == "mtls",
+            "relay": {"served_as": served[0], "caller": relay.caller},
+            "noop": {"served_as": served[1], "caller": noop.caller},
+        }
 
     async def stop(self) -> None:
         for ch in self._channels:
@@ -207,14 +286,16 @@ async def _components(
     namespace: str,
     policy_address: str,
     request: tool_proxy_pb2.InvokeToolRequest,
+    caller: Workload,
     store: PolicyStore | None = None,
 ) -> dict[str, float]:
-    """p50 of the governed path's parts, each alone (where the remaining time goes)."""
+    """p50 of the governed path's parts, each alone (where the remaining time goes). The
+    policy Check is made over mTLS as ``caller`` (the tool proxy's identity)."""
     from tessera.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
     topology = Topology(namespace)
     nc = await connect(nats_url, name="bench-components")
-    ch = channel(policy_address, service="bench")
+    ch = caller.channel(policy_address, peer=caller.peer("service", "policy"), service="bench")
     out: dict[str, float] = {}
     try:
         js = nc.jetstream()
@@ -272,9 +353,21 @@ async def _components(
     return out
 
 
+async def _workload(vault_addr: str, approle: Path) -> Workload:
+    """The workload certificate of an AppRole of the bench's bootstrap."""
+    return await Workload.start(
+        ServiceSettings(vault_addr=vault_addr, vault_approle_file=approle, insecure_plaintext=False)
+    )
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3)
+
+
 async def run(cfg: dict[str, Any]) -> dict[str, Any]:
     n, warmup, rounds = int(cfg["n"]), int(cfg["warmup"]), int(cfg["rounds"])
     creds = {k: Path(v) for k, v in cfg["creds"].items()}
+    vault_addr = cfg["vault_addr"]
     namespace = "bench" + secrets.token_hex(4)
     policy_settings = PolicySettings(
         policy_dir=REPO / "policy",
@@ -282,6 +375,9 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         namespace=namespace,
         listen="127.0.0.1:0",
         instance_id=f"policy-{namespace}",
+        vault_addr=vault_addr,
+        vault_approle_file=creds["policy"],
+        insecure_plaintext=False,
     )
     policy = PolicyService(policy_settings)
     await policy.start()
@@ -296,8 +392,9 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
     settings = ToolProxySettings(
         nats_url=cfg["nats_url"],
         namespace=namespace,
-        vault_addr=cfg["vault_addr"],
+        vault_addr=vault_addr,
         vault_approle_file=creds["tool-proxy"],
+        insecure_plaintext=False,
         policy_address=policy.address,
         # The benchmark measures latency, not the (per-agent) rate limits.
         agent_rate_per_s=1e6,
@@ -322,16 +419,29 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     proxy_embedded.registry.register(noop_tool())
     await proxy_embedded.start()
-    bare, raw = BareChain(tessera=True), BareChain(tessera=False)
+    agent = await _workload(vault_addr, creds[AGENT_IDENTITY])
+    relay = await _workload(vault_addr, creds[RELAY_IDENTITY])
+    noop = await _workload(vault_addr, creds[NOOP_IDENTITY])
+    workloads = (agent, relay, noop)
+    bare = BareChain("mtls", relay=relay, noop=noop)
+    bare_plain, raw = BareChain("plaintext"), BareChain("raw")
     await bare.start()
+    await bare_plain.start()
     await raw.start()
-    coordinator = await VaultClient.from_approle_file(cfg["vault_addr"], creds["coordinator"])
+    assert relay.certificate is not None and agent.certificate is not None
+    tool_proxy_name = agent.peer("service", "tool-proxy")
+
+    def to_proxy(address: str) -> grpc.aio.Channel:
+        return agent.channel(address, peer=tool_proxy_name, service="bench-agent")
+
+    coordinator = await VaultClient.from_approle_file(vault_addr, creds["coordinator"])
     client_channels = [
-        channel(proxy.address, service="bench-agent"),
-        channel(bare.address, service="bench-agent"),
+        to_proxy(proxy.address),
+        agent.channel(bare.address, peer=relay.certificate.name, service="bench-agent"),
+        channel(bare_plain.address, service="bench-agent"),
         grpc.aio.insecure_channel(raw.address),
-        channel(proxy_sync.address, service="bench-agent"),
-        channel(proxy_embedded.address, service="bench-agent"),
+        to_proxy(proxy_sync.address),
+        to_proxy(proxy_embedded.address),
     ]
     try:
         wf, task = "wf-" + secrets.token_hex(6), "task-" + secrets.token_hex(4)
@@ -340,11 +450,12 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             tools=[NOOP_TOOL],
             ttl_s=900,
             num_uses=3 * total + 10,
-            meta={"workflow": wf, "task": task, "agent": "bench"},
+            # The agent the token is issued to is the calling certificate's (TOKEN_NOT_CALLERS).
+            meta={"workflow": wf, "task": task, "agent": agent.certificate.name.name},
         )
         request = tool_proxy_pb2.InvokeToolRequest(tool=NOOP_TOOL)
         request.context.workflow_id, request.context.task_id = wf, task
-        request.context.principal = "bench"
+        request.context.principal = agent.certificate.name.name
         request.arguments.CopyFrom(struct_pb2.Struct())
         metadata = ((TOKEN_MD, token.token),)
         stubs = [tool_proxy_pb2_grpc.ToolProxyServiceStub(ch) for ch in client_channels]
@@ -357,28 +468,25 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
             return call
 
-        governed_call, bare_call, raw_call, sync_call, embedded_call = (caller(s) for s in stubs)
-        per_round = max(1, n // rounds)
-        discard: list[float] = []
-        for fn in (bare_call, raw_call, governed_call, sync_call, embedded_call):
-            await _block(fn, warmup, discard)
-
-        samples: dict[str, list[float]] = {
-            "governed": [],
-            "bare": [],
-            "raw": [],
-            "sync": [],
-            "embedded": [],
-        }
-        profiler = cProfile.Profile() if cfg.get("profile") else None
-        started = time.perf_counter()
+        governed_call, bare_call, plain_call, raw_call, sync_call, embedded_call = (
+            caller(s) for s in stubs
+        )
         blocks = {
             "bare": bare_call,
+            "bare_plaintext": plain_call,
             "raw": raw_call,
             "governed": governed_call,
             "sync": sync_call,
             "embedded": embedded_call,
         }
+        per_round = max(1, n // rounds)
+        discard: list[float] = []
+        for fn in blocks.values():
+            await _block(fn, warmup, discard)
+
+        samples: dict[str, list[float]] = {path: [] for path in blocks}
+        profiler = cProfile.Profile() if cfg.get("profile") else None
+        started = time.perf_counter()
         profiled = cfg.get("profile_path") or "governed"
         for _ in range(rounds):
             for path, fn in blocks.items():
@@ -396,44 +504,76 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         for p in (proxy, proxy_sync, proxy_embedded):
             if p.servicer is not None:
                 await p.servicer.drain()
-        if policy.servicer is not None:
-            await policy.servicer.flush()  # every deferred decision record is written
+        for ps in (policy, policy_sync):
+            if ps.servicer is not None:
+                await ps.servicer.flush()  # every deferred decision record is written
         nc = await connect(cfg["nats_url"], name="bench-verify")
         try:
             report = await verify(nc.jetstream(), Topology(namespace))
         finally:
             await nc.drain()
         # After the verification: these publish to a scratch subject of the audit stream.
+        assert proxy.workload is not None
         components = await _components(
-            cfg["nats_url"], namespace, policy.address, request, proxy_embedded.policy_store
+            cfg["nats_url"],
+            namespace,
+            policy.address,
+            request,
+            proxy.workload,
+            proxy_embedded.policy_store,
         )
         governed, bare_s = summary(samples["governed"]), summary(samples["bare"])
-        raw_s, sync_s = summary(samples["raw"]), summary(samples["sync"])
-        embedded_s = summary(samples["embedded"])
+        plain_s, raw_s = summary(samples["bare_plaintext"]), summary(samples["raw"])
+        sync_s, embedded_s = summary(samples["sync"]), summary(samples["embedded"])
+
+        def served_as(server: GrpcServer | None) -> str:
+            ident = server.identity if server is not None else None
+            return ident.name.spiffe_id if ident is not None else ""
+
         return {
             "process_model": "in-process: client, tool proxy, policy service and bare chains "
             "share one uvloop event loop in one process; NATS and OpenBao are real servers",
             "event_loop": type(asyncio.get_running_loop()).__module__
             + "."
             + type(asyncio.get_running_loop()).__name__,
+            "identity": {
+                "grpc": "mTLS with workload certificates of the bench's mesh CA on every hop "
+                "of governed, sync, embedded and bare; bare_plaintext and raw are plaintext",
+                "nats": "plaintext (the test fixture's nats-server has no TLS)",
+                "client": agent.certificate.name.spiffe_id,
+                "tool_proxy": served_as(proxy.server),
+                "policy": served_as(policy.server),
+                "bare": bare.identity(),
+            },
             "governed": governed,
             "bare_2hop": bare_s,
+            "bare_2hop_plaintext": plain_s,
             "raw_grpc_2hop": raw_s,
-            "ratio_p50": round(governed["p50_ms"] / bare_s["p50_ms"], 3),
-            "ratio_p99": round(governed["p99_ms"] / bare_s["p99_ms"], 3),
-            "ratio_p50_vs_raw": round(governed["p50_ms"] / raw_s["p50_ms"], 3),
+            "ratio_p50": _ratio(governed["p50_ms"], bare_s["p50_ms"]),
+            "ratio_p99": _ratio(governed["p99_ms"], bare_s["p99_ms"]),
+            "ratio_p50_vs_raw": _ratio(governed["p50_ms"], raw_s["p50_ms"]),
+            "mtls_cost": {
+                "bare_ratio_p50": _ratio(bare_s["p50_ms"], plain_s["p50_ms"]),
+                "bare_ratio_p99": _ratio(bare_s["p99_ms"], plain_s["p99_ms"]),
+                "bare_delta_p50_ms": round(bare_s["p50_ms"] - plain_s["p50_ms"], 3),
+                "governed_ratio_p50_vs_plaintext_bare": _ratio(
+                    governed["p50_ms"], plain_s["p50_ms"]
+                ),
+            },
             "governed_policy_audit_sync": sync_s,
-            "ratio_p50_policy_audit_sync": round(sync_s["p50_ms"] / bare_s["p50_ms"], 3),
+            "ratio_p50_policy_audit_sync": _ratio(sync_s["p50_ms"], bare_s["p50_ms"]),
+            "ratio_p99_policy_audit_sync": _ratio(sync_s["p99_ms"], bare_s["p99_ms"]),
             "governed_policy_embedded": embedded_s,
-            "ratio_p50_embedded": round(embedded_s["p50_ms"] / bare_s["p50_ms"], 3),
-            "ratio_p99_embedded": round(embedded_s["p99_ms"] / bare_s["p99_ms"], 3),
+            "ratio_p50_embedded": _ratio(embedded_s["p50_ms"], bare_s["p50_ms"]),
+            "ratio_p99_embedded": _ratio(embedded_s["p99_ms"], bare_s["p99_ms"]),
             "targets": {
+                "baseline": "bare_2hop (mTLS), measured in the same run",
                 "ratio_p50_max": 1.3,
-                "governed_p99_ms_max": 3.0,
+                "ratio_p99_max": 1.5,
                 "ratio_p50_met": governed["p50_ms"] <= 1.3 * bare_s["p50_ms"],
-                "p99_met": governed["p99_ms"] <= 3.0,
+                "ratio_p99_met": governed["p99_ms"] <= 1.5 * bare_s["p99_ms"],
                 "embedded_ratio_p50_met": embedded_s["p50_ms"] <= 1.3 * bare_s["p50_ms"],
-                "embedded_p99_met": embedded_s["p99_ms"] <= 3.0,
+                "embedded_ratio_p99_met": embedded_s["p99_ms"] <= 1.5 * bare_s["p99_ms"],
             },
             "components_p50_ms": components,
             "warmup_per_path": warmup,
@@ -450,7 +590,10 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         for ch in client_channels:
             await ch.close()
         await raw.stop()
+        await bare_plain.stop()
         await bare.stop()
+        for w in workloads:
+            await w.close()
         await proxy_embedded.stop()
         await proxy_sync.stop()
         await proxy.stop()
