@@ -31,6 +31,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tessera.identity.callers import CALLERS
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -472,8 +474,15 @@ def test_network_policies(rendered: list[dict[str, Any]]) -> None:
                 if "from" not in rule:
                     peers.add("*")
                 for peer in rule.get("from", []):
-                    labels = peer["podSelector"].get("matchLabels", {})
-                    peers.add(labels.get("tessera.io/role", "*"))
+                    selector = peer["podSelector"]
+                    labels = selector.get("matchLabels", {})
+                    if selector.get("matchExpressions"):
+                        peers.add(
+                            "all but "
+                            + ",".join(v for e in selector["matchExpressions"] for v in e["values"])
+                        )
+                    else:
+                        peers.add(labels.get("tessera.io/role", "*"))
         return peers
 
     for p in policies:
@@ -481,13 +490,34 @@ def test_network_policies(rendered: list[dict[str, Any]]) -> None:
         assert role is None or role in roles, (
             f"NetworkPolicy {p['metadata']['name']} selects nothing"
         )
-    assert allowed_from("agent") == {"coordinator"}
-    assert allowed_from("tool-proxy") <= {"agent", "envoy"} and "agent" in allowed_from(
-        "tool-proxy"
-    )
-    assert allowed_from("policy") == {"tool-proxy"}
-    assert "*" in allowed_from("nats")
+
+    # The network matches the caller table (tessera/identity/callers.py): each service is
+    # reachable from exactly the pods whose identities may call it (the operator is the
+    # local CLI, not a pod; Envoy is `service/gateway`).
+    def pod_role(caller: str) -> str | None:
+        kind, _, name = caller.partition("/")
+        if kind == "agent":
+            return "agent"
+        return {"gateway": "envoy", "operator": None}.get(name, name)
+
+    for role, service in (
+        ("coordinator", "CoordinatorService"),
+        ("planner", "PlannerService"),
+        ("tool-proxy", "ToolProxyService"),
+        ("policy", "PolicyService"),
+        ("registry", "RegistryService"),
+        ("agent", "AgentService"),
+    ):
+        callers = {
+            c
+            for key, allowed in CALLERS.items()
+            if key.startswith(f"tessera.v1.{service}/")
+            for c in allowed
+        }
+        expected = {r for r in map(pod_role, callers) if r is not None}
+        assert allowed_from(role) == expected, (role, allowed_from(role), expected)
     assert allowed_from("gateway-control-plane") == {"envoy"}
+    assert allowed_from("nats") == {"all but agent,envoy", "nats"}
 
 
 def test_coordinator_disruption_budget(rendered: list[dict[str, Any]]) -> None:
