@@ -82,26 +82,32 @@ def issue_server_certificate(
 ) -> NatsSecurity:
     """The server's certificate files and the users of every identity."""
     issued = _issue(data_dir, vault_addr)
-    directory = data_dir / "secrets" / "nats"
     security = NatsSecurity(
-        cert_file=directory / "server.crt",
-        key_file=directory / "server.key",
-        ca_file=directory / "ca.crt",
+        **_server_files(data_dir),
         authorization=render_authorization(
             [i for i in identities if i != NATS_IDENTITY], Topology(namespace)
         ),
         route_password=secrets.token_urlsafe(24),
     )
-    _write_server_files(security, issued)
+    _write_server_files(_server_files(data_dir), issued)
     return security
 
 
-def _write_server_files(security: NatsSecurity, issued: OperatorIdentity) -> None:
+def _server_files(data_dir: Path) -> dict[str, Path]:
+    directory = data_dir / "secrets" / "nats"
+    return {
+        "cert_file": directory / "server.crt",
+        "key_file": directory / "server.key",
+        "ca_file": directory / "ca.crt",
+    }
+
+
+def _write_server_files(files: dict[str, Path], issued: OperatorIdentity) -> None:
     # Key first: a reload between the two writes must not pair a new certificate with
     # the old key (nats-server would refuse the pair and keep the old one, still valid).
-    _write_private(security.key_file, issued.private_key)
-    _write_private(security.cert_file, issued.certificate)
-    _write_private(security.ca_file, issued.ca)
+    _write_private(files["key_file"], issued.private_key)
+    _write_private(files["cert_file"], issued.certificate)
+    _write_private(files["ca_file"], issued.ca)
 
 
 def rotate_server_certificate(data_dir: Path, vault_addr: str) -> list[str]:
@@ -111,15 +117,7 @@ def rotate_server_certificate(data_dir: Path, vault_addr: str) -> list[str]:
     Raises:
         RuntimeError: no ``nats`` AppRole, or no NATS server of this mesh is running.
     """
-    issued = _issue(data_dir, vault_addr)
-    directory = data_dir / "secrets" / "nats"
-    files = NatsSecurity(
-        cert_file=directory / "server.crt",
-        key_file=directory / "server.key",
-        ca_file=directory / "ca.crt",
-        authorization="",
-    )
-    _write_server_files(files, issued)
+    _write_server_files(_server_files(data_dir), _issue(data_dir, vault_addr))
     names = [n for n in processes.recorded_names(data_dir) if n == "nats" or n.startswith("nats-n")]
     reloaded = [n for n in names if processes.reload(data_dir, n)]
     if not reloaded:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -23,9 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
-from nats.js import api
 
-from services.tool_proxy.tools.builtin import effects_subject
 from tessera.agent import Agent
 from tessera.agent._convert import to_value
 from tessera.runtime.bus import Topology, connect
@@ -33,6 +30,7 @@ from tessera.runtime.config import ServiceSettings
 from tessera.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from tessera.vault import VaultClient
 from tests.conftest import OpenBao
+from tests.end_of_run import read_effects
 from tests.integration.harness import REPO, Mesh, reference_agent
 
 pytestmark = pytest.mark.integration
@@ -58,29 +56,11 @@ async def mesh(nats_url: str, openbao: OpenBao) -> AsyncIterator[Mesh]:
 
 async def _refunds(mesh: Mesh, wf: str) -> list[dict[str, Any]]:
     nc = await connect(mesh.nats_url, name="test-duplicates")
-    topology = Topology(mesh.namespace)
-    subject = effects_subject(topology)
-    found: list[dict[str, Any]] = []
     try:
-        js = nc.jetstream()
-        info = await js.stream_info(topology.events_stream, subjects_filter=subject)
-        if not (info.state.subjects or {}).get(subject):
-            return found
-        sub = await js.subscribe(
-            subject,
-            ordered_consumer=True,
-            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
-        )
-        while True:
-            msg = await sub.next_msg(timeout=2.0)
-            body = json.loads(msg.data)
-            if body["workflow_id"] == wf:
-                found.append(body)
-            if msg.metadata.num_pending == 0:
-                break
+        effects = await read_effects(nc.jetstream(), Topology(mesh.namespace), {wf})
     finally:
         await nc.close()
-    return found
+    return [e for e in effects if e.get("tool") == "billing.issue_refund"]
 
 
 async def test_an_attempt_sent_to_two_replicas_refunds_once(mesh: Mesh) -> None:
@@ -134,5 +114,5 @@ async def test_an_attempt_sent_to_two_replicas_refunds_once(mesh: Mesh) -> None:
     notes = {a.output.json["billing_notes"] for a in answers}
     notes |= {o.output.json["billing_notes"] for o in raced if not isinstance(o, BaseException)}
     assert len(notes) == 1 and "refunded 40.00" in next(iter(notes)), notes
-    refunds = [e for e in await _refunds(mesh, wf) if e.get("tool") == "billing.issue_refund"]
+    refunds = await _refunds(mesh, wf)
     assert len(refunds) == 1, refunds
