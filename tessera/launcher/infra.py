@@ -23,6 +23,7 @@ from tessera.launcher.binaries import find_binary
 from tessera.launcher.gateway import Upstream, XdsTls, render
 from tessera.launcher.health import http_ok
 from tessera.launcher.nats_security import NatsSecurity, route_tls, route_url, security_block
+from tessera.launcher.private_files import write_private
 
 log = structlog.get_logger(__name__)
 
@@ -128,14 +129,6 @@ def wait_ready(servers: Sequence[Server], *, timeout: float = 20.0) -> None:
         delay = min(delay * 1.5, 0.25)
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o600)
-
-
 @dataclass(frozen=True)
 class ClusterMembership:
     """What makes one nats-server a member of a JetStream cluster (see
@@ -204,7 +197,7 @@ def start_nats(
     config = data_dir / "config" / f"{name}.conf"
     config.parent.mkdir(parents=True, exist_ok=True)
     # Private (0600): with security on it holds the route password.
-    _write_private(
+    write_private(
         config,
         nats_config(
             port=port,
@@ -278,7 +271,7 @@ def start_openbao(
     """
     token = secrets.token_hex(24)  # dev mode refuses ids with a reserved "s." prefix
     token_file = data_dir / "secrets" / "root-token"
-    _write_private(token_file, token)
+    write_private(token_file, token)
     argv = [
         str(find_binary("bao")),
         "server",

@@ -16,7 +16,6 @@ it with no downtime (established connections stay; new handshakes see the new on
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from tessera.launcher import processes
 from tessera.launcher.operator import OperatorIdentity, local_identity
+from tessera.launcher.private_files import write_private
 from tessera.runtime.bus import Topology
 from tessera.runtime.nats_permissions import render_authorization
 
@@ -51,15 +51,6 @@ class NatsSecurity:
     route_password: str = ""
     """What a cluster member presents on its routes, beside its certificate: a mesh
     certificate alone (any workload's) must not let a process join the cluster."""
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _issue(data_dir: Path, vault_addr: str) -> OperatorIdentity:
@@ -105,9 +96,9 @@ def _server_files(data_dir: Path) -> dict[str, Path]:
 def _write_server_files(files: dict[str, Path], issued: OperatorIdentity) -> None:
     # Key first: a reload between the two writes must not pair a new certificate with
     # the old key (nats-server would refuse the pair and keep the old one, still valid).
-    _write_private(files["key_file"], issued.private_key)
-    _write_private(files["cert_file"], issued.certificate)
-    _write_private(files["ca_file"], issued.ca)
+    write_private(files["key_file"], issued.private_key)
+    write_private(files["cert_file"], issued.certificate)
+    write_private(files["ca_file"], issued.ca)
 
 
 def rotate_server_certificate(data_dir: Path, vault_addr: str) -> list[str]:
@@ -125,17 +116,15 @@ def rotate_server_certificate(data_dir: Path, vault_addr: str) -> list[str]:
     return reloaded
 
 
-def security_block(security: NatsSecurity, *, cluster: bool = False) -> str:
+def security_block(security: NatsSecurity) -> str:
     """The nats.conf lines: client TLS (certificates required and mapped to users), the
-    users, and TLS between cluster routes."""
+    users (routes: :func:`route_tls`)."""
     files = (
         f"  cert_file: {json.dumps(str(security.cert_file))}\n"
         f"  key_file: {json.dumps(str(security.key_file))}\n"
         f"  ca_file: {json.dumps(str(security.ca_file))}\n"
     )
     text = "tls {\n" + files + "  verify_and_map: true\n  timeout: 2\n}\n" + security.authorization
-    if cluster:
-        text += "# routes: mutual TLS with the same certificate\n"
     return text
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from tessera.launcher import processes
 from tessera.launcher.binaries import find_binary
-from tessera.launcher.infra import LOOPBACK, OpenBaoServer, StartFailed, _write_private
+from tessera.launcher.infra import LOOPBACK, OpenBaoServer, StartFailed
+from tessera.launcher.private_files import write_private
 
 __all__ = ["ROOT_TOKEN_FILE", "UNSEAL_KEY_FILE", "start_persistent_openbao", "unseal"]
 
@@ -101,9 +102,9 @@ def unseal(server: OpenBaoServer, secrets_dir: Path, *, timeout: float = 20.0) -
 
 def _initialise(server: OpenBaoServer, secrets_dir: Path) -> str:
     result = _request(server.addr, "PUT", "sys/init", {"secret_shares": 1, "secret_threshold": 1})
-    _write_private(secrets_dir / UNSEAL_KEY_FILE, result["keys_base64"][0])
+    write_private(secrets_dir / UNSEAL_KEY_FILE, result["keys_base64"][0])
     token: str = result["root_token"]
-    _write_private(secrets_dir / ROOT_TOKEN_FILE, token)
+    write_private(secrets_dir / ROOT_TOKEN_FILE, token)
     return token
 
 

@@ -10,7 +10,6 @@ so a quick `tessera status` does not ask Vault every time.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import hvac
 from tessera.identity.names import WorkloadName
 from tessera.identity.nats_tls import context_from_pem, server_hostname
 from tessera.identity.source import PKI_MOUNT
+from tessera.launcher.private_files import write_private
 
 __all__ = ["OPERATOR", "OperatorIdentity", "local_identity", "operator_identity"]
 
@@ -59,14 +59,6 @@ class OperatorIdentity:
 
     def __repr__(self) -> str:
         return f"OperatorIdentity(expiration={self.expiration})"
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def operator_identity(
@@ -125,5 +117,5 @@ def local_identity(
         expiration=int(issued["expiration"]),
         trust_domain=trust_domain,
     )
-    _write_private(cached, json.dumps(found.__dict__))
+    write_private(cached, json.dumps(found.__dict__))
     return found
