@@ -1,6 +1,11 @@
 """A small async client for calling the mesh (through the Envoy gateway or directly).
 
-async with MeshClient("127.0.0.1:8080") as mesh:
+The gateway lets in only people with an identity token (``tessera login`` gets one):
+pass it as ``token``, or set ``TESSERA_TOKEN``. It goes with every call as
+``authorization: Bearer <token>``; the mesh records and authorizes everything you do in
+the name the token proves.
+
+async with MeshClient("127.0.0.1:8080", token=jwt) as mesh:
     workflow = await mesh.start("support", ticket={"text": "refund please"})
     async for event in mesh.watch(workflow.name):
         ...
@@ -8,6 +13,7 @@ async with MeshClient("127.0.0.1:8080") as mesh:
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,11 +27,20 @@ from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, events_pb2
 TERMINAL_EVENTS = frozenset({"workflow_completed", "workflow_failed", "workflow_cancelled"})
 
 
+TOKEN_ENV = "TESSERA_TOKEN"
+
+
 class MeshClient:
-    def __init__(self, target: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, target: str, *, token: str | None = None, timeout_s: float = 30.0) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = channel(target, service="client", default_timeout_s=timeout_s)
+        token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        self._channel = channel(
+            target,
+            service="client",
+            default_timeout_s=timeout_s,
+            metadata=[("authorization", f"Bearer {token}")] if token else (),
+        )
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
 
     async def __aenter__(self) -> MeshClient:
@@ -89,18 +104,15 @@ class MeshClient:
             finally:
                 call.cancel()
 
-    async def decide(
-        self, gate: str, *, approve: bool, decided_by: str = "", comment: str = ""
-    ) -> coordinator_pb2.Gate:
+    async def decide(self, gate: str, *, approve: bool, comment: str = "") -> coordinator_pb2.Gate:
+        """Approve or reject ``gate`` in the name of this client's token."""
         decision = (
             coordinator_pb2.GATE_DECISION_APPROVE
             if approve
             else coordinator_pb2.GATE_DECISION_REJECT
         )
         response = await self.stub.DecideGate(
-            coordinator_pb2.DecideGateRequest(
-                name=gate, decision=decision, decided_by=decided_by, comment=comment
-            )
+            coordinator_pb2.DecideGateRequest(name=gate, decision=decision, comment=comment)
         )
         return response.gate
 

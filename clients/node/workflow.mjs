@@ -31,22 +31,29 @@ import { file_tessera_v1_planner } from "./gen/tessera/v1/planner_pb.js";
 
 const gateway = process.argv[2] ?? process.env.TESSERA_GATEWAY ?? "127.0.0.1:8080";
 const overallTimeoutMs = Number(process.env.TESSERA_TIMEOUT_MS ?? 60_000);
-const caller = "node-example";
+// Identity tokens (`tessera login`): the requester starts the loan, a compliance
+// officer decides its AML gate (nobody may decide a gate of their own workflow).
+const token = process.env.TESSERA_TOKEN ?? "";
+const approverToken = process.env.TESSERA_APPROVER_TOKEN ?? token;
 
 // Lets toJson print google.protobuf.Any payloads of our own types.
 const registry = createRegistry(file_tessera_v1_common, file_tessera_v1_planner, file_tessera_v1_events);
 
-const transport = createGrpcTransport({
-  baseUrl: gateway.includes("://") ? gateway : `http://${gateway}`,
-  // Envoy rate-limits per x-tessera-caller; say who we are on every call.
-  interceptors: [
-    (next) => async (req) => {
-      req.header.set("x-tessera-caller", caller);
-      return next(req);
-    },
-  ],
-});
-const coordinator = createClient(CoordinatorService, transport);
+function clientFor(bearer) {
+  const transport = createGrpcTransport({
+    baseUrl: gateway.includes("://") ? gateway : `http://${gateway}`,
+    // Envoy verifies the token on every call and speaks for us to the mesh.
+    interceptors: [
+      (next) => async (req) => {
+        req.header.set("authorization", `Bearer ${bearer}`);
+        return next(req);
+      },
+    ],
+  });
+  return createClient(CoordinatorService, transport);
+}
+const coordinator = clientFor(token);
+const approver = clientFor(approverToken);
 
 function emit(record) {
   process.stdout.write(JSON.stringify(record) + "\n");
@@ -98,16 +105,20 @@ async function main() {
       }
     }
     if (gate) {
-      const reply = await coordinator.decideGate(
+      const reply = await approver.decideGate(
         {
           name: `${name}/gates/${gate.gateId}`,
           decision: GateDecision.APPROVE,
-          decidedBy: caller,
           comment: "approved by the Node.js example client",
         },
         { signal: deadline, timeoutMs: 15_000 },
       );
-      emit({ decided: reply.gate.name, decision: "APPROVE", gateState: GateState[reply.gate.state] });
+      emit({
+        decided: reply.gate.name,
+        decision: "APPROVE",
+        decidedBy: reply.gate.decidedBy,
+        gateState: GateState[reply.gate.state],
+      });
     }
   }
 

@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 
 from services.coordinator.admission import Admission
 from services.coordinator.audit import WorkflowAuditor
+from services.coordinator.authorization import ControlPlaneAuthorization
 from services.coordinator.dispatcher import Dispatcher
 from services.coordinator.runner import DURABLE, Runner
 from services.coordinator.service import CoordinatorServicer
@@ -20,6 +21,7 @@ from services.coordinator.store import WorkflowStore
 from services.coordinator.tokens import TaskTokens
 from services.coordinator.tool_approvals import ToolApprovals
 from tessera.audit import AuditWriter
+from tessera.policy.store import PolicyStore
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, close, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
@@ -47,6 +49,7 @@ class Coordinator:
         self.tokens: TaskTokens | None = None
         self.auditor: WorkflowAuditor | None = None
         self.workload: Workload | None = None
+        self.policy_store: PolicyStore | None = None
 
     @property
     def address(self) -> str:
@@ -114,6 +117,19 @@ class Coordinator:
             consumer=DURABLE,
             limit=self.settings.max_active_workflows,
         )
+        if self.workload.certificate is not None:
+            self.policy_store = PolicyStore(
+                self.settings.policy_dir, poll_interval_s=self.settings.policy_poll_interval_s
+            )
+            await self.policy_store.start()  # PolicyLoadError: nothing valid to decide with
+        else:
+            log.warning("control_plane_unauthorized", reason="plaintext debug coordinator")
+        authz = ControlPlaneAuthorization(
+            self.policy_store,
+            self.auditor,
+            subject_claim=self.settings.human_subject_claim,
+            groups_claim=self.settings.human_groups_claim,
+        )
         servicer = CoordinatorServicer(
             store,
             js,
@@ -126,6 +142,7 @@ class Coordinator:
                 if self._tool_proxy_channel is not None
                 else None
             ),
+            authz,
         )
         self.server = GrpcServer(
             name="coordinator",
@@ -151,6 +168,8 @@ class Coordinator:
             await self.server.stop()
         if self.runner is not None:
             await self.runner.stop()
+        if self.policy_store is not None:
+            await self.policy_store.stop()
         if self.dispatcher is not None:
             await self.dispatcher.close()
         # Revocations under way write audit records; the auditor's final checkpoint is

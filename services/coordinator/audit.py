@@ -101,7 +101,12 @@ class WorkflowAuditor:
                     task_id=event.gate_opened.task_id,
                     outcome=_TRANSITIONS[kind],
                     resource=f"workflows/{event.workflow_id}",
-                    details={"sequence": event.sequence},
+                    details={"sequence": event.sequence}
+                    | (
+                        {"started_by": event.workflow_started.started_by}
+                        if kind == "workflow_started"
+                        else {}
+                    ),
                 )
             elif kind == "gate_decided":
                 decided = event.gate_decided

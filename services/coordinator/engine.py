@@ -476,7 +476,9 @@ def approval_required(details: ErrorDetails) -> tool_proxy_pb2.ApprovalRequired 
     return required if required is not None and required.gate_id else None
 
 
-def tool_approval_needed(em: Emitter, task_id: str, gate_id: str, reason: str) -> None:
+def tool_approval_needed(
+    em: Emitter, task_id: str, gate_id: str, reason: str, *, tool: str = ""
+) -> None:
     """The tool proxy refused a call until a human approves it: park on that gate. On
     approval the task runs again and its retried call (same idempotency key) executes."""
     em.emit(
@@ -485,6 +487,7 @@ def tool_approval_needed(em: Emitter, task_id: str, gate_id: str, reason: str) -
             task_id=task_id,
             kind=GK.GATE_KIND_TOOL_APPROVAL,
             reason=reason or "a tool call needs approval",
+            tool=tool,
         )
     )
 

@@ -375,7 +375,11 @@ class Runner:
                 required = approval_required(details)
                 if required is not None:
                     tool_approval_needed(
-                        em, task_id, required.gate_id, required.reason or details.message
+                        em,
+                        task_id,
+                        required.gate_id,
+                        required.reason or details.message,
+                        tool=required.tool,
                     )
                     continue
                 if details.reason == "EFFECT_OUTCOME_UNKNOWN":

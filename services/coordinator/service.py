@@ -16,6 +16,7 @@ from nats.js import JetStreamContext, api
 
 from services.coordinator import metrics
 from services.coordinator.admission import Admission
+from services.coordinator.authorization import ControlPlaneAuthorization, gate_kind_name
 from services.coordinator.engine import Emitter, decide_gate, gate_is_pending
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import GS, WS, WorkflowRecord
@@ -30,6 +31,7 @@ from tessera.runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
+from tessera.runtime.principal import Principal
 from tessera.runtime.telemetry import inject_headers
 from tessera.v1 import (
     coordinator_pb2,
@@ -71,8 +73,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         settings: CoordinatorSettings,
         admission: Admission | None = None,
         tool_approvals: ToolApprovals | None = None,
+        authz: ControlPlaneAuthorization | None = None,
     ) -> None:
         self.admission = admission
+        self.authz = authz or ControlPlaneAuthorization(None, None)
+        """Who may start, cancel and decide what (off on a plaintext debug server)."""
         self.tool_approvals = tool_approvals or ToolApprovals(None)
         """Hands tool-approval decisions to the tool proxy (their owner)."""
         self.store = store
@@ -113,6 +118,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 reason="INPUT_TOO_LARGE",
             )
 
+        principal = self.authz.principal(context)
         deadline = self._deadline(request, time.time())
         wf_id = uuid.uuid4().hex[:20]
         claimed = await self.store.claim(request.request_id, wf_id)
@@ -133,6 +139,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if self.admission is not None:
             await self.admission.admit()
         plan = await self._plan(request, context)
+        start_context: dict[str, int] = {}
+        if plan.budget.max_cost_micros > 0:  # policies see cents, rounded up
+            start_context["max_budget"] = -(-plan.budget.max_cost_micros // 10_000)
+        await self.authz.require(
+            principal,
+            "start_workflow",
+            "Workflow",
+            wf_id,
+            {"template": plan.template, "started_by": principal.name},
+            context=start_context,
+            workflow_id=wf_id,
+            resource_name=f"workflows/{wf_id}",
+        )
         rec = WorkflowRecord(id=wf_id)
         now = time.time()
         started = events_pb2.WorkflowStarted(
@@ -140,6 +159,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             goal=request.goal,
             plan=plan,
             traceparent=inject_headers({}).get("traceparent", ""),
+            started_by=principal.name,
         )
         started.deadline.FromMicroseconds(int(deadline * 1e6))
         Emitter(rec, now=now, causation_id=request.request_id).emit(workflow_started=started)
@@ -278,9 +298,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 "decision is required", field_violations=[("decision", "APPROVE or REJECT")]
             )
         approve = request.decision == coordinator_pb2.GATE_DECISION_APPROVE
+        principal = self.authz.principal(context)
+        decided_by = principal.name
+        if not self.authz.enforcing and principal.id == "anonymous":
+            decided_by = request.decided_by or "anonymous"  # plaintext debug: unverified
+        authorized = False
         for _ in range(CAS_ATTEMPTS):
             rec, revision = await self._load(wf_id)
-            decided_by = request.decided_by or "anonymous"
+            if not authorized and gate_id in rec.gates:
+                await self._authorize_decision(principal, rec, gate_id, approve, request.name)
+                authorized = True
             if _same_decision(rec, gate_id, approve, decided_by):
                 # A retry of a stored decision (its answer was lost, or queueing its step
                 # failed: no work-queue leader, say) is answered as the first was, and
@@ -342,14 +369,52 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
         raise Aborted(f"workflows/{wf_id} kept changing; retry", reason="CONCURRENT_UPDATE")
 
+    async def _authorize_decision(
+        self, principal: Principal, rec: WorkflowRecord, gate_id: str, approve: bool, name: str
+    ) -> None:
+        gate = rec.gates[gate_id]
+        task = rec.tasks.get(gate.task_id)
+        await self.authz.require(
+            principal,
+            "decide_gate",
+            "Gate",
+            f"{rec.id}/{gate_id}",
+            {
+                "kind": gate_kind_name(gate.kind),
+                "template": rec.graph().template if rec.plan else "",
+                "started_by": rec.started_by,
+                "capability": task.capability if task is not None else "",
+                "tool": gate.tool,
+            },
+            context={"approve": approve},
+            workflow_id=rec.id,
+            resource_name=name,
+        )
+
     async def CancelWorkflow(
         self,
         request: coordinator_pb2.CancelWorkflowRequest,
         context: grpc.aio.ServicerContext,
     ) -> coordinator_pb2.CancelWorkflowResponse:
         wf_id = workflow_id(request.name)
+        principal = self.authz.principal(context)
+        authorized = False
         for _ in range(CAS_ATTEMPTS):
             rec, revision = await self._load(wf_id)
+            if not authorized:
+                await self.authz.require(
+                    principal,
+                    "cancel_workflow",
+                    "Workflow",
+                    wf_id,
+                    {
+                        "template": rec.graph().template if rec.plan else "",
+                        "started_by": rec.started_by,
+                    },
+                    workflow_id=wf_id,
+                    resource_name=request.name,
+                )
+                authorized = True
             if rec.terminal:
                 raise FailedPrecondition(
                     f"{request.name} has already ended ({WS.Name(WS.ValueType(rec.state))})",
@@ -364,7 +429,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 )
             accessors = rec.token_accessors()
             em = Emitter(rec, now=time.time(), causation_id=request.name)
-            em.cancel(request.reason or "cancelled", "api")
+            em.cancel(request.reason or "cancelled", principal.name)
             try:
                 await self.store.save(rec, revision)
             except Conflict:

@@ -60,6 +60,15 @@ class CoordinatorSettings(ServiceSettings):
     """A requested deadline further away than this is capped to it."""
     metrics_port: int = 0
     """Prometheus metrics HTTP port on 127.0.0.1; 0 disables the endpoint."""
+    policy_dir: Path = Path("policy")
+    """The policy set that decides control-plane actions (who starts, cancels, decides
+    what: ``50_workflows.cedar``), loaded in-process and reloaded when it changes."""
+    policy_poll_interval_s: float = Field(default=1.0, gt=0)
+    human_subject_claim: str = "preferred_username"
+    """Claim of a person's identity token that names them (as Envoy's jwt_authn passes it
+    on); must match the gateway's ``TESSERA_GATEWAY_JWT_SUBJECT_CLAIM``."""
+    human_groups_claim: str = "groups"
+    """Claim that lists their groups (policies' ``principal in Group::"..."``)."""
     agent_tiers_file: Path = Path("policy/agent_tiers.yaml")
     """Trust tier of each agent (security-team config); missing file: all standard."""
     run_workers: bool = True

@@ -116,6 +116,8 @@ class GateRec(BaseModel):
     comment: str = ""
     create_time: float = 0.0
     decide_time: float = 0.0
+    tool: str = ""
+    """The tool whose call waits on it (tool approvals)."""
     held: str = ""
     """Serialized GateOpened (base64) holding a result or handoff until approval."""
 
@@ -132,6 +134,8 @@ class WorkflowRecord(BaseModel):
     id: str
     request_id: str = ""
     goal: str = ""
+    started_by: str = ""
+    """The verified principal who started it (a person's name or ``service/operator``)."""
     state: int = WS.WORKFLOW_STATE_PENDING
     plan: str = ""
     """Serialized TaskGraph (base64)."""
@@ -331,6 +335,7 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         started = event.workflow_started
         rec.request_id = started.request_id
         rec.goal = started.goal
+        rec.started_by = started.started_by
         rec.traceparent = started.traceparent
         rec.deadline = (
             started.deadline.ToMicroseconds() / 1e6 if started.HasField("deadline") else 0.0
@@ -389,6 +394,7 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
             task_id=opened.task_id,
             reason=opened.reason,
             kind=opened.kind,
+            tool=opened.tool,
             create_time=now,
             held=base64.b64encode(opened.SerializeToString()).decode()
             if opened.HasField("held_result") or opened.HasField("held_handoff")

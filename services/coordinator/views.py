@@ -71,6 +71,7 @@ def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
         state=coordinator_pb2.WorkflowState.ValueType(rec.state),
         plan=rec.graph() if rec.plan else None,
         goal=rec.goal,
+        started_by=rec.started_by,
         blackboard=dict_to_struct(rec.blackboard),
         blackboard_version=rec.blackboard_version,
         usage=common_pb2.Usage(

@@ -20,10 +20,12 @@ from nats.aio.client import Client
 
 from services.gateway.ads import ADS_SERVICE_NAME, AggregatedDiscoveryServer, SnapshotCache
 from services.gateway.envoy_identity import write_files
+from services.gateway.jwks import JwksFollower
 from services.gateway.resources import agent_endpoints, to_snapshot
 from services.gateway.settings import GatewaySettings
 from tessera.identity.source import CertificateSource
 from tessera.launcher.gateway import (
+    HumanAuth,
     Upstream,
     UpstreamTls,
     build_resources,
@@ -63,6 +65,7 @@ class GatewayControlPlane:
         self.workload: Workload | None = None
         self._envoy_identity: CertificateSource | None = None
         self._tls: UpstreamTls | None = None
+        self._jwks: JwksFollower | None = None
 
     @property
     def address(self) -> str:
@@ -103,6 +106,19 @@ class GatewayControlPlane:
             self._envoy_identity.subscribe(self._envoy_renewed)
             if settings.cert_dir is not None:
                 write_files(self._envoy_identity, settings.cert_dir)
+        if settings.jwt_issuer:
+            url = settings.jwks_url or settings.jwt_issuer.rstrip("/") + "/.well-known/keys"
+            self._jwks = JwksFollower(
+                url, refresh_s=settings.jwks_refresh_s, on_change=self._dirty.set
+            )
+            await self._jwks.first(within_s=within_s)
+        elif self.workload.certificate is not None:
+            raise ValueError(
+                "TESSERA_GATEWAY_JWT_ISSUER is not set: a secured mesh's front door must "
+                "authenticate people (only a plaintext debug mesh may leave it open)"
+            )
+        else:
+            log.warning("gateway_front_door_unauthenticated", reason="plaintext debug mesh")
         await self._publish()  # a bad edge policy fails start(), not a later update
         servicer = AggregatedDiscoveryServer(self.cache, identifier=f"tessera-gateway/{id(self)}")
         self.server = GrpcServer(
@@ -118,6 +134,8 @@ class GatewayControlPlane:
             asyncio.create_task(self._follow_registry(), name="gateway-registry"),
             asyncio.create_task(self._publisher(), name="gateway-publisher"),
         ]
+        if self._jwks is not None:
+            self._tasks.append(asyncio.create_task(self._jwks.run(), name="gateway-jwks"))
         await self.server.start()
         return self.server.address
 
@@ -174,6 +192,7 @@ class GatewayControlPlane:
             descriptor_set=self.settings.descriptor_set,
             dynamic=True,
             tls=self._tls,
+            human_auth=self._human_auth(),
         )
         resources = dataclasses.replace(resources, secrets=self._secrets())
         self.cache.set(to_snapshot(resources))
@@ -182,6 +201,17 @@ class GatewayControlPlane:
             agents=len(agents),
             replicas=sum(len(e) for e in agents.values()),
             clusters=len(resources.clusters),
+        )
+
+    def _human_auth(self) -> HumanAuth | None:
+        if self._jwks is None:
+            return None
+        return HumanAuth(
+            issuer=self.settings.jwt_issuer,
+            audiences=tuple(self.settings.jwt_audiences),
+            jwks=self._jwks.current,
+            subject_claim=self.settings.jwt_subject_claim,
+            clock_skew_s=self.settings.jwt_clock_skew_s,
         )
 
     async def _publisher(self) -> None:

@@ -41,6 +41,21 @@ class GatewaySettings(ServiceSettings):
     """Also route ``AgentService`` to agent replicas (one EDS cluster per agent). Off: only
     the coordinator's public API is reachable from outside; agents take tasks from the
     coordinator alone."""
+    jwt_issuer: str = ""
+    """``iss`` of the identity tokens people present (``tessera up``: the local OpenBao's
+    identity token issuer; production: your OIDC provider). Empty: nobody is
+    authenticated at the front door, which only a plaintext debug mesh may do."""
+    jwt_audiences: list[str] = Field(default_factory=lambda: ["tessera"])
+    """Accepted ``aud`` values."""
+    jwks_url: str = ""
+    """Where the issuer publishes its public keys (default: ``<issuer>/.well-known/keys``,
+    OpenBao's location; an OIDC provider's discovery document names its own)."""
+    jwt_subject_claim: str = "preferred_username"
+    """The claim that names the person (audit records, ``decided_by``, rate limits)."""
+    jwt_clock_skew_s: int = Field(default=30, ge=0, le=300)
+    """Leeway on ``exp`` and ``nbf`` for clocks that disagree a little."""
+    jwks_refresh_s: float = Field(default=30.0, gt=0)
+    """How often the keys are re-fetched (a rotated key reaches Envoy within this)."""
     debounce_s: float = Field(default=0.05, ge=0)
     """Registry changes closer together than this are sent to Envoy as one update."""
     default_deadline_s: float = Field(default=24 * 3600.0, gt=0)

@@ -9,10 +9,23 @@ from typing import Annotated, Any
 import typer
 from rich.rule import Rule
 
+from tessera.cli import sessions
+from tessera.cli.login import ensure_login
 from tessera.cli.timeline import line
-from tessera.cli.workflows import WS, Gateway, _run, err, out
+from tessera.cli.workflows import WS, Gateway, _gateway, _run_async, err, out
 from tessera.client import MeshClient
+from tessera.launcher import mesh as launcher
 from tessera.v1 import events_pb2
+
+REQUESTER = "requester"
+APPROVERS = {
+    "support": "finance",
+    "loan": "compliance",
+    "procurement": "finance",
+    "risk": "finance",
+}
+"""Who decides a template's gates (policy/policies/50_workflows.cedar; never the requester:
+nobody decides a gate of their own workflow)."""
 
 
 @dataclass(frozen=True)
@@ -94,10 +107,14 @@ SCENARIOS = (
 )
 
 
-async def _play(client: MeshClient, scenario: Scenario) -> bool:
+async def _play(client: MeshClient, approvers: dict[str, MeshClient], scenario: Scenario) -> bool:
     out.print(Rule(scenario.title, align="left"))
     workflow = await client.start(scenario.goal, **scenario.inputs)
-    out.print(f"  [bold]{workflow.name}[/] ({scenario.goal})", highlight=False)
+    template = workflow.plan.template
+    out.print(
+        f"  [bold]{workflow.name}[/] ({scenario.goal}) started by {workflow.started_by}",
+        highlight=False,
+    )
     async for event in client.watch(workflow.name):
         style, text = line(event)
         out.print(f"  {text}", style=style or None, highlight=False)
@@ -105,12 +122,10 @@ async def _play(client: MeshClient, scenario: Scenario) -> bool:
             gate = event.gate_opened.gate_id
             approve = scenario.decisions.get(GATE_KINDS.get(event.gate_opened.kind, ""), True)
             verb = "approves" if approve else "rejects"
-            out.print(f"  [bold]human {verb} {gate}[/]", highlight=False)
-            await client.decide(
-                f"{workflow.name}/gates/{gate}",
-                approve=approve,
-                decided_by="demo-operator",
-                comment="reviewed in tessera demo",
+            who = APPROVERS.get(template, "finance")
+            out.print(f"  [bold]{who} {verb} {gate}[/]", highlight=False)
+            await approvers[who].decide(
+                f"{workflow.name}/gates/{gate}", approve=approve, comment="reviewed in tessera demo"
             )
     final = await client.get(workflow.name)
     ok = final.state == scenario.expect
@@ -128,13 +143,32 @@ def demo(
     """Run the reference workflows through the gateway and print their timelines."""
     chosen = [s for s in SCENARIOS if not only or only.lower() in (s.goal + s.title).lower()]
 
-    async def work(client: MeshClient) -> list[bool]:
-        return [await _play(client, scenario) for scenario in chosen]
-
     if not chosen:
         err.print(f"[bold red]error:[/] no scenario matches {only!r}")
         raise typer.Exit(2)
-    results = _run(gateway, work)
+    address = _gateway(gateway)
+    data_dir = launcher.default_data_dir()
+    try:
+        tokens = {u: ensure_login(data_dir, u).token for u in {REQUESTER, *APPROVERS.values()}}
+    except sessions.SessionMissing as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    out.print(
+        f"logged in: {REQUESTER} starts the workflows; "
+        f"{', '.join(sorted(set(APPROVERS.values())))} decide their gates\n",
+        highlight=False,
+    )
+
+    async def work() -> list[bool]:
+        clients = {u: MeshClient(address, token=t) for u, t in tokens.items()}
+        try:
+            approvers = {u: clients[u] for u in set(APPROVERS.values())}
+            return [await _play(clients[REQUESTER], approvers, s) for s in chosen]
+        finally:
+            for c in clients.values():
+                await c.close()
+
+    results = _run_async(work)
     passed = sum(results)
     out.print(f"[bold]{passed}/{len(results)} workflows ended as expected[/]")
     if passed != len(results):

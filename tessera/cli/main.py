@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tessera.cli import audit, creds, demo, mesh, policy, vault, workflows
+from tessera.cli import audit, creds, demo, login, mesh, policy, vault, workflows
 
 app = typer.Typer(
     name="tessera",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 
 mesh.register(app)
+login.register(app)
 workflows.register(app)
 demo.register(app)
 app.add_typer(policy.app, name="policy")

@@ -1,4 +1,7 @@
-"""`tessera run|watch|approve|reject|workflows|agents|demo`: using a running mesh."""
+"""`tessera run|watch|approve|reject|cancel|workflows|agents`: using a running mesh.
+
+Every command goes through the gateway as a logged-in person (`tessera login`; `--as`
+picks one of several logins, `TESSERA_TOKEN` overrides them all)."""
 
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tessera.cli import sessions
 from tessera.cli._local import nats_options, nats_url
 from tessera.cli.timeline import line
-from tessera.client import MeshClient
+from tessera.client import TOKEN_ENV, MeshClient
 from tessera.launcher import mesh as launcher
 from tessera.launcher import state as mesh_state
 from tessera.runtime.errors import error_details
@@ -50,13 +54,49 @@ def _gateway(explicit: str | None) -> str:
     return recorded.gateway
 
 
-def _run(gateway: str | None, work: Callable[[MeshClient], Awaitable[T]]) -> T:
+As = Annotated[
+    str | None,
+    typer.Option(
+        "--as",
+        envvar="TESSERA_USER",
+        show_default=False,
+        help="Act as this logged-in user (default: the last `tessera login`).",
+    ),
+]
+
+
+def _token(user: str | None) -> str:
+    if os.environ.get(TOKEN_ENV) and user is None:
+        return os.environ[TOKEN_ENV]
+    try:
+        return sessions.load(launcher.default_data_dir(), user).token
+    except sessions.SessionMissing as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _run(
+    gateway: str | None, work: Callable[[MeshClient], Awaitable[T]], user: str | None = None
+) -> T:
+    address = _gateway(gateway)
+    token = _token(user)
+
     async def main() -> T:
-        async with MeshClient(_gateway(gateway)) as client:
+        async with MeshClient(address, token=token) as client:
             return await work(client)
 
+    return _run_async(main)
+
+
+def _run_async(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main``; a refused call is printed (status, field and precondition
+    violations) and exits 1."""
+
+    async def wrapped() -> T:
+        return await main()
+
     try:
-        return asyncio.run(main())
+        return asyncio.run(wrapped())
     except grpc.aio.AioRpcError as exc:
         details = error_details(exc)
         err.print(f"[bold red]error:[/] {exc.code().name}: {exc.details()}", highlight=False)
@@ -64,6 +104,8 @@ def _run(gateway: str | None, work: Callable[[MeshClient], Awaitable[T]]) -> T:
             err.print(f"  {field}: {description}", highlight=False)
         for _, subject, description in details.precondition_violations:
             err.print(f"  {subject}: {description}", highlight=False)
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            err.print("  your login may have expired: run `tessera login <user>`")
         raise typer.Exit(1) from None
 
 
@@ -113,8 +155,9 @@ def run(
         str | None, typer.Option(help="Idempotency key: the same key returns the same workflow.")
     ] = None,
     gateway: Gateway = None,
+    who: As = None,
 ) -> None:
-    """Start a workflow and follow its timeline."""
+    """Start a workflow (in your name) and follow its timeline."""
     values = _inputs(inputs or [])
 
     async def work(client: MeshClient) -> None:
@@ -124,44 +167,72 @@ def run(
             final = await follow(client, workflow.name)
             out.print(f"state: {WS.Name(final.state).removeprefix('WORKFLOW_STATE_')}")
 
-    _run(gateway, work)
+    _run(gateway, work, who)
 
 
 def watch(
     workflow: Annotated[str, typer.Argument(help="Workflow id or workflows/{id}.")],
     gateway: Gateway = None,
+    who: As = None,
 ) -> None:
     """Follow a workflow's live timeline (from its first event)."""
     name = workflow if workflow.startswith("workflows/") else f"workflows/{workflow}"
-    _run(gateway, lambda client: follow(client, name))
+    _run(gateway, lambda client: follow(client, name), who)
 
 
-def _decide(workflow: str, gate: str, approve: bool, comment: str, gateway: str | None) -> None:
+def _decide(
+    workflow: str, gate: str, approve: bool, comment: str, gateway: str | None, who: str | None
+) -> None:
     wf_id = workflow.removeprefix("workflows/")
-    who = os.environ.get("USER", "cli")
 
     async def work(client: MeshClient) -> None:
         decided = await client.decide(
-            f"workflows/{wf_id}/gates/{gate}", approve=approve, decided_by=who, comment=comment
+            f"workflows/{wf_id}/gates/{gate}", approve=approve, comment=comment
         )
         verdict = "approved" if approve else "rejected"
-        out.print(f"{decided.name} {verdict}", highlight=False)
+        out.print(f"{decided.name} {verdict} by {decided.decided_by}", highlight=False)
 
-    _run(gateway, work)
+    _run(gateway, work, who)
 
 
 def approve(
-    workflow: str, gate: str, comment: Annotated[str, typer.Option()] = "", gateway: Gateway = None
+    workflow: str,
+    gate: str,
+    comment: Annotated[str, typer.Option()] = "",
+    gateway: Gateway = None,
+    who: As = None,
 ) -> None:
-    """Approve a pending gate; the workflow resumes where it parked."""
-    _decide(workflow, gate, True, comment, gateway)
+    """Approve a pending gate in your name; the workflow resumes where it parked."""
+    _decide(workflow, gate, True, comment, gateway, who)
 
 
 def reject(
-    workflow: str, gate: str, comment: Annotated[str, typer.Option()] = "", gateway: Gateway = None
+    workflow: str,
+    gate: str,
+    comment: Annotated[str, typer.Option()] = "",
+    gateway: Gateway = None,
+    who: As = None,
 ) -> None:
-    """Reject a pending gate; the workflow is cancelled."""
-    _decide(workflow, gate, False, comment, gateway)
+    """Reject a pending gate in your name; the workflow is cancelled."""
+    _decide(workflow, gate, False, comment, gateway, who)
+
+
+def cancel(
+    workflow: Annotated[str, typer.Argument(help="Workflow id or workflows/{id}.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit trail).")] = "",
+    gateway: Gateway = None,
+    who: As = None,
+) -> None:
+    """The kill switch: cancel a workflow now. Its task tokens are revoked at once (a
+    running tool call loop is refused at its next call); its compensations run."""
+    name = workflow if workflow.startswith("workflows/") else f"workflows/{workflow}"
+
+    async def work(client: MeshClient) -> None:
+        cancelled = await client.cancel(name, reason=reason)
+        state = WS.Name(cancelled.state).removeprefix("WORKFLOW_STATE_").lower()
+        out.print(f"{cancelled.name} cancelling ({state})", highlight=False)
+
+    _run(gateway, work, who)
 
 
 def workflows(
@@ -173,6 +244,7 @@ def workflows(
     ] = None,
     limit: Annotated[int, typer.Option(help="Most rows to show.")] = 50,
     gateway: Gateway = None,
+    who: As = None,
 ) -> None:
     """List workflows, newest first."""
     wanted = 0
@@ -199,7 +271,7 @@ def workflows(
             )
         out.print(table)
 
-    _run(gateway, work)
+    _run(gateway, work, who)
 
 
 def agents() -> None:
@@ -229,5 +301,5 @@ def agents() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for command in (run, watch, approve, reject, workflows, agents):
+    for command in (run, watch, approve, reject, cancel, workflows, agents):
         app.command()(command)

@@ -29,6 +29,7 @@ import yaml
 
 from tessera.identity.names import WorkloadName
 from tessera.launcher.binaries import find_binary
+from tessera.runtime.principal import CLAIMS_HEADER, SUBJECT_HEADER
 
 __all__ = [
     "AGENT_SERVICE",
@@ -38,6 +39,7 @@ __all__ = [
     "ROUTE_CONFIG_NAME",
     "AgentEndpoint",
     "DescriptorBuildFailed",
+    "HumanAuth",
     "Resources",
     "Upstream",
     "agent_cluster_name",
@@ -54,7 +56,7 @@ AGENT_SERVICE = "tessera.v1.AgentService"
 LISTENER_NAME = "tessera_ingress"
 ROUTE_CONFIG_NAME = "tessera_routes"
 AGENT_HEADER = "x-tessera-agent"
-CALLER_HEADER = "x-tessera-caller"
+JWT_PROVIDER = "people"
 
 _T = "type.googleapis.com/"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -63,6 +65,8 @@ _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnecti
 _FILE_LOG = "envoy.extensions.access_loggers.file.v3.FileAccessLog"
 _HEALTH_FILTER = "envoy.extensions.filters.http.health_check.v3.HealthCheck"
 _RATE_LIMIT = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+_JWT_AUTHN = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+_HEADER_MUTATION = "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 _BUFFER = "envoy.extensions.filters.http.buffer.v3.Buffer"
 _TRANSCODER = "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
@@ -88,7 +92,7 @@ _ACCESS_LOG_FORMAT = {
     "upstream_host": "%UPSTREAM_HOST%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     "traceparent": "%REQ(TRACEPARENT)%",
-    "caller": "%REQ(X-TESSERA-CALLER)%",
+    "subject": "%REQ(X-TESSERA-SUBJECT)%",  # the verified person (never their token)
     "agent": "%REQ(X-TESSERA-AGENT)%",
     "downstream_remote": "%DOWNSTREAM_REMOTE_ADDRESS%",
 }
@@ -101,6 +105,20 @@ class Upstream:
     name: str
     address: str  # host:port
     grpc_services: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HumanAuth:
+    """How Envoy verifies people at the front door (``jwt_authn``): tokens of ``issuer``
+    for one of ``audiences``, signed by a key of ``jwks`` (the issuer's JSON Web Key Set,
+    inlined: the control plane fetches it and pushes a new listener when keys rotate).
+    ``subject_claim`` names the person (audit, ``decided_by``, rate limits)."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks: str
+    subject_claim: str = "preferred_username"
+    clock_skew_s: int = 30
 
 
 @dataclass(frozen=True)
@@ -386,12 +404,43 @@ def _bucket(spec: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _identity_filters(auth: HumanAuth) -> list[dict[str, Any]]:
+    """Strip identity headers a client sent, then verify its token and set them."""
+    strip = {
+        "@type": _T + _HEADER_MUTATION,
+        "mutations": {"request_mutations": [{"remove": CLAIMS_HEADER}, {"remove": SUBJECT_HEADER}]},
+    }
+    provider = {
+        "issuer": auth.issuer,
+        "audiences": list(auth.audiences),
+        "local_jwks": {"inline_string": auth.jwks},
+        "forward": False,  # the token itself goes no further than Envoy
+        "forward_payload_header": CLAIMS_HEADER,
+        "claim_to_headers": [{"header_name": SUBJECT_HEADER, "claim_name": auth.subject_claim}],
+        "clock_skew_seconds": auth.clock_skew_s,
+    }
+    verify = {
+        "@type": _T + _JWT_AUTHN,
+        "providers": {JWT_PROVIDER: provider},
+        "rules": [
+            # Health checks are anonymous (they say nothing about any workflow).
+            {"match": {"prefix": f"/{HEALTH_SERVICE}/"}},
+            {"match": {"prefix": "/"}, "requires": {"provider_name": JWT_PROVIDER}},
+        ],
+    }
+    return [
+        {"name": "envoy.filters.http.header_mutation", "typed_config": strip},
+        {"name": "envoy.filters.http.jwt_authn", "typed_config": verify},
+    ]
+
+
 def _http_filters(
     edge: Mapping[str, Any],
     *,
     max_bytes: int,
     health_cluster: str | None,
     descriptor_set: Path | None,
+    human_auth: HumanAuth | None,
 ) -> list[dict[str, Any]]:
     healthz = edge.get("healthz") or {}
     health: dict[str, Any] = {
@@ -404,10 +453,13 @@ def _http_filters(
     filters: list[dict[str, Any]] = [
         {"name": "envoy.filters.http.health_check", "typed_config": health}
     ]
+    if human_auth is not None:
+        filters += _identity_filters(human_auth)
     limit = edge.get("rate_limit")
     if limit:
-        caller_header = str(limit.get("caller_header", CALLER_HEADER))
-        by_caller = {"request_headers": {"header_name": caller_header, "descriptor_key": "caller"}}
+        # Keyed on the verified subject (set by jwt_authn above), never on a header the
+        # caller chooses: one bucket per person.
+        by_caller = {"request_headers": {"header_name": SUBJECT_HEADER, "descriptor_key": "caller"}}
         # No value: a wildcard descriptor, one bucket per distinct caller.
         per_caller = {"entries": [{"key": "caller"}], "token_bucket": _bucket(limit["per_caller"])}
         filters.append(
@@ -474,13 +526,15 @@ def build_resources(
     descriptor_set: Path | None = None,
     dynamic: bool = True,
     tls: UpstreamTls | None = None,
+    human_auth: HumanAuth | None = None,
 ) -> Resources:
     """Every Envoy resource of the gateway.
 
     ``edge`` is ``gateway/routes.yaml``; ``listen`` the listener's ``host:port``;
     ``agents`` maps agent names to their live replicas (a name with no replica keeps its
     cluster, empty). ``dynamic``: routes by RDS and agent endpoints by EDS, both over ADS
-    (else inline). Without ``descriptor_set`` there is no HTTP/JSON transcoding.
+    (else inline). Without ``descriptor_set`` there is no HTTP/JSON transcoding. Without
+    ``human_auth`` nobody is authenticated at the front door (local debugging only).
     """
     agents = agents or {}
     names = sorted(agents)
@@ -525,7 +579,11 @@ def build_resources(
             }
         ],
         "http_filters": _http_filters(
-            edge, max_bytes=max_bytes, health_cluster=health_cluster, descriptor_set=descriptor_set
+            edge,
+            max_bytes=max_bytes,
+            health_cluster=health_cluster,
+            descriptor_set=descriptor_set,
+            human_auth=human_auth,
         ),
     }
     if dynamic:
@@ -603,6 +661,7 @@ def render(
     xds_address: str | None = None,
     descriptor_set: Path | None = None,
     xds_tls: XdsTls | None = None,
+    human_auth: HumanAuth | None = None,
 ) -> str:
     """The Envoy bootstrap YAML.
 
@@ -636,6 +695,7 @@ def render(
         health_upstream=health_upstream,
         descriptor_set=descriptor_set,
         dynamic=False,
+        human_auth=human_auth,
     )
     bootstrap = yaml.safe_load(text)
     del bootstrap["dynamic_resources"]

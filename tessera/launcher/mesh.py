@@ -45,6 +45,7 @@ from tessera.launcher.state import Component, MeshState
 from tessera.launcher.topology import ServiceSpec, Topology, project_root
 from tessera.launcher.topology import load as load_topology
 from tessera.runtime.config import CommonSettings
+from tessera.vault.humans import issuer_of
 
 log = structlog.get_logger(__name__)
 
@@ -501,6 +502,8 @@ def _start(
         )
         if spec is control_plane:
             env.update(gateway_env)
+            if approles:  # people log in at the local OpenBao (vault/humans.yaml)
+                env["TESSERA_GATEWAY_JWT_ISSUER"] = issuer_of(bao.addr)
         argv = [sys.executable, "-m", spec.module]
         record = processes.spawn(data_dir, spec.name, argv, env=env, cwd=project)
         started.append(spec.name)

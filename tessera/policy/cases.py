@@ -11,7 +11,7 @@ A case file::
       context: {budget_remaining: 100000}
     cases:
       - name: small refund runs directly
-        principal: billing              # a name above, or {type, id, attributes}
+        principal: billing              # a name above, or {type, id, attributes, groups}
         resource: billing.issue_refund  # a name above, or {type, id, attributes}
         context: {amount: 50000}        # cents; merged over defaults.context
         expect: allow                   # allow | deny | approval_required
@@ -98,6 +98,9 @@ def _cases_in(path: Path) -> list[Case]:
         if expect not in DECISIONS:
             raise CaseError(f"{where}: expect must be one of {', '.join(DECISIONS)}")
         p_type, p_id, p_attrs = _entity(raw.get("principal"), agents, "Agent", where)
+        # A person's groups (the `groups` claim of their token): `principal.groups`.
+        spec = raw.get("principal")
+        groups = (spec.get("groups") or []) if isinstance(spec, Mapping) else []
         r_type, r_id, r_attrs = _entity(raw.get("resource"), tools, "Tool", where)
         context = {**(defaults.get("context") or {}), **(raw.get("context") or {})}
         policies = raw.get("policies")
@@ -114,6 +117,7 @@ def _cases_in(path: Path) -> list[Case]:
                     principal_attrs=p_attrs,
                     resource_attrs=r_attrs,
                     context=context,
+                    principal_groups=tuple(str(g) for g in groups),
                 ),
                 expect=str(expect),
                 policies=tuple(policies) if policies is not None else None,

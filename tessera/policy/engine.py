@@ -164,6 +164,8 @@ class CheckInput:
     principal_attrs: Mapping[str, Any] = field(default_factory=dict)
     resource_attrs: Mapping[str, Any] = field(default_factory=dict)
     context: Mapping[str, Any] = field(default_factory=dict)
+    principal_groups: tuple[str, ...] = ()
+    """``Group`` entities the principal is in (a person's groups, from their token)."""
 
 
 @dataclass(frozen=True)
@@ -331,8 +333,11 @@ def to_cedar(value: Any, path: str, violations: list[tuple[str, str]]) -> Any:
     return None
 
 
-def _entity(type_: str, id_: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
-    return {"uid": {"type": type_, "id": id_}, "attrs": dict(attrs), "parents": []}
+def _entity(
+    type_: str, id_: str, attrs: Mapping[str, Any], groups: Sequence[str] = ()
+) -> dict[str, Any]:
+    parents = [{"type": "Group", "id": g} for g in groups]
+    return {"uid": {"type": type_, "id": id_}, "attrs": dict(attrs), "parents": parents}
 
 
 def prepare(req: CheckInput, *, hour: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -376,10 +381,12 @@ def prepare(req: CheckInput, *, hour: int) -> tuple[dict[str, Any], list[dict[st
         "resource": {"type": req.resource_type, "id": req.resource_id},
         "context": context,
     }
+    groups = sorted(set(req.principal_groups))
     entities = [
-        _entity(req.principal_type, req.principal_id, principal_attrs),
+        _entity(req.principal_type, req.principal_id, principal_attrs, groups),
         _entity(req.resource_type, req.resource_id, resource_attrs),
     ]
+    entities += [_entity("Group", g, {}) for g in groups]
     return request, entities
 
 
@@ -390,7 +397,7 @@ def _diagnose(
     import cedarpy
 
     violations: list[tuple[str, str]] = []
-    for label, entity in zip(("principal", "resource"), entities, strict=True):
+    for label, entity in zip(("principal", "resource"), entities[:2], strict=True):
         try:
             cedarpy.Entities.from_json_str(json.dumps([entity]), ps.schema)
         except ValueError:

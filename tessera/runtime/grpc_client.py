@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -82,6 +82,40 @@ class DefaultDeadlineInterceptor(
         return await continuation(self._with_timeout(client_call_details), request)
 
 
+class MetadataInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
+):
+    """Adds fixed metadata (a person's ``authorization: Bearer <token>``) to every call."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.metadata = tuple(metadata)
+
+    def _with_metadata(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            method=details.method,
+            timeout=details.timeout,
+            metadata=grpc.aio.Metadata(*(details.metadata or ()), *self.metadata),
+            credentials=details.credentials,
+            wait_for_ready=details.wait_for_ready,
+        )
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(self._with_metadata(client_call_details), request)
+
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        return await continuation(self._with_metadata(client_call_details), request)
+
+
 def service_config(max_attempts: int) -> str:
     """gRPC service config: bounded retries of UNAVAILABLE for every method."""
     method_config: dict[str, Any] = {"name": [{}], "waitForReady": False}
@@ -105,6 +139,7 @@ def channel(
     default_timeout_s: float = 10.0,
     identity: CertificateSource | None = None,
     peer: WorkloadName | None = None,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> grpc.aio.Channel:
     """An aio channel to ``target`` with keepalive, tracing, a default deadline, transparent
     retries (``max_attempts`` in total, UNAVAILABLE only; gRPC caps it at 5) and a short
@@ -116,6 +151,7 @@ def channel(
     Without it the channel is plaintext, for servers in local-debugging mode only.
 
     ``service`` only labels the channel (``grpc.primary_user_agent``) for the peer's logs.
+    ``metadata`` goes with every call (:class:`MetadataInterceptor`).
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
@@ -132,7 +168,12 @@ def channel(
     ]
     if service:
         options.append(("grpc.primary_user_agent", f"tessera-{service}"))
-    interceptors = [*client_interceptors(), DefaultDeadlineInterceptor(default_timeout_s)]
+    interceptors: list[Any] = [
+        *client_interceptors(),
+        DefaultDeadlineInterceptor(default_timeout_s),
+    ]
+    if metadata:
+        interceptors.append(MetadataInterceptor(metadata))
     if identity is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     if peer is None:

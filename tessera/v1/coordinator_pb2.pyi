@@ -23,6 +23,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _WorkflowState:
@@ -314,6 +319,7 @@ class Workflow(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     COMPENSATED_FIELD_NUMBER: _builtins.int
     UNCOMPENSATED_FIELD_NUMBER: _builtins.int
+    STARTED_BY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name `workflows/{workflow}`."""
     request_id: _builtins.str
@@ -326,6 +332,10 @@ class Workflow(_message.Message):
     """Number of events recorded."""
     goal: _builtins.str
     """The goal it was started with."""
+    started_by: _builtins.str
+    """Who started it, as verified: a person (their identity token's subject) or a
+    workload in its own name (`service/operator`).
+    """
     @_builtins.property
     def plan(self) -> _planner_pb2.TaskGraph:
         """The plan being executed."""
@@ -397,10 +407,11 @@ class Workflow(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         compensated: _abc.Iterable[_builtins.str] | None = ...,
         uncompensated: _abc.Iterable[_builtins.str] | None = ...,
+        started_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "plan", b"plan", "result", b"result", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "blackboard_version", b"blackboard_version", "compensated", b"compensated", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "event_count", b"event_count", "gates", b"gates", "goal", b"goal", "name", b"name", "plan", b"plan", "request_id", b"request_id", "result", b"result", "state", b"state", "tasks", b"tasks", "uncompensated", b"uncompensated", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard", b"blackboard", "blackboard_version", b"blackboard_version", "compensated", b"compensated", "create_time", b"create_time", "deadline", b"deadline", "error", b"error", "event_count", b"event_count", "gates", b"gates", "goal", b"goal", "name", b"name", "plan", b"plan", "request_id", b"request_id", "result", b"result", "started_by", b"started_by", "state", b"state", "tasks", b"tasks", "uncompensated", b"uncompensated", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -650,8 +661,20 @@ class DecideGateRequest(_message.Message):
     """Approve or reject."""
     comment: _builtins.str
     """Comment for the audit trail."""
-    decided_by: _builtins.str
-    """Who decided."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def decided_by(self) -> _builtins.str:
+        """Ignored: the decision is recorded in the name of the verified caller (the person
+        the front door authenticated), whatever a request says.
+        """
+
+    @decided_by.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def decided_by(self, value: _builtins.str) -> None:
+        """Ignored: the decision is recorded in the name of the verified caller (the person
+        the front door authenticated), whatever a request says.
+        """
+
     def __init__(
         self,
         *,

@@ -258,6 +258,7 @@ class WorkflowStarted(_message.Message):
     PLAN_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    STARTED_BY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of the start request."""
     goal: _builtins.str
@@ -265,6 +266,11 @@ class WorkflowStarted(_message.Message):
     traceparent: _builtins.str
     """W3C traceparent of the start request: every later step of the workflow continues
     this trace, so one workflow is one trace across gRPC and NATS hops.
+    """
+    started_by: _builtins.str
+    """Who started it, as verified: a person (their identity token's subject) or a
+    workload in its own name (`service/operator`). Policies use it (separation of
+    duties: nobody decides a gate of their own workflow).
     """
     @_builtins.property
     def plan(self) -> _planner_pb2.TaskGraph:
@@ -285,10 +291,11 @@ class WorkflowStarted(_message.Message):
         plan: _planner_pb2.TaskGraph | None = ...,
         traceparent: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        started_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "goal", b"goal", "plan", b"plan", "request_id", b"request_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "goal", b"goal", "plan", b"plan", "request_id", b"request_id", "started_by", b"started_by", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -528,6 +535,7 @@ class GateOpened(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     HELD_RESULT_FIELD_NUMBER: _builtins.int
     HELD_HANDOFF_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
     gate_id: _builtins.str
     """Gate id (last segment of its resource name)."""
     task_id: _builtins.str
@@ -536,6 +544,10 @@ class GateOpened(_message.Message):
     """Why."""
     kind: Global___GateKind.ValueType
     """Kind."""
+    tool: _builtins.str
+    """The tool whose call waits (tool approvals), e.g. `billing.issue_refund`: policies
+    give each tool's approvals to its own approvers.
+    """
     @_builtins.property
     def held_result(self) -> Global___TaskSucceeded:
         """Result held until approval (output approval, low confidence)."""
@@ -553,10 +565,11 @@ class GateOpened(_message.Message):
         kind: Global___GateKind.ValueType = ...,
         held_result: Global___TaskSucceeded | None = ...,
         held_handoff: Global___HandoffRouted | None = ...,
+        tool: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["held_handoff", b"held_handoff", "held_result", b"held_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate_id", b"gate_id", "held_handoff", b"held_handoff", "held_result", b"held_result", "kind", b"kind", "reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate_id", b"gate_id", "held_handoff", b"held_handoff", "held_result", b"held_result", "kind", b"kind", "reason", b"reason", "task_id", b"task_id", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,6 +28,7 @@ from tessera.vault import _retry
 from tessera.vault._config import Identity, VaultSpec, load_spec
 from tessera.vault.audit_keys import ensure_audit_keys
 from tessera.vault.errors import VaultConfigError, VaultError
+from tessera.vault.humans import apply_humans, load_humans
 from tessera.vault.naming import APPROLE_MOUNT, TOOL_SECRETS_MOUNT, tool_policy_name, tool_slug
 from tessera.vault.pki import ensure_pki
 
@@ -62,7 +63,8 @@ def apply(
     """Bring the server at ``addr`` in line with ``vault_dir``; return identity -> credentials.
 
     Enables the ``tool-secrets/`` KV v2 mount and the ``approle/`` auth method when missing,
-    writes every policy, AppRole role and the task token role; with ``seed_tool_secrets``,
+    writes every policy, AppRole role and the task token role, and the people of
+    ``humans.yaml`` (:mod:`tessera.vault.humans`) when there is one; with ``seed_tool_secrets``,
     writes a random ``{"api_key": ...}`` for each tool that has no secret yet (existing
     secrets are never overwritten). ``task_token_bound_cidrs`` replaces the task token
     role's ``bound_cidrs`` of vault/tools.yaml (where this environment's tool proxies reach
@@ -76,6 +78,7 @@ def apply(
         VaultError: the server refused a write (e.g. the token is not privileged enough).
     """
     spec = load_spec(vault_dir, task_token_bound_cidrs=task_token_bound_cidrs)
+    humans = load_humans(vault_dir)
     _prepare_secrets_dir(secrets_dir)
     client = hvac.Client(url=addr, token=root_token, timeout=_HTTP_TIMEOUT_S)
     try:
@@ -91,6 +94,15 @@ def apply(
             identity.name: _issue_credentials(client, identity.name, secrets_dir)
             for identity in spec.identities
         }
+        if humans is not None:
+            (secrets_dir / "humans").mkdir(mode=0o700, exist_ok=True)
+            apply_humans(
+                client,
+                humans,
+                vault_addr=addr,
+                secrets_dir=secrets_dir,
+                write_private=_write_private,
+            )
     except hvac.exceptions.VaultError as exc:
         raise VaultError(f"vault refused the bootstrap: {exc}") from exc
     finally:

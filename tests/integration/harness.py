@@ -39,6 +39,7 @@ from tessera.launcher.ports import free_port
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.grpc_client import channel
 from tessera.runtime.identity import Workload
+from tessera.runtime.principal import CLAIMS_HEADER, encode_claims
 from tessera.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, events_pb2, planner_pb2
 from tessera.vault import bootstrap
 
@@ -53,6 +54,8 @@ class Vault(Protocol):
 
 
 WS = coordinator_pb2.WorkflowState
+APPROVER_GROUPS = ("approvers", "compliance-officers", "finance-approvers")
+"""Groups of vault/humans.yaml that decide gates (policy/policies/50_workflows.cedar)."""
 REFERENCE_AGENTS = (
     "triage",
     "billing",
@@ -128,6 +131,7 @@ class Mesh:
         self._workloads: dict[str, Workload] = {}
         self._stack = AsyncExitStack()
         self.registry_address = ""
+        self._people: dict[tuple[str, str, tuple[str, ...]], Any] = {}
 
     def common(self) -> dict[str, Any]:
         common = {
@@ -205,6 +209,7 @@ class Mesh:
     async def use_coordinator(self, address: str) -> None:
         """Point `stub` at the coordinator serving `address`."""
         await self._close_channel()
+        self.coordinator_address = address
         self.channel: grpc.aio.Channel | None = await self._operator_channel(address, "coordinator")
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
 
@@ -359,14 +364,41 @@ class Mesh:
             timeout=timeout,
         )
 
-    async def decide(self, gate: str, *, approve: bool, by: str = "tester") -> coordinator_pb2.Gate:
+    async def as_person(
+        self, who: str, groups: Iterable[str] = APPROVER_GROUPS
+    ) -> coordinator_pb2_grpc.CoordinatorServiceStub:
+        """A coordinator stub acting for the person ``who`` the front door verified: the
+        test plays Envoy (the gateway's certificate, and the claims header Envoy forwards
+        for a verified token). The real front door is tested in test_human_identity."""
+        address = self.coordinator_address
+        key = (address, who, tuple(sorted(groups)))
+        stub = self._people.get(key)
+        if stub is None:
+            claims = encode_claims({"preferred_username": who, "groups": sorted(groups)})
+            ch = await self.channel_as(
+                "gateway", address, peer="coordinator", metadata=[(CLAIMS_HEADER, claims)]
+            )
+            self._stack.push_async_callback(ch.close)
+            stub = self._people[key] = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+        return stub
+
+    async def decide(
+        self,
+        gate: str,
+        *,
+        approve: bool,
+        by: str = "tester",
+        groups: Iterable[str] = APPROVER_GROUPS,
+    ) -> coordinator_pb2.Gate:
+        """Decide ``gate`` as the person ``by`` (a member of every approver group)."""
         decision = (
             coordinator_pb2.GATE_DECISION_APPROVE
             if approve
             else coordinator_pb2.GATE_DECISION_REJECT
         )
-        response = await self.stub.DecideGate(
-            coordinator_pb2.DecideGateRequest(name=gate, decision=decision, decided_by=by)
+        stub = await self.as_person(by, groups)
+        response = await stub.DecideGate(
+            coordinator_pb2.DecideGateRequest(name=gate, decision=decision)
         )
         return response.gate
 

@@ -2,7 +2,8 @@
 the gateway control plane, the real coordinator behind it, agents found in the registry.
 
 One stack per module: NATS (session fixture), a coordinator, the control plane and an
-Envoy bootstrapped from ``gateway/envoy.yaml``. Nothing is mocked.
+Envoy bootstrapped from ``gateway/envoy.yaml``, people in an OpenBao of the module's own
+(their identity tokens are what Envoy verifies). Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import http.client
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,11 @@ from tessera.launcher.gateway import build_descriptor_set
 from tessera.launcher.ports import free_port
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology
+from tessera.runtime.grpc_client import MetadataInterceptor
 from tessera.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
-from tests.conftest import GATEWAY_DIR, PROJECT_ROOT
+from tessera.vault.humans import HumansSpec
+from tests.conftest import GATEWAY_DIR, PROJECT_ROOT, private_openbao
+from tests.integration.people import People, start_people
 
 PROPAGATION_S = 2.0  # a registry change must reach Envoy within this
 
@@ -49,6 +53,15 @@ class Stack:
     control_plane: GatewayControlPlane
     envoy: infra.EnvoyServer
     access_log: Path
+    people: People
+
+    def bearer(self, user: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.people.token(user)}")]
+
+    def channel(self, user: str | None = "tester") -> grpc.aio.Channel:
+        """A gRPC channel to Envoy whose calls carry ``user``'s token (None: no token)."""
+        interceptors = [MetadataInterceptor(self.bearer(user))] if user else []
+        return grpc.aio.insecure_channel(self.envoy.address, interceptors=interceptors)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -73,12 +86,17 @@ def request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 10.0,
+    as_user: str | None = "tester",
 ) -> Reply:
-    """One HTTP/1.1 request to the gateway listener."""
+    """One HTTP/1.1 request to the gateway listener, with ``as_user``'s token."""
     host, port = stack.host_port
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        sent = {"content-type": "application/json", **(headers or {})}
+        sent = {
+            "content-type": "application/json",
+            **dict(stack.bearer(as_user) if as_user else {}),
+        }
+        sent.update(headers or {})
         conn.request(method, path, body=body, headers=sent)
         response = conn.getresponse()
         return Reply(
@@ -149,9 +167,26 @@ def routes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+PEOPLE = HumansSpec.model_validate(
+    {
+        "token": {"audience": "tessera", "ttl": "1h"},
+        "groups": {"approvers": "decide gates", "support": "start support workflows"},
+        "users": [{"name": n, "groups": ["approvers"]} for n in ("tester", "alice", "bob", "carol")]
+        + [{"name": "auditor", "groups": []}],
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def people(tmp_path_factory: pytest.TempPathFactory) -> Iterator[People]:
+    directory = tmp_path_factory.mktemp("gateway-people")
+    with private_openbao(directory) as openbao:
+        yield start_people(openbao, directory / "secrets", PEOPLE)
+
+
 @pytest.fixture(scope="module")
 async def stack(
-    nats_url: str, infra_dir: Path, descriptor_set: Path, routes_file: Path
+    nats_url: str, infra_dir: Path, descriptor_set: Path, routes_file: Path, people: People
 ) -> AsyncIterator[Stack]:
     namespace = "t" + secrets.token_hex(4)
     planner = PlannerService(
@@ -181,6 +216,9 @@ async def stack(
             descriptor_set=descriptor_set,
             coordinator_address=coordinator.address,
             route_agents=True,  # the opt-in these tests cover (off under `tessera up`)
+            jwt_issuer=people.issuer,
+            jwt_clock_skew_s=0,  # the expiry test waits for exp, not exp + leeway
+            jwks_refresh_s=0.5,  # the key rotation test waits for it
         )
     )
     await control_plane.start()
@@ -195,7 +233,7 @@ async def stack(
             xds_address=control_plane.address,
             name=name,
         )
-        yield Stack(namespace, nats_url, coordinator, control_plane, envoy, access_log)
+        yield Stack(namespace, nats_url, coordinator, control_plane, envoy, access_log, people)
     finally:
         await asyncio.to_thread(infra.stop, infra_dir, name)
         await control_plane.stop()
@@ -297,7 +335,7 @@ async def echo_agent() -> AsyncIterator[agent_pb2.AgentDescriptor]:
 async def test_grpc_calls_reach_the_coordinator_and_agents_by_header(
     stack: Stack, registry: Registry, echo_agent: agent_pb2.AgentDescriptor
 ) -> None:
-    async with grpc.aio.insecure_channel(stack.envoy.address) as channel:
+    async with stack.channel() as channel:
         coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await coordinator.GetWorkflow(
@@ -360,10 +398,8 @@ async def test_healthz_follows_the_coordinators_grpc_health(stack: Stack) -> Non
 # --- access log ---------------------------------------------------------------------------
 
 
-async def test_access_log_is_json_with_the_caller(stack: Stack) -> None:
-    reply = await asyncio.to_thread(
-        request, stack, "GET", "/v1/workflows/nope", headers={"x-tessera-caller": "auditor"}
-    )
+async def test_access_log_is_json_with_the_verified_subject_and_no_token(stack: Stack) -> None:
+    reply = await asyncio.to_thread(request, stack, "GET", "/v1/workflows/nope", as_user="auditor")
     assert reply.status == 404
 
     def records() -> list[dict[str, Any]]:
@@ -372,11 +408,13 @@ async def test_access_log_is_json_with_the_caller(stack: Stack) -> None:
         return [json.loads(line) for line in lines]
 
     await eventually(
-        lambda: any(r["caller"] == "auditor" for r in records()),
+        lambda: any(r["subject"] == "auditor" for r in records()),
         within=5,
         what="the request in the access log",
     )
-    mine = [r for r in records() if r["caller"] == "auditor"]
+    mine = [r for r in records() if r["subject"] == "auditor"]
+    token = stack.people.token("auditor")
+    assert token.split(".")[2] not in stack.access_log.read_text()  # a bearer credential
     assert mine[0]["upstream_cluster"] == "coordinator"
     assert mine[0]["original_path"] == "/v1/workflows/nope"
     assert mine[0]["path"] == "/tessera.v1.CoordinatorService/GetWorkflow"

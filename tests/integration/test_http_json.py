@@ -21,6 +21,7 @@ from tests.integration.test_gateway import (  # noqa: F401 (fixtures)
     Reply,
     Stack,
     descriptor_set,
+    people,
     registry,
     request,
     routes_file,
@@ -36,9 +37,10 @@ async def call(
     path: str,
     body: object = None,
     headers: dict[str, str] | None = None,
+    as_user: str | None = "tester",
 ) -> Reply:
     data = None if body is None else json.dumps(body).encode()
-    return await asyncio.to_thread(request, gateway, method, path, data, headers)
+    return await asyncio.to_thread(request, gateway, method, path, data, headers, as_user=as_user)
 
 
 @pytest.fixture
@@ -144,28 +146,30 @@ async def test_oversized_requests_are_refused_with_413(stack: Stack) -> None:  #
     assert refused.status == 413
 
 
-async def test_each_caller_has_its_own_rate_limit(stack: Stack) -> None:  # noqa: F811
-    """The module's routes.yaml gives each caller a burst of 5 and no refill."""
+async def test_each_person_has_their_own_rate_limit(stack: Stack) -> None:  # noqa: F811
+    """The module's routes.yaml gives each verified person a burst of 5 and no refill;
+    the bucket follows the token's subject, never a header the caller picks."""
     statuses = [
-        (await call(stack, "GET", "/v1/workflows/x", headers={"x-tessera-caller": "alice"})).status
+        (
+            await call(
+                stack, "GET", "/v1/workflows/x", as_user="alice", headers={"x-tessera-subject": "z"}
+            )
+        ).status
         for _ in range(6)
     ]
     assert statuses == [404] * 5 + [429]
-    other = await call(stack, "GET", "/v1/workflows/x", headers={"x-tessera-caller": "bob"})
+    other = await call(stack, "GET", "/v1/workflows/x", as_user="bob")
     assert other.status == 404  # bob's bucket is his own
-    assert (
-        await call(stack, "GET", "/healthz", headers={"x-tessera-caller": "alice"})
-    ).status == 200
+    assert (await call(stack, "GET", "/healthz", as_user="alice")).status == 200
 
     # gRPC callers are limited the same way and told RESOURCE_EXHAUSTED.
-    async with grpc.aio.insecure_channel(stack.envoy.address) as channel:
+    async with stack.channel("carol") as channel:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         codes = []
         for _ in range(6):
             try:
                 await stub.GetWorkflow(
                     coordinator_pb2.GetWorkflowRequest(name="workflows/x"),
-                    metadata=[("x-tessera-caller", "carol")],
                     timeout=5,
                 )
             except grpc.aio.AioRpcError as exc:

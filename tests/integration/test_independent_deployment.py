@@ -30,6 +30,7 @@ import yaml
 from google.protobuf import duration_pb2, struct_pb2
 
 from tessera.cli._local import nats_options
+from tessera.cli.login import ensure_login
 from tessera.launcher.topology import project_root
 from tessera.runtime.bus import connect
 from tessera.v1 import (
@@ -47,7 +48,12 @@ from tests.integration.test_mesh_up import tessera
 PROJECT_ROOT = project_root(Path(__file__).parent)
 CORE = ("policy", "planner", "tool-proxy", "registry", "coordinator", "gateway-control-plane")
 BYSTANDER = "agent-billing"  # a reference agent that must not notice anything
-CALLER = (("x-tessera-caller", "independent-deployment-test"),)
+OPERATOR_ON_CALL = "oncall"  # vault/humans.yaml: operators start plans of their own
+
+
+def bearer(mesh: RunningMesh) -> tuple[tuple[str, str], ...]:
+    """The identity token the gateway wants on every call, of a logged-in person."""
+    return (("authorization", f"Bearer {ensure_login(mesh.data_dir, OPERATOR_ON_CALL).token}"),)
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
     assert "\ncoordinator::" in f"\n{clusters}"  # the control plane feeds Envoy live
     assert f"\n{BYSTANDER}::" not in f"\n{clusters}"  # agents are not routed from outside
 
+    auth = bearer(mesh)
     async with grpc.aio.insecure_channel(mesh.gateway) as gateway:  # everything via Envoy
         coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(gateway)
 
@@ -136,7 +143,7 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
             request = coordinator_pb2.StartWorkflowRequest(
                 request_id=uuid.uuid4().hex, plan=_plan(text)
             )
-            response = await coordinator.StartWorkflow(request, timeout=15, metadata=CALLER)
+            response = await coordinator.StartWorkflow(request, timeout=15, metadata=auth)
             return response.workflow.name
 
         with pytest.raises(grpc.aio.AioRpcError) as before_deploy:
@@ -180,7 +187,7 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
 
             # Planned against the live registry, run, and answered through Envoy.
             name = await start("hello independent world")
-            workflow = await _terminal(coordinator, name, within=30)
+            workflow = await _terminal(coordinator, name, within=30, metadata=auth)
             assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error
             assert dict(workflow.blackboard)["translation"] == "WORLD INDEPENDENT HELLO"
 
@@ -190,7 +197,7 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
                 await agent.Describe(
                     agent_pb2.DescribeRequest(),
                     timeout=5,
-                    metadata=(*CALLER, ("x-tessera-agent", "translator")),
+                    metadata=(*auth, ("x-tessera-agent", "translator")),
                 )
             assert unrouted.value.code() == grpc.StatusCode.UNIMPLEMENTED
             assert "\nagent-translator::" not in f"\n{_envoy_clusters(mesh.admin_url)}"
@@ -211,13 +218,17 @@ async def test_an_agent_deployed_on_its_own_joins_and_leaves_without_restarts(
 
 
 async def _terminal(
-    stub: coordinator_pb2_grpc.CoordinatorServiceStub, name: str, *, within: float
+    stub: coordinator_pb2_grpc.CoordinatorServiceStub,
+    name: str,
+    *,
+    within: float,
+    metadata: tuple[tuple[str, str], ...],
 ) -> coordinator_pb2.Workflow:
     deadline = time.monotonic() + within
     while True:
         workflow = (
             await stub.GetWorkflow(
-                coordinator_pb2.GetWorkflowRequest(name=name), timeout=5, metadata=CALLER
+                coordinator_pb2.GetWorkflowRequest(name=name), timeout=5, metadata=metadata
             )
         ).workflow
         if workflow.state in TERMINAL:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tessera.cli.login import ensure_login
 from tessera.client import MeshClient
 from tessera.v1 import coordinator_pb2
 from tests.integration.test_mesh_up import CLI_TIMEOUT_S, PROJECT_ROOT, tessera
@@ -48,6 +49,11 @@ def gateway(data_dir: Path) -> str:
     return str(json.loads((data_dir / "state.json").read_text())["gateway"])
 
 
+def person(data_dir: Path, user: str) -> MeshClient:
+    """A client of the gateway logged in as ``user`` (vault/humans.yaml)."""
+    return MeshClient(gateway(data_dir), token=ensure_login(data_dir, user).token)
+
+
 def test_demo_runs_every_reference_workflow_through_the_gateway(data_dir: Path) -> None:
     demo = cli("demo", data_dir=data_dir)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-2000:]
@@ -58,7 +64,7 @@ def test_demo_runs_every_reference_workflow_through_the_gateway(data_dir: Path) 
 
 
 async def test_a_parked_workflow_survives_down_and_up(data_dir: Path) -> None:
-    async with MeshClient(gateway(data_dir)) as client:
+    async with person(data_dir, "requester") as client:
         workflow = await client.start(
             "loan",
             application={
@@ -79,10 +85,12 @@ async def test_a_parked_workflow_survives_down_and_up(data_dir: Path) -> None:
     up = tessera("up", data_dir=data_dir)
     assert up.returncode == 0, up.stderr
 
-    async with MeshClient(gateway(data_dir)) as client:
+    async with person(data_dir, "requester") as client, person(data_dir, "compliance") as officer:
         parked = await client.get(workflow.name)
         assert parked.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
-        await client.decide(gate, approve=True, decided_by="auditor")
+        assert parked.started_by == "requester"
+        decided = await officer.decide(gate, approve=True)
+        assert decided.decided_by == "compliance"  # the verified person, not a typed name
         async for _ in client.watch(workflow.name):
             pass
         final = await client.get(workflow.name)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tessera.cli.login import ensure_login
 from tessera.launcher.topology import project_root
 
 PROJECT_ROOT = project_root(Path(__file__).parent)
@@ -74,15 +75,31 @@ def tessera(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`tessera up` in a temporary data dir; the gateway address from its state.json."""
+def mesh_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`tessera up` in a temporary data dir."""
     data_dir = tmp_path_factory.mktemp("polyglot-mesh")
     try:
         up = tessera("up", data_dir=data_dir)
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-4000:]
-        yield json.loads((data_dir / "state.json").read_text())["gateway"]
+        yield data_dir
     finally:
         tessera("down", data_dir=data_dir)
+
+
+@pytest.fixture(scope="module")
+def gateway(mesh_dir: Path) -> str:
+    """The gateway address from state.json."""
+    return str(json.loads((mesh_dir / "state.json").read_text())["gateway"])
+
+
+@pytest.fixture(scope="module")
+def tokens(mesh_dir: Path) -> dict[str, str]:
+    """What a client in any language is given: the requester's identity token, and a
+    compliance officer's for the AML gate."""
+    return {
+        "TESSERA_TOKEN": ensure_login(mesh_dir, "requester").token,
+        "TESSERA_APPROVER_TOKEN": ensure_login(mesh_dir, "compliance").token,
+    }
 
 
 def json_lines(stdout: str) -> list[dict[str, Any]]:
@@ -100,6 +117,7 @@ def assert_loan_flow(records: list[dict[str, Any]], output: str) -> None:
     assert opened["gateId"] == "compliance-approval" and "AML" in opened["reason"], output
     decided = next(e["gateDecided"] for e in events if "gateDecided" in e)
     assert decided["gateId"] == "compliance-approval" and decided["approved"] is True, output
+    assert decided["decidedBy"] == "compliance", output  # the verified officer, by name
     assert (
         kinds.index("gateOpened") < kinds.index("gateDecided") < kinds.index("workflowCompleted")
     ), output
@@ -108,7 +126,9 @@ def assert_loan_flow(records: list[dict[str, Any]], output: str) -> None:
 
 
 @pytest.mark.skipif(NO_NODE, reason="node and npm are not installed on this machine")
-def test_node_client_runs_the_loan_workflow_through_the_gateway(gateway: str) -> None:
+def test_node_client_runs_the_loan_workflow_through_the_gateway(
+    gateway: str, tokens: dict[str, str]
+) -> None:
     install = run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, timeout=120)
     assert install.returncode == 0, install.stdout + install.stderr
     plugin = NODE_DIR / "node_modules" / ".bin" / "protoc-gen-es"
@@ -120,7 +140,7 @@ def test_node_client_runs_the_loan_workflow_through_the_gateway(gateway: str) ->
     assert generate.returncode == 0, generate.stdout + generate.stderr
     assert (NODE_DIR / "gen" / "tessera" / "v1" / "coordinator_pb.js").exists()
 
-    client = run(["node", "workflow.mjs", gateway], cwd=NODE_DIR, timeout=60)
+    client = run(["node", "workflow.mjs", gateway], cwd=NODE_DIR, timeout=60, **tokens)
     output = client.stdout + client.stderr
     assert client.returncode == 0, output
     records = json_lines(client.stdout)
@@ -134,12 +154,14 @@ def test_node_client_runs_the_loan_workflow_through_the_gateway(gateway: str) ->
     reason=f"Debian's Go toolchain is not installed (missing {', '.join(GO_MISSING)}); "
     "clients/go/build.sh prints the apt-get line",
 )
-def test_go_client_builds_offline_and_runs_the_loan_workflow(gateway: str) -> None:
+def test_go_client_builds_offline_and_runs_the_loan_workflow(
+    gateway: str, tokens: dict[str, str]
+) -> None:
     build = run(["bash", str(GO_BUILD)], timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
     assert GO_BINARY.exists()
 
-    client = run([str(GO_BINARY), gateway], timeout=60)
+    client = run([str(GO_BINARY), gateway], timeout=60, **tokens)
     output = client.stdout + client.stderr
     assert client.returncode == 0, output
     records = json_lines(client.stdout)

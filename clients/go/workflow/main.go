@@ -24,7 +24,11 @@ import (
 	tesserav1 "github.com/tessera-mesh/tessera/gen/go/tessera/v1"
 )
 
-const caller = "go-example"
+// Identity tokens (`tessera login`): the requester starts the loan, a compliance officer
+// decides its AML gate (nobody may decide a gate of their own workflow).
+func bearer(ctx context.Context, token string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+}
 
 func emit(v interface{}) {
 	line, _ := json.Marshal(v)
@@ -38,7 +42,12 @@ func run(ctx context.Context, gateway string) (tesserav1.WorkflowState, error) {
 	}
 	defer conn.Close()
 	coordinator := tesserav1.NewCoordinatorServiceClient(conn)
-	ctx = metadata.AppendToOutgoingContext(ctx, "x-tessera-caller", caller)
+	approverToken := os.Getenv("TESSERA_APPROVER_TOKEN")
+	if approverToken == "" {
+		approverToken = os.Getenv("TESSERA_TOKEN")
+	}
+	approverCtx := bearer(ctx, approverToken)
+	ctx = bearer(ctx, os.Getenv("TESSERA_TOKEN"))
 
 	inputs, err := structpb.NewStruct(map[string]interface{}{
 		"application": map[string]interface{}{"applicant": "ACME", "amount": 250000, "country": "XX"},
@@ -76,16 +85,19 @@ func run(ctx context.Context, gateway string) (tesserav1.WorkflowState, error) {
 			emit(map[string]json.RawMessage{"event": raw})
 			next = event.GetSequence() + 1
 			if gate := event.GetGateOpened(); gate != nil {
-				decided, err := coordinator.DecideGate(ctx, &tesserav1.DecideGateRequest{
-					Name:      name + "/gates/" + gate.GetGateId(),
-					Decision:  tesserav1.GateDecision_GATE_DECISION_APPROVE,
-					DecidedBy: caller,
-					Comment:   "approved by the Go example client",
+				decided, err := coordinator.DecideGate(approverCtx, &tesserav1.DecideGateRequest{
+					Name:     name + "/gates/" + gate.GetGateId(),
+					Decision: tesserav1.GateDecision_GATE_DECISION_APPROVE,
+					Comment:  "approved by the Go example client",
 				})
 				if err != nil {
 					return 0, err
 				}
-				emit(map[string]string{"decided": decided.GetGate().GetName(), "decision": "APPROVE"})
+				emit(map[string]string{
+					"decided":   decided.GetGate().GetName(),
+					"decision":  "APPROVE",
+					"decidedBy": decided.GetGate().GetDecidedBy(),
+				})
 			}
 			if event.GetWorkflowCompleted() != nil || event.GetWorkflowFailed() != nil || event.GetWorkflowCancelled() != nil {
 				ended = true

@@ -1,0 +1,141 @@
+"""Who may start, cancel and decide what: the coordinator's decision point for its own
+control-plane actions, evaluated in-process with the policy set of ``policy/`` (the same
+engine and store as the tool proxy's embedded mode).
+
+The principal is the verified caller (:func:`tessera.runtime.principal.principal_of`): a
+person the front door authenticated, with their groups, or a workload in its own name.
+Every decision, allowed or refused, is an audit record naming the principal; a refusal is
+PERMISSION_DENIED with ErrorInfo (reason ``ACTION_NOT_ALLOWED``, the action, the resource
+and the forbids that matched).
+
+On a plaintext debug coordinator nothing is authenticated, so nothing is authorized here
+either (as with caller checks): decisions are recorded in the name the request gives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import grpc
+import structlog
+
+from tessera.policy.engine import CheckInput, RequestInvalid, evaluate
+from tessera.policy.store import PolicyStore
+from tessera.runtime.errors import PermissionDenied
+from tessera.runtime.principal import Principal, principal_of
+from tessera.v1 import audit_pb2, events_pb2
+
+__all__ = ["ControlPlaneAuthorization", "gate_kind_name"]
+
+log = structlog.get_logger(__name__)
+AK = audit_pb2.AuditKind
+
+
+class _Auditor(Protocol):
+    async def record(self, kind: Any, **fields: Any) -> None: ...
+
+
+def gate_kind_name(kind: int) -> str:
+    """``GATE_KIND_TOOL_APPROVAL`` -> ``tool_approval`` (the schema's Gate.kind)."""
+    return events_pb2.GateKind.Name(kind).removeprefix("GATE_KIND_").lower()  # type: ignore[arg-type]
+
+
+class ControlPlaneAuthorization:
+    """``store`` None: a plaintext debug coordinator (no authorization)."""
+
+    def __init__(
+        self,
+        store: PolicyStore | None,
+        auditor: _Auditor | None,
+        *,
+        subject_claim: str = "preferred_username",
+        groups_claim: str = "groups",
+    ) -> None:
+        self.store = store
+        self._auditor = auditor
+        self._subject_claim = subject_claim
+        self._groups_claim = groups_claim
+
+    @property
+    def enforcing(self) -> bool:
+        return self.store is not None
+
+    def principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        return principal_of(
+            context, subject_claim=self._subject_claim, groups_claim=self._groups_claim
+        )
+
+    async def require(
+        self,
+        principal: Principal,
+        action: str,
+        resource_type: str,
+        resource_id: str,
+        attributes: Mapping[str, Any],
+        *,
+        context: Mapping[str, Any] | None = None,
+        workflow_id: str = "",
+        resource_name: str = "",
+    ) -> None:
+        """Allow ``action`` or raise PermissionDenied; audit either way."""
+        if self.store is None:
+            return
+        kind = "User" if principal.kind == "user" else "Workload"
+        request = CheckInput(
+            principal_type=kind,
+            principal_id=principal.id,
+            principal_attrs={"name": principal.id},
+            principal_groups=tuple(sorted(principal.groups)) if kind == "User" else (),
+            action=action,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            resource_attrs=dict(attributes),
+            context=dict(context or {}),
+        )
+        policy_set = self.store.current
+        try:
+            verdict = evaluate(policy_set, request, hour=time.gmtime().tm_hour)
+        except RequestInvalid as exc:  # our own request: a schema/policy mismatch
+            log.error("control_plane_request_invalid", action=action, violations=exc.violations)
+            allowed = False
+            policies: tuple[str, ...] = ()
+            errors: tuple[str, ...] = tuple(d for _, d in exc.violations)
+        else:
+            allowed = verdict.decision == "allow"
+            policies, errors = verdict.determining_policies, verdict.errors
+        if self._auditor is not None:
+            await self._auditor.record(
+                AK.AUDIT_KIND_POLICY_DECISION,
+                workflow_id=workflow_id,
+                outcome="allow" if allowed else "deny",
+                resource=resource_name or f"{resource_type}/{resource_id}",
+                details={
+                    "principal": principal.name,
+                    "principal_kind": principal.kind,
+                    "action": action,
+                    "policies": list(policies),
+                    "policy_version": policy_set.version,
+                },
+            )
+        if allowed:
+            return
+        log.warning(
+            "control_plane_action_refused",
+            principal=principal.name,
+            action=action,
+            resource=resource_name,
+            policies=list(policies),
+        )
+        raise PermissionDenied(
+            f"{principal.name} may not {action.replace('_', ' ')} {resource_name}".rstrip(),
+            reason="ACTION_NOT_ALLOWED",
+            metadata={
+                "principal": principal.name,
+                "action": action,
+                "resource": resource_name,
+                "policies": ",".join(policies),
+                **({"errors": "; ".join(errors)[:500]} if errors else {}),
+            },
+        )

@@ -1,0 +1,157 @@
+"""Governance nobody can walk around, at the coordinator (attacks I7-I8 of RELIABILITY.md):
+who may start, cancel and decide what is decided by the policies of policy/ for the
+verified principal, every decision is audited in that principal's name, and only the
+front door may speak for a person.
+
+A governed mesh (mTLS on every hop, the reference agents) on the real NATS and OpenBao.
+People arrive as Envoy forwards them (the harness presents the gateway's certificate
+and the claims header; the real Envoy is in test_gateway / test_human_identity)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from tessera.audit import tail
+from tessera.runtime.bus import Topology, connect
+from tessera.runtime.errors import error_details
+from tessera.runtime.principal import CLAIMS_HEADER, encode_claims
+from tessera.v1 import audit_pb2, coordinator_pb2, coordinator_pb2_grpc
+from tests.conftest import OpenBao
+from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, reference_agent
+
+LOAN = {"applicant": "ACME Ltd", "amount": 250000, "country": "XX"}
+APPROVE = coordinator_pb2.GATE_DECISION_APPROVE
+
+
+@pytest.fixture(scope="module")
+async def mesh(nats_url: str, openbao: OpenBao) -> AsyncIterator[Mesh]:
+    agents = [reference_agent(name) for name in REFERENCE_AGENTS]
+    async with Mesh(nats_url, "authz", agents=agents, vault=openbao) as running:
+        yield running
+
+
+async def start_loan(stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> coordinator_pb2.Workflow:
+    inputs = struct_pb2.Struct()
+    inputs.update({"application": LOAN})
+    response = await stub.StartWorkflow(
+        coordinator_pb2.StartWorkflowRequest(
+            request_id=uuid.uuid4().hex, goal="loan", inputs=inputs
+        )
+    )
+    return response.workflow
+
+
+async def refused(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value
+
+
+async def decisions_about(mesh: Mesh, resource: str) -> list[audit_pb2.AuditRecord]:
+    nc = await connect(mesh.nats_url, name="authz-test")
+    try:
+        topology = Topology(mesh.namespace)
+        return [
+            entry.record
+            async for entry in tail(nc.jetstream(), topology, n=100_000)
+            if entry.record is not None
+            and entry.record.kind == audit_pb2.AUDIT_KIND_POLICY_DECISION
+            and entry.record.resource == resource
+        ]
+    finally:
+        await nc.close()
+
+
+async def test_nobody_approves_their_own_loan_nor_one_outside_their_group(mesh: Mesh) -> None:
+    # Lee is both a loan officer and a compliance officer: separation of duties still
+    # keeps Lee off the gate of Lee's own application.
+    lee = await mesh.as_person("lee", ["loan-officers", "compliance-officers"])
+    workflow = await start_loan(lee)
+    assert workflow.started_by == "lee"
+    parked = await mesh.parked(workflow.name)
+    (gate,) = [g for g in parked.gates if g.state == coordinator_pb2.GATE_STATE_PENDING]
+
+    own = await refused(
+        lee.DecideGate(coordinator_pb2.DecideGateRequest(name=gate.name, decision=APPROVE))
+    )
+    assert own.code() == grpc.StatusCode.PERMISSION_DENIED
+    details = error_details(own)
+    assert details.reason == "ACTION_NOT_ALLOWED"
+    assert "gate-not-own-workflow" in details.metadata["policies"]
+
+    finn = await mesh.as_person("finn", ["finance-approvers"])
+    wrong_group = await refused(
+        finn.DecideGate(coordinator_pb2.DecideGateRequest(name=gate.name, decision=APPROVE))
+    )
+    assert wrong_group.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (await mesh.get(workflow.name)).state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+
+    cora = await mesh.as_person("cora", ["compliance-officers"])
+    decided = await cora.DecideGate(
+        coordinator_pb2.DecideGateRequest(
+            name=gate.name,
+            decision=APPROVE,
+            decided_by="the-ceo",  # ignored: not verified
+        )
+    )
+    assert decided.gate.decided_by == "cora"
+    assert (await mesh.finished(workflow.name)).state == WS.WORKFLOW_STATE_SUCCEEDED
+
+    records = await decisions_about(mesh, gate.name)
+    said = [(r.details["principal"], r.outcome) for r in records]
+    assert said == [("lee", "deny"), ("finn", "deny"), ("cora", "allow")]
+
+
+async def test_a_workload_decides_no_gate_and_cannot_speak_for_a_person(mesh: Mesh) -> None:
+    workflow = await start_loan(mesh.stub)  # the operator, in its own name
+    assert workflow.started_by == "service/operator"
+    parked = await mesh.parked(workflow.name)
+    (gate,) = [g for g in parked.gates if g.state == coordinator_pb2.GATE_STATE_PENDING]
+
+    request = coordinator_pb2.DecideGateRequest(name=gate.name, decision=APPROVE)
+    as_itself = await refused(mesh.stub.DecideGate(request))
+    assert as_itself.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "gate-people-only" in error_details(as_itself).metadata["policies"]
+
+    # The operator's certificate with the header only Envoy may send: refused outright.
+    forged = encode_claims({"preferred_username": "cora", "groups": ["compliance-officers"]})
+    spoofed = await refused(mesh.stub.DecideGate(request, metadata=[(CLAIMS_HEADER, forged)]))
+    assert spoofed.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_details(spoofed).reason == "CLAIMS_NOT_FROM_GATEWAY"
+    assert (await mesh.get(workflow.name)).state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    await mesh.decide(gate.name, approve=False, by="cora")  # leave nothing parked
+
+
+async def test_only_the_starter_or_an_operator_cancels(mesh: Mesh) -> None:
+    lee = await mesh.as_person("lee", ["loan-officers"])
+    workflow = await start_loan(lee)
+    finn = await mesh.as_person("finn", ["finance-approvers"])
+    cancel = coordinator_pb2.CancelWorkflowRequest(name=workflow.name, reason="not mine")
+    other = await refused(finn.CancelWorkflow(cancel))
+    assert other.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (await mesh.get(workflow.name)).state != WS.WORKFLOW_STATE_CANCELLED
+
+    cancelled = await lee.CancelWorkflow(
+        coordinator_pb2.CancelWorkflowRequest(name=workflow.name, reason="withdrawn")
+    )
+    assert cancelled.workflow.state in (WS.WORKFLOW_STATE_CANCELLED, WS.WORKFLOW_STATE_COMPENSATING)
+    final = await mesh.finished(workflow.name)
+    assert final.state in (WS.WORKFLOW_STATE_CANCELLED, WS.WORKFLOW_STATE_COMPENSATED)
+    records = await decisions_about(mesh, workflow.name)
+    assert [(r.details["principal"], r.details["action"], r.outcome) for r in records] == [
+        ("lee", "start_workflow", "allow"),
+        ("finn", "cancel_workflow", "deny"),
+        ("lee", "cancel_workflow", "allow"),
+    ]
+
+
+async def test_a_person_starts_only_the_templates_of_their_groups(mesh: Mesh) -> None:
+    sam = await mesh.as_person("sam", ["support"])
+    denied = await refused(start_loan(sam))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_details(denied).metadata["action"] == "start_workflow"
