@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from tessera.cli._local import nats_options
+from tessera.cli.login import ensure_login
 from tessera.launcher import processes
 from tessera.launcher import state as state_file
+from tests.chaos import workload
 from tests.integration.test_mesh_up import tessera as run_cli
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -33,6 +35,13 @@ class Mesh:
     gateway: str
     nats_url: str
     namespace: str
+
+    def people(self) -> workload.People:
+        """The requester's and a finance approver's logins (fresh for the next hour)."""
+        return workload.People(
+            ensure_login(self.data_dir, "requester").token,
+            ensure_login(self.data_dir, "finance").token,
+        )
 
     @property
     def nats_options(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ BURST_SECONDS = float(os.environ.get("TESSERA_BURST_SECONDS", "60" if LONG else 
 
 async def test_a_5x_burst_is_shed_at_admission_and_loses_nothing(mesh: Mesh) -> None:
     assert BURST_CLIENTS > ADMISSION_LIMIT, "the burst must exceed what the mesh admits"
-    load = await workload.run(mesh.gateway, BURST_CLIENTS, BURST_SECONDS)
+    load = await workload.run(mesh.gateway, mesh.people(), BURST_CLIENTS, BURST_SECONDS)
     print(
         f"\nburst W({BURST_CLIENTS}, {BURST_SECONDS:g}s) over a limit of {ADMISSION_LIMIT}: "
         f"{len(load.started)} admitted, {load.refused} starts refused and retried later, "
@@ -27,7 +27,7 @@ async def test_a_5x_burst_is_shed_at_admission_and_loses_nothing(mesh: Mesh) -> 
     assert set(load.outcomes) == {"WORKFLOW_STATE_SUCCEEDED"}, (load.outcomes, load.errors)
     # Nothing lost: every admitted workflow is terminal (succeeded) in JetStream, which
     # also means the backlog the burst built has drained.
-    client = workload.Client(mesh.gateway)
+    client = workload.Client(mesh.gateway, mesh.people())
     try:
         states = {n: (await client.get(n)).state for n in load.started}
     finally:

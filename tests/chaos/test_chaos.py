@@ -94,7 +94,7 @@ class Baseline:
 async def _checks(mesh: Mesh, load: workload.Load, fault: str) -> dict[str, Any]:
     """C1-C3 and C5-C8; raises on the first that fails, after printing the row."""
     names = list(load.started)
-    client = workload.Client(mesh.gateway)
+    client = workload.Client(mesh.gateway, mesh.people())
     try:
         states = {n: (await client.get(n)).state for n in names}
     finally:
@@ -152,7 +152,9 @@ async def _faulted_run(mesh: Mesh, fault: str | None) -> tuple[workload.Load, fl
         done = await asyncio.to_thread(restart, mesh.data_dir, fault)
         restart_s = done.seconds_to_ready
 
-    load, _ = await asyncio.gather(workload.run(mesh.gateway, CLIENTS, SECONDS), inject())
+    load, _ = await asyncio.gather(
+        workload.run(mesh.gateway, mesh.people(), CLIENTS, SECONDS), inject()
+    )
     return load, killed_at, restart_s
 
 
@@ -234,7 +236,7 @@ async def test_one_of_two_agent_replicas_killed_for_good_the_other_takes_its_wor
             return time.monotonic()
 
         load, killed_at = await asyncio.gather(
-            workload.run(mesh.gateway, CLIENTS, SECONDS), inject()
+            workload.run(mesh.gateway, mesh.people(), CLIENTS, SECONDS), inject()
         )
         row = await _checks(mesh, load, "agent-billing (1 of 2, not restarted)")
     finally:

@@ -92,16 +92,34 @@ def request_for(kind: str, i: int, n: int) -> tuple[str, dict[str, Any]]:
 MIX = ("small_refund", "technical", "small_refund", "large_refund", "risk", "procurement")
 
 
+@dataclass(frozen=True)
+class People:
+    """Identity tokens for the front door: who starts the workflows, and who decides their
+    gates (a finance approver: refunds and support escalations are theirs to decide)."""
+
+    requester: str
+    approver: str
+
+
+def _bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
 class Client:
     """One client of the mesh through its front door."""
 
-    def __init__(self, address: str) -> None:
-        self.channel = channel(address, default_timeout_s=10)
+    def __init__(self, address: str, people: People) -> None:
+        self.channel = channel(address, default_timeout_s=10, metadata=_bearer(people.requester))
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self.channel)
+        self._approver_channel = channel(
+            address, default_timeout_s=10, metadata=_bearer(people.approver)
+        )
+        self.approver = coordinator_pb2_grpc.CoordinatorServiceStub(self._approver_channel)
         self.retried: Counter[str] = Counter()
 
     async def close(self) -> None:
         await self.channel.close()
+        await self._approver_channel.close()
 
     async def _call(self, method: Any, request: Any) -> Any:
         give_up = time.monotonic() + GIVE_UP_S
@@ -139,11 +157,9 @@ class Client:
 
     async def approve(self, gate: str) -> None:
         request = coordinator_pb2.DecideGateRequest(
-            name=gate,
-            decision=coordinator_pb2.GATE_DECISION_APPROVE,
-            decided_by="chaos-approver",
+            name=gate, decision=coordinator_pb2.GATE_DECISION_APPROVE
         )
-        await self._call(self.stub.DecideGate, request)
+        await self._call(self.approver.DecideGate, request)
 
     async def until_terminal(
         self, name: str, load: Load, timeout_s: float
@@ -181,12 +197,14 @@ class Client:
             call.cancel()
 
 
-async def run(address: str, clients: int, seconds: float, *, mix: tuple[str, ...] = MIX) -> Load:
+async def run(
+    address: str, people: People, clients: int, seconds: float, *, mix: tuple[str, ...] = MIX
+) -> Load:
     load = Load()
     stop_at = time.monotonic() + seconds
 
     async def one(i: int) -> None:
-        client = Client(address)
+        client = Client(address, people)
         n = 0
         try:
             while time.monotonic() < stop_at:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tessera.cli.login import ensure_login
 from tessera.launcher import state as state_file
 from tests.chaos import workload
 from tests.integration.test_mesh_up import tessera
@@ -69,7 +70,12 @@ async def test_certificates_and_credentials_rotate_under_load_and_no_call_fails(
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    load, rotated = await asyncio.gather(workload.run(gateway, CLIENTS, SECONDS), rotate_mid_run())
+    people = workload.People(
+        ensure_login(data_dir, "requester").token, ensure_login(data_dir, "finance").token
+    )
+    load, rotated = await asyncio.gather(
+        workload.run(gateway, people, CLIENTS, SECONDS), rotate_mid_run()
+    )
     elapsed = time.monotonic() - began
     print(f"\nrotation under load: {json.dumps(dict(load.outcomes))} in {elapsed:.0f}s")
     assert load.started and load.outcomes["WORKFLOW_STATE_SUCCEEDED"] == len(load.started)
