@@ -117,6 +117,15 @@ class WorkflowAuditor:
                     resource=f"workflows/{event.workflow_id}/gates/{decided.gate_id}",
                     details={"decided_by": decided.decided_by},
                 )
+            elif kind == "gate_approval_recorded":
+                vote = event.gate_approval_recorded
+                await self.record(
+                    AK.AUDIT_KIND_APPROVAL,
+                    workflow_id=event.workflow_id,
+                    outcome="approval_recorded",
+                    resource=f"workflows/{event.workflow_id}/gates/{vote.gate_id}",
+                    details={"approved_by": vote.approved_by, "quorum": vote.quorum},
+                )
             elif kind == "task_dispatched" and event.task_dispatched.token_accessor:
                 await self.record(
                     AK.AUDIT_KIND_TOKEN_ISSUED,

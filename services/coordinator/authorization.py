@@ -78,10 +78,11 @@ class ControlPlaneAuthorization:
         context: Mapping[str, Any] | None = None,
         workflow_id: str = "",
         resource_name: str = "",
-    ) -> None:
-        """Allow ``action`` or raise PermissionDenied; audit either way."""
+    ) -> int:
+        """Allow ``action`` or raise PermissionDenied; audit either way. Returns the
+        quorum the allowing policies ask for (1 when none; always 1 when not enforcing)."""
         if self.store is None:
-            return
+            return 1
         kind = "User" if principal.kind == "user" else "Workload"
         request = CheckInput(
             principal_type=kind,
@@ -99,11 +100,11 @@ class ControlPlaneAuthorization:
             verdict = evaluate(policy_set, request, hour=time.gmtime().tm_hour)
         except RequestInvalid as exc:  # our own request: a schema/policy mismatch
             log.error("control_plane_request_invalid", action=action, violations=exc.violations)
-            allowed = False
+            allowed, quorum = False, 1
             policies: tuple[str, ...] = ()
             errors: tuple[str, ...] = tuple(d for _, d in exc.violations)
         else:
-            allowed = verdict.decision == "allow"
+            allowed, quorum = verdict.decision == "allow", verdict.quorum
             policies, errors = verdict.determining_policies, verdict.errors
         if self._auditor is not None:
             await self._auditor.record(
@@ -120,7 +121,7 @@ class ControlPlaneAuthorization:
                 },
             )
         if allowed:
-            return
+            return quorum
         log.warning(
             "control_plane_action_refused",
             principal=principal.name,

@@ -502,6 +502,17 @@ def decide_gate(em: Emitter, gate_id: str, *, approve: bool, decided_by: str, co
         em.cancel(f"gate {gate_id} rejected" + (f": {comment}" if comment else ""), decided_by)
 
 
+def record_approval(
+    em: Emitter, gate_id: str, *, approved_by: str, quorum: int, comment: str
+) -> None:
+    """One approval toward ``quorum``; the gate stays open (the last one decides it)."""
+    em.emit(
+        gate_approval_recorded=events_pb2.GateApprovalRecorded(
+            gate_id=gate_id, approved_by=approved_by, quorum=quorum, comment=comment
+        )
+    )
+
+
 def gate_is_pending(rec: WorkflowRecord, gate_id: str) -> bool:
     gate = rec.gates.get(gate_id)
     return gate is not None and gate.state == GS.GATE_STATE_PENDING

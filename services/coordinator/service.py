@@ -17,7 +17,7 @@ from nats.js import JetStreamContext, api
 from services.coordinator import metrics
 from services.coordinator.admission import Admission
 from services.coordinator.authorization import ControlPlaneAuthorization, gate_kind_name
-from services.coordinator.engine import Emitter, decide_gate, gate_is_pending
+from services.coordinator.engine import Emitter, decide_gate, gate_is_pending, record_approval
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import GS, WS, WorkflowRecord
 from services.coordinator.store import Conflict, WorkflowStore
@@ -302,12 +302,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         decided_by = principal.name
         if not self.authz.enforcing and principal.id == "anonymous":
             decided_by = request.decided_by or "anonymous"  # plaintext debug: unverified
-        authorized = False
+        quorum = 0  # 0: not authorized yet
         for _ in range(CAS_ATTEMPTS):
             rec, revision = await self._load(wf_id)
-            if not authorized and gate_id in rec.gates:
-                await self._authorize_decision(principal, rec, gate_id, approve, request.name)
-                authorized = True
+            if not quorum and gate_id in rec.gates:
+                quorum = await self._authorize_decision(
+                    principal, rec, gate_id, approve, request.name
+                )
             if _same_decision(rec, gate_id, approve, decided_by):
                 # A retry of a stored decision (its answer was lost, or queueing its step
                 # failed: no work-queue leader, say) is answered as the first was, and
@@ -325,6 +326,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 )
             if rec.terminal:
                 raise FailedPrecondition(f"workflows/{wf_id} has ended", reason="WORKFLOW_ENDED")
+            if approve and quorum > 1:
+                approvals = rec.gates[gate_id].approvals
+                if decided_by in approvals:
+                    # The same person again (a retry, or an attempt to fake a quorum):
+                    # counted once, the gate stays as it is.
+                    return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
+                if len(approvals) + 1 < quorum:
+                    em = Emitter(rec, now=time.time(), causation_id=request.name)
+                    record_approval(
+                        em, gate_id, approved_by=decided_by, quorum=quorum, comment=request.comment
+                    )
+                    try:
+                        await self.store.save(rec, revision)
+                    except Conflict:
+                        continue
+                    log.info("gate_approval_recorded", workflow_id=wf_id, gate=gate_id)
+                    return coordinator_pb2.DecideGateResponse(gate=gate_view(rec, gate_id))
             applied = (approve, decided_by, request.comment)
             elsewhere: DecidedElsewhere | None = None
             if rec.gates[gate_id].kind == events_pb2.GATE_KIND_TOOL_APPROVAL:
@@ -371,10 +389,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def _authorize_decision(
         self, principal: Principal, rec: WorkflowRecord, gate_id: str, approve: bool, name: str
-    ) -> None:
+    ) -> int:
+        """Allow the decision or raise; the quorum its policy asks for."""
         gate = rec.gates[gate_id]
         task = rec.tasks.get(gate.task_id)
-        await self.authz.require(
+        return await self.authz.require(
             principal,
             "decide_gate",
             "Gate",

@@ -118,6 +118,9 @@ class GateRec(BaseModel):
     decide_time: float = 0.0
     tool: str = ""
     """The tool whose call waits on it (tool approvals)."""
+    approvals: list[str] = Field(default_factory=list)
+    """Who approved so far (gates whose policy asks for a quorum)."""
+    quorum: int = 1
     held: str = ""
     """Serialized GateOpened (base64) holding a result or handoff until approval."""
 
@@ -405,11 +408,18 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         if opened.task_id in rec.tasks:
             rec.tasks[opened.task_id].state = TS.TASK_STATE_WAITING_APPROVAL
         rec.state = WS.WORKFLOW_STATE_WAITING_APPROVAL
+    elif kind == "gate_approval_recorded":
+        vote = event.gate_approval_recorded
+        gate = rec.gates[vote.gate_id]
+        gate.approvals.append(vote.approved_by)
+        gate.quorum = vote.quorum
     elif kind == "gate_decided":
         decided = event.gate_decided
         gate = rec.gates[decided.gate_id]
         gate.state = GS.GATE_STATE_APPROVED if decided.approved else GS.GATE_STATE_REJECTED
         gate.decided_by = decided.decided_by
+        if decided.approved and decided.decided_by not in gate.approvals:
+            gate.approvals.append(decided.decided_by)
         gate.comment = decided.comment
         gate.decide_time = now
         if rec.deadline:

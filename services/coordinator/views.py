@@ -61,6 +61,8 @@ def gate_view(rec: WorkflowRecord, gate_id: str) -> coordinator_pb2.Gate:
         create_time=_ts(gate.create_time),
         decide_time=_ts(gate.decide_time) if gate.decide_time else None,
         kind=events_pb2.GateKind.ValueType(gate.kind),
+        approved_by=gate.approvals,
+        quorum=gate.quorum,
     )
 
 

@@ -42,6 +42,9 @@ def describe(event: events_pb2.WorkflowEvent) -> tuple[str, str]:
     if kind == "gate_opened":
         e = event.gate_opened
         return "bold yellow", f"⏸ gate {e.gate_id} opened: {e.reason}"
+    if kind == "gate_approval_recorded":
+        v = event.gate_approval_recorded
+        return "yellow", f"▶ gate {v.gate_id} approved by {v.approved_by} (needs {v.quorum})"
     if kind == "gate_decided":
         e = event.gate_decided
         verdict = "approved" if e.approved else "rejected"

@@ -89,6 +89,12 @@ class PolicyInfo:
     file: str
     approval_required: bool = False
     reason: str = ""
+    quorum: int = 1
+    """``@quorum("N")`` on a permit: the action needs N distinct principals to agree
+    (gate approvals; the coordinator counts them)."""
+
+
+MAX_QUORUM = 10
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,8 @@ class Verdict:
     determining_policies: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
     approval_reason: str = ""
+    quorum: int = 1
+    """The largest ``@quorum`` of the permits that allowed it."""
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -267,12 +275,22 @@ def build_policy_set(schema_text: str, files: Sequence[tuple[str, str]]) -> Load
             errors.append((f"{owner}#{policy_id}", f'@approval must be "{APPROVAL_REQUIRED}"'))
         if approval is not None and body.get("effect") != "permit":
             errors.append((f"{owner}#{policy_id}", "@approval only makes sense on a permit"))
+        quorum_text = _annotation(annotations, "quorum")
+        quorum = 1
+        if quorum_text is not None:
+            if not quorum_text.isdigit() or not 1 <= int(quorum_text) <= MAX_QUORUM:
+                errors.append((f"{owner}#{policy_id}", f'@quorum must be "1" to "{MAX_QUORUM}"'))
+            elif body.get("effect") != "permit":
+                errors.append((f"{owner}#{policy_id}", "@quorum only makes sense on a permit"))
+            else:
+                quorum = int(quorum_text)
         policies[cedar_id] = PolicyInfo(
             id=policy_id,
             effect=str(body.get("effect", "")),
             file=owner,
             approval_required=approval == APPROVAL_REQUIRED,
             reason=_annotation(annotations, "reason") or "",
+            quorum=quorum,
         )
 
     validation = cedarpy.validate_policies(combined, schema)
@@ -455,4 +473,5 @@ def _evaluate(
     if approvals:
         reason = next((p.reason for p in approvals if p.reason), "approval required")
         return Verdict("approval_required", ids, (), reason)
-    return Verdict("allow", ids)
+    quorum = max((p.quorum for p in reasons if p.effect == "permit"), default=1)
+    return Verdict("allow", ids, quorum=quorum)

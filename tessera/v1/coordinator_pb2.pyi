@@ -189,6 +189,8 @@ class Gate(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     DECIDE_TIME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    QUORUM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name `workflows/{workflow}/gates/{gate}`."""
     task_id: _builtins.str
@@ -203,6 +205,8 @@ class Gate(_message.Message):
     """Decision comment."""
     kind: _events_pb2.GateKind.ValueType
     """Why it opened."""
+    quorum: _builtins.int
+    """Distinct approvals it needs (1 unless its policy sets `@quorum`)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it opened."""
@@ -210,6 +214,10 @@ class Gate(_message.Message):
     @_builtins.property
     def decide_time(self) -> _timestamp_pb2.Timestamp:
         """When it was decided."""
+
+    @_builtins.property
+    def approved_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Everyone who approved so far, in order (gates that need a quorum)."""
 
     def __init__(
         self,
@@ -223,10 +231,12 @@ class Gate(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         decide_time: _timestamp_pb2.Timestamp | None = ...,
         kind: _events_pb2.GateKind.ValueType = ...,
+        approved_by: _abc.Iterable[_builtins.str] | None = ...,
+        quorum: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decide_time", b"decide_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "kind", b"kind", "name", b"name", "reason", b"reason", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "comment", b"comment", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "kind", b"kind", "name", b"name", "quorum", b"quorum", "reason", b"reason", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

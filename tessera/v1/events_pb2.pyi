@@ -146,6 +146,7 @@ class WorkflowEvent(_message.Message):
     WORKFLOW_CANCELLED_FIELD_NUMBER: _builtins.int
     TASK_SKIPPED_FIELD_NUMBER: _builtins.int
     COMPENSATION_STARTED_FIELD_NUMBER: _builtins.int
+    GATE_APPROVAL_RECORDED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id; also the `Nats-Msg-Id` (deduplication key)."""
     workflow_id: _builtins.str
@@ -214,6 +215,12 @@ class WorkflowEvent(_message.Message):
     def compensation_started(self) -> Global___CompensationStarted:
         """The workflow is failing or cancelled after effects ran: their compensations run."""
 
+    @_builtins.property
+    def gate_approval_recorded(self) -> Global___GateApprovalRecorded:
+        """One person's approval toward a gate that needs several (a quorum); the gate stays
+        open until enough distinct people approved.
+        """
+
     def __init__(
         self,
         *,
@@ -236,12 +243,13 @@ class WorkflowEvent(_message.Message):
         workflow_cancelled: Global___WorkflowCancelled | None = ...,
         task_skipped: Global___TaskSkipped | None = ...,
         compensation_started: Global___CompensationStarted | None = ...,
+        gate_approval_recorded: Global___GateApprovalRecorded | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["blackboard_rolled_back", b"blackboard_rolled_back", "compensation_started", b"compensation_started", "gate_decided", b"gate_decided", "gate_opened", b"gate_opened", "guardrail_tripped", b"guardrail_tripped", "handoff_routed", b"handoff_routed", "kind", b"kind", "task_dispatched", b"task_dispatched", "task_failed", b"task_failed", "task_skipped", b"task_skipped", "task_succeeded", b"task_succeeded", "time", b"time", "workflow_cancelled", b"workflow_cancelled", "workflow_completed", b"workflow_completed", "workflow_failed", b"workflow_failed", "workflow_started", b"workflow_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blackboard_rolled_back", b"blackboard_rolled_back", "compensation_started", b"compensation_started", "gate_approval_recorded", b"gate_approval_recorded", "gate_decided", b"gate_decided", "gate_opened", b"gate_opened", "guardrail_tripped", b"guardrail_tripped", "handoff_routed", b"handoff_routed", "kind", b"kind", "task_dispatched", b"task_dispatched", "task_failed", b"task_failed", "task_skipped", b"task_skipped", "task_succeeded", b"task_succeeded", "time", b"time", "workflow_cancelled", b"workflow_cancelled", "workflow_completed", b"workflow_completed", "workflow_failed", b"workflow_failed", "workflow_started", b"workflow_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard_rolled_back", b"blackboard_rolled_back", "causation_id", b"causation_id", "compensation_started", b"compensation_started", "event_id", b"event_id", "gate_decided", b"gate_decided", "gate_opened", b"gate_opened", "guardrail_tripped", b"guardrail_tripped", "handoff_routed", b"handoff_routed", "kind", b"kind", "sequence", b"sequence", "task_dispatched", b"task_dispatched", "task_failed", b"task_failed", "task_skipped", b"task_skipped", "task_succeeded", b"task_succeeded", "time", b"time", "workflow_cancelled", b"workflow_cancelled", "workflow_completed", b"workflow_completed", "workflow_failed", b"workflow_failed", "workflow_id", b"workflow_id", "workflow_started", b"workflow_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blackboard_rolled_back", b"blackboard_rolled_back", "causation_id", b"causation_id", "compensation_started", b"compensation_started", "event_id", b"event_id", "gate_approval_recorded", b"gate_approval_recorded", "gate_decided", b"gate_decided", "gate_opened", b"gate_opened", "guardrail_tripped", b"guardrail_tripped", "handoff_routed", b"handoff_routed", "kind", b"kind", "sequence", b"sequence", "task_dispatched", b"task_dispatched", "task_failed", b"task_failed", "task_skipped", b"task_skipped", "task_succeeded", b"task_succeeded", "time", b"time", "workflow_cancelled", b"workflow_cancelled", "workflow_completed", b"workflow_completed", "workflow_failed", b"workflow_failed", "workflow_id", b"workflow_id", "workflow_started", b"workflow_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workflow_started", "task_dispatched", "task_succeeded", "task_failed", "handoff_routed", "gate_opened", "gate_decided", "blackboard_rolled_back", "guardrail_tripped", "workflow_completed", "workflow_failed", "workflow_cancelled", "task_skipped", "compensation_started"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["workflow_started", "task_dispatched", "task_succeeded", "task_failed", "handoff_routed", "gate_opened", "gate_decided", "blackboard_rolled_back", "guardrail_tripped", "workflow_completed", "workflow_failed", "workflow_cancelled", "task_skipped", "compensation_started", "gate_approval_recorded"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -574,6 +582,40 @@ class GateOpened(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GateOpened: _TypeAlias = GateOpened  # noqa: Y015
+
+@_typing.final
+class GateApprovalRecorded(_message.Message):
+    """GateApprovalRecorded is one approval of a gate whose policy asks for a quorum."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATE_ID_FIELD_NUMBER: _builtins.int
+    APPROVED_BY_FIELD_NUMBER: _builtins.int
+    QUORUM_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    gate_id: _builtins.str
+    """Gate id."""
+    approved_by: _builtins.str
+    """The verified person who approved."""
+    quorum: _builtins.int
+    """How many distinct approvals the gate needs (the deciding policy's `@quorum`)."""
+    comment: _builtins.str
+    """Their comment."""
+    def __init__(
+        self,
+        *,
+        gate_id: _builtins.str = ...,
+        approved_by: _builtins.str = ...,
+        quorum: _builtins.int = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "comment", b"comment", "gate_id", b"gate_id", "quorum", b"quorum"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GateApprovalRecorded: _TypeAlias = GateApprovalRecorded  # noqa: Y015
 
 @_typing.final
 class GateDecided(_message.Message):

@@ -20,9 +20,9 @@ from tessera.audit import tail
 from tessera.runtime.bus import Topology, connect
 from tessera.runtime.errors import error_details
 from tessera.runtime.principal import CLAIMS_HEADER, encode_claims
-from tessera.v1 import audit_pb2, coordinator_pb2, coordinator_pb2_grpc
+from tessera.v1 import audit_pb2, coordinator_pb2, coordinator_pb2_grpc, planner_pb2
 from tests.conftest import OpenBao
-from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, reference_agent
+from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, reference_agent, task_graph
 
 LOAN = {"applicant": "ACME Ltd", "amount": 250000, "country": "XX"}
 APPROVE = coordinator_pb2.GATE_DECISION_APPROVE
@@ -155,3 +155,34 @@ async def test_a_person_starts_only_the_templates_of_their_groups(mesh: Mesh) ->
     denied = await refused(start_loan(sam))
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_details(denied).metadata["action"] == "start_workflow"
+
+
+FOUR_EYES = task_graph(
+    "procurement",  # its gates need two finance approvers (@quorum("2"))
+    planner_pb2.TaskSpec(
+        id="purchase", kind=planner_pb2.TASK_KIND_APPROVAL_GATE, gate_reason="buy 100 laptops?"
+    ),
+)
+
+
+async def test_a_quorum_needs_distinct_approvers_and_one_person_counts_once(mesh: Mesh) -> None:
+    started = await mesh.stub.StartWorkflow(
+        coordinator_pb2.StartWorkflowRequest(request_id=uuid.uuid4().hex, plan=FOUR_EYES)
+    )
+    name = started.workflow.name
+    parked = await mesh.parked(name)
+    (gate,) = parked.gates
+    finance = ["finance-approvers"]
+
+    first = await mesh.decide(gate.name, approve=True, by="finn", groups=finance)
+    assert first.state == coordinator_pb2.GATE_STATE_PENDING
+    assert (list(first.approved_by), first.quorum) == (["finn"], 2)
+    again = await mesh.decide(gate.name, approve=True, by="finn", groups=finance)  # no 2nd vote
+    assert again.state == coordinator_pb2.GATE_STATE_PENDING
+    assert list(again.approved_by) == ["finn"]
+    assert (await mesh.get(name)).state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+
+    second = await mesh.decide(gate.name, approve=True, by="fiona", groups=finance)
+    assert second.state == coordinator_pb2.GATE_STATE_APPROVED
+    assert list(second.approved_by) == ["finn", "fiona"] and second.decided_by == "fiona"
+    assert (await mesh.finished(name)).state == WS.WORKFLOW_STATE_SUCCEEDED
