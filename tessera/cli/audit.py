@@ -343,6 +343,7 @@ def verify_cmd(
             f"[green]OK[/]: {report.records} records (carrying {report.carried} more) in "
             f"{len(report.chains)} chain(s) verify ({signed})"
         )
+        _print_approvals(stored)
         return
     issues = Table(title="integrity issues", title_justify="left")
     for column in ("kind", "writer", "chain seq", "stream seq", "detail"):
@@ -357,6 +358,29 @@ def verify_cmd(
         )
     out.print(issues)
     raise _fail(f"{len(report.issues)} integrity issue(s) found", EXIT_TAMPERED)
+
+
+def _print_approvals(stored: list[AuditEntry]) -> None:
+    """Who decided which gate, from the records that just verified (the names are the
+    people the front door authenticated)."""
+    from tessera.v1 import audit_pb2
+
+    rows = []
+    for entry in stored:
+        record = entry.record
+        if record is None or record.kind != audit_pb2.AUDIT_KIND_APPROVAL:
+            continue
+        details = dict(record.details)
+        who = details.get("decided_by") or details.get("approved_by") or "?"
+        rows.append((record.resource, record.outcome, str(who)))
+    if not rows:
+        return
+    table = Table(title="gate decisions (verified records)", title_justify="left")
+    for column in ("gate", "decision", "by"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
 
 
 # -- export and keys -----------------------------------------------------------------------

@@ -58,9 +58,37 @@ def test_demo_runs_every_reference_workflow_through_the_gateway(data_dir: Path) 
     demo = cli("demo", data_dir=data_dir)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-2000:]
     assert "6/6 workflows ended as expected" in demo.stdout
+    assert "started by requester" in demo.stdout
     verify = cli("audit", "verify", data_dir=data_dir)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "verify (signatures checked)" in verify.stdout  # keys from the mesh's OpenBao
+    # Who approved what, by the names the front door verified (the demo's approvers).
+    decisions = verify.stdout.split("gate decisions", 1)[1]
+    assert "finance" in decisions and "compliance" in decisions, verify.stdout[-3000:]
+    assert "requester" not in decisions  # nobody decides their own workflow's gates
+
+
+def test_cancel_is_the_starters_or_an_operators_and_refused_to_others(data_dir: Path) -> None:
+    started = cli(
+        "run",
+        "loan",
+        "--no-wait",
+        "--as",
+        "requester",
+        "-i",
+        'application={"applicant":"Initrode","amount":5000,"country":"XX"}',
+        data_dir=data_dir,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    name = started.stdout.split()[0]
+    assert name.startswith("workflows/"), started.stdout
+    ensure_login(data_dir, "finance")
+    refused = cli("cancel", name, "--as", "finance", data_dir=data_dir)
+    assert refused.returncode == 1
+    assert "PERMISSION_DENIED" in refused.stderr, refused.stderr
+    ok = cli("cancel", name, "--as", "requester", "--reason", "withdrawn", data_dir=data_dir)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "cancelling" in ok.stdout
 
 
 async def test_a_parked_workflow_survives_down_and_up(data_dir: Path) -> None:
