@@ -52,8 +52,9 @@ class GatewaySettings(ServiceSettings):
     OpenBao's location; an OIDC provider's discovery document names its own)."""
     jwt_subject_claim: str = "preferred_username"
     """The claim that names the person (audit records, ``decided_by``, rate limits)."""
-    jwt_clock_skew_s: int = Field(default=30, ge=0, le=300)
-    """Leeway on ``exp`` and ``nbf`` for clocks that disagree a little."""
+    jwt_clock_skew_s: int = Field(default=30, ge=1, le=300)
+    """Leeway on ``exp`` and ``nbf`` for clocks that disagree a little (at least 1: Envoy
+    reads 0 as unset and uses 60)."""
     jwks_refresh_s: float = Field(default=30.0, gt=0)
     """How often the keys are re-fetched (a rotated key reaches Envoy within this)."""
     debounce_s: float = Field(default=0.05, ge=0)

@@ -143,6 +143,11 @@ def up(
     rows = [(c.name, c.address, str(c.pid), Health.SERVING) for c in state.components]
     out.print(_table(rows, f"Tessera mesh up ({state.data_dir})"))
     out.print(f"gateway: [bold]{state.gateway}[/]  ·  stop with [bold]tessera down[/]")
+    if state.vault_bootstrapped:
+        out.print(
+            "people log in first: [bold]tessera login requester[/] "
+            "(users and groups: vault/humans.yaml)"
+        )
 
 
 def status(data_dir: DataDir = None) -> None:

@@ -254,7 +254,7 @@ def login(
         client.token = auth["auth"]["client_token"]
         try:
             issued = _call(
-                "identity token", lambda: client.read(f"identity/oidc/token/{HUMAN_ROLE}")
+                "identity token", lambda: client.read(f"identity/oidc/token/{role}")
             )
         finally:
             # The login's Vault token has done its one job; it must not outlive the call.

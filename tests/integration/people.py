@@ -113,6 +113,7 @@ def start_people(openbao: OpenBao, secrets_dir: Path, spec: HumansSpec) -> Peopl
         client.write(
             f"identity/oidc/role/{OTHER_AUDIENCE_ROLE}",
             key=SIGNING_KEY,
+            ttl="5m",
             client_id=other,
             template='{"preferred_username": {{identity.entity.name}}}',
         )

@@ -153,13 +153,18 @@ def descriptor_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_descriptor_set(PROJECT_ROOT, tmp_path_factory.mktemp("gateway") / "tessera.binpb")
 
 
+BURST = 20
+"""Requests per person per module stack (no refill): tests act as "tester" well below it;
+the rate-limit test exhausts it for its own users."""
+
+
 @pytest.fixture(scope="module")
 def routes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gateway/routes.yaml with a per-caller bucket small enough to exhaust in a test."""
     edge = yaml.safe_load((GATEWAY_DIR / "routes.yaml").read_text())
     edge["rate_limit"]["per_caller"] = {
-        "max_tokens": 5,
-        "tokens_per_fill": 5,
+        "max_tokens": BURST,
+        "tokens_per_fill": BURST,
         "fill_interval": "3600s",
     }
     path = tmp_path_factory.mktemp("gateway-routes") / "routes.yaml"
@@ -217,7 +222,7 @@ async def stack(
             coordinator_address=coordinator.address,
             route_agents=True,  # the opt-in these tests cover (off under `tessera up`)
             jwt_issuer=people.issuer,
-            jwt_clock_skew_s=0,  # the expiry test waits for exp, not exp + leeway
+            jwt_clock_skew_s=1,  # the expiry test waits for exp + 1 s, not the default 30
             jwks_refresh_s=0.5,  # the key rotation test waits for it
         )
     )

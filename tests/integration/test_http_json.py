@@ -18,6 +18,7 @@ import pytest
 from tessera.registry import Registry
 from tessera.v1 import agent_pb2, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.integration.test_gateway import (  # noqa: F401 (fixtures)
+    BURST,
     Reply,
     Stack,
     descriptor_set,
@@ -104,7 +105,7 @@ async def test_start_read_list_and_watch_a_workflow_over_http(
     def first_event() -> dict[str, object]:
         conn = http.client.HTTPConnection(host, port, timeout=5)
         try:
-            conn.request("GET", f"/v1/{name}:watch")
+            conn.request("GET", f"/v1/{name}:watch", headers=dict(stack.bearer("tester")))
             response = conn.getresponse()
             assert response.status == 200
             return dict(json.loads(response.readline()))
@@ -147,7 +148,7 @@ async def test_oversized_requests_are_refused_with_413(stack: Stack) -> None:  #
 
 
 async def test_each_person_has_their_own_rate_limit(stack: Stack) -> None:  # noqa: F811
-    """The module's routes.yaml gives each verified person a burst of 5 and no refill;
+    """The module's routes.yaml gives each verified person a burst of BURST, no refill;
     the bucket follows the token's subject, never a header the caller picks."""
     statuses = [
         (
@@ -155,9 +156,9 @@ async def test_each_person_has_their_own_rate_limit(stack: Stack) -> None:  # no
                 stack, "GET", "/v1/workflows/x", as_user="alice", headers={"x-tessera-subject": "z"}
             )
         ).status
-        for _ in range(6)
+        for _ in range(BURST + 1)
     ]
-    assert statuses == [404] * 5 + [429]
+    assert statuses == [404] * BURST + [429]
     other = await call(stack, "GET", "/v1/workflows/x", as_user="bob")
     assert other.status == 404  # bob's bucket is his own
     assert (await call(stack, "GET", "/healthz", as_user="alice")).status == 200
@@ -166,7 +167,7 @@ async def test_each_person_has_their_own_rate_limit(stack: Stack) -> None:  # no
     async with stack.channel("carol") as channel:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         codes = []
-        for _ in range(6):
+        for _ in range(BURST + 1):
             try:
                 await stub.GetWorkflow(
                     coordinator_pb2.GetWorkflowRequest(name="workflows/x"),
@@ -174,7 +175,7 @@ async def test_each_person_has_their_own_rate_limit(stack: Stack) -> None:  # no
                 )
             except grpc.aio.AioRpcError as exc:
                 codes.append(exc.code())
-    assert codes == [grpc.StatusCode.NOT_FOUND] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert codes == [grpc.StatusCode.NOT_FOUND] * BURST + [grpc.StatusCode.RESOURCE_EXHAUSTED]
 
 
 async def test_healthz_answers_200_while_the_coordinator_serves(stack: Stack) -> None:  # noqa: F811
