@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script: import the checkout's tessera 
 from tessera.identity.callers import CALLERS  # noqa: E402
 from tessera.runtime.bus import Topology  # noqa: E402
 from tessera.runtime.nats_permissions import NO_ACCESS, permissions, render_authorization  # noqa: E402
+from tessera.vault.humans import issuer_of  # noqa: E402
 
 K8S = ROOT / "deploy" / "k8s"
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -280,11 +281,14 @@ HARDENED: dict[str, Any] = {
 }
 
 
-def control_plane_env() -> dict[str, str]:
+def control_plane_env(vault_addr: str) -> dict[str, str]:
     """What the control plane needs to configure the Envoy beside it (as `tessera up`'s
     ``_control_plane_env``): the edge listener, where Envoy's certificate files go, the
-    contracts for transcoding (built into the image), and only the coordinator routed."""
+    contracts for transcoding (built into the image), only the coordinator routed, and
+    whose identity tokens people bring (the OpenBao the bootstrap configured as their
+    issuer, vault/humans.yaml; overlays point it at the organisation's OIDC provider)."""
     return {
+        "TESSERA_GATEWAY_JWT_ISSUER": issuer_of(vault_addr),
         "TESSERA_GATEWAY_ENVOY_LISTEN": f"0.0.0.0:{ENVOY_PORT}",
         "TESSERA_GATEWAY_CERT_DIR": ENVOY_CERT_DIR,
         "TESSERA_GATEWAY_DESCRIPTOR_SET": "/app/gateway/tessera.binpb",
@@ -377,7 +381,8 @@ def k8s_documents(unit: Unit) -> list[dict[str, Any]]:
         env.append({"name": "TESSERA_VAULT_APPROLE_FILE", "value": APPROLE_PATH})
     is_control_plane = unit.name == CONTROL_PLANE["name"]
     if is_control_plane:
-        env += [{"name": k, "value": v} for k, v in control_plane_env().items()]
+        vault_addr = f"http://vault.{VAULT_NAMESPACE}.svc:{VAULT_PORT}"
+        env += [{"name": k, "value": v} for k, v in control_plane_env(vault_addr).items()]
 
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}
@@ -1042,7 +1047,7 @@ def compose_document(services: list[Unit], agents: list[Unit]) -> dict[str, Any]
         if unit.identity:
             env["TESSERA_VAULT_APPROLE_FILE"] = f"{approles}/{unit.identity}.approle.json"
         if unit.name == CONTROL_PLANE["name"]:
-            env.update(control_plane_env())
+            env.update(control_plane_env("http://openbao:8200"))
         deps = dict(depends_infra)
         if unit.identity:
             deps["vault-bootstrap"] = {"condition": "service_completed_successfully"}
