@@ -1,4 +1,8 @@
-"""Checks an agent's answer against the capability contract it promised (supervisor check)."""
+"""Checks an agent's answer against the capability contract it promised (supervisor check).
+
+The output schema is checked by ``tessera.jsonschema``, the validator the tool proxy
+checks tool arguments with: one meaning of a schema in the whole mesh.
+"""
 
 from __future__ import annotations
 
@@ -6,51 +10,21 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from tessera.jsonschema import Limits, SchemaError, schema_problems
 from tessera.v1 import agent_pb2, common_pb2
 
 STRUCT_TYPE = "google.protobuf.Struct"
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "object": (dict,),
-    "array": (list,),
-    "string": (str,),
-    "number": (int, float),
-    "integer": (int,),
-    "boolean": (bool,),
-    "null": (type(None),),
-}
 
-
-def schema_problems(value: Any, schema: dict[str, Any], path: str = "output") -> list[str]:
-    """A small JSON Schema subset (type, required, properties, enum, minimum, maximum,
-    items): enough for agent output contracts without another dependency."""
-    problems: list[str] = []
-    expected = schema.get("type")
-    if isinstance(expected, str) and expected in _JSON_TYPES:
-        ok = isinstance(value, _JSON_TYPES[expected]) and not (
-            expected in ("number", "integer") and isinstance(value, bool)
-        )
-        if expected == "integer" and isinstance(value, float) and value.is_integer():
-            ok = True
-        if not ok:
-            return [f"{path}: expected {expected}"]
-    if "enum" in schema and value not in schema["enum"]:
-        problems.append(f"{path}: not one of {schema['enum']}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            problems.append(f"{path}: below minimum {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            problems.append(f"{path}: above maximum {schema['maximum']}")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                problems.append(f"{path}.{key}: required")
-        for key, sub in schema.get("properties", {}).items():
-            if key in value and isinstance(sub, dict):
-                problems.extend(schema_problems(value[key], sub, f"{path}.{key}"))
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for index, item in enumerate(value):
-            problems.extend(schema_problems(item, schema["items"], f"{path}[{index}]"))
-    return problems
+OUTPUT_LIMITS = Limits(
+    max_depth=16,
+    max_string_length=64 * 1024,
+    max_keys=1024,
+    max_items=4096,
+    max_evaluations=50_000,
+)
+"""An answer may be larger than a tool call's arguments (a reply, a list of findings), but
+it is checked by the same validator, with the same hostile-input rules, before the
+library sees it; only the sizes differ."""
 
 
 def output_as_dict(payload: common_pb2.Payload) -> dict[str, Any]:
@@ -73,7 +47,14 @@ def contract_problems(
             problems.append(f"output: expected JSON ({STRUCT_TYPE}), got a typed message")
         elif contract.HasField("output_schema"):
             schema = json_format.MessageToDict(contract.output_schema)
-            problems.extend(schema_problems(output_as_dict(payload), schema))
+            try:
+                problems.extend(
+                    schema_problems(output_as_dict(payload), schema, limits=OUTPUT_LIMITS)
+                )
+            except SchemaError as exc:
+                # The registry refuses such contracts; one registered before it did (or
+                # a cycle only a value reveals) still fails the answer, saying where.
+                problems.extend(f"output_schema: {v}" for v in exc.violations)
     elif not payload.HasField("typed") or not payload.typed.type_url.endswith("/" + output_type):
         problems.append(f"output: expected a {output_type} message")
     undeclared = sorted(set(response.blackboard_writes) - set(contract.writes))

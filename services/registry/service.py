@@ -4,8 +4,9 @@ certificate carries, and nothing else.
 The caller table (tessera/identity/callers.py) already lets only agents reach this
 service; here the descriptor is checked against the caller (``billing`` may register only
 ``billing``), against the limits a hostile descriptor would break (sizes, counts, names,
-versions, the endpoint's shape), and the heartbeat time is the registry's own clock.
-Every refusal is answered with a precise status and written to the audit chain.
+versions, the endpoint's shape, output schemas that are not usable draft 2020-12), and the
+heartbeat time is the registry's own clock. Every refusal is answered with a precise status
+and written to the audit chain.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import re
 
 import grpc
 import structlog
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 
 from tessera import semver
 from tessera.audit import AuditWriter
+from tessera.jsonschema import SchemaError, check_schema
 from tessera.registry import Registry, registry_key
 from tessera.runtime.errors import InvalidArgument, PermissionDenied, TesseraError, Unavailable
 from tessera.runtime.grpc_authz import peer
@@ -90,6 +92,16 @@ def _violations(agent: agent_pb2.AgentDescriptor) -> list[tuple[str, str]]:
             semver.parse(contract.version)
         except ValueError:
             found.append((f"{where}.version", "semantic version required, e.g. 1.2.0"))
+        if contract.HasField("output_schema"):
+            # The coordinator checks every answer against it: refuse here, where the agent
+            # learns which part is wrong, rather than fail each of its answers later.
+            try:
+                check_schema(
+                    json_format.MessageToDict(contract.output_schema),
+                    path=f"{where}.output_schema",
+                )
+            except SchemaError as exc:
+                found.extend((v.path, v.description) for v in exc.violations[:10])
     return found
 
 

@@ -31,9 +31,10 @@ from services.tool_proxy.tokens import TokenChecker, UseLedger, VerifiedToken, c
 from services.tool_proxy.tool_secrets import ToolSecrets
 from services.tool_proxy.tools.registry import CallInfo, Tool, ToolRegistry
 from services.tool_proxy.wire import Malformed, metadata_value, to_struct
-from tessera.jsonschema import Limits, validate
+from tessera.jsonschema import Limits, SchemaError, validate
 from tessera.runtime.errors import (
     DeadlineExceeded,
+    Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -293,9 +294,18 @@ class CallPipeline:
                 reason="ARGUMENTS_INVALID",
                 field_violations=[("arguments", type(exc).__name__)],
             ) from None
-        violations = validate(
-            arguments, tool.spec.input_schema, path="arguments", limits=self._limits
-        )
+        try:
+            violations = validate(
+                arguments, tool.spec.input_schema, path="arguments", limits=self._limits
+            )
+        except SchemaError as exc:
+            # ToolSpec checked the schema; only a $ref cycle a value reveals gets here. The
+            # tool's fault, not the caller's: no field violations for the caller to fix.
+            raise Internal(
+                f"the input schema of {tool.spec.name!r} is unusable",
+                reason="TOOL_SCHEMA_INVALID",
+                metadata={"tool": tool.spec.name, "problem": str(exc)[:200]},
+            ) from None
         if violations:
             raise InvalidArgument(
                 f"arguments do not satisfy the schema of {tool.spec.name!r}",

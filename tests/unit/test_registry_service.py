@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import json_format
 
 from services.registry.service import Limits, _endpoint_problem, _violations
 from tessera.v1 import agent_pb2
@@ -71,3 +72,21 @@ def test_instance_ids_are_plain_names() -> None:
     assert fields == ["agent.instance_id"]
     fields = [f for f, _ in _violations(descriptor(instance_id="x" * 65))]
     assert fields == ["agent.instance_id"]
+
+
+def test_an_output_schema_must_be_usable_draft_2020_12() -> None:
+    good = descriptor()
+    json_format.ParseDict(
+        {"type": "object", "prefixItems": [{}], "unevaluatedProperties": False},
+        good.capabilities[0].output_schema,
+    )
+    assert _violations(good) == []
+
+    bad = descriptor()
+    json_format.ParseDict(
+        {"type": "object", "properties": {"n": {"minimum": "1"}}, "$ref": "#/$defs/none"},
+        bad.capabilities[0].output_schema,
+    )
+    assert _violations(bad) == [
+        ("agent.capabilities[0].output_schema.properties.n.minimum", "expected number")
+    ]

@@ -10,7 +10,8 @@ Configuration (``TESSERA_TOOL_PROXY_MCP_SERVERS``: a JSON or YAML file)::
         category: mcp                   # policy attribute of its tools
         timeout_s: 10                   # per call (the caller's deadline bounds it further)
         requires_secret: true           # read tool-secrets/mcp-<server> with the caller's token
-        strict_schemas: true            # close schemas that do not say additionalProperties
+        strict_schemas: true            # close schemas that say neither additionalProperties
+                                        # nor unevaluatedProperties
         tools:                          # optional per-tool overrides
           add_note: {side_effect: external_action, pii: false}
 
@@ -49,6 +50,7 @@ from services.tool_proxy.tools.registry import (
     ToolError,
     ToolSpec,
 )
+from tessera.jsonschema import SchemaError
 from tessera.vault.naming import is_valid_tool_name
 from tessera.vault.tokens import ToolSecret
 
@@ -253,21 +255,36 @@ class McpServers:
             return None
         override = dict(cfg.overrides.get(mcp_tool.name) or {})
         schema = dict(mcp_tool.input_schema or {"type": "object"})
-        if cfg.strict_schemas and "additionalProperties" not in schema:
+        # A schema closed with unevaluatedProperties (allOf composition) is closed already;
+        # additionalProperties there would refuse the properties its branches declare.
+        if cfg.strict_schemas and not {"additionalProperties", "unevaluatedProperties"} & set(
+            schema
+        ):
             schema["additionalProperties"] = False
         remote = mcp_tool.name
-        spec = ToolSpec(
-            name=name,
-            description=(mcp_tool.description or "")[:2000],
-            input_schema=schema,
-            side_effect=_side_effect(getattr(mcp_tool, "annotations", None), override),
-            category=str(override.get("category", cfg.category)),
-            pii=bool(override.get("pii", False)),
-            requires_secret=cfg.requires_secret,
-            scope=f"mcp.{cfg.name}",
-            backend=cfg.backend,
-            timeout_s=cfg.timeout_s,
-        )
+        try:
+            spec = ToolSpec(
+                name=name,
+                description=(mcp_tool.description or "")[:2000],
+                input_schema=schema,
+                side_effect=_side_effect(getattr(mcp_tool, "annotations", None), override),
+                category=str(override.get("category", cfg.category)),
+                pii=bool(override.get("pii", False)),
+                requires_secret=cfg.requires_secret,
+                scope=f"mcp.{cfg.name}",
+                backend=cfg.backend,
+                timeout_s=cfg.timeout_s,
+            )
+        except SchemaError as exc:
+            # A server's schema is its own affair: its other tools stay usable, this one
+            # is not offered (arguments could not be checked against it).
+            log.warning(
+                "mcp_tool_skipped",
+                server=cfg.name,
+                reason="invalid input schema",
+                problems=[str(v) for v in exc.violations[:5]],
+            )
+            return None
 
         async def handler(
             arguments: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from tessera.jsonschema import check_schema
 from tessera.v1 import common_pb2, tool_proxy_pb2
 from tessera.vault.naming import is_valid_tool_name
 from tessera.vault.tokens import ToolSecret
@@ -157,6 +158,9 @@ class ToolSpec:
             object.__setattr__(self, "scope", self.name)
         if not is_valid_tool_name(self.scope):
             raise ValueError(f"invalid scope {self.scope!r} for tool {self.name!r}")
+        # Refused at registration, naming where the schema is wrong, so that a call never
+        # meets a schema the validator cannot use (raises SchemaError, a ValueError).
+        check_schema(self.input_schema, path=f"{self.name}.input_schema")
 
 
 @dataclass(frozen=True, slots=True)
