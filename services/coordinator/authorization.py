@@ -23,7 +23,8 @@ import structlog
 
 from tessera.policy.engine import CheckInput, RequestInvalid, evaluate
 from tessera.policy.store import PolicyStore
-from tessera.runtime.errors import PermissionDenied
+from tessera.runtime.errors import PermissionDenied, Unauthenticated
+from tessera.runtime.grpc_authz import peer
 from tessera.runtime.principal import Principal, principal_of
 from tessera.v1 import audit_pb2, events_pb2
 
@@ -62,10 +63,23 @@ class ControlPlaneAuthorization:
     def enforcing(self) -> bool:
         return self.store is not None
 
-    def principal(self, context: grpc.aio.ServicerContext) -> Principal:
-        return principal_of(
-            context, subject_claim=self._subject_claim, groups_claim=self._groups_claim
-        )
+    async def principal(self, context: grpc.aio.ServicerContext, method: str) -> Principal:
+        """The verified principal; a caller that may not speak for the person it names
+        (or Envoy without claims) is refused and audited."""
+        try:
+            return principal_of(
+                context, subject_claim=self._subject_claim, groups_claim=self._groups_claim
+            )
+        except (PermissionDenied, Unauthenticated) as exc:
+            caller = peer()
+            if self._auditor is not None:
+                await self._auditor.record(
+                    AK.AUDIT_KIND_REQUEST_REJECTED,
+                    outcome=exc.reason,
+                    resource=method,
+                    details={"caller": caller.spiffe_id if caller else "", "reason": exc.reason},
+                )
+            raise
 
     async def require(
         self,

@@ -118,7 +118,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 reason="INPUT_TOO_LARGE",
             )
 
-        principal = self.authz.principal(context)
+        principal = await self.authz.principal(context, "StartWorkflow")
         deadline = self._deadline(request, time.time())
         wf_id = uuid.uuid4().hex[:20]
         claimed = await self.store.claim(request.request_id, wf_id)
@@ -298,7 +298,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 "decision is required", field_violations=[("decision", "APPROVE or REJECT")]
             )
         approve = request.decision == coordinator_pb2.GATE_DECISION_APPROVE
-        principal = self.authz.principal(context)
+        principal = await self.authz.principal(context, "DecideGate")
         decided_by = principal.name
         if not self.authz.enforcing and principal.id == "anonymous":
             decided_by = request.decided_by or "anonymous"  # plaintext debug: unverified
@@ -416,7 +416,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> coordinator_pb2.CancelWorkflowResponse:
         wf_id = workflow_id(request.name)
-        principal = self.authz.principal(context)
+        principal = await self.authz.principal(context, "CancelWorkflow")
         authorized = False
         for _ in range(CAS_ATTEMPTS):
             rec, revision = await self._load(wf_id)

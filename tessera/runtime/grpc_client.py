@@ -82,22 +82,21 @@ class DefaultDeadlineInterceptor(
         return await continuation(self._with_timeout(client_call_details), request)
 
 
-class MetadataInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
-    """Adds fixed metadata (a person's ``authorization: Bearer <token>``) to every call."""
+def _with_metadata(
+    details: grpc.aio.ClientCallDetails, metadata: Sequence[tuple[str, str]]
+) -> grpc.aio.ClientCallDetails:
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout,
+        metadata=grpc.aio.Metadata(*(details.metadata or ()), *metadata),
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
 
+
+class _UnaryMetadata(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
         self.metadata = tuple(metadata)
-
-    def _with_metadata(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return grpc.aio.ClientCallDetails(
-            method=details.method,
-            timeout=details.timeout,
-            metadata=grpc.aio.Metadata(*(details.metadata or ()), *self.metadata),
-            credentials=details.credentials,
-            wait_for_ready=details.wait_for_ready,
-        )
 
     async def intercept_unary_unary(
         self,
@@ -105,7 +104,12 @@ class MetadataInterceptor(
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        return await continuation(self._with_metadata(client_call_details), request)
+        return await continuation(_with_metadata(client_call_details, self.metadata), request)
+
+
+class _StreamMetadata(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.metadata = tuple(metadata)
 
     async def intercept_unary_stream(
         self,
@@ -113,7 +117,14 @@ class MetadataInterceptor(
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        return await continuation(self._with_metadata(client_call_details), request)
+        return await continuation(_with_metadata(client_call_details, self.metadata), request)
+
+
+def metadata_interceptors(metadata: Sequence[tuple[str, str]]) -> list[Any]:
+    """Interceptors that add fixed ``metadata`` (a person's ``authorization: Bearer``) to
+    every unary and server-streaming call. Two objects, not one class of both kinds:
+    grpc.aio files an interceptor under the first kind it matches only."""
+    return [_UnaryMetadata(metadata), _StreamMetadata(metadata)]
 
 
 def service_config(max_attempts: int) -> str:
@@ -151,7 +162,7 @@ def channel(
     Without it the channel is plaintext, for servers in local-debugging mode only.
 
     ``service`` only labels the channel (``grpc.primary_user_agent``) for the peer's logs.
-    ``metadata`` goes with every call (:class:`MetadataInterceptor`).
+    ``metadata`` goes with every call (:func:`metadata_interceptors`).
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
@@ -173,7 +184,7 @@ def channel(
         DefaultDeadlineInterceptor(default_timeout_s),
     ]
     if metadata:
-        interceptors.append(MetadataInterceptor(metadata))
+        interceptors += metadata_interceptors(metadata)
     if identity is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     if peer is None:

@@ -253,9 +253,7 @@ def login(
             raise VaultError(f"login as {user!r} refused: wrong user name or password") from exc
         client.token = auth["auth"]["client_token"]
         try:
-            issued = _call(
-                "identity token", lambda: client.read(f"identity/oidc/token/{role}")
-            )
+            issued = _call("identity token", lambda: client.read(f"identity/oidc/token/{role}"))
         finally:
             # The login's Vault token has done its one job; it must not outlive the call.
             try:

@@ -52,7 +52,9 @@ async def refused(call: object) -> grpc.aio.AioRpcError:
     return info.value
 
 
-async def decisions_about(mesh: Mesh, resource: str) -> list[audit_pb2.AuditRecord]:
+async def audited(
+    mesh: Mesh, resource: str, kind: int = audit_pb2.AUDIT_KIND_POLICY_DECISION
+) -> list[audit_pb2.AuditRecord]:
     nc = await connect(mesh.nats_url, name="authz-test")
     try:
         topology = Topology(mesh.namespace)
@@ -60,11 +62,15 @@ async def decisions_about(mesh: Mesh, resource: str) -> list[audit_pb2.AuditReco
             entry.record
             async for entry in tail(nc.jetstream(), topology, n=100_000)
             if entry.record is not None
-            and entry.record.kind == audit_pb2.AUDIT_KIND_POLICY_DECISION
+            and entry.record.kind == kind
             and entry.record.resource == resource
         ]
     finally:
         await nc.close()
+
+
+async def decisions_about(mesh: Mesh, resource: str) -> list[audit_pb2.AuditRecord]:
+    return await audited(mesh, resource)
 
 
 async def test_nobody_approves_their_own_loan_nor_one_outside_their_group(mesh: Mesh) -> None:
@@ -123,6 +129,12 @@ async def test_a_workload_decides_no_gate_and_cannot_speak_for_a_person(mesh: Me
     spoofed = await refused(mesh.stub.DecideGate(request, metadata=[(CLAIMS_HEADER, forged)]))
     assert spoofed.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_details(spoofed).reason == "CLAIMS_NOT_FROM_GATEWAY"
+    rejected = await audited(mesh, "DecideGate", audit_pb2.AUDIT_KIND_REQUEST_REJECTED)
+    assert any(
+        r.outcome == "CLAIMS_NOT_FROM_GATEWAY"
+        and r.details["caller"] == "spiffe://tessera.local/service/operator"
+        for r in rejected
+    ), rejected
     assert (await mesh.get(workflow.name)).state == WS.WORKFLOW_STATE_WAITING_APPROVAL
     await mesh.decide(gate.name, approve=False, by="cora")  # leave nothing parked
 

@@ -36,7 +36,7 @@ from tessera.launcher.gateway import build_descriptor_set
 from tessera.launcher.ports import free_port
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology
-from tessera.runtime.grpc_client import MetadataInterceptor
+from tessera.runtime.grpc_client import metadata_interceptors
 from tessera.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from tessera.vault.humans import HumansSpec
 from tests.conftest import GATEWAY_DIR, PROJECT_ROOT, private_openbao
@@ -60,7 +60,7 @@ class Stack:
 
     def channel(self, user: str | None = "tester") -> grpc.aio.Channel:
         """A gRPC channel to Envoy whose calls carry ``user``'s token (None: no token)."""
-        interceptors = [MetadataInterceptor(self.bearer(user))] if user else []
+        interceptors = metadata_interceptors(self.bearer(user)) if user else []
         return grpc.aio.insecure_channel(self.envoy.address, interceptors=interceptors)
 
     @property

@@ -26,6 +26,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tessera.cli.login import ensure_login
 from tessera.launcher.operator import local_identity, operator_identity
 from tessera.launcher.ports import free_port
 from tessera.launcher.topology import Topology, load, project_root
@@ -205,11 +206,16 @@ async def test_health_check_through_the_gateway_reaches_the_coordinator(mesh: Me
     ],
 )
 async def test_the_front_door_routes_only_the_public_api(mesh: Mesh, method: str) -> None:
+    """Even a logged-in person reaches only the coordinator's API through Envoy."""
+    token = ensure_login(mesh.data_dir, "requester").token
     async with grpc.aio.insecure_channel(mesh.state["gateway"]) as channel:
         raw = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.aio.AioRpcError) as unrouted:
-            await raw(b"", timeout=5)
-    assert unrouted.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            await raw(b"", timeout=5, metadata=[("authorization", f"Bearer {token}")])
+        assert unrouted.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+            await raw(b"", timeout=5)  # and nobody without a token gets that far
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def gateway_routed_health_check_to(data_dir: Path, cluster: str, timeout: float = 10.0) -> bool:

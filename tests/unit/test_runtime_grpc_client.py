@@ -137,3 +137,36 @@ async def test_wait_for_serving_waits_for_a_late_server() -> None:
         await waiter
     finally:
         await server.stop(grace=0)
+
+
+async def test_channel_metadata_goes_with_unary_and_streaming_calls() -> None:
+    """A person's token must reach the gateway on WatchWorkflow (a server stream) as on
+    every unary call."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    seen: dict[str, list[str]] = {}
+
+    class Health(health_pb2_grpc.HealthServicer):
+        async def Check(self, request: object, context: grpc.aio.ServicerContext) -> object:  # type: ignore[override]
+            seen["unary"] = [k for k, _ in context.invocation_metadata() or ()]
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+        async def Watch(self, request: object, context: grpc.aio.ServicerContext):  # type: ignore[override]
+            seen["stream"] = [k for k, _ in context.invocation_metadata() or ()]
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(Health(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    ch = channel(f"127.0.0.1:{port}", metadata=[("authorization", "Bearer t")])
+    try:
+        stub = health_pb2_grpc.HealthStub(ch)
+        await stub.Check(health_pb2.HealthCheckRequest())
+        async for _ in stub.Watch(health_pb2.HealthCheckRequest(), timeout=5):
+            break
+    finally:
+        await ch.close()
+        await server.stop(0)
+    assert "authorization" in seen["unary"]
+    assert "authorization" in seen["stream"]
