@@ -26,6 +26,7 @@ from tessera.registry import Registry
 from tessera.runtime.bus import Topology, close, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
+from tessera.runtime.nats_permissions import streams_used
 from tessera.runtime.startup import until_ready
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc, tool_proxy_pb2_grpc
 from tessera.vault.audit_keys import TransitSigner
@@ -77,7 +78,11 @@ class Coordinator:
         )
         js = self._nc.jetstream()
         await declare(
-            js, self.topology, replicas=self.settings.jetstream_replicas, within_s=within_s
+            js,
+            self.topology,
+            replicas=self.settings.jetstream_replicas,
+            within_s=within_s,
+            leaders_of=streams_used("coordinator", self.topology),
         )
         replica = self.settings.replica_id or uuid.uuid4().hex[:8]
         self.auditor = WorkflowAuditor(

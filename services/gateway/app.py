@@ -36,6 +36,7 @@ from tessera.registry import Registry, registry_key
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
+from tessera.runtime.nats_permissions import streams_used
 from tessera.runtime.startup import until_ready
 from tessera.v1 import agent_pb2
 
@@ -96,7 +97,13 @@ class GatewayControlPlane:
             **self.workload.nats_options(settings),
         )
         js = self._nc.jetstream()
-        await declare(js, self.topology, replicas=settings.jetstream_replicas, within_s=within_s)
+        await declare(
+            js,
+            self.topology,
+            replicas=settings.jetstream_replicas,
+            within_s=within_s,
+            leaders_of=streams_used("gateway-control-plane", self.topology),
+        )
         registry = self._registry = Registry(js, self.topology)
         live = await until_ready(registry.agents, what="registry read", within_s=within_s)
         self._replicas = {registry_key(d.name, d.instance_id): d for d in live}

@@ -19,6 +19,7 @@ from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import InvalidArgument, ResourceExhausted
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
+from tessera.runtime.nats_permissions import streams_used
 from tessera.v1 import common_pb2, planner_pb2, planner_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "Planner", "PlannerService", "PlannerServicer"]
@@ -189,7 +190,11 @@ class PlannerService:
             )
             js = self._nc.jetstream()
             await declare(
-                js, self.topology, replicas=s.jetstream_replicas, within_s=s.startup_timeout_s
+                js,
+                self.topology,
+                replicas=s.jetstream_replicas,
+                within_s=s.startup_timeout_s,
+                leaders_of=streams_used("planner", self.topology),
             )
             self.planner = Planner(
                 templates=templates,

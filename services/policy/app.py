@@ -16,6 +16,7 @@ from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect, declare, msg_id_headers
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
+from tessera.runtime.nats_permissions import streams_used
 from tessera.v1 import events_pb2, policy_pb2, policy_pb2_grpc
 from tessera.vault.audit_keys import TransitSigner
 
@@ -55,7 +56,11 @@ class PolicyService:
         )
         js = self._nc.jetstream()
         await declare(
-            js, self.topology, replicas=self.settings.jetstream_replicas, within_s=within_s
+            js,
+            self.topology,
+            replicas=self.settings.jetstream_replicas,
+            within_s=within_s,
+            leaders_of=streams_used("policy", self.topology),
         )
         self.audit = AuditWriter(
             js,

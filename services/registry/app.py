@@ -17,6 +17,7 @@ from tessera.registry import Registry
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
+from tessera.runtime.nats_permissions import streams_used
 from tessera.v1 import audit_pb2, registry_pb2, registry_pb2_grpc
 from tessera.vault.audit_keys import TransitSigner
 
@@ -50,7 +51,11 @@ class RegistryApp:
         )
         js = self._nc.jetstream()
         await declare(
-            js, self.topology, replicas=self.settings.jetstream_replicas, within_s=within_s
+            js,
+            self.topology,
+            replicas=self.settings.jetstream_replicas,
+            within_s=within_s,
+            leaders_of=streams_used("registry", self.topology),
         )
         self.audit = AuditWriter(
             js,

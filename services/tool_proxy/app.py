@@ -25,6 +25,7 @@ from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import Unavailable
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
+from tessera.runtime.nats_permissions import streams_used
 from tessera.runtime.startup import until_ready
 from tessera.v1 import policy_pb2_grpc, tool_proxy_pb2
 from tessera.vault.audit_keys import TransitSigner, read_hmac_key
@@ -101,7 +102,11 @@ class ToolProxy:
         )
         js = self._nc.jetstream()
         await declare(
-            js, self.topology, replicas=s.jetstream_replicas, within_s=s.startup_timeout_s
+            js,
+            self.topology,
+            replicas=s.jetstream_replicas,
+            within_s=s.startup_timeout_s,
+            leaders_of=streams_used("tool-proxy", self.topology),
         )
         idem_kv = await js.key_value(self.topology.idempotency_bucket)
         approvals_kv = await js.key_value(self.topology.approvals_bucket)

@@ -41,6 +41,7 @@ import nats.errors
 import structlog
 from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from tessera.audit.records import receipt_for, to_struct
@@ -184,9 +185,20 @@ class AuditWriter:
         if self._started and self._signer is not None and self._ticker is None:
             self._ticker = asyncio.create_task(self._tick(), name=f"audit-checkpoint:{self.writer}")
 
+    async def _last_in_chain(self) -> RawStreamMsg:
+        stream = self._topology.audit_stream
+        try:
+            # A direct get by subject: the one read of the audit stream a writer's NATS
+            # permissions allow (its own chains; tessera.runtime.nats_permissions).
+            return await self._js.get_last_msg(stream, self.subject, direct=True)
+        except nats.errors.NoRespondersError:
+            # A stream declared before it answered direct gets (the operator's next
+            # `declare` turns them on): ask its leader, as writers used to.
+            return await self._js.get_last_msg(stream, self.subject)
+
     async def _read_head(self) -> _Head:
         try:
-            msg = await self._js.get_last_msg(self._topology.audit_stream, self.subject)
+            msg = await self._last_in_chain()
         except NotFoundError:
             return _Head()
         except (APIError, nats.errors.Error, TimeoutError) as exc:

@@ -1,6 +1,7 @@
 """The TLS context a workload connects to NATS with: its workload certificate (NATS maps
 it to the identity's user and permissions, see tessera.runtime.nats_permissions), the mesh
-CA to verify the server, and a reload on every renewal so reconnects present a valid one.
+CA to verify the server, and a reload on every renewal so reconnects present a valid one;
+and the inbox prefix it connects with (the only inboxes those permissions let it read).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from tessera.identity.names import WorkloadName
 from tessera.identity.source import CertificateSource
 
-__all__ = ["NATS_SERVER", "client_context", "context_from_pem"]
+__all__ = ["NATS_SERVER", "client_context", "context_from_pem", "inbox_prefix"]
 
 NATS_SERVER = "nats"
 """The identity NATS servers hold (their certificate's DNS name is what clients verify)."""
@@ -57,3 +58,10 @@ def client_context(source: CertificateSource) -> ssl.SSLContext:
 def server_hostname(trust_domain: str) -> str:
     """What a client checks the NATS server's certificate against."""
     return WorkloadName.of(NATS_SERVER, trust_domain).dns_name
+
+
+def inbox_prefix(identity: str) -> str:
+    """The inbox prefix ``identity`` connects with (nats-py's ``inbox_prefix``): its
+    request replies and push deliveries arrive under it, and its NATS permissions let it
+    subscribe to no other inbox, so no identity overhears another's answers."""
+    return f"_INBOX.{WorkloadName.of(identity).identity}"  # a valid name is one token

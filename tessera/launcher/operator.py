@@ -19,7 +19,7 @@ import grpc
 import hvac
 
 from tessera.identity.names import WorkloadName
-from tessera.identity.nats_tls import context_from_pem, server_hostname
+from tessera.identity.nats_tls import context_from_pem, inbox_prefix, server_hostname
 from tessera.identity.source import PKI_MOUNT
 from tessera.launcher.private_files import write_private
 
@@ -37,6 +37,8 @@ class OperatorIdentity:
     ca: str
     expiration: int
     trust_domain: str
+    identity: str = OPERATOR
+    """Whose certificate this is (``local_identity`` issues one for any identity)."""
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
@@ -46,10 +48,12 @@ class OperatorIdentity:
         )
 
     def nats_options(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`tessera.runtime.bus.connect` (TLS as this identity)."""
+        """Keyword arguments for :func:`tessera.runtime.bus.connect` (TLS as this identity,
+        and its inbox prefix: the only inboxes its NATS permissions let it read)."""
         return {
             "tls": context_from_pem(self.certificate, self.private_key, self.ca),
             "tls_hostname": server_hostname(self.trust_domain),
+            "inbox_prefix": inbox_prefix(self.identity),
         }
 
     def options_for(self, identity: str) -> list[tuple[str, str]]:
@@ -85,7 +89,7 @@ def local_identity(
     secrets_dir = data_dir / "secrets"
     cached = secrets_dir / f"{identity}-cert.json"
     try:
-        found = OperatorIdentity(**json.loads(cached.read_text()))
+        found = OperatorIdentity(**{**json.loads(cached.read_text()), "identity": identity})
         if reuse and found.expiration - time.time() > _REUSE_MARGIN_S:
             return found
     except (OSError, ValueError, TypeError):
@@ -116,6 +120,7 @@ def local_identity(
         ca="\n".join(issued.get("ca_chain") or [issued["issuing_ca"]]),
         expiration=int(issued["expiration"]),
         trust_domain=trust_domain,
+        identity=identity,
     )
     write_private(cached, json.dumps(found.__dict__))
     return found

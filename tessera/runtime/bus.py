@@ -12,13 +12,13 @@ import functools
 import re
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
 from google.protobuf.message import Message
-from nats.aio.client import Client
+from nats.aio.client import DEFAULT_INBOX_PREFIX, Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
@@ -57,6 +57,7 @@ async def connect(
     initial_timeout_s: float | None = STARTUP_TIMEOUT_S,
     tls: ssl.SSLContext | None = None,
     tls_hostname: str | None = None,
+    inbox_prefix: str | None = None,
 ) -> Client:
     """Connect to NATS (``url`` may list several servers, comma-separated).
 
@@ -69,7 +70,9 @@ async def connect(
 
     ``tls``: connect with TLS, presenting the context's certificate (a mesh with NATS
     authentication maps it to this identity's permissions); ``tls_hostname`` is the name
-    the server's certificate must carry.
+    the server's certificate must carry. ``inbox_prefix``: where replies and push
+    deliveries arrive (a mesh with NATS permissions lets each identity subscribe to its
+    own prefix only, see :func:`tessera.identity.nats_tls.inbox_prefix`).
     """
 
     async def on_error(exc: Exception) -> None:
@@ -110,6 +113,7 @@ async def connect(
                 disconnected_cb=on_disconnected,
                 tls=tls,  # type: ignore[arg-type]
                 tls_hostname=tls_hostname,  # type: ignore[arg-type]
+                inbox_prefix=inbox_prefix or DEFAULT_INBOX_PREFIX,
                 reconnected_cb=on_reconnected,
                 closed_cb=on_closed,
             )
@@ -163,6 +167,10 @@ class StreamSpec:
     """Refuse deleting a message (the audit stream: an append-only record)."""
     deny_purge: bool = False
     """Refuse purging the stream."""
+    allow_direct: bool = False
+    """Answer direct gets (``$JS.API.DIRECT.GET.<stream>.<subject>``): the audit stream,
+    whose writers may read their own chains' heads only, which a direct get by subject
+    lets NATS permissions scope (a message get names no subject)."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,11 @@ class Topology:
             StreamSpec(self.work_stream, (self.work_subjects,), api.RetentionPolicy.WORK_QUEUE),
             StreamSpec(self.events_stream, (self.events_subjects,)),
             StreamSpec(
-                self.audit_stream, (self.audit_subjects,), deny_delete=True, deny_purge=True
+                self.audit_stream,
+                (self.audit_subjects,),
+                deny_delete=True,
+                deny_purge=True,
+                allow_direct=True,
             ),
         )
 
@@ -327,6 +339,7 @@ async def _declare_stream(js: JetStreamContext, spec: StreamSpec, replicas: int)
         duplicate_window=DUPLICATE_WINDOW_S,
         deny_delete=spec.deny_delete,
         deny_purge=spec.deny_purge,
+        allow_direct=spec.allow_direct,
     )
     try:
         await js.add_stream(config)
@@ -369,13 +382,19 @@ async def declare(
     *,
     replicas: int = 1,
     within_s: float = STARTUP_TIMEOUT_S,
+    leaders_of: Collection[str] | None = None,
 ) -> None:
     """Create every stream and KV bucket of ``topology``; safe to call any number of times.
 
     Existing ones with the same config are left alone; a compatible difference (replicas,
-    TTL, history…) is applied with an update; nothing is ever deleted. The declarations
+    TTL, history…) is applied with an update (the operator's alone where NATS has
+    permissions: a workload's update gets no answer, so its start-up fails until the
+    operator has declared the new config); nothing is ever deleted. The declarations
     run concurrently. With ``replicas`` > 1, returns only once every stream and bucket has
-    an elected leader, so the first publish or KV put is answered. While a cluster is
+    an elected leader, so the first publish or KV put is answered: every one, or only those
+    named in ``leaders_of`` (stream names, a bucket's as ``KV_<bucket>``; a workload waits
+    for the streams it uses, the only ones whose info its NATS permissions let it ask,
+    :func:`tessera.runtime.nats_permissions.streams_used`). While a cluster is
     still forming ("no suitable peers for placement", JetStream not ready, no answer
     yet), each step is retried (:func:`tessera.runtime.startup.until_ready`); after
     ``within_s`` in all, the last error is raised.
@@ -391,15 +410,15 @@ async def declare(
         await step(
             f"declare stream {spec.name}", functools.partial(_declare_stream, js, spec, replicas)
         )
-        if replicas > 1:
+        if replicas > 1 and (leaders_of is None or spec.name in leaders_of):
             await step(f"leader of {spec.name}", functools.partial(_has_leader, js, spec.name))
 
     async def bucket(spec: KvSpec) -> None:
         await step(
             f"declare bucket {spec.bucket}", functools.partial(_declare_bucket, js, spec, replicas)
         )
-        if replicas > 1:
-            name = f"KV_{spec.bucket}"
+        name = f"KV_{spec.bucket}"
+        if replicas > 1 and (leaders_of is None or name in leaders_of):
             await step(f"leader of {name}", functools.partial(_has_leader, js, name))
 
     try:

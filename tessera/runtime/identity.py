@@ -20,7 +20,7 @@ import grpc
 import structlog
 
 from tessera.identity.names import WorkloadName
-from tessera.identity.nats_tls import client_context, server_hostname
+from tessera.identity.nats_tls import client_context, inbox_prefix, server_hostname
 from tessera.identity.source import CertificateSource
 from tessera.runtime.config import CommonSettings
 from tessera.runtime.grpc_client import channel
@@ -90,7 +90,8 @@ class Workload:
 
     def nats_options(self, settings: CommonSettings) -> dict[str, Any]:
         """Keyword arguments for :func:`tessera.runtime.bus.connect`: TLS with this
-        identity's certificate when the mesh's NATS requires it (``TESSERA_NATS_TLS``)."""
+        identity's certificate when the mesh's NATS requires it (``TESSERA_NATS_TLS``),
+        and the identity's inbox prefix (the only inboxes its permissions let it read)."""
         if not settings.nats_tls:
             return {}
         if self.certificate is None:
@@ -98,6 +99,7 @@ class Workload:
         return {
             "tls": client_context(self.certificate),
             "tls_hostname": server_hostname(self.certificate.name.trust_domain),
+            "inbox_prefix": inbox_prefix(self.certificate.name.identity),
         }
 
     @property

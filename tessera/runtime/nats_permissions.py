@@ -1,15 +1,21 @@
 """Who may publish and subscribe to what on NATS: the mesh's one table, keyed by
 workload identity, rendered into nats-server's ``authorization`` block (users are the
 identities' certificate DNS names, mapped by ``verify_and_map``) and tested by
-tests/integration/test_nats_permissions.py, which tries every forbidden write.
+tests/integration/test_nats_permissions.py, which tries every forbidden write and read.
 
 Writes are least privilege: each identity publishes only to the subjects and KV buckets
 it owns (the registry service: the agent registry; the coordinator: workflow state and
 events; each audit writer: its own chains). Agents have no NATS user at all: they
 register over gRPC (RegistryService) and talk to the mesh only through gRPC. Destroying
-data (deleting or purging a stream, or a message of one) is the operator's alone. Reads
-stay open to every service identity for now (JetStream's consumer API), which the table
-says plainly rather than pretends otherwise.
+data (deleting or purging a stream, or a message of one) and changing a stream's
+configuration are the operator's alone.
+
+Reads are least privilege too (:func:`_reads`): each identity reads only the streams and
+buckets it needs, through the JetStream API subjects that name the stream (consumers,
+message gets, stream info, acks and flow control of its consumers); the audit stream only
+its own chains' heads (a direct get by subject); replies only under its own inbox prefix
+(:func:`tessera.identity.nats_tls.inbox_prefix`, which every client of the mesh connects
+with), so no identity overhears another's answers or deliveries.
 """
 
 from __future__ import annotations
@@ -18,34 +24,30 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tessera.identity.names import WorkloadName
+from tessera.identity.nats_tls import inbox_prefix
 from tessera.runtime.bus import Topology
 
-__all__ = ["NO_ACCESS", "OPERATOR", "Permissions", "permissions", "render_authorization"]
+__all__ = [
+    "NO_ACCESS",
+    "OPERATOR",
+    "Permissions",
+    "permissions",
+    "render_authorization",
+    "streams_used",
+]
 
 OPERATOR = "operator"
 
-# What every JetStream client needs: account info, stream info, consumers (create, fetch,
-# ack, flow control), KV reads (direct get, message get), and the replies to its requests.
-_JS_CLIENT = (
-    "$JS.API.INFO",
-    "$JS.API.STREAM.INFO.>",
-    "$JS.API.STREAM.NAMES",
-    "$JS.API.STREAM.LIST",
-    "$JS.API.CONSUMER.>",
-    "$JS.API.DIRECT.GET.>",
-    "$JS.API.STREAM.MSG.GET.>",
-    "$JS.ACK.>",
-    "$JS.FC.>",
-)
-# Declaring streams and buckets at start (services only; `tessera up` declares first).
-_JS_DECLARE = ("$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>")
+_API = "$JS.API"
+# What every JetStream client may ask without naming a stream: the account's limits, and
+# which stream holds a subject (names only; nats-py's subscribe looks a stream up so).
+_JS_ACCOUNT = (f"{_API}.INFO", f"{_API}.STREAM.NAMES")
 # Destroying records: nobody but the operator.
 _JS_DESTROY = (
-    "$JS.API.STREAM.DELETE.>",
-    "$JS.API.STREAM.PURGE.>",
-    "$JS.API.STREAM.MSG.DELETE.>",
+    f"{_API}.STREAM.DELETE.>",
+    f"{_API}.STREAM.PURGE.>",
+    f"{_API}.STREAM.MSG.DELETE.>",
 )
-_INBOX = "_INBOX.>"
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,92 @@ def _kv(bucket: str) -> str:
     return f"$KV.{bucket}.>"
 
 
-def permissions(identity: str, topology: Topology) -> Permissions:
-    """The NATS permissions of one identity of vault/identities.yaml."""
-    t = topology
-    if identity == OPERATOR:
-        return Permissions(publish=(">",), subscribe=(">",), publish_deny=())
-    if WorkloadName.of(identity).kind == "agent":
-        return NO_ACCESS  # agents talk gRPC only: registry, tasks and tools (no NATS user)
+def _kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+def _declarable(t: Topology) -> tuple[str, ...]:
+    """Every stream a workload may create at start (none of them exists yet the first
+    time; `tessera up` declares first as the operator). Never an update: a changed
+    configuration (sources, mirrors, republish, limits) could copy or destroy another
+    identity's records, so it is the operator's."""
+    names = [s.name for s in t.streams()] + [_kv_stream(b.bucket) for b in t.buckets()]
+    return tuple(f"{_API}.STREAM.CREATE.{name}" for name in names)
+
+
+def _stream_reads(stream: str) -> tuple[str, ...]:
+    """Reading ``stream`` whole: its info, consumers on it (create, durable create, info,
+    next, delete), message gets (direct and through the API), and the acks and flow
+    control replies of its consumers (``$JS.ACK`` in both the v1 and the domain form)."""
+    return (
+        f"{_API}.STREAM.INFO.{stream}",
+        f"{_API}.CONSUMER.CREATE.{stream}",
+        f"{_API}.CONSUMER.CREATE.{stream}.>",
+        f"{_API}.CONSUMER.DURABLE.CREATE.{stream}.>",
+        f"{_API}.CONSUMER.INFO.{stream}.>",
+        f"{_API}.CONSUMER.MSG.NEXT.{stream}.>",
+        f"{_API}.CONSUMER.DELETE.{stream}.>",
+        f"{_API}.DIRECT.GET.{stream}",
+        f"{_API}.DIRECT.GET.{stream}.>",
+        f"{_API}.STREAM.MSG.GET.{stream}",
+        f"$JS.ACK.{stream}.>",
+        f"$JS.ACK.*.*.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    )
+
+
+@dataclass(frozen=True)
+class _ReadScope:
+    streams: tuple[str, ...]
+    """Streams (a KV bucket: its ``KV_`` stream) the identity reads whole."""
+    subjects: tuple[str, ...] = ()
+    """Core NATS subscriptions beyond its inbox."""
+    audit_chains: bool = False
+    """Whether it writes audit records, so reads its own chains' heads."""
+
+
+def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
+    registry = _kv_stream(t.registry_bucket)
+    return {
+        # Workflow state and events, the work queue, and who to dispatch to.
+        "coordinator": _ReadScope(
+            (
+                t.wf_events_stream,
+                t.work_stream,
+                _kv_stream(t.workflows_bucket),
+                _kv_stream(t.blackboard_bucket),
+                registry,
+            ),
+            audit_chains=True,
+        ),
+        # Its buckets and its effects outbox (on the events stream, whose other events,
+        # token revocations and policy reloads, it follows anyway).
+        "tool-proxy": _ReadScope(
+            (t.events_stream, _kv_stream(t.idempotency_bucket), _kv_stream(t.approvals_bucket)),
+            subjects=(t.events_subject("token.revoked"), t.policy_reload_subject),
+            audit_chains=True,
+        ),
+        "policy": _ReadScope((), audit_chains=True),
+        "registry": _ReadScope((registry,), audit_chains=True),
+        # Readers of the registry: capabilities to plan with, endpoints to route to.
+        "planner": _ReadScope((registry,)),
+        "gateway-control-plane": _ReadScope((registry,)),
+    }
+
+
+def _written_streams(identity: str, t: Topology) -> tuple[str, ...]:
+    """The streams ``identity`` publishes to (its ``_owned`` subjects' streams)."""
+    written: dict[str, tuple[str, ...]] = {
+        "coordinator": (t.wf_events_stream, t.work_stream, t.events_stream),
+        "tool-proxy": (t.events_stream,),
+        "policy": (t.events_stream,),
+    }
+    audit = (t.audit_stream,) if _read_scopes(t)[identity].audit_chains else ()
+    return (*written.get(identity, ()), *audit)
+
+
+def _owned(identity: str, t: Topology) -> tuple[str, ...]:
+    """The subjects ``identity`` may publish to (beyond the JetStream API)."""
     owned: dict[str, tuple[str, ...]] = {
         "coordinator": (
             t.wf_events_subjects,
@@ -85,18 +166,55 @@ def permissions(identity: str, topology: Topology) -> Permissions:
         ),
         "policy": (t.policy_reload_subject,),
         "registry": (_kv(t.registry_bucket),),
-        "planner": (),
-        "gateway-control-plane": (),
     }
-    subscribe: dict[str, tuple[str, ...]] = {
-        "tool-proxy": (t.events_subject("token.revoked"), t.policy_reload_subject),
-    }
-    if identity not in owned:
+    return (*owned.get(identity, ()), t.audit_owner_subjects(identity))
+
+
+def streams_used(identity: str, topology: Topology) -> frozenset[str]:
+    """The streams (KV buckets as their ``KV_`` streams) ``identity`` reads or writes,
+    i.e. whose info it may ask: what its start-up waits for (a leader in a cluster)."""
+    if identity == OPERATOR:
+        return frozenset(
+            [s.name for s in topology.streams()]
+            + [_kv_stream(b.bucket) for b in topology.buckets()]
+        )
+    scope = _read_scopes(topology).get(identity)
+    if scope is None:
+        return frozenset()
+    return frozenset((*scope.streams, *_written_streams(identity, topology)))
+
+
+def _reads(identity: str, t: Topology) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What ``identity`` may read: the JetStream API requests it may publish (scoped to
+    the streams of its read scope, its own audit chains' heads, and the info of every
+    stream it writes) and the subjects it may subscribe to (its inbox prefix, and its
+    core subscriptions)."""
+    scope = _read_scopes(t)[identity]
+    requests: list[str] = list(_JS_ACCOUNT)
+    for stream in scope.streams:
+        requests.extend(_stream_reads(stream))
+    for stream in sorted(set(_written_streams(identity, t)) - set(scope.streams)):
+        requests.append(f"{_API}.STREAM.INFO.{stream}")  # leader and limits, no message
+    if scope.audit_chains:
+        # Its chains' heads only: a direct get by subject names the subject it reads.
+        requests.append(f"{_API}.DIRECT.GET.{t.audit_stream}.{t.audit_owner_subjects(identity)}")
+    subscribe = (f"{inbox_prefix(identity)}.>", *scope.subjects)
+    return tuple(requests), subscribe
+
+
+def permissions(identity: str, topology: Topology) -> Permissions:
+    """The NATS permissions of one identity of vault/identities.yaml."""
+    t = topology
+    if identity == OPERATOR:
+        return Permissions(publish=(">",), subscribe=(">",), publish_deny=())
+    if WorkloadName.of(identity).kind == "agent":
+        return NO_ACCESS  # agents talk gRPC only: registry, tasks and tools (no NATS user)
+    if identity not in _read_scopes(t):
         return NO_ACCESS
-    audit = (t.audit_owner_subjects(identity),)
+    requests, subscribe = _reads(identity, t)
     return Permissions(
-        publish=(*_JS_CLIENT, *_JS_DECLARE, *owned[identity], *audit),
-        subscribe=(_INBOX, *subscribe.get(identity, ())),
+        publish=(*requests, *_declarable(t), *_owned(identity, t)),
+        subscribe=subscribe,
     )
 
 

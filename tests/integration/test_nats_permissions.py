@@ -1,7 +1,9 @@
 """NATS on a `tessera up` mesh (RELIABILITY.md I1, I4): TLS required, every client
-authenticated by its workload certificate, each identity writing only what it owns
-(tessera/runtime/nats_permissions.py). Every forbidden write is tried; each is refused by
-the server and the data is intact afterwards."""
+authenticated by its workload certificate, each identity writing only what it owns and
+reading only what it needs (tessera/runtime/nats_permissions.py). Every forbidden write is
+tried, and forbidden reads of each kind (another service's stream or bucket, the audit
+trail, another identity's inbox); each is refused by the server, and the data is intact
+afterwards."""
 
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from nats.js import api
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
+from tessera.identity.nats_tls import inbox_prefix
 from tessera.launcher import state as state_file
 from tessera.launcher.operator import local_identity
 from tessera.runtime.bus import Topology
@@ -70,6 +75,17 @@ async def _as(mesh: tuple[Path, str, str], identity: str) -> tuple[Client, Viola
         **cert.nats_options(),
     )
     return nc, seen
+
+
+async def _refused(seen: Violations, action: str, subject: str) -> None:
+    """Wait for the server's permission error naming ``subject`` (``action``: "publish"
+    or "subscription"), as nats-py hands it to the error callback."""
+    wanted = f'permissions violation for {action} to "{subject}"'.lower()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FORBIDDEN_WAIT_S
+    while not any(wanted in e.lower() for e in seen.errors):
+        assert loop.time() < deadline, (wanted, seen.errors)
+        await asyncio.sleep(0.05)
 
 
 async def _refused_write(nc: Client, subject: str, payload: bytes = b"x") -> None:
@@ -165,6 +181,157 @@ async def test_nobody_but_the_operator_purges_or_deletes_the_audit_trail(
     finally:
         await nc.close()
         await operator.close()
+
+
+async def _refused_read(
+    nc: Client, seen: Violations, request: str, read: Callable[[], Awaitable[object]]
+) -> None:
+    """``read`` (a JetStream call that publishes ``request``) gets no answer: the server
+    refused the request, and said so."""
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+        await read()
+    await _refused(seen, "publish", request)
+
+
+async def test_reads_are_scoped_to_the_streams_an_identity_needs(
+    mesh: tuple[Path, str, str],
+) -> None:
+    """Each service reads its own state and nothing of another's: the tool proxy neither
+    the coordinator's workflows nor the audit trail, the coordinator not the proxy's
+    buckets, an audit writer only its own chains' heads, the planner not the audit stream,
+    and nobody another identity's inbox. The operator reads everything."""
+    t = TOPOLOGY
+    proxy, proxy_seen = await _as(mesh, "tool-proxy")
+    coordinator, coordinator_seen = await _as(mesh, "coordinator")
+    planner, planner_seen = await _as(mesh, "planner")
+    operator, _ = await _as(mesh, "operator")
+    try:
+        pjs = proxy.jetstream(timeout=FORBIDDEN_WAIT_S)
+        cjs = coordinator.jetstream(timeout=FORBIDDEN_WAIT_S)
+        ljs = planner.jetstream(timeout=FORBIDDEN_WAIT_S)
+        audit = await operator.jetstream().stream_info(t.audit_stream)
+        first_seq = max(1, audit.state.first_seq)
+
+        # What each one needs: answered.
+        approvals = await pjs.key_value(t.approvals_bucket)
+        await approvals.put("permission-probe", b"mine")
+        assert (await approvals.get("permission-probe")).value == b"mine"
+        await approvals.delete("permission-probe")
+        effects = await pjs.subscribe(
+            t.events_subject("tool.effects"), stream=t.events_stream, ordered_consumer=True
+        )
+        await effects.unsubscribe()
+        # Its outbox lookup: a named, filtered pull consumer, fetched from, then deleted.
+        lookup = await pjs.add_consumer(
+            t.events_stream,
+            config=api.ConsumerConfig(
+                name="permission-probe",
+                filter_subject=t.events_subject("tool.effects"),
+                ack_policy=api.AckPolicy.NONE,
+                headers_only=True,
+                inactive_threshold=30.0,
+            ),
+        )
+        pull = await pjs.pull_subscribe_bind(stream=t.events_stream, name=lookup.name)
+        if lookup.num_pending:
+            assert await pull.fetch(1, timeout=FORBIDDEN_WAIT_S)
+        await pull.unsubscribe()
+        assert await pjs.delete_consumer(t.events_stream, lookup.name)
+        workflows = await cjs.key_value(t.workflows_bucket)
+        with pytest.raises(KeyNotFoundError):
+            await workflows.get("wf.permission-probe-absent")
+        registry = await ljs.key_value(t.registry_bucket)
+        assert [k for k in await registry.keys() if k.startswith("agent.triage.")]
+        # An audit writer finds its own chain's head (a 404 is an answer) ...
+        with pytest.raises(NotFoundError):
+            await cjs.get_last_msg(
+                t.audit_stream, t.audit_chain_subject("absent", owner="coordinator"), direct=True
+            )
+        # ... and asking for a sequence number on that subject does not widen it.
+        own = f"$JS.API.DIRECT.GET.{t.audit_stream}." + t.audit_chain_subject(
+            "absent", owner="coordinator"
+        )
+        answer = await coordinator.request(own, b'{"seq": 1}', timeout=FORBIDDEN_WAIT_S)
+        assert not answer.data, "a direct get by subject never returns another record"
+
+        # The tool proxy: not the coordinator's workflow KV, not the audit stream.
+        kv_workflows = f"KV_{t.workflows_bucket}"
+        await _refused_read(
+            proxy,
+            proxy_seen,
+            f"$JS.API.STREAM.INFO.{kv_workflows}",
+            lambda: pjs.key_value(t.workflows_bucket),
+        )
+        direct = f"$JS.API.DIRECT.GET.{kv_workflows}.$KV.{t.workflows_bucket}.wf.x"
+        await _refused_read(
+            proxy, proxy_seen, direct, lambda: proxy.request(direct, b"", timeout=1.0)
+        )
+        await _refused_read(
+            proxy,
+            proxy_seen,
+            f"$JS.API.CONSUMER.CREATE.{t.audit_stream}",
+            lambda: pjs.subscribe(t.audit_subjects, stream=t.audit_stream, ordered_consumer=True),
+        )
+        await _refused_read(
+            proxy,
+            proxy_seen,
+            f"$JS.API.STREAM.MSG.GET.{t.audit_stream}",
+            lambda: pjs.get_msg(t.audit_stream, first_seq),
+        )
+        # Nor could it make the audit stream copy itself somewhere it may read.
+        update = f"$JS.API.STREAM.UPDATE.{t.audit_stream}"
+        await _refused_read(
+            proxy, proxy_seen, update, lambda: proxy.request(update, b"{}", timeout=1.0)
+        )
+
+        # The coordinator: not the tool proxy's buckets, not another writer's chain.
+        await _refused_read(
+            coordinator,
+            coordinator_seen,
+            f"$JS.API.STREAM.INFO.KV_{t.approvals_bucket}",
+            lambda: cjs.key_value(t.approvals_bucket),
+        )
+        others = t.audit_chain_subject("tool-proxy-x", owner="tool-proxy")
+        await _refused_read(
+            coordinator,
+            coordinator_seen,
+            f"$JS.API.DIRECT.GET.{t.audit_stream}.{others}",
+            lambda: cjs.get_last_msg(t.audit_stream, others, direct=True),
+        )
+
+        # The planner (no audit writer): not a record of the audit stream.
+        await _refused_read(
+            planner,
+            planner_seen,
+            f"$JS.API.CONSUMER.CREATE.{t.audit_stream}",
+            lambda: ljs.subscribe(t.audit_subjects, stream=t.audit_stream, ordered_consumer=True),
+        )
+        await _refused_read(
+            planner,
+            planner_seen,
+            f"$JS.API.STREAM.INFO.{t.audit_stream}",
+            lambda: ljs.stream_info(t.audit_stream),
+        )
+
+        # Nobody overhears another identity's replies or deliveries.
+        for subject in (f"{inbox_prefix('coordinator')}.>", "_INBOX.>", ">"):
+            sub = await proxy.subscribe(subject)
+            await proxy.flush()
+            await _refused(proxy_seen, "subscription", subject)
+            await sub.unsubscribe()
+
+        # The operator reads the whole trail; the records are all there.
+        trail = await operator.jetstream().subscribe(
+            t.audit_subjects, stream=t.audit_stream, ordered_consumer=True
+        )
+        await trail.unsubscribe()
+        if audit.state.messages:
+            assert (await operator.jetstream().get_msg(t.audit_stream, first_seq)).data
+        after = (await operator.jetstream().stream_info(t.audit_stream)).state
+        assert after.first_seq == audit.state.first_seq and after.messages >= audit.state.messages
+    finally:
+        for nc in (proxy, coordinator, planner, operator):
+            await nc.close()
 
 
 async def test_the_coordinator_writes_workflow_state_but_not_the_proxys_buckets(
