@@ -136,8 +136,11 @@ def _over_budget(rec: WorkflowRecord) -> str | None:
 
 
 def _over_reservation(rec: WorkflowRecord, task_id: str, usage: common_pb2.Usage) -> str | None:
-    """The agent reported more than its attempt reserved (in a dimension the workflow's
-    budget caps): a misreporting or overspending agent, stopped like an exhausted budget."""
+    """The agent reported more tokens or cost than its attempt reserved (in a dimension
+    the workflow's budget caps): a misreporting or overspending agent, stopped like an
+    exhausted budget. Tool calls are not checked here: the task token's use limit already
+    holds them to the reservation at the tool proxy (an agent's own count also includes
+    calls that were refused and spent nothing)."""
     reserved = rec.tasks[task_id].reserved
     if reserved is None:
         return None
@@ -145,7 +148,6 @@ def _over_reservation(rec: WorkflowRecord, task_id: str, usage: common_pb2.Usage
     for name, used, held, cap in (
         ("tokens", usage.tokens, reserved.tokens, budget.max_tokens),
         ("cost_micros", usage.cost_micros, reserved.cost_micros, budget.max_cost_micros),
-        ("tool_calls", usage.tool_calls, reserved.tool_calls, budget.max_tool_calls),
     ):
         if cap > 0 and used > held:
             return f"task {task_id} reported {used} {name}, above the {held} reserved for it"

@@ -328,8 +328,8 @@ class TaskDispatched(_message.Message):
         dispatched (the coordinator's budget ledger; shared by all of the workflow's
         tasks, so parallel tasks never reserve more than the budget). Only the dimensions
         the workflow's budget caps are reserved (the others stay 0 and are not checked). The
-        task token allows exactly `reserved.tool_calls` tool calls; the usage the agent
-        reports is checked against it.
+        task token allows exactly `reserved.tool_calls` tool calls; the tokens and cost the
+        agent reports are checked against it.
         """
 
     def __init__(
