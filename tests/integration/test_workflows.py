@@ -45,6 +45,9 @@ async def test_support_ticket_is_routed_to_billing_and_answered(mesh: Mesh) -> N
         e.handoff_routed.capability for e in await mesh.events(name) if e.HasField("handoff_routed")
     ]
     assert routed == ["support.billing"]
+    # The policies that decided its tool calls: a small refund runs directly.
+    assert await allowed_by(mesh, name, "billing.issue_refund") == [["refund-within-limit"]]
+    assert await allowed_by(mesh, name, "billing.get_invoices") == [["declared-tool"]]
 
 
 async def test_ping_pong_ticket_trips_the_loop_guard_and_escalates(mesh: Mesh) -> None:
@@ -89,6 +92,8 @@ async def test_loan_without_tax_id_is_clarified_and_parks_for_aml_approval(mesh:
     workflow = await mesh.finished(name)
     assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     assert as_dict(workflow.blackboard)["compliance"]["aml_flag"] is True
+    # Regulated PII for the compliance-tier risk agent: allowed, pii-compliance-only silent.
+    assert await allowed_by(mesh, name, "credit.bureau_report") == [["declared-tool"]]
 
 
 async def test_procurement_acceptance_over_max_budget_is_refused_by_policy_then_renegotiated(
@@ -143,6 +148,12 @@ async def test_parallel_tasks_share_the_workflows_tool_call_budget(mesh: Mesh) -
         "churn": False,
     }
     assert workflow.usage.tool_calls <= cap
+
+
+async def allowed_by(mesh: Mesh, name: str, tool: str) -> list[list[str]]:
+    """The determining policies of every allowed call of ``tool`` in this workflow."""
+    records = await tool_records(mesh, name, tool)
+    return [as_dict(r.details)["policies"] for r in records if r.outcome == "allow"]
 
 
 async def tool_records(mesh: Mesh, name: str, tool: str) -> list[audit_pb2.AuditRecord]:
@@ -210,6 +221,11 @@ async def test_large_refund_waits_for_approval_then_happens_once(mesh: Mesh) -> 
     assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     assert "refunded 1500.00" in as_dict(workflow.blackboard)["billing_notes"]
     assert await refunds(mesh, name) == 1
+    # refund-needs-approval parked it; after the approval, refund-approved allowed it.
+    records = await tool_records(mesh, name, "billing.issue_refund")
+    parked = [r for r in records if r.outcome == "approval_required"]
+    assert parked and as_dict(parked[0].details)["policies"] == ["refund-needs-approval"]
+    assert await allowed_by(mesh, name, "billing.issue_refund") == [["refund-approved"]]
     # The decision is the proxy's to keep: a repeated DecideGate is answered as the first.
     again = await mesh.decide(gate.name, approve=True)
     assert again.state == coordinator_pb2.GATE_STATE_APPROVED
