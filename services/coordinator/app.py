@@ -13,12 +13,13 @@ from prometheus_client import start_http_server
 from services.coordinator.admission import Admission
 from services.coordinator.audit import WorkflowAuditor
 from services.coordinator.authorization import ControlPlaneAuthorization
+from services.coordinator.budget import BudgetLedger, TaskBudgets
 from services.coordinator.dispatcher import Dispatcher
 from services.coordinator.runner import DURABLE, Runner
 from services.coordinator.service import CoordinatorServicer
 from services.coordinator.settings import CoordinatorSettings, load_agent_tiers
 from services.coordinator.store import WorkflowStore
-from services.coordinator.tokens import TaskTokens
+from services.coordinator.tokens import MAX_USES, TaskTokens
 from services.coordinator.tool_approvals import ToolApprovals
 from tessera.audit import AuditWriter
 from tessera.policy.store import PolicyStore
@@ -99,6 +100,7 @@ class Coordinator:
             self.topology,
             tiers=load_agent_tiers(self.settings.agent_tiers_file),
             auditor=self.auditor,
+            budget_ledger=self.settings.run_workers,
         )
         self.dispatcher = Dispatcher(
             Registry(js, self.topology, max_staleness_s=0.5),
@@ -159,8 +161,12 @@ class Coordinator:
             identity=self.workload.certificate,
         )
         if self.settings.run_workers:
+            budgets = TaskBudgets(
+                BudgetLedger(await js.key_value(self.topology.budgets_bucket)),
+                max_task_tool_calls=MAX_USES,
+            )
             self.runner = Runner(
-                js, self.tokens, self.topology, store, self.dispatcher, self.settings
+                js, self.tokens, self.topology, store, self.dispatcher, self.settings, budgets
             )
             await self.runner.start()
         await self.server.start()

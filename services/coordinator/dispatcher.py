@@ -95,6 +95,18 @@ class Dispatcher:
             tool_proxy_endpoint=self.tool_proxy_address,
         )
         budget = rec.graph().budget
+        reserved = task.reserved
+        if reserved is not None:
+            # What this attempt reserved: all it may consume (its reported usage is
+            # checked against it). Uncapped dimensions stay 0 ("no cap").
+            request.remaining_budget.CopyFrom(
+                common_pb2.Budget(
+                    max_tokens=reserved.tokens if budget.max_tokens else 0,
+                    max_cost_micros=reserved.cost_micros if budget.max_cost_micros else 0,
+                    max_tool_calls=reserved.tool_calls if budget.max_tool_calls else 0,
+                )
+            )
+            return request
         request.remaining_budget.CopyFrom(
             common_pb2.Budget(
                 max_tokens=max(0, budget.max_tokens - rec.usage.tokens),

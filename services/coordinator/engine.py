@@ -135,6 +135,25 @@ def _over_budget(rec: WorkflowRecord) -> str | None:
     return None
 
 
+def _over_reservation(rec: WorkflowRecord, task_id: str, usage: common_pb2.Usage) -> str | None:
+    """The agent reported more tokens or cost than its attempt reserved (in a dimension
+    the workflow's budget caps): a misreporting or overspending agent, stopped like an
+    exhausted budget. Tool calls are not checked here: the task token's use limit already
+    holds them to the reservation at the tool proxy (an agent's own count also includes
+    calls that were refused and spent nothing)."""
+    reserved = rec.tasks[task_id].reserved
+    if reserved is None:
+        return None
+    budget = rec.graph().budget
+    for name, used, held, cap in (
+        ("tokens", usage.tokens, reserved.tokens, budget.max_tokens),
+        ("cost_micros", usage.cost_micros, reserved.cost_micros, budget.max_cost_micros),
+    ):
+        if cap > 0 and used > held:
+            return f"task {task_id} reported {used} {name}, above the {held} reserved for it"
+    return None
+
+
 def next_steps(em: Emitter, *, in_flight: set[str]) -> list[Dispatch]:
     """Open due gates, finish or fail the workflow, and say which attempts to run next.
 
@@ -411,7 +430,11 @@ def task_answered(
         return
     version_before = rec.blackboard_version
     em.emit(task_succeeded=result)
-    over = None if rec.compensating else _over_budget(rec)
+    over = (
+        None
+        if rec.compensating
+        else _over_budget(rec) or _over_reservation(rec, task_id, response.usage)
+    )
     if over:
         em.trip(G.GUARDRAIL_BUDGET, task_id, over)
         em.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, over, "BUDGET_EXHAUSTED")

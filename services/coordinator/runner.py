@@ -24,6 +24,7 @@ from nats.js.errors import FetchTimeoutError
 from opentelemetry import trace
 
 from services.coordinator import metrics
+from services.coordinator.budget import Amounts, BudgetExhausted, TaskBudgets
 from services.coordinator.dispatcher import Answer, Dispatcher, NoAgent
 from services.coordinator.engine import (
     Dispatch,
@@ -40,14 +41,14 @@ from services.coordinator.engine import (
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import TS, WorkflowRecord
 from services.coordinator.store import Conflict, WorkflowStore
-from services.coordinator.tokens import TaskTokens
+from services.coordinator.tokens import TaskTokens, scoped_tools
 from tessera.runtime.bus import Topology
 from tessera.runtime.errors import TesseraError, error_details
 from tessera.runtime.logging import bind_context, clear_context
 from tessera.runtime.telemetry import extract_context
 from tessera.v1 import events_pb2
 from tessera.v1.agent_pb2 import AgentDescriptor
-from tessera.v1.common_pb2 import CapabilityContract
+from tessera.v1.common_pb2 import CapabilityContract, Usage
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -92,9 +93,11 @@ class Runner:
         store: WorkflowStore,
         dispatcher: Dispatcher,
         settings: CoordinatorSettings,
+        budgets: TaskBudgets | None = None,
     ) -> None:
         self.js = js
         self.tokens = tokens
+        self.budgets = budgets or TaskBudgets(None, max_task_tool_calls=0)
         self.topology = topology
         self.store = store
         self.dispatcher = dispatcher
@@ -241,7 +244,10 @@ class Runner:
                 await asyncio.wait(
                     [f.call for f in in_flight.values()], return_when=asyncio.FIRST_COMPLETED
                 )
-                unsaved = self._collect(rec, in_flight) or unsaved
+                settle: list[tuple[str, int, Usage | None]] = []
+                unsaved = self._collect(rec, in_flight, settle) or unsaved
+                for task_id, attempt, used in settle:
+                    await self.budgets.settle(rec.id, task_id, attempt, used)
         finally:
             for flight in in_flight.values():
                 flight.call.cancel()
@@ -251,6 +257,7 @@ class Runner:
             metrics.WORKFLOWS_FINISHED.labels(state=str(rec.state)).inc()
             # The kill switch also fires on normal ends: no task token outlives its workflow.
             self.tokens.revoke_soon(rec.id, rec.token_accessors(), "workflow ended")
+            await self.budgets.drop(rec.id)
 
     def _next_retry_in(self, rec: WorkflowRecord) -> float | None:
         now = time.time()
@@ -275,7 +282,7 @@ class Runner:
         the attempts. Nothing is sent before the snapshot that dispatches it is saved."""
         em = Emitter(rec, now=time.time())
         dispatches = next_steps(em, in_flight=set(in_flight))
-        ready: list[tuple[Dispatch, AgentDescriptor, CapabilityContract, str, str]] = []
+        picked: list[tuple[Dispatch, AgentDescriptor, CapabilityContract]] = []
         for dispatch in dispatches:
             try:
                 agent, contract = await self.dispatcher.pick(dispatch.capability, dispatch.version)
@@ -288,9 +295,32 @@ class Runner:
                     transient=True,
                 )
                 continue
+            picked.append((dispatch, agent, contract))
+        shares = await self._budget_shares(em, rec, picked)
+        ready: list[tuple[Dispatch, AgentDescriptor, CapabilityContract, str, str]] = []
+        for dispatch, agent, contract in picked:
+            reserved = None
+            share = shares.get(dispatch.task_id)
+            if share is not None:
+                try:
+                    reserved = await self.budgets.reserve(
+                        rec, dispatch.task_id, dispatch.attempt, share
+                    )
+                except BudgetExhausted as exc:
+                    self._budget_refused(em, dispatch, exc)
+                    continue
+                except TesseraError as exc:  # the ledger is unreachable: nothing unreserved
+                    self._fail_attempt(
+                        em, dispatch, status(exc.code, exc.message, exc.reason), transient=True
+                    )
+                    continue
             try:
-                token = await self.tokens.issue(rec, dispatch, contract, agent.name)
+                token = await self.tokens.issue(
+                    rec, dispatch, contract, agent.name, reserved=reserved
+                )
             except TesseraError as exc:  # Vault unreachable: the agent never runs unscoped
+                if reserved is not None:
+                    await self.budgets.settle(rec.id, dispatch.task_id, dispatch.attempt, None)
                 self._fail_attempt(
                     em,
                     dispatch,
@@ -310,6 +340,7 @@ class Runner:
                         token_accessor=accessor,
                         side_effect_class=contract.side_effect_class,
                         compensation=contract.compensation,
+                        reserved=reserved.as_usage() if reserved is not None else None,
                     )
                 )
             ready.append((dispatch, agent, contract, token.token if token else "", accessor))
@@ -323,6 +354,35 @@ class Runner:
             )
             in_flight[dispatch.task_id] = InFlight(dispatch, call, accessor)
         return revision
+
+    async def _budget_shares(
+        self,
+        em: Emitter,
+        rec: WorkflowRecord,
+        picked: list[tuple[Dispatch, AgentDescriptor, CapabilityContract]],
+    ) -> dict[str, tuple[Amounts, Amounts]]:
+        """What each attempt about to be dispatched asks of the workflow's budget; an
+        unreachable ledger fails them all as transient (none runs unreserved)."""
+        needs = {d.task_id: bool(scoped_tools(c, rec.tasks[d.task_id].tools)) for d, _, c in picked}
+        try:
+            return await self.budgets.shares(rec, needs)
+        except TesseraError as exc:
+            for dispatch, _, _ in picked:
+                self._fail_attempt(
+                    em, dispatch, status(exc.code, exc.message, exc.reason), transient=True
+                )
+            picked.clear()
+            return {}
+
+    def _budget_refused(self, em: Emitter, dispatch: Dispatch, exc: BudgetExhausted) -> None:
+        """No slice left: wait while running attempts hold the rest (they settle soon);
+        otherwise the budget is spent and the task fails (early stop)."""
+        error = status(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, exc.reason)
+        if exc.held:
+            self._fail_attempt(em, dispatch, error, transient=True, retry_after_s=exc.retry_after_s)
+            return
+        em.trip(G.GUARDRAIL_BUDGET, dispatch.task_id, exc.message)
+        self._fail_attempt(em, dispatch, error, retryable=False)
 
     def _fail_attempt(
         self,
@@ -349,9 +409,15 @@ class Runner:
             retry_after_s=min(retry_after_s or 0.0, MAX_RETRY_AFTER_S),
         )
 
-    def _collect(self, rec: WorkflowRecord, in_flight: dict[str, InFlight]) -> bool:
+    def _collect(
+        self,
+        rec: WorkflowRecord,
+        in_flight: dict[str, InFlight],
+        settle: list[tuple[str, int, Usage | None]],
+    ) -> bool:
         """Apply the answers of finished attempts to ``rec`` (in memory: the next tick
-        saves them); whether any event was emitted."""
+        saves them); whether any event was emitted. Each finished attempt's budget
+        settlement is added to ``settle``: (task id, attempt, reported usage or None)."""
         em = Emitter(rec, now=time.time())
         for task_id, flight in list(in_flight.items()):
             dispatch, call = flight.dispatch, flight.call
@@ -359,6 +425,10 @@ class Runner:
                 continue
             del in_flight[task_id]
             self.tokens.revoke_soon(rec.id, [flight.token_accessor], "task attempt ended")
+            answered = not call.cancelled() and call.exception() is None
+            settle.append(
+                (task_id, dispatch.attempt, call.result().response.usage if answered else None)
+            )
             task = rec.tasks.get(task_id)
             if (
                 task is None

@@ -52,6 +52,12 @@ class ErrorRec(BaseModel):
     reason: str = ""
 
 
+class Usage(BaseModel):
+    tokens: int = 0
+    cost_micros: int = 0
+    tool_calls: int = 0
+
+
 class TaskRun(BaseModel):
     id: str
     kind: int = planner_pb2.TASK_KIND_AGENT
@@ -98,6 +104,9 @@ class TaskRun(BaseModel):
     """For a compensating task: the task whose effects it undoes."""
     ended_at: float | None = None
     """When its latest attempt ended (compensations run in reverse order of it)."""
+    reserved: Usage | None = None
+    """What its latest attempt reserved from the workflow's budget (TaskDispatched.reserved;
+    None: nothing was reserved, e.g. a compensation, or a coordinator without a ledger)."""
 
     def deadline(self, workflow_deadline: float) -> float:
         """The absolute time this task must be done by (0: none)."""
@@ -123,12 +132,6 @@ class GateRec(BaseModel):
     quorum: int = 1
     held: str = ""
     """Serialized GateOpened (base64) holding a result or handoff until approval."""
-
-
-class Usage(BaseModel):
-    tokens: int = 0
-    cost_micros: int = 0
-    tool_calls: int = 0
 
 
 class WorkflowRecord(BaseModel):
@@ -363,6 +366,16 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         task.retry_at = None
         task.agent = event.task_dispatched.agent_instance
         task.token_accessor = event.task_dispatched.token_accessor
+        reserved = event.task_dispatched.reserved
+        task.reserved = (
+            Usage(
+                tokens=reserved.tokens,
+                cost_micros=reserved.cost_micros,
+                tool_calls=reserved.tool_calls,
+            )
+            if event.task_dispatched.HasField("reserved")
+            else None
+        )
     elif kind == "task_succeeded":
         result = event.task_succeeded
         add_usage(rec.usage, result.usage)

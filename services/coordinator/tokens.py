@@ -9,15 +9,18 @@ import hashlib
 import math
 import time
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 
 import structlog
 from nats.js import JetStreamContext
 
 from services.coordinator.audit import WorkflowAuditor
+from services.coordinator.budget import Amounts
 from services.coordinator.engine import Dispatch
 from services.coordinator.state import WorkflowRecord
+from tessera.budgets import reservation_key
 from tessera.runtime.bus import Topology, msg_id_headers
-from tessera.v1 import common_pb2, events_pb2
+from tessera.v1 import common_pb2, events_pb2, planner_pb2
 from tessera.v1.audit_pb2 import AuditKind
 from tessera.vault.client import VaultClient
 from tessera.vault.tokens import TaskToken
@@ -32,6 +35,20 @@ def scoped_tools(contract: common_pb2.CapabilityContract, step_tools: Iterable[s
     return sorted(set(contract.tools) & set(step_tools))
 
 
+def max_budget_cents(graph: planner_pb2.TaskGraph) -> int | None:
+    """The workflow's ``max_budget`` input (the most it may commit to pay, in major
+    units, as given at start and kept in the plan's initial blackboard, which no agent
+    writes) in cents, rounded DOWN so that rounding never lifts the ceiling; None when
+    the plan has none (the policy then refuses any price)."""
+    value = graph.blackboard.fields.get("max_budget")
+    if value is None or value.WhichOneof("kind") != "number_value":
+        return None
+    number = value.number_value
+    if not math.isfinite(number) or number < 0:
+        return None
+    return math.floor(Decimal(repr(number)) * 100)
+
+
 class TaskTokens:
     def __init__(
         self,
@@ -41,7 +58,11 @@ class TaskTokens:
         *,
         tiers: Mapping[str, str] | None = None,
         auditor: WorkflowAuditor | None = None,
+        budget_ledger: bool = False,
     ) -> None:
+        """``budget_ledger``: the runner reserves every attempt's budget in the ledger
+        (tokens then name their reservation, and the tool proxy reads the live entry)."""
+        self.budget_ledger = budget_ledger
         self.vault = vault
         self.js = js
         self.topology = topology
@@ -55,31 +76,44 @@ class TaskTokens:
         dispatch: Dispatch,
         contract: common_pb2.CapabilityContract,
         agent: str,
+        *,
+        reserved: Amounts | None = None,
     ) -> TaskToken | None:
-        """None when the task may use no tool (or Vault is not configured)."""
+        """None when the task may use no tool (or Vault is not configured).
+
+        The token allows the tool calls ``reserved`` for this attempt from the workflow's
+        budget (the budget ledger; a workflow without a tool-call cap, or an attempt with
+        no reservation, e.g. a compensation: up to MAX_USES). Its meta carries what the
+        tool proxy puts into every policy decision and cannot take from the agent:
+        ``reservation`` (the attempt's key in the ledger, whose live entry gives
+        ``budget_remaining``) and ``max_budget`` (cents, from the plan's inputs)."""
         tools = scoped_tools(contract, rec.tasks[dispatch.task_id].tools)
         if not tools or self.vault is None:
             return None
-        budget = rec.graph().budget
-        calls_left = (
-            budget.max_tool_calls - rec.usage.tool_calls if budget.max_tool_calls else MAX_USES
-        )
-        cost_left_cents = (
-            (budget.max_cost_micros - rec.usage.cost_micros) // 10_000
-            if budget.max_cost_micros
-            else 10**12
-        )
+        graph = rec.graph()
+        budget = graph.budget
+        if reserved is not None and budget.max_tool_calls > 0:
+            uses = reserved.tool_calls
+        elif budget.max_tool_calls:
+            uses = budget.max_tool_calls - rec.usage.tool_calls
+        else:
+            uses = MAX_USES
+        meta = {
+            "workflow": rec.id,
+            "task": dispatch.task_id,
+            "agent": agent,
+            "tier": self.tiers.get(agent, "standard"),
+        }
+        if self.budget_ledger:
+            meta["reservation"] = reservation_key(dispatch.task_id, dispatch.attempt)
+        ceiling = max_budget_cents(graph)
+        if ceiling is not None:
+            meta["max_budget"] = str(ceiling)
         return await self.vault.create_task_token(
             tools=tools,
             ttl_s=math.ceil(dispatch.timeout_s) + TTL_SLACK_S,
-            num_uses=max(1, min(calls_left, MAX_USES)),
-            meta={
-                "workflow": rec.id,
-                "task": dispatch.task_id,
-                "agent": agent,
-                "tier": self.tiers.get(agent, "standard"),
-                "budget_remaining": str(max(0, cost_left_cents)),
-            },
+            num_uses=max(1, min(uses, MAX_USES)),
+            meta=meta,
         )
 
     def revoke_soon(self, wf_id: str, accessors: Iterable[str], reason: str) -> None:

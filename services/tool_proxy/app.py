@@ -11,6 +11,7 @@ import structlog
 from nats.aio.client import Client
 
 from services.tool_proxy.approvals import ApprovalStore
+from services.tool_proxy.budgets import LiveBudgets
 from services.tool_proxy.embedded_policy import EmbeddedPolicy
 from services.tool_proxy.idempotency import IdempotencyStore
 from services.tool_proxy.limits import RateLimiter
@@ -110,6 +111,7 @@ class ToolProxy:
         )
         idem_kv = await js.key_value(self.topology.idempotency_bucket)
         approvals_kv = await js.key_value(self.topology.approvals_bucket)
+        budgets_kv = await js.key_value(self.topology.budgets_bucket)  # read only
 
         # Checkpoints signed with this identity's own Transit key (receipts need them).
         audit = AuditWriter(
@@ -178,6 +180,7 @@ class ToolProxy:
             approvals=ApprovalStore(approvals_kv),
             audit=audit,
             digest=lambda value: str(hmac_digest(key, value)),
+            budgets=LiveBudgets(budgets_kv, default_cents=s.default_budget_remaining_cents),
         )
         servicer = self.servicer
         self.server = GrpcServer(

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import structlog
 
+from services.tool_proxy.budgets import LiveBudgets
 from services.tool_proxy.embedded_policy import EmbeddedPolicy
 from services.tool_proxy.recording import CallRecord
 from services.tool_proxy.settings import ToolProxySettings
@@ -59,12 +60,16 @@ class PolicyCheck:
         settings: ToolProxySettings,
         policy: policy_pb2_grpc.PolicyServiceStub | None,
         embedded_policy: EmbeddedPolicy | None,
+        budgets: LiveBudgets | None = None,
     ) -> None:
         if (policy is None) == (embedded_policy is None):
             raise ValueError("give exactly one of policy and embedded_policy")
         self.settings = settings
         self.policy = policy
         self.embedded_policy = embedded_policy
+        self.budgets = budgets or LiveBudgets(
+            None, default_cents=settings.default_budget_remaining_cents
+        )
 
     async def check(
         self,
@@ -77,15 +82,15 @@ class PolicyCheck:
     ) -> policy_pb2.CheckResponse:
         spec = tool.spec
         meta = verified.info.meta
-        budget = _meta_int(meta, "budget_remaining")
         attrs: dict[str, Any] = {
             "arguments": arguments,
             "approval": approval,
-            "budget_remaining": (
-                budget if budget is not None else self.settings.default_budget_remaining_cents
-            ),
+            # Live: what the workflow's budget has left now (the coordinator's ledger).
+            "budget_remaining": await self.budgets.remaining_cents(verified),
             "hour": datetime.now(UTC).hour,
         }
+        # max_budget only from the coordinator-issued token (the plan's input), never
+        # from the agent's request.
         optional = {
             "amount": _cents(arguments.get("amount")),
             "price": _cents(arguments.get("price")) if "price" in arguments else spec.price or None,

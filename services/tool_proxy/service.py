@@ -20,6 +20,7 @@ import grpc
 
 from services.tool_proxy.approval_flow import ApprovalFlow
 from services.tool_proxy.approvals import ApprovalStore
+from services.tool_proxy.budgets import LiveBudgets
 from services.tool_proxy.catalog import list_tools
 from services.tool_proxy.embedded_policy import EmbeddedPolicy
 from services.tool_proxy.idempotency import IdempotencyStore
@@ -54,15 +55,22 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         audit: AuditSink,
         digest: Callable[[str], str],
         embedded_policy: EmbeddedPolicy | None = None,
+        budgets: LiveBudgets | None = None,
     ) -> None:
         """Exactly one of ``policy`` (remote mode: the policy service's stub) and
-        ``embedded_policy`` (embedded mode) decides."""
+        ``embedded_policy`` (embedded mode) decides. ``budgets`` reads the live
+        ``budget_remaining`` (default: the token meta's, or the configured default)."""
         self.settings = settings
         self.registry = registry
         self.recorder = Recorder(audit, digest)
         self.approval_flow = ApprovalFlow(
             store=approvals,
-            policy=PolicyCheck(settings=settings, policy=policy, embedded_policy=embedded_policy),
+            policy=PolicyCheck(
+                settings=settings,
+                policy=policy,
+                embedded_policy=embedded_policy,
+                budgets=budgets,
+            ),
             recorder=self.recorder,
         )
         self.pipeline = CallPipeline(

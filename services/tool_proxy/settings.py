@@ -102,8 +102,9 @@ class ToolProxySettings(ServiceSettings):
     mcp_timeout_s: float = Field(default=15.0, gt=0)
     """Bound on connecting to one MCP server and listing its tools at start-up."""
     default_budget_remaining_cents: int = Field(default=10**12, ge=0)
-    """``context.budget_remaining`` (cents) for tokens whose meta carries no
-    ``budget_remaining``: the coordinator does not put budgets in task-token meta yet."""
+    """``context.budget_remaining`` (cents) when the workflow caps no cost, or for a
+    token issued without the budget ledger (no ``reservation`` in its meta) that carries
+    no ``budget_remaining`` either."""
     metrics_port: int = 0
 
     def resolved_vault_source_address(self) -> str:

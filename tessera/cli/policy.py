@@ -51,10 +51,12 @@ def test_cmd(
     ] = Path("policy"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show passing cases.")] = False,
 ) -> None:
-    """Run policy/tests/*.yaml against the policies offline. Exit 0 if every case
-    passes, 1 on any mismatch, 2 if the policies or cases cannot be loaded."""
+    """Run policy/tests/*.yaml against the policies offline and report coverage. Exit 0
+    if every case passes and every policy decided at least one case, 1 on any mismatch
+    or uncovered policy, 2 if the policies or cases cannot be loaded."""
     # The evaluator is the policy service's own, so tests exercise exactly what serves.
     from tessera.policy.cases import CaseError, load_cases, run_cases
+    from tessera.policy.coverage import coverage, uncovered
     from tessera.policy.engine import PolicyLoadError, load_policy_dir
 
     _quiet_logs()
@@ -85,9 +87,33 @@ def test_cmd(
         )
     if table.rows:
         out.print(table)
-    summary = f"{len(results) - len(failed)}/{len(results)} cases pass"
+    report = coverage(ps, results)
+    missing = uncovered(report)
+    cover = Table(title="policy coverage", title_justify="left")
+    for column in ("policy", "effect", "file", "decided", "matched", "status"):
+        cover.add_column(column, overflow="fold")
+    for c in report:
+        cover.add_row(
+            c.id,
+            c.effect,
+            c.file,
+            str(len(c.determined)),
+            str(len(c.matched)),
+            "[green]covered[/]" if c.covered else f"[red]{c.status.upper()}[/]",
+        )
+    out.print(cover)
+    summary = (
+        f"{len(results) - len(failed)}/{len(results)} cases pass, "
+        f"{len(report) - len(missing)}/{len(report)} policies covered"
+    )
+    problems = []
     if failed:
-        raise _fail(summary)
+        problems.append(f"{len(failed)} case(s) fail")
+    if missing:
+        names = ", ".join(f"{c.id} ({c.status})" for c in missing)
+        problems.append(f"no case shows these policies deciding: {names}")
+    if problems:
+        raise _fail(f"{summary}; " + "; ".join(problems))
     out.print(f"[green]OK[/]: {summary}")
 
 

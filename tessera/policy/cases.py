@@ -18,6 +18,9 @@ A case file::
         policies: [refund-within-limit] # optional: exact determining @ids
         reason: ...                     # optional: expected approval reason
         hour: 12                        # optional: UTC hour (default 12)
+
+`tessera policy test` also reports coverage (:mod:`tessera.policy.coverage`): every
+policy must be a determining policy of at least one case.
 """
 
 from __future__ import annotations

@@ -107,6 +107,9 @@ class LoadedPolicySet:
     """Cedar's positional id (``policy0``…) → what we know about that policy."""
     load_time: datetime
     fingerprint: Fingerprint = ()
+    sources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+    """Cedar's positional id → that policy's JSON form (EST), so one policy can be
+    evaluated alone (``tessera policy test`` coverage); never used to decide."""
     entities: OrderedDict[str, cedarpy.Entities] = field(
         default_factory=OrderedDict, repr=False, compare=False
     )
@@ -220,6 +223,7 @@ def load_policy_dir(root: Path) -> LoadedPolicySet:
         policies=loaded.policies,
         load_time=loaded.load_time,
         fingerprint=before,
+        sources=loaded.sources,
     )
 
 
@@ -310,6 +314,7 @@ def build_policy_set(schema_text: str, files: Sequence[tuple[str, str]]) -> Load
         schema=schema,
         policies=policies,
         load_time=datetime.now(UTC),
+        sources={cedar_id: static[cedar_id] for cedar_id in policies},
     )
 
 

@@ -295,6 +295,12 @@ class Topology:
         proxy honours it on the retried call."""
         return f"{self._ns}_approvals"
 
+    @property
+    def budgets_bucket(self) -> str:
+        """The workflow budget ledger (``tessera.v1.WorkflowBudget`` per workflow), owned
+        by the coordinator; the tool proxy reads it for the live ``budget_remaining``."""
+        return f"{self._ns}_budgets"
+
     def streams(self) -> tuple[StreamSpec, ...]:
         return (
             StreamSpec(self.wf_events_stream, (self.wf_events_subjects,)),
@@ -316,6 +322,7 @@ class Topology:
             KvSpec(self.blackboard_bucket, history=16),
             KvSpec(self.idempotency_bucket),
             KvSpec(self.approvals_bucket),
+            KvSpec(self.budgets_bucket),
         )
 
 

@@ -4,7 +4,7 @@ identities' certificate DNS names, mapped by ``verify_and_map``) and tested by
 tests/integration/test_nats_permissions.py, which tries every forbidden write and read.
 
 Writes are least privilege: each identity publishes only to the subjects and KV buckets
-it owns (the registry service: the agent registry; the coordinator: workflow state and
+it owns (the registry service: the agent registry; the coordinator: workflow state, budgets and
 events; each audit writer: its own chains). Agents have no NATS user at all: they
 register over gRPC (RegistryService) and talk to the mesh only through gRPC. Destroying
 data (deleting or purging a stream, or a message of one) and changing a stream's
@@ -158,6 +158,7 @@ def _owned(identity: str, t: Topology) -> tuple[str, ...]:
             t.events_subject("token.revoked"),
             _kv(t.workflows_bucket),
             _kv(t.blackboard_bucket),
+            _kv(t.budgets_bucket),
         ),
         "tool-proxy": (
             _kv(t.idempotency_bucket),

@@ -322,6 +322,7 @@ class TaskDispatched(_message.Message):
     TOKEN_ACCESSOR_FIELD_NUMBER: _builtins.int
     SIDE_EFFECT_CLASS_FIELD_NUMBER: _builtins.int
     COMPENSATION_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id."""
     capability: _builtins.str
@@ -336,6 +337,16 @@ class TaskDispatched(_message.Message):
     """What running it does to the world (from the capability's contract)."""
     compensation: _builtins.str
     """The contract's compensating capability, if any."""
+    @_builtins.property
+    def reserved(self) -> _common_pb2.Usage:
+        """What this attempt may consume, reserved from the workflow's budget before it was
+        dispatched (the coordinator's budget ledger; shared by all of the workflow's
+        tasks, so parallel tasks never reserve more than the budget). Only the dimensions
+        the workflow's budget caps are reserved (the others stay 0 and are not checked). The
+        task token allows exactly `reserved.tool_calls` tool calls; the tokens and cost the
+        agent reports are checked against it.
+        """
+
     def __init__(
         self,
         *,
@@ -346,10 +357,11 @@ class TaskDispatched(_message.Message):
         token_accessor: _builtins.str = ...,
         side_effect_class: _common_pb2.SideEffectClass.ValueType = ...,
         compensation: _builtins.str = ...,
+        reserved: _common_pb2.Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reserved", b"reserved"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "attempt", b"attempt", "capability", b"capability", "compensation", b"compensation", "side_effect_class", b"side_effect_class", "task_id", b"task_id", "token_accessor", b"token_accessor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "attempt", b"attempt", "capability", b"capability", "compensation", b"compensation", "reserved", b"reserved", "side_effect_class", b"side_effect_class", "task_id", b"task_id", "token_accessor", b"token_accessor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import api
@@ -139,6 +140,7 @@ async def test_only_the_registry_service_writes_the_registry(
             f"$KV.{TOPOLOGY.workflows_bucket}.wf.forged",
             f"$KV.{TOPOLOGY.idempotency_bucket}.forged",
             f"$KV.{TOPOLOGY.approvals_bucket}.forged",
+            f"$KV.{TOPOLOGY.budgets_bucket}.wf.forged",
             TOPOLOGY.work_subject("advance"),
             TOPOLOGY.wf_events_subject("forged"),
             TOPOLOGY.audit_chain_subject("coordinator-forged", owner="coordinator"),
@@ -345,6 +347,23 @@ async def test_the_coordinator_writes_workflow_state_but_not_the_proxys_buckets(
         await workflows.delete("wf.permission-probe")
         await _refused_write(nc, f"$KV.{TOPOLOGY.idempotency_bucket}.forged")
         await _refused_write(nc, TOPOLOGY.audit_chain_subject("tool-proxy-x", owner="tool-proxy"))
+        budgets = await nc.jetstream().key_value(TOPOLOGY.budgets_bucket)  # its ledger
+        await budgets.put("wf.permission-probe", b"")
+        await budgets.delete("wf.permission-probe")
+    finally:
+        await nc.close()
+
+
+async def test_the_tool_proxy_reads_the_budget_ledger_but_cannot_write_it(
+    mesh: tuple[Path, str, str],
+) -> None:
+    """The coordinator owns the workflow budgets; the proxy only reads the live value."""
+    nc, _ = await _as(mesh, "tool-proxy")
+    try:
+        budgets = await nc.jetstream().key_value(TOPOLOGY.budgets_bucket)
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await budgets.get("wf.no-such-workflow")
+        await _refused_write(nc, f"$KV.{TOPOLOGY.budgets_bucket}.wf.forged")
     finally:
         await nc.close()
 

@@ -45,7 +45,9 @@ AGENTS: dict[str, list[tuple[str, Sequence[str], Sequence[str]]]] = {
         ("procurement.sourcing", [], ["procurement.negotiation"]),
         ("procurement.cancel_order", [], []),
     ],
-    "negotiation": [("procurement.negotiation", [], ["procurement.sourcing"])],
+    "negotiation": [
+        ("procurement.negotiation", ["procurement.accept_offer"], ["procurement.sourcing"])
+    ],
     "credit": [("risk.credit", ["credit.bureau_report"], [])],
     "fraud": [("risk.fraud", [], [])],
     "churn": [("risk.churn", [], [])],

@@ -3,15 +3,18 @@ reference agents, on the real NATS JetStream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from tessera.audit import tail
 from tessera.runtime.bus import Topology, connect
 from tessera.runtime.errors import error_details
-from tessera.v1 import coordinator_pb2, events_pb2, tool_proxy_pb2, tool_proxy_pb2_grpc
+from tessera.v1 import audit_pb2, coordinator_pb2, events_pb2, tool_proxy_pb2, tool_proxy_pb2_grpc
 from tests.conftest import OpenBao
 from tests.integration.harness import REFERENCE_AGENTS, WS, Mesh, as_dict, reference_agent
 
@@ -42,6 +45,9 @@ async def test_support_ticket_is_routed_to_billing_and_answered(mesh: Mesh) -> N
         e.handoff_routed.capability for e in await mesh.events(name) if e.HasField("handoff_routed")
     ]
     assert routed == ["support.billing"]
+    # The policies that decided its tool calls: a small refund runs directly.
+    assert await allowed_by(mesh, name, "billing.issue_refund") == [["refund-within-limit"]]
+    assert await allowed_by(mesh, name, "billing.get_invoices") == [["declared-tool"]]
 
 
 async def test_ping_pong_ticket_trips_the_loop_guard_and_escalates(mesh: Mesh) -> None:
@@ -86,19 +92,92 @@ async def test_loan_without_tax_id_is_clarified_and_parks_for_aml_approval(mesh:
     workflow = await mesh.finished(name)
     assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     assert as_dict(workflow.blackboard)["compliance"]["aml_flag"] is True
+    # Regulated PII for the compliance-tier risk agent: allowed, pii-compliance-only silent.
+    assert await allowed_by(mesh, name, "credit.bureau_report") == [["declared-tool"]]
 
 
-async def test_procurement_offer_over_budget_is_rolled_back_then_renegotiated(mesh: Mesh) -> None:
+async def test_procurement_acceptance_over_max_budget_is_refused_by_policy_then_renegotiated(
+    mesh: Mesh,
+) -> None:
+    """negotiation-price-cap fires in a real run: the negotiation agent's acceptance of
+    the 12,000 list price is refused by policy (max_budget 10,000 reaches the decision
+    from the coordinator-issued token), the attempt fails, and the next one's 8,550 is
+    accepted, once."""
     name = await mesh.start("procurement", item="laptop", quantity=100, max_budget=10000)
     workflow = await mesh.finished(name)
     assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     events = await mesh.events(name)
-    rollbacks = [e.blackboard_rolled_back for e in events if e.HasField("blackboard_rolled_back")]
-    assert len(rollbacks) == 1
-    assert "12000" in rollbacks[0].reason
+    failed = [e.task_failed for e in events if e.HasField("task_failed")]
+    assert len(failed) == 1 and failed[0].will_retry
+    assert "refused by policy" in failed[0].error.message
+    assert "12000" in failed[0].error.message
+    # Refused before the blackboard: the over-budget offer never reached it.
+    assert not [e for e in events if e.HasField("blackboard_rolled_back")]
     board = as_dict(workflow.blackboard)
-    assert board["offer"]["price"] <= 10000
+    assert board["offer"] == {"supplier": "globex", "price": 8550}
     assert board["purchase_order"]["price"] == board["offer"]["price"]
+    assert await effects_of(mesh, name, "procurement.accept_offer") == 1
+
+    records = await tool_records(mesh, name, "procurement.accept_offer")
+    denied = [r for r in records if r.outcome == "denied"]
+    assert len(denied) == 1
+    assert as_dict(denied[0].details)["policies"] == ["negotiation-price-cap"]
+    assert as_dict(denied[0].details)["agent"] == "negotiation"
+    assert {"allow", "executed"} <= {r.outcome for r in records}
+
+
+async def test_parallel_tasks_share_the_workflows_tool_call_budget(mesh: Mesh) -> None:
+    """The risk fan-out (credit, fraud, churn in parallel): every attempt's reservation
+    comes out of the one workflow budget, and what they reserve and report never
+    exceeds it."""
+    name = await mesh.start(
+        "risk", customer={"id": "43", "income": 40000, "transactions": [10, 20]}
+    )
+    workflow = await mesh.finished(name)
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
+    events = await mesh.events(name)
+    (started,) = [e.workflow_started for e in events if e.HasField("workflow_started")]
+    cap = started.plan.budget.max_tool_calls
+    dispatched = [e.task_dispatched for e in events if e.HasField("task_dispatched")]
+    assert all(d.HasField("reserved") for d in dispatched)
+    parallel = [d for d in dispatched if d.task_id in ("credit", "fraud", "churn")]
+    assert sum(d.reserved.tool_calls for d in parallel) <= cap
+    assert {d.task_id: d.reserved.tool_calls > 0 for d in parallel} == {
+        "credit": True,  # the one that uses a tool
+        "fraud": False,
+        "churn": False,
+    }
+    assert workflow.usage.tool_calls <= cap
+
+
+async def allowed_by(mesh: Mesh, name: str, tool: str) -> list[list[str]]:
+    """The determining policies of every allowed call of ``tool`` in this workflow."""
+    records = await tool_records(mesh, name, tool)
+    return [as_dict(r.details)["policies"] for r in records if r.outcome == "allow"]
+
+
+async def tool_records(mesh: Mesh, name: str, tool: str) -> list[audit_pb2.AuditRecord]:
+    """The tool proxy's audit records of ``tool`` for this workflow (they may trail the
+    workflow's end by a few milliseconds: deferred records are flushed within 50 ms)."""
+    wf_id = name.split("/")[1]
+    nc = await connect(mesh.nats_url, name="test-audit")
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + 5
+        while True:
+            found = [
+                entry.record
+                async for entry in tail(js, Topology(mesh.namespace), n=1_000_000)
+                if entry.record is not None
+                and entry.record.workflow_id == wf_id
+                and entry.record.actor == "tool-proxy"
+                and entry.record.resource == tool
+            ]
+            if "executed" in {r.outcome for r in found} or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
 
 
 async def test_risk_fan_out_completes_partially_without_the_slow_branch(mesh: Mesh) -> None:
@@ -142,6 +221,11 @@ async def test_large_refund_waits_for_approval_then_happens_once(mesh: Mesh) -> 
     assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow.error.message
     assert "refunded 1500.00" in as_dict(workflow.blackboard)["billing_notes"]
     assert await refunds(mesh, name) == 1
+    # refund-needs-approval parked it; after the approval, refund-approved allowed it.
+    records = await tool_records(mesh, name, "billing.issue_refund")
+    parked = [r for r in records if r.outcome == "approval_required"]
+    assert parked and as_dict(parked[0].details)["policies"] == ["refund-needs-approval"]
+    assert await allowed_by(mesh, name, "billing.issue_refund") == [["refund-approved"]]
     # The decision is the proxy's to keep: a repeated DecideGate is answered as the first.
     again = await mesh.decide(gate.name, approve=True)
     assert again.state == coordinator_pb2.GATE_STATE_APPROVED

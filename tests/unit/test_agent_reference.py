@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import grpc
 import pytest
 
 from services.agents.account.agent import account
@@ -26,7 +27,14 @@ from services.agents.synthesis.agent import synthesis
 from services.agents.technical.agent import technical
 from services.agents.triage.agent import triage
 from tessera.agent import TaskContext
-from tessera.runtime.errors import FailedPrecondition, InvalidArgument
+from tessera.runtime.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    TesseraError,
+    to_grpc_status,
+)
 
 TOOL_ANSWERS: dict[str, dict[str, Any]] = {
     "crm.lookup_customer": {"customer_id": "C-9", "tier": "premium"},
@@ -38,6 +46,7 @@ TOOL_ANSWERS: dict[str, dict[str, Any]] = {
     "kb.search": {"hits": [{"id": "kb-0001", "title": "Known issue"}]},
     "email.send": {"message_id": "m-1", "status": "queued"},
     "credit.bureau_report": {"score": 700},
+    "procurement.accept_offer": {"acceptance_id": "ac-1", "status": "accepted"},
 }
 CALLS: list[tuple[str, dict[str, Any]]] = []
 KEYS: list[tuple[str, str]] = []
@@ -210,6 +219,43 @@ async def test_negotiation_asks_list_price_first_then_discounts_the_cheapest() -
         assert result.handoff.capability == "procurement.sourcing"
     with pytest.raises(FailedPrecondition):
         await negotiation(ctx("procurement.negotiation", quantity=1))
+
+
+def _refusal(exc: TesseraError) -> grpc.aio.AioRpcError:
+    """What the tool proxy's refusal looks like to an agent (rich status in trailers)."""
+    st = to_grpc_status(exc)
+    return grpc.aio.AioRpcError(
+        st.code, grpc.aio.Metadata(), grpc.aio.Metadata(*st.trailing_metadata), st.details
+    )
+
+
+async def test_negotiation_accepts_its_offer_once_per_offer_and_a_policy_refusal_is_retryable() -> (
+    None
+):
+    suppliers = [{"name": "acme", "unit_price": 120}, {"name": "globex", "unit_price": 95}]
+    bb = {"suppliers": suppliers, "quantity": 100.0, "max_budget": 10_000.0}
+    CALLS.clear()
+    KEYS.clear()
+    await negotiation(ctx("procurement.negotiation", attempt=2, **bb))
+    assert CALLS == [("procurement.accept_offer", {"supplier": "globex", "price": 8_550})]
+    assert KEYS == [("procurement.accept_offer", "accept/task-test/globex/8550.00")]
+
+    async def deny(_ctx: TaskContext, name: str, arguments: dict[str, Any], key: str) -> Any:
+        raise _refusal(
+            PermissionDenied(
+                "denied by policy",
+                reason="POLICY_DENIED",
+                metadata={"policies": "negotiation-price-cap"},
+            )
+        )
+
+    refused = TaskContext(
+        capability="procurement.negotiation", attempt=1, blackboard=bb, _tool_caller=deny
+    )
+    with pytest.raises(Aborted) as raised:
+        await negotiation(refused)
+    assert raised.value.reason == "OFFER_REFUSED"
+    assert raised.value.metadata["policies"] == "negotiation-price-cap"
 
 
 async def test_risk_scores_are_deterministic() -> None:

@@ -99,12 +99,24 @@ def catalog() -> TemplateCatalog:
     return load_templates([BUILTIN_TEMPLATES_DIR])
 
 
+# The reference contracts' handoffs and tools, where a plan step names tools.
+_HANDOFFS = {"procurement.sourcing": ["procurement.negotiation"]}
+_TOOLS = {"procurement.negotiation": ["procurement.accept_offer"]}
+
+
 class Contracts:
     def __init__(self, *names: str) -> None:
         self.names = names
 
     async def capabilities(self) -> dict[str, list[common_pb2.CapabilityContract]]:
-        return {n: [common_pb2.CapabilityContract(name=n, version="1.0.0")] for n in self.names}
+        return {
+            n: [
+                common_pb2.CapabilityContract(
+                    name=n, version="1.0.0", handoffs=_HANDOFFS.get(n, []), tools=_TOOLS.get(n, [])
+                )
+            ]
+            for n in self.names
+        }
 
 
 def inputs(**values: Any) -> struct_pb2.Struct:
@@ -166,7 +178,7 @@ async def test_planner_validates_llm_plans_and_uses_template_defaults(
 ) -> None:
     planner = Planner(
         templates=catalog,
-        registry=Contracts("procurement.sourcing"),
+        registry=Contracts("procurement.sourcing", "procurement.negotiation"),
         llm=OpenAICompatibleBackend(llm.url, "m", timeout_s=5),
     )
     response = await planner.plan(
@@ -186,7 +198,7 @@ async def test_planner_falls_back_to_templates_when_the_llm_plan_is_invalid(
     llm.content = json.dumps({"tasks": [{"id": "a", "capability": "x.y", "depends_on": ["a"]}]})
     planner = Planner(
         templates=catalog,
-        registry=Contracts("procurement.sourcing"),
+        registry=Contracts("procurement.sourcing", "procurement.negotiation"),
         llm=OpenAICompatibleBackend(llm.url, "m", timeout_s=5),
     )
     response = await planner.plan(

@@ -40,6 +40,7 @@ from tessera.runtime.errors import Internal
 from tessera.vault.tokens import ToolSecret
 
 __all__ = [
+    "ACCEPT_OFFER",
     "EFFECTS_KIND",
     "REFUND",
     "REVERSES_HEADER",
@@ -54,6 +55,7 @@ REVERSES_HEADER = "Tessera-Reverses"
 refund is found reversed by its id, whatever idempotency key the reversal used)."""
 REFUND = "billing.issue_refund"
 REVERSE_REFUND = "billing.reverse_refund"
+ACCEPT_OFFER = "procurement.accept_offer"
 
 log = structlog.get_logger(__name__)
 _CLOCK_SKEW_S = 60.0
@@ -373,6 +375,26 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
         }
         return await outbox.record(call, "email.send", effect, result)
 
+    async def accept_offer(
+        args: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
+    ) -> dict[str, Any]:
+        """Accept a supplier's offer (commits the workflow to pay ``price``). The policy
+        decides first: policy/policies/30_procurement.cedar caps ``price`` at the
+        workflow's ``max_budget``."""
+        _require_key(secret, ACCEPT_OFFER)
+        effect = {
+            "acceptance_id": f"ac-{call.effect_id[:16]}",
+            "supplier": args["supplier"],
+            "price": args["price"],
+            "currency": args.get("currency", "EUR"),
+        }
+        result = {
+            **effect,
+            "status": "accepted",
+            "credential_version": secret.version if secret else 0,
+        }
+        return await outbox.record(call, ACCEPT_OFFER, effect, result)
+
     return [
         Tool(
             ToolSpec(
@@ -497,5 +519,26 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
                 secret_fields=frozenset({"ssn_last4"}),
             ),
             _bureau_report,
+        ),
+        Tool(
+            ToolSpec(
+                name=ACCEPT_OFFER,
+                description=(
+                    "Accept a supplier's offer for the whole order at `price` (major units). "
+                    "Commits money: never repeated; never above the workflow's max_budget."
+                ),
+                input_schema=_obj(
+                    {
+                        "supplier": _ID,
+                        "price": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e12},
+                        "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]},
+                    },
+                    ["supplier", "price"],
+                ),
+                side_effect=SideEffect.EXTERNAL_ACTION,
+                category="procurement",
+            ),
+            accept_offer,
+            outbox.lookup,
         ),
     ]
