@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -28,10 +29,19 @@ from tessera.runtime.grpc_authz import peer
 from tessera.runtime.principal import Principal, principal_of
 from tessera.v1 import audit_pb2, events_pb2
 
-__all__ = ["ControlPlaneAuthorization", "gate_kind_name"]
+__all__ = ["ControlPlaneAuthorization", "Decision", "gate_kind_name"]
 
 log = structlog.get_logger(__name__)
 AK = audit_pb2.AuditKind
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    quorum: int
+    policies: tuple[str, ...]
+    errors: tuple[str, ...]
+    policy_version: str
 
 
 class _Auditor(Protocol):
@@ -81,22 +91,18 @@ class ControlPlaneAuthorization:
                 )
             raise
 
-    async def require(
+    def decide(
         self,
         principal: Principal,
         action: str,
         resource_type: str,
         resource_id: str,
         attributes: Mapping[str, Any],
-        *,
         context: Mapping[str, Any] | None = None,
-        workflow_id: str = "",
-        resource_name: str = "",
-    ) -> int:
-        """Allow ``action`` or raise PermissionDenied; audit either way. Returns the
-        quorum the allowing policies ask for (1 when none; always 1 when not enforcing)."""
+    ) -> Decision:
+        """Evaluate without auditing or raising (always allowed when not enforcing)."""
         if self.store is None:
-            return 1
+            return Decision(True, 1, (), (), "")
         kind = "User" if principal.kind == "user" else "Workload"
         request = CheckInput(
             principal_type=kind,
@@ -114,28 +120,53 @@ class ControlPlaneAuthorization:
             verdict = evaluate(policy_set, request, hour=time.gmtime().tm_hour)
         except RequestInvalid as exc:  # our own request: a schema/policy mismatch
             log.error("control_plane_request_invalid", action=action, violations=exc.violations)
-            allowed, quorum = False, 1
-            policies: tuple[str, ...] = ()
-            errors: tuple[str, ...] = tuple(d for _, d in exc.violations)
-        else:
-            allowed, quorum = verdict.decision == "allow", verdict.quorum
-            policies, errors = verdict.determining_policies, verdict.errors
-        if self._auditor is not None:
+            errors = tuple(d for _, d in exc.violations)
+            return Decision(False, 1, (), errors, policy_set.version)
+        return Decision(
+            verdict.decision == "allow",
+            verdict.quorum,
+            verdict.determining_policies,
+            verdict.errors,
+            policy_set.version,
+        )
+
+    async def require(
+        self,
+        principal: Principal,
+        action: str,
+        resource_type: str,
+        resource_id: str,
+        attributes: Mapping[str, Any],
+        *,
+        context: Mapping[str, Any] | None = None,
+        workflow_id: str = "",
+        resource_name: str = "",
+        audit_allowed: bool = True,
+    ) -> int:
+        """Allow ``action`` or raise PermissionDenied; audit the decision (an allowed read
+        is not audited, ``audit_allowed=False``: reads change nothing and come by the
+        thousand; a refused one always is). Returns the quorum the allowing policies ask
+        for (1 when none, and always 1 when not enforcing)."""
+        if self.store is None:
+            return 1
+        decision = self.decide(principal, action, resource_type, resource_id, attributes, context)
+        if self._auditor is not None and (audit_allowed or not decision.allowed):
             await self._auditor.record(
                 AK.AUDIT_KIND_POLICY_DECISION,
                 workflow_id=workflow_id,
-                outcome="allow" if allowed else "deny",
+                outcome="allow" if decision.allowed else "deny",
                 resource=resource_name or f"{resource_type}/{resource_id}",
                 details={
                     "principal": principal.name,
                     "principal_kind": principal.kind,
                     "action": action,
-                    "policies": list(policies),
-                    "policy_version": policy_set.version,
+                    "policies": list(decision.policies),
+                    "policy_version": decision.policy_version,
                 },
             )
-        if allowed:
-            return quorum
+        if decision.allowed:
+            return decision.quorum
+        policies, errors = decision.policies, decision.errors
         log.warning(
             "control_plane_action_refused",
             principal=principal.name,

@@ -54,6 +54,11 @@ async def _forward(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError)
     await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(details))
 
 
+def _workflow_attributes(rec: WorkflowRecord) -> dict[str, str]:
+    """The Workflow entity policies see (policy/schema.cedarschema)."""
+    return {"template": rec.graph().template if rec.plan else "", "started_by": rec.started_by}
+
+
 def _same_decision(rec: WorkflowRecord, gate_id: str, approve: bool, decided_by: str) -> bool:
     """Whether ``gate_id`` was already decided exactly so, by the same person."""
     gate = rec.gates.get(gate_id)
@@ -219,8 +224,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         request: coordinator_pb2.GetWorkflowRequest,
         context: grpc.aio.ServicerContext,
     ) -> coordinator_pb2.GetWorkflowResponse:
+        principal = await self.authz.principal(context, "GetWorkflow")
         rec, _ = await self._load(workflow_id(request.name), repair=False)
+        await self._authorize_read(principal, rec)
         return coordinator_pb2.GetWorkflowResponse(workflow=workflow_view(rec))
+
+    async def _authorize_read(self, principal: Principal, rec: WorkflowRecord) -> None:
+        await self.authz.require(
+            principal,
+            "read_workflow",
+            "Workflow",
+            rec.id,
+            _workflow_attributes(rec),
+            workflow_id=rec.id,
+            resource_name=f"workflows/{rec.id}",
+            audit_allowed=False,
+        )
+
+    def _may_read(self, principal: Principal, rec: WorkflowRecord) -> bool:
+        attributes = _workflow_attributes(rec)
+        return self.authz.decide(principal, "read_workflow", "Workflow", rec.id, attributes).allowed
 
     async def ListWorkflows(
         self,
@@ -231,6 +254,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             raise InvalidArgument(
                 "page_size must not be negative", field_violations=[("page_size", "must be >= 0")]
             )
+        principal = await self.authz.principal(context, "ListWorkflows")
         size = min(request.page_size or 50, MAX_PAGE)
         offset = 0
         if request.page_token:
@@ -250,7 +274,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         records = [
             r
             for r, _ in (x for x in loaded if x is not None)
-            if not request.state or r.state == request.state
+            if (not request.state or r.state == request.state) and self._may_read(principal, r)
         ]
         records.sort(key=lambda r: (r.create_time, r.id), reverse=True)
         page = records[offset : offset + size]
@@ -267,7 +291,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[coordinator_pb2.WatchWorkflowResponse]:
         wf_id = workflow_id(request.name)
-        await self._load(wf_id, repair=False)
+        principal = await self.authz.principal(context, "WatchWorkflow")
+        rec, _ = await self._load(wf_id, repair=False)
+        await self._authorize_read(principal, rec)
         start = max(1, request.start_sequence)
         sub = await self.js.subscribe(
             self.store.topology.wf_events_subject(wf_id),
@@ -426,10 +452,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     "cancel_workflow",
                     "Workflow",
                     wf_id,
-                    {
-                        "template": rec.graph().template if rec.plan else "",
-                        "started_by": rec.started_by,
-                    },
+                    _workflow_attributes(rec),
                     workflow_id=wf_id,
                     resource_name=request.name,
                 )

@@ -119,14 +119,21 @@ def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
                 t.work_stream,
                 _kv_stream(t.workflows_bucket),
                 _kv_stream(t.blackboard_bucket),
+                _kv_stream(t.budgets_bucket),
                 registry,
             ),
             audit_chains=True,
         ),
         # Its buckets and its effects outbox (on the events stream, whose other events,
-        # token revocations and policy reloads, it follows anyway).
+        # token revocations and policy reloads, it follows anyway), and the coordinator's
+        # budget ledger (read only: the live budget_remaining of each decision).
         "tool-proxy": _ReadScope(
-            (t.events_stream, _kv_stream(t.idempotency_bucket), _kv_stream(t.approvals_bucket)),
+            (
+                t.events_stream,
+                _kv_stream(t.idempotency_bucket),
+                _kv_stream(t.approvals_bucket),
+                _kv_stream(t.budgets_bucket),
+            ),
             subjects=(t.events_subject("token.revoked"), t.policy_reload_subject),
             audit_chains=True,
         ),

@@ -198,3 +198,30 @@ async def test_a_quorum_needs_distinct_approvers_and_one_person_counts_once(mesh
     assert second.state == coordinator_pb2.GATE_STATE_APPROVED
     assert list(second.approved_by) == ["finn", "fiona"] and second.decided_by == "fiona"
     assert (await mesh.finished(name)).state == WS.WORKFLOW_STATE_SUCCEEDED
+
+
+async def test_people_read_only_the_workflows_that_are_theirs_to_see(mesh: Mesh) -> None:
+    lee = await mesh.as_person("lee", ["loan-officers"])
+    workflow = await start_loan(lee)
+    assert (await lee.GetWorkflow(coordinator_pb2.GetWorkflowRequest(name=workflow.name))).workflow
+    cora = await mesh.as_person("cora", ["compliance-officers"])  # decides loan gates
+    await cora.GetWorkflow(coordinator_pb2.GetWorkflowRequest(name=workflow.name))
+
+    sam = await mesh.as_person("sam", ["support"])
+    get = await refused(sam.GetWorkflow(coordinator_pb2.GetWorkflowRequest(name=workflow.name)))
+    assert get.code() == grpc.StatusCode.PERMISSION_DENIED
+    watch = sam.WatchWorkflow(coordinator_pb2.WatchWorkflowRequest(name=workflow.name))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in watch:
+            pass
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    listed = await sam.ListWorkflows(coordinator_pb2.ListWorkflowsRequest(page_size=500))
+    assert workflow.name not in {w.name for w in listed.workflows}
+    mine = await lee.ListWorkflows(coordinator_pb2.ListWorkflowsRequest(page_size=500))
+    assert workflow.name in {w.name for w in mine.workflows}
+    assert {w.started_by for w in mine.workflows} == {"lee"}
+    records = await decisions_about(mesh, workflow.name)
+    assert ("sam", "read_workflow", "deny") in {
+        (r.details["principal"], r.details["action"], r.outcome) for r in records
+    }
+    await mesh.stub.CancelWorkflow(coordinator_pb2.CancelWorkflowRequest(name=workflow.name))

@@ -37,7 +37,7 @@ from tessera.launcher.ports import free_port
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology
 from tessera.runtime.grpc_client import metadata_interceptors
-from tessera.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
+from tessera.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tessera.vault.humans import HumansSpec
 from tests.conftest import GATEWAY_DIR, PROJECT_ROOT, private_openbao
 from tests.integration.people import People, start_people
@@ -253,6 +253,29 @@ async def registry(stack: Stack) -> AsyncIterator[Registry]:
         yield Registry(nc.jetstream(), Topology(stack.namespace))
     finally:
         await nc.close()
+
+
+@pytest.fixture
+async def risk_agent(registry: Registry) -> AsyncIterator[agent_pb2.AgentDescriptor]:
+    """A registered replica offering what the planner's `risk` template needs (its
+    endpoint is never called: these stacks run no workers)."""
+    me = agent_pb2.AgentDescriptor(
+        name="risk",
+        version="1.0.0",
+        instance_id="r1",
+        endpoint="127.0.0.1:1",
+        capabilities=[
+            common_pb2.CapabilityContract(
+                name="risk.credit", version="1.0.0", tools=["credit.bureau_report"]
+            ),
+            common_pb2.CapabilityContract(name="risk.fraud", version="1.0.0"),
+            common_pb2.CapabilityContract(name="risk.churn", version="1.0.0"),
+            common_pb2.CapabilityContract(name="risk.aggregate", version="1.0.0"),
+        ],
+    )
+    await registry.register(me)
+    yield me
+    await registry.deregister(me)
 
 
 def descriptor(name: str, instance: str, endpoint: str) -> agent_pb2.AgentDescriptor:

@@ -13,10 +13,8 @@ import json
 import time
 
 import grpc
-import pytest
 
-from tessera.registry import Registry
-from tessera.v1 import agent_pb2, common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from tessera.v1 import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.integration.test_gateway import (  # noqa: F401 (fixtures)
     BURST,
     Reply,
@@ -25,6 +23,7 @@ from tests.integration.test_gateway import (  # noqa: F401 (fixtures)
     people,
     registry,
     request,
+    risk_agent,
     routes_file,
     stack,
 )
@@ -44,30 +43,9 @@ async def call(
     return await asyncio.to_thread(request, gateway, method, path, data, headers, as_user=as_user)
 
 
-@pytest.fixture
-async def risk_agent(registry: Registry) -> agent_pb2.AgentDescriptor:  # noqa: F811
-    """A registered replica offering what the planner's `risk` template needs."""
-    me = agent_pb2.AgentDescriptor(
-        name="risk",
-        version="1.0.0",
-        instance_id="r1",
-        endpoint="127.0.0.1:1",
-        capabilities=[
-            common_pb2.CapabilityContract(
-                name="risk.credit", version="1.0.0", tools=["credit.bureau_report"]
-            ),
-            common_pb2.CapabilityContract(name="risk.fraud", version="1.0.0"),
-            common_pb2.CapabilityContract(name="risk.churn", version="1.0.0"),
-            common_pb2.CapabilityContract(name="risk.aggregate", version="1.0.0"),
-        ],
-    )
-    await registry.register(me)
-    return me
-
-
 async def test_start_read_list_and_watch_a_workflow_over_http(
     stack: Stack,  # noqa: F811
-    risk_agent: agent_pb2.AgentDescriptor,
+    risk_agent: agent_pb2.AgentDescriptor,  # noqa: F811
 ) -> None:
     started = await call(
         stack,

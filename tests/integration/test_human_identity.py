@@ -17,9 +17,8 @@ import hvac
 import pytest
 from google.protobuf import struct_pb2
 
-from tessera.registry import Registry
 from tessera.runtime.principal import CLAIMS_HEADER, encode_claims
-from tessera.v1 import agent_pb2, common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from tessera.v1 import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.integration.people import OTHER_AUDIENCE_ROLE, SHORT_ROLE, claims
 from tests.integration.test_gateway import (  # noqa: F401 (fixtures)
     Stack,
@@ -27,33 +26,12 @@ from tests.integration.test_gateway import (  # noqa: F401 (fixtures)
     people,
     registry,
     request,
+    risk_agent,
     routes_file,
     stack,
 )
 
 START = "/v1/workflows"
-
-
-@pytest.fixture
-async def risk_agent(registry: Registry) -> agent_pb2.AgentDescriptor:  # noqa: F811
-    """A registered replica offering what the planner's `risk` template needs."""
-    me = agent_pb2.AgentDescriptor(
-        name="risk",
-        version="1.0.0",
-        instance_id="r-identity",
-        endpoint="127.0.0.1:1",
-        capabilities=[
-            common_pb2.CapabilityContract(
-                name="risk.credit", version="1.0.0", tools=["credit.bureau_report"]
-            ),
-            common_pb2.CapabilityContract(name="risk.fraud", version="1.0.0"),
-            common_pb2.CapabilityContract(name="risk.churn", version="1.0.0"),
-            common_pb2.CapabilityContract(name="risk.aggregate", version="1.0.0"),
-        ],
-    )
-    await registry.register(me)
-    yield me
-    await registry.deregister(me)
 
 
 def get(stack: Stack, token: str | None) -> int:  # noqa: F811
@@ -95,7 +73,7 @@ async def test_grpc_callers_without_a_token_get_unauthenticated(stack: Stack) ->
 
 async def test_a_spoofed_identity_header_is_replaced_by_the_verified_one(
     stack: Stack,  # noqa: F811
-    risk_agent: agent_pb2.AgentDescriptor,
+    risk_agent: agent_pb2.AgentDescriptor,  # noqa: F811
 ) -> None:
     """Alice's real token plus a claims header naming the CEO: the workflow is started
     by alice, because Envoy drops the caller's header and forwards the token's claims."""
