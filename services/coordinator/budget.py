@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,7 +33,7 @@ import structlog
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.coordinator.state import TS, WorkflowRecord
+from services.coordinator.state import WorkflowRecord
 from tessera.budgets import cost_remaining_cents, ledger_key, reservation_key
 from tessera.runtime.errors import ResourceExhausted, Unavailable
 from tessera.v1 import budget_pb2, common_pb2
@@ -165,17 +165,6 @@ class BudgetState:
         reserved = {k: v for k, v in self.reserved.items() if k != key}
         return replace(self, committed=self.committed + used, reserved=reserved)
 
-    def prune(self, is_stale: Callable[[str], bool]) -> BudgetState:
-        """Drop the reservations of attempts known to be over (``is_stale``: see
-        :func:`stale_attempts`). A coordinator killed between an attempt's answer and its
-        settlement, or a save lost to a conflict after a reservation, leaves one behind;
-        held forever, it would make every later attempt wait for budget that nobody will
-        give back."""
-        stale = [k for k in self.reserved if is_stale(k)]
-        if not stale:
-            return self
-        return replace(self, reserved={k: v for k, v in self.reserved.items() if k not in stale})
-
     def release(self, key: str) -> BudgetState:
         """Free attempt ``key``'s whole slice (it failed). No-op for an unknown key."""
         if key not in self.reserved:
@@ -245,17 +234,12 @@ class BudgetLedger:
         limits: Amounts,
         want: Amounts,
         minimum: Amounts = Amounts(),
-        is_stale: Callable[[str], bool] | None = None,
     ) -> Amounts:
         """Reserve a slice for attempt ``key`` (see :meth:`BudgetState.reserve`); the
-        slice. ``limits`` create the entry on the workflow's first reservation. With
-        ``is_stale``, reservations of attempts that are over are dropped first."""
-
-        def change(state: BudgetState) -> BudgetState:
-            pruned = state if is_stale is None else state.prune(is_stale)
-            return pruned.reserve(key, want, minimum=minimum)
-
-        state = await self._change(workflow_id, change, limits=limits)
+        slice. ``limits`` create the entry on the workflow's first reservation."""
+        state = await self._change(
+            workflow_id, lambda s: s.reserve(key, want, minimum=minimum), limits=limits
+        )
         assert state is not None
         return state.reserved[key]
 
@@ -332,25 +316,6 @@ def _unavailable(exc: BaseException) -> Unavailable:
     )
 
 
-def stale_attempts(rec: WorkflowRecord) -> Callable[[str], bool]:
-    """Whether a reservation key names an attempt ``rec`` (the step's snapshot, the
-    authority: one replica advances a workflow at a time) shows is over: an earlier
-    attempt of its task, or its current one when the task is no longer running. Keys of
-    tasks it does not know, or of attempts still to come, are kept."""
-
-    def is_stale(key: str) -> bool:
-        task_id, _, number = key.rpartition("#")
-        task = rec.tasks.get(task_id)
-        if task is None or not number.isdigit():
-            return False
-        attempt = int(number)
-        return attempt < task.attempts or (
-            attempt == task.attempts and task.state != TS.TASK_STATE_RUNNING
-        )
-
-    return is_stale
-
-
 class TaskBudgets:
     """The runner's side of the ledger: what each dispatched attempt reserves, and
     settling it when the attempt ends. Compensations are not reserved (a workflow that
@@ -370,7 +335,7 @@ class TaskBudgets:
             return {}
         limits = Amounts.of(rec.graph().budget)
         state = await self.ledger.read(rec.id) or BudgetState(limits=limits)
-        free = state.prune(stale_attempts(rec)).available()
+        free = state.available()
         with_tools = sum(1 for t in needs_tools.values() if t)
         ways = Amounts(tool_calls=with_tools, tokens=len(needs_tools), cost_micros=len(needs_tools))
         share = fair_share(free, ways, Amounts(tool_calls=self.max_task_tool_calls))
@@ -394,7 +359,6 @@ class TaskBudgets:
             limits=Amounts.of(rec.graph().budget),
             want=want,
             minimum=minimum,
-            is_stale=stale_attempts(rec),
         )
 
     async def settle(

@@ -21,7 +21,6 @@ from services.coordinator.budget import (
     BudgetState,
     TaskBudgets,
     fair_share,
-    stale_attempts,
 )
 from services.coordinator.engine import Dispatch, Emitter, task_answered
 from services.coordinator.state import TS, WS, WorkflowRecord, dict_to_struct
@@ -108,27 +107,6 @@ def test_commit_keeps_what_was_used_and_frees_the_rest_release_frees_all() -> No
 def test_a_re_dispatched_attempt_gets_its_own_slice_back() -> None:
     state = BudgetState(limits=LIMITS).reserve("a#1", Amounts(2, 10, 10))
     assert state.reserve("a#1", Amounts(4, 1000, 10**6)) is state
-
-
-def test_a_crashed_attempts_reservation_does_not_hold_the_budget_forever() -> None:
-    """A coordinator killed between an attempt's answer and its settlement leaves the
-    slice reserved; the next attempt's reservation drops what no running attempt holds
-    (found stranding a support workflow in the coordinator kill -9 chaos test)."""
-    stale = BudgetState(limits=LIMITS).reserve("triage#1", Amounts(4, 10**6, 10**6))
-    with pytest.raises(BudgetExhausted) as raised:
-        stale.reserve("triage#2", Amounts(1, 1, 1), minimum=Amounts(1, 0, 0))
-    assert raised.value.held  # without pruning: a wait for budget nobody will give back
-    rec = _record()  # task "a": its attempt 1 answered, the task waits for a retry
-    rec.tasks["a"].attempts, rec.tasks["a"].state = 1, TS.TASK_STATE_PENDING
-    leftover = BudgetState(limits=LIMITS).reserve("a#1", Amounts(4, 10**6, 10**6))
-    fresh = leftover.prune(stale_attempts(rec)).reserve(
-        "a#2", Amounts(1, 1, 1), minimum=Amounts(1, 0, 0)
-    )
-    assert set(fresh.reserved) == {"a#2"}
-    rec.tasks["a"].attempts, rec.tasks["a"].state = 2, TS.TASK_STATE_RUNNING
-    assert fresh.prune(stale_attempts(rec)) is fresh  # the running attempt keeps its slice
-    other = fresh.reserve("b#1", Amounts(0, 1, 1))  # a task the snapshot does not know yet
-    assert other.prune(stale_attempts(rec)) is other
 
 
 def test_a_spent_budget_is_exhausted_not_held() -> None:
