@@ -448,7 +448,9 @@ class Agent:
                 service_names=[AGENT_SERVICE_NAME],
                 identity=self._workload.certificate,
             )
-            await self._server.start()
+            # SERVING only once registered: "up" means the planner can route to it (a plan
+            # checked against a registry the agent is not in yet is refused as invalid).
+            await self._server.start(serving=False)
             advertise = settings.advertise if isinstance(settings, AgentSettings) else ""
             self.endpoint = advertise or self._server.address
             interval = (
@@ -466,6 +468,7 @@ class Agent:
                 register_within_s=within_s,
             )
             await self._registration.start()
+            await self._server.mark_serving()
         except BaseException:
             await self.stop()
             raise

@@ -419,8 +419,9 @@ class GrpcServer:
             host = "127.0.0.1"
         return f"{host}:{self.port}"
 
-    async def start(self) -> int:
-        """Bind ``settings.listen``, start serving, mark every name SERVING; the port."""
+    async def start(self, *, serving: bool = True) -> int:
+        """Bind ``settings.listen``, start serving, mark every name SERVING (with
+        ``serving=False``, NOT_SERVING until :meth:`mark_serving`); the port."""
         if self._server is not None:
             raise RuntimeError(f"{self.name}: server already started")
         if self.identity is None and not self.settings.insecure_plaintext:
@@ -469,10 +470,18 @@ class GrpcServer:
             raise OSError(f"{self.name}: cannot bind {self.settings.listen}")
         await server.start()
         self._server, self._port = server, port
-        for service in ("", *self.service_names):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if serving:
+            await self.mark_serving()
+        else:
+            for service in ("", *self.service_names):
+                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("grpc_server_started", server=self.name, address=self.address)
         return port
+
+    async def mark_serving(self) -> None:
+        """Report SERVING for every name: the service is ready for the work it exists for."""
+        for service in ("", *self.service_names):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING for every name, then stop, letting calls finish for ``grace``

@@ -74,4 +74,5 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             coordinator.env.get("TESSERA_NAMESPACE", "tessera"),
         )
     finally:
-        tessera("down", data_dir=data_dir)
+        if os.environ.get("TESSERA_CHAOS_KEEP_MESH") != "1":
+            tessera("down", data_dir=data_dir)
