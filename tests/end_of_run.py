@@ -90,7 +90,8 @@ def check_executions(stored: Stored, *, unfinished_allowed: int) -> int:
     for record in stored.records:
         if record.actor == "tool-proxy":
             by_call[(record.workflow_id, record.resource)].append(record)
-    executions, unfinished = 0, 0
+    executions = 0
+    unfinished: list[tuple[str, str, str]] = []
     allow_ids: set[str] = set()
     for (wf, tool), calls in by_call.items():
         refused = {r.decision_id for r in calls if r.outcome not in ("allow", "executed")}
@@ -104,9 +105,10 @@ def check_executions(stored: Stored, *, unfinished_allowed: int) -> int:
         assert set(executed) <= allowed, f"{tool} executed without its allow record: {wf}"
         if tool in SIDE_EFFECTING:
             assert len(executed) <= 1, f"{tool} executed {len(executed)} times for {wf}"
-        unfinished += len(allowed) - len(executed)
+        unfinished.extend((wf, tool, d) for d in sorted(allowed - set(executed)))
         executions += len(executed)
-    assert unfinished <= unfinished_allowed, unfinished
+    # Named, so a failure says which workflow, tool and decision to look up.
+    assert len(unfinished) <= unfinished_allowed, unfinished
     assert all(e["decision_id"] in allow_ids for e in stored.effects), "an effect without an allow"
     assert stored.report.ok, stored.report.issues
     return executions

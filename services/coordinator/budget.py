@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,7 +33,7 @@ import structlog
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.coordinator.state import WorkflowRecord
+from services.coordinator.state import TS, WorkflowRecord
 from tessera.budgets import cost_remaining_cents, ledger_key, reservation_key
 from tessera.runtime.errors import ResourceExhausted, Unavailable
 from tessera.v1 import budget_pb2, common_pb2
@@ -165,6 +165,30 @@ class BudgetState:
         reserved = {k: v for k, v in self.reserved.items() if k != key}
         return replace(self, committed=self.committed + used, reserved=reserved)
 
+    def prune(
+        self, is_stale: Callable[[str], bool], *, recorded: Amounts | None = None
+    ) -> BudgetState:
+        """Drop the reservations of attempts known to be over (``is_stale``: see
+        :func:`stale_attempts`), and count as committed at least what the workflow's
+        snapshot ``recorded`` as consumed. A settlement that failed (the ledger mid-
+        election), a coordinator killed between an answer and its settlement, or a save
+        lost to a conflict after a reservation leaves a slice behind; held forever, it
+        would make every later attempt wait for budget that nobody will give back (seen
+        stranding workflows when a NATS node or the coordinator was killed)."""
+        committed = self.committed
+        if recorded is not None:
+            committed = Amounts(
+                *(max(getattr(committed, d), getattr(recorded, d)) for d in _DIMENSIONS)
+            )
+        stale = [k for k in self.reserved if is_stale(k)]
+        if not stale and committed == self.committed:
+            return self
+        return replace(
+            self,
+            committed=committed,
+            reserved={k: v for k, v in self.reserved.items() if k not in stale},
+        )
+
     def release(self, key: str) -> BudgetState:
         """Free attempt ``key``'s whole slice (it failed). No-op for an unknown key."""
         if key not in self.reserved:
@@ -234,12 +258,18 @@ class BudgetLedger:
         limits: Amounts,
         want: Amounts,
         minimum: Amounts = Amounts(),
+        is_stale: Callable[[str], bool] | None = None,
+        recorded: Amounts | None = None,
     ) -> Amounts:
         """Reserve a slice for attempt ``key`` (see :meth:`BudgetState.reserve`); the
-        slice. ``limits`` create the entry on the workflow's first reservation."""
-        state = await self._change(
-            workflow_id, lambda s: s.reserve(key, want, minimum=minimum), limits=limits
-        )
+        slice. ``limits`` create the entry on the workflow's first reservation. With
+        ``is_stale``, the entry is first pruned (:meth:`BudgetState.prune`)."""
+
+        def change(state: BudgetState) -> BudgetState:
+            pruned = state if is_stale is None else state.prune(is_stale, recorded=recorded)
+            return pruned.reserve(key, want, minimum=minimum)
+
+        state = await self._change(workflow_id, change, limits=limits)
         assert state is not None
         return state.reserved[key]
 
@@ -316,6 +346,30 @@ def _unavailable(exc: BaseException) -> Unavailable:
     )
 
 
+def stale_attempts(rec: WorkflowRecord) -> Callable[[str], bool]:
+    """Whether a reservation key names an attempt ``rec`` (the step's snapshot, the
+    authority: one replica advances a workflow at a time) shows is over: an earlier
+    attempt of its task, or its current one when the task is no longer running. Keys of
+    tasks it does not know, or of attempts still to come, are kept."""
+
+    def is_stale(key: str) -> bool:
+        task_id, _, number = key.rpartition("#")
+        task = rec.tasks.get(task_id)
+        if task is None or not number.isdigit():
+            return False
+        attempt = int(number)
+        return attempt < task.attempts or (
+            attempt == task.attempts and task.state != TS.TASK_STATE_RUNNING
+        )
+
+    return is_stale
+
+
+def _recorded(rec: WorkflowRecord) -> Amounts:
+    """What the workflow's snapshot says its finished attempts consumed."""
+    return Amounts(rec.usage.tool_calls, rec.usage.tokens, rec.usage.cost_micros)
+
+
 class TaskBudgets:
     """The runner's side of the ledger: what each dispatched attempt reserves, and
     settling it when the attempt ends. Compensations are not reserved (a workflow that
@@ -326,16 +380,24 @@ class TaskBudgets:
         self.max_task_tool_calls = max_task_tool_calls
 
     async def shares(
-        self, rec: WorkflowRecord, needs_tools: Mapping[str, bool]
+        self,
+        rec: WorkflowRecord,
+        needs_tools: Mapping[str, bool],
+        *,
+        resent: Collection[str] = (),
     ) -> dict[str, tuple[Amounts, Amounts]]:
         """(want, minimum) per task id of the attempts about to be dispatched together:
         equal shares of what the workflow has free, tool calls only among those that use
-        tools (at most ``max_task_tool_calls`` each)."""
+        tools (at most ``max_task_tool_calls`` each). The tasks in ``resent`` re-send an
+        attempt a crashed replica dispatched: no minimum, as its work was reserved (and
+        maybe done and committed) before, and refusing it for budget would strand the
+        workflow behind the reservations that attempt's own answer went on to make
+        (seen: a handoff's slice, reserved before the crash, held the whole budget)."""
         if self.ledger is None or rec.compensating or not needs_tools:
             return {}
         limits = Amounts.of(rec.graph().budget)
         state = await self.ledger.read(rec.id) or BudgetState(limits=limits)
-        free = state.available()
+        free = state.prune(stale_attempts(rec), recorded=_recorded(rec)).available()
         with_tools = sum(1 for t in needs_tools.values() if t)
         ways = Amounts(tool_calls=with_tools, tokens=len(needs_tools), cost_micros=len(needs_tools))
         share = fair_share(free, ways, Amounts(tool_calls=self.max_task_tool_calls))
@@ -344,7 +406,9 @@ class TaskBudgets:
             calls = 1 if tools else 0
             out[task_id] = (
                 replace(share, tool_calls=share.tool_calls if tools else 0),
-                Amounts(tool_calls=calls, tokens=1, cost_micros=1),
+                Amounts()
+                if task_id in resent
+                else Amounts(tool_calls=calls, tokens=1, cost_micros=1),
             )
         return out
 
@@ -359,6 +423,8 @@ class TaskBudgets:
             limits=Amounts.of(rec.graph().budget),
             want=want,
             minimum=minimum,
+            is_stale=stale_attempts(rec),
+            recorded=_recorded(rec),
         )
 
     async def settle(

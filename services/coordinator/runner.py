@@ -40,7 +40,7 @@ from services.coordinator.engine import (
 )
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import TS, WorkflowRecord
-from services.coordinator.store import Conflict, WorkflowStore
+from services.coordinator.store import ADVANCE, Conflict, WorkflowStore
 from services.coordinator.tokens import TaskTokens, scoped_tools
 from tessera.runtime.bus import Topology
 from tessera.runtime.errors import TesseraError, error_details
@@ -115,7 +115,7 @@ class Runner:
             ack_wait=self.settings.ack_wait_s,
             max_deliver=-1,
             max_ack_pending=-1,
-            filter_subject=self.topology.work_subject("advance"),
+            filter_subject=self.topology.work_subject(ADVANCE),
         )
         # Create or update: the replicas share one durable consumer, and a changed ack
         # wait (how fast a dead replica's steps move on) must reach the existing one.
@@ -364,8 +364,14 @@ class Runner:
         """What each attempt about to be dispatched asks of the workflow's budget; an
         unreachable ledger fails them all as transient (none runs unreserved)."""
         needs = {d.task_id: bool(scoped_tools(c, rec.tasks[d.task_id].tools)) for d, _, c in picked}
+        resent = {
+            d.task_id
+            for d, _, _ in picked
+            if rec.tasks[d.task_id].state == TS.TASK_STATE_RUNNING
+            and rec.tasks[d.task_id].attempts == d.attempt
+        }
         try:
-            return await self.budgets.shares(rec, needs)
+            return await self.budgets.shares(rec, needs, resent=resent)
         except TesseraError as exc:
             for dispatch, _, _ in picked:
                 self._fail_attempt(

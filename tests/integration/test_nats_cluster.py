@@ -217,7 +217,11 @@ async def test_workflows_complete_when_a_nats_node_is_killed(
     for name, workflow in zip(names, workflows, strict=True):
         events = await mesh.events(name)
         assert [e.sequence for e in events] == list(range(1, workflow.event_count + 1)), name
-        duplicated = [t for t, n in Counter(map(_transition, events)).items() if n > 1]
+        # A transient fault (the ledger or a stream mid-election) is retried under the same
+        # attempt number by design, so each retry records its own transient TaskFailed;
+        # a second advancing replica would repeat the other transitions.
+        steps = [e for e in events if not (e.HasField("task_failed") and e.task_failed.transient)]
+        duplicated = [t for t, n in Counter(map(_transition, steps)).items() if n > 1]
         assert not duplicated, (name, duplicated)
     # The agent ran every task, once per attempt (the SDK deduplicates redeliveries).
     assert {(wf, task) for wf, task, _ in EXECUTIONS} == {

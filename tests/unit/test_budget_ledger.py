@@ -8,7 +8,7 @@ errors); tests/integration/test_budgets.py runs the same fan-out against a real 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from google.protobuf import duration_pb2
@@ -21,6 +21,7 @@ from services.coordinator.budget import (
     BudgetState,
     TaskBudgets,
     fair_share,
+    stale_attempts,
 )
 from services.coordinator.engine import Dispatch, Emitter, task_answered
 from services.coordinator.state import TS, WS, WorkflowRecord, dict_to_struct
@@ -107,6 +108,43 @@ def test_commit_keeps_what_was_used_and_frees_the_rest_release_frees_all() -> No
 def test_a_re_dispatched_attempt_gets_its_own_slice_back() -> None:
     state = BudgetState(limits=LIMITS).reserve("a#1", Amounts(2, 10, 10))
     assert state.reserve("a#1", Amounts(4, 1000, 10**6)) is state
+
+
+def test_a_crashed_attempts_reservation_does_not_hold_the_budget_forever() -> None:
+    """A coordinator killed between an attempt's answer and its settlement leaves the
+    slice reserved; the next attempt's reservation drops what no running attempt holds
+    (found stranding a support workflow in the coordinator kill -9 chaos test)."""
+    stale = BudgetState(limits=LIMITS).reserve("triage#1", Amounts(4, 10**6, 10**6))
+    with pytest.raises(BudgetExhausted) as raised:
+        stale.reserve("triage#2", Amounts(1, 1, 1), minimum=Amounts(1, 0, 0))
+    assert raised.value.held  # without pruning: a wait for budget nobody will give back
+    rec = _record()  # task "a": its attempt 1 answered, the task waits for a retry
+    rec.tasks["a"].attempts, rec.tasks["a"].state = 1, TS.TASK_STATE_PENDING
+    leftover = BudgetState(limits=LIMITS).reserve("a#1", Amounts(4, 10**6, 10**6))
+    fresh = leftover.prune(stale_attempts(rec)).reserve(
+        "a#2", Amounts(1, 1, 1), minimum=Amounts(1, 0, 0)
+    )
+    assert set(fresh.reserved) == {"a#2"}
+    rec.tasks["a"].attempts, rec.tasks["a"].state = 2, TS.TASK_STATE_RUNNING
+    assert fresh.prune(stale_attempts(rec)) is fresh  # the running attempt keeps its slice
+    other = fresh.reserve("b#1", Amounts(0, 1, 1))  # a task the snapshot does not know yet
+    assert other.prune(stale_attempts(rec)) is other
+
+
+def test_a_commit_lost_with_its_settlement_is_counted_from_the_snapshot() -> None:
+    """An answer's settlement failed (the ledger mid-election): its slice is pruned, and
+    what it consumed still counts, from the usage the snapshot recorded."""
+    rec = _record()
+    rec.tasks["a"].attempts, rec.tasks["a"].state = 1, TS.TASK_STATE_SUCCEEDED
+    rec.usage.tool_calls, rec.usage.tokens = 3, 50
+    leftover = BudgetState(limits=LIMITS).reserve("a#1", Amounts(4, 10**6, 10**6))
+    pruned = leftover.prune(stale_attempts(rec), recorded=Amounts(3, 50, 0))
+    assert pruned.reserved == {}
+    assert pruned.committed == Amounts(3, 50, 0)
+    assert pruned.available().tool_calls == LIMITS.tool_calls - 3
+    # What the ledger already committed is never lowered (it may count a re-sent answer).
+    ahead = replace(pruned, committed=Amounts(4, 60, 0))
+    assert ahead.prune(stale_attempts(rec), recorded=Amounts(3, 50, 0)) is ahead
 
 
 def test_a_spent_budget_is_exhausted_not_held() -> None:
@@ -219,6 +257,33 @@ async def test_fan_out_shares_are_computed_once_per_dispatch_round() -> None:
     assert list(state.reserved) == ["fraud#1"]
     await budgets.drop(rec.id)
     assert ledger_key(rec.id) not in kv.entries
+
+
+async def test_an_attempt_re_sent_after_a_crash_is_never_refused_for_budget() -> None:
+    """The killed replica had committed attempt a#1's answer and reserved the rest for
+    the handoff it routed (task a.1), then died before saving either. The new replica
+    re-sends a#1 (its answer comes from the agent's dedup) even though a.1#1 holds the
+    budget; the handoff, decided again, gets its slice back (found stranding a support
+    workflow in the coordinator kill -9 chaos test)."""
+    kv = MemoryKV()
+    budgets = TaskBudgets(BudgetLedger(kv), max_task_tool_calls=50)  # type: ignore[arg-type]
+    rec = _record(max_tool_calls=20)
+    (share,) = (await budgets.shares(rec, {"a": True})).values()
+    await budgets.reserve(rec, "a", 1, share)
+    await budgets.settle(rec.id, "a", 1, common_pb2.Usage(tool_calls=1, tokens=9))
+    handoff = await budgets.ledger.reserve(  # type: ignore[union-attr]
+        rec.id, "a.1#1", limits=LIMITS, want=Amounts(19, 991, 10**6)
+    )
+    assert handoff.tool_calls == 19
+    with pytest.raises(BudgetExhausted):  # a fresh attempt would wait for ever
+        await budgets.reserve(rec, "a", 1, (await budgets.shares(rec, {"a": True}))["a"])
+    resent = (await budgets.shares(rec, {"a": True}, resent={"a"}))["a"]
+    granted = await budgets.reserve(rec, "a", 1, resent)
+    assert granted.tool_calls == 0
+    ledger = budgets.ledger
+    assert ledger is not None
+    again = await ledger.reserve(rec.id, "a.1#1", limits=LIMITS, want=Amounts(1, 1, 1))
+    assert again == handoff  # the handoff decided again gets its slice back
 
 
 # -- what reads and checks it ----------------------------------------------------------------
