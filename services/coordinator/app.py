@@ -19,6 +19,7 @@ from services.coordinator.runner import DURABLE, Runner
 from services.coordinator.service import CoordinatorServicer
 from services.coordinator.settings import CoordinatorSettings, load_agent_tiers
 from services.coordinator.store import WorkflowStore
+from services.coordinator.timers import Timers
 from services.coordinator.tokens import MAX_USES, TaskTokens
 from services.coordinator.tool_approvals import ToolApprovals
 from tessera.audit import AuditWriter
@@ -47,6 +48,7 @@ class Coordinator:
         self._tool_proxy_channel: grpc.aio.Channel | None = None
         self.server: GrpcServer | None = None
         self.runner: Runner | None = None
+        self.timers: Timers | None = None
         self.dispatcher: Dispatcher | None = None
         self.tokens: TaskTokens | None = None
         self.auditor: WorkflowAuditor | None = None
@@ -169,6 +171,8 @@ class Coordinator:
                 js, self.tokens, self.topology, store, self.dispatcher, self.settings, budgets
             )
             await self.runner.start()
+            self.timers = Timers(js, self.topology, store)
+            await self.timers.start()
         await self.server.start()
         if self.settings.metrics_port:
             start_http_server(self.settings.metrics_port, addr="127.0.0.1")
@@ -177,6 +181,8 @@ class Coordinator:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop()
+        if self.timers is not None:
+            await self.timers.stop()
         if self.runner is not None:
             await self.runner.stop()
         if self.policy_store is not None:

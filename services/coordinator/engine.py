@@ -57,6 +57,10 @@ class Emitter:
             **kind,
         )
         event.time.FromMicroseconds(int(self.now * 1e6))
+        if event.HasField("gate_opened") and self.rec.gate_expiry_s > 0:
+            # Every kind of gate expires alike, so it is stamped here, where they all pass.
+            expires = self.now + self.rec.gate_expiry_s
+            event.gate_opened.expire_time.FromMicroseconds(int(expires * 1e6))
         apply_event(self.rec, event)
         self.rec.outbox.append(base64.b64encode(event.SerializeToString()).decode())
         self.events.append(event)
@@ -171,7 +175,7 @@ def next_steps(em: Emitter, *, in_flight: set[str]) -> list[Dispatch]:
 
 def _next_steps(em: Emitter, *, in_flight: set[str]) -> list[Dispatch]:
     rec = em.rec
-    if rec.terminal or _past_deadline(em):
+    if rec.terminal or _past_deadline(em) or _expire_gates(em):
         return []
     dispatches: list[Dispatch] = []
     for task in list(rec.tasks.values()):
@@ -316,6 +320,30 @@ def _past_deadline(em: Emitter) -> bool:
                     ),
                 )
             )
+    return False
+
+
+GATE_EXPIRY = "tessera/gate-expiry"
+"""Who decided a gate that nobody decided in time (GateDecided.decided_by)."""
+
+
+def _expire_gates(em: Emitter) -> bool:
+    """Reject every pending gate past its expiry (which ends the workflow cancelled, as
+    any rejection does). True if the workflow ended or began compensating (`next_steps`
+    then dispatches the compensations)."""
+    compensating = em.rec.compensating
+    for gate in em.rec.pending_gates():
+        if gate.expire_time and em.now >= gate.expire_time:
+            waited = em.now - gate.create_time
+            decide_gate(
+                em,
+                gate.id,
+                approve=False,
+                decided_by=GATE_EXPIRY,
+                comment=f"nobody decided it within {waited:.0f} s of its opening",
+            )
+            if em.rec.terminal or em.rec.compensating != compensating:
+                return True
     return False
 
 

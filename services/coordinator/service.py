@@ -167,6 +167,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             started_by=principal.name,
         )
         started.deadline.FromMicroseconds(int(deadline * 1e6))
+        if self.settings.gate_expiry_s > 0:
+            started.gate_expiry.FromMicroseconds(int(self.settings.gate_expiry_s * 1e6))
         Emitter(rec, now=now, causation_id=request.request_id).emit(workflow_started=started)
         try:
             await self.store.create(rec)

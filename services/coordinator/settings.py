@@ -58,6 +58,11 @@ class CoordinatorSettings(ServiceSettings):
     Transient faults are retried for as long as it allows."""
     max_workflow_deadline_s: float = Field(default=30 * 24 * 3600.0, gt=0)
     """A requested deadline further away than this is capped to it."""
+    gate_expiry_s: float = Field(default=24 * 3600.0, ge=0)
+    """How long a gate stays open for a decision: past it, the gate resolves as rejected
+    (decided by ``tessera/gate-expiry``, audited) and its workflow ends CANCELLED. Fixed
+    for a workflow when it starts; 0: gates never expire. A setting rather than a gate
+    policy's annotation: no principal exists yet when a gate opens (docs/decisions.md)."""
     metrics_port: int = 0
     """Prometheus metrics HTTP port on 127.0.0.1; 0 disables the endpoint."""
     policy_dir: Path = Path("policy")

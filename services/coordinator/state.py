@@ -130,6 +130,8 @@ class GateRec(BaseModel):
     approvals: list[str] = Field(default_factory=list)
     """Who approved so far (gates whose policy asks for a quorum)."""
     quorum: int = 1
+    expire_time: float = 0.0
+    """When it resolves as rejected if still pending (0: never)."""
     held: str = ""
     """Serialized GateOpened (base64) holding a result or handoff until approval."""
 
@@ -163,6 +165,8 @@ class WorkflowRecord(BaseModel):
     """Trace of the start request; every step continues it."""
     deadline: float = 0.0
     """When a still running workflow fails (0: never); gate waits extend it."""
+    gate_expiry_s: float = 0.0
+    """How long each of its gates stays open before it resolves as rejected (0: never)."""
     ending: str = ""
     """While compensating: the serialized CompensationStarted (base64), saying why the
     workflow ends once its compensations ran."""
@@ -199,6 +203,11 @@ class WorkflowRecord(BaseModel):
 
     def pending_gates(self) -> list[GateRec]:
         return [g for g in self.gates.values() if g.state == GS.GATE_STATE_PENDING]
+
+    def next_gate_expiry(self) -> float | None:
+        """When the first of its pending gates expires (None: none will)."""
+        due = [g.expire_time for g in self.pending_gates() if g.expire_time]
+        return min(due) if due else None
 
     def token_accessors(self) -> list[str]:
         return [t.token_accessor for t in self.tasks.values() if t.token_accessor]
@@ -346,6 +355,7 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
         rec.deadline = (
             started.deadline.ToMicroseconds() / 1e6 if started.HasField("deadline") else 0.0
         )
+        rec.gate_expiry_s = started.gate_expiry.ToMicroseconds() / 1e6
         rec.plan = base64.b64encode(started.plan.SerializeToString()).decode()
         rec._graph = None
         rec.tasks = {spec.id: _task_from_spec(spec) for spec in started.plan.tasks}
@@ -412,6 +422,9 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
             kind=opened.kind,
             tool=opened.tool,
             create_time=now,
+            expire_time=opened.expire_time.ToMicroseconds() / 1e6
+            if opened.HasField("expire_time")
+            else 0.0,
             held=base64.b64encode(opened.SerializeToString()).decode()
             if opened.HasField("held_result") or opened.HasField("held_handoff")
             else "",

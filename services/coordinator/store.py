@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Awaitable, Callable
 
 import structlog
+from google.protobuf import timestamp_pb2
 from nats.js import JetStreamContext
 from nats.js.errors import (
     KeyNotFoundError,
@@ -29,6 +30,11 @@ from tessera.runtime.retry import retry_transient
 from tessera.v1 import events_pb2
 
 log = structlog.get_logger(__name__)
+
+ADVANCE = "advance"
+"""Work subject kind of "advance this workflow now" steps (the runner consumes them)."""
+TIMER = "timer"
+"""Work subject kind of timer steps, held until their ``not_before`` (timers.py)."""
 
 
 class Conflict(Exception):
@@ -104,6 +110,15 @@ class WorkflowStore:
         for encoded in rec.outbox:
             raw = base64.b64decode(encoded)
             event = events_pb2.WorkflowEvent.FromString(raw)
+            if event.gate_opened.HasField("expire_time"):
+                # Before the event: an event in the stream is never republished, so a
+                # crash in between must not leave a gate without its timer.
+                await self.schedule(
+                    rec.id,
+                    event.gate_opened.expire_time,
+                    f"gate {event.gate_opened.gate_id} expires",
+                    msg_id=f"{event.event_id}.timer",
+                )
             await self.js.publish(subject, raw, headers=msg_id_headers(event.event_id))
             published.append(event)
         rec.outbox.clear()
@@ -148,15 +163,26 @@ class WorkflowStore:
             return []
         return [subject[len(prefix) :] for subject in (info.state.subjects or {})]
 
+    async def schedule(
+        self, wf_id: str, at: timestamp_pb2.Timestamp, reason: str, *, msg_id: str
+    ) -> None:
+        """Queue a timer step: "advance ``wf_id``" once ``at`` has passed
+        (services/coordinator/timers.py holds it until then). ``msg_id`` makes a
+        re-sent timer a duplicate."""
+        step = events_pb2.WorkStep(workflow_id=wf_id, reason=reason, not_before=at)
+        await self.js.publish(
+            self.topology.work_subject(TIMER),
+            step.SerializeToString(),
+            headers=msg_id_headers(msg_id),
+        )
+
     async def enqueue(self, wf_id: str, reason: str, *, within_s: float = 10.0) -> None:
         """Queue "advance ``wf_id``", retrying a NATS fault (a work-queue stream with no
         leader during an election) for up to ``within_s``; then the error propagates and
         the caller's retry repairs it (StartWorkflow and DecideGate re-queue on retry)."""
         step = events_pb2.WorkStep(workflow_id=wf_id, reason=reason)
         await retry_transient(
-            lambda: self.js.publish(
-                self.topology.work_subject("advance"), step.SerializeToString()
-            ),
+            lambda: self.js.publish(self.topology.work_subject(ADVANCE), step.SerializeToString()),
             within_s=within_s,
             what="enqueue",
         )

@@ -63,6 +63,7 @@ def gate_view(rec: WorkflowRecord, gate_id: str) -> coordinator_pb2.Gate:
         kind=events_pb2.GateKind.ValueType(gate.kind),
         approved_by=gate.approvals,
         quorum=gate.quorum,
+        expire_time=_ts(gate.expire_time) if gate.expire_time else None,
     )
 
 

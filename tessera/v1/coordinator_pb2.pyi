@@ -191,6 +191,7 @@ class Gate(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     APPROVED_BY_FIELD_NUMBER: _builtins.int
     QUORUM_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name `workflows/{workflow}/gates/{gate}`."""
     task_id: _builtins.str
@@ -219,6 +220,12 @@ class Gate(_message.Message):
     def approved_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Everyone who approved so far, in order (gates that need a quorum)."""
 
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When a pending gate resolves as rejected if nobody decides it (the workflow then
+        ends CANCELLED); unset: never.
+        """
+
     def __init__(
         self,
         *,
@@ -233,10 +240,11 @@ class Gate(_message.Message):
         kind: _events_pb2.GateKind.ValueType = ...,
         approved_by: _abc.Iterable[_builtins.str] | None = ...,
         quorum: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decide_time", b"decide_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decide_time", b"decide_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "comment", b"comment", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "kind", b"kind", "name", b"name", "quorum", b"quorum", "reason", b"reason", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "comment", b"comment", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "expire_time", b"expire_time", "kind", b"kind", "name", b"name", "quorum", b"quorum", "reason", b"reason", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

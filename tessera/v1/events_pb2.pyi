@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -267,6 +268,7 @@ class WorkflowStarted(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     STARTED_BY_FIELD_NUMBER: _builtins.int
+    GATE_EXPIRY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of the start request."""
     goal: _builtins.str
@@ -291,6 +293,13 @@ class WorkflowStarted(_message.Message):
         until it passes.
         """
 
+    @_builtins.property
+    def gate_expiry(self) -> _duration_pb2.Duration:
+        """How long each of its gates stays open: a gate nobody decided by then resolves as
+        rejected (decided by `tessera/gate-expiry`), which ends the workflow CANCELLED.
+        Unset: gates never expire. The coordinator's `TESSERA_COORDINATOR_GATE_EXPIRY_S`.
+        """
+
     def __init__(
         self,
         *,
@@ -300,10 +309,11 @@ class WorkflowStarted(_message.Message):
         traceparent: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         started_by: _builtins.str = ...,
+        gate_expiry: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "gate_expiry", b"gate_expiry", "plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "goal", b"goal", "plan", b"plan", "request_id", b"request_id", "started_by", b"started_by", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "gate_expiry", b"gate_expiry", "goal", b"goal", "plan", b"plan", "request_id", b"request_id", "started_by", b"started_by", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,6 +566,7 @@ class GateOpened(_message.Message):
     HELD_RESULT_FIELD_NUMBER: _builtins.int
     HELD_HANDOFF_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     gate_id: _builtins.str
     """Gate id (last segment of its resource name)."""
     task_id: _builtins.str
@@ -576,6 +587,12 @@ class GateOpened(_message.Message):
     def held_handoff(self) -> Global___HandoffRouted:
         """Handoff held until approval (loop escalation)."""
 
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it resolves as rejected if nobody decided it (WorkflowStarted.gate_expiry
+        after it opened); unset: never.
+        """
+
     def __init__(
         self,
         *,
@@ -586,10 +603,11 @@ class GateOpened(_message.Message):
         held_result: Global___TaskSucceeded | None = ...,
         held_handoff: Global___HandoffRouted | None = ...,
         tool: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["held_handoff", b"held_handoff", "held_result", b"held_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "held_handoff", b"held_handoff", "held_result", b"held_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate_id", b"gate_id", "held_handoff", b"held_handoff", "held_result", b"held_result", "kind", b"kind", "reason", b"reason", "task_id", b"task_id", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "gate_id", b"gate_id", "held_handoff", b"held_handoff", "held_result", b"held_result", "kind", b"kind", "reason", b"reason", "task_id", b"task_id", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -891,7 +909,9 @@ class WorkStep(_message.Message):
     """Why (event that caused it), for logs."""
     @_builtins.property
     def not_before(self) -> _timestamp_pb2.Timestamp:
-        """Do not act before this time (retry backoff)."""
+        """Do not act before this time: a timer step (`work.timer`, e.g. a gate's expiry) is
+        held until then, and then queued as an advance step.
+        """
 
     def __init__(
         self,

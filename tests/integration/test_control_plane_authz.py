@@ -225,3 +225,36 @@ async def test_people_read_only_the_workflows_that_are_theirs_to_see(mesh: Mesh)
         (r.details["principal"], r.details["action"], r.outcome) for r in records
     }
     await mesh.stub.CancelWorkflow(coordinator_pb2.CancelWorkflowRequest(name=workflow.name))
+
+
+async def test_a_gate_nobody_decides_in_time_resolves_as_rejected(mesh: Mesh) -> None:
+    # A replica with a short gate expiry starts the loan: the expiry is fixed for a
+    # workflow when it starts, and every replica's timers and workers enforce it.
+    hasty = await mesh.add_coordinator(gate_expiry_s=2.0)
+    first = mesh.coordinator_address
+    await mesh.use_coordinator(hasty.address)
+    try:
+        workflow = await start_loan(await mesh.as_person("lee", ["loan-officers"]))
+    finally:
+        await mesh.use_coordinator(first)
+    parked = await mesh.parked(workflow.name)
+    (gate,) = [g for g in parked.gates if g.state == coordinator_pb2.GATE_STATE_PENDING]
+    assert gate.expire_time.ToMicroseconds() - gate.create_time.ToMicroseconds() == 2_000_000
+
+    ended = await mesh.finished(workflow.name)
+    assert ended.state == WS.WORKFLOW_STATE_CANCELLED
+    (expired,) = [g for g in ended.gates if g.name == gate.name]
+    assert expired.state == coordinator_pb2.GATE_STATE_REJECTED
+    assert expired.decided_by == "tessera/gate-expiry"
+    assert "rejected" in ended.error.message
+
+    cora = await mesh.as_person("cora", ["compliance-officers"])
+    late = await refused(
+        cora.DecideGate(coordinator_pb2.DecideGateRequest(name=gate.name, decision=APPROVE))
+    )
+    assert late.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(late).reason == "GATE_NOT_PENDING"
+    approvals = await audited(mesh, gate.name, audit_pb2.AUDIT_KIND_APPROVAL)
+    assert [(r.outcome, r.details["decided_by"]) for r in approvals] == [
+        ("rejected", "tessera/gate-expiry")
+    ]

@@ -456,6 +456,56 @@ def test_a_failed_compensation_is_reported_and_the_rest_still_run() -> None:
     assert set(rec.uncompensated) == {"mail", "ship"}
 
 
+def _start_expiring(plan: planner_pb2.TaskGraph, expiry_s: float) -> WorkflowRecord:
+    rec = WorkflowRecord(id="wf1")
+    started = events_pb2.WorkflowStarted(request_id="r", goal="g", plan=plan)
+    started.gate_expiry.FromSeconds(int(expiry_s))
+    Emitter(rec, now=1.0).emit(workflow_started=started)
+    return rec
+
+
+def test_a_gate_nobody_decides_in_time_resolves_as_rejected() -> None:
+    gate = planner_pb2.TaskSpec(id="g", kind=planner_pb2.TASK_KIND_APPROVAL_GATE)
+    rec = _start_expiring(_plan(gate, _task("a", "cap.a", "g")), expiry_s=3600)
+    next_steps(Emitter(rec, now=10.0), in_flight=set())
+    (opened,) = rec.pending_gates()
+    assert opened.expire_time == 3610.0 and rec.next_gate_expiry() == 3610.0
+    assert next_steps(Emitter(rec, now=3609.0), in_flight=set()) == []
+    assert opened.state == GS.GATE_STATE_PENDING  # not yet
+    assert next_steps(Emitter(rec, now=3610.0), in_flight=set()) == []
+    assert rec.gates["g-approval"].state == GS.GATE_STATE_REJECTED
+    assert rec.gates["g-approval"].decided_by == "tessera/gate-expiry"
+    assert rec.state == WS.WORKFLOW_STATE_CANCELLED and rec.next_gate_expiry() is None
+    assert rec.tasks["a"].state == TS.TASK_STATE_PENDING  # never ran
+    replayed = _replay(rec).model_dump(exclude={"outbox"})
+    assert replayed == rec.model_dump(exclude={"outbox"})  # the expiry is in the events
+
+
+def test_an_expired_gate_cancels_through_the_compensations() -> None:
+    gate = planner_pb2.TaskSpec(id="g", kind=planner_pb2.TASK_KIND_APPROVAL_GATE)
+    plan = _plan(_task("pay", "pay"), gate, _task("ship", "ship", "pay", "g"))
+    rec = _start_expiring(plan, expiry_s=60)
+    answers: dict[str, agent_pb2.ExecuteTaskResponse | grpc.StatusCode] = {
+        cap: _answer({"ok": cap}) for cap in SAGA_CONTRACTS
+    }
+    _dispatch_answer(rec, 10.0, answers, SAGA_CONTRACTS)
+    _dispatch_answer(rec, 11.0, answers, SAGA_CONTRACTS)
+    assert rec.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
+    # The tick that expires the gate dispatches the payment's undoing at once.
+    assert _dispatch_answer(rec, 72.0, answers, SAGA_CONTRACTS) == ["pay.undo"]
+    assert rec.gates["g-approval"].decided_by == "tessera/gate-expiry"
+    assert _dispatch_answer(rec, 73.0, answers, SAGA_CONTRACTS) == []
+    assert rec.state == WS.WORKFLOW_STATE_COMPENSATED
+
+
+def test_gates_of_a_workflow_started_without_an_expiry_never_expire() -> None:
+    gate = planner_pb2.TaskSpec(id="g", kind=planner_pb2.TASK_KIND_APPROVAL_GATE)
+    rec = _start(_plan(gate, _task("a", "cap.a", "g")))
+    next_steps(Emitter(rec, now=10.0), in_flight=set())
+    next_steps(Emitter(rec, now=10.0 + 400 * 24 * 3600), in_flight=set())
+    assert rec.pending_gates() and rec.next_gate_expiry() is None
+
+
 def test_a_rejected_gate_cancels_through_the_compensations() -> None:
     gate = planner_pb2.TaskSpec(id="g", kind=planner_pb2.TASK_KIND_APPROVAL_GATE)
     rec = _start(_plan(_task("pay", "pay"), gate, _task("ship", "ship", "pay", "g")))
