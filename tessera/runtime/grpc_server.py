@@ -470,18 +470,21 @@ class GrpcServer:
             raise OSError(f"{self.name}: cannot bind {self.settings.listen}")
         await server.start()
         self._server, self._port = server, port
-        if serving:
-            await self.mark_serving()
-        else:
-            for service in ("", *self.service_names):
-                await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._report(
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         log.info("grpc_server_started", server=self.name, address=self.address)
         return port
 
     async def mark_serving(self) -> None:
         """Report SERVING for every name: the service is ready for the work it exists for."""
+        await self._report(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _report(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", *self.service_names):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING for every name, then stop, letting calls finish for ``grace``

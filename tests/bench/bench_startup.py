@@ -344,9 +344,10 @@ def _assert_complete(report: dict[str, Any], rounds: int) -> None:
 
 
 async def test_startup_bench_smoke(tmp_path: Path, mesh_base_port: int) -> None:
-    """Bounded: the planner, the coordinator and one agent, one round, idle."""
+    """Bounded: the planner, the coordinator, the registry and one agent (which is
+    SERVING only once registered), one round, idle."""
     full = load(REPO / "deploy/local/topology.yaml")
-    keep = {"planner", "coordinator", "agent-triage"}
+    keep = {"planner", "coordinator", "registry", "agent-triage"}
     topology = Topology(tuple(s for s in full.services if s.name in keep))
     report = await run(tmp_path, mesh_base_port, topology=topology, rounds=1, loaded=False)
     _write(report, tmp_path / "startup.json")

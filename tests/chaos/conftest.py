@@ -1,5 +1,9 @@
 """The chaos suite's mesh: one real `tessera up` (a 3-node NATS cluster in the long
-tier) shared by the suite's modules, and the tier's sizes."""
+tier) shared by the suite's modules, and the tier's sizes.
+
+``TESSERA_CHAOS_KEEP_MESH=1`` leaves the mesh running after the suite (no `tessera down`),
+so a failed run's workflows, events and logs can be read in place; stop it afterwards
+with `tessera down --data-dir <the run's basetemp>/chaos0`."""
 
 from __future__ import annotations
 

@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.client import Client
 
 from services.registry.app import RegistryApp
 from services.registry.settings import RegistrySettings
 from tessera.agent import Agent, AgentSettings, Handoff, TaskContext, TaskResult, Usage
 from tessera.agent._convert import to_value
+from tessera.launcher.ports import free_port
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import error_details
@@ -118,6 +120,48 @@ def execute_request(task_id: str = "t-1", attempt: int = 1) -> agent_pb2.Execute
     req.blackboard["ticket"].CopyFrom(to_value({"text": "refund my invoice"}))
     req.blackboard["other"].CopyFrom(to_value("hidden"))
     return req
+
+
+async def test_an_agent_is_not_serving_until_the_registry_has_it(
+    nats_url: str, namespace: str, nc: Client
+) -> None:
+    # `tessera up` and supervisors wait for SERVING: an agent reporting it before it was
+    # registered let a plan naming its capability be refused as unknown.
+    registry_port, agent_port = free_port(), free_port()
+    settings = AgentSettings.for_agent(
+        "billing",
+        nats_url=nats_url,
+        namespace=namespace,
+        registry_address=f"127.0.0.1:{registry_port}",  # nothing listens there yet
+        listen=f"127.0.0.1:{agent_port}",
+        shutdown_grace_s=1.0,
+    )
+    agent = billing_agent()
+    starting = asyncio.create_task(agent.start(settings=settings))
+    registry = RegistryApp(
+        RegistrySettings(
+            nats_url=nats_url, namespace=namespace, listen=f"127.0.0.1:{registry_port}"
+        )
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{agent_port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            request = health_pb2.HealthCheckRequest()
+            early = await health.Check(request, wait_for_ready=True, timeout=30)
+            assert early.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not starting.done()  # still retrying its registration
+
+            await registry.start()
+            await asyncio.wait_for(starting, timeout=30)
+            late = await health.Check(request, timeout=5)
+            assert late.status == health_pb2.HealthCheckResponse.SERVING
+        found = await Registry(nc.jetstream(), Topology(namespace)).find("support.billing", "^1.0")
+        assert [d.instance_id for d, _ in found] == [agent.instance_id]
+    finally:
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await agent.stop()
+        await registry.stop()
 
 
 async def test_a_started_agent_is_registered_and_describes_itself(
