@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tessera.launcher.private_files import write_private
+from tessera.runtime.private_files import write_private
 
 __all__ = [
     "Session",

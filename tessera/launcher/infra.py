@@ -23,7 +23,7 @@ from tessera.launcher.binaries import find_binary
 from tessera.launcher.gateway import Upstream, XdsTls, render
 from tessera.launcher.health import http_ok
 from tessera.launcher.nats_security import NatsSecurity, route_tls, route_url, security_block
-from tessera.launcher.private_files import write_private
+from tessera.runtime.private_files import write_private
 
 log = structlog.get_logger(__name__)
 

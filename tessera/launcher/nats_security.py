@@ -23,9 +23,9 @@ from pathlib import Path
 
 from tessera.launcher import processes
 from tessera.launcher.operator import OperatorIdentity, local_identity
-from tessera.launcher.private_files import write_private
 from tessera.runtime.bus import Topology
 from tessera.runtime.nats_permissions import render_authorization
+from tessera.runtime.private_files import write_private
 
 __all__ = [
     "NATS_IDENTITY",

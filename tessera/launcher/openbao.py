@@ -23,7 +23,7 @@ from typing import Any
 from tessera.launcher import processes
 from tessera.launcher.binaries import find_binary
 from tessera.launcher.infra import LOOPBACK, OpenBaoServer, StartFailed
-from tessera.launcher.private_files import write_private
+from tessera.runtime.private_files import write_private
 
 __all__ = ["ROOT_TOKEN_FILE", "UNSEAL_KEY_FILE", "start_persistent_openbao", "unseal"]
 

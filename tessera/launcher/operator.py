@@ -21,7 +21,7 @@ import hvac
 from tessera.identity.names import WorkloadName
 from tessera.identity.nats_tls import context_from_pem, inbox_prefix, server_hostname
 from tessera.identity.source import PKI_MOUNT
-from tessera.launcher.private_files import write_private
+from tessera.runtime.private_files import write_private
 
 __all__ = ["OPERATOR", "OperatorIdentity", "local_identity", "operator_identity"]
 

@@ -24,6 +24,7 @@ import hvac
 import hvac.exceptions
 import structlog
 
+from tessera.runtime.private_files import write_private
 from tessera.vault import _retry
 from tessera.vault._config import Identity, VaultSpec, load_spec
 from tessera.vault.audit_keys import ensure_audit_keys
@@ -101,7 +102,6 @@ def apply(
                 humans,
                 vault_addr=addr,
                 secrets_dir=secrets_dir,
-                write_private=_write_private,
             )
     except hvac.exceptions.VaultError as exc:
         raise VaultError(f"vault refused the bootstrap: {exc}") from exc
@@ -303,22 +303,6 @@ def _new_secret_id(client: hvac.Client, name: str, *, issued_by: str) -> tuple[s
 def _issue_credentials(client: hvac.Client, name: str, secrets_dir: Path) -> Path:
     role_id, secret_id, _ = _new_secret_id(client, name, issued_by="tessera-bootstrap")
     path = secrets_dir / f"{name}.approle.json"
-    _write_private(path, json.dumps({"role_id": role_id, "secret_id": secret_id}))
+    write_private(path, json.dumps({"role_id": role_id, "secret_id": secret_id}))
     log.debug("vault_approle_credentials_written", identity=name, path=str(path))
     return path
-
-
-def _write_private(path: Path, content: str) -> None:
-    """Write ``content`` to ``path`` atomically, never readable by anyone but the owner."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -24,6 +24,7 @@ import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tessera.runtime.private_files import write_private
 from tessera.vault import _retry
 from tessera.vault.errors import VaultConfigError, VaultError
 from tessera.vault.naming import is_valid_identity_name
@@ -136,7 +137,6 @@ def apply_humans(
     *,
     vault_addr: str,
     secrets_dir: Path,
-    write_private: Any,
 ) -> None:
     """Bring OpenBao's identity store in line with ``spec`` (idempotent). A user keeps
     the password of its file when it has one; a new user gets a random one."""

@@ -45,8 +45,9 @@ import hvac.exceptions
 import structlog
 
 from tessera.runtime.errors import Unavailable
+from tessera.runtime.private_files import write_private
 from tessera.v1 import audit_pb2
-from tessera.vault.bootstrap import _call, _new_secret_id, _prepare_secrets_dir, _write_private
+from tessera.vault.bootstrap import _call, _new_secret_id, _prepare_secrets_dir
 from tessera.vault.client import _read_approle_file
 from tessera.vault.errors import VaultError
 from tessera.vault.naming import (
@@ -206,7 +207,7 @@ def _issue_approle(client: hvac.Client, addr: str, rot: Rotation, secrets_dir: P
     role_id, secret_id, accessor = _new_secret_id(client, identity, issued_by="tessera-rotation")
     try:
         _probe_login(client, addr, role_id, secret_id, identity)
-        _write_private(path, json.dumps({"role_id": role_id, "secret_id": secret_id}))
+        write_private(path, json.dumps({"role_id": role_id, "secret_id": secret_id}))
         if _read_approle_file(path) != (role_id, secret_id):
             raise VaultError(f"{path} does not hold the new credentials after the rename")
     except BaseException:

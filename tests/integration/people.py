@@ -15,7 +15,6 @@ import hvac
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from tessera.vault.bootstrap import _write_private
 from tessera.vault.humans import (
     HUMAN_POLICY,
     SIGNING_KEY,
@@ -96,7 +95,6 @@ def start_people(openbao: OpenBao, secrets_dir: Path, spec: HumansSpec) -> Peopl
             spec,
             vault_addr=openbao.addr,
             secrets_dir=secrets_dir,
-            write_private=_write_private,
         )
         other = "someone-else"
         client.write(
