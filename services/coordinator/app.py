@@ -171,7 +171,7 @@ class Coordinator:
                 js, self.tokens, self.topology, store, self.dispatcher, self.settings, budgets
             )
             await self.runner.start()
-            self.timers = Timers(js, self.topology, store)
+            self.timers = Timers(store)
             await self.timers.start()
         await self.server.start()
         if self.settings.metrics_port:

@@ -19,7 +19,7 @@ import grpc
 import structlog
 from google.rpc.status_pb2 import Status
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 from nats.js.errors import FetchTimeoutError
 from opentelemetry import trace
 
@@ -109,18 +109,10 @@ class Runner:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        config = api.ConsumerConfig(
-            durable_name=DURABLE,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=self.settings.ack_wait_s,
-            max_deliver=-1,
-            max_ack_pending=-1,
-            filter_subject=self.topology.work_subject(ADVANCE),
+        # The ack wait is how fast a dead replica's steps move on (settings.ack_wait_s).
+        self._sub = await self.store.work_consumer(
+            DURABLE, ADVANCE, ack_wait_s=self.settings.ack_wait_s
         )
-        # Create or update: the replicas share one durable consumer, and a changed ack
-        # wait (how fast a dead replica's steps move on) must reach the existing one.
-        await self.js.add_consumer(self.topology.work_stream, config=config)
-        self._sub = await self.js.pull_subscribe_bind(DURABLE, stream=self.topology.work_stream)
         self._loop_task = asyncio.create_task(self._consume(), name="coordinator-consume")
 
     async def stop(self) -> None:

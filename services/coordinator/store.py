@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from google.protobuf import timestamp_pb2
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
@@ -162,6 +162,22 @@ class WorkflowStore:
         except NotFoundError:
             return []
         return [subject[len(prefix) :] for subject in (info.state.subjects or {})]
+
+    async def work_consumer(
+        self, durable: str, kind: str, *, ack_wait_s: float
+    ) -> JetStreamContext.PullSubscription:
+        """Create or update the replicas' shared durable consumer of the ``kind`` work
+        steps and bind to it: a changed ack wait must reach the existing consumer."""
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=-1,
+            filter_subject=self.topology.work_subject(kind),
+        )
+        await self.js.add_consumer(self.topology.work_stream, config=config)
+        return await self.js.pull_subscribe_bind(durable, stream=self.topology.work_stream)
 
     async def schedule(
         self, wf_id: str, at: timestamp_pb2.Timestamp, reason: str, *, msg_id: str

@@ -21,11 +21,9 @@ import time
 import structlog
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
 from nats.js.errors import FetchTimeoutError
 
 from services.coordinator.store import TIMER, WorkflowStore
-from tessera.runtime.bus import Topology
 from tessera.v1 import events_pb2
 
 log = structlog.get_logger(__name__)
@@ -39,23 +37,12 @@ _RETRY_S = 1.0
 
 
 class Timers:
-    def __init__(self, js: JetStreamContext, topology: Topology, store: WorkflowStore) -> None:
-        self.js = js
-        self.topology = topology
+    def __init__(self, store: WorkflowStore) -> None:
         self.store = store
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        config = api.ConsumerConfig(
-            durable_name=DURABLE,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=_ACK_WAIT_S,
-            max_deliver=-1,
-            max_ack_pending=-1,
-            filter_subject=self.topology.work_subject(TIMER),
-        )
-        await self.js.add_consumer(self.topology.work_stream, config=config)
-        self._sub = await self.js.pull_subscribe_bind(DURABLE, stream=self.topology.work_stream)
+        self._sub = await self.store.work_consumer(DURABLE, TIMER, ack_wait_s=_ACK_WAIT_S)
         self._task = asyncio.create_task(self._consume(), name="coordinator-timers")
 
     async def stop(self) -> None:
