@@ -7,7 +7,8 @@ limits → policy Check, remote or embedded (→ approval flow, ``approval_flow.
 idempotency claim (a claim taken over from a dead executor asks the tool first) → use
 budget, settling while the tool secret is read with the caller's token and the ``allow``
 record is written (both must succeed) → backend under a deadline, then its outcome
-recorded, both run to their end even if the caller goes away → audit outcome.
+recorded → audit outcome. From the allow record on, the call runs to its end even if the
+caller goes away, so every allow is followed by its ``executed`` record or a refusal.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import asyncio
 import functools
 import hashlib
 import re
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -23,7 +26,7 @@ from google.protobuf import json_format
 
 from services.tool_proxy.approval_flow import ApprovalFlow
 from services.tool_proxy.execution import Detached, Execution, canonical, execute
-from services.tool_proxy.idempotency import IdempotencyStore, Replay, effect_id
+from services.tool_proxy.idempotency import Claim, IdempotencyStore, Replay, effect_id
 from services.tool_proxy.limits import RateLimiter
 from services.tool_proxy.recording import CallRecord, Recorder
 from services.tool_proxy.settings import ToolProxySettings
@@ -39,6 +42,7 @@ from tessera.runtime.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    TesseraError,
 )
 from tessera.runtime.grpc_authz import peer
 from tessera.runtime.metadata import TASK_TOKEN_METADATA
@@ -178,7 +182,7 @@ class CallPipeline:
             # did not happen (replayed if it did, refused if the tool cannot tell).
             if spec.side_effect.needs_idempotency_key:
                 call.details["effect_id"] = eid
-                timeout = self._backend_timeout(context, tool)
+                timeout = self._backend_timeout(context.time_remaining(), tool)
                 began = await self.idempotency.begin(
                     eid,
                     tool=spec.name,
@@ -207,18 +211,49 @@ class CallPipeline:
             await self._give_back(spend, verified)
             raise
 
+        # 9-11. Authorized: from here on the call runs to its end even if its caller goes
+        # away (an agent killed mid-call), so an ``allow`` record is always followed by
+        # the call's outcome: ``executed``, or a refusal of the same decision id.
+        return await self._detached.run(
+            self._run_authorized(
+                _Authorized(
+                    call=call,
+                    tool=tool,
+                    arguments=arguments,
+                    digest=digest,
+                    token=token,
+                    verified=verified,
+                    info=info,
+                    claim=claim,
+                    decision_id=decision.decision_id,
+                    deadline=_deadline(context),
+                ),
+                spend,
+            )
+        )
+
+    async def _run_authorized(
+        self, a: _Authorized, spend: asyncio.Future[int]
+    ) -> tool_proxy_pb2.InvokeToolResponse:
+        """Steps 9 to 11 of an authorized call; records its refusal itself, as its caller
+        may be gone by then."""
+        call, tool, verified = a.call, a.tool, a.verified
         executed = False
         try:
+            try:
+                self._backend_timeout(a.remaining_s(), tool)  # no allow for a call out of time
+            except DeadlineExceeded:
+                await self._give_back(spend, verified)
+                raise
             # 9. Read the secret with the caller's token and (11a) write the awaited
             # ``allow`` record while the reservation of step 7 settles: both are round
             # trips, so overlapping them takes one off the critical path.
-            allowed = asyncio.ensure_future(self._secret_then_allow(call, tool, token, verified))
+            allowed = asyncio.ensure_future(self._secret_then_allow(call, tool, a.token, verified))
             try:
                 uses_left = await spend
             except BaseException:
                 # No use could be spent: the call does not run. If the allow record was
-                # written, the refusal record InvokeTool writes next (same decision id)
-                # says so.
+                # written, the refusal record written next (same decision id) says so.
                 await _settle(allowed)
                 raise
             try:
@@ -227,25 +262,32 @@ class CallPipeline:
                 await self._give_back(spend, verified)  # spent: give it back
                 raise
             call.details["uses_left"] = uses_left
+            try:
+                timeout_s = self._backend_timeout(a.remaining_s(), tool)
+            except DeadlineExceeded:
+                await self._give_back(spend, verified)
+                raise
 
-            # 10. The backend under the call's deadline, then its outcome recorded: once
-            # started, both run to their end even if the caller goes away.
+            # 10. The backend under the call's deadline, then (11b) its outcome recorded.
             run = Execution(
                 tool=tool,
-                arguments=arguments,
+                arguments=a.arguments,
                 secret=secret,
-                info=info,
-                claim=claim,
-                arguments_digest=digest,
-                timeout_s=self._backend_timeout(context, tool),
+                info=a.info,
+                claim=a.claim,
+                arguments_digest=a.digest,
+                timeout_s=timeout_s,
             )
             executed = True
-            result = await self._detached.run(self._execute(run, call))
+            result = await self._execute(run, call)
+        except TesseraError as exc:
+            await self.recorder.record_refusal(call, exc)
+            raise
         finally:
-            if claim is not None and not executed:
-                await self.idempotency.release(claim)
+            if a.claim is not None and not executed:
+                await self.idempotency.release(a.claim)
         return tool_proxy_pb2.InvokeToolResponse(
-            result=to_struct(result), decision_id=decision.decision_id, receipt=call.receipt
+            result=to_struct(result), decision_id=a.decision_id, receipt=call.receipt
         )
 
     async def _execute(self, run: Execution, call: CallRecord) -> dict[str, Any]:
@@ -342,14 +384,40 @@ class CallPipeline:
 
         await self._detached.run(settle())
 
-    def _backend_timeout(self, context: grpc.aio.ServicerContext, tool: Tool) -> float:
+    def _backend_timeout(self, remaining: float | None, tool: Tool) -> float:
+        """The backend's timeout: the tool's own, within what is left of the call's
+        deadline (``remaining``, seconds; None: the call has none)."""
         timeout = tool.spec.timeout_s or self.settings.backend_timeout_s
-        remaining = context.time_remaining()
         if remaining is not None:
             timeout = min(timeout, remaining - _CALL_MARGIN_S)
         if timeout <= 0:
             raise DeadlineExceeded("no time left to call the tool", reason="DEADLINE_EXCEEDED")
         return timeout
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Authorized:
+    """What steps 9 to 11 of an authorized call need (its caller may be gone by then)."""
+
+    call: CallRecord
+    tool: Tool
+    arguments: dict[str, Any]
+    digest: str
+    token: str
+    verified: VerifiedToken
+    info: CallInfo
+    claim: Claim | None
+    decision_id: str
+    deadline: float | None
+    """The call's deadline (monotonic seconds; None: it has none)."""
+
+    def remaining_s(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 async def _settle(future: asyncio.Future[Any]) -> None:

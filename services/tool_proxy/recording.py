@@ -78,6 +78,8 @@ class CallRecord:
     receipt: audit_pb2.AuditReceipt | None = None
     """Where the awaited record of the decision is stored (the response's receipt)."""
     details: dict[str, Any] = field(default_factory=dict)
+    refusal_recorded: bool = False
+    """The refusal record was written (by the part of the call that outlives its caller)."""
 
 
 def outcome(exc: TesseraError) -> str:
@@ -143,6 +145,15 @@ class Recorder:
                 ) from None
             return
         call.receipt = self.audit.receipt(stored)
+
+    async def record_refusal(self, call: CallRecord, exc: TesseraError) -> None:
+        """The record of a refused call, once (an authorized call records its own, as its
+        caller may be gone; the servicer then writes none)."""
+        if call.refusal_recorded:
+            return
+        call.refusal_recorded = True
+        call.details.update(code=exc.code.name, reason=exc.reason)
+        await self.record(call, outcome(exc))
 
     async def record_executed(self, call: CallRecord) -> None:
         """The ``executed`` record: deferred, so it rides on the chain's next record (or

@@ -27,7 +27,7 @@ from services.tool_proxy.idempotency import IdempotencyStore
 from services.tool_proxy.limits import RateLimiter
 from services.tool_proxy.pipeline import CallPipeline
 from services.tool_proxy.policy_check import PolicyCheck
-from services.tool_proxy.recording import AuditSink, CallRecord, Recorder, outcome
+from services.tool_proxy.recording import AuditSink, CallRecord, Recorder
 from services.tool_proxy.settings import ToolProxySettings
 from services.tool_proxy.tokens import TokenChecker, UseLedger
 from services.tool_proxy.tool_secrets import SecretReader, ToolSecrets
@@ -103,8 +103,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         try:
             response = await self.pipeline.invoke(request, context, call)
         except TesseraError as exc:
-            call.details.update(code=exc.code.name, reason=exc.reason)
-            await self.recorder.record(call, outcome(exc))
+            await self.recorder.record_refusal(call, exc)
             raise
         return response
 

@@ -11,6 +11,9 @@ What a caller may rely on:
 * :meth:`AuditWriter.append` returns only after JetStream acknowledged the record (stored
   with ``sync_interval: always``); on any failure it raises
   :class:`~tessera.runtime.errors.Unavailable` and the caller must not perform the action.
+  A write, once begun, runs to its end even if its caller is cancelled (a gRPC client
+  that went away): a publish cut short would leave the record's fate unknown and the
+  writer's head stale.
 * :meth:`AuditWriter.defer` queues a record that need not be stored before anything else
   happens (a tool call's outcome, after the call): it rides in the ``carried`` field of the
   chain's next record, or is written on its own within ``linger_s``. Such a record is lost
@@ -33,9 +36,9 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import structlog
@@ -54,6 +57,7 @@ from tessera.v1 import audit_pb2
 __all__ = ["AuditWriter"]
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 _WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence mismatch
 _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -234,6 +238,9 @@ class AuditWriter:
         written; the caller must then not perform the audited action.
         """
         body = self._body(kind, workflow_id, task_id, outcome, resource, decision_id, details)
+        return await _uncancellable(self._locked_write(body))
+
+    async def _locked_write(self, body: audit_pb2.AuditRecord) -> audit_pb2.AuditRecord:
         async with self._lock:
             return await self._write(body)
 
@@ -266,6 +273,9 @@ class AuditWriter:
     async def flush(self) -> None:
         """Write every deferred record now (they ride on the last one). Raises
         :class:`Unavailable` when they cannot be written; they stay deferred."""
+        await _uncancellable(self._flush())
+
+    async def _flush(self) -> None:
         async with self._lock:
             while self._deferred:
                 # The oldest records ride on the last one of their batch, in order.
@@ -485,6 +495,9 @@ class AuditWriter:
                 last_exc = exc
                 self._head = None
                 break
+            except asyncio.CancelledError:
+                self._head = None  # the same unknown outcome (close() cancelling a write)
+                raise
             self._head = _head_of(record, ack.seq)
             return record
         log.error("audit_write_failed", writer=self.writer, error=repr(last_exc))
@@ -509,3 +522,19 @@ class AuditWriter:
         # == record_hash(record): ``hash`` is still empty, so no copy is needed.
         record.hash = hashlib.sha256(record.SerializeToString(deterministic=True)).digest()
         return record
+
+
+async def _uncancellable(work: Coroutine[Any, Any, T]) -> T:
+    """``await work`` as a task of its own that a cancelled caller leaves running to its
+    end (its failure, if any, was logged by ``_store``)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_retrieve)
+        raise
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: asyncio would otherwise warn that nobody did

@@ -391,3 +391,72 @@ async def test_a_refund_whose_caller_went_away_is_finished_and_replayed(
     await eventually(replayed)
     assert backends.refund.executions[wf] == 1
     assert len(await effects(mesh, wf)) == 1
+
+
+class HeldAllow:
+    """The proxy's real audit writer, holding one workflow's ``allow`` record until the
+    test lets it go (the moment an agent was killed in the chaos suite)."""
+
+    def __init__(self, writer: Any, workflow_id: str) -> None:
+        self._writer = writer
+        self._workflow_id = workflow_id
+        self.entered, self.go_on = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    async def append(self, kind: Any, **fields: Any) -> Any:
+        if fields["outcome"] == "allow" and fields["workflow_id"] == self._workflow_id:
+            self.entered.set()
+            await self.go_on.wait()
+        return await self._writer.append(kind, **fields)
+
+
+async def test_a_call_whose_caller_went_away_after_it_was_allowed_ends_with_its_outcome(
+    mesh: Mesh, backends: Backends
+) -> None:
+    # An agent killed between the call's policy decision and its backend: gRPC cancels
+    # the handler of a call whose client died (as kill -9 does in the chaos suite). The
+    # `allow` record must never stand alone, and the effect happens once.
+    servicer = mesh.proxy.servicer
+    assert servicer is not None
+    wf, task = new_ids()
+    token = await task_token(mesh, wf, task, tools=[REFUND])
+    writer = servicer.recorder.audit
+    held = HeldAllow(writer, wf)
+    servicer.recorder.audit = held
+    invoke_call = servicer.pipeline.invoke
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def watched(*args: Any) -> Any:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        return await invoke_call(*args)
+
+    servicer.pipeline.invoke = watched  # type: ignore[method-assign]
+    try:
+        request = tool_proxy_pb2.InvokeToolRequest(tool=REFUND, idempotency_key="r")
+        request.context.workflow_id, request.context.task_id = wf, task
+        request.arguments.update(refund_args())
+        call = mesh.stub.InvokeTool(request, metadata=((TOKEN_MD, token.token),), timeout=30)
+        await held.entered.wait()
+        (handler,) = handlers
+        handler.cancel()  # what gRPC does when the client's connection dies
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        held.go_on.set()
+
+        async def finished() -> bool:
+            await writer.flush()
+            outcomes = [r.outcome for r in await audit_records(mesh, wf)]
+            return outcomes == ["allow", "executed"]
+
+        await eventually(finished)
+    finally:
+        held.go_on.set()
+        servicer.recorder.audit = writer
+        del servicer.pipeline.invoke
+    again = await invoke(mesh, token.token, wf, task, REFUND, refund_args(), key="r")
+    assert again.replayed
+    assert backends.refund.executions[wf] == 1
+    assert [r.outcome for r in await audit_records(mesh, wf)] == ["allow", "executed", "replayed"]

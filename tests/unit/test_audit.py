@@ -459,3 +459,43 @@ async def test_deferred_records_survive_a_failed_write(nc: Client, namespace: st
     await writer.close()
     entries = [e async for e in tail(js, topology, n=10)]
     assert [e.record.decision_id for e in entries if e.record] == ["d0"]
+
+
+class _HeldPublishes:
+    """The real JetStream context, holding each publish until the test lets it go."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self.publishing, self.go_on = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        self.publishing.set()
+        await self.go_on.wait()
+        return await self._js.publish(*args, **kwargs)
+
+
+async def test_a_write_whose_caller_is_cancelled_is_stored_and_the_chain_goes_on(
+    bus: tuple[JetStreamContext, Topology],
+) -> None:
+    # A gRPC handler cancelled because its client died mid-call: the record it was
+    # writing is stored all the same, and the next one continues the chain from it.
+    js, topology = bus
+    held = _HeldPublishes(js)
+    writer = AuditWriter(held, topology, writer="proxy-6", actor="tool-proxy")  # type: ignore[arg-type]
+    await writer.start()
+    writer.defer(TOOL_CALL, outcome="executed", decision_id="d0")
+    cut = asyncio.create_task(writer.append(TOOL_CALL, outcome="allow", decision_id="d1"))
+    await held.publishing.wait()
+    cut.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cut
+    held.go_on.set()
+    after = await writer.append(TOOL_CALL, outcome="refused", decision_id="d2")
+
+    assert after.sequence == 2
+    entries = [e async for e in tail(js, topology, n=10)]
+    assert [e.record.decision_id for e in entries if e.record] == ["d0", "d1", "d2"]
+    assert (await verify(js, topology)).ok
