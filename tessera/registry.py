@@ -131,6 +131,18 @@ class Registry:
         kv = await self._bucket()
         await kv.delete(registry_key(descriptor.name, descriptor.instance_id))
 
+    async def deregister_agent(self, agent_name: str) -> int:
+        """Delete every replica entry of ``agent_name`` (fresh or not); how many."""
+        self._cached = None
+        kv = await self._bucket()
+        removed = 0
+        for key in await self._read_all():
+            if _split_key(key)[0] == agent_name:
+                await kv.delete(key)
+                removed += 1
+        self._cached = None
+        return removed
+
     # -- reads ----------------------------------------------------------------------------
 
     async def _snapshot(self) -> dict[str, agent_pb2.AgentDescriptor]:

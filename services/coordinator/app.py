@@ -23,6 +23,7 @@ from services.coordinator.timers import Timers
 from services.coordinator.tokens import MAX_USES, TaskTokens
 from services.coordinator.tool_approvals import ToolApprovals
 from tessera.audit import AuditWriter
+from tessera.frozen import FrozenAgents
 from tessera.policy.store import PolicyStore
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, close, connect, declare
@@ -49,6 +50,7 @@ class Coordinator:
         self.server: GrpcServer | None = None
         self.runner: Runner | None = None
         self.timers: Timers | None = None
+        self.frozen: FrozenAgents | None = None
         self.dispatcher: Dispatcher | None = None
         self.tokens: TaskTokens | None = None
         self.auditor: WorkflowAuditor | None = None
@@ -173,6 +175,9 @@ class Coordinator:
             await self.runner.start()
             self.timers = Timers(store)
             await self.timers.start()
+            # An operator's freeze revokes the tokens of the agent's attempts running here.
+            self.frozen = FrozenAgents(js, self.topology, on_freeze=self.runner.agent_frozen)
+            self.frozen.start()
         await self.server.start()
         if self.settings.metrics_port:
             start_http_server(self.settings.metrics_port, addr="127.0.0.1")
@@ -183,6 +188,8 @@ class Coordinator:
             await self.server.stop()
         if self.timers is not None:
             await self.timers.stop()
+        if self.frozen is not None:
+            await self.frozen.stop()
         if self.runner is not None:
             await self.runner.stop()
         if self.policy_store is not None:

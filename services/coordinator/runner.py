@@ -49,6 +49,7 @@ from tessera.runtime.telemetry import extract_context
 from tessera.v1 import events_pb2
 from tessera.v1.agent_pb2 import AgentDescriptor
 from tessera.v1.common_pb2 import CapabilityContract, Usage
+from tessera.v1.registry_pb2 import FrozenAgent
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -107,6 +108,8 @@ class Runner:
         self._loop_task: asyncio.Task[None] | None = None
         self._steps: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._running: dict[str, tuple[str, str]] = {}
+        """Task token accessor of each attempt running here → (workflow id, agent name)."""
 
     async def start(self) -> None:
         # The ack wait is how fast a dead replica's steps move on (settings.ack_wait_s).
@@ -243,6 +246,7 @@ class Runner:
         finally:
             for flight in in_flight.values():
                 flight.call.cancel()
+                self._running.pop(flight.token_accessor, None)
             metrics.STEP_SECONDS.observe(time.monotonic() - started)
             clear_context()
         if rec.terminal:
@@ -250,6 +254,16 @@ class Runner:
             # The kill switch also fires on normal ends: no task token outlives its workflow.
             self.tokens.revoke_soon(rec.id, rec.token_accessors(), "workflow ended")
             await self.budgets.drop(rec.id)
+
+    async def agent_frozen(self, frozen: FrozenAgent) -> None:
+        """An operator froze ``frozen.name``: revoke the task tokens of its attempts
+        running here, so their next tool call is refused (the policy refuses it too)."""
+        by_workflow: defaultdict[str, list[str]] = defaultdict(list)
+        for accessor, (wf_id, agent) in self._running.items():
+            if agent == frozen.name:
+                by_workflow[wf_id].append(accessor)
+        for wf_id, accessors in by_workflow.items():
+            self.tokens.revoke_soon(wf_id, accessors, f"agent {frozen.name} frozen")
 
     def _next_retry_in(self, rec: WorkflowRecord) -> float | None:
         now = time.time()
@@ -345,6 +359,8 @@ class Runner:
                 self.dispatcher.send(agent, contract, request, dispatch.timeout_s)
             )
             in_flight[dispatch.task_id] = InFlight(dispatch, call, accessor)
+            if accessor:
+                self._running[accessor] = (rec.id, agent.name)
         return revision
 
     async def _budget_shares(
@@ -422,6 +438,7 @@ class Runner:
             if not call.done():
                 continue
             del in_flight[task_id]
+            self._running.pop(flight.token_accessor, None)
             self.tokens.revoke_soon(rec.id, [flight.token_accessor], "task attempt ended")
             answered = not call.cancelled() and call.exception() is None
             settle.append(

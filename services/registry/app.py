@@ -13,6 +13,7 @@ from nats.aio.client import Client
 from services.registry.service import RegistryServicer
 from services.registry.settings import RegistrySettings
 from tessera.audit import AuditWriter
+from tessera.frozen import FrozenAgents
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
@@ -71,6 +72,7 @@ class RegistryApp:
         servicer = RegistryServicer(
             Registry(js, self.topology),
             self.audit,
+            FrozenAgents(js, self.topology),
             write_timeout_s=self.settings.write_timeout_s,
         )
         self.server = GrpcServer(

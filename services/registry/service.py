@@ -2,11 +2,15 @@
 certificate carries, and nothing else.
 
 The caller table (tessera/identity/callers.py) already lets only agents reach this
-service; here the descriptor is checked against the caller (``billing`` may register only
-``billing``), against the limits a hostile descriptor would break (sizes, counts, names,
-versions, the endpoint's shape, output schemas that are not usable draft 2020-12), and the
-heartbeat time is the registry's own clock. Every refusal is answered with a precise status
-and written to the audit chain.
+service (and operators its freeze RPCs); here the descriptor is checked against the
+caller (``billing`` may register only ``billing``), against the limits a hostile
+descriptor would break (sizes, counts, names, versions, the endpoint's shape, output
+schemas that are not usable draft 2020-12), and the heartbeat time is the registry's own
+clock. Every refusal is answered with a precise status and written to the audit chain.
+
+Freezes (``FreezeAgent``): the registry owns the frozen bucket (tessera/frozen.py). A
+frozen agent's entries are removed and its registrations refused; coordinators and tool
+proxies follow the bucket (revoking its running attempts' tokens, refusing its calls).
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ from google.protobuf import duration_pb2, json_format
 
 from tessera import semver
 from tessera.audit import AuditWriter
+from tessera.frozen import FrozenAgents, frozen_key
 from tessera.jsonschema import SchemaError, check_schema
 from tessera.registry import Registry, registry_key
-from tessera.runtime.errors import InvalidArgument, PermissionDenied, TesseraError, Unavailable
+from tessera.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    TesseraError,
+    Unavailable,
+)
 from tessera.runtime.grpc_authz import peer
 from tessera.v1 import agent_pb2, audit_pb2, registry_pb2, registry_pb2_grpc
 
@@ -105,10 +116,21 @@ def _violations(agent: agent_pb2.AgentDescriptor) -> list[tuple[str, str]]:
     return found
 
 
+_MAX_REASON_CHARS = 500
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: Registry, audit: AuditWriter, *, write_timeout_s: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        audit: AuditWriter,
+        frozen: FrozenAgents,
+        *,
+        write_timeout_s: float,
+    ) -> None:
         self.registry = registry
         self.audit = audit
+        self.frozen = frozen
         self.write_timeout_s = write_timeout_s
 
     def _lease(self) -> tuple[duration_pb2.Duration, duration_pb2.Duration]:
@@ -174,11 +196,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         entry.CopyFrom(agent)
         try:
             async with asyncio.timeout(self.write_timeout_s):
-                await self.registry.register(entry)
+                freeze = await self.frozen.read(caller)
+                if freeze is None:
+                    await self.registry.register(entry)
         except Exception as exc:  # a timeout, or NATS reconnecting: the agent retries
             raise Unavailable(
                 "the registry could not be written; retry", reason="REGISTRY_UNAVAILABLE"
             ) from exc
+        if freeze is not None:
+            await self._refuse(
+                FailedPrecondition(
+                    f"agent {caller!r} is frozen; an operator must unfreeze it first",
+                    reason="AGENT_FROZEN",
+                    metadata={"frozen_by": freeze.frozen_by},
+                ),
+                caller=caller,
+                agent=agent.name,
+            )
         lease, interval = self._lease()
         response = registry_pb2.RegisterResponse(lease=lease, heartbeat_interval=interval)
         response.heartbeat_time.GetCurrentTime()
@@ -209,3 +243,90 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 reason="REGISTRY_UNAVAILABLE",
             ) from exc
         return registry_pb2.DeregisterResponse()
+
+    # -- freezes (operators) --------------------------------------------------------------
+
+    def _operator(self) -> str:
+        caller = peer()
+        return str(caller) if caller is not None else "unauthenticated (plaintext server)"
+
+    @staticmethod
+    def _agent_name(name: str) -> str:
+        try:
+            return frozen_key(name[: Limits.max_name_chars + 1])
+        except ValueError as exc:
+            raise InvalidArgument(
+                "not an agent name", reason="BAD_AGENT_NAME", field_violations=[("name", str(exc))]
+            ) from None
+
+    async def _audit_freeze(self, outcome: str, name: str, operator: str, reason: str) -> None:
+        """Written before the change (no freeze nor unfreeze goes unaudited)."""
+        try:
+            await self.audit.append(
+                audit_pb2.AUDIT_KIND_AGENT_FREEZE,
+                outcome=outcome,
+                resource=f"registry/agent/{name}",
+                details={"principal": operator, "reason": reason},
+            )
+        except Unavailable as exc:
+            raise Unavailable(
+                "the audit trail is unavailable: nothing was changed",
+                reason="AUDIT_UNAVAILABLE",
+                retry_after_s=1.0,
+            ) from exc
+
+    async def FreezeAgent(
+        self, request: registry_pb2.FreezeAgentRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.FreezeAgentResponse:
+        name = self._agent_name(request.name)
+        if len(request.reason) > _MAX_REASON_CHARS:
+            raise InvalidArgument(
+                "the reason is too long",
+                reason="BAD_REASON",
+                field_violations=[("reason", f"at most {_MAX_REASON_CHARS} characters")],
+            )
+        operator = self._operator()
+        record = registry_pb2.FrozenAgent(name=name, frozen_by=operator, reason=request.reason)
+        record.freeze_time.GetCurrentTime()
+        await self._audit_freeze("frozen", name, operator, request.reason)
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                in_force = await self.frozen.freeze(record)
+                # Its replicas leave the live set: dispatch goes to other agents.
+                removed = await self.registry.deregister_agent(name)
+        except Exception as exc:
+            raise Unavailable(
+                "the freeze could not be stored; retry (freezing is idempotent)",
+                reason="REGISTRY_UNAVAILABLE",
+                retry_after_s=1.0,
+            ) from exc
+        log.warning("agent_frozen", agent=name, by=operator, replicas_removed=removed)
+        return registry_pb2.FreezeAgentResponse(frozen=in_force, replicas_removed=removed)
+
+    async def UnfreezeAgent(
+        self, request: registry_pb2.UnfreezeAgentRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.UnfreezeAgentResponse:
+        name = self._agent_name(request.name)
+        operator = self._operator()
+        await self._audit_freeze("unfrozen", name, operator, "")
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                was = await self.frozen.unfreeze(name)
+        except Exception as exc:
+            raise Unavailable(
+                "the freeze could not be lifted; retry", reason="REGISTRY_UNAVAILABLE"
+            ) from exc
+        log.warning("agent_unfrozen", agent=name, by=operator, was_frozen=was)
+        return registry_pb2.UnfreezeAgentResponse(was_frozen=was)
+
+    async def ListFrozenAgents(
+        self, request: registry_pb2.ListFrozenAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ListFrozenAgentsResponse:
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                agents = await self.frozen.read_all()
+        except Exception as exc:
+            raise Unavailable(
+                "the frozen agents could not be read", reason="REGISTRY_UNAVAILABLE"
+            ) from exc
+        return registry_pb2.ListFrozenAgentsResponse(agents=agents)

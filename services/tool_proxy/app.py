@@ -21,6 +21,7 @@ from services.tool_proxy.tokens import TokenChecker, UseLedger
 from services.tool_proxy.tools.builtin import builtin_tools
 from services.tool_proxy.tools.registry import ToolRegistry
 from tessera.audit import AuditWriter, hmac_digest
+from tessera.frozen import FrozenAgents
 from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import Unavailable
@@ -61,6 +62,7 @@ class ToolProxy:
         self._mcp: McpServers | None = None
         self._audit: AuditWriter | None = None
         self._embedded: EmbeddedPolicy | None = None
+        self._frozen: FrozenAgents | None = None
         self.workload: Workload | None = None
 
     @property
@@ -147,6 +149,12 @@ class ToolProxy:
         self.tokens.on_revoked(ledger.forget)
         await self.tokens.subscribe(self._nc, self.topology.events_subject(REVOCATION_KIND))
 
+        # Frozen agents (the registry's bucket): their calls are refused by policy. Until
+        # the bucket is read once, every call is refused (UNAVAILABLE, FROZEN_UNKNOWN).
+        self._frozen = FrozenAgents(js, self.topology)
+        self._frozen.start()
+        await self._frozen.wait_ready(s.startup_timeout_s)
+
         embedded: EmbeddedPolicy | None = None
         stub: policy_pb2_grpc.PolicyServiceStub | None = None
         if self.policy_store is not None:
@@ -181,6 +189,7 @@ class ToolProxy:
             audit=audit,
             digest=lambda value: str(hmac_digest(key, value)),
             budgets=LiveBudgets(budgets_kv, default_cents=s.default_budget_remaining_cents),
+            frozen=self._frozen,
         )
         servicer = self.servicer
         self.server = GrpcServer(
@@ -216,6 +225,9 @@ class ToolProxy:
             self._audit = None
         if self.tokens is not None:
             await self.tokens.close()
+        if self._frozen is not None:
+            await self._frozen.stop()
+            self._frozen = None
         if self._mcp is not None:
             await self._mcp.stop()
             self._mcp = None

@@ -19,6 +19,7 @@ from services.tool_proxy.settings import ToolProxySettings
 from services.tool_proxy.tokens import VerifiedToken
 from services.tool_proxy.tools.registry import Tool
 from services.tool_proxy.wire import to_struct
+from tessera.frozen import FrozenAgents
 from tessera.policy.engine import CheckInput
 from tessera.runtime.errors import PermissionDenied, Unavailable
 from tessera.v1 import common_pb2, policy_pb2, policy_pb2_grpc, tool_proxy_pb2
@@ -61,6 +62,7 @@ class PolicyCheck:
         policy: policy_pb2_grpc.PolicyServiceStub | None,
         embedded_policy: EmbeddedPolicy | None,
         budgets: LiveBudgets | None = None,
+        frozen: FrozenAgents | None = None,
     ) -> None:
         if (policy is None) == (embedded_policy is None):
             raise ValueError("give exactly one of policy and embedded_policy")
@@ -70,6 +72,7 @@ class PolicyCheck:
         self.budgets = budgets or LiveBudgets(
             None, default_cents=settings.default_budget_remaining_cents
         )
+        self.frozen = frozen
 
     async def check(
         self,
@@ -101,7 +104,11 @@ class PolicyCheck:
         tools = sorted(
             verified.tools | {spec.name} if spec.scope in verified.tools else verified.tools
         )
-        principal_attrs = {"tier": meta.get("tier", "standard"), "tools": tools}
+        principal_attrs = {
+            "tier": meta.get("tier", "standard"),
+            "tools": tools,
+            "frozen": self._frozen(verified.agent),
+        }
         resource_attrs = {
             "name": spec.name,
             "side_effect": spec.side_effect.value,
@@ -166,6 +173,17 @@ class PolicyCheck:
                 retry_after_s=1.0,
             ) from None
         return response
+
+    def _frozen(self, agent: str) -> bool:
+        if self.frozen is None:
+            return False
+        if not self.frozen.ready:  # fail closed: a freeze may be in force
+            raise Unavailable(
+                "the frozen agents are not known yet: the call is refused",
+                reason="FROZEN_UNKNOWN",
+                retry_after_s=1.0,
+            )
+        return self.frozen.is_frozen(agent)
 
     def note(self, call: CallRecord, decision: policy_pb2.CheckResponse) -> None:
         """Put the decision into the call's audit record."""

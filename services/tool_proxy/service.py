@@ -33,6 +33,7 @@ from services.tool_proxy.tokens import TokenChecker, UseLedger
 from services.tool_proxy.tool_secrets import SecretReader, ToolSecrets
 from services.tool_proxy.tools.registry import ToolRegistry
 from services.tool_proxy.wire import Malformed, safe_deserializer
+from tessera.frozen import FrozenAgents
 from tessera.runtime.errors import TesseraError
 from tessera.v1 import policy_pb2_grpc, tool_proxy_pb2, tool_proxy_pb2_grpc
 
@@ -56,10 +57,12 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
         digest: Callable[[str], str],
         embedded_policy: EmbeddedPolicy | None = None,
         budgets: LiveBudgets | None = None,
+        frozen: FrozenAgents | None = None,
     ) -> None:
         """Exactly one of ``policy`` (remote mode: the policy service's stub) and
         ``embedded_policy`` (embedded mode) decides. ``budgets`` reads the live
-        ``budget_remaining`` (default: the token meta's, or the configured default)."""
+        ``budget_remaining`` (default: the token meta's, or the configured default);
+        ``frozen``, the agents frozen by an operator (default: none is)."""
         self.settings = settings
         self.registry = registry
         self.recorder = Recorder(audit, digest)
@@ -70,6 +73,7 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
                 policy=policy,
                 embedded_policy=embedded_policy,
                 budgets=budgets,
+                frozen=frozen,
             ),
             recorder=self.recorder,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tessera.cli import audit, creds, demo, login, mesh, policy, vault, workflows
+from tessera.cli import agents, audit, creds, demo, login, mesh, policy, vault, workflows
 
 app = typer.Typer(
     name="tessera",
@@ -19,6 +19,7 @@ mesh.register(app)
 login.register(app)
 workflows.register(app)
 demo.register(app)
+app.add_typer(agents.app, name="agents")
 app.add_typer(policy.app, name="policy")
 app.add_typer(audit.app, name="audit")
 app.add_typer(vault.app, name="vault")

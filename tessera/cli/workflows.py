@@ -1,4 +1,4 @@
-"""`tessera run|watch|approve|reject|cancel|workflows|agents`: using a running mesh.
+"""`tessera run|watch|approve|reject|cancel|workflows`: using a running mesh.
 
 Every command goes through the gateway as a logged-in person (`tessera login`; `--as`
 picks one of several logins, `TESSERA_TOKEN` overrides them all)."""
@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.table import Table
 
 from tessera.cli import sessions
-from tessera.cli._local import nats_options, nats_url
 from tessera.cli.timeline import line
 from tessera.client import TOKEN_ENV, MeshClient
 from tessera.launcher import mesh as launcher
@@ -274,32 +273,6 @@ def workflows(
     _run(gateway, work, who)
 
 
-def agents() -> None:
-    """List the agents registered in the live registry, with their capabilities."""
-    from tessera.registry import Registry
-    from tessera.runtime.bus import Topology, connect
-    from tessera.runtime.config import CommonSettings
-
-    settings = CommonSettings()
-    url = nats_url(settings.nats_url)
-
-    async def main() -> None:
-        nc = await connect(url, name="cli", initial_timeout_s=5, **nats_options())
-        try:
-            registry = Registry(nc.jetstream(), Topology(settings.namespace))
-            table = Table(title="agents", title_justify="left")
-            for column in ("agent", "instance", "endpoint", "capabilities"):
-                table.add_column(column)
-            for agent in sorted(await registry.agents(), key=lambda a: a.name):
-                caps = ", ".join(f"{c.name}@{c.version}" for c in agent.capabilities)
-                table.add_row(agent.name, agent.instance_id, agent.endpoint, caps)
-            out.print(table)
-        finally:
-            await nc.close()
-
-    asyncio.run(main())
-
-
 def register(app: typer.Typer) -> None:
-    for command in (run, watch, approve, reject, cancel, workflows, agents):
+    for command in (run, watch, approve, reject, cancel, workflows):
         app.command()(command)

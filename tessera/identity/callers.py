@@ -31,6 +31,10 @@ CALLERS: Mapping[str, frozenset[str]] = {
     "tessera.v1.ToolProxyService/DecideApproval": frozenset({"service/coordinator"}),
     # An agent registers itself (the registry checks the name is the caller's).
     "tessera.v1.RegistryService/*": frozenset({"agent/*"}),
+    # Freezing an agent (the kill switch for one agent) is an operator's action.
+    "tessera.v1.RegistryService/FreezeAgent": frozenset({_OPERATOR}),
+    "tessera.v1.RegistryService/UnfreezeAgent": frozenset({_OPERATOR}),
+    "tessera.v1.RegistryService/ListFrozenAgents": frozenset({_OPERATOR}),
     "tessera.v1.PlannerService/*": frozenset({"service/coordinator", _OPERATOR}),
     "tessera.v1.PolicyService/Check": frozenset(
         {"service/tool-proxy", "service/coordinator", _OPERATOR}

@@ -277,6 +277,13 @@ class Topology:
         return f"{self._ns}_registry"
 
     @property
+    def frozen_bucket(self) -> str:
+        """Frozen agents (``tessera.v1.FrozenAgent`` per agent name), owned by the registry
+        service; coordinators and tool proxies follow it. No TTL: a freeze lasts until an
+        operator lifts it."""
+        return f"{self._ns}_frozen"
+
+    @property
     def workflows_bucket(self) -> str:
         return f"{self._ns}_workflows"
 
@@ -318,6 +325,7 @@ class Topology:
     def buckets(self) -> tuple[KvSpec, ...]:
         return (
             KvSpec(self.registry_bucket, ttl_s=self.registry_ttl_s),
+            KvSpec(self.frozen_bucket),
             KvSpec(self.workflows_bucket),
             KvSpec(self.blackboard_bucket, history=16),
             KvSpec(self.idempotency_bucket),

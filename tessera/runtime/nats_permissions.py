@@ -111,6 +111,7 @@ class _ReadScope:
 
 def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
     registry = _kv_stream(t.registry_bucket)
+    frozen = _kv_stream(t.frozen_bucket)
     return {
         # Workflow state and events, the work queue, and who to dispatch to.
         "coordinator": _ReadScope(
@@ -121,6 +122,7 @@ def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
                 _kv_stream(t.blackboard_bucket),
                 _kv_stream(t.budgets_bucket),
                 registry,
+                frozen,  # frozen agents: their running attempts' tokens are revoked
             ),
             audit_chains=True,
         ),
@@ -133,12 +135,13 @@ def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
                 _kv_stream(t.idempotency_bucket),
                 _kv_stream(t.approvals_bucket),
                 _kv_stream(t.budgets_bucket),
+                frozen,  # frozen agents: their calls are refused by policy
             ),
             subjects=(t.events_subject("token.revoked"), t.policy_reload_subject),
             audit_chains=True,
         ),
         "policy": _ReadScope((), audit_chains=True),
-        "registry": _ReadScope((registry,), audit_chains=True),
+        "registry": _ReadScope((registry, frozen), audit_chains=True),
         # Readers of the registry: capabilities to plan with, endpoints to route to.
         "planner": _ReadScope((registry,)),
         "gateway-control-plane": _ReadScope((registry,)),
@@ -173,7 +176,7 @@ def _owned(identity: str, t: Topology) -> tuple[str, ...]:
             t.events_subject("tool.effects"),
         ),
         "policy": (t.policy_reload_subject,),
-        "registry": (_kv(t.registry_bucket),),
+        "registry": (_kv(t.registry_bucket), _kv(t.frozen_bucket)),
     }
     return (*owned.get(identity, ()), t.audit_owner_subjects(identity))
 

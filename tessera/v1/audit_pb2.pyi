@@ -47,6 +47,8 @@ class _AuditKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditKind.V
     """A credential was rotated."""
     AUDIT_KIND_CHECKPOINT: _AuditKind.ValueType  # 9
     """The writer signed its chain head (the record's `checkpoint` says which head and how)."""
+    AUDIT_KIND_AGENT_FREEZE: _AuditKind.ValueType  # 10
+    """An operator froze or unfroze an agent (outcome "frozen" | "unfrozen")."""
 
 class AuditKind(_AuditKind, metaclass=_AuditKindEnumTypeWrapper):
     """AuditKind classifies audit records."""
@@ -71,6 +73,8 @@ AUDIT_KIND_CREDENTIAL_ROTATED: AuditKind.ValueType  # 8
 """A credential was rotated."""
 AUDIT_KIND_CHECKPOINT: AuditKind.ValueType  # 9
 """The writer signed its chain head (the record's `checkpoint` says which head and how)."""
+AUDIT_KIND_AGENT_FREEZE: AuditKind.ValueType  # 10
+"""An operator froze or unfroze an agent (outcome "frozen" | "unfrozen")."""
 Global___AuditKind: _TypeAlias = AuditKind  # noqa: Y015
 
 @_typing.final

@@ -3,10 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from tessera.v1 import agent_pb2 as _agent_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +20,183 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class FrozenAgent(_message.Message):
+    """FrozenAgent is the record of one freeze: the value of the agent's key in the frozen
+    bucket (owned by the registry service; coordinators and tool proxies follow it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FROZEN_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FREEZE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The agent's name (its certificate name)."""
+    frozen_by: _builtins.str
+    """Who froze it: the caller's verified identity (e.g. "service/operator")."""
+    reason: _builtins.str
+    """Why, as the operator said it."""
+    @_builtins.property
+    def freeze_time(self) -> _timestamp_pb2.Timestamp:
+        """When (the registry's clock)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        frozen_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        freeze_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["freeze_time", b"freeze_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freeze_time", b"freeze_time", "frozen_by", b"frozen_by", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrozenAgent: _TypeAlias = FrozenAgent  # noqa: Y015
+
+@_typing.final
+class FreezeAgentRequest(_message.Message):
+    """FreezeAgentRequest names the agent to freeze."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The agent's name, e.g. "billing"."""
+    reason: _builtins.str
+    """Why (recorded in the freeze and the audit trail; at most 500 characters)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeAgentRequest: _TypeAlias = FreezeAgentRequest  # noqa: Y015
+
+@_typing.final
+class FreezeAgentResponse(_message.Message):
+    """FreezeAgentResponse is the freeze in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROZEN_FIELD_NUMBER: _builtins.int
+    REPLICAS_REMOVED_FIELD_NUMBER: _builtins.int
+    replicas_removed: _builtins.int
+    """Replica entries removed from the registry by this call."""
+    @_builtins.property
+    def frozen(self) -> Global___FrozenAgent:
+        """The freeze record (the first one, if the agent was already frozen)."""
+
+    def __init__(
+        self,
+        *,
+        frozen: Global___FrozenAgent | None = ...,
+        replicas_removed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "replicas_removed", b"replicas_removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeAgentResponse: _TypeAlias = FreezeAgentResponse  # noqa: Y015
+
+@_typing.final
+class UnfreezeAgentRequest(_message.Message):
+    """UnfreezeAgentRequest names the agent to unfreeze."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The agent's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnfreezeAgentRequest: _TypeAlias = UnfreezeAgentRequest  # noqa: Y015
+
+@_typing.final
+class UnfreezeAgentResponse(_message.Message):
+    """UnfreezeAgentResponse says whether there was a freeze to lift."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAS_FROZEN_FIELD_NUMBER: _builtins.int
+    was_frozen: _builtins.bool
+    """False when the agent was not frozen."""
+    def __init__(
+        self,
+        *,
+        was_frozen: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["was_frozen", b"was_frozen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnfreezeAgentResponse: _TypeAlias = UnfreezeAgentResponse  # noqa: Y015
+
+@_typing.final
+class ListFrozenAgentsRequest(_message.Message):
+    """ListFrozenAgentsRequest is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFrozenAgentsRequest: _TypeAlias = ListFrozenAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListFrozenAgentsResponse(_message.Message):
+    """ListFrozenAgentsResponse lists the freezes in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrozenAgent]:
+        """By name."""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___FrozenAgent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFrozenAgentsResponse: _TypeAlias = ListFrozenAgentsResponse  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):

@@ -48,6 +48,21 @@ class RegistryServiceStub:
                 request_serializer=tessera_dot_v1_dot_registry__pb2.DeregisterRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_registry__pb2.DeregisterResponse.FromString,
                 _registered_method=True)
+        self.FreezeAgent = channel.unary_unary(
+                '/tessera.v1.RegistryService/FreezeAgent',
+                request_serializer=tessera_dot_v1_dot_registry__pb2.FreezeAgentRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_registry__pb2.FreezeAgentResponse.FromString,
+                _registered_method=True)
+        self.UnfreezeAgent = channel.unary_unary(
+                '/tessera.v1.RegistryService/UnfreezeAgent',
+                request_serializer=tessera_dot_v1_dot_registry__pb2.UnfreezeAgentRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_registry__pb2.UnfreezeAgentResponse.FromString,
+                _registered_method=True)
+        self.ListFrozenAgents = channel.unary_unary(
+                '/tessera.v1.RegistryService/ListFrozenAgents',
+                request_serializer=tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -75,6 +90,32 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreezeAgent(self, request, context):
+        """FreezeAgent takes an agent out of service until it is unfrozen: its replicas'
+        entries are removed (work goes to other agents offering the capability), its
+        registrations are refused (FAILED_PRECONDITION, reason AGENT_FROZEN), the
+        coordinators revoke the task tokens of its running attempts, and the tool proxy
+        refuses its tool calls by policy. Operators only; audited. Idempotent: freezing a
+        frozen agent keeps the first freeze's record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnfreezeAgent(self, request, context):
+        """UnfreezeAgent lets a frozen agent register and call tools again. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFrozenAgents(self, request, context):
+        """ListFrozenAgents lists the agents frozen now, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -87,6 +128,21 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.Deregister,
                     request_deserializer=tessera_dot_v1_dot_registry__pb2.DeregisterRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_registry__pb2.DeregisterResponse.SerializeToString,
+            ),
+            'FreezeAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeAgent,
+                    request_deserializer=tessera_dot_v1_dot_registry__pb2.FreezeAgentRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_registry__pb2.FreezeAgentResponse.SerializeToString,
+            ),
+            'UnfreezeAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnfreezeAgent,
+                    request_deserializer=tessera_dot_v1_dot_registry__pb2.UnfreezeAgentRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_registry__pb2.UnfreezeAgentResponse.SerializeToString,
+            ),
+            'ListFrozenAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFrozenAgents,
+                    request_deserializer=tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -147,6 +203,87 @@ class RegistryService:
             '/tessera.v1.RegistryService/Deregister',
             tessera_dot_v1_dot_registry__pb2.DeregisterRequest.SerializeToString,
             tessera_dot_v1_dot_registry__pb2.DeregisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.RegistryService/FreezeAgent',
+            tessera_dot_v1_dot_registry__pb2.FreezeAgentRequest.SerializeToString,
+            tessera_dot_v1_dot_registry__pb2.FreezeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnfreezeAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.RegistryService/UnfreezeAgent',
+            tessera_dot_v1_dot_registry__pb2.UnfreezeAgentRequest.SerializeToString,
+            tessera_dot_v1_dot_registry__pb2.UnfreezeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFrozenAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.RegistryService/ListFrozenAgents',
+            tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsRequest.SerializeToString,
+            tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,18 @@ class RegistryServiceStub:
     """
     Deregister: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeregisterRequest, _registry_pb2.DeregisterResponse]
     """Deregister removes one of the caller's replicas (a graceful stop). Idempotent."""
+    FreezeAgent: _grpc.UnaryUnaryMultiCallable[_registry_pb2.FreezeAgentRequest, _registry_pb2.FreezeAgentResponse]
+    """FreezeAgent takes an agent out of service until it is unfrozen: its replicas'
+    entries are removed (work goes to other agents offering the capability), its
+    registrations are refused (FAILED_PRECONDITION, reason AGENT_FROZEN), the
+    coordinators revoke the task tokens of its running attempts, and the tool proxy
+    refuses its tool calls by policy. Operators only; audited. Idempotent: freezing a
+    frozen agent keeps the first freeze's record.
+    """
+    UnfreezeAgent: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UnfreezeAgentRequest, _registry_pb2.UnfreezeAgentResponse]
+    """UnfreezeAgent lets a frozen agent register and call tools again. Idempotent."""
+    ListFrozenAgents: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListFrozenAgentsRequest, _registry_pb2.ListFrozenAgentsResponse]
+    """ListFrozenAgents lists the agents frozen now, by name."""
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -65,6 +77,18 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """
     Deregister: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeregisterRequest, _registry_pb2.DeregisterResponse]  # type: ignore[assignment]
     """Deregister removes one of the caller's replicas (a graceful stop). Idempotent."""
+    FreezeAgent: _aio.UnaryUnaryMultiCallable[_registry_pb2.FreezeAgentRequest, _registry_pb2.FreezeAgentResponse]  # type: ignore[assignment]
+    """FreezeAgent takes an agent out of service until it is unfrozen: its replicas'
+    entries are removed (work goes to other agents offering the capability), its
+    registrations are refused (FAILED_PRECONDITION, reason AGENT_FROZEN), the
+    coordinators revoke the task tokens of its running attempts, and the tool proxy
+    refuses its tool calls by policy. Operators only; audited. Idempotent: freezing a
+    frozen agent keeps the first freeze's record.
+    """
+    UnfreezeAgent: _aio.UnaryUnaryMultiCallable[_registry_pb2.UnfreezeAgentRequest, _registry_pb2.UnfreezeAgentResponse]  # type: ignore[assignment]
+    """UnfreezeAgent lets a frozen agent register and call tools again. Idempotent."""
+    ListFrozenAgents: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListFrozenAgentsRequest, _registry_pb2.ListFrozenAgentsResponse]  # type: ignore[assignment]
+    """ListFrozenAgents lists the agents frozen now, by name."""
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService keeps the live set of agent replicas. It is the only writer of the
@@ -93,5 +117,35 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.DeregisterResponse, _abc.Awaitable[_registry_pb2.DeregisterResponse]]:
         """Deregister removes one of the caller's replicas (a graceful stop). Idempotent."""
+
+    @_abc_1.abstractmethod
+    def FreezeAgent(
+        self,
+        request: _registry_pb2.FreezeAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.FreezeAgentResponse, _abc.Awaitable[_registry_pb2.FreezeAgentResponse]]:
+        """FreezeAgent takes an agent out of service until it is unfrozen: its replicas'
+        entries are removed (work goes to other agents offering the capability), its
+        registrations are refused (FAILED_PRECONDITION, reason AGENT_FROZEN), the
+        coordinators revoke the task tokens of its running attempts, and the tool proxy
+        refuses its tool calls by policy. Operators only; audited. Idempotent: freezing a
+        frozen agent keeps the first freeze's record.
+        """
+
+    @_abc_1.abstractmethod
+    def UnfreezeAgent(
+        self,
+        request: _registry_pb2.UnfreezeAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.UnfreezeAgentResponse, _abc.Awaitable[_registry_pb2.UnfreezeAgentResponse]]:
+        """UnfreezeAgent lets a frozen agent register and call tools again. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def ListFrozenAgents(
+        self,
+        request: _registry_pb2.ListFrozenAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListFrozenAgentsResponse, _abc.Awaitable[_registry_pb2.ListFrozenAgentsResponse]]:
+        """ListFrozenAgents lists the agents frozen now, by name."""
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
