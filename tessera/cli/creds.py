@@ -1,10 +1,13 @@
-"""`tessera creds rotate [approle <identity> | tool <tool> | signing [<writer>] | nats | all]`:
+"""`tessera creds rotate [approle <id> | tool <tool> | signing [<writer>] | nats | humans | all]`:
 rotate credentials while the mesh keeps serving (procedure and guarantees: vault/README.md,
 "Rotation"). ``signing`` adds a version to the audit checkpoint signing keys
 (``transit/keys/audit-<writer>``); writers sign with it from their next checkpoint, and
 checkpoints signed with older versions still verify. ``nats`` (local mesh only) issues the
 NATS servers' certificate again and has them reload it (clients' NATS credentials are their
-workload certificates, which renew themselves).
+workload certificates, which renew themselves). ``humans`` rotates the key that signs
+people's identity tokens (OpenBao's identity OIDC key): tokens are signed with the new key
+at once, tokens already issued keep verifying until they expire (the key's
+``verification_ttl``), and the gateway control plane pushes the new key set to Envoy.
 
 Same Vault target as `tessera vault bootstrap`: the local mesh (state.json + root token) or
 ``--addr`` with ``VAULT_TOKEN``. Each step is audited (``credential_rotated``) on the
@@ -78,10 +81,35 @@ class NatsRotation:
         return not self.error
 
 
+@dataclass(frozen=True)
+class HumansTarget:
+    """The key that signs people's identity tokens (``identity/oidc/key/<name>``)."""
+
+    name: str
+    kind: str = "humans"
+
+    @property
+    def resource(self) -> str:
+        return f"identity/oidc/key/{self.name}"
+
+
+@dataclass
+class HumansRotation:
+    """The outcome of the identity token key's rotation (how many keys now verify)."""
+
+    target: HumansTarget
+    published_keys: int = 0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
 if TYPE_CHECKING:
     from tessera.vault.rotation import AuditSink, Rotation
 
-    Outcome = Rotation | SigningRotation | NatsRotation
+    Outcome = Rotation | SigningRotation | NatsRotation | HumansRotation
 
 app = typer.Typer(
     name="creds",
@@ -95,7 +123,7 @@ out = Console()
 err = Console(stderr=True)
 
 EXIT_PARTIAL = 1
-KINDS = ("approle", "tool", "signing", "nats", "all")
+KINDS = ("approle", "tool", "signing", "nats", "humans", "all")
 
 
 @app.callback()
@@ -122,7 +150,7 @@ async def _run(
     from tessera.vault.rotation import AUDIT_WRITER, Target, audit_writer, rotate
 
     targets = None
-    if what not in ("all", "signing", "nats"):
+    if what not in ("all", "signing", "nats", "humans"):
         targets = [Target("approle" if what == "approle" else "tool", name or "")]
 
     def progress(msg: str) -> None:
@@ -134,12 +162,16 @@ async def _run(
             # First: a reload is instant, and an expiring server certificate is the one
             # credential whose lapse stops every new NATS connection.
             rotations.append(await _rotate_nats(data_dir, addr, writer, progress))
-        if what not in ("signing", "nats"):
+        if what not in ("signing", "nats", "humans"):
             rotations += await rotate(
                 addr, token, secrets_dir, targets, grace_s=grace_s, audit=writer, progress=progress
             )
         if what in ("signing", "all"):
             rotations += await _rotate_signing(addr, token, name, writer, progress)
+        if what in ("humans", "all"):
+            # `all` skips a Vault with no people configured (no identity token key).
+            rotation = await _rotate_humans(addr, token, writer, progress, required=what != "all")
+            rotations += [rotation] if rotation is not None else []
         return rotations
 
     settings = CommonSettings()
@@ -239,10 +271,56 @@ async def _rotate_nats(
     return rot
 
 
+async def _rotate_humans(
+    addr: str,
+    token: str,
+    audit: AuditSink | None,
+    progress: Callable[[str], None],
+    *,
+    required: bool,
+) -> HumansRotation | None:
+    """Rotate the identity token signing key; None when it does not exist and is not
+    ``required``."""
+    import hvac
+    import hvac.exceptions
+
+    from tessera.v1 import audit_pb2
+    from tessera.vault.humans import SIGNING_KEY
+
+    rot = HumansRotation(HumansTarget(SIGNING_KEY))
+    client = hvac.Client(url=addr, token=token, timeout=10)
+    try:
+        exists = await asyncio.to_thread(client.read, f"identity/oidc/key/{SIGNING_KEY}")
+        if exists is None and not required:
+            return None
+        # The key's own verification_ttl (the token TTL, set by `tessera vault bootstrap`)
+        # keeps the previous key published until every token it signed has expired.
+        await asyncio.to_thread(client.write, f"identity/oidc/key/{SIGNING_KEY}/rotate")
+        keys = await asyncio.to_thread(client.read, "identity/oidc/.well-known/keys")
+        rot.published_keys = len((keys or {}).get("keys") or [])
+        progress(f"{rot.target.resource}: rotated, {rot.published_keys} keys published")
+    except (hvac.exceptions.VaultError, OSError) as exc:
+        rot.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        client.adapter.close()
+    if audit is not None:
+        try:
+            await audit.append(
+                audit_pb2.AUDIT_KIND_CREDENTIAL_ROTATED,
+                outcome="failed" if rot.error else "rotated",
+                resource=rot.target.resource,
+                details={"kind": "humans", "name": SIGNING_KEY, "keys": rot.published_keys},
+            )
+        except Unavailable as exc:
+            err.print(f"[yellow]warning:[/] rotation not audited: {exc}", highlight=False)
+    return rot
+
+
 @app.command("rotate")
 def rotate_cmd(
     what: Annotated[
-        str, typer.Argument(help="approle | tool | signing | nats | all", show_default=False)
+        str,
+        typer.Argument(help="approle | tool | signing | nats | humans | all", show_default=False),
     ],
     name: Annotated[
         str | None,
@@ -282,9 +360,9 @@ def rotate_cmd(
         raise fail(f"expected one of {', '.join(KINDS)}, got {what!r}", 2)
     if what == "all" and name:
         raise fail("`all` takes no name", 2)
-    if what == "nats" and name:
-        raise fail("`nats` takes no name", 2)
-    if what not in ("all", "signing", "nats") and not name:
+    if what in ("nats", "humans") and name:
+        raise fail(f"`{what}` takes no name", 2)
+    if what not in ("all", "signing", "nats", "humans") and not name:
         raise fail(
             f"`{what}` needs a name (e.g. `tessera creds rotate {what} "
             f"{'tool-proxy' if what == 'approle' else 'kb.search'}`)",
@@ -335,7 +413,8 @@ def rotate_cmd(
         f"({sum(r.target.kind == 'approle' for r in rotations)} AppRole, "
         f"{sum(r.target.kind == 'tool' for r in rotations)} tool secrets, "
         f"{sum(r.target.kind == 'signing' for r in rotations)} signing keys, "
-        f"{sum(r.target.kind == 'nats' for r in rotations)} NATS server certificate)",
+        f"{sum(r.target.kind == 'nats' for r in rotations)} NATS server certificate, "
+        f"{sum(r.target.kind == 'humans' for r in rotations)} identity token key)",
         highlight=False,
     )
     for rot in failed:

@@ -9,16 +9,21 @@ The stack is the one of test_gateway.py, started once for this module.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 
 import grpc
-import hvac
 import pytest
 from google.protobuf import struct_pb2
 
 from tessera.runtime.principal import CLAIMS_HEADER, encode_claims
 from tessera.v1 import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
+from tests.integration.harness import REPO
 from tests.integration.people import OTHER_AUDIENCE_ROLE, SHORT_ROLE, claims
 from tests.integration.test_gateway import (  # noqa: F401 (fixtures)
     Stack,
@@ -32,6 +37,12 @@ from tests.integration.test_gateway import (  # noqa: F401 (fixtures)
 )
 
 START = "/v1/workflows"
+
+
+def key_id(token: str) -> str:
+    """The ``kid`` of a token's header: which of the issuer's keys signed it."""
+    head = token.split(".")[0]
+    return str(json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))["kid"])
 
 
 def get(stack: Stack, token: str | None) -> int:  # noqa: F811
@@ -93,16 +104,27 @@ async def test_a_spoofed_identity_header_is_replaced_by_the_verified_one(
 
 
 async def test_a_rotated_key_reaches_envoy(stack: Stack) -> None:  # noqa: F811
-    """Keys rotate at the issuer; the control plane pushes the new set and tokens signed
-    with the new key verify (within its refresh interval, 0.5 s in this stack)."""
+    """`tessera creds rotate humans` rotates the key at the issuer; the control plane
+    pushes the new set, tokens signed with the new key verify (within its refresh
+    interval, 0.5 s in this stack) and tokens signed before still do until they expire."""
     crowd = stack.people
-    client = hvac.Client(url=crowd.openbao.addr, token=crowd.openbao.root_token)
-    try:
-        client.write("identity/oidc/key/tessera-humans/rotate", verification_ttl="1h")
-    finally:
-        client.adapter.close()
+    before = crowd.fresh_token("carol")
+    command = ["rotate", "humans", "--addr", crowd.openbao.addr, "--no-audit"]
+    rotated = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tessera.cli.creds", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "VAULT_TOKEN": crowd.openbao.root_token, "COLUMNS": "200"},
+    )
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert "identity/oidc/key/tessera-humans: rotated" in rotated.stdout, rotated.stdout
     fresh = crowd.fresh_token("carol")
+    assert key_id(fresh) != key_id(before)  # signed with the new key
     deadline = time.monotonic() + 10
     while (status := await asyncio.to_thread(get, stack, fresh)) != 404:
         assert status == 401 and time.monotonic() < deadline, status
         await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(get, stack, before) == 404  # still valid

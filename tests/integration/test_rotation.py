@@ -220,6 +220,8 @@ async def test_rotate_all_under_load_fails_no_call(
         # 2. One CLI run, same traffic.
         output = await run_cli(bao, secrets_dir, mesh.topology.namespace, nats_url)
         assert "rotated" in output and "failed" not in output
+        # People's identity token key too (the mesh's Vault has people: vault/humans.yaml).
+        assert "identity/oidc/key/tessera-humans: rotated" in output, output
 
         await asyncio.sleep(1.5)  # past the 1 s secret cache: calls now use the new key
     finally:
@@ -276,9 +278,12 @@ async def test_rotate_all_under_load_fails_no_call(
     for record in records:
         by_outcome.setdefault(record.outcome, set()).add(record.resource)
         assert record.actor == "tessera-creds"
-    # `rotate all` also adds a version to every audit signing key ("rotated", one per key).
+    # `rotate all` also adds a version to every audit signing key and rotates the key of
+    # people's identity tokens ("rotated", one record each).
     signing = by_outcome.pop("rotated", set())
-    assert all(resource.startswith("signing/audit-") for resource in signing), signing
+    assert "identity/oidc/key/tessera-humans" in signing, signing
+    signing.discard("identity/oidc/key/tessera-humans")
+    assert signing and all(r.startswith("signing/audit-") for r in signing), signing
     assert set(by_outcome) == {"issued", "retired"}
     assert by_outcome["issued"] == by_outcome["retired"] == rotated
     credential_records = [r for r in records if r.outcome != "rotated"]
