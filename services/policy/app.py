@@ -11,6 +11,7 @@ from nats.aio.client import Client
 from services.policy.service import PolicyServicer
 from services.policy.settings import PolicySettings
 from tessera.audit import AuditWriter
+from tessera.policy.distribution import PolicyPublisher
 from tessera.policy.engine import LoadedPolicySet
 from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect, declare, msg_id_headers
@@ -37,6 +38,7 @@ class PolicyService:
         self.servicer: PolicyServicer | None = None
         self.server: GrpcServer | None = None
         self.workload: Workload | None = None
+        self.publisher: PolicyPublisher | None = None
 
     @property
     def address(self) -> str:
@@ -90,6 +92,11 @@ class PolicyService:
             identity=self.workload.certificate,
         )
         await self.server.start()
+        # The administration point: every decision point elsewhere decides with this set.
+        self.publisher = PolicyPublisher(
+            js, self.topology, self.store, renew_interval_s=self.settings.lease_renew_s
+        )
+        await self.publisher.start()
         return self.server.address
 
     async def _announce_reload(self, ps: LoadedPolicySet) -> None:
@@ -107,6 +114,9 @@ class PolicyService:
         log.info("policy_reload_announced", version=ps.version)
 
     async def stop(self) -> None:
+        if self.publisher is not None:
+            await self.publisher.stop()  # decision points go stale past their bound
+            self.publisher = None
         if self.server is not None:
             await self.server.stop()
         if self.servicer is not None:

@@ -27,6 +27,9 @@ class PolicySettings(ServiceSettings):
     policy_dir: Path = Path("policy")
     """Directory holding ``schema.cedarschema`` and ``policies/*.cedar``."""
     poll_interval_s: float = Field(default=1.0, gt=0)
+    lease_renew_s: float = Field(default=1.0, gt=0)
+    """How often the distributed set's lease is renewed (tessera/policy/distribution.py);
+    decision points following it refuse once they have seen no renewal for their bound."""
     """How often the policy files' mtimes are compared for hot reload."""
     instance_id: str = Field(default_factory=_default_instance_id, pattern=r"^[A-Za-z0-9_-]+$")
     """Names this instance's audit chain. Keep it stable across restarts so the chain

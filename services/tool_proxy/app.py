@@ -22,6 +22,7 @@ from services.tool_proxy.tools.builtin import builtin_tools
 from services.tool_proxy.tools.registry import ToolRegistry
 from tessera.audit import AuditWriter, hmac_digest
 from tessera.frozen import FrozenAgents
+from tessera.policy.distribution import DistributedPolicySet
 from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import Unavailable
@@ -63,6 +64,8 @@ class ToolProxy:
         self._audit: AuditWriter | None = None
         self._embedded: EmbeddedPolicy | None = None
         self._frozen: FrozenAgents | None = None
+        self.distributed: DistributedPolicySet | None = None
+        """The policy service's set (``policy_mode = "distributed"`` only)."""
         self.workload: Workload | None = None
 
     @property
@@ -161,6 +164,15 @@ class ToolProxy:
             embedded = EmbeddedPolicy(self.policy_store)
             await embedded.follow_reloads(self._nc, self.topology.policy_reload_subject)
             self._embedded = embedded
+        elif s.policy_mode == "distributed":
+            self.distributed = DistributedPolicySet(
+                js, self.topology, freshness_s=s.policy_freshness_s
+            )
+            self.distributed.start()
+            if not await self.distributed.wait_ready(s.startup_timeout_s):
+                # Serve anyway: every call is refused (POLICY_STALE) until a set arrives.
+                log.warning("policy_set_not_received", within_s=s.startup_timeout_s)
+            embedded = self._embedded = EmbeddedPolicy(self.distributed)
         else:
             self._policy_channel = workload.channel(
                 s.policy_address, peer=workload.peer("service", "policy"), service="tool-proxy"
@@ -209,7 +221,13 @@ class ToolProxy:
             address=self.server.address,
             tools=len(self.registry),
             policy_mode=s.policy_mode,
-            policy_set=self.policy_store.current.version if self.policy_store else None,
+            policy_set=(
+                self.policy_store.current.version
+                if self.policy_store
+                else self.distributed.version
+                if self.distributed
+                else None
+            ),
         )
         return self.server.address
 
@@ -240,6 +258,9 @@ class ToolProxy:
         if self.policy_store is not None:
             await self.policy_store.stop()
             self.policy_store = None
+        if self.distributed is not None:
+            await self.distributed.stop()
+            self.distributed = None
         if self.workload is not None:
             await self.workload.close()
             self.workload = None

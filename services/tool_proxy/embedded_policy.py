@@ -19,13 +19,20 @@ import contextlib
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 from tessera.policy.check import check_input, check_response
-from tessera.policy.engine import CheckInput, PolicyLoadError, RequestInvalid, evaluate
+from tessera.policy.engine import (
+    CheckInput,
+    LoadedPolicySet,
+    PolicyLoadError,
+    RequestInvalid,
+    evaluate,
+)
 from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import subscribe_events
 from tessera.runtime.errors import InvalidArgument, PermissionDenied
@@ -36,10 +43,19 @@ __all__ = ["EmbeddedPolicy"]
 log = structlog.get_logger(__name__)
 
 
-class EmbeddedPolicy:
-    """Decides ``CheckRequest``s against the store's current (last good) policy set."""
+class PolicySource(Protocol):
+    """Where the set to decide with comes from: the proxy's own files (PolicyStore) or the
+    policy service's distribution (DistributedPolicySet, which raises UNAVAILABLE when it
+    cannot confirm its set current)."""
 
-    def __init__(self, store: PolicyStore) -> None:
+    @property
+    def current(self) -> LoadedPolicySet: ...
+
+
+class EmbeddedPolicy:
+    """Decides ``CheckRequest``s against the source's current policy set."""
+
+    def __init__(self, store: PolicySource) -> None:
         self.store = store
         self._sub: Subscription | None = None
 
@@ -47,10 +63,14 @@ class EmbeddedPolicy:
         """Reload at once when the policy service announces a requested reload
         (``tessera policy reload``: PolicyReloadRequested), not only at the next poll."""
 
+        store = self.store
+        if not isinstance(store, PolicyStore):
+            return  # a distributed set follows its bucket instead
+
         async def handle(event: events_pb2.PolicyReloadRequested) -> None:
             log.info("policy_reload_requested", announced=event.policy_set_version)
             with contextlib.suppress(PolicyLoadError):  # logged; the last good set serves on
-                await self.store.reload()
+                await store.reload()
 
         self._sub = await subscribe_events(nc, subject, events_pb2.PolicyReloadRequested, handle)
 

@@ -36,13 +36,20 @@ class ToolProxySettings(ServiceSettings):
     """Where the policy service serves PolicyService."""
     policy_timeout_s: float = Field(default=2.0, gt=0)
     """Upper bound of one policy Check (the call's remaining time bounds it further)."""
-    policy_mode: Literal["remote", "embedded"] = "remote"
+    policy_mode: Literal["remote", "embedded", "distributed"] = "remote"
     """``remote``: every decision is a ``Check`` RPC to the policy service (which writes its
     own decision record). ``embedded``: the proxy loads ``policy_dir`` itself (validated
     and hot-reloaded exactly like the policy service, refusing to start on an invalid set,
     keeping the last good set on a refused reload) and decides in-process; the decision id,
     determining policies and policy set version ride on the proxy's own awaited audit
-    record (``allow`` or the refusal), so there is no separate decision record."""
+    record (``allow`` or the refusal), so there is no separate decision record.
+    ``distributed``: decides in-process, like ``embedded``, with the set the policy
+    service distributes (tessera/policy/distribution.py): a reload reaches the proxy
+    within a second, and a set it cannot confirm current for ``policy_freshness_s``
+    refuses every call (UNAVAILABLE, ``POLICY_STALE``)."""
+    policy_freshness_s: float = Field(default=5.0, gt=0)
+    """``distributed`` only: how long the proxy decides without a lease renewal naming
+    the set it holds (the policy service renews every second)."""
     policy_dir: Path = Path("policy")
     """``embedded`` only: directory holding ``schema.cedarschema`` and
     ``policies/*.cedar``."""

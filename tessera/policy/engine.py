@@ -110,6 +110,10 @@ class LoadedPolicySet:
     sources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
     """Cedar's positional id → that policy's JSON form (EST), so one policy can be
     evaluated alone (``tessera policy test`` coverage); never used to decide."""
+    schema_text: str = field(default="", repr=False)
+    files: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """The texts it was built from, ``(path, Cedar text)`` in load order: what the policy
+    service distributes (tessera/policy/distribution.py)."""
     entities: OrderedDict[str, cedarpy.Entities] = field(
         default_factory=OrderedDict, repr=False, compare=False
     )
@@ -224,6 +228,8 @@ def load_policy_dir(root: Path) -> LoadedPolicySet:
         load_time=loaded.load_time,
         fingerprint=before,
         sources=loaded.sources,
+        schema_text=loaded.schema_text,
+        files=loaded.files,
     )
 
 
@@ -315,6 +321,8 @@ def build_policy_set(schema_text: str, files: Sequence[tuple[str, str]]) -> Load
         policies=policies,
         load_time=datetime.now(UTC),
         sources={cedar_id: static[cedar_id] for cedar_id in policies},
+        schema_text=schema_text,
+        files=tuple(files),
     )
 
 

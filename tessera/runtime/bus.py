@@ -284,6 +284,13 @@ class Topology:
         return f"{self._ns}_frozen"
 
     @property
+    def policy_bucket(self) -> str:
+        """The policy set being served (``tessera.v1.PolicySetSnapshot``, key ``set``) and
+        its lease (``tessera.v1.PolicyLease``, key ``lease``), owned by the policy
+        service; decision points in other processes follow it."""
+        return f"{self._ns}_policy"
+
+    @property
     def workflows_bucket(self) -> str:
         return f"{self._ns}_workflows"
 
@@ -326,6 +333,7 @@ class Topology:
         return (
             KvSpec(self.registry_bucket, ttl_s=self.registry_ttl_s),
             KvSpec(self.frozen_bucket),
+            KvSpec(self.policy_bucket),
             KvSpec(self.workflows_bucket),
             KvSpec(self.blackboard_bucket, history=16),
             KvSpec(self.idempotency_bucket),

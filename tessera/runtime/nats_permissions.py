@@ -112,6 +112,7 @@ class _ReadScope:
 def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
     registry = _kv_stream(t.registry_bucket)
     frozen = _kv_stream(t.frozen_bucket)
+    policy = _kv_stream(t.policy_bucket)
     return {
         # Workflow state and events, the work queue, and who to dispatch to.
         "coordinator": _ReadScope(
@@ -123,6 +124,7 @@ def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
                 _kv_stream(t.budgets_bucket),
                 registry,
                 frozen,  # frozen agents: their running attempts' tokens are revoked
+                policy,  # the distributed policy set (decisions on workflow actions)
             ),
             audit_chains=True,
         ),
@@ -136,11 +138,12 @@ def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
                 _kv_stream(t.approvals_bucket),
                 _kv_stream(t.budgets_bucket),
                 frozen,  # frozen agents: their calls are refused by policy
+                policy,  # the distributed policy set (policy_mode = "distributed")
             ),
             subjects=(t.events_subject("token.revoked"), t.policy_reload_subject),
             audit_chains=True,
         ),
-        "policy": _ReadScope((), audit_chains=True),
+        "policy": _ReadScope((policy,), audit_chains=True),
         "registry": _ReadScope((registry, frozen), audit_chains=True),
         # Readers of the registry: capabilities to plan with, endpoints to route to.
         "planner": _ReadScope((registry,)),
@@ -175,7 +178,7 @@ def _owned(identity: str, t: Topology) -> tuple[str, ...]:
             _kv(t.approvals_bucket),
             t.events_subject("tool.effects"),
         ),
-        "policy": (t.policy_reload_subject,),
+        "policy": (t.policy_reload_subject, _kv(t.policy_bucket)),
         "registry": (_kv(t.registry_bucket), _kv(t.frozen_bucket)),
     }
     return (*owned.get(identity, ()), t.audit_owner_subjects(identity))

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -261,3 +262,108 @@ class PolicySetInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PolicySetInfo: _TypeAlias = PolicySetInfo  # noqa: Y015
+
+@_typing.final
+class PolicyFile(_message.Message):
+    """PolicyFile is one file of a distributed policy set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Its path in the policy directory, e.g. "policies/10_tools.cedar"."""
+    text: _builtins.str
+    """Its Cedar text."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyFile: _TypeAlias = PolicyFile  # noqa: Y015
+
+@_typing.final
+class PolicySetSnapshot(_message.Message):
+    """PolicySetSnapshot is the validated policy set as the policy service distributes it to
+    every decision point: the value of key "set" of the policy bucket (owned by the policy
+    service). Decision points build the same set from it (its version is the content hash).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    LOAD_TIME_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Content hash of the schema and policies (PolicySetInfo.version)."""
+    schema: _builtins.str
+    """The Cedar schema's text."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyFile]:
+        """The policy files, in load order."""
+
+    @_builtins.property
+    def load_time(self) -> _timestamp_pb2.Timestamp:
+        """When the policy service loaded it."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        schema: _builtins.str = ...,
+        files: _abc.Iterable[Global___PolicyFile] | None = ...,
+        load_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load_time", b"load_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "load_time", b"load_time", "schema", b"schema", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicySetSnapshot: _TypeAlias = PolicySetSnapshot  # noqa: Y015
+
+@_typing.final
+class PolicyLease(_message.Message):
+    """PolicyLease is the policy service vouching that `version` is the current set: the value
+    of key "lease" of the policy bucket, renewed every `renew_interval`. A decision point
+    that has seen no lease naming the set it holds for its freshness bound refuses to
+    decide (UNAVAILABLE, reason POLICY_STALE).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    RENEW_TIME_FIELD_NUMBER: _builtins.int
+    RENEW_INTERVAL_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """The version every decision point must hold."""
+    @_builtins.property
+    def renew_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was renewed (the policy service's clock; informational)."""
+
+    @_builtins.property
+    def renew_interval(self) -> _duration_pb2.Duration:
+        """How often it is renewed."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        renew_time: _timestamp_pb2.Timestamp | None = ...,
+        renew_interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["renew_interval", b"renew_interval", "renew_time", b"renew_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["renew_interval", b"renew_interval", "renew_time", b"renew_time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyLease: _TypeAlias = PolicyLease  # noqa: Y015

@@ -305,6 +305,7 @@ async def governed_mesh(
     *,
     name: str,
     extra_tools: Sequence[Tool] = (),
+    policy_service_dir: Path = REPO / "policy",
     **proxy_overrides: Any,
 ) -> AsyncIterator[Mesh]:
     """The policy service and a tool proxy (reaching Vault through a cuttable forwarder)
@@ -313,7 +314,7 @@ async def governed_mesh(
     namespace = name + secrets.token_hex(4)
     policy = PolicyService(
         PolicySettings(
-            policy_dir=REPO / "policy",
+            policy_dir=policy_service_dir,
             nats_url=nats_url,
             namespace=namespace,
             listen="127.0.0.1:0",

@@ -1,0 +1,154 @@
+"""The policy service administers, the tool proxy decides (``policy_mode =
+"distributed"``; RELIABILITY.md, "policy service down", in the distributed model): a
+reload reaches the proxy's in-process decision point within a second, and a proxy that
+cannot confirm it holds the current set for its freshness bound refuses every call
+(UNAVAILABLE, POLICY_STALE), as when the policy service is down; back up, calls flow.
+
+The real policy service and tool proxy in-process on the real NATS and OpenBao."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.policy.app import PolicyService
+from tessera.runtime.errors import error_details
+from tests.integration.test_governed_calls import (
+    REPO,
+    Bao,
+    Mesh,
+    bao,
+    creds,
+    governed_mesh,
+    invoke,
+    new_ids,
+    task_token,
+)
+
+__all__ = ["bao", "creds"]
+
+pytestmark = pytest.mark.integration
+
+KB = "kb.search"
+FRESH_S = 2.0
+"""The proxy's freshness bound in this module (the default is 5 s)."""
+RELOAD_WITHIN_S = 1.0
+NO_KB = """
+@id("test-no-kb")
+forbid (principal is Agent, action == Action::"call_tool", resource is Tool)
+when { resource.name == "kb.search" };
+"""
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("distributed") / "policy"
+    shutil.copytree(REPO / "policy", target)
+    return target
+
+
+@pytest.fixture(scope="module")
+async def mesh(
+    nats_url: str,
+    bao: Bao,
+    creds: dict[str, Path],
+    policy_dir: Path,
+) -> AsyncIterator[Mesh]:
+    async with governed_mesh(
+        nats_url,
+        bao,
+        creds,
+        name="pd",
+        policy_service_dir=policy_dir,
+        policy_mode="distributed",
+        policy_freshness_s=FRESH_S,
+    ) as running:
+        yield running
+
+
+async def kb_search(mesh: Mesh) -> grpc.StatusCode:
+    """One call of kb.search with a fresh task token: OK or the refusal's code."""
+    wf, task = new_ids()
+    token = await task_token(mesh, wf, task, tools=[KB])
+    try:
+        await invoke(mesh, token.token, wf, task, KB, {"query": "refund policy"})
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, within_s: float) -> float:
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > within_s:
+            raise AssertionError(f"not within {within_s}s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_a_reload_reaches_the_proxy_within_a_second(mesh: Mesh, policy_dir: Path) -> None:
+    assert mesh.proxy.distributed is not None
+    assert mesh.proxy.distributed.version == mesh.policy.store.current.version
+    assert await kb_search(mesh) == grpc.StatusCode.OK
+
+    extra = policy_dir / "policies" / "99_test.cedar"
+    extra.write_text(NO_KB)
+    try:
+        reloaded = await mesh.policy.store.reload()  # what `tessera policy reload` does
+        started = time.monotonic()
+
+        async def denied() -> bool:
+            return await kb_search(mesh) == grpc.StatusCode.PERMISSION_DENIED
+
+        await until(denied, within_s=RELOAD_WITHIN_S * 3)  # polling adds round trips
+        # The decision point holds the new set within the second.
+        assert mesh.proxy.distributed.version == reloaded.version
+        assert time.monotonic() - started <= RELOAD_WITHIN_S * 3
+    finally:
+        extra.unlink()
+        await mesh.policy.store.reload()
+
+    async def allowed() -> bool:
+        return await kb_search(mesh) == grpc.StatusCode.OK
+
+    await until(allowed, within_s=RELOAD_WITHIN_S * 3)
+
+
+async def test_calls_are_refused_once_the_policy_service_is_gone_past_the_bound(
+    mesh: Mesh,
+) -> None:
+    await mesh.policy.stop()  # no more lease renewals
+    stopped = time.monotonic()
+    replacement = PolicyService(mesh.policy.settings)
+    try:
+
+        async def stale() -> bool:
+            wf, task = new_ids()
+            token = await task_token(mesh, wf, task, tools=[KB])
+            try:
+                await invoke(mesh, token.token, wf, task, KB, {"query": "x"})
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                assert error_details(err).reason == "POLICY_STALE", err
+                return True
+            return False
+
+        await until(stale, within_s=FRESH_S + 3)
+        # Not before the bound: the held set was confirmed at most one renewal before.
+        renew_s = mesh.policy.settings.lease_renew_s
+        assert time.monotonic() - stopped >= FRESH_S - renew_s - 0.2
+
+        await replacement.start()  # the policy service is back: its lease confirms the set
+
+        async def allowed() -> bool:
+            return await kb_search(mesh) == grpc.StatusCode.OK
+
+        await until(allowed, within_s=RELOAD_WITHIN_S * 3)
+    finally:
+        await replacement.stop()
