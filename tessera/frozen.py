@@ -25,13 +25,12 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from tessera.runtime.bus import Topology
+from tessera.runtime.kv_follow import BucketFollower
 from tessera.v1 import registry_pb2
 
 __all__ = ["FrozenAgents", "frozen_key"]
 
 log = structlog.get_logger(__name__)
-
-_RETRY_S = 1.0
 
 
 def frozen_key(agent_name: str) -> str:
@@ -59,7 +58,9 @@ class FrozenAgents:
         self._frozen: dict[str, registry_pb2.FrozenAgent] = {}
         self._on_freeze = on_freeze
         self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._follower: BucketFollower | None = None
+        self._incoming: dict[str, registry_pb2.FrozenAgent] | None = None
+        """While a watch delivers the current values: what it delivered so far."""
 
     @property
     def ready(self) -> bool:
@@ -123,12 +124,19 @@ class FrozenAgents:
         self._frozen.pop(agent_name, None)
         return was
 
-    # -- following (coordinators, tool proxies, the registry itself) ----------------------
+    # -- following (coordinators, tool proxies) -------------------------------------------
 
     def start(self) -> None:
         """Follow the bucket in the background until :meth:`stop`."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._follow(), name="frozen-agents")
+        if self._follower is None:
+            self._follower = BucketFollower(
+                self._js,
+                self._topology.frozen_bucket,
+                self._apply,
+                restarted=self._rewatching,
+                caught_up=self._caught_up,
+            )
+            self._follower.start()
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait (at most ``timeout_s``) for the first complete read; whether it came."""
@@ -137,58 +145,36 @@ class FrozenAgents:
         return self.ready
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._follower is not None:
+            await self._follower.stop()
+            self._follower = None
 
-    async def _follow(self) -> None:
-        while True:
-            try:
-                await self._watch_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS reconnecting: the set stays as last read
-                log.warning("frozen_agents_watch_failed", error=type(exc).__name__)
-                self._kv = None
-                await asyncio.sleep(_RETRY_S)
+    def _rewatching(self) -> None:
+        # The current values come again: gather them apart, so a freeze lifted while the
+        # watch was down does not linger (the set in force serves meanwhile).
+        self._incoming = {}
 
-    async def _watch_once(self) -> None:
-        kv = await self._bucket()
-        watcher = await kv.watchall()
-        seen: dict[str, registry_pb2.FrozenAgent] = {}
-        initial = True
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5.0)
-                except nats.errors.TimeoutError:
-                    continue
-                if entry is None:  # the initial values are all delivered
-                    if initial:
-                        self._frozen = seen
-                        initial = False
-                        self._ready.set()
-                    continue
-                target = seen if initial else self._frozen
-                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                    target.pop(entry.key, None)
-                    if not initial:
-                        log.info("agent_unfrozen", agent=entry.key)
-                    continue
-                record = _decode(entry.key, entry.value)
-                if record is None:
-                    continue
-                newly = record.name not in self._frozen
-                target[record.name] = record
-                if not initial and newly:
-                    log.info("agent_frozen", agent=record.name)
-                if self._on_freeze is not None and (initial or newly):
-                    await self._on_freeze(record)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+    def _caught_up(self) -> None:
+        if self._incoming is not None:
+            self._frozen, self._incoming = self._incoming, None
+            self._ready.set()
+
+    async def _apply(self, entry: KeyValue.Entry) -> None:
+        catching_up = self._incoming is not None
+        target = self._incoming if self._incoming is not None else self._frozen
+        if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+            if target.pop(entry.key, None) is not None and not catching_up:
+                log.info("agent_unfrozen", agent=entry.key)
+            return
+        record = _decode(entry.key, entry.value)
+        if record is None:
+            return
+        newly = record.name not in self._frozen
+        target[record.name] = record
+        if not catching_up and newly:
+            log.info("agent_frozen", agent=record.name)
+        if self._on_freeze is not None and (catching_up or newly):
+            await self._on_freeze(record)
 
 
 def _decode(key: str, value: bytes) -> registry_pb2.FrozenAgent | None:

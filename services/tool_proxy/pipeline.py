@@ -240,11 +240,7 @@ class CallPipeline:
         call, tool, verified = a.call, a.tool, a.verified
         executed = False
         try:
-            try:
-                self._backend_timeout(a.remaining_s(), tool)  # no allow for a call out of time
-            except DeadlineExceeded:
-                await self._give_back(spend, verified)
-                raise
+            await self._time_left(a, spend)  # no allow record for a call out of time
             # 9. Read the secret with the caller's token and (11a) write the awaited
             # ``allow`` record while the reservation of step 7 settles: both are round
             # trips, so overlapping them takes one off the critical path.
@@ -262,11 +258,7 @@ class CallPipeline:
                 await self._give_back(spend, verified)  # spent: give it back
                 raise
             call.details["uses_left"] = uses_left
-            try:
-                timeout_s = self._backend_timeout(a.remaining_s(), tool)
-            except DeadlineExceeded:
-                await self._give_back(spend, verified)
-                raise
+            timeout_s = await self._time_left(a, spend)
 
             # 10. The backend under the call's deadline, then (11b) its outcome recorded.
             run = Execution(
@@ -383,6 +375,14 @@ class CallPipeline:
             await self.ledger.give_back(verified)
 
         await self._detached.run(settle())
+
+    async def _time_left(self, a: _Authorized, spend: asyncio.Future[int]) -> float:
+        """The backend's timeout now; out of time, the reserved use is given back."""
+        try:
+            return self._backend_timeout(a.remaining_s(), a.tool)
+        except DeadlineExceeded:
+            await self._give_back(spend, a.verified)
+            raise
 
     def _backend_timeout(self, remaining: float | None, tool: Tool) -> float:
         """The backend's timeout: the tool's own, within what is left of the call's

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import time
 
-import nats.errors
 import structlog
 from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
@@ -33,6 +32,7 @@ from tessera.policy.engine import LoadedPolicySet, PolicyLoadError, build_policy
 from tessera.policy.store import PolicyStore
 from tessera.runtime.bus import Topology
 from tessera.runtime.errors import Unavailable
+from tessera.runtime.kv_follow import BucketFollower
 from tessera.v1 import policy_pb2
 
 __all__ = ["DistributedPolicySet", "PolicyPublisher", "snapshot_of"]
@@ -41,7 +41,6 @@ log = structlog.get_logger(__name__)
 
 SET_KEY = "set"
 LEASE_KEY = "lease"
-_RETRY_S = 1.0
 
 
 def snapshot_of(loaded: LoadedPolicySet) -> policy_pb2.PolicySetSnapshot:
@@ -133,7 +132,7 @@ class DistributedPolicySet:
         self._confirmed_at = float("-inf")
         """When (monotonic) a lease last named the version held here."""
         self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._follower: BucketFollower | None = None
 
     @property
     def current(self) -> LoadedPolicySet:
@@ -158,8 +157,10 @@ class DistributedPolicySet:
         return self._loaded.version if self._loaded is not None else ""
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._follow(), name="policy-follower")
+        if self._follower is None:
+            bucket = self._topology.policy_bucket
+            self._follower = BucketFollower(self._js, bucket, self._apply)
+            self._follower.start()
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait (at most ``timeout_s``) for a set confirmed current; whether it came."""
@@ -168,33 +169,9 @@ class DistributedPolicySet:
         return self._ready.is_set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _follow(self) -> None:
-        while True:
-            try:
-                kv = await self._js.key_value(self._topology.policy_bucket)
-                watcher = await kv.watchall()
-                try:
-                    while True:
-                        try:
-                            entry = await watcher.updates(timeout=5.0)
-                        except nats.errors.TimeoutError:
-                            continue
-                        if entry is not None:
-                            await self._apply(entry)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS reconnecting: what is held ages meanwhile
-                log.warning("policy_follow_failed", error=type(exc).__name__)
-                await asyncio.sleep(_RETRY_S)
+        if self._follower is not None:
+            await self._follower.stop()
+            self._follower = None
 
     async def _apply(self, entry: KeyValue.Entry) -> None:
         if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:

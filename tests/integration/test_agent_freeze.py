@@ -8,10 +8,8 @@ the test acts as the operator, as `tessera agents freeze` does."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -32,6 +30,7 @@ from tessera.v1 import (
 from tessera.vault import VaultClient
 from tests.conftest import OpenBao
 from tests.integration.harness import REFERENCE_AGENTS, Mesh, reference_agent
+from tests.integration.test_governed_calls import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -86,16 +85,6 @@ async def billing_replicas(mesh: Mesh) -> list[agent_pb2.AgentDescriptor]:
     return [a for a in live if a.name == "billing"]
 
 
-async def until(check: Callable[[], Awaitable[bool]], *, within_s: float) -> float:
-    """Seconds until ``check()`` held; fails past ``within_s``."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > within_s:
-            raise AssertionError(f"not within {within_s}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
 async def freeze_records(mesh: Mesh) -> list[audit_pb2.AuditRecord]:
     nc = await connect(mesh.nats_url, name="freeze-test")
     try:
@@ -132,7 +121,7 @@ async def test_a_frozen_agent_leaves_the_registry_calls_no_tool_and_comes_back_u
             return True
         return False
 
-    await until(refused, within_s=FROZEN_WITHIN_S)
+    await eventually(refused, timeout_s=FROZEN_WITHIN_S)
 
     # Its heartbeat is refused, on the record, and it stays out of the registry.
     agent_stub = await registry_as(mesh, "agent-billing")
@@ -153,7 +142,7 @@ async def test_a_frozen_agent_leaves_the_registry_calls_no_tool_and_comes_back_u
         return bool(await billing_replicas(mesh))
 
     # The replica's own heartbeat (every lease/3) brings it back.
-    await until(back, within_s=mesh_lease_s(mesh))
+    await eventually(back, timeout_s=mesh_lease_s(mesh))
 
     async def allowed() -> bool:
         try:
@@ -162,7 +151,7 @@ async def test_a_frozen_agent_leaves_the_registry_calls_no_tool_and_comes_back_u
             return False
         return True
 
-    await until(allowed, within_s=FROZEN_WITHIN_S)
+    await eventually(allowed, timeout_s=FROZEN_WITHIN_S)
     records = [(r.outcome, r.resource, r.details["principal"]) for r in await freeze_records(mesh)]
     operator_id = "spiffe://tessera.local/service/operator"
     assert records[-2:] == [

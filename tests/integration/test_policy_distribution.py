@@ -8,10 +8,9 @@ The real policy service and tool proxy in-process on the real NATS and OpenBao."
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -25,6 +24,7 @@ from tests.integration.test_governed_calls import (
     Mesh,
     bao,
     creds,
+    eventually,
     governed_mesh,
     invoke,
     new_ids,
@@ -83,15 +83,6 @@ async def kb_search(mesh: Mesh) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-async def until(check: Callable[[], Awaitable[bool]], *, within_s: float) -> float:
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > within_s:
-            raise AssertionError(f"not within {within_s}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
 async def test_a_reload_reaches_the_proxy_within_a_second(mesh: Mesh, policy_dir: Path) -> None:
     assert mesh.proxy.distributed is not None
     assert mesh.proxy.distributed.version == mesh.policy.store.current.version
@@ -106,7 +97,7 @@ async def test_a_reload_reaches_the_proxy_within_a_second(mesh: Mesh, policy_dir
         async def denied() -> bool:
             return await kb_search(mesh) == grpc.StatusCode.PERMISSION_DENIED
 
-        await until(denied, within_s=RELOAD_WITHIN_S * 3)  # polling adds round trips
+        await eventually(denied, timeout_s=RELOAD_WITHIN_S * 3)  # polling adds round trips
         # The decision point holds the new set within the second.
         assert mesh.proxy.distributed.version == reloaded.version
         assert time.monotonic() - started <= RELOAD_WITHIN_S * 3
@@ -117,7 +108,7 @@ async def test_a_reload_reaches_the_proxy_within_a_second(mesh: Mesh, policy_dir
     async def allowed() -> bool:
         return await kb_search(mesh) == grpc.StatusCode.OK
 
-    await until(allowed, within_s=RELOAD_WITHIN_S * 3)
+    await eventually(allowed, timeout_s=RELOAD_WITHIN_S * 3)
 
 
 async def test_calls_are_refused_once_the_policy_service_is_gone_past_the_bound(
@@ -139,7 +130,7 @@ async def test_calls_are_refused_once_the_policy_service_is_gone_past_the_bound(
                 return True
             return False
 
-        await until(stale, within_s=FRESH_S + 3)
+        await eventually(stale, timeout_s=FRESH_S + 3)
         # Not before the bound: the held set was confirmed at most one renewal before.
         renew_s = mesh.policy.settings.lease_renew_s
         assert time.monotonic() - stopped >= FRESH_S - renew_s - 0.2
@@ -149,6 +140,6 @@ async def test_calls_are_refused_once_the_policy_service_is_gone_past_the_bound(
         async def allowed() -> bool:
             return await kb_search(mesh) == grpc.StatusCode.OK
 
-        await until(allowed, within_s=RELOAD_WITHIN_S * 3)
+        await eventually(allowed, timeout_s=RELOAD_WITHIN_S * 3)
     finally:
         await replacement.stop()
