@@ -24,6 +24,7 @@ from services.coordinator.tokens import MAX_USES, TaskTokens
 from services.coordinator.tool_approvals import ToolApprovals
 from tessera.audit import AuditWriter
 from tessera.frozen import FrozenAgents
+from tessera.policy.distribution import DistributedPolicySet, PolicySource
 from tessera.policy.store import PolicyStore
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, close, connect, declare
@@ -56,6 +57,7 @@ class Coordinator:
         self.auditor: WorkflowAuditor | None = None
         self.workload: Workload | None = None
         self.policy_store: PolicyStore | None = None
+        self.distributed: DistributedPolicySet | None = None
 
     @property
     def address(self) -> str:
@@ -128,15 +130,25 @@ class Coordinator:
             consumer=DURABLE,
             limit=self.settings.max_active_workflows,
         )
-        if self.workload.certificate is not None:
+        policies: PolicySource | None = None
+        if self.workload.certificate is None:
+            log.warning("control_plane_unauthorized", reason="plaintext debug coordinator")
+        elif self.settings.policy_source == "distributed":
+            self.distributed = DistributedPolicySet(
+                js, self.topology, freshness_s=self.settings.policy_freshness_s
+            )
+            self.distributed.start()
+            if not await self.distributed.wait_ready(self.settings.startup_timeout_s):
+                log.warning("policy_set_not_received", within_s=self.settings.startup_timeout_s)
+            policies = self.distributed
+        else:
             self.policy_store = PolicyStore(
                 self.settings.policy_dir, poll_interval_s=self.settings.policy_poll_interval_s
             )
             await self.policy_store.start()  # PolicyLoadError: nothing valid to decide with
-        else:
-            log.warning("control_plane_unauthorized", reason="plaintext debug coordinator")
+            policies = self.policy_store
         authz = ControlPlaneAuthorization(
-            self.policy_store,
+            policies,
             self.auditor,
             subject_claim=self.settings.human_subject_claim,
             groups_claim=self.settings.human_groups_claim,
@@ -194,6 +206,8 @@ class Coordinator:
             await self.runner.stop()
         if self.policy_store is not None:
             await self.policy_store.stop()
+        if self.distributed is not None:
+            await self.distributed.stop()
         if self.dispatcher is not None:
             await self.dispatcher.close()
         # Revocations under way write audit records; the auditor's final checkpoint is

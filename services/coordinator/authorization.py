@@ -22,8 +22,8 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
+from tessera.policy.distribution import PolicySource
 from tessera.policy.engine import CheckInput, RequestInvalid, evaluate
-from tessera.policy.store import PolicyStore
 from tessera.runtime.errors import PermissionDenied, Unauthenticated
 from tessera.runtime.grpc_authz import peer
 from tessera.runtime.principal import Principal, principal_of
@@ -58,7 +58,7 @@ class ControlPlaneAuthorization:
 
     def __init__(
         self,
-        store: PolicyStore | None,
+        store: PolicySource | None,
         auditor: _Auditor | None,
         *,
         subject_claim: str = "preferred_username",

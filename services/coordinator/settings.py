@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import AliasChoices, Field
@@ -69,6 +70,12 @@ class CoordinatorSettings(ServiceSettings):
     """The policy set that decides control-plane actions (who starts, cancels, decides
     what: ``50_workflows.cedar``), loaded in-process and reloaded when it changes."""
     policy_poll_interval_s: float = Field(default=1.0, gt=0)
+    policy_source: Literal["files", "distributed"] = "files"
+    """``files``: ``policy_dir``, as above. ``distributed``: the set the policy service
+    distributes (tessera/policy/distribution.py): a reload reaches the coordinator within
+    a second, and a set it cannot confirm current for ``policy_freshness_s`` refuses
+    every control-plane action (UNAVAILABLE ``POLICY_STALE``; fail closed)."""
+    policy_freshness_s: float = Field(default=5.0, gt=0)
     human_subject_claim: str = "preferred_username"
     """Claim of a person's identity token that names them (as Envoy's jwt_authn passes it
     on); must match the gateway's ``TESSERA_GATEWAY_JWT_SUBJECT_CLAIM``."""

@@ -19,16 +19,15 @@ import contextlib
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Protocol
 
 import structlog
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 from tessera.policy.check import check_input, check_response
+from tessera.policy.distribution import PolicySource
 from tessera.policy.engine import (
     CheckInput,
-    LoadedPolicySet,
     PolicyLoadError,
     RequestInvalid,
     evaluate,
@@ -41,15 +40,6 @@ from tessera.v1 import events_pb2, policy_pb2
 __all__ = ["EmbeddedPolicy"]
 
 log = structlog.get_logger(__name__)
-
-
-class PolicySource(Protocol):
-    """Where the set to decide with comes from: the proxy's own files (PolicyStore) or the
-    policy service's distribution (DistributedPolicySet, which raises UNAVAILABLE when it
-    cannot confirm its set current)."""
-
-    @property
-    def current(self) -> LoadedPolicySet: ...
 
 
 class EmbeddedPolicy:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Protocol
 
 import structlog
 from google.protobuf.message import DecodeError
@@ -35,12 +36,21 @@ from tessera.runtime.errors import Unavailable
 from tessera.runtime.kv_follow import BucketFollower
 from tessera.v1 import policy_pb2
 
-__all__ = ["DistributedPolicySet", "PolicyPublisher", "snapshot_of"]
+__all__ = ["DistributedPolicySet", "PolicyPublisher", "PolicySource", "snapshot_of"]
 
 log = structlog.get_logger(__name__)
 
 SET_KEY = "set"
 LEASE_KEY = "lease"
+
+
+class PolicySource(Protocol):
+    """Where a decision point's set comes from: its own files (:class:`PolicyStore`) or
+    the policy service's distribution (:class:`DistributedPolicySet`, whose ``current``
+    raises UNAVAILABLE when it cannot confirm its set current)."""
+
+    @property
+    def current(self) -> LoadedPolicySet: ...
 
 
 def snapshot_of(loaded: LoadedPolicySet) -> policy_pb2.PolicySetSnapshot:

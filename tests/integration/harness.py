@@ -232,6 +232,7 @@ class Mesh:
         )
         await policy.start()
         self._stack.push_async_callback(policy.stop)
+        self.policy: PolicyService | None = policy
         self.policy_address = policy.address
         if self.tool_proxy_process:
             self.tool_proxy_address = f"127.0.0.1:{free_port()}"

@@ -4,12 +4,17 @@ reload reaches the proxy's in-process decision point within a second, and a prox
 cannot confirm it holds the current set for its freshness bound refuses every call
 (UNAVAILABLE, POLICY_STALE), as when the policy service is down; back up, calls flow.
 
-The real policy service and tool proxy in-process on the real NATS and OpenBao."""
+The coordinator, deciding workflow actions (``policy_source = "distributed"``), follows
+the same distribution under the same bound.
+
+The real policy service, tool proxy and coordinator in-process on the real NATS and
+OpenBao."""
 
 from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +23,10 @@ import pytest
 
 from services.policy.app import PolicyService
 from tessera.runtime.errors import error_details
+from tessera.v1 import coordinator_pb2, planner_pb2
+from tests.conftest import OpenBao
+from tests.integration.harness import Mesh as ControlPlane
+from tests.integration.harness import task_graph
 from tests.integration.test_governed_calls import (
     REPO,
     Bao,
@@ -143,3 +152,49 @@ async def test_calls_are_refused_once_the_policy_service_is_gone_past_the_bound(
         await eventually(allowed, timeout_s=RELOAD_WITHIN_S * 3)
     finally:
         await replacement.stop()
+
+
+GATE_ONLY = task_graph(
+    "ops",
+    planner_pb2.TaskSpec(
+        id="ok", kind=planner_pb2.TASK_KIND_APPROVAL_GATE, gate_reason="go ahead?"
+    ),
+)
+
+
+async def test_the_coordinator_decides_with_the_distributed_set_until_it_goes_stale(
+    nats_url: str, openbao: OpenBao
+) -> None:
+    async with ControlPlane(
+        nats_url,
+        "dcp",
+        vault=openbao,
+        policy_source="distributed",
+        policy_freshness_s=FRESH_S,
+    ) as plane:
+        coordinator = plane.coordinators[0]
+        assert coordinator.distributed is not None and plane.policy is not None
+        assert coordinator.distributed.version == plane.policy.store.current.version
+        olga = await plane.as_person("olga", ["operators"])
+
+        async def start() -> coordinator_pb2.StartWorkflowResponse:
+            request = coordinator_pb2.StartWorkflowRequest(
+                request_id=uuid.uuid4().hex, plan=GATE_ONLY
+            )
+            return await olga.StartWorkflow(request, timeout=10)
+
+        started = await start()
+        assert started.workflow.name
+
+        await plane.policy.stop()  # the administration point is gone: no more renewals
+
+        async def refused() -> bool:
+            try:
+                await start()
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                assert error_details(err).reason == "POLICY_STALE", err
+                return True
+            return False
+
+        await eventually(refused, timeout_s=FRESH_S + 3)
