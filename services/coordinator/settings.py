@@ -67,14 +67,16 @@ class CoordinatorSettings(ServiceSettings):
     metrics_port: int = 0
     """Prometheus metrics HTTP port on 127.0.0.1; 0 disables the endpoint."""
     policy_dir: Path = Path("policy")
-    """The policy set that decides control-plane actions (who starts, cancels, decides
-    what: ``50_workflows.cedar``), loaded in-process and reloaded when it changes."""
+    """``policy_source = "files"`` only: the policy set that decides control-plane actions
+    (who starts, cancels, decides what: ``50_workflows.cedar``), loaded in-process and
+    reloaded when it changes."""
     policy_poll_interval_s: float = Field(default=1.0, gt=0)
-    policy_source: Literal["files", "distributed"] = "files"
-    """``files``: ``policy_dir``, as above. ``distributed``: the set the policy service
+    policy_source: Literal["files", "distributed"] = "distributed"
+    """``distributed`` (the default): the set the policy service
     distributes (tessera/policy/distribution.py): a reload reaches the coordinator within
     a second, and a set it cannot confirm current for ``policy_freshness_s`` refuses
-    every control-plane action (UNAVAILABLE ``POLICY_STALE``; fail closed)."""
+    every control-plane action (UNAVAILABLE ``POLICY_STALE``; fail closed). ``files``:
+    ``policy_dir``, loaded here (a coordinator without a policy service)."""
     policy_freshness_s: float = Field(default=5.0, gt=0)
     human_subject_claim: str = "preferred_username"
     """Claim of a person's identity token that names them (as Envoy's jwt_authn passes it

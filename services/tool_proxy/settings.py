@@ -36,8 +36,9 @@ class ToolProxySettings(ServiceSettings):
     """Where the policy service serves PolicyService."""
     policy_timeout_s: float = Field(default=2.0, gt=0)
     """Upper bound of one policy Check (the call's remaining time bounds it further)."""
-    policy_mode: Literal["remote", "embedded", "distributed"] = "remote"
-    """``remote``: every decision is a ``Check`` RPC to the policy service (which writes its
+    policy_mode: Literal["remote", "embedded", "distributed"] = "distributed"
+    """``distributed`` (the default, DESIGN.md "Policy decision points") is described last.
+    ``remote``: every decision is a ``Check`` RPC to the policy service (which writes its
     own decision record). ``embedded``: the proxy loads ``policy_dir`` itself (validated
     and hot-reloaded exactly like the policy service, refusing to start on an invalid set,
     keeping the last good set on a refused reload) and decides in-process; the decision id,

@@ -396,6 +396,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         vault_approle_file=creds["tool-proxy"],
         insecure_plaintext=False,
         policy_address=policy.address,
+        policy_mode="remote",  # the "governed" row: one Check RPC per call
         # The benchmark measures latency, not the (per-agent) rate limits.
         agent_rate_per_s=1e6,
         agent_burst=10**6,

@@ -285,6 +285,9 @@ def proxy_settings(
         "vault_addr": vault_addr,
         "vault_approle_file": creds["tool-proxy"],
         "policy_address": policy_address,
+        # These suites tell the policy service's own decision story (its records, its
+        # outage): the remote mode. The distributed default: test_policy_distribution.py.
+        "policy_mode": "remote",
         "agent_rate_per_s": 1e6,
         "agent_burst": 10**6,
         "tool_rate_per_s": 1e6,
