@@ -70,10 +70,6 @@ class FrozenAgents:
     def is_frozen(self, agent_name: str) -> bool:
         return agent_name in self._frozen
 
-    def frozen(self) -> list[registry_pb2.FrozenAgent]:
-        """The freezes in force (as followed), by name."""
-        return [self._frozen[name] for name in sorted(self._frozen)]
-
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
             self._kv = await self._js.key_value(self._topology.frozen_bucket)

@@ -34,9 +34,9 @@ explicitly, so nothing falls back to plaintext unnoticed.
 * bare_plaintext (informational): the same chain and server stack without TLS (and so
   without the caller authorization, which needs a verified caller); bare / bare_plaintext
   is what identity itself costs on two hops.
-* embedded: the governed path with ``policy_mode = "embedded"`` (the same policy set
-  decided in the proxy's process; no policy hop, no policy-service decision record: the
-  proxy's ``allow`` record carries the decision).
+* embedded: the governed path in the default ``policy_mode = "distributed"`` (the policy
+  service's set, distributed over NATS, decided in the proxy's process; no policy hop, no
+  policy-service decision record: the proxy's ``allow`` record carries the decision).
 * raw (informational): the same 2-hop chain on plain ``grpc.aio``, plaintext, without
   interceptors.
 
@@ -75,7 +75,7 @@ from services.tool_proxy.embedded_policy import EmbeddedPolicy
 from services.tool_proxy.settings import ToolProxySettings
 from services.tool_proxy.tools import CallInfo, SideEffect, Tool, ToolSpec
 from tessera.audit import verify
-from tessera.policy.store import PolicyStore
+from tessera.policy.distribution import PolicySource
 from tessera.runtime.bus import Topology, connect
 from tessera.runtime.config import ServiceSettings
 from tessera.runtime.grpc_authz import peer
@@ -287,7 +287,7 @@ async def _components(
     policy_address: str,
     request: tool_proxy_pb2.InvokeToolRequest,
     caller: Workload,
-    store: PolicyStore | None = None,
+    store: PolicySource | None = None,
 ) -> dict[str, float]:
     """p50 of the governed path's parts, each alone (where the remaining time goes). The
     policy Check is made over mTLS as ``caller`` (the tool proxy's identity)."""
@@ -415,7 +415,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
     proxy_sync.registry.register(noop_tool())
     await proxy_sync.start()
     proxy_embedded = ToolProxy(
-        settings.model_copy(update={"policy_mode": "embedded", "policy_dir": REPO / "policy"}),
+        settings.model_copy(update={"policy_mode": "distributed"}),  # the default
         replica_id="bench-embedded",
     )
     proxy_embedded.registry.register(noop_tool())
@@ -521,7 +521,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             policy.address,
             request,
             proxy.workload,
-            proxy_embedded.policy_store,
+            proxy_embedded.distributed,
         )
         governed, bare_s = summary(samples["governed"]), summary(samples["bare"])
         plain_s, raw_s = summary(samples["bare_plaintext"]), summary(samples["raw"])

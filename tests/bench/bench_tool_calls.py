@@ -5,10 +5,11 @@ same mesh CA (OpenBao PKI).
 governed = agent (``agent-bench``'s certificate) → tool proxy → (policy Check ∥ use ledger)
 + token check + secret + `allow` audit record → the no-op built-in tool; bare = the same
 agent → relay → no-op server on the same gRPC server stack and mTLS; embedded = governed
-with ``policy_mode = "embedded"`` (the policy set decided in the proxy's process, no policy
-hop). The plaintext bare chain is measured once more beside them, so the report shows what
-mTLS itself costs. All run in-process in ONE subprocess on uvloop (see
-``_tool_calls_run.py``); NATS (``sync_interval: always``) and OpenBao are the real servers.
+in the default ``policy_mode = "distributed"`` (the policy service's set decided in the
+proxy's process, no policy hop). The plaintext bare chain is measured once more beside
+them, so the report shows what mTLS itself costs. All run in-process in ONE subprocess on
+uvloop (see ``_tool_calls_run.py``); NATS (``sync_interval: always``) and OpenBao are the
+real servers.
 
 Not a timed test (DESIGN.md, Testing): it prints p50/p99 and the ratios and writes
 ``.tessera/bench/tool_calls.json``; it fails only if the calls fail, a hop was not
