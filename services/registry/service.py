@@ -223,16 +223,27 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.DeregisterResponse:
         caller = self._caller_name(request.name)
         if request.name != caller:
-            raise PermissionDenied(
-                f"agent {caller!r} may deregister only its own replicas",
-                reason="NAME_NOT_CALLERS",
+            await self._refuse(
+                PermissionDenied(
+                    f"agent {caller!r} may deregister only its own replicas",
+                    reason="NAME_NOT_CALLERS",
+                    metadata={"caller": caller},
+                ),
+                caller=caller,
+                agent=request.name,
             )
         try:
             registry_key(caller, request.instance_id)
         except ValueError as exc:
-            raise InvalidArgument(
-                str(exc), reason="BAD_INSTANCE_ID", field_violations=[("instance_id", str(exc))]
-            ) from exc
+            await self._refuse(
+                InvalidArgument(
+                    str(exc),
+                    reason="BAD_INSTANCE_ID",
+                    field_violations=[("instance_id", str(exc))],
+                ),
+                caller=caller,
+                agent=request.name,
+            )
         descriptor = agent_pb2.AgentDescriptor(name=caller, instance_id=request.instance_id)
         try:
             async with asyncio.timeout(self.write_timeout_s):

@@ -221,6 +221,29 @@ async def test_the_registry_service_registers_an_agent_only_under_its_own_name(
     assert (await mesh.finished(name, timeout=90)).state == WS.WORKFLOW_STATE_SUCCEEDED
 
 
+async def test_an_agent_deregisters_only_its_own_replicas_and_a_refusal_is_audited(
+    mesh: Mesh, js: JetStreamContext
+) -> None:
+    registry = Registry(js, Topology(mesh.namespace))
+    (billing, *_) = await _real_billing(registry)
+    async with await mesh.channel_as("agent-triage", mesh.registry_address, peer="registry") as ch:
+        stub = registry_pb2_grpc.RegistryServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Deregister(
+                registry_pb2.DeregisterRequest(name="billing", instance_id=billing.instance_id),
+                timeout=10,
+            )
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_details(refused.value).reason == "NAME_NOT_CALLERS"
+    assert billing.instance_id in {d.instance_id for d in await _real_billing(registry)}
+    assert any(
+        r.get("reason") == "NAME_NOT_CALLERS"
+        and r.get("caller") == "triage"
+        and "deregister" in r.get("message", "")
+        for r in await _rejections(js, mesh)
+    )
+
+
 async def test_a_malformed_descriptor_is_refused_with_its_field_violations(
     mesh: Mesh, js: JetStreamContext
 ) -> None:
