@@ -108,7 +108,6 @@ class FrozenAgents:
                 return existing
             # Deleted since (an unfreeze): a key with a delete marker takes a plain put.
             await kv.put(key, record.SerializeToString())
-        self._frozen[record.name] = record
         return record
 
     async def unfreeze(self, agent_name: str) -> bool:
@@ -117,7 +116,6 @@ class FrozenAgents:
         if was:
             kv = await self._bucket()
             await kv.delete(frozen_key(agent_name))
-        self._frozen.pop(agent_name, None)
         return was
 
     # -- following (coordinators, tool proxies) -------------------------------------------
