@@ -16,7 +16,8 @@ The Vault side (Transit keys, the signer, the HMAC key) is :mod:`tessera.vault.a
 Limits: a chain proves integrity up to its last signed checkpoint against anyone who does
 not hold the writer's Transit key; records after it are *not yet covered* (someone with
 write access to the stream could re-hash them) until the next checkpoint, at most
-``checkpoint_every`` records or ``checkpoint_interval_s`` later.
+``checkpoint_every`` records (or, on a busy chain, ``checkpoint_min_interval_s``) or
+``checkpoint_interval_s`` later.
 """
 
 from tessera.audit.export import EXPORT_FORMAT, Export, load_export, write_export

@@ -21,12 +21,16 @@ What a caller may rely on:
 * Two processes using the same writer name cannot fork a chain: every publish carries
   ``Nats-Expected-Last-Subject-Sequence``, so the loser is refused, re-reads the head and
   retries (bounded), continuing the chain linearly.
-* With a ``signer``, the writer signs its chain head every ``checkpoint_every`` records,
-  every ``checkpoint_interval_s`` seconds while the chain grows, and at :meth:`close`, and
-  writes the signature as an ``AUDIT_KIND_CHECKPOINT`` record on the same chain. Signing
-  never blocks :meth:`append` (the head is signed outside the chain's lock, and the
-  checkpoint then names the position it signed); a failed signature is logged and tried
-  again at the next trigger: records stay "not yet covered" meanwhile, never lost.
+* With a ``signer``, the writer signs its chain head every ``checkpoint_every`` records
+  (but not twice within ``checkpoint_min_interval_s``), every ``checkpoint_interval_s``
+  seconds while the chain grows, and at :meth:`close`, and writes the signature as an
+  ``AUDIT_KIND_CHECKPOINT`` record on the same chain. Signing never blocks :meth:`append`
+  (the head is signed outside the chain's lock, and the checkpoint then names the position
+  it signed); a failed signature is logged and tried again at the next trigger: records
+  stay "not yet covered" meanwhile, never lost. The minimum interval keeps Vault's signing
+  load per writer at one request a second however busy the chain is (a Transit request
+  costs CPU on the same machines as the calls being audited); a busy chain is then
+  covered in steps of one second's records instead of ``checkpoint_every``.
 """
 
 from __future__ import annotations
@@ -110,10 +114,13 @@ class AuditWriter:
         signer: Signer | None = None,
         checkpoint_every: int = 100,
         checkpoint_interval_s: float = 5.0,
+        checkpoint_min_interval_s: float = 1.0,
         sign_timeout_s: float = 5.0,
     ) -> None:
         if checkpoint_every < 1 or checkpoint_interval_s <= 0:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval_s > 0")
+        if not 0 <= checkpoint_min_interval_s <= checkpoint_interval_s:
+            raise ValueError("checkpoint_min_interval_s must be in [0, checkpoint_interval_s]")
         self._js = js
         self._topology = topology
         self.writer = writer
@@ -133,6 +140,9 @@ class AuditWriter:
         self._signer = signer
         self._checkpoint_every = checkpoint_every
         self._checkpoint_interval_s = checkpoint_interval_s
+        self._checkpoint_min_interval_s = checkpoint_min_interval_s
+        self._signed_at = -float("inf")
+        """When the last signature was requested (monotonic)."""
         self._sign_timeout_s = sign_timeout_s
         self._checkpoint_lock = asyncio.Lock()
         self._last_checkpoint = 0
@@ -303,6 +313,7 @@ class AuditWriter:
                 return None
             counted = self._since_checkpoint
             payload = checkpoint_payload(self.writer, head.sequence, head.hash)
+            self._signed_at = time.monotonic()
             try:
                 signed = await asyncio.wait_for(signer.sign(payload), self._sign_timeout_s)
             except Exception as exc:
@@ -391,9 +402,15 @@ class AuditWriter:
         if self._since_checkpoint >= self._checkpoint_every and (
             self._checkpointer is None or self._checkpointer.done()
         ):
+            wait_s = self._signed_at + self._checkpoint_min_interval_s - time.monotonic()
             self._checkpointer = asyncio.create_task(
-                self._checkpoint_logged(), name=f"audit-checkpoint-now:{self.writer}"
+                self._checkpoint_after(wait_s), name=f"audit-checkpoint-count:{self.writer}"
             )
+
+    async def _checkpoint_after(self, wait_s: float) -> None:
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        await self._checkpoint_logged()
 
     async def _flush_later(self, delay_s: float) -> None:
         retry_s = self._linger_s

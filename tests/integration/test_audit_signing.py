@@ -103,6 +103,7 @@ async def signed_writer(
     name: str,
     every: int = 1000,
     interval_s: float = 3600.0,
+    min_interval_s: float = 0.0,
 ) -> AuditWriter:
     js, topology = bus
     writer = AuditWriter(
@@ -113,6 +114,7 @@ async def signed_writer(
         signer=TransitSigner.for_client(vault),
         checkpoint_every=every,
         checkpoint_interval_s=interval_s,
+        checkpoint_min_interval_s=min_interval_s,
     )
     await writer.start()
     return writer
@@ -173,6 +175,28 @@ async def test_checkpoints_every_n_records_and_at_close_verify(
     kinds = [e.record.kind for e in (await read_all(*bus))[0] if e.record is not None]
     assert kinds.count(audit_pb2.AUDIT_KIND_CHECKPOINT) == chain.checkpoints
     assert kinds[-1] == audit_pb2.AUDIT_KIND_CHECKPOINT
+
+
+async def test_a_busy_chain_is_signed_at_most_once_per_min_interval(
+    env: Env, bus: tuple[JetStreamContext, Topology], policy_vault: VaultClient
+) -> None:
+    """Vault's signing load does not grow with traffic: 30 records at ``every=3`` cost one
+    signature within the minimum interval, and the count trigger is honoured after it."""
+    writer = await signed_writer(
+        bus, policy_vault, name="policy-m", every=3, interval_s=60.0, min_interval_s=3.0
+    )
+    try:
+        await write(writer, 3)
+        await eventually(lambda: writer.last_checkpoint == 4)  # the first: at once
+        await write(writer, 30)
+        assert writer.last_checkpoint == 4  # 10 more triggers, no new signature yet
+        await eventually(lambda: writer.last_checkpoint > 4, timeout_s=10.0)
+        report = await verify(*bus, keys=await public_keys(env))
+        chain = report.chain("policy-m")
+        assert report.ok and chain is not None
+        assert chain.checkpoints == 2 and chain.covered_sequence >= 34
+    finally:
+        await writer.close()
 
 
 async def test_checkpoints_every_t_seconds_while_the_chain_grows(

@@ -67,6 +67,42 @@ async def test_lookups_are_cached_for_at_most_the_ttl() -> None:
     assert vault.calls == 2
 
 
+async def test_a_token_in_use_is_looked_up_ahead_of_its_ttl_without_the_call_waiting() -> None:
+    vault, clock = FakeVault(), Clock()
+    checker = TokenChecker(vault, ttl_s=1.0, clock=clock)  # refreshed from 0.75 s on
+    await checker.verify(TOKEN)
+    clock.now += 0.8  # past the refresh point, inside the TTL
+    vault.fail = VaultUnavailable("down")  # would fail any call that waited for Vault
+    verified = await checker.verify(TOKEN)  # served from the cache
+    assert verified.agent == "billing"
+    await checker.wait_lookups()
+    assert vault.calls == 2  # ...and a lookup was made in the background
+    vault.fail = None
+    clock.now += 0.8  # 1.6 s: the failed refresh left the first entry, now expired
+    await checker.verify(TOKEN)
+    assert vault.calls == 3  # looked up by the call itself
+    clock.now += 0.8  # the entry of 1.6 s is 0.8 s old: refreshed ahead, succeeding
+    await checker.verify(TOKEN)
+    await checker.wait_lookups()
+    assert vault.calls == 4
+    clock.now += 0.3  # 1.1 s after the entry of 1.6 s, 0.3 s after its refresh
+    await checker.verify(TOKEN)
+    assert vault.calls == 4  # served by the refreshed entry: no call waited
+
+
+async def test_a_refresh_that_finds_the_token_invalid_evicts_it() -> None:
+    vault, clock = FakeVault(), Clock()
+    checker = TokenChecker(vault, ttl_s=1.0, clock=clock)
+    await checker.verify(TOKEN)
+    clock.now += 0.8
+    vault.fail = InvalidToken("revoked at Vault")
+    await checker.verify(TOKEN)  # still inside the TTL: served, refresh started
+    await checker.wait_lookups()
+    with pytest.raises(Unauthenticated) as info:
+        await checker.verify(TOKEN)  # the refresh evicted it: this call asks Vault itself
+    assert info.value.reason == "TOKEN_INVALID"
+
+
 async def test_revocation_evicts_and_denies_at_once() -> None:
     vault, clock = FakeVault(), Clock()
     checker = TokenChecker(vault, clock=clock)
