@@ -22,7 +22,13 @@ import grpc
 from google.protobuf import struct_pb2
 
 from tessera.runtime.grpc_client import channel
-from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, events_pb2
+from tessera.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    events_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 
 TERMINAL_EVENTS = frozenset({"workflow_completed", "workflow_failed", "workflow_cancelled"})
 
@@ -42,6 +48,8 @@ class MeshClient:
             metadata=[("authorization", f"Bearer {token}")] if token else (),
         )
         self.stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+        self.registry = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        """The registry's freeze switch (the gateway routes nothing else of it)."""
 
     async def __aenter__(self) -> MeshClient:
         return self
@@ -121,3 +129,21 @@ class MeshClient:
             coordinator_pb2.CancelWorkflowRequest(name=name, reason=reason)
         )
         return response.workflow
+
+    # -- the kill switch for one agent (people in the operators group) -------------------
+    async def freeze_agent(self, name: str, *, reason: str = "") -> registry_pb2.FrozenAgent:
+        """Freeze agent ``name`` (its tokens revoked, its registrations and tool calls
+        refused until unfrozen); the freeze in force (the first, if it was frozen)."""
+        response = await self.registry.FreezeAgent(
+            registry_pb2.FreezeAgentRequest(name=name, reason=reason)
+        )
+        return response.frozen
+
+    async def unfreeze_agent(self, name: str) -> bool:
+        """Lift ``name``'s freeze; whether there was one."""
+        response = await self.registry.UnfreezeAgent(registry_pb2.UnfreezeAgentRequest(name=name))
+        return response.was_frozen
+
+    async def frozen_agents(self) -> tuple[registry_pb2.FrozenAgent, ...]:
+        response = await self.registry.ListFrozenAgents(registry_pb2.ListFrozenAgentsRequest())
+        return tuple(response.agents)

@@ -12,7 +12,6 @@ from prometheus_client import start_http_server
 
 from services.coordinator.admission import Admission
 from services.coordinator.audit import WorkflowAuditor
-from services.coordinator.authorization import ControlPlaneAuthorization
 from services.coordinator.budget import BudgetLedger, TaskBudgets
 from services.coordinator.dispatcher import Dispatcher
 from services.coordinator.runner import DURABLE, Runner
@@ -24,6 +23,7 @@ from services.coordinator.tokens import MAX_USES, TaskTokens
 from services.coordinator.tool_approvals import ToolApprovals
 from tessera.audit import AuditWriter
 from tessera.frozen import FrozenAgents
+from tessera.policy.control_plane import ControlPlaneAuthorization
 from tessera.policy.distribution import DistributedPolicySet, PolicySource
 from tessera.policy.store import PolicyStore
 from tessera.registry import Registry

@@ -16,14 +16,20 @@ from nats.js import JetStreamContext, api
 
 from services.coordinator import metrics
 from services.coordinator.admission import Admission
-from services.coordinator.authorization import ControlPlaneAuthorization, gate_kind_name
 from services.coordinator.engine import Emitter, decide_gate, gate_is_pending, record_approval
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import GS, WS, WorkflowRecord
 from services.coordinator.store import Conflict, WorkflowStore
 from services.coordinator.tokens import TaskTokens
 from services.coordinator.tool_approvals import DecidedElsewhere, ToolApprovals
-from services.coordinator.views import gate_name, gate_view, workflow_id, workflow_view
+from services.coordinator.views import (
+    gate_kind_name,
+    gate_name,
+    gate_view,
+    workflow_id,
+    workflow_view,
+)
+from tessera.policy.control_plane import ControlPlaneAuthorization
 from tessera.runtime.errors import (
     Aborted,
     FailedPrecondition,

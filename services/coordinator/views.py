@@ -113,3 +113,8 @@ def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
     if rec.error is not None:
         view.error.CopyFrom(_status(rec.error))
     return view
+
+
+def gate_kind_name(kind: int) -> str:
+    """``GATE_KIND_TOOL_APPROVAL`` -> ``tool_approval`` (the schema's Gate.kind)."""
+    return events_pb2.GateKind.Name(kind).removeprefix("GATE_KIND_").lower()  # type: ignore[arg-type]

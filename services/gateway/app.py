@@ -25,6 +25,7 @@ from services.gateway.resources import agent_endpoints, to_snapshot
 from services.gateway.settings import GatewaySettings
 from tessera.identity.source import CertificateSource
 from tessera.launcher.gateway import (
+    REGISTRY_PUBLIC_METHODS,
     HumanAuth,
     Upstream,
     UpstreamTls,
@@ -79,7 +80,19 @@ class GatewayControlPlane:
             ("planner", self.settings.planner_address, "tessera.v1.PlannerService"),
             ("tool-proxy", self.settings.tool_proxy_address, "tessera.v1.ToolProxyService"),
         ]
-        return [Upstream(name, address, (service,)) for name, address, service in public if address]
+        upstreams = [
+            Upstream(name, address, (service,)) for name, address, service in public if address
+        ]
+        if self.settings.registry_address:  # its freeze switch only, for people
+            upstreams.append(
+                Upstream(
+                    "registry",
+                    self.settings.registry_address,
+                    ("tessera.v1.RegistryService",),
+                    methods=REGISTRY_PUBLIC_METHODS,
+                )
+            )
+        return upstreams
 
     async def start(self) -> str:
         """Load the edge policy, sync the registry, then serve; the listening address."""

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import structlog
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
+from services.registry.freezes import ChainAuditor
 from services.registry.service import RegistryServicer
 from services.registry.settings import RegistrySettings
 from tessera.audit import AuditWriter
 from tessera.frozen import FrozenAgents
+from tessera.policy.control_plane import ControlPlaneAuthorization
+from tessera.policy.distribution import DistributedPolicySet
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.grpc_server import GrpcServer
@@ -34,6 +38,7 @@ class RegistryApp:
         self.audit: AuditWriter | None = None
         self.server: GrpcServer | None = None
         self.workload: Workload | None = None
+        self.distributed: DistributedPolicySet | None = None
 
     @property
     def address(self) -> str:
@@ -74,6 +79,7 @@ class RegistryApp:
             self.audit,
             FrozenAgents(js, self.topology),
             write_timeout_s=self.settings.write_timeout_s,
+            authz=await self._authorization(js),
         )
         self.server = GrpcServer(
             name="registry",
@@ -88,6 +94,28 @@ class RegistryApp:
         await self.server.start()
         log.info("registry_started", address=self.server.address)
         return self.server.address
+
+    async def _authorization(self, js: JetStreamContext) -> ControlPlaneAuthorization:
+        """The decision point for freezes: the distributed policy set (none on a plaintext
+        debug registry, where nothing is authenticated to authorize)."""
+        assert self.audit is not None and self.workload is not None
+        if self.workload.certificate is None:
+            log.warning("freezes_unauthorized", reason="plaintext debug registry")
+            return ControlPlaneAuthorization(None, None)
+        self.distributed = DistributedPolicySet(
+            js, self.topology, freshness_s=self.settings.policy_freshness_s
+        )
+        self.distributed.start()
+        if not await self.distributed.wait_ready(self.settings.startup_timeout_s):
+            # Serving anyway: registrations need no policy; freezes are refused
+            # (UNAVAILABLE POLICY_STALE) until the set arrives.
+            log.warning("policy_set_not_received", within_s=self.settings.startup_timeout_s)
+        return ControlPlaneAuthorization(
+            self.distributed,
+            ChainAuditor(self.audit),
+            subject_claim=self.settings.human_subject_claim,
+            groups_claim=self.settings.human_groups_claim,
+        )
 
     async def _audit_refused_caller(self, method: str, caller: str, reason: str) -> None:
         """A caller the table refuses (no identity, or not an agent) is on the record."""
@@ -107,6 +135,9 @@ class RegistryApp:
         if self.server is not None:
             await self.server.stop()
             self.server = None
+        if self.distributed is not None:
+            await self.distributed.stop()
+            self.distributed = None
         if self.audit is not None:
             await self.audit.close()
             self.audit = None

@@ -2,15 +2,16 @@
 certificate carries, and nothing else.
 
 The caller table (tessera/identity/callers.py) already lets only agents reach this
-service (and operators its freeze RPCs); here the descriptor is checked against the
-caller (``billing`` may register only ``billing``), against the limits a hostile
+service (and the operator and the front door its freeze RPCs); here the descriptor is
+checked against the caller (``billing`` may register only ``billing``), against the limits a hostile
 descriptor would break (sizes, counts, names, versions, the endpoint's shape, output
 schemas that are not usable draft 2020-12), and the heartbeat time is the registry's own
 clock. Every refusal is answered with a precise status and written to the audit chain.
 
-Freezes (``FreezeAgent``): the registry owns the frozen bucket (tessera/frozen.py). A
-frozen agent's entries are removed and its registrations refused; coordinators and tool
-proxies follow the bucket (revoking its running attempts' tokens, refusing its calls).
+Freezes (``FreezeAgent``, services/registry/freezes.py): the registry owns the frozen
+bucket (tessera/frozen.py). A frozen agent's entries are removed and its registrations
+refused; coordinators and tool proxies follow the bucket (revoking its running attempts'
+tokens, refusing its calls).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import grpc
 import structlog
 from google.protobuf import duration_pb2, json_format
 
+from services.registry.freezes import Freezes
 from tessera import semver
 from tessera.audit import AuditWriter
-from tessera.frozen import FrozenAgents, frozen_key
+from tessera.frozen import FrozenAgents
 from tessera.jsonschema import SchemaError, check_schema
+from tessera.policy.control_plane import ControlPlaneAuthorization
 from tessera.registry import Registry, registry_key
 from tessera.runtime.errors import (
     FailedPrecondition,
@@ -116,9 +119,6 @@ def _violations(agent: agent_pb2.AgentDescriptor) -> list[tuple[str, str]]:
     return found
 
 
-_MAX_REASON_CHARS = 500
-
-
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(
         self,
@@ -127,11 +127,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         frozen: FrozenAgents,
         *,
         write_timeout_s: float,
+        authz: ControlPlaneAuthorization | None = None,
     ) -> None:
         self.registry = registry
         self.audit = audit
         self.frozen = frozen
         self.write_timeout_s = write_timeout_s
+        self.freezes = Freezes(
+            registry,
+            audit,
+            frozen,
+            authz or ControlPlaneAuthorization(None, None),
+            write_timeout_s=write_timeout_s,
+            max_name_chars=Limits.max_name_chars,
+        )
 
     def _lease(self) -> tuple[duration_pb2.Duration, duration_pb2.Duration]:
         lease, interval = duration_pb2.Duration(), duration_pb2.Duration()
@@ -255,89 +264,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             ) from exc
         return registry_pb2.DeregisterResponse()
 
-    # -- freezes (operators) --------------------------------------------------------------
-
-    def _operator(self) -> str:
-        caller = peer()
-        return str(caller) if caller is not None else "unauthenticated (plaintext server)"
-
-    @staticmethod
-    def _agent_name(name: str) -> str:
-        try:
-            return frozen_key(name[: Limits.max_name_chars + 1])
-        except ValueError as exc:
-            raise InvalidArgument(
-                "not an agent name", reason="BAD_AGENT_NAME", field_violations=[("name", str(exc))]
-            ) from None
-
-    async def _audit_freeze(self, outcome: str, name: str, operator: str, reason: str) -> None:
-        """Written before the change (no freeze nor unfreeze goes unaudited)."""
-        try:
-            await self.audit.append(
-                audit_pb2.AUDIT_KIND_AGENT_FREEZE,
-                outcome=outcome,
-                resource=f"registry/agent/{name}",
-                details={"principal": operator, "reason": reason},
-            )
-        except Unavailable as exc:
-            raise Unavailable(
-                "the audit trail is unavailable: nothing was changed",
-                reason="AUDIT_UNAVAILABLE",
-                retry_after_s=1.0,
-            ) from exc
+    # -- freezes (services/registry/freezes.py) -------------------------------------------
 
     async def FreezeAgent(
         self, request: registry_pb2.FreezeAgentRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.FreezeAgentResponse:
-        name = self._agent_name(request.name)
-        if len(request.reason) > _MAX_REASON_CHARS:
-            raise InvalidArgument(
-                "the reason is too long",
-                reason="BAD_REASON",
-                field_violations=[("reason", f"at most {_MAX_REASON_CHARS} characters")],
-            )
-        operator = self._operator()
-        record = registry_pb2.FrozenAgent(name=name, frozen_by=operator, reason=request.reason)
-        record.freeze_time.GetCurrentTime()
-        await self._audit_freeze("frozen", name, operator, request.reason)
-        try:
-            async with asyncio.timeout(self.write_timeout_s):
-                in_force = await self.frozen.freeze(record)
-                # Its replicas leave the live set: dispatch goes to other agents.
-                removed = await self.registry.deregister_agent(name)
-        except Exception as exc:
-            raise Unavailable(
-                "the freeze could not be stored; retry (freezing is idempotent)",
-                reason="REGISTRY_UNAVAILABLE",
-                retry_after_s=1.0,
-            ) from exc
-        log.warning("agent_frozen", agent=name, by=operator, replicas_removed=removed)
-        return registry_pb2.FreezeAgentResponse(frozen=in_force, replicas_removed=removed)
+        return await self.freezes.freeze(request, context)
 
     async def UnfreezeAgent(
         self, request: registry_pb2.UnfreezeAgentRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.UnfreezeAgentResponse:
-        name = self._agent_name(request.name)
-        operator = self._operator()
-        await self._audit_freeze("unfrozen", name, operator, "")
-        try:
-            async with asyncio.timeout(self.write_timeout_s):
-                was = await self.frozen.unfreeze(name)
-        except Exception as exc:
-            raise Unavailable(
-                "the freeze could not be lifted; retry", reason="REGISTRY_UNAVAILABLE"
-            ) from exc
-        log.warning("agent_unfrozen", agent=name, by=operator, was_frozen=was)
-        return registry_pb2.UnfreezeAgentResponse(was_frozen=was)
+        return await self.freezes.unfreeze(request, context)
 
     async def ListFrozenAgents(
         self, request: registry_pb2.ListFrozenAgentsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ListFrozenAgentsResponse:
-        try:
-            async with asyncio.timeout(self.write_timeout_s):
-                agents = await self.frozen.read_all()
-        except Exception as exc:
-            raise Unavailable(
-                "the frozen agents could not be read", reason="REGISTRY_UNAVAILABLE"
-            ) from exc
-        return registry_pb2.ListFrozenAgentsResponse(agents=agents)
+        return await self.freezes.list(request, context)

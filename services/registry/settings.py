@@ -29,3 +29,12 @@ class RegistrySettings(ServiceSettings):
     write_timeout_s: float = Field(default=2.0, gt=0)
     """How long one registry write may wait for NATS before Register answers UNAVAILABLE
     (the agent retries at its next heartbeat)."""
+    policy_freshness_s: float = Field(default=5.0, gt=0)
+    """The registry decides freezes with the policy set the policy service distributes
+    (tessera/policy/distribution.py); a set it cannot confirm current for this long
+    refuses them (UNAVAILABLE ``POLICY_STALE``; fail closed)."""
+    human_subject_claim: str = "preferred_username"
+    """Claim of a person's identity token that names them (as Envoy's jwt_authn passes it
+    on); must match the gateway's ``TESSERA_GATEWAY_JWT_SUBJECT_CLAIM``."""
+    human_groups_claim: str = "groups"
+    """Claim that lists their groups (policies' ``principal in Group::"..."``)."""

@@ -3,8 +3,10 @@
 ``tessera agents`` lists the registered replicas; ``freeze`` takes an agent out of
 service (its entries leave the registry, its registrations and tool calls are refused,
 its running attempts' task tokens are revoked) until ``unfreeze``; ``frozen`` lists the
-freezes in force. Freezing is an operator's action: the CLI calls the registry service
-as the operator identity of the mesh `tessera up` recorded.
+freezes in force. Freezing is an operator's action, decided by policy
+(policy/policies/60_agents.cedar): by default the CLI calls the registry service as the
+operator identity of the mesh `tessera up` recorded; with ``--as USER`` it goes through
+the gateway as that logged-in person (`tessera login`), who must be in ``operators``.
 """
 
 from __future__ import annotations
@@ -64,9 +66,22 @@ def agents(ctx: typer.Context) -> None:
     asyncio.run(main())
 
 
-def _call(work: Callable[[RegistryServiceStub], Awaitable[T]]) -> T:
-    """Run ``work(stub)`` against the registry service as the operator; a refusal is
-    printed as its status and reason (exit 1), an unreachable registry exits 2."""
+As = Annotated[
+    str | None,
+    typer.Option(
+        "--as",
+        envvar="TESSERA_USER",
+        show_default=False,
+        help="Act as this logged-in person, through the gateway (default: the operator "
+        "identity, directly).",
+    ),
+]
+
+
+def _call(work: Callable[[RegistryServiceStub], Awaitable[T]], user: str | None = None) -> T:
+    """Run ``work(stub)`` against the registry service, as the operator or (``user``) as
+    that person through the gateway; a refusal is printed as its status and reason
+    (exit 1), an unreachable registry exits 2."""
     import grpc
 
     from tessera.runtime.config import CommonSettings
@@ -75,11 +90,17 @@ def _call(work: Callable[[RegistryServiceStub], Awaitable[T]]) -> T:
     from tessera.v1 import registry_pb2_grpc
 
     configure_logging("cli", "warning", stream=sys.stderr)
-    address = service_address(
-        "registry", "TESSERA_REGISTRY_ADDRESS", CommonSettings().registry_address
-    )
 
     async def main() -> T:
+        if user is not None:
+            from tessera.cli.workflows import _gateway, _token
+            from tessera.client import MeshClient
+
+            async with MeshClient(_gateway(None), token=_token(user)) as client:
+                return await work(client.registry)
+        address = service_address(
+            "registry", "TESSERA_REGISTRY_ADDRESS", CommonSettings().registry_address
+        )
         async with service_channel(address, "registry") as chan:
             return await work(registry_pb2_grpc.RegistryServiceStub(chan))
 
@@ -97,6 +118,7 @@ def _call(work: Callable[[RegistryServiceStub], Awaitable[T]]) -> T:
 def freeze(
     name: Annotated[str, typer.Argument(help="The agent, e.g. billing.")],
     reason: Annotated[str, typer.Option("--reason", "-r", help="Why (audited).")] = "",
+    user: As = None,
 ) -> None:
     """Freeze an agent until `tessera agents unfreeze`: its replicas leave the registry,
     it may not register, its running attempts' task tokens are revoked and every tool
@@ -107,7 +129,7 @@ def freeze(
         request = registry_pb2.FreezeAgentRequest(name=name, reason=reason)
         return await stub.FreezeAgent(request, timeout=10)
 
-    response = _call(work)
+    response = _call(work, user)
     frozen = response.frozen
     out.print(
         f"[bold]{frozen.name}[/] frozen by {frozen.frozen_by} at "
@@ -119,7 +141,9 @@ def freeze(
 
 
 @app.command()
-def unfreeze(name: Annotated[str, typer.Argument(help="The agent, e.g. billing.")]) -> None:
+def unfreeze(
+    name: Annotated[str, typer.Argument(help="The agent, e.g. billing.")], user: As = None
+) -> None:
     """Lift an agent's freeze: its replicas register again at their next heartbeat."""
     from tessera.v1 import registry_pb2
 
@@ -127,13 +151,13 @@ def unfreeze(name: Annotated[str, typer.Argument(help="The agent, e.g. billing."
         request = registry_pb2.UnfreezeAgentRequest(name=name)
         return await stub.UnfreezeAgent(request, timeout=10)
 
-    response = _call(work)
+    response = _call(work, user)
     said = "unfrozen" if response.was_frozen else "was not frozen"
     out.print(f"[bold]{name}[/] {said}", highlight=False)
 
 
 @app.command()
-def frozen() -> None:
+def frozen(user: As = None) -> None:
     """List the agents frozen now."""
     from tessera.v1 import registry_pb2
 
@@ -144,7 +168,7 @@ def frozen() -> None:
     table = Table(title="frozen agents", title_justify="left")
     for column in ("agent", "frozen by", "since", "reason"):
         table.add_column(column)
-    for record in _call(work).agents:
+    for record in _call(work, user).agents:
         since = f"{record.freeze_time.ToDatetime():%Y-%m-%d %H:%M:%S}Z"
         table.add_row(record.name, record.frozen_by, since, record.reason)
     out.print(table)

@@ -31,10 +31,12 @@ CALLERS: Mapping[str, frozenset[str]] = {
     "tessera.v1.ToolProxyService/DecideApproval": frozenset({"service/coordinator"}),
     # An agent registers itself (the registry checks the name is the caller's).
     "tessera.v1.RegistryService/*": frozenset({"agent/*"}),
-    # Freezing an agent (the kill switch for one agent) is an operator's action.
-    "tessera.v1.RegistryService/FreezeAgent": frozenset({_OPERATOR}),
-    "tessera.v1.RegistryService/UnfreezeAgent": frozenset({_OPERATOR}),
-    "tessera.v1.RegistryService/ListFrozenAgents": frozenset({_OPERATOR}),
+    # Freezing an agent (the kill switch for one agent): the operator workload, and people
+    # through the front door (Envoy routes these three methods only); the registry then
+    # decides by policy who may (policy/policies/60_agents.cedar: operators).
+    "tessera.v1.RegistryService/FreezeAgent": frozenset({_GATEWAY, _OPERATOR}),
+    "tessera.v1.RegistryService/UnfreezeAgent": frozenset({_GATEWAY, _OPERATOR}),
+    "tessera.v1.RegistryService/ListFrozenAgents": frozenset({_GATEWAY, _OPERATOR}),
     "tessera.v1.PlannerService/*": frozenset({"service/coordinator", _OPERATOR}),
     "tessera.v1.PolicyService/Check": frozenset(
         {"service/tool-proxy", "service/coordinator", _OPERATOR}

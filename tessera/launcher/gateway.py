@@ -36,6 +36,7 @@ __all__ = [
     "CONTROL_PLANE_MODULE",
     "HEALTH_SERVICE",
     "LISTENER_NAME",
+    "REGISTRY_PUBLIC_METHODS",
     "ROUTE_CONFIG_NAME",
     "AgentEndpoint",
     "DescriptorBuildFailed",
@@ -105,6 +106,19 @@ class Upstream:
     name: str
     address: str  # host:port
     grpc_services: tuple[str, ...]
+    methods: tuple[str, ...] = ()
+    """When set, only these ``package.Service/Method`` are routed to it (a service whose
+    other methods are for workloads only, e.g. the registry's); else every method of
+    ``grpc_services``."""
+
+
+REGISTRY_PUBLIC_METHODS = (
+    "tessera.v1.RegistryService/FreezeAgent",
+    "tessera.v1.RegistryService/UnfreezeAgent",
+    "tessera.v1.RegistryService/ListFrozenAgents",
+)
+"""The registry's methods people reach through the front door (the kill switch for one
+agent); registering stays for agents, over their own mTLS connection."""
 
 
 @dataclass(frozen=True)
@@ -368,7 +382,16 @@ def _routes(
         )
     for upstream in upstreams:
         cluster = cluster_name(upstream.name)
-        for service in upstream.grpc_services:
+        for method in upstream.methods:
+            service = method.partition("/")[0]
+            limits = {**defaults, **(services.get(service) or {}), **(methods.get(method) or {})}
+            routes.append(
+                {
+                    "match": {"path": f"/{method}", "grpc": {}},
+                    "route": _route_action(cluster, limits),
+                }
+            )
+        for service in () if upstream.methods else upstream.grpc_services:
             limits = {**defaults, **(services.get(service) or {})}
             for method, override in methods.items():
                 if method.startswith(f"{service}/"):

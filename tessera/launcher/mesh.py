@@ -514,9 +514,9 @@ def _start(
     components.extend(services)
 
     upstreams = [
-        Upstream(spec.name, f"{LOOPBACK}:{ports[spec.name]}", spec.health)
+        Upstream(spec.name, f"{LOOPBACK}:{ports[spec.name]}", spec.health, spec.public_methods)
         for spec in topology.services
-        if spec.public
+        if spec.public or spec.public_methods
     ]
     health_upstream = next(
         (s.name for s in topology.services if s.name == "coordinator"),

@@ -28,6 +28,9 @@ class ServiceSpec:
     identity: str
     health: tuple[str, ...]
     public: bool
+    public_methods: tuple[str, ...] = ()
+    """Routed by Envoy for these ``package.Service/Method`` only (``public`` routes every
+    method of the service)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def parse(data: Any, *, source: str = "topology") -> Topology:
                 identity=str(raw.get("identity", name)),
                 health=tuple(health),
                 public=bool(raw.get("public", False)),
+                public_methods=_methods(raw.get("public_methods"), where),
             )
         )
     names = [s.name for s in services]
@@ -109,3 +113,11 @@ def load(path: Path | None = None) -> Topology:
     except yaml.YAMLError as exc:
         raise TopologyError(f"{path}: invalid YAML: {exc}") from exc
     return parse(data, source=str(path))
+
+
+def _methods(raw: object, where: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(m, str) and m.count("/") == 1 for m in raw):
+        raise TopologyError(f"{where}: 'public_methods' must list package.Service/Method names")
+    return tuple(raw)

@@ -144,7 +144,8 @@ def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
             audit_chains=True,
         ),
         "policy": _ReadScope((policy,), audit_chains=True),
-        "registry": _ReadScope((registry, frozen), audit_chains=True),
+        # Its buckets, and the distributed policy set (decisions on freezes).
+        "registry": _ReadScope((registry, frozen, policy), audit_chains=True),
         # Readers of the registry: capabilities to plan with, endpoints to route to.
         "planner": _ReadScope((registry,)),
         "gateway-control-plane": _ReadScope((registry,)),

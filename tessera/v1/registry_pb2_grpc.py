@@ -95,8 +95,9 @@ class RegistryServiceServicer:
         entries are removed (work goes to other agents offering the capability), its
         registrations are refused (FAILED_PRECONDITION, reason AGENT_FROZEN), the
         coordinators revoke the task tokens of its running attempts, and the tool proxy
-        refuses its tool calls by policy. Operators only; audited. Idempotent: freezing a
-        frozen agent keeps the first freeze's record.
+        refuses its tool calls by policy. Reached by the operator workload and, for people,
+        through the gateway; decided by policy (operators); every decision audited.
+        Idempotent: freezing a frozen agent keeps the first freeze's record.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

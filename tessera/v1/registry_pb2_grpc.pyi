@@ -51,8 +51,9 @@ class RegistryServiceStub:
     entries are removed (work goes to other agents offering the capability), its
     registrations are refused (FAILED_PRECONDITION, reason AGENT_FROZEN), the
     coordinators revoke the task tokens of its running attempts, and the tool proxy
-    refuses its tool calls by policy. Operators only; audited. Idempotent: freezing a
-    frozen agent keeps the first freeze's record.
+    refuses its tool calls by policy. Reached by the operator workload and, for people,
+    through the gateway; decided by policy (operators); every decision audited.
+    Idempotent: freezing a frozen agent keeps the first freeze's record.
     """
     UnfreezeAgent: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UnfreezeAgentRequest, _registry_pb2.UnfreezeAgentResponse]
     """UnfreezeAgent lets a frozen agent register and call tools again. Idempotent."""
@@ -82,8 +83,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     entries are removed (work goes to other agents offering the capability), its
     registrations are refused (FAILED_PRECONDITION, reason AGENT_FROZEN), the
     coordinators revoke the task tokens of its running attempts, and the tool proxy
-    refuses its tool calls by policy. Operators only; audited. Idempotent: freezing a
-    frozen agent keeps the first freeze's record.
+    refuses its tool calls by policy. Reached by the operator workload and, for people,
+    through the gateway; decided by policy (operators); every decision audited.
+    Idempotent: freezing a frozen agent keeps the first freeze's record.
     """
     UnfreezeAgent: _aio.UnaryUnaryMultiCallable[_registry_pb2.UnfreezeAgentRequest, _registry_pb2.UnfreezeAgentResponse]  # type: ignore[assignment]
     """UnfreezeAgent lets a frozen agent register and call tools again. Idempotent."""
@@ -128,8 +130,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         entries are removed (work goes to other agents offering the capability), its
         registrations are refused (FAILED_PRECONDITION, reason AGENT_FROZEN), the
         coordinators revoke the task tokens of its running attempts, and the tool proxy
-        refuses its tool calls by policy. Operators only; audited. Idempotent: freezing a
-        frozen agent keeps the first freeze's record.
+        refuses its tool calls by policy. Reached by the operator workload and, for people,
+        through the gateway; decided by policy (operators); every decision audited.
+        Idempotent: freezing a frozen agent keeps the first freeze's record.
         """
 
     @_abc_1.abstractmethod

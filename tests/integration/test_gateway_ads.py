@@ -24,6 +24,9 @@ from tessera.runtime.bus import Topology
 from tessera.v1 import agent_pb2
 from tests.conftest import GATEWAY_DIR
 
+PUBLIC = {"coordinator", "registry"}
+"""Clusters routed whatever the agents: the public API, and the registry's freeze switch."""
+
 Responses = asyncio.Queue[discovery_pb2.DiscoveryResponse]
 
 
@@ -99,7 +102,7 @@ async def test_versions_nonces_ack_and_nack(
             await call.write(cds())
             first = await asyncio.wait_for(responses.get(), 5)
             assert first.type_url == CLUSTER and first.nonce and first.version_info
-            assert cluster_names(first) == {"coordinator"}
+            assert cluster_names(first) == PUBLIC
 
             await call.write(cds(first.version_info, first.nonce))  # ACK
             await nothing_within(responses, 0.5)  # nothing changed: nothing re-sent
@@ -109,7 +112,7 @@ async def test_versions_nonces_ack_and_nack(
             )
             await registry.register(billing)
             second = await asyncio.wait_for(responses.get(), 2)
-            assert cluster_names(second) == {"coordinator", "agent-billing"}
+            assert cluster_names(second) == PUBLIC | {"agent-billing"}
             assert second.version_info != first.version_info
             assert second.nonce != first.nonce
 
@@ -124,14 +127,14 @@ async def test_versions_nonces_ack_and_nack(
                 agent_pb2.AgentDescriptor(name="risk", instance_id="r1", endpoint="127.0.0.1:7002")
             )
             third = await asyncio.wait_for(responses.get(), 2)
-            assert cluster_names(third) == {"coordinator", "agent-billing", "agent-risk"}
+            assert cluster_names(third) == PUBLIC | {"agent-billing", "agent-risk"}
             assert third.version_info not in (first.version_info, second.version_info)
             await call.write(cds(third.version_info, third.nonce))
 
             # Leaving the registry leaves CDS.
             await registry.deregister(billing)
             fourth = await asyncio.wait_for(responses.get(), 2)
-            assert cluster_names(fourth) == {"coordinator", "agent-risk"}
+            assert cluster_names(fourth) == PUBLIC | {"agent-risk"}
         finally:
             call.cancel()
             reader.cancel()

@@ -91,6 +91,41 @@ def test_cancel_is_the_starters_or_an_operators_and_refused_to_others(data_dir: 
     assert "cancelling" in ok.stdout
 
 
+def test_people_in_operators_freeze_an_agent_through_the_gateway_and_nobody_else(
+    data_dir: Path,
+) -> None:
+    """The kill switch for one agent, as a person pulls it: through Envoy (token verified,
+    claims forwarded over its mTLS connection), decided by the registry's policy."""
+    for user in ("oncall", "finance"):
+        ensure_login(data_dir, user)
+    refused = cli("agents", "freeze", "technical", "--as", "finance", data_dir=data_dir)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "PERMISSION_DENIED (ACTION_NOT_ALLOWED)" in refused.stderr, refused.stderr
+    try:
+        frozen = cli(
+            "agents", "freeze", "technical", "--as", "oncall", "-r", "drill", data_dir=data_dir
+        )
+        assert frozen.returncode == 0, frozen.stdout + frozen.stderr
+        assert "technical frozen by oncall" in frozen.stdout, frozen.stdout
+        listed = cli("agents", "frozen", "--as", "oncall", data_dir=data_dir)
+        assert listed.returncode == 0, listed.stderr
+        assert "oncall" in listed.stdout and "drill" in listed.stdout, listed.stdout
+        registered = cli("agents", data_dir=data_dir)  # the operator's view of the registry
+        assert registered.returncode == 0, registered.stderr
+        # Its replicas left the registry (support.technical is its capability alone).
+        assert "support.technical" not in registered.stdout, registered.stdout
+    finally:
+        lifted = cli("agents", "unfreeze", "technical", "--as", "oncall", data_dir=data_dir)
+    assert lifted.returncode == 0 and "technical unfrozen" in lifted.stdout, lifted.stderr
+    # On the registry's chain: finance's refusal, oncall's allowed decision and the
+    # freeze itself, each before anything changed.
+    trail = cli("audit", "tail", "-n", "400", data_dir=data_dir).stdout.splitlines()
+    mine = [line.split()[2:5] for line in trail if "technical" in line]
+    assert ["policy_decision", "deny", "agent"] in mine, mine
+    assert ["agent_freeze", "frozen", "registry/agent/technical"] in mine, mine
+    assert ["agent_freeze", "unfrozen", "registry/agent/technical"] in mine, mine
+
+
 async def test_a_parked_workflow_survives_down_and_up(data_dir: Path) -> None:
     async with person(data_dir, "requester") as client:
         workflow = await client.start(

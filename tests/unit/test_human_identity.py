@@ -135,3 +135,23 @@ def test_the_front_door_strips_identity_headers_then_verifies_the_token() -> Non
 def test_without_human_auth_there_is_no_token_check() -> None:
     names = [f["name"] for f in _filters(None)]
     assert "envoy.filters.http.jwt_authn" not in names
+
+
+def test_people_reach_the_registry_s_freeze_switch_and_nothing_else_of_it() -> None:
+    from tessera.launcher import topology
+    from tessera.launcher.gateway import REGISTRY_PUBLIC_METHODS, Upstream
+
+    registry = topology.load().service("registry")
+    # The local mesh's static routes and the control plane's come from the same list.
+    assert registry.public_methods == REGISTRY_PUBLIC_METHODS and not registry.public
+    upstream = Upstream(
+        "registry", "127.0.0.1:2", ("tessera.v1.RegistryService",), REGISTRY_PUBLIC_METHODS
+    )
+    resources = build_resources(
+        {}, listen="127.0.0.1:1", access_log="/dev/null", upstreams=[upstream]
+    )
+    routes = resources.route_configs[0]["virtual_hosts"][0]["routes"]
+    to_registry = [
+        r["match"] for r in routes if r.get("route", {}).get("cluster", "").endswith("registry")
+    ]
+    assert to_registry == [{"path": f"/{m}", "grpc": {}} for m in REGISTRY_PUBLIC_METHODS]

@@ -1,6 +1,7 @@
-"""Who may start, cancel and decide what: the coordinator's decision point for its own
-control-plane actions, evaluated in-process with the policy set of ``policy/`` (the same
-engine and store as the tool proxy's embedded mode).
+"""Who may do what on the control plane: the decision point of a service for its own
+actions (the coordinator: start, read, cancel, decide; the registry: freeze and unfreeze
+agents), evaluated in-process with the policy set of ``policy/`` (the same engine and
+set as the tool proxy's).
 
 The principal is the verified caller (:func:`tessera.runtime.principal.principal_of`): a
 person the front door authenticated, with their groups, or a workload in its own name.
@@ -8,7 +9,7 @@ Every decision, allowed or refused, is an audit record naming the principal; a r
 PERMISSION_DENIED with ErrorInfo (reason ``ACTION_NOT_ALLOWED``, the action, the resource
 and the forbids that matched).
 
-On a plaintext debug coordinator nothing is authenticated, so nothing is authorized here
+On a plaintext debug server nothing is authenticated, so nothing is authorized here
 either (as with caller checks): decisions are recorded in the name the request gives.
 """
 
@@ -27,9 +28,9 @@ from tessera.policy.engine import CheckInput, RequestInvalid, evaluate
 from tessera.runtime.errors import PermissionDenied, Unauthenticated
 from tessera.runtime.grpc_authz import peer
 from tessera.runtime.principal import Principal, principal_of
-from tessera.v1 import audit_pb2, events_pb2
+from tessera.v1 import audit_pb2
 
-__all__ = ["ControlPlaneAuthorization", "Decision", "gate_kind_name"]
+__all__ = ["ControlPlaneAuthorization", "Decision"]
 
 log = structlog.get_logger(__name__)
 AK = audit_pb2.AuditKind
@@ -48,13 +49,8 @@ class _Auditor(Protocol):
     async def record(self, kind: Any, **fields: Any) -> None: ...
 
 
-def gate_kind_name(kind: int) -> str:
-    """``GATE_KIND_TOOL_APPROVAL`` -> ``tool_approval`` (the schema's Gate.kind)."""
-    return events_pb2.GateKind.Name(kind).removeprefix("GATE_KIND_").lower()  # type: ignore[arg-type]
-
-
 class ControlPlaneAuthorization:
-    """``store`` None: a plaintext debug coordinator (no authorization)."""
+    """``store`` None: a plaintext debug server (no authorization)."""
 
     def __init__(
         self,
