@@ -105,11 +105,10 @@ class RegistryApp:
         self.distributed = DistributedPolicySet(
             js, self.topology, freshness_s=self.settings.policy_freshness_s
         )
+        # Not waited for: registrations need no policy and the registry starts before the
+        # policy service does; freezes are refused (UNAVAILABLE POLICY_STALE) until the set
+        # arrives.
         self.distributed.start()
-        if not await self.distributed.wait_ready(self.settings.startup_timeout_s):
-            # Serving anyway: registrations need no policy; freezes are refused
-            # (UNAVAILABLE POLICY_STALE) until the set arrives.
-            log.warning("policy_set_not_received", within_s=self.settings.startup_timeout_s)
         return ControlPlaneAuthorization(
             self.distributed,
             ChainAuditor(self.audit),
