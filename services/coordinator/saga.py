@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 
 COMPENSATION_WINDOW_S = 3600.0
 """How long a failing workflow's compensations may take, from the failure."""
+SETTLE_S = 2.0
+"""How long after compensation begins the first compensating task may run: the tool
+proxy's task-token cache (at most 1 s, services/tool_proxy/tokens.py) plus a margin, so
+no call of a token revoked at that moment is still admitted. An effect admitted before
+is in flight, and the undoing tool waits for it (``EFFECT_IN_FLIGHT``); without the wait,
+a refund landing after its reversal looked would stay unreversed."""
 _NO_EFFECT = common_pb2.SIDE_EFFECT_CLASS_READ_ONLY
 
 
@@ -63,6 +69,7 @@ def compensate(em: Emitter, started: events_pb2.CompensationStarted) -> bool:
         t.id for t in candidates if not t.compensation and t.state == TS.TASK_STATE_SUCCEEDED
     )
     started.deadline.FromMicroseconds(int((em.now + COMPENSATION_WINDOW_S) * 1e6))
+    started.not_before.FromMicroseconds(int((em.now + SETTLE_S) * 1e6))
     em.emit(compensation_started=started)
     return True
 

@@ -315,6 +315,9 @@ def _start_compensation(rec: WorkflowRecord, started: events_pb2.CompensationSta
         if gate.state == GS.GATE_STATE_PENDING:
             gate.state = GS.GATE_STATE_REJECTED
             gate.comment = "the workflow ended before a decision"
+    not_before = (
+        started.not_before.ToMicroseconds() / 1e6 if started.HasField("not_before") else None
+    )
     previous: str | None = None
     for undo in started.tasks:
         source = rec.tasks[undo.from_task_id]
@@ -329,6 +332,7 @@ def _start_compensation(rec: WorkflowRecord, started: events_pb2.CompensationSta
             max_attempts=max(DEFAULT_ATTEMPTS, source.max_attempts),
             optional=True,  # one failed compensation does not stop the others
             compensates=source.id,
+            retry_at=None if previous else not_before,  # the chain's first waits to settle
         )
         previous = undo.to_task_id
 

@@ -135,7 +135,12 @@ class ToolProxy:
             else await read_hmac_key(self._vault)
         )
 
-        for tool in builtin_tools(js, self.topology):
+        idempotency = IdempotencyStore(
+            idem_kv,
+            lease_s=s.idempotency_lease_s,
+            finish_within_s=s.idempotency_finish_within_s,
+        )
+        for tool in builtin_tools(js, self.topology, in_flight=idempotency.in_flight):
             if self.registry.get(tool.spec.name) is None:
                 self.registry.register(tool)
         if s.mcp_servers is not None:
@@ -192,11 +197,7 @@ class ToolProxy:
                 tool_rate=s.tool_rate_per_s,
                 tool_burst=s.tool_burst,
             ),
-            idempotency=IdempotencyStore(
-                idem_kv,
-                lease_s=s.idempotency_lease_s,
-                finish_within_s=s.idempotency_finish_within_s,
-            ),
+            idempotency=idempotency,
             approvals=ApprovalStore(approvals_kv),
             audit=audit,
             digest=lambda value: str(hmac_digest(key, value)),

@@ -24,6 +24,7 @@ from tessera.runtime.errors import (
     FailedPrecondition,
     ResourceExhausted,
     TesseraError,
+    Unavailable,
 )
 from tessera.vault.tokens import ToolSecret
 
@@ -97,6 +98,13 @@ async def execute(
     except ToolError as exc:
         if run.claim is not None:
             await store.release(run.claim)
+        if exc.retry_after_s is not None:
+            raise Unavailable(
+                exc.message,
+                reason=exc.reason,
+                retry_after_s=exc.retry_after_s,
+                metadata={"tool": spec.name},
+            ) from None
         raise FailedPrecondition(
             exc.message, reason=exc.reason, metadata={"tool": spec.name}
         ) from None

@@ -284,6 +284,24 @@ class IdempotencyStore:
                 continue
         raise RuntimeError("idempotency record contended while recording its outcome")
 
+    async def in_flight(self, eid: str) -> float | None:
+        """Seconds left on a live ``started`` claim of ``eid`` (its executor may be
+        running the backend right now); None when there is none (no record, ``done``, or
+        a lease that ended). Raises UNAVAILABLE when the bucket cannot be read."""
+        try:
+            entry = await self._kv.get(eid)
+        except KeyNotFoundError:
+            return None
+        except Exception as exc:
+            raise Unavailable(
+                "the idempotency store cannot be read", reason="IDEMPOTENCY_UNAVAILABLE"
+            ) from exc
+        record = json.loads(entry.value or b"{}")
+        if record.get("state") != "started":
+            return None
+        left = float(record.get("lease_until", 0)) - self._clock()
+        return left if left > 0 else None
+
     async def release(self, claim: Claim) -> None:
         """Forget a claim whose call did not execute, so a retry may run it."""
         try:

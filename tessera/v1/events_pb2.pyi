@@ -755,6 +755,7 @@ class CompensationStarted(_message.Message):
     TASKS_FIELD_NUMBER: _builtins.int
     UNCOMPENSATED_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Why the workflow fails (unset when it is cancelled)."""
@@ -775,6 +776,13 @@ class CompensationStarted(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """The compensations must have run by then."""
 
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """The first compensation starts no earlier: by then no tool proxy still admits a call
+        of the tokens revoked when compensation began (their cache lasts at most 1 s), and
+        a call admitted before is in flight, which the undoing tool can see and wait for.
+        """
+
     def __init__(
         self,
         *,
@@ -783,10 +791,11 @@ class CompensationStarted(_message.Message):
         tasks: _abc.Iterable[Global___HandoffRouted] | None = ...,
         uncompensated: _abc.Iterable[_builtins.str] | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "deadline", b"deadline", "error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "deadline", b"deadline", "error", b"error", "not_before", b"not_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "deadline", b"deadline", "error", b"error", "tasks", b"tasks", "uncompensated", b"uncompensated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "deadline", b"deadline", "error", b"error", "not_before", b"not_before", "tasks", b"tasks", "uncompensated", b"uncompensated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.js import JetStreamContext
 
-from services.tool_proxy.idempotency import effect_id
-from services.tool_proxy.tools import CallInfo, EffectLookup, EffectStatus, Tool
+from services.tool_proxy.idempotency import Claim, IdempotencyStore, effect_id
+from services.tool_proxy.tools import CallInfo, EffectLookup, EffectStatus, Tool, ToolError
 from services.tool_proxy.tools.builtin import builtin_tools, effects_subject
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import Internal
@@ -102,6 +102,8 @@ async def reverse(nats_url: str, namespace: str) -> AsyncIterator[tuple[JetStrea
 async def outbox_bodies(js: JetStreamContext, namespace: str) -> list[dict[str, object]]:
     topology = Topology(namespace)
     info = await js.stream_info(topology.events_stream)
+    if not info.state.messages:
+        return []
     bodies = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         msg = await js.get_msg(topology.events_stream, seq)
@@ -174,3 +176,34 @@ async def test_a_reversal_that_cannot_tell_fails_and_records_nothing(
         {"refund_idempotency_key": "refund/other-2"}, SECRET, call("wf-u", "rv", REVERSE)
     )
     assert found["reversed"] is True
+
+
+async def test_a_reversal_waits_for_a_refund_still_being_made(
+    outbox: tuple[JetStreamContext, Tool], namespace: str
+) -> None:
+    """A workflow cancelled while its refund call runs: the reversal must not conclude
+    "no refund was made" from an outbox the refund has not reached yet. It is told to
+    retry (UNAVAILABLE for its caller, nothing recorded) until the refund's claim settles,
+    then it reverses the refund."""
+    js, refund = outbox
+    topology = Topology(namespace)
+    store = IdempotencyStore(await js.key_value(topology.idempotency_bucket), lease_s=30.0)
+    tool = next(
+        t for t in builtin_tools(js, topology, in_flight=store.in_flight) if t.spec.name == REVERSE
+    )
+    making = call("wf-race", "refund/t-1")
+    claim = await store.begin(
+        making.effect_id, tool=REFUND, arguments_digest="d", decision_id="d-1"
+    )
+    assert isinstance(claim, Claim)  # the refund's call is under way
+    args = {"refund_idempotency_key": "refund/t-1"}
+    with pytest.raises(ToolError) as wait:
+        await tool.handler(args, SECRET, call("wf-race", "reverse/t-1", REVERSE))
+    assert wait.value.reason == "EFFECT_IN_FLIGHT"
+    assert wait.value.retry_after_s is not None and 0 < wait.value.retry_after_s <= 1.0
+    assert await outbox_bodies(js, namespace) == []  # nothing reversed, nothing recorded
+
+    issued = await refund.handler(ARGS, SECRET, making)  # the refund lands...
+    await store.finish(claim, tool=REFUND, arguments_digest="d", result=issued, decision_id="d-1")
+    reversed_ = await tool.handler(args, SECRET, call("wf-race", "reverse/t-1", REVERSE))
+    assert reversed_["reversed"] is True and reversed_["refund_id"] == issued["refund_id"]

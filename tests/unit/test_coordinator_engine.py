@@ -21,6 +21,7 @@ from services.coordinator.engine import (
     task_failed,
     tool_approval_needed,
 )
+from services.coordinator.saga import SETTLE_S
 from services.coordinator.state import GS, TS, WS, WorkflowRecord, apply_event, dict_to_struct
 from tessera.runtime.errors import FailedPrecondition, error_details, to_grpc_status
 from tessera.v1 import agent_pb2, common_pb2, events_pb2, planner_pb2, tool_proxy_pb2
@@ -491,10 +492,12 @@ def test_an_expired_gate_cancels_through_the_compensations() -> None:
     _dispatch_answer(rec, 10.0, answers, SAGA_CONTRACTS)
     _dispatch_answer(rec, 11.0, answers, SAGA_CONTRACTS)
     assert rec.state == WS.WORKFLOW_STATE_WAITING_APPROVAL
-    # The tick that expires the gate dispatches the payment's undoing at once.
-    assert _dispatch_answer(rec, 72.0, answers, SAGA_CONTRACTS) == ["pay.undo"]
+    # The tick that expires the gate begins the compensation; the payment's undoing
+    # runs once the revoked tokens have settled.
+    assert _dispatch_answer(rec, 72.0, answers, SAGA_CONTRACTS) == []
     assert rec.gates["g-approval"].decided_by == "tessera/gate-expiry"
-    assert _dispatch_answer(rec, 73.0, answers, SAGA_CONTRACTS) == []
+    assert _dispatch_answer(rec, 72.0 + SETTLE_S, answers, SAGA_CONTRACTS) == ["pay.undo"]
+    assert _dispatch_answer(rec, 73.0 + SETTLE_S, answers, SAGA_CONTRACTS) == []
     assert rec.state == WS.WORKFLOW_STATE_COMPENSATED
 
 
@@ -518,9 +521,13 @@ def test_a_rejected_gate_cancels_through_the_compensations() -> None:
     decide_gate(Emitter(rec, now=12.0), "g-approval", approve=False, decided_by="ann", comment="")
     assert rec.state == WS.WORKFLOW_STATE_COMPENSATING
     assert rec.tasks["ship"].state == TS.TASK_STATE_SKIPPED
-    assert _dispatch_answer(rec, 13.0, answers, SAGA_CONTRACTS) == ["pay.undo"]
-    assert _dispatch_answer(rec, 14.0, answers, SAGA_CONTRACTS) == []
+    # Not before SETTLE_S: a call of the revoked tokens may still be admitted until then
+    # (a refund landing after its reversal looked would stay unreversed).
+    assert _dispatch_answer(rec, 12.0 + SETTLE_S - 0.1, answers, SAGA_CONTRACTS) == []
+    assert _dispatch_answer(rec, 12.0 + SETTLE_S, answers, SAGA_CONTRACTS) == ["pay.undo"]
+    assert _dispatch_answer(rec, 13.0 + SETTLE_S, answers, SAGA_CONTRACTS) == []
     assert rec.state == WS.WORKFLOW_STATE_COMPENSATED
+    assert _replay(rec).model_dump(exclude={"outbox"}) == rec.model_dump(exclude={"outbox"})
     assert rec.error is not None and "rejected" in rec.error.message
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -286,8 +286,20 @@ class _Outbox:
         return body
 
 
-def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
-    """Every built-in tool; side effects go to the outbox on ``js``."""
+InFlight = Callable[[str], Awaitable[float | None]]
+"""Seconds left on a live claim of an effect id (None: no call is running it):
+:meth:`services.tool_proxy.idempotency.IdempotencyStore.in_flight`."""
+
+
+async def _nothing_in_flight(eid: str) -> float | None:
+    return None
+
+
+def builtin_tools(
+    js: JetStreamContext, topology: Topology, *, in_flight: InFlight = _nothing_in_flight
+) -> list[Tool]:
+    """Every built-in tool; side effects go to the outbox on ``js``. ``in_flight`` tells
+    ``billing.reverse_refund`` whether the refund it undoes is still being made."""
     outbox = _Outbox(js, topology)
 
     async def issue_refund(
@@ -319,6 +331,16 @@ def builtin_tools(js: JetStreamContext, topology: Topology) -> list[Tool]:
         _require_key(secret, REVERSE_REFUND)
         version = secret.version if secret else 0
         refund_eid = effect_id(call.workflow_id, REFUND, str(args["refund_idempotency_key"]))
+        # Asked before the outbox: a refund still being made (a workflow cancelled while
+        # its refund call ran) is not in the outbox yet, and "no refund was made" would
+        # then be wrong for good. Its claim settles within its lease; retry until then.
+        left = await in_flight(refund_eid)
+        if left is not None:
+            raise ToolError(
+                "the refund to reverse is still being made: retry",
+                reason="EFFECT_IN_FLIGHT",
+                retry_after_s=round(min(max(left, 0.1), 1.0), 3),
+            )
         found, unsure = await outbox.find(
             {"refund": (_MSG_ID, refund_eid), "reversal": (REVERSES_HEADER, refund_eid)},
             since=None,  # the refund may be as old as the workflow

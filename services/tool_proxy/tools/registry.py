@@ -64,13 +64,18 @@ class ToolError(Exception):
     """A backend refused or failed the call *without* performing its effect.
 
     ``message`` goes to the caller (never put a secret in it). Raising anything else
-    from a backend is an internal error.
+    from a backend is an internal error. ``retry_after_s`` set: nothing happened *yet*,
+    and the same call may succeed later (the caller gets UNAVAILABLE with that RetryInfo,
+    a transient fault, instead of FAILED_PRECONDITION).
     """
 
-    def __init__(self, message: str, *, reason: str = "TOOL_FAILED") -> None:
+    def __init__(
+        self, message: str, *, reason: str = "TOOL_FAILED", retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
