@@ -93,10 +93,10 @@ def _call(work: Callable[[RegistryServiceStub], Awaitable[T]], user: str | None 
 
     async def main() -> T:
         if user is not None:
-            from tessera.cli.workflows import _gateway, _token
+            from tessera.cli.front_door import gateway_address, person_token
             from tessera.client import MeshClient
 
-            async with MeshClient(_gateway(None), token=_token(user)) as client:
+            async with MeshClient(gateway_address(None), token=person_token(user)) as client:
                 return await work(client.registry)
         address = service_address(
             "registry", "TESSERA_REGISTRY_ADDRESS", CommonSettings().registry_address

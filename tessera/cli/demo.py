@@ -10,9 +10,10 @@ import typer
 from rich.rule import Rule
 
 from tessera.cli import sessions
+from tessera.cli.front_door import gateway_address
 from tessera.cli.login import ensure_login
 from tessera.cli.timeline import line
-from tessera.cli.workflows import WS, Gateway, _gateway, _run_async, err, out
+from tessera.cli.workflows import WS, Gateway, _run_async, err, out
 from tessera.client import MeshClient
 from tessera.launcher import mesh as launcher
 from tessera.v1 import events_pb2
@@ -146,7 +147,7 @@ def demo(
     if not chosen:
         err.print(f"[bold red]error:[/] no scenario matches {only!r}")
         raise typer.Exit(2)
-    address = _gateway(gateway)
+    address = gateway_address(gateway)
     data_dir = launcher.default_data_dir()
     try:
         tokens = {u: ensure_login(data_dir, u).token for u in {REQUESTER, *APPROVERS.values()}}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -16,11 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tessera.cli import sessions
+from tessera.cli.front_door import gateway_address, person_token
 from tessera.cli.timeline import line
-from tessera.client import TOKEN_ENV, MeshClient
-from tessera.launcher import mesh as launcher
-from tessera.launcher import state as mesh_state
+from tessera.client import MeshClient
 from tessera.runtime.errors import error_details
 from tessera.v1 import coordinator_pb2
 
@@ -40,19 +37,6 @@ Gateway = Annotated[
 ]
 
 
-def _gateway(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    recorded = mesh_state.read(launcher.default_data_dir())
-    if recorded is None:
-        err.print(
-            "[bold red]error:[/] no running mesh found: run `tessera up`, or pass "
-            "--gateway host:port"
-        )
-        raise typer.Exit(3)
-    return recorded.gateway
-
-
 As = Annotated[
     str | None,
     typer.Option(
@@ -64,21 +48,11 @@ As = Annotated[
 ]
 
 
-def _token(user: str | None) -> str:
-    if os.environ.get(TOKEN_ENV) and user is None:
-        return os.environ[TOKEN_ENV]
-    try:
-        return sessions.load(launcher.default_data_dir(), user).token
-    except sessions.SessionMissing as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-
-
 def _run(
     gateway: str | None, work: Callable[[MeshClient], Awaitable[T]], user: str | None = None
 ) -> T:
-    address = _gateway(gateway)
-    token = _token(user)
+    address = gateway_address(gateway)
+    token = person_token(user)
 
     async def main() -> T:
         async with MeshClient(address, token=token) as client:
