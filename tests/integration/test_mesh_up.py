@@ -203,10 +203,14 @@ async def test_health_check_through_the_gateway_reaches_the_coordinator(mesh: Me
         "/tessera.v1.PlannerService/Plan",
         "/tessera.v1.ToolProxyService/InvokeTool",
         "/tessera.v1.PolicyService/Check",
+        # The registry's freeze switch is routed, its registration is not.
+        "/tessera.v1.RegistryService/Register",
+        "/tessera.v1.RegistryService/Deregister",
     ],
 )
 async def test_the_front_door_routes_only_the_public_api(mesh: Mesh, method: str) -> None:
-    """Even a logged-in person reaches only the coordinator's API through Envoy."""
+    """Even a logged-in person reaches only the coordinator's API (and the registry's
+    freeze switch) through Envoy."""
     token = ensure_login(mesh.data_dir, "requester").token
     async with grpc.aio.insecure_channel(mesh.state["gateway"]) as channel:
         raw = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
