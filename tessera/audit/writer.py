@@ -161,8 +161,14 @@ class AuditWriter:
 
     @property
     def deferred(self) -> int:
-        """Records deferred and not yet written."""
+        """Records deferred and not yet written (those riding in a write under way are not
+        counted: at most :attr:`max_carried` more)."""
         return len(self._deferred)
+
+    @property
+    def max_carried(self) -> int:
+        """How many deferred records one write carries."""
+        return self._max_carried
 
     @property
     def head_sequence(self) -> int:

@@ -73,12 +73,12 @@ async def test_tool_proxy_killed_under_load_loses_nothing_and_repeats_nothing(
 
     load = await run_load(mesh, KILL_CLIENTS, KILL_SECONDS, fault=fault())
     await end_of_run_checks(mesh, load, killed=True)
-    # The kill did hit the load: the slowest workflows had tool calls fail (the proxy was
-    # gone for about a second, at ~40 tool calls a second) and their tasks retried.
-    slowest = sorted(load.latencies, key=load.latencies.__getitem__)[-5:]
+    # The kill did hit the load: some workflows had tool calls fail (the proxy was gone for
+    # about a second, at ~40 tool calls a second) and their tasks retried. Looked for in
+    # every workflow: which ones the kill delayed most depends on the machine's load.
     failed = [
         e.task_failed.error.code
-        for name in slowest
+        for name in load.started
         for e in await mesh.events(name)
         if e.HasField("task_failed")
     ]
