@@ -20,6 +20,7 @@ from services.coordinator.engine import Dispatch
 from services.coordinator.state import WorkflowRecord
 from tessera.budgets import reservation_key
 from tessera.runtime.bus import Topology, msg_id_headers
+from tessera.runtime.retry import retry_transient
 from tessera.v1 import common_pb2, events_pb2, planner_pb2
 from tessera.v1.audit_pb2 import AuditKind
 from tessera.vault.client import VaultClient
@@ -29,6 +30,9 @@ log = structlog.get_logger(__name__)
 
 MAX_USES = 50
 TTL_SLACK_S = 5
+REVOKED_EVENT_WITHIN_S = 10.0
+"""How long a revocation keeps trying to announce itself through a NATS fault (a
+leader election); the revocation itself is Vault's and does not wait for it."""
 
 
 def scoped_tools(contract: common_pb2.CapabilityContract, step_tools: Iterable[str]) -> list[str]:
@@ -124,7 +128,12 @@ class TaskTokens:
             return
         task = asyncio.create_task(self.revoke(wf_id, wanted, reason))
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._revoked)
+
+    def _revoked(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("task_token_revocation_incomplete", error=repr(exc))
 
     async def revoke(self, wf_id: str, accessors: Iterable[str], reason: str) -> None:
         wanted = sorted({a for a in accessors if a})
@@ -140,13 +149,22 @@ class TaskTokens:
         event = events_pb2.TokenRevoked(accessors=wanted, workflow_id=wf_id, reason=reason)
         event.time.FromMicroseconds(int(time.time() * 1e6))
         # Published even if Vault could not be reached: proxies evict the tokens at once.
-        await self.js.publish(
-            self.topology.events_subject("token.revoked"),
-            event.SerializeToString(),
-            headers=msg_id_headers(
-                "revoked-" + hashlib.sha256("|".join(wanted).encode()).hexdigest()[:32]
-            ),
+        # The message id makes a retried (or concurrent, identical) revocation one event.
+        headers = msg_id_headers(
+            "revoked-" + hashlib.sha256("|".join(wanted).encode()).hexdigest()[:32]
         )
+        try:
+            await retry_transient(
+                lambda: self.js.publish(
+                    self.topology.events_subject("token.revoked"),
+                    event.SerializeToString(),
+                    headers=headers,
+                ),
+                within_s=REVOKED_EVENT_WITHIN_S,
+                what="token revoked event",
+            )
+        except Exception as exc:  # proxies still refuse the tokens once Vault says so
+            log.warning("token_revoked_event_not_published", workflow_id=wf_id, error=repr(exc))
         if self.auditor is not None:
             await self.auditor.record(
                 AuditKind.AUDIT_KIND_TOKEN_REVOKED,

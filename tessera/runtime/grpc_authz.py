@@ -93,7 +93,12 @@ class CallerAuthorization:
 
     @staticmethod
     def unbind(token: contextvars.Token[WorkloadName | None]) -> None:
-        _PEER.reset(token)
+        # A stream its client abandoned may be finalized by the event loop in another
+        # context than the one it bound the caller in; that context is gone, so there is
+        # nothing left to restore (raising here only logs "Task exception was never
+        # retrieved").
+        with contextlib.suppress(ValueError):
+            _PEER.reset(token)
 
 
 @contextlib.asynccontextmanager
@@ -135,8 +140,12 @@ def authorizing_stream(
             async with _authorized(authorization, method, context):
                 result = behavior(request, context)
                 if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
+                    # Closed here, in this context, when the call ends or is cancelled:
+                    # left to the garbage collector, its finally blocks would run later
+                    # in another task's context.
+                    async with contextlib.aclosing(result):
+                        async for item in result:
+                            yield item
                 elif inspect.isawaitable(result):
                     await result
                 elif result is not None:

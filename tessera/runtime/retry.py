@@ -24,13 +24,18 @@ T = TypeVar("T")
 
 __all__ = ["is_transient_nats_error", "retry_transient"]
 
+_DUPLICATE_IN_PROCESS = 10158
+
 
 def is_transient_nats_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a NATS fault that a later retry can get past."""
     if isinstance(exc, js_errors.ServiceUnavailableError):
         return True
     if isinstance(exc, js_errors.APIError):
-        return exc.code == 503  # JetStream temporarily unavailable (no leader yet)
+        # 503: JetStream temporarily unavailable (no leader yet). 10158: a clustered
+        # stream is still storing another publish with the same message id; retried, the
+        # publish is answered as the duplicate it is.
+        return exc.code == 503 or exc.err_code == _DUPLICATE_IN_PROCESS
     return isinstance(
         exc,
         (

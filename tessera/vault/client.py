@@ -338,8 +338,11 @@ class VaultClient:
         except hvac.exceptions.Forbidden as exc:
             raise VaultPermissionDenied(f"{self.identity!r} may not revoke tokens") from exc
         except hvac.exceptions.InvalidRequest as exc:
-            if "invalid accessor" not in _errors_text(exc):
-                raise VaultError(f"revoke refused: {_errors_text(exc)}") from exc
+            text = _errors_text(exc)
+            # "token not found": the accessor is known but its token already expired or
+            # was revoked (a race with its TTL or with another revocation).
+            if "invalid accessor" not in text and "token not found" not in text:
+                raise VaultError(f"revoke refused: {text}") from exc
             log.debug("vault_accessor_already_gone")
             return
         log.debug("vault_token_revoked")

@@ -105,6 +105,20 @@ def _bearer(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
+def _rate_limited(err: grpc.aio.AioRpcError) -> bool:
+    """Refused by Envoy's rate limit (no error details), not by the mesh's admission
+    control (``MESH_BUSY``, which :meth:`Client.start` counts and waits out itself)."""
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_details(err).reason == ""
+
+
+def _ratelimit_reset_s(err: grpc.aio.AioRpcError) -> float:
+    for metadata in (err.initial_metadata(), err.trailing_metadata()):
+        for key, value in metadata or ():
+            if key == "x-ratelimit-reset" and isinstance(value, str) and value.isdigit():
+                return min(float(value), 2.0)
+    return 0.0
+
+
 class Client:
     """One client of the mesh through its front door."""
 
@@ -116,6 +130,7 @@ class Client:
         )
         self.approver = coordinator_pb2_grpc.CoordinatorServiceStub(self._approver_channel)
         self.retried: Counter[str] = Counter()
+        self._watch_backoff_s = 0.0
 
     async def close(self) -> None:
         await self.channel.close()
@@ -125,13 +140,22 @@ class Client:
         give_up = time.monotonic() + GIVE_UP_S
         delay = 0.05
         while True:
+            pause = delay
             try:
                 return await method(request, timeout=10)
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRY or time.monotonic() > give_up:
+                if time.monotonic() > give_up:
                     raise
-                self.retried[err.code().name] += 1
-            await asyncio.sleep(delay)  # backoff between retries of a refused call
+                if _rate_limited(err):
+                    # The front door's per-person bucket (all clients are one person):
+                    # wait until it refills, as its x-ratelimit-reset says.
+                    self.retried["RATE_LIMITED"] += 1
+                    pause = max(delay, _ratelimit_reset_s(err))
+                elif err.code() in RETRY:
+                    self.retried[err.code().name] += 1
+                else:
+                    raise
+            await asyncio.sleep(pause)  # backoff between retries of a refused call
             delay = min(1.0, delay * 2)
 
     async def start(self, goal: str, inputs: dict[str, Any], load: Load) -> str:
@@ -190,9 +214,13 @@ class Client:
         )
         try:
             async for _ in call:
+                self._watch_backoff_s = 0.0
                 return
         except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.1)  # the stream broke in a fault: back off, then re-read
+            # The stream broke in a fault: back off (longer each time it breaks again, as
+            # while its coordinator is down), then re-read.
+            self._watch_backoff_s = min(1.0, max(0.1, self._watch_backoff_s * 2))
+            await asyncio.sleep(self._watch_backoff_s)
         finally:
             call.cancel()
 

@@ -318,6 +318,22 @@ async def test_revoked_token_is_dead_at_once(coordinator: VaultClient, proxy: Va
     await coordinator.revoke_accessor(task.accessor)  # idempotent
 
 
+async def test_revoking_a_token_vault_is_revoking_itself_is_not_an_error(
+    coordinator: VaultClient, proxy: VaultClient
+) -> None:
+    """A task token's last use makes Vault revoke it in the background; the coordinator
+    revoking it at the same moment (its attempt ended) gets "token not found" or
+    "invalid accessor": either way the token is gone, which is what revoking wanted."""
+    for n in range(20):
+        task = await coordinator.create_task_token(
+            tools=["billing.issue_refund"], ttl_s=60, num_uses=1, meta={"workflow": f"wf-{n}"}
+        )
+        await proxy.read_tool_secret("billing.issue_refund", token=task.token)  # its one use
+        await coordinator.revoke_accessor(task.accessor)
+        with pytest.raises(InvalidToken):
+            await proxy.lookup_token(task.token)
+
+
 async def test_tool_proxy_inspects_task_tokens_but_cannot_read_secrets_itself(
     mesh: _Mesh, coordinator: VaultClient, proxy: VaultClient
 ) -> None:
