@@ -58,6 +58,10 @@ class Deduplicator(Generic[T]):
         def forget(done: asyncio.Task[T]) -> None:
             if self._running.get(key) is done:
                 del self._running[key]
+            if not done.cancelled():
+                # Seen here, so a failure whose caller went away is not reported as
+                # "never retrieved": it is not cached, and the attempt's retry runs again.
+                done.exception()
 
         task.add_done_callback(forget)
         return task
