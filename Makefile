@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # buf calls `python` and the protoc-gen-* plugins by name: make them the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup proto proto-deps check-proto lint test test-unit test-integration demo bench chaos up down status breaking clients clean
+.PHONY: setup proto proto-deps check-proto lint test test-unit test-integration demo bench chaos up down status breaking clients screenshots clean
 
 setup: $(STAMP)
 
@@ -80,6 +80,12 @@ bench: setup
 ## Writes its table to .tessera/chaos/long.md (the bounded tier runs in `make test`).
 chaos: setup
 	TESSERA_CHAOS_LONG=1 pytest -q -p no:cacheprovider tests/chaos -s
+
+## The console's main pages as docs/console/*.png, taken by its browser stories against a
+## fresh mesh (needs Debian's chromium: apt-get install chromium).
+screenshots: setup
+	TESSERA_REQUIRE_BROWSER=1 TESSERA_SCREENSHOTS_DIR=$(abspath docs/console) \
+	  pytest -q -p no:cacheprovider tests/browser
 
 clean:
 	-tessera down

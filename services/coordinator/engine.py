@@ -528,19 +528,29 @@ def approval_required(details: ErrorDetails) -> tool_proxy_pb2.ApprovalRequired 
 
 
 def tool_approval_needed(
-    em: Emitter, task_id: str, gate_id: str, reason: str, *, tool: str = ""
+    em: Emitter,
+    task_id: str,
+    gate_id: str,
+    reason: str,
+    *,
+    tool: str = "",
+    required: tool_proxy_pb2.ApprovalRequired | None = None,
 ) -> None:
     """The tool proxy refused a call until a human approves it: park on that gate. On
-    approval the task runs again and its retried call (same idempotency key) executes."""
-    em.emit(
-        gate_opened=events_pb2.GateOpened(
-            gate_id=gate_id,
-            task_id=task_id,
-            kind=GK.GATE_KIND_TOOL_APPROVAL,
-            reason=reason or "a tool call needs approval",
-            tool=tool,
-        )
+    approval the task runs again and its retried call (same idempotency key) executes.
+    ``required`` (the proxy's detail) says what the approver is shown: the call's
+    arguments, already redacted, and the policies that asked."""
+    opened = events_pb2.GateOpened(
+        gate_id=gate_id,
+        task_id=task_id,
+        kind=GK.GATE_KIND_TOOL_APPROVAL,
+        reason=reason or "a tool call needs approval",
+        tool=tool,
     )
+    if required is not None:
+        opened.arguments.CopyFrom(required.arguments)
+        opened.policy_ids.extend(required.policy_ids)
+    em.emit(gate_opened=opened)
 
 
 def decide_gate(em: Emitter, gate_id: str, *, approve: bool, decided_by: str, comment: str) -> None:

@@ -465,6 +465,7 @@ class Runner:
                         required.gate_id,
                         required.reason or details.message,
                         tool=required.tool,
+                        required=required,
                     )
                     continue
                 if details.reason == "EFFECT_OUTCOME_UNKNOWN":

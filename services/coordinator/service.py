@@ -4,8 +4,6 @@ compare-and-set; advancing workflows is the runner's job, reached via the work q
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +12,7 @@ import grpc
 import structlog
 from nats.js import JetStreamContext, api
 
-from services.coordinator import metrics
+from services.coordinator import listing, metrics
 from services.coordinator.admission import Admission
 from services.coordinator.engine import Emitter, decide_gate, gate_is_pending, record_approval
 from services.coordinator.settings import CoordinatorSettings
@@ -23,7 +21,6 @@ from services.coordinator.store import Conflict, WorkflowStore
 from services.coordinator.tokens import TaskTokens
 from services.coordinator.tool_approvals import DecidedElsewhere, ToolApprovals
 from services.coordinator.views import (
-    gate_kind_name,
     gate_name,
     gate_view,
     workflow_id,
@@ -264,34 +261,51 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             )
         principal = await self.authz.principal(context, "ListWorkflows")
         size = min(request.page_size or 50, MAX_PAGE)
-        offset = 0
-        if request.page_token:
-            try:
-                token = json.loads(base64.urlsafe_b64decode(request.page_token))
-                offset = int(token["o"])
-                if token["s"] != request.state:
-                    raise ValueError("filter changed")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InvalidArgument(
-                    "page_token is invalid for this request",
-                    field_violations=[("page_token", str(exc))],
-                ) from exc
-        loaded = await asyncio.gather(
-            *(self.store.load(i, repair=False) for i in await self.store.ids())
-        )
+        offset = listing.offset_of(request)
         records = [
             r
-            for r, _ in (x for x in loaded if x is not None)
-            if (not request.state or r.state == request.state) and self._may_read(principal, r)
+            for r in await self._all()
+            if listing.matches(r, request) and self._may_read(principal, r)
         ]
         records.sort(key=lambda r: (r.create_time, r.id), reverse=True)
         page = records[offset : offset + size]
         response = coordinator_pb2.ListWorkflowsResponse(workflows=[workflow_view(r) for r in page])
         if offset + size < len(records):
-            response.next_page_token = base64.urlsafe_b64encode(
-                json.dumps({"o": offset + size, "s": request.state}).encode()
-            ).decode()
+            response.next_page_token = listing.next_page_token(request, offset + size)
         return response
+
+    async def _all(self) -> list[WorkflowRecord]:
+        loaded = await asyncio.gather(
+            *(self.store.load(i, repair=False) for i in await self.store.ids())
+        )
+        return [rec for rec, _ in (x for x in loaded if x is not None)]
+
+    async def ListGates(
+        self,
+        request: coordinator_pb2.ListGatesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> coordinator_pb2.ListGatesResponse:
+        if request.page_size < 0:
+            raise InvalidArgument(
+                "page_size must not be negative", field_violations=[("page_size", "must be >= 0")]
+            )
+        principal = await self.authz.principal(context, "ListGates")
+
+        def may_decide(rec: WorkflowRecord, gate_id: str) -> bool:
+            # The decision DecideGate would make for an approval, without auditing it:
+            # listing decides nothing.
+            resource = listing.decide_gate_resource(rec, gate_id)
+            return self.authz.decide(
+                principal, "decide_gate", "Gate", f"{rec.id}/{gate_id}", resource, {"approve": True}
+            ).allowed
+
+        gates = listing.pending_gates(
+            await self._all(),
+            may_decide,
+            voter=principal.name,
+            limit=min(request.page_size or 100, MAX_PAGE),
+        )
+        return coordinator_pb2.ListGatesResponse(gates=gates)
 
     async def WatchWorkflow(
         self,
@@ -425,20 +439,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, principal: Principal, rec: WorkflowRecord, gate_id: str, approve: bool, name: str
     ) -> int:
         """Allow the decision or raise; the quorum its policy asks for."""
-        gate = rec.gates[gate_id]
-        task = rec.tasks.get(gate.task_id)
         return await self.authz.require(
             principal,
             "decide_gate",
             "Gate",
             f"{rec.id}/{gate_id}",
-            {
-                "kind": gate_kind_name(gate.kind),
-                "template": rec.graph().template if rec.plan else "",
-                "started_by": rec.started_by,
-                "capability": task.capability if task is not None else "",
-                "tool": gate.tool,
-            },
+            listing.decide_gate_resource(rec, gate_id),
             context={"approve": approve},
             workflow_id=rec.id,
             resource_name=name,

@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from pydantic import BaseModel, Field, PrivateAttr
 
+from tessera.audit.scrub import scrub
 from tessera.v1 import common_pb2, coordinator_pb2, events_pb2, planner_pb2
 
 WS = coordinator_pb2.WorkflowState
@@ -127,6 +128,10 @@ class GateRec(BaseModel):
     decide_time: float = 0.0
     tool: str = ""
     """The tool whose call waits on it (tool approvals)."""
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    """That call's arguments as approvers see them (redacted by the tool proxy)."""
+    policy_ids: list[str] = Field(default_factory=list)
+    """The policies that asked for the approval."""
     approvals: list[str] = Field(default_factory=list)
     """Who approved so far (gates whose policy asks for a quorum)."""
     quorum: int = 1
@@ -425,6 +430,8 @@ def apply_event(rec: WorkflowRecord, event: events_pb2.WorkflowEvent) -> None:
             reason=opened.reason,
             kind=opened.kind,
             tool=opened.tool,
+            arguments=scrub(struct_to_dict(opened.arguments)),
+            policy_ids=list(opened.policy_ids),
             create_time=now,
             expire_time=opened.expire_time.ToMicroseconds() / 1e6
             if opened.HasField("expire_time")

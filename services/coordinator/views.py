@@ -64,6 +64,9 @@ def gate_view(rec: WorkflowRecord, gate_id: str) -> coordinator_pb2.Gate:
         approved_by=gate.approvals,
         quorum=gate.quorum,
         expire_time=_ts(gate.expire_time) if gate.expire_time else None,
+        tool=gate.tool,
+        arguments=dict_to_struct(gate.arguments) if gate.arguments else None,
+        policy_ids=gate.policy_ids,
     )
 
 

@@ -79,6 +79,7 @@ class GatewayControlPlane:
             ("coordinator", self.settings.coordinator_address, "tessera.v1.CoordinatorService"),
             ("planner", self.settings.planner_address, "tessera.v1.PlannerService"),
             ("tool-proxy", self.settings.tool_proxy_address, "tessera.v1.ToolProxyService"),
+            ("console", self.settings.console_address, "tessera.v1.ConsoleService"),
         ]
         upstreams = [
             Upstream(name, address, (service,)) for name, address, service in public if address

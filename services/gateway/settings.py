@@ -33,6 +33,9 @@ class GatewaySettings(ServiceSettings):
     tool_proxy_address: str = Field(
         default="", validation_alias=AliasChoices("TESSERA_TOOL_PROXY_ADDRESS")
     )
+    console_address: str = Field(
+        default="", validation_alias=AliasChoices("TESSERA_CONSOLE_ADDRESS")
+    )
     """Public services: an empty address means the service is not routed."""
     cert_dir: Path | None = None
     """Where Envoy's certificate files for its ADS connection are written (its bootstrap

@@ -32,6 +32,8 @@ log = structlog.get_logger(__name__)
 
 _MAX_REASON_CHARS = 500
 _SERVICE = "/tessera.v1.RegistryService"
+# Reading changes nothing: only a refusal is recorded.
+_READS = frozenset({"list_frozen_agents", "list_agents"})
 
 
 class ChainAuditor:
@@ -83,8 +85,7 @@ class Freezes:
             agent,
             {"name": agent},
             resource_name=f"agent {agent}" if agent != "*" else "the frozen agents",
-            # Reading the freezes changes nothing: only a refusal is recorded.
-            audit_allowed=action != "list_frozen_agents",
+            audit_allowed=action not in _READS,
         )
         return principal
 
@@ -147,6 +148,22 @@ class Freezes:
             ) from exc
         log.warning("agent_unfrozen", agent=name, by=by, was_frozen=was)
         return registry_pb2.UnfreezeAgentResponse(was_frozen=was)
+
+    async def list_agents(
+        self, request: registry_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ListAgentsResponse:
+        """The live replicas and the freezes in force (the console's agents page)."""
+        await self._authorized(context, "ListAgents", "list_agents", "*")
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                replicas = await self.registry.agents()
+                frozen = await self.frozen.read_all()
+        except Exception as exc:
+            raise Unavailable(
+                "the registry could not be read", reason="REGISTRY_UNAVAILABLE"
+            ) from exc
+        replicas.sort(key=lambda a: (a.name, a.instance_id))
+        return registry_pb2.ListAgentsResponse(agents=replicas, frozen=frozen)
 
     async def list(
         self, request: registry_pb2.ListFrozenAgentsRequest, context: grpc.aio.ServicerContext

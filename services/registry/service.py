@@ -276,6 +276,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.UnfreezeAgentResponse:
         return await self.freezes.unfreeze(request, context)
 
+    async def ListAgents(
+        self, request: registry_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ListAgentsResponse:
+        return await self.freezes.list_agents(request, context)
+
     async def ListFrozenAgents(
         self, request: registry_pb2.ListFrozenAgentsRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.ListFrozenAgentsResponse:

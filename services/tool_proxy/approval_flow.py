@@ -17,10 +17,11 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import struct_pb2
 
 from services.tool_proxy.approvals import APPROVED, PENDING, REJECTED, ApprovalStore, gate_id
 from services.tool_proxy.policy_check import PolicyCheck
-from services.tool_proxy.recording import CallRecord, Recorder
+from services.tool_proxy.recording import CallRecord, Recorder, approver_arguments
 from services.tool_proxy.tokens import VerifiedToken
 from services.tool_proxy.tools.registry import Tool
 from services.tool_proxy.wire import Malformed
@@ -31,6 +32,13 @@ from tessera.v1 import policy_pb2, tool_proxy_pb2
 __all__ = ["ApprovalFlow"]
 
 log = structlog.get_logger(__name__)
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _MAX_DECIDED_BY = 256
@@ -99,7 +107,13 @@ class ApprovalFlow:
                 metadata={"gate": gate, "reason": reason},
                 violations=[("APPROVAL", f"workflows/{wf}/gates/{gate}", reason)],
                 extra_details=[
-                    tool_proxy_pb2.ApprovalRequired(gate_id=gate, tool=spec.name, reason=reason)
+                    tool_proxy_pb2.ApprovalRequired(
+                        gate_id=gate,
+                        tool=spec.name,
+                        reason=reason,
+                        arguments=_struct(approver_arguments(arguments, tool)),
+                        policy_ids=decision.determining_policies,
+                    )
                 ],
             )
         if state == REJECTED:

@@ -14,10 +14,12 @@ import structlog
 
 from services.tool_proxy.execution import canonical
 from services.tool_proxy.tools.registry import Tool
+from tessera.audit.scrub import scrub
 from tessera.runtime.errors import TesseraError, Unavailable
+from tessera.runtime.logging import REDACTED
 from tessera.v1 import audit_pb2
 
-__all__ = ["AuditSink", "CallRecord", "Recorder", "outcome"]
+__all__ = ["AuditSink", "CallRecord", "Recorder", "approver_arguments", "outcome"]
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +29,28 @@ _SECRETISH = re.compile(
     re.IGNORECASE,
 )
 _MAX_PENDING_AUDITS = 256
+_MAX_SHOWN_CHARS = 512
+
+
+def approver_arguments(arguments: Mapping[str, Any], tool: Tool) -> dict[str, Any]:
+    """A call's arguments as the person approving it sees them: what they approve, in
+    clear, except secret-bearing values (the tool's secret fields, credential-like names
+    at any depth, token-like strings), which are ``[redacted]``; long strings are cut."""
+
+    def shown(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > _MAX_SHOWN_CHARS:
+            return value[:_MAX_SHOWN_CHARS] + "…"
+        if isinstance(value, Mapping):
+            return {k: shown(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [shown(v) for v in value]
+        return value
+
+    out: dict[str, Any] = {}
+    for name, value in arguments.items():
+        secretish = name in tool.spec.secret_fields or _SECRETISH.search(name) is not None
+        out[name] = REDACTED if secretish else scrub({name: shown(value)})[name]
+    return out
 
 
 class AuditSink(Protocol):

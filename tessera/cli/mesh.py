@@ -143,6 +143,13 @@ def up(
     rows = [(c.name, c.address, str(c.pid), Health.SERVING) for c in state.components]
     out.print(_table(rows, f"Tessera mesh up ({state.data_dir})"))
     out.print(f"gateway: [bold]{state.gateway}[/]  ·  stop with [bold]tessera down[/]")
+    if any(c.name == "console" for c in state.components):
+        out.print(
+            f"console: [bold]http://{state.gateway}/console/[/]  ·  log in as a user of "
+            "vault/humans.yaml with the password in "
+            f"{Path(state.data_dir) / 'secrets' / 'humans'}/<user>.password",
+            soft_wrap=True,
+        )
     if state.vault_bootstrapped:
         out.print(
             "people log in first: [bold]tessera login requester[/] "

@@ -37,6 +37,9 @@ CALLERS: Mapping[str, frozenset[str]] = {
     "tessera.v1.RegistryService/FreezeAgent": frozenset({_GATEWAY, _OPERATOR}),
     "tessera.v1.RegistryService/UnfreezeAgent": frozenset({_GATEWAY, _OPERATOR}),
     "tessera.v1.RegistryService/ListFrozenAgents": frozenset({_GATEWAY, _OPERATOR}),
+    "tessera.v1.RegistryService/ListAgents": frozenset({_GATEWAY, _OPERATOR}),
+    # The console's pages and sessions: people, through the front door only.
+    "tessera.v1.ConsoleService/*": frozenset({_GATEWAY}),
     "tessera.v1.PlannerService/*": frozenset({"service/coordinator", _OPERATOR}),
     "tessera.v1.PolicyService/Check": frozenset(
         {"service/tool-proxy", "service/coordinator", _OPERATOR}

@@ -25,11 +25,16 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+import structlog
 import yaml
+from google.protobuf import descriptor_pb2
+from google.protobuf.message import DecodeError
 
 from tessera.identity.names import WorkloadName
 from tessera.launcher.binaries import find_binary
 from tessera.runtime.principal import CLAIMS_HEADER, SUBJECT_HEADER
+
+log = structlog.get_logger(__name__)
 
 __all__ = [
     "AGENT_SERVICE",
@@ -116,9 +121,51 @@ REGISTRY_PUBLIC_METHODS = (
     "tessera.v1.RegistryService/FreezeAgent",
     "tessera.v1.RegistryService/UnfreezeAgent",
     "tessera.v1.RegistryService/ListFrozenAgents",
+    "tessera.v1.RegistryService/ListAgents",
 )
 """The registry's methods people reach through the front door (the kill switch for one
-agent); registering stays for agents, over their own mTLS connection."""
+agent, and the live registry for the console); registering stays for agents, over their
+own mTLS connection."""
+
+SESSION_COOKIE = "tessera_session"
+"""The console's session cookie: jwt_authn reads a person's token from it as from an
+``Authorization: Bearer`` header (services/console sets it, HttpOnly)."""
+
+CONSOLE_PATH = "/console/"
+_CONSOLE = "tessera.v1.ConsoleService"
+# Reached without a token: the console's files (no data in them), logging in, and
+# logging out (clearing a cookie needs no proof, and an expired session must be able to).
+_NO_TOKEN_RULES: tuple[dict[str, Any], ...] = (
+    {"match": {"prefix": CONSOLE_PATH}},
+    {
+        "match": {
+            "path": "/v1/sessions",
+            "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
+        }
+    },
+    {
+        "match": {
+            "path": "/v1/sessions/current",
+            "headers": [{"name": ":method", "string_match": {"exact": "DELETE"}}],
+        }
+    },
+    {"match": {"path": f"/{_CONSOLE}/GetAsset"}},
+    {"match": {"path": f"/{_CONSOLE}/CreateSession"}},
+    {"match": {"path": f"/{_CONSOLE}/DeleteSession"}},
+)
+# Every answer of the front door: what a browser may do with it. The console's pages load
+# only their own scripts and styles, call only this origin, and cannot be framed.
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+    (
+        "content-security-policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("cross-origin-opener-policy", "same-origin"),
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +180,7 @@ class HumanAuth:
     jwks: str
     subject_claim: str = "preferred_username"
     clock_skew_s: int = 30
+    cookie: str = SESSION_COOKIE
 
 
 @dataclass(frozen=True)
@@ -365,6 +413,15 @@ def _routes(
     header = str(agent_cfg.pop("header", AGENT_HEADER))
     health_limits = {**defaults, **(edge.get("health") or {})}
     routes: list[dict[str, Any]] = []
+    if any(_CONSOLE in u.grpc_services for u in upstreams):
+        # The console's address is /console/ (its entry page, the file index.html).
+        for path in ("/", CONSOLE_PATH.rstrip("/"), CONSOLE_PATH):
+            routes.append(
+                {
+                    "match": {"path": path},
+                    "redirect": {"path_redirect": CONSOLE_PATH + "index.html"},
+                }
+            )
     for agent in agents:
         by_name = [{"name": header, "string_match": {"exact": agent}}]
         cluster = agent_cluster_name(agent)
@@ -437,6 +494,9 @@ def _identity_filters(auth: HumanAuth) -> list[dict[str, Any]]:
         "issuer": auth.issuer,
         "audiences": list(auth.audiences),
         "local_jwks": {"inline_string": auth.jwks},
+        # An API caller's bearer token, or the console's session cookie (set HttpOnly).
+        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        "from_cookies": [auth.cookie],
         "forward": False,  # the token itself goes no further than Envoy
         "forward_payload_header": CLAIMS_HEADER,
         "claim_to_headers": [{"header_name": SUBJECT_HEADER, "claim_name": auth.subject_claim}],
@@ -448,6 +508,7 @@ def _identity_filters(auth: HumanAuth) -> list[dict[str, Any]]:
         "rules": [
             # Health checks are anonymous (they say nothing about any workflow).
             {"match": {"prefix": f"/{HEALTH_SERVICE}/"}},
+            *_NO_TOKEN_RULES,
             {"match": {"prefix": "/"}, "requires": {"provider_name": JWT_PROVIDER}},
         ],
     }
@@ -513,14 +574,15 @@ def _http_filters(
         }
     )
     transcoder = edge.get("transcoder") or {}
-    if descriptor_set is not None and transcoder.get("services"):
+    services = _described(descriptor_set, transcoder.get("services") or ())
+    if descriptor_set is not None and services:
         filters.append(
             {
                 "name": "envoy.filters.http.grpc_json_transcoder",
                 "typed_config": {
                     "@type": _T + _TRANSCODER,
                     "proto_descriptor": str(descriptor_set),
-                    "services": list(transcoder["services"]),
+                    "services": services,
                     "print_options": {
                         "add_whitespace": False,
                         "always_print_primitive_fields": False,
@@ -536,6 +598,24 @@ def _http_filters(
         )
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _T + _ROUTER}})
     return filters
+
+
+def _described(descriptor_set: Path | None, services: Sequence[str]) -> list[str]:
+    """The transcoded ``services`` the descriptor set holds. Envoy rejects the whole
+    listener for one service it cannot find, so a routes file newer than the contracts a
+    running mesh was built with (a rolling upgrade) must leave that service out, not take
+    the front door down."""
+    if descriptor_set is None:
+        return []
+    try:
+        files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file
+    except (OSError, DecodeError):
+        return list(services)  # Envoy says what is wrong with it
+    known = {f"{f.package}.{s.name}" if f.package else s.name for f in files for s in f.service}
+    missing = [name for name in services if name not in known]
+    if missing:
+        log.warning("transcoded_services_not_in_contracts", services=missing)
+    return [name for name in services if name in known]
 
 
 def build_resources(
@@ -577,6 +657,13 @@ def build_resources(
                 "name": "tessera",
                 "domains": ["*"],
                 "routes": _routes(edge, upstreams, health_upstream, names),
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": k, "value": v},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                    for k, v in SECURITY_HEADERS
+                ],
             }
         ],
     }

@@ -55,6 +55,9 @@ class Principal:
     kind: Kind
     id: str
     groups: frozenset[str] = field(default_factory=frozenset)
+    expire_time: float = 0.0
+    """When a person's identity token expires (its ``exp``, seconds since the epoch);
+    0 for workloads and tokens without one."""
 
     @property
     def name(self) -> str:
@@ -94,7 +97,9 @@ def _user(claims: dict[str, Any], subject_claim: str, groups_claim: str, kind: K
         groups = [groups]
     if not isinstance(groups, list) or len(groups) > _MAX_GROUPS:
         raise Unauthenticated("the identity token's groups are not a list", reason="CLAIMS_INVALID")
-    return Principal(kind, subject, frozenset(g for g in groups if isinstance(g, str)))
+    exp = claims.get("exp")
+    expire_time = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else 0.0
+    return Principal(kind, subject, frozenset(g for g in groups if isinstance(g, str)), expire_time)
 
 
 def principal_of(

@@ -192,6 +192,9 @@ class Gate(_message.Message):
     APPROVED_BY_FIELD_NUMBER: _builtins.int
     QUORUM_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    POLICY_IDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name `workflows/{workflow}/gates/{gate}`."""
     task_id: _builtins.str
@@ -208,6 +211,8 @@ class Gate(_message.Message):
     """Why it opened."""
     quorum: _builtins.int
     """Distinct approvals it needs (1 unless its policy sets `@quorum`)."""
+    tool: _builtins.str
+    """The tool whose call waits on it (tool approvals), e.g. `billing.issue_refund`."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it opened."""
@@ -226,6 +231,16 @@ class Gate(_message.Message):
         ends CANCELLED); unset: never.
         """
 
+    @_builtins.property
+    def arguments(self) -> _struct_pb2.Struct:
+        """The arguments of that call as the approver sees them: secret-bearing values are
+        `[redacted]` (the tool proxy redacts them before they leave it).
+        """
+
+    @_builtins.property
+    def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The policies that asked for the approval (tool approvals)."""
+
     def __init__(
         self,
         *,
@@ -241,14 +256,63 @@ class Gate(_message.Message):
         approved_by: _abc.Iterable[_builtins.str] | None = ...,
         quorum: _builtins.int = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        tool: _builtins.str = ...,
+        arguments: _struct_pb2.Struct | None = ...,
+        policy_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decide_time", b"decide_time", "expire_time", b"expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "create_time", b"create_time", "decide_time", b"decide_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "comment", b"comment", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "expire_time", b"expire_time", "kind", b"kind", "name", b"name", "quorum", b"quorum", "reason", b"reason", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_by", b"approved_by", "arguments", b"arguments", "comment", b"comment", "create_time", b"create_time", "decide_time", b"decide_time", "decided_by", b"decided_by", "expire_time", b"expire_time", "kind", b"kind", "name", b"name", "policy_ids", b"policy_ids", "quorum", b"quorum", "reason", b"reason", "state", b"state", "task_id", b"task_id", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Gate: _TypeAlias = Gate  # noqa: Y015
+
+@_typing.final
+class PendingGate(_message.Message):
+    """PendingGate is a gate waiting for a decision, with the workflow that asks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATE_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    STARTED_BY_FIELD_NUMBER: _builtins.int
+    WORKFLOW_CREATE_TIME_FIELD_NUMBER: _builtins.int
+    workflow: _builtins.str
+    """The workflow, `workflows/{workflow}`."""
+    goal: _builtins.str
+    """Its goal."""
+    template: _builtins.str
+    """Its template, if planned from one."""
+    started_by: _builtins.str
+    """Who started it (verified)."""
+    @_builtins.property
+    def gate(self) -> Global___Gate:
+        """The gate."""
+
+    @_builtins.property
+    def workflow_create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    def __init__(
+        self,
+        *,
+        gate: Global___Gate | None = ...,
+        workflow: _builtins.str = ...,
+        goal: _builtins.str = ...,
+        template: _builtins.str = ...,
+        started_by: _builtins.str = ...,
+        workflow_create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gate", b"gate", "workflow_create_time", b"workflow_create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate", b"gate", "goal", b"goal", "started_by", b"started_by", "template", b"template", "workflow", b"workflow", "workflow_create_time", b"workflow_create_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingGate: _TypeAlias = PendingGate  # noqa: Y015
 
 @_typing.final
 class TaskStatus(_message.Message):
@@ -564,22 +628,42 @@ class ListWorkflowsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    STARTED_BY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_AFTER_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_BEFORE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page (default 50, max 500)."""
     page_token: _builtins.str
     """Token from a previous response."""
     state: Global___WorkflowState.ValueType
     """Only workflows in this state (unspecified = all)."""
+    template: _builtins.str
+    """Only workflows planned from this template (empty = all)."""
+    started_by: _builtins.str
+    """Only workflows started by this person or workload (empty = all)."""
+    @_builtins.property
+    def create_time_after(self) -> _timestamp_pb2.Timestamp:
+        """Only workflows created at or after this time."""
+
+    @_builtins.property
+    def create_time_before(self) -> _timestamp_pb2.Timestamp:
+        """Only workflows created before this time."""
+
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         state: Global___WorkflowState.ValueType = ...,
+        template: _builtins.str = ...,
+        started_by: _builtins.str = ...,
+        create_time_after: _timestamp_pb2.Timestamp | None = ...,
+        create_time_before: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_after", b"create_time_after", "create_time_before", b"create_time_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_after", b"create_time_after", "create_time_before", b"create_time_before", "page_size", b"page_size", "page_token", b"page_token", "started_by", b"started_by", "state", b"state", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -732,6 +816,52 @@ class DecideGateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecideGateResponse: _TypeAlias = DecideGateResponse  # noqa: Y015
+
+@_typing.final
+class ListGatesRequest(_message.Message):
+    """ListGatesRequest asks for the caller's inbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum results (default 100, max 500)."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGatesRequest: _TypeAlias = ListGatesRequest  # noqa: Y015
+
+@_typing.final
+class ListGatesResponse(_message.Message):
+    """ListGatesResponse is the caller's inbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def gates(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingGate]:
+        """Pending gates the caller may decide, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        gates: _abc.Iterable[Global___PendingGate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gates", b"gates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGatesResponse: _TypeAlias = ListGatesResponse  # noqa: Y015
 
 @_typing.final
 class CancelWorkflowRequest(_message.Message):

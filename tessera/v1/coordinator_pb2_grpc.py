@@ -61,6 +61,11 @@ class CoordinatorServiceStub:
                 request_serializer=tessera_dot_v1_dot_coordinator__pb2.DecideGateRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_coordinator__pb2.DecideGateResponse.FromString,
                 _registered_method=True)
+        self.ListGates = channel.unary_unary(
+                '/tessera.v1.CoordinatorService/ListGates',
+                request_serializer=tessera_dot_v1_dot_coordinator__pb2.ListGatesRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_coordinator__pb2.ListGatesResponse.FromString,
+                _registered_method=True)
         self.CancelWorkflow = channel.unary_unary(
                 '/tessera.v1.CoordinatorService/CancelWorkflow',
                 request_serializer=tessera_dot_v1_dot_coordinator__pb2.CancelWorkflowRequest.SerializeToString,
@@ -110,6 +115,15 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListGates(self, request, context):
+        """ListGates lists the pending gates the caller may decide, by the same policies
+        DecideGate enforces, each with what it approves and the workflow asking; oldest
+        first. A gate the caller may not decide is not listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelWorkflow(self, request, context):
         """CancelWorkflow stops a workflow and revokes all of its task tokens.
         """
@@ -144,6 +158,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.DecideGate,
                     request_deserializer=tessera_dot_v1_dot_coordinator__pb2.DecideGateRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_coordinator__pb2.DecideGateResponse.SerializeToString,
+            ),
+            'ListGates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGates,
+                    request_deserializer=tessera_dot_v1_dot_coordinator__pb2.ListGatesRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_coordinator__pb2.ListGatesResponse.SerializeToString,
             ),
             'CancelWorkflow': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelWorkflow,
@@ -288,6 +307,33 @@ class CoordinatorService:
             '/tessera.v1.CoordinatorService/DecideGate',
             tessera_dot_v1_dot_coordinator__pb2.DecideGateRequest.SerializeToString,
             tessera_dot_v1_dot_coordinator__pb2.DecideGateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.CoordinatorService/ListGates',
+            tessera_dot_v1_dot_coordinator__pb2.ListGatesRequest.SerializeToString,
+            tessera_dot_v1_dot_coordinator__pb2.ListGatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

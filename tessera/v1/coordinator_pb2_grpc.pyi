@@ -49,6 +49,11 @@ class CoordinatorServiceStub:
     """DecideGate approves or rejects a pending gate. Deciding an unknown or
     already-decided gate is FAILED_PRECONDITION.
     """
+    ListGates: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListGatesRequest, _coordinator_pb2.ListGatesResponse]
+    """ListGates lists the pending gates the caller may decide, by the same policies
+    DecideGate enforces, each with what it approves and the workflow asking; oldest
+    first. A gate the caller may not decide is not listed.
+    """
     CancelWorkflow: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CancelWorkflowRequest, _coordinator_pb2.CancelWorkflowResponse]
     """CancelWorkflow stops a workflow and revokes all of its task tokens."""
 
@@ -72,6 +77,11 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     DecideGate: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.DecideGateRequest, _coordinator_pb2.DecideGateResponse]  # type: ignore[assignment]
     """DecideGate approves or rejects a pending gate. Deciding an unknown or
     already-decided gate is FAILED_PRECONDITION.
+    """
+    ListGates: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListGatesRequest, _coordinator_pb2.ListGatesResponse]  # type: ignore[assignment]
+    """ListGates lists the pending gates the caller may decide, by the same policies
+    DecideGate enforces, each with what it approves and the workflow asking; oldest
+    first. A gate the caller may not decide is not listed.
     """
     CancelWorkflow: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CancelWorkflowRequest, _coordinator_pb2.CancelWorkflowResponse]  # type: ignore[assignment]
     """CancelWorkflow stops a workflow and revokes all of its task tokens."""
@@ -123,6 +133,17 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_coordinator_pb2.DecideGateResponse, _abc.Awaitable[_coordinator_pb2.DecideGateResponse]]:
         """DecideGate approves or rejects a pending gate. Deciding an unknown or
         already-decided gate is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def ListGates(
+        self,
+        request: _coordinator_pb2.ListGatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListGatesResponse, _abc.Awaitable[_coordinator_pb2.ListGatesResponse]]:
+        """ListGates lists the pending gates the caller may decide, by the same policies
+        DecideGate enforces, each with what it approves and the workflow asking; oldest
+        first. A gate the caller may not decide is not listed.
         """
 
     @_abc_1.abstractmethod

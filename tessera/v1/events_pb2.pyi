@@ -567,6 +567,8 @@ class GateOpened(_message.Message):
     HELD_HANDOFF_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    POLICY_IDS_FIELD_NUMBER: _builtins.int
     gate_id: _builtins.str
     """Gate id (last segment of its resource name)."""
     task_id: _builtins.str
@@ -593,6 +595,16 @@ class GateOpened(_message.Message):
         after it opened); unset: never.
         """
 
+    @_builtins.property
+    def arguments(self) -> _struct_pb2.Struct:
+        """The waiting call's arguments as the approver sees them (secret-bearing values
+        `[redacted]`), from the tool proxy's ApprovalRequired.
+        """
+
+    @_builtins.property
+    def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The policies that asked for the approval."""
+
     def __init__(
         self,
         *,
@@ -604,10 +616,12 @@ class GateOpened(_message.Message):
         held_handoff: Global___HandoffRouted | None = ...,
         tool: _builtins.str = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        arguments: _struct_pb2.Struct | None = ...,
+        policy_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "held_handoff", b"held_handoff", "held_result", b"held_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "expire_time", b"expire_time", "held_handoff", b"held_handoff", "held_result", b"held_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "gate_id", b"gate_id", "held_handoff", b"held_handoff", "held_result", b"held_result", "kind", b"kind", "reason", b"reason", "task_id", b"task_id", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "expire_time", b"expire_time", "gate_id", b"gate_id", "held_handoff", b"held_handoff", "held_result", b"held_result", "kind", b"kind", "policy_ids", b"policy_ids", "reason", b"reason", "task_id", b"task_id", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,13 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tessera.v1 import agent_pb2 as tessera_dot_v1_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tessera/v1/registry.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tessera/v1/agent.proto\"\x93\x01\n\x0b\x46rozenAgent\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n\tfrozen_by\x18\x02 \x01(\tR\x08\x66rozenBy\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12;\n\x0b\x66reeze_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nfreezeTime\"F\n\x12\x46reezeAgentRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\"q\n\x13\x46reezeAgentResponse\x12/\n\x06\x66rozen\x18\x01 \x01(\x0b\x32\x17.tessera.v1.FrozenAgentR\x06\x66rozen\x12)\n\x10replicas_removed\x18\x02 \x01(\x05R\x0freplicasRemoved\"0\n\x14UnfreezeAgentRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\"6\n\x15UnfreezeAgentResponse\x12\x1d\n\nwas_frozen\x18\x01 \x01(\x08R\twasFrozen\"\x19\n\x17ListFrozenAgentsRequest\"K\n\x18ListFrozenAgentsResponse\x12/\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.tessera.v1.FrozenAgentR\x06\x61gents\"J\n\x0fRegisterRequest\x12\x37\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.AgentDescriptorB\x04\xe2\x41\x01\x02R\x05\x61gent\"\xd0\x01\n\x10RegisterResponse\x12\x41\n\x0eheartbeat_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\rheartbeatTime\x12/\n\x05lease\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\x05lease\x12H\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\x11heartbeatInterval\"T\n\x11\x44\x65registerRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\x12%\n\x0binstance_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ninstanceId\"\x14\n\x12\x44\x65registerResponse2\xaa\x03\n\x0fRegistryService\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12K\n\nDeregister\x12\x1d.tessera.v1.DeregisterRequest\x1a\x1e.tessera.v1.DeregisterResponse\x12N\n\x0b\x46reezeAgent\x12\x1e.tessera.v1.FreezeAgentRequest\x1a\x1f.tessera.v1.FreezeAgentResponse\x12T\n\rUnfreezeAgent\x12 .tessera.v1.UnfreezeAgentRequest\x1a!.tessera.v1.UnfreezeAgentResponse\x12]\n\x10ListFrozenAgents\x12#.tessera.v1.ListFrozenAgentsRequest\x1a$.tessera.v1.ListFrozenAgentsResponseB\xb5\x01\n\x16\x64\x65v.tessera.tessera.v1B\rRegistryProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tessera/v1/registry.proto\x12\ntessera.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tessera/v1/agent.proto\"\x93\x01\n\x0b\x46rozenAgent\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n\tfrozen_by\x18\x02 \x01(\tR\x08\x66rozenBy\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12;\n\x0b\x66reeze_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nfreezeTime\"F\n\x12\x46reezeAgentRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\"q\n\x13\x46reezeAgentResponse\x12/\n\x06\x66rozen\x18\x01 \x01(\x0b\x32\x17.tessera.v1.FrozenAgentR\x06\x66rozen\x12)\n\x10replicas_removed\x18\x02 \x01(\x05R\x0freplicasRemoved\"0\n\x14UnfreezeAgentRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\"6\n\x15UnfreezeAgentResponse\x12\x1d\n\nwas_frozen\x18\x01 \x01(\x08R\twasFrozen\"\x19\n\x17ListFrozenAgentsRequest\"K\n\x18ListFrozenAgentsResponse\x12/\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x17.tessera.v1.FrozenAgentR\x06\x61gents\"\x13\n\x11ListAgentsRequest\"z\n\x12ListAgentsResponse\x12\x33\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1b.tessera.v1.AgentDescriptorR\x06\x61gents\x12/\n\x06\x66rozen\x18\x02 \x03(\x0b\x32\x17.tessera.v1.FrozenAgentR\x06\x66rozen\"J\n\x0fRegisterRequest\x12\x37\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.AgentDescriptorB\x04\xe2\x41\x01\x02R\x05\x61gent\"\xd0\x01\n\x10RegisterResponse\x12\x41\n\x0eheartbeat_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\rheartbeatTime\x12/\n\x05lease\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\x05lease\x12H\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\x11heartbeatInterval\"T\n\x11\x44\x65registerRequest\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\x12%\n\x0binstance_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ninstanceId\"\x14\n\x12\x44\x65registerResponse2\x8b\x04\n\x0fRegistryService\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12K\n\nDeregister\x12\x1d.tessera.v1.DeregisterRequest\x1a\x1e.tessera.v1.DeregisterResponse\x12N\n\x0b\x46reezeAgent\x12\x1e.tessera.v1.FreezeAgentRequest\x1a\x1f.tessera.v1.FreezeAgentResponse\x12T\n\rUnfreezeAgent\x12 .tessera.v1.UnfreezeAgentRequest\x1a!.tessera.v1.UnfreezeAgentResponse\x12]\n\x10ListFrozenAgents\x12#.tessera.v1.ListFrozenAgentsRequest\x1a$.tessera.v1.ListFrozenAgentsResponse\x12_\n\nListAgents\x12\x1d.tessera.v1.ListAgentsRequest\x1a\x1e.tessera.v1.ListAgentsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/agentsB\xb5\x01\n\x16\x64\x65v.tessera.tessera.v1B\rRegistryProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,28 +47,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_DEREGISTERREQUEST'].fields_by_name['instance_id']._loaded_options = None
   _globals['_DEREGISTERREQUEST'].fields_by_name['instance_id']._serialized_options = b'\342A\001\002'
-  _globals['_FROZENAGENT']._serialized_start=164
-  _globals['_FROZENAGENT']._serialized_end=311
-  _globals['_FREEZEAGENTREQUEST']._serialized_start=313
-  _globals['_FREEZEAGENTREQUEST']._serialized_end=383
-  _globals['_FREEZEAGENTRESPONSE']._serialized_start=385
-  _globals['_FREEZEAGENTRESPONSE']._serialized_end=498
-  _globals['_UNFREEZEAGENTREQUEST']._serialized_start=500
-  _globals['_UNFREEZEAGENTREQUEST']._serialized_end=548
-  _globals['_UNFREEZEAGENTRESPONSE']._serialized_start=550
-  _globals['_UNFREEZEAGENTRESPONSE']._serialized_end=604
-  _globals['_LISTFROZENAGENTSREQUEST']._serialized_start=606
-  _globals['_LISTFROZENAGENTSREQUEST']._serialized_end=631
-  _globals['_LISTFROZENAGENTSRESPONSE']._serialized_start=633
-  _globals['_LISTFROZENAGENTSRESPONSE']._serialized_end=708
-  _globals['_REGISTERREQUEST']._serialized_start=710
-  _globals['_REGISTERREQUEST']._serialized_end=784
-  _globals['_REGISTERRESPONSE']._serialized_start=787
-  _globals['_REGISTERRESPONSE']._serialized_end=995
-  _globals['_DEREGISTERREQUEST']._serialized_start=997
-  _globals['_DEREGISTERREQUEST']._serialized_end=1081
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1083
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1103
-  _globals['_REGISTRYSERVICE']._serialized_start=1106
-  _globals['_REGISTRYSERVICE']._serialized_end=1532
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListAgents']._loaded_options = None
+  _globals['_REGISTRYSERVICE'].methods_by_name['ListAgents']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/agents'
+  _globals['_FROZENAGENT']._serialized_start=194
+  _globals['_FROZENAGENT']._serialized_end=341
+  _globals['_FREEZEAGENTREQUEST']._serialized_start=343
+  _globals['_FREEZEAGENTREQUEST']._serialized_end=413
+  _globals['_FREEZEAGENTRESPONSE']._serialized_start=415
+  _globals['_FREEZEAGENTRESPONSE']._serialized_end=528
+  _globals['_UNFREEZEAGENTREQUEST']._serialized_start=530
+  _globals['_UNFREEZEAGENTREQUEST']._serialized_end=578
+  _globals['_UNFREEZEAGENTRESPONSE']._serialized_start=580
+  _globals['_UNFREEZEAGENTRESPONSE']._serialized_end=634
+  _globals['_LISTFROZENAGENTSREQUEST']._serialized_start=636
+  _globals['_LISTFROZENAGENTSREQUEST']._serialized_end=661
+  _globals['_LISTFROZENAGENTSRESPONSE']._serialized_start=663
+  _globals['_LISTFROZENAGENTSRESPONSE']._serialized_end=738
+  _globals['_LISTAGENTSREQUEST']._serialized_start=740
+  _globals['_LISTAGENTSREQUEST']._serialized_end=759
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=761
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=883
+  _globals['_REGISTERREQUEST']._serialized_start=885
+  _globals['_REGISTERREQUEST']._serialized_end=959
+  _globals['_REGISTERRESPONSE']._serialized_start=962
+  _globals['_REGISTERRESPONSE']._serialized_end=1170
+  _globals['_DEREGISTERREQUEST']._serialized_start=1172
+  _globals['_DEREGISTERREQUEST']._serialized_end=1256
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1258
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1278
+  _globals['_REGISTRYSERVICE']._serialized_start=1281
+  _globals['_REGISTRYSERVICE']._serialized_end=1804
 # @@protoc_insertion_point(module_scope)

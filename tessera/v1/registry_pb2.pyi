@@ -199,6 +199,53 @@ class ListFrozenAgentsResponse(_message.Message):
 Global___ListFrozenAgentsResponse: _TypeAlias = ListFrozenAgentsResponse  # noqa: Y015
 
 @_typing.final
+class ListAgentsRequest(_message.Message):
+    """ListAgentsRequest is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsResponse(_message.Message):
+    """ListAgentsResponse is the registry now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    FROZEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.AgentDescriptor]:
+        """Live replicas (heartbeat within their lease), by name then instance id."""
+
+    @_builtins.property
+    def frozen(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrozenAgent]:
+        """Freezes in force, by name."""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[_agent_pb2.AgentDescriptor] | None = ...,
+        frozen: _abc.Iterable[Global___FrozenAgent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "frozen", b"frozen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
+
+@_typing.final
 class RegisterRequest(_message.Message):
     """RegisterRequest carries the calling replica's descriptor."""
 

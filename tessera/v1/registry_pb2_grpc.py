@@ -63,6 +63,11 @@ class RegistryServiceStub:
                 request_serializer=tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsResponse.FromString,
                 _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/tessera.v1.RegistryService/ListAgents',
+                request_serializer=tessera_dot_v1_dot_registry__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_registry__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -117,6 +122,15 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAgents(self, request, context):
+        """ListAgents lists the live replicas and the freezes in force: what the console's
+        agents page shows. Any verified person or workload may read it (descriptors hold
+        names, versions, endpoints and capabilities, no credentials).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +158,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListFrozenAgents,
                     request_deserializer=tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=tessera_dot_v1_dot_registry__pb2.ListAgentsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_registry__pb2.ListAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -285,6 +304,33 @@ class RegistryService:
             '/tessera.v1.RegistryService/ListFrozenAgents',
             tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsRequest.SerializeToString,
             tessera_dot_v1_dot_registry__pb2.ListFrozenAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.RegistryService/ListAgents',
+            tessera_dot_v1_dot_registry__pb2.ListAgentsRequest.SerializeToString,
+            tessera_dot_v1_dot_registry__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,11 @@ class RegistryServiceStub:
     """UnfreezeAgent lets a frozen agent register and call tools again. Idempotent."""
     ListFrozenAgents: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListFrozenAgentsRequest, _registry_pb2.ListFrozenAgentsResponse]
     """ListFrozenAgents lists the agents frozen now, by name."""
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListAgentsRequest, _registry_pb2.ListAgentsResponse]
+    """ListAgents lists the live replicas and the freezes in force: what the console's
+    agents page shows. Any verified person or workload may read it (descriptors hold
+    names, versions, endpoints and capabilities, no credentials).
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -91,6 +96,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """UnfreezeAgent lets a frozen agent register and call tools again. Idempotent."""
     ListFrozenAgents: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListFrozenAgentsRequest, _registry_pb2.ListFrozenAgentsResponse]  # type: ignore[assignment]
     """ListFrozenAgents lists the agents frozen now, by name."""
+    ListAgents: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListAgentsRequest, _registry_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """ListAgents lists the live replicas and the freezes in force: what the console's
+    agents page shows. Any verified person or workload may read it (descriptors hold
+    names, versions, endpoints and capabilities, no credentials).
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService keeps the live set of agent replicas. It is the only writer of the
@@ -150,5 +160,16 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListFrozenAgentsResponse, _abc.Awaitable[_registry_pb2.ListFrozenAgentsResponse]]:
         """ListFrozenAgents lists the agents frozen now, by name."""
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _registry_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListAgentsResponse, _abc.Awaitable[_registry_pb2.ListAgentsResponse]]:
+        """ListAgents lists the live replicas and the freezes in force: what the console's
+        agents page shows. Any verified person or workload may read it (descriptors hold
+        names, versions, endpoints and capabilities, no credentials).
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -296,22 +296,36 @@ class ApprovalRequired(_message.Message):
     GATE_ID_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    POLICY_IDS_FIELD_NUMBER: _builtins.int
     gate_id: _builtins.str
     """Gate id, unique per task, tool and idempotency key (`tool-<16 hex>`)."""
     tool: _builtins.str
     """The tool waiting for the approval, e.g. `billing.issue_refund`."""
     reason: _builtins.str
     """Why the policy wants an approval (for the approver)."""
+    @_builtins.property
+    def arguments(self) -> _struct_pb2.Struct:
+        """The call's arguments as the approver may see them: secret-bearing values (the
+        tool's secret fields, credential-like names and values) are `[redacted]`.
+        """
+
+    @_builtins.property
+    def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The policies that asked for the approval."""
+
     def __init__(
         self,
         *,
         gate_id: _builtins.str = ...,
         tool: _builtins.str = ...,
         reason: _builtins.str = ...,
+        arguments: _struct_pb2.Struct | None = ...,
+        policy_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate_id", b"gate_id", "reason", b"reason", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "gate_id", b"gate_id", "policy_ids", b"policy_ids", "reason", b"reason", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,6 +49,7 @@ SERVICES = (
     "gateway",
     "operator",
     "registry",
+    "console",
     "nats",
 )
 AGENTS = (

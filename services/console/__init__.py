@@ -1,0 +1,1 @@
+"""The review console: pages and browser sessions (ConsoleService)."""
