@@ -103,7 +103,12 @@ class WorkflowAuditor:
                     resource=f"workflows/{event.workflow_id}",
                     details={"sequence": event.sequence}
                     | (
-                        {"started_by": event.workflow_started.started_by}
+                        # Who may read the workflow's trail is decided on these (the
+                        # audit service's read_workflow check).
+                        {
+                            "started_by": event.workflow_started.started_by,
+                            "template": event.workflow_started.plan.template,
+                        }
                         if kind == "workflow_started"
                         else {}
                     ),

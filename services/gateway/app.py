@@ -25,6 +25,7 @@ from services.gateway.resources import agent_endpoints, to_snapshot
 from services.gateway.settings import GatewaySettings
 from tessera.identity.source import CertificateSource
 from tessera.launcher.gateway import (
+    POLICY_PUBLIC_METHODS,
     REGISTRY_PUBLIC_METHODS,
     HumanAuth,
     Upstream,
@@ -80,6 +81,7 @@ class GatewayControlPlane:
             ("planner", self.settings.planner_address, "tessera.v1.PlannerService"),
             ("tool-proxy", self.settings.tool_proxy_address, "tessera.v1.ToolProxyService"),
             ("console", self.settings.console_address, "tessera.v1.ConsoleService"),
+            ("audit-reader", self.settings.audit_reader_address, "tessera.v1.AuditService"),
         ]
         upstreams = [
             Upstream(name, address, (service,)) for name, address, service in public if address
@@ -91,6 +93,15 @@ class GatewayControlPlane:
                     self.settings.registry_address,
                     ("tessera.v1.RegistryService",),
                     methods=REGISTRY_PUBLIC_METHODS,
+                )
+            )
+        if self.settings.policy_address:  # the served set's version and coverage, for people
+            upstreams.append(
+                Upstream(
+                    "policy",
+                    self.settings.policy_address,
+                    ("tessera.v1.PolicyService",),
+                    methods=POLICY_PUBLIC_METHODS,
                 )
             )
         return upstreams

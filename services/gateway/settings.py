@@ -36,6 +36,11 @@ class GatewaySettings(ServiceSettings):
     console_address: str = Field(
         default="", validation_alias=AliasChoices("TESSERA_CONSOLE_ADDRESS")
     )
+    policy_address: str = Field(default="", validation_alias=AliasChoices("TESSERA_POLICY_ADDRESS"))
+    """Routed for ``GetPolicySet`` only (POLICY_PUBLIC_METHODS)."""
+    audit_reader_address: str = Field(
+        default="", validation_alias=AliasChoices("TESSERA_AUDIT_READER_ADDRESS")
+    )
     """Public services: an empty address means the service is not routed."""
     cert_dir: Path | None = None
     """Where Envoy's certificate files for its ADS connection are written (its bootstrap

@@ -79,6 +79,7 @@ class PolicyService:
                 self.settings.decision_audit_queue if self.settings.decision_audit == "async" else 0
             ),
             announce_reload=self._announce_reload,
+            tests_dir=self.settings.policy_dir / "tests",
         )
         self.servicer = servicer
         vault = self.workload.vault  # the login Workload made (no second login)

@@ -28,11 +28,13 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
 import structlog
 
+from services.policy.coverage_report import CoverageReports
 from tessera.audit import AuditWriter
 from tessera.policy.check import check_input, check_response
 from tessera.policy.engine import (
@@ -65,10 +67,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         *,
         async_audit_queue: int = 0,
         announce_reload: Callable[[LoadedPolicySet], Awaitable[None]] | None = None,
+        tests_dir: Path | None = None,
     ) -> None:
         """``async_audit_queue > 0`` defers decision records, at most that many at a time
         (see the module docstring); 0 writes each before answering. ``announce_reload``
-        tells the other decision points after a requested reload."""
+        tells the other decision points after a requested reload. ``tests_dir``: the
+        policy cases GetPolicySet reports coverage with."""
+        self.coverage = CoverageReports(tests_dir or Path("/nonexistent"))
         self.store = store
         self.audit = audit
         self._backlog = async_audit_queue
@@ -202,6 +207,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def GetPolicySet(
         self, request: policy_pb2.GetPolicySetRequest, context: grpc.aio.ServicerContext
     ) -> policy_pb2.GetPolicySetResponse:
-        return policy_pb2.GetPolicySetResponse(
-            policy_set=policy_set_info(self.store.current, self.store.last_error)
-        )
+        # Who reached it is the callers table's decision (the operator, and people through
+        # the front door, whose identity Envoy verified): the set's ids, version and
+        # coverage are what anyone governed by it may know; the policy texts stay here.
+        info = policy_set_info(self.store.current, self.store.last_error)
+        info.MergeFrom(await self.coverage.of(self.store.current))
+        return policy_pb2.GetPolicySetResponse(policy_set=info)

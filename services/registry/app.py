@@ -11,12 +11,11 @@ import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from services.registry.freezes import ChainAuditor
 from services.registry.service import RegistryServicer
 from services.registry.settings import RegistrySettings
 from tessera.audit import AuditWriter
 from tessera.frozen import FrozenAgents
-from tessera.policy.control_plane import ControlPlaneAuthorization
+from tessera.policy.control_plane import ChainAuditor, ControlPlaneAuthorization
 from tessera.policy.distribution import DistributedPolicySet
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, connect, declare

@@ -13,7 +13,6 @@ none goes unrecorded, and the freeze names the principal (``frozen_by``).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import grpc
 import structlog
@@ -26,7 +25,7 @@ from tessera.runtime.errors import InvalidArgument, Unavailable
 from tessera.runtime.principal import Principal
 from tessera.v1 import audit_pb2, registry_pb2
 
-__all__ = ["ChainAuditor", "Freezes"]
+__all__ = ["Freezes"]
 
 log = structlog.get_logger(__name__)
 
@@ -34,18 +33,6 @@ _MAX_REASON_CHARS = 500
 _SERVICE = "/tessera.v1.RegistryService"
 # Reading changes nothing: only a refusal is recorded.
 _READS = frozenset({"list_frozen_agents", "list_agents"})
-
-
-class ChainAuditor:
-    """The decision records of :class:`ControlPlaneAuthorization`, on the registry's own
-    chain, each stored before the action goes on (a record that cannot be written
-    refuses the action: UNAVAILABLE)."""
-
-    def __init__(self, audit: AuditWriter) -> None:
-        self._audit = audit
-
-    async def record(self, kind: Any, **fields: Any) -> None:
-        await self._audit.append(kind, **fields)
 
 
 class Freezes:

@@ -30,6 +30,9 @@ class AuditEntry:
     their own): that record's chain sequence."""
     data: bytes = field(default=b"", repr=False)
     """The stored bytes (what an export writes)."""
+    owner: str = ""
+    """The identity whose subjects hold the chain (``<ns>.audit.<owner>.<writer>``: only
+    that identity may publish there); empty for a chain on the default subject."""
 
 
 def parse_record(data: bytes) -> audit_pb2.AuditRecord | None:
@@ -61,6 +64,7 @@ async def entries(
         config=config,
         idle_heartbeat=2.0,
     )
+    prefix = topology.audit_subjects.removesuffix(">")
     try:
         while True:
             try:
@@ -72,7 +76,8 @@ async def entries(
             seq = msg.metadata.sequence.stream
             data = msg.data or b""
             # `<ns>.audit.<writer>` or `<ns>.audit.<owner>.<writer>`: the chain is the last token.
-            yield AuditEntry(seq, msg.subject.rsplit(".", 1)[-1], parse_record(data), data=data)
+            owner, _, writer = msg.subject.removeprefix(prefix).rpartition(".")
+            yield AuditEntry(seq, writer, parse_record(data), data=data, owner=owner)
             # Deleted messages never arrive: also stop when nothing is pending any more.
             if stop_seq is not None and (seq >= stop_seq or msg.metadata.num_pending == 0):
                 return

@@ -38,6 +38,9 @@ CALLERS: Mapping[str, frozenset[str]] = {
     "tessera.v1.RegistryService/UnfreezeAgent": frozenset({_GATEWAY, _OPERATOR}),
     "tessera.v1.RegistryService/ListFrozenAgents": frozenset({_GATEWAY, _OPERATOR}),
     "tessera.v1.RegistryService/ListAgents": frozenset({_GATEWAY, _OPERATOR}),
+    # A workflow's audit trail, verified: people through the front door (decided by
+    # read_workflow), and the operator.
+    "tessera.v1.AuditService/*": frozenset({_GATEWAY, _OPERATOR}),
     # The console's pages and sessions: people, through the front door only.
     "tessera.v1.ConsoleService/*": frozenset({_GATEWAY}),
     "tessera.v1.PlannerService/*": frozenset({"service/coordinator", _OPERATOR}),
@@ -45,6 +48,8 @@ CALLERS: Mapping[str, frozenset[str]] = {
         {"service/tool-proxy", "service/coordinator", _OPERATOR}
     ),
     "tessera.v1.PolicyService/*": frozenset({_OPERATOR}),
+    # The served set's version and coverage: also people, through the front door.
+    "tessera.v1.PolicyService/GetPolicySet": frozenset({_GATEWAY, _OPERATOR}),
     # Envoy's configuration and certificates come from the gateway control plane.
     "envoy.service.discovery.v3.AggregatedDiscoveryService/*": frozenset({_GATEWAY}),
     "envoy.service.secret.v3.SecretDiscoveryService/*": frozenset({_GATEWAY}),

@@ -41,6 +41,7 @@ __all__ = [
     "CONTROL_PLANE_MODULE",
     "HEALTH_SERVICE",
     "LISTENER_NAME",
+    "POLICY_PUBLIC_METHODS",
     "REGISTRY_PUBLIC_METHODS",
     "ROUTE_CONFIG_NAME",
     "AgentEndpoint",
@@ -126,6 +127,10 @@ REGISTRY_PUBLIC_METHODS = (
 """The registry's methods people reach through the front door (the kill switch for one
 agent, and the live registry for the console); registering stays for agents, over their
 own mTLS connection."""
+
+POLICY_PUBLIC_METHODS = ("tessera.v1.PolicyService/GetPolicySet",)
+"""The policy service's method people reach through the front door: the served set's
+version and coverage (decisions and reloads stay inside the mesh)."""
 
 SESSION_COOKIE = "tessera_session"
 """The console's session cookie: jwt_authn reads a person's token from it as from an

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import structlog
@@ -30,7 +30,10 @@ from tessera.runtime.grpc_authz import peer
 from tessera.runtime.principal import Principal, principal_of
 from tessera.v1 import audit_pb2
 
-__all__ = ["ControlPlaneAuthorization", "Decision"]
+if TYPE_CHECKING:
+    from tessera.audit import AuditWriter
+
+__all__ = ["ChainAuditor", "ControlPlaneAuthorization", "Decision"]
 
 log = structlog.get_logger(__name__)
 AK = audit_pb2.AuditKind
@@ -47,6 +50,18 @@ class Decision:
 
 class _Auditor(Protocol):
     async def record(self, kind: Any, **fields: Any) -> None: ...
+
+
+class ChainAuditor:
+    """Decision records on a service's own audit chain (a ``tessera.audit.AuditWriter``),
+    each stored before the action goes on (a record that cannot be written refuses the
+    action: UNAVAILABLE)."""
+
+    def __init__(self, audit: AuditWriter) -> None:
+        self._audit = audit
+
+    async def record(self, kind: Any, **fields: Any) -> None:
+        await self._audit.append(kind, **fields)
 
 
 class ControlPlaneAuthorization:

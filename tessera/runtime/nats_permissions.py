@@ -148,6 +148,10 @@ def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
         "registry": _ReadScope((registry, frozen, policy), audit_chains=True),
         # Readers of the registry: capabilities to plan with, endpoints to route to.
         "planner": _ReadScope((registry,)),
+        # The audit trail read back for people (services/audit_reader): every chain (a
+        # chain verifies from its first record), and the policy set its reads are decided
+        # with. It writes only its own chain (refused reads).
+        "audit-reader": _ReadScope((t.audit_stream, policy), audit_chains=True),
         "gateway-control-plane": _ReadScope((registry,)),
     }
 

@@ -22,11 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/audit.proto\x12\ntessera.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x04\n\x0b\x41uditRecord\x12\x1b\n\trecord_id\x18\x01 \x01(\tR\x08recordId\x12\x1a\n\x08sequence\x18\x02 \x01(\x03R\x08sequence\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x15.tessera.v1.AuditKindR\x04kind\x12\x14\n\x05\x61\x63tor\x18\x05 \x01(\tR\x05\x61\x63tor\x12\x1f\n\x0bworkflow_id\x18\x06 \x01(\tR\nworkflowId\x12\x17\n\x07task_id\x18\x07 \x01(\tR\x06taskId\x12\x18\n\x07outcome\x18\x08 \x01(\tR\x07outcome\x12\x1a\n\x08resource\x18\t \x01(\tR\x08resource\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\n \x01(\tR\ndecisionId\x12\x31\n\x07\x64\x65tails\x18\x0b \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x64\x65tails\x12\x1b\n\tprev_hash\x18\x0c \x01(\x0cR\x08prevHash\x12\x12\n\x04hash\x18\r \x01(\x0cR\x04hash\x12\x31\n\x07\x63\x61rried\x18\x0e \x03(\x0b\x32\x17.tessera.v1.AuditRecordR\x07\x63\x61rried\x12;\n\ncheckpoint\x18\x0f \x01(\x0b\x32\x1b.tessera.v1.AuditCheckpointR\ncheckpoint\"\xd7\x01\n\x0f\x41uditCheckpoint\x12)\n\x10\x63overed_sequence\x18\x01 \x01(\x03R\x0f\x63overedSequence\x12!\n\x0c\x63overed_hash\x18\x02 \x01(\x0cR\x0b\x63overedHash\x12\x19\n\x08key_name\x18\x03 \x01(\tR\x07keyName\x12\x1f\n\x0bkey_version\x18\x04 \x01(\x05R\nkeyVersion\x12\x1c\n\talgorithm\x18\x05 \x01(\tR\talgorithm\x12\x1c\n\tsignature\x18\x06 \x01(\x0cR\tsignature\"\x84\x01\n\x0c\x41uditReceipt\x12\x16\n\x06writer\x18\x01 \x01(\tR\x06writer\x12\x1a\n\x08sequence\x18\x02 \x01(\x03R\x08sequence\x12\x1f\n\x0brecord_hash\x18\x03 \x01(\x0cR\nrecordHash\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\tR\ndecisionId*\xd5\x02\n\tAuditKind\x12\x1a\n\x16\x41UDIT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41UDIT_KIND_POLICY_DECISION\x10\x01\x12\x18\n\x14\x41UDIT_KIND_TOOL_CALL\x10\x02\x12\x1b\n\x17\x41UDIT_KIND_TOKEN_ISSUED\x10\x03\x12\x1c\n\x18\x41UDIT_KIND_TOKEN_REVOKED\x10\x04\x12\x17\n\x13\x41UDIT_KIND_APPROVAL\x10\x05\x12\"\n\x1e\x41UDIT_KIND_WORKFLOW_TRANSITION\x10\x06\x12\x1f\n\x1b\x41UDIT_KIND_REQUEST_REJECTED\x10\x07\x12!\n\x1d\x41UDIT_KIND_CREDENTIAL_ROTATED\x10\x08\x12\x19\n\x15\x41UDIT_KIND_CHECKPOINT\x10\t\x12\x1b\n\x17\x41UDIT_KIND_AGENT_FREEZE\x10\nB\xb2\x01\n\x16\x64\x65v.tessera.tessera.v1B\nAuditProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/audit.proto\x12\ntessera.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x04\n\x0b\x41uditRecord\x12\x1b\n\trecord_id\x18\x01 \x01(\tR\x08recordId\x12\x1a\n\x08sequence\x18\x02 \x01(\x03R\x08sequence\x12.\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04time\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x15.tessera.v1.AuditKindR\x04kind\x12\x14\n\x05\x61\x63tor\x18\x05 \x01(\tR\x05\x61\x63tor\x12\x1f\n\x0bworkflow_id\x18\x06 \x01(\tR\nworkflowId\x12\x17\n\x07task_id\x18\x07 \x01(\tR\x06taskId\x12\x18\n\x07outcome\x18\x08 \x01(\tR\x07outcome\x12\x1a\n\x08resource\x18\t \x01(\tR\x08resource\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\n \x01(\tR\ndecisionId\x12\x31\n\x07\x64\x65tails\x18\x0b \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x64\x65tails\x12\x1b\n\tprev_hash\x18\x0c \x01(\x0cR\x08prevHash\x12\x12\n\x04hash\x18\r \x01(\x0cR\x04hash\x12\x31\n\x07\x63\x61rried\x18\x0e \x03(\x0b\x32\x17.tessera.v1.AuditRecordR\x07\x63\x61rried\x12;\n\ncheckpoint\x18\x0f \x01(\x0b\x32\x1b.tessera.v1.AuditCheckpointR\ncheckpoint\"\xd7\x01\n\x0f\x41uditCheckpoint\x12)\n\x10\x63overed_sequence\x18\x01 \x01(\x03R\x0f\x63overedSequence\x12!\n\x0c\x63overed_hash\x18\x02 \x01(\x0cR\x0b\x63overedHash\x12\x19\n\x08key_name\x18\x03 \x01(\tR\x07keyName\x12\x1f\n\x0bkey_version\x18\x04 \x01(\x05R\nkeyVersion\x12\x1c\n\talgorithm\x18\x05 \x01(\tR\talgorithm\x12\x1c\n\tsignature\x18\x06 \x01(\x0cR\tsignature\"\x84\x01\n\x0c\x41uditReceipt\x12\x16\n\x06writer\x18\x01 \x01(\tR\x06writer\x12\x1a\n\x08sequence\x18\x02 \x01(\x03R\x08sequence\x12\x1f\n\x0brecord_hash\x18\x03 \x01(\x0cR\nrecordHash\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\tR\ndecisionId\"\x84\x02\n\x13VerifiedAuditRecord\x12/\n\x06record\x18\x01 \x01(\x0b\x32\x17.tessera.v1.AuditRecordR\x06record\x12\x16\n\x06writer\x18\x02 \x01(\tR\x06writer\x12\x42\n\x0cverification\x18\x03 \x01(\x0e\x32\x1e.tessera.v1.RecordVerificationR\x0cverification\x12\x16\n\x06\x64\x65tail\x18\x04 \x01(\tR\x06\x64\x65tail\x12\x32\n\x07receipt\x18\x05 \x01(\x0b\x32\x18.tessera.v1.AuditReceiptR\x07receipt\x12\x14\n\x05owner\x18\x06 \x01(\tR\x05owner\"?\n\x1fListWorkflowAuditRecordsRequest\x12\x1c\n\x06parent\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06parent\"\xe1\x01\n ListWorkflowAuditRecordsResponse\x12\x39\n\x07records\x18\x01 \x03(\x0b\x32\x1f.tessera.v1.VerifiedAuditRecordR\x07records\x12-\n\x12signatures_checked\x18\x02 \x01(\x08R\x11signaturesChecked\x12\x16\n\x06issues\x18\x03 \x01(\x05R\x06issues\x12;\n\x0bverify_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nverifyTime*\xd5\x02\n\tAuditKind\x12\x1a\n\x16\x41UDIT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41UDIT_KIND_POLICY_DECISION\x10\x01\x12\x18\n\x14\x41UDIT_KIND_TOOL_CALL\x10\x02\x12\x1b\n\x17\x41UDIT_KIND_TOKEN_ISSUED\x10\x03\x12\x1c\n\x18\x41UDIT_KIND_TOKEN_REVOKED\x10\x04\x12\x17\n\x13\x41UDIT_KIND_APPROVAL\x10\x05\x12\"\n\x1e\x41UDIT_KIND_WORKFLOW_TRANSITION\x10\x06\x12\x1f\n\x1b\x41UDIT_KIND_REQUEST_REJECTED\x10\x07\x12!\n\x1d\x41UDIT_KIND_CREDENTIAL_ROTATED\x10\x08\x12\x19\n\x15\x41UDIT_KIND_CHECKPOINT\x10\t\x12\x1b\n\x17\x41UDIT_KIND_AGENT_FREEZE\x10\n*\xa4\x01\n\x12RecordVerification\x12#\n\x1fRECORD_VERIFICATION_UNSPECIFIED\x10\x00\x12 \n\x1cRECORD_VERIFICATION_VERIFIED\x10\x01\x12\'\n#RECORD_VERIFICATION_NOT_YET_COVERED\x10\x02\x12\x1e\n\x1aRECORD_VERIFICATION_FAILED\x10\x03\x32\xb5\x01\n\x0c\x41uditService\x12\xa4\x01\n\x18ListWorkflowAuditRecords\x12+.tessera.v1.ListWorkflowAuditRecordsRequest\x1a,.tessera.v1.ListWorkflowAuditRecordsResponse\"-\x82\xd3\xe4\x93\x02\'\x12%/v1/{parent=workflows/*}/auditRecordsB\xb2\x01\n\x16\x64\x65v.tessera.tessera.v1B\nAuditProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +36,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.audit_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.tessera.tessera.v1B\nAuditProtoP\001Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\242\002\003TXX\252\002\022Tessera.Tessera.V1\312\002\nTessera\\V1\342\002\026Tessera\\V1\\GPBMetadata\352\002\013Tessera::V1'
-  _globals['_AUDITKIND']._serialized_start=998
-  _globals['_AUDITKIND']._serialized_end=1339
-  _globals['_AUDITRECORD']._serialized_start=102
-  _globals['_AUDITRECORD']._serialized_end=642
-  _globals['_AUDITCHECKPOINT']._serialized_start=645
-  _globals['_AUDITCHECKPOINT']._serialized_end=860
-  _globals['_AUDITRECEIPT']._serialized_start=863
-  _globals['_AUDITRECEIPT']._serialized_end=995
+  _globals['_LISTWORKFLOWAUDITRECORDSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTWORKFLOWAUDITRECORDSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002'
+  _globals['_AUDITSERVICE'].methods_by_name['ListWorkflowAuditRecords']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['ListWorkflowAuditRecords']._serialized_options = b'\202\323\344\223\002\'\022%/v1/{parent=workflows/*}/auditRecords'
+  _globals['_AUDITKIND']._serialized_start=1617
+  _globals['_AUDITKIND']._serialized_end=1958
+  _globals['_RECORDVERIFICATION']._serialized_start=1961
+  _globals['_RECORDVERIFICATION']._serialized_end=2125
+  _globals['_AUDITRECORD']._serialized_start=165
+  _globals['_AUDITRECORD']._serialized_end=705
+  _globals['_AUDITCHECKPOINT']._serialized_start=708
+  _globals['_AUDITCHECKPOINT']._serialized_end=923
+  _globals['_AUDITRECEIPT']._serialized_start=926
+  _globals['_AUDITRECEIPT']._serialized_end=1058
+  _globals['_VERIFIEDAUDITRECORD']._serialized_start=1061
+  _globals['_VERIFIEDAUDITRECORD']._serialized_end=1321
+  _globals['_LISTWORKFLOWAUDITRECORDSREQUEST']._serialized_start=1323
+  _globals['_LISTWORKFLOWAUDITRECORDSREQUEST']._serialized_end=1386
+  _globals['_LISTWORKFLOWAUDITRECORDSRESPONSE']._serialized_start=1389
+  _globals['_LISTWORKFLOWAUDITRECORDSRESPONSE']._serialized_end=1614
+  _globals['_AUDITSERVICE']._serialized_start=2128
+  _globals['_AUDITSERVICE']._serialized_end=2309
 # @@protoc_insertion_point(module_scope)

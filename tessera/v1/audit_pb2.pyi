@@ -77,6 +77,38 @@ AUDIT_KIND_AGENT_FREEZE: AuditKind.ValueType  # 10
 """An operator froze or unfroze an agent (outcome "frozen" | "unfrozen")."""
 Global___AuditKind: _TypeAlias = AuditKind  # noqa: Y015
 
+class _RecordVerification:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RecordVerificationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RecordVerification.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECORD_VERIFICATION_UNSPECIFIED: _RecordVerification.ValueType  # 0
+    """Not set."""
+    RECORD_VERIFICATION_VERIFIED: _RecordVerification.ValueType  # 1
+    """On its chain unchanged, and a later checkpoint signed by its writer's key covers it."""
+    RECORD_VERIFICATION_NOT_YET_COVERED: _RecordVerification.ValueType  # 2
+    """On its chain unchanged; no signed checkpoint covers it yet (one follows within the
+    writer's checkpoint interval).
+    """
+    RECORD_VERIFICATION_FAILED: _RecordVerification.ValueType  # 3
+    """Its chain does not verify at or before it (`detail` says how)."""
+
+class RecordVerification(_RecordVerification, metaclass=_RecordVerificationEnumTypeWrapper):
+    """RecordVerification is what verifying a record's chain says about the record."""
+
+RECORD_VERIFICATION_UNSPECIFIED: RecordVerification.ValueType  # 0
+"""Not set."""
+RECORD_VERIFICATION_VERIFIED: RecordVerification.ValueType  # 1
+"""On its chain unchanged, and a later checkpoint signed by its writer's key covers it."""
+RECORD_VERIFICATION_NOT_YET_COVERED: RecordVerification.ValueType  # 2
+"""On its chain unchanged; no signed checkpoint covers it yet (one follows within the
+writer's checkpoint interval).
+"""
+RECORD_VERIFICATION_FAILED: RecordVerification.ValueType  # 3
+"""Its chain does not verify at or before it (`detail` says how)."""
+Global___RecordVerification: _TypeAlias = RecordVerification  # noqa: Y015
+
 @_typing.final
 class AuditRecord(_message.Message):
     """AuditRecord is one entry of the hash-chained audit stream. Records never carry a
@@ -260,3 +292,113 @@ class AuditReceipt(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditReceipt: _TypeAlias = AuditReceipt  # noqa: Y015
+
+@_typing.final
+class VerifiedAuditRecord(_message.Message):
+    """VerifiedAuditRecord is one record with its chain's verdict and its receipt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    WRITER_FIELD_NUMBER: _builtins.int
+    VERIFICATION_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    writer: _builtins.str
+    """The chain (writer name) holding it."""
+    verification: Global___RecordVerification.ValueType
+    """What verification says."""
+    detail: _builtins.str
+    """Why, in words."""
+    owner: _builtins.str
+    """The identity whose subjects hold the chain (only it may write there), e.g.
+    `coordinator`.
+    """
+    @_builtins.property
+    def record(self) -> Global___AuditRecord:
+        """The record (a record carried by another is listed on its own; its `carried` is
+        empty and its verdict is that of the record carrying it).
+        """
+
+    @_builtins.property
+    def receipt(self) -> Global___AuditReceipt:
+        """Where the record (or the record carrying it) is: `tessera audit verify --receipt`."""
+
+    def __init__(
+        self,
+        *,
+        record: Global___AuditRecord | None = ...,
+        writer: _builtins.str = ...,
+        verification: Global___RecordVerification.ValueType = ...,
+        detail: _builtins.str = ...,
+        receipt: Global___AuditReceipt | None = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt", "record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "owner", b"owner", "receipt", b"receipt", "record", b"record", "verification", b"verification", "writer", b"writer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifiedAuditRecord: _TypeAlias = VerifiedAuditRecord  # noqa: Y015
+
+@_typing.final
+class ListWorkflowAuditRecordsRequest(_message.Message):
+    """ListWorkflowAuditRecordsRequest names a workflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workflows/{workflow}`."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkflowAuditRecordsRequest: _TypeAlias = ListWorkflowAuditRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListWorkflowAuditRecordsResponse(_message.Message):
+    """ListWorkflowAuditRecordsResponse is the workflow's trail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    SIGNATURES_CHECKED_FIELD_NUMBER: _builtins.int
+    ISSUES_FIELD_NUMBER: _builtins.int
+    VERIFY_TIME_FIELD_NUMBER: _builtins.int
+    signatures_checked: _builtins.bool
+    """Whether checkpoint signatures were checked (the keys were readable)."""
+    issues: _builtins.int
+    """Integrity issues found anywhere in the stream while verifying."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerifiedAuditRecord]:
+        """Oldest first."""
+
+    @_builtins.property
+    def verify_time(self) -> _timestamp_pb2.Timestamp:
+        """When the stream was read."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___VerifiedAuditRecord] | None = ...,
+        signatures_checked: _builtins.bool = ...,
+        issues: _builtins.int = ...,
+        verify_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["verify_time", b"verify_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["issues", b"issues", "records", b"records", "signatures_checked", b"signatures_checked", "verify_time", b"verify_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWorkflowAuditRecordsResponse: _TypeAlias = ListWorkflowAuditRecordsResponse  # noqa: Y015

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from tessera.v1 import audit_pb2 as tessera_dot_v1_dot_audit__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,93 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class AuditServiceStub:
+    """AuditService reads the audit trail for people: one workflow's records, each with what
+    verifying its chain says about it. It reads the audit stream and the public halves of
+    the checkpoint signing keys; it writes nothing. Reached through the front door; the
+    caller must be allowed to read the workflow (policy `read_workflow`, decided on what
+    the coordinator recorded when the workflow started).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListWorkflowAuditRecords = channel.unary_unary(
+                '/tessera.v1.AuditService/ListWorkflowAuditRecords',
+                request_serializer=tessera_dot_v1_dot_audit__pb2.ListWorkflowAuditRecordsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_audit__pb2.ListWorkflowAuditRecordsResponse.FromString,
+                _registered_method=True)
+
+
+class AuditServiceServicer:
+    """AuditService reads the audit trail for people: one workflow's records, each with what
+    verifying its chain says about it. It reads the audit stream and the public halves of
+    the checkpoint signing keys; it writes nothing. Reached through the front door; the
+    caller must be allowed to read the workflow (policy `read_workflow`, decided on what
+    the coordinator recorded when the workflow started).
+    """
+
+    def ListWorkflowAuditRecords(self, request, context):
+        """ListWorkflowAuditRecords answers every record that names the workflow, oldest first.
+        NOT_FOUND when no record names it; UNAVAILABLE when the stream or the keys cannot be
+        read (nothing is answered unverified).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListWorkflowAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkflowAuditRecords,
+                    request_deserializer=tessera_dot_v1_dot_audit__pb2.ListWorkflowAuditRecordsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_audit__pb2.ListWorkflowAuditRecordsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tessera.v1.AuditService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tessera.v1.AuditService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AuditService:
+    """AuditService reads the audit trail for people: one workflow's records, each with what
+    verifying its chain says about it. It reads the audit stream and the public halves of
+    the checkpoint signing keys; it writes nothing. Reached through the front door; the
+    caller must be allowed to read the workflow (policy `read_workflow`, decided on what
+    the coordinator recorded when the workflow started).
+    """
+
+    @staticmethod
+    def ListWorkflowAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.AuditService/ListWorkflowAuditRecords',
+            tessera_dot_v1_dot_audit__pb2.ListWorkflowAuditRecordsRequest.SerializeToString,
+            tessera_dot_v1_dot_audit__pb2.ListWorkflowAuditRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

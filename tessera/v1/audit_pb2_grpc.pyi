@@ -5,9 +5,16 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from tessera.v1 import audit_pb2 as _audit_pb2
 import abc as _abc_1
 import grpc as _grpc
+import sys
 import typing as _typing
+
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
+else:
+    from typing_extensions import Self as _Self
 
 _T = _typing.TypeVar("_T")
 
@@ -18,3 +25,58 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
+
+class AuditServiceStub:
+    """AuditService reads the audit trail for people: one workflow's records, each with what
+    verifying its chain says about it. It reads the audit stream and the public halves of
+    the checkpoint signing keys; it writes nothing. Reached through the front door; the
+    caller must be allowed to read the workflow (policy `read_workflow`, decided on what
+    the coordinator recorded when the workflow started).
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
+    ListWorkflowAuditRecords: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListWorkflowAuditRecordsRequest, _audit_pb2.ListWorkflowAuditRecordsResponse]
+    """ListWorkflowAuditRecords answers every record that names the workflow, oldest first.
+    NOT_FOUND when no record names it; UNAVAILABLE when the stream or the keys cannot be
+    read (nothing is answered unverified).
+    """
+
+@_typing.type_check_only
+class AuditServiceAsyncStub(AuditServiceStub):
+    """AuditService reads the audit trail for people: one workflow's records, each with what
+    verifying its chain says about it. It reads the audit stream and the public halves of
+    the checkpoint signing keys; it writes nothing. Reached through the front door; the
+    caller must be allowed to read the workflow (policy `read_workflow`, decided on what
+    the coordinator recorded when the workflow started).
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListWorkflowAuditRecords: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListWorkflowAuditRecordsRequest, _audit_pb2.ListWorkflowAuditRecordsResponse]  # type: ignore[assignment]
+    """ListWorkflowAuditRecords answers every record that names the workflow, oldest first.
+    NOT_FOUND when no record names it; UNAVAILABLE when the stream or the keys cannot be
+    read (nothing is answered unverified).
+    """
+
+class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
+    """AuditService reads the audit trail for people: one workflow's records, each with what
+    verifying its chain says about it. It reads the audit stream and the public halves of
+    the checkpoint signing keys; it writes nothing. Reached through the front door; the
+    caller must be allowed to read the workflow (policy `read_workflow`, decided on what
+    the coordinator recorded when the workflow started).
+    """
+
+    @_abc_1.abstractmethod
+    def ListWorkflowAuditRecords(
+        self,
+        request: _audit_pb2.ListWorkflowAuditRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListWorkflowAuditRecordsResponse, _abc.Awaitable[_audit_pb2.ListWorkflowAuditRecordsResponse]]:
+        """ListWorkflowAuditRecords answers every record that names the workflow, oldest first.
+        NOT_FOUND when no record names it; UNAVAILABLE when the stream or the keys cannot be
+        read (nothing is answered unverified).
+        """
+
+def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

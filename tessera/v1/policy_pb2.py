@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
@@ -29,7 +30,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tessera.v1 import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/policy.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tessera/v1/common.proto\"\x98\x02\n\x0c\x43heckRequest\x12\x34\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextR\x07\x63ontext\x12\x36\n\tprincipal\x18\x02 \x01(\x0b\x32\x12.tessera.v1.EntityB\x04\xe2\x41\x01\x02R\tprincipal\x12\x1c\n\x06\x61\x63tion\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x06\x61\x63tion\x12\x34\n\x08resource\x18\x04 \x01(\x0b\x32\x12.tessera.v1.EntityB\x04\xe2\x41\x01\x02R\x08resource\x12\x46\n\x12\x63ontext_attributes\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructR\x11\x63ontextAttributes\"\x84\x02\n\rCheckResponse\x12\x30\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.tessera.v1.DecisionR\x08\x64\x65\x63ision\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\tR\ndecisionId\x12\x31\n\x14\x64\x65termining_policies\x18\x03 \x03(\tR\x13\x64\x65terminingPolicies\x12\x16\n\x06\x65rrors\x18\x04 \x03(\tR\x06\x65rrors\x12,\n\x12policy_set_version\x18\x05 \x01(\tR\x10policySetVersion\x12\'\n\x0f\x61pproval_reason\x18\x06 \x01(\tR\x0e\x61pprovalReason\"\x17\n\x15ReloadPoliciesRequest\"R\n\x16ReloadPoliciesResponse\x12\x38\n\npolicy_set\x18\x01 \x01(\x0b\x32\x19.tessera.v1.PolicySetInfoR\tpolicySet\"\x15\n\x13GetPolicySetRequest\"P\n\x14GetPolicySetResponse\x12\x38\n\npolicy_set\x18\x01 \x01(\x0b\x32\x19.tessera.v1.PolicySetInfoR\tpolicySet\"\xa0\x01\n\rPolicySetInfo\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x1d\n\npolicy_ids\x18\x02 \x03(\tR\tpolicyIds\x12\x37\n\tload_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08loadTime\x12\x1d\n\nlast_error\x18\x04 \x01(\tR\tlastError\"4\n\nPolicyFile\x12\x12\n\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\"\xac\x01\n\x11PolicySetSnapshot\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x16\n\x06schema\x18\x02 \x01(\tR\x06schema\x12,\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x16.tessera.v1.PolicyFileR\x05\x66iles\x12\x37\n\tload_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08loadTime\"\xa4\x01\n\x0bPolicyLease\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x39\n\nrenew_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\trenewTime\x12@\n\x0erenew_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\rrenewInterval*k\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_APPROVAL_REQUIRED\x10\x03\x32\xf9\x01\n\rPolicyService\x12<\n\x05\x43heck\x12\x18.tessera.v1.CheckRequest\x1a\x19.tessera.v1.CheckResponse\x12W\n\x0eReloadPolicies\x12!.tessera.v1.ReloadPoliciesRequest\x1a\".tessera.v1.ReloadPoliciesResponse\x12Q\n\x0cGetPolicySet\x12\x1f.tessera.v1.GetPolicySetRequest\x1a .tessera.v1.GetPolicySetResponseB\xb3\x01\n\x16\x64\x65v.tessera.tessera.v1B\x0bPolicyProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/policy.proto\x12\ntessera.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tessera/v1/common.proto\"\x98\x02\n\x0c\x43heckRequest\x12\x34\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextR\x07\x63ontext\x12\x36\n\tprincipal\x18\x02 \x01(\x0b\x32\x12.tessera.v1.EntityB\x04\xe2\x41\x01\x02R\tprincipal\x12\x1c\n\x06\x61\x63tion\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x06\x61\x63tion\x12\x34\n\x08resource\x18\x04 \x01(\x0b\x32\x12.tessera.v1.EntityB\x04\xe2\x41\x01\x02R\x08resource\x12\x46\n\x12\x63ontext_attributes\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructR\x11\x63ontextAttributes\"\x84\x02\n\rCheckResponse\x12\x30\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.tessera.v1.DecisionR\x08\x64\x65\x63ision\x12\x1f\n\x0b\x64\x65\x63ision_id\x18\x02 \x01(\tR\ndecisionId\x12\x31\n\x14\x64\x65termining_policies\x18\x03 \x03(\tR\x13\x64\x65terminingPolicies\x12\x16\n\x06\x65rrors\x18\x04 \x03(\tR\x06\x65rrors\x12,\n\x12policy_set_version\x18\x05 \x01(\tR\x10policySetVersion\x12\'\n\x0f\x61pproval_reason\x18\x06 \x01(\tR\x0e\x61pprovalReason\"\x17\n\x15ReloadPoliciesRequest\"R\n\x16ReloadPoliciesResponse\x12\x38\n\npolicy_set\x18\x01 \x01(\x0b\x32\x19.tessera.v1.PolicySetInfoR\tpolicySet\"\x15\n\x13GetPolicySetRequest\"P\n\x14GetPolicySetResponse\x12\x38\n\npolicy_set\x18\x01 \x01(\x0b\x32\x19.tessera.v1.PolicySetInfoR\tpolicySet\"\x9a\x02\n\rPolicySetInfo\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x1d\n\npolicy_ids\x18\x02 \x03(\tR\tpolicyIds\x12\x37\n\tload_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08loadTime\x12\x1d\n\nlast_error\x18\x04 \x01(\tR\tlastError\x12\x36\n\x08\x63overage\x18\x05 \x03(\x0b\x32\x1a.tessera.v1.PolicyCoverageR\x08\x63overage\x12\x1d\n\ntest_cases\x18\x06 \x01(\x05R\ttestCases\x12!\n\x0c\x66\x61iled_cases\x18\x07 \x01(\x05R\x0b\x66\x61iledCases\"\xa5\x01\n\x0ePolicyCoverage\x12\x1b\n\tpolicy_id\x18\x01 \x01(\tR\x08policyId\x12\x16\n\x06\x65\x66\x66\x65\x63t\x18\x02 \x01(\tR\x06\x65\x66\x66\x65\x63t\x12\x12\n\x04\x66ile\x18\x03 \x01(\tR\x04\x66ile\x12\x18\n\x07\x64\x65\x63ided\x18\x04 \x01(\x05R\x07\x64\x65\x63ided\x12\x18\n\x07matched\x18\x05 \x01(\x05R\x07matched\x12\x16\n\x06status\x18\x06 \x01(\tR\x06status\"4\n\nPolicyFile\x12\x12\n\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\"\xac\x01\n\x11PolicySetSnapshot\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x16\n\x06schema\x18\x02 \x01(\tR\x06schema\x12,\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x16.tessera.v1.PolicyFileR\x05\x66iles\x12\x37\n\tload_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08loadTime\"\xa4\x01\n\x0bPolicyLease\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x39\n\nrenew_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\trenewTime\x12@\n\x0erenew_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\rrenewInterval*k\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_APPROVAL_REQUIRED\x10\x03\x32\x90\x02\n\rPolicyService\x12<\n\x05\x43heck\x12\x18.tessera.v1.CheckRequest\x1a\x19.tessera.v1.CheckResponse\x12W\n\x0eReloadPolicies\x12!.tessera.v1.ReloadPoliciesRequest\x1a\".tessera.v1.ReloadPoliciesResponse\x12h\n\x0cGetPolicySet\x12\x1f.tessera.v1.GetPolicySetRequest\x1a .tessera.v1.GetPolicySetResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/policySetB\xb3\x01\n\x16\x64\x65v.tessera.tessera.v1B\x0bPolicyProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,28 +44,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKREQUEST'].fields_by_name['action']._serialized_options = b'\342A\001\002'
   _globals['_CHECKREQUEST'].fields_by_name['resource']._loaded_options = None
   _globals['_CHECKREQUEST'].fields_by_name['resource']._serialized_options = b'\342A\001\002'
-  _globals['_DECISION']._serialized_start=1511
-  _globals['_DECISION']._serialized_end=1618
-  _globals['_CHECKREQUEST']._serialized_start=193
-  _globals['_CHECKREQUEST']._serialized_end=473
-  _globals['_CHECKRESPONSE']._serialized_start=476
-  _globals['_CHECKRESPONSE']._serialized_end=736
-  _globals['_RELOADPOLICIESREQUEST']._serialized_start=738
-  _globals['_RELOADPOLICIESREQUEST']._serialized_end=761
-  _globals['_RELOADPOLICIESRESPONSE']._serialized_start=763
-  _globals['_RELOADPOLICIESRESPONSE']._serialized_end=845
-  _globals['_GETPOLICYSETREQUEST']._serialized_start=847
-  _globals['_GETPOLICYSETREQUEST']._serialized_end=868
-  _globals['_GETPOLICYSETRESPONSE']._serialized_start=870
-  _globals['_GETPOLICYSETRESPONSE']._serialized_end=950
-  _globals['_POLICYSETINFO']._serialized_start=953
-  _globals['_POLICYSETINFO']._serialized_end=1113
-  _globals['_POLICYFILE']._serialized_start=1115
-  _globals['_POLICYFILE']._serialized_end=1167
-  _globals['_POLICYSETSNAPSHOT']._serialized_start=1170
-  _globals['_POLICYSETSNAPSHOT']._serialized_end=1342
-  _globals['_POLICYLEASE']._serialized_start=1345
-  _globals['_POLICYLEASE']._serialized_end=1509
-  _globals['_POLICYSERVICE']._serialized_start=1621
-  _globals['_POLICYSERVICE']._serialized_end=1870
+  _globals['_POLICYSERVICE'].methods_by_name['GetPolicySet']._loaded_options = None
+  _globals['_POLICYSERVICE'].methods_by_name['GetPolicySet']._serialized_options = b'\202\323\344\223\002\017\022\r/v1/policySet'
+  _globals['_DECISION']._serialized_start=1831
+  _globals['_DECISION']._serialized_end=1938
+  _globals['_CHECKREQUEST']._serialized_start=223
+  _globals['_CHECKREQUEST']._serialized_end=503
+  _globals['_CHECKRESPONSE']._serialized_start=506
+  _globals['_CHECKRESPONSE']._serialized_end=766
+  _globals['_RELOADPOLICIESREQUEST']._serialized_start=768
+  _globals['_RELOADPOLICIESREQUEST']._serialized_end=791
+  _globals['_RELOADPOLICIESRESPONSE']._serialized_start=793
+  _globals['_RELOADPOLICIESRESPONSE']._serialized_end=875
+  _globals['_GETPOLICYSETREQUEST']._serialized_start=877
+  _globals['_GETPOLICYSETREQUEST']._serialized_end=898
+  _globals['_GETPOLICYSETRESPONSE']._serialized_start=900
+  _globals['_GETPOLICYSETRESPONSE']._serialized_end=980
+  _globals['_POLICYSETINFO']._serialized_start=983
+  _globals['_POLICYSETINFO']._serialized_end=1265
+  _globals['_POLICYCOVERAGE']._serialized_start=1268
+  _globals['_POLICYCOVERAGE']._serialized_end=1433
+  _globals['_POLICYFILE']._serialized_start=1435
+  _globals['_POLICYFILE']._serialized_end=1487
+  _globals['_POLICYSETSNAPSHOT']._serialized_start=1490
+  _globals['_POLICYSETSNAPSHOT']._serialized_end=1662
+  _globals['_POLICYLEASE']._serialized_start=1665
+  _globals['_POLICYLEASE']._serialized_end=1829
+  _globals['_POLICYSERVICE']._serialized_start=1941
+  _globals['_POLICYSERVICE']._serialized_end=2213
 # @@protoc_insertion_point(module_scope)

@@ -235,10 +235,17 @@ class PolicySetInfo(_message.Message):
     POLICY_IDS_FIELD_NUMBER: _builtins.int
     LOAD_TIME_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
+    TEST_CASES_FIELD_NUMBER: _builtins.int
+    FAILED_CASES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Content hash of the schema and policies."""
     last_error: _builtins.str
     """Error from the last refused reload, if the last reload was refused."""
+    test_cases: _builtins.int
+    """Test cases run against the set."""
+    failed_cases: _builtins.int
+    """Of those, cases whose decision was not the expected one."""
     @_builtins.property
     def policy_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Policy ids."""
@@ -247,6 +254,12 @@ class PolicySetInfo(_message.Message):
     def load_time(self) -> _timestamp_pb2.Timestamp:
         """When it was loaded."""
 
+    @_builtins.property
+    def coverage(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyCoverage]:
+        """Per policy, what the set's test cases show it deciding (empty when the policy
+        directory ships no `tests/`).
+        """
+
     def __init__(
         self,
         *,
@@ -254,14 +267,61 @@ class PolicySetInfo(_message.Message):
         policy_ids: _abc.Iterable[_builtins.str] | None = ...,
         load_time: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
+        coverage: _abc.Iterable[Global___PolicyCoverage] | None = ...,
+        test_cases: _builtins.int = ...,
+        failed_cases: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load_time", b"load_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error", "load_time", b"load_time", "policy_ids", b"policy_ids", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage", b"coverage", "failed_cases", b"failed_cases", "last_error", b"last_error", "load_time", b"load_time", "policy_ids", b"policy_ids", "test_cases", b"test_cases", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PolicySetInfo: _TypeAlias = PolicySetInfo  # noqa: Y015
+
+@_typing.final
+class PolicyCoverage(_message.Message):
+    """PolicyCoverage is what the test cases show one policy doing (`tessera policy test`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_ID_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    DECIDED_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    policy_id: _builtins.str
+    """The policy's `@id`."""
+    effect: _builtins.str
+    """`permit` or `forbid`."""
+    file: _builtins.str
+    """The file it is in, e.g. `policies/20_billing.cedar`."""
+    decided: _builtins.int
+    """Cases it was a determining policy of (what it decided)."""
+    matched: _builtins.int
+    """Cases whose request it matched, whatever decided them."""
+    status: _builtins.str
+    """`covered` (it decided a case), `shadowed` (it only matched where another decided)
+    or `unreached`.
+    """
+    def __init__(
+        self,
+        *,
+        policy_id: _builtins.str = ...,
+        effect: _builtins.str = ...,
+        file: _builtins.str = ...,
+        decided: _builtins.int = ...,
+        matched: _builtins.int = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided", b"decided", "effect", b"effect", "file", b"file", "matched", b"matched", "policy_id", b"policy_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyCoverage: _TypeAlias = PolicyCoverage  # noqa: Y015
 
 @_typing.final
 class PolicyFile(_message.Message):

@@ -74,7 +74,9 @@ class PolicyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetPolicySet(self, request, context):
-        """GetPolicySet describes the policy set being served.
+        """GetPolicySet describes the policy set being served, with what its test cases
+        (`policy/tests/`) show each policy deciding. People reach it through the front door
+        (the console's policies page).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,10 @@ class PolicyServiceStub:
     refused (FAILED_PRECONDITION with the errors) and the last good set keeps serving.
     """
     GetPolicySet: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetPolicySetRequest, _policy_pb2.GetPolicySetResponse]
-    """GetPolicySet describes the policy set being served."""
+    """GetPolicySet describes the policy set being served, with what its test cases
+    (`policy/tests/`) show each policy deciding. People reach it through the front door
+    (the console's policies page).
+    """
 
 @_typing.type_check_only
 class PolicyServiceAsyncStub(PolicyServiceStub):
@@ -58,7 +61,10 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     refused (FAILED_PRECONDITION with the errors) and the last good set keeps serving.
     """
     GetPolicySet: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetPolicySetRequest, _policy_pb2.GetPolicySetResponse]  # type: ignore[assignment]
-    """GetPolicySet describes the policy set being served."""
+    """GetPolicySet describes the policy set being served, with what its test cases
+    (`policy/tests/`) show each policy deciding. People reach it through the front door
+    (the console's policies page).
+    """
 
 class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     """PolicyService is the policy decision point. It evaluates the Cedar policies in
@@ -89,6 +95,9 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _policy_pb2.GetPolicySetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.GetPolicySetResponse, _abc.Awaitable[_policy_pb2.GetPolicySetResponse]]:
-        """GetPolicySet describes the policy set being served."""
+        """GetPolicySet describes the policy set being served, with what its test cases
+        (`policy/tests/`) show each policy deciding. People reach it through the front door
+        (the console's policies page).
+        """
 
 def add_PolicyServiceServicer_to_server(servicer: PolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -67,6 +67,7 @@ AUDIT_WRITERS: tuple[str, ...] = (
     "policy",
     "tool-proxy",
     "registry",
+    "audit-reader",
     "creds-rotation",
 )
 """Identities that write an audit chain (``creds-rotation``: `tessera creds rotate`, which
@@ -271,6 +272,12 @@ async def read_public_keys(addr: str, token: str, *, timeout_s: float = 5.0) -> 
             client.adapter.close()
 
     return await asyncio.to_thread(read)
+
+
+async def read_public_keys_as(vault: VaultClient) -> PublicKeys:
+    """:func:`read_public_keys_sync` with a service's own Vault login (its policy must
+    allow listing and reading ``transit/keys/audit-*``)."""
+    return await vault._call_own("read audit public keys", read_public_keys_sync)
 
 
 # -- signing -------------------------------------------------------------------------------

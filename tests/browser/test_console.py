@@ -79,6 +79,22 @@ def test_finance_approves_a_large_refund_and_watches_it_complete(
         expect(
             detail.locator('[data-testid="timeline"] li[data-kind="workflow_completed"]')
         ).to_have_count(1)
+        # Its audit trail on the same page, verified: the decision is covered by a signed
+        # checkpoint once its chain's next one is written (within seconds).
+        expect(detail.get_by_test_id("audit-summary")).to_contain_text("signatures checked")
+        approval = detail.locator('[data-testid="audit"] tr[data-kind="APPROVAL"]').first
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while True:
+            detail.get_by_role("button", name="Verify again").click()
+            try:
+                expect(approval).to_have_attribute("data-verification", "VERIFIED", timeout=5000)
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+        expect(
+            detail.locator('[data-testid="audit"] tr[data-kind="TOOL_CALL"]').first
+        ).to_be_visible()
         screenshot(detail, "workflow")
     finally:
         context.close()
@@ -123,24 +139,37 @@ def test_the_requester_is_not_offered_their_own_gate_and_a_forged_decision_is_re
     assert denials, "the refused decision is not on the record"
 
 
-def test_compliance_sees_the_loan_gate_and_not_the_refund_gate(
+def test_compliance_sees_the_loan_gate_not_the_refund_gate_and_approves_the_loan(
     console_mesh: ConsoleMesh, browser: Browser
 ) -> None:
     refund = wait_for_gate(console_mesh, start(console_mesh, "support", REFUND_OVER_1000))
-    loan = wait_for_gate(console_mesh, start(console_mesh, "loan", LOAN))
+    loan_workflow = start(console_mesh, "loan", LOAN)
+    loan = wait_for_gate(console_mesh, loan_workflow)
     context, page = new_page(browser)
     try:
-        log_in(page, console_mesh, "compliance")
-        expect(gate_article(page, loan)).to_be_visible(timeout=WAIT_MS)
-        expect(gate_article(page, refund)).to_have_count(0)
-        # The finance approver sees it the other way round.
-        page.get_by_test_id("logout").click()
-        expect(page.locator("#login")).to_be_visible(timeout=WAIT_MS)
+        # The finance approver sees the refund and not the loan.
         log_in(page, console_mesh, "finance")
         expect(gate_article(page, refund)).to_be_visible(timeout=WAIT_MS)
         expect(gate_article(page, loan)).to_have_count(0)
+        page.get_by_test_id("logout").click()
+        expect(page.locator("#login")).to_be_visible(timeout=WAIT_MS)
+        expect(page.get_by_test_id("whoami")).to_have_count(0)
+
+        log_in(page, console_mesh, "compliance")
+        article = gate_article(page, loan)
+        expect(article).to_be_visible(timeout=WAIT_MS)
+        expect(gate_article(page, refund)).to_have_count(0)
+        expect(article.get_by_test_id("gate-started-by")).to_contain_text("requester")
+        # Keyboard only: to the Approve button and press it.
+        article.get_by_test_id("approve").focus()
+        page.keyboard.press("Enter")
+        expect(article.get_by_test_id("gate-workflow-state")).to_have_text(
+            "SUCCEEDED", timeout=WAIT_MS
+        )
     finally:
         context.close()
+    assert workflow(console_mesh, loan_workflow).state == WS.WORKFLOW_STATE_SUCCEEDED
+    assert decided_in_audit(console_mesh, loan) == ("approved", "compliance")
 
 
 def test_no_page_without_a_session_and_an_expired_one_is_sent_back_to_log_in(
@@ -206,6 +235,12 @@ def test_the_risk_workflows_fan_out_and_timed_out_branch_show_on_its_page(
         page.goto(console_mesh.url + "#/agents")
         expect(page.locator('tr[data-agent="risk"]')).to_be_visible(timeout=WAIT_MS)
         screenshot(page, "agents")
+        page.goto(console_mesh.url + "#/policies")  # the set that decided all of the above
+        expect(page.get_by_test_id("policy-version")).not_to_have_text("—", timeout=WAIT_MS)
+        expect(page.get_by_test_id("policy-coverage")).to_contain_text("every case passes")
+        refunds_policy = page.locator('tr[data-policy="refund-needs-approval"]')
+        expect(refunds_policy).to_have_attribute("data-status", "covered")
+        screenshot(page, "policies")
     finally:
         context.close()
     final = workflow(console_mesh, name)

@@ -50,6 +50,7 @@ SERVICES = (
     "operator",
     "registry",
     "console",
+    "audit-reader",
     "nats",
 )
 AGENTS = (

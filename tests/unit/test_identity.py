@@ -65,6 +65,10 @@ def test_the_most_specific_row_wins() -> None:
         == CALLERS["tessera.v1.PolicyService/Check"]
     )
     assert (
-        allowed_callers("/tessera.v1.PolicyService/GetPolicySet")
+        allowed_callers("/tessera.v1.PolicyService/ReloadPolicies")
         == CALLERS["tessera.v1.PolicyService/*"]
+    )
+    assert (
+        allowed_callers("/tessera.v1.PolicyService/GetPolicySet")
+        == CALLERS["tessera.v1.PolicyService/GetPolicySet"]
     )

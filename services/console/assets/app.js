@@ -12,6 +12,7 @@ import { renderInbox } from './js/inbox.js';
 import { renderWorkflows } from './js/workflows.js';
 import { renderWorkflowDetail } from './js/workflow-detail.js';
 import { renderAgents } from './js/agents.js';
+import { renderPolicies } from './js/policies.js';
 
 const EXPIRED = 'Your session has expired. Log in again.';
 const TITLE = 'Tessera review console';
@@ -21,12 +22,14 @@ const VIEWS = {
   workflows: { title: 'Workflows', render: renderWorkflows },
   workflow: { title: 'Workflow', render: renderWorkflowDetail },
   agents: { title: 'Agents', render: renderAgents },
+  policies: { title: 'Policies', render: renderPolicies },
 };
 
 const NAV = [
   { href: '#/inbox', label: 'Inbox', routes: ['inbox'] },
   { href: '#/workflows', label: 'Workflows', routes: ['workflows', 'workflow'] },
   { href: '#/agents', label: 'Agents', routes: ['agents'] },
+  { href: '#/policies', label: 'Policies', routes: ['policies'] },
 ];
 
 const state = {

@@ -213,3 +213,22 @@ export function openWatch(id, startSequence, signal) {
 export function listAgents(signal) {
   return json('GET', '/v1/agents', { signal });
 }
+
+/**
+ * A workflow's audit records with their verification (the audit reader).
+ * @param {string} id
+ * @param {AbortSignal} [signal]
+ * @returns {Promise<{records?: object[], signaturesChecked?: boolean, issues?: number, verifyTime?: string}>}
+ */
+export function listAuditRecords(id, signal) {
+  return json('GET', `/v1/workflows/${encodeURIComponent(id)}/auditRecords`, { signal });
+}
+
+/**
+ * The policy set being served, with its coverage by its test cases.
+ * @param {AbortSignal} [signal]
+ * @returns {Promise<{policySet?: object}>}
+ */
+export function getPolicySet(signal) {
+  return json('GET', '/v1/policySet', { signal });
+}

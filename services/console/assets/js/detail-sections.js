@@ -14,11 +14,25 @@ import { eventKind } from './watch.js';
 
 const USAGE_FIELDS = new Set(['tokens', 'costMicros', 'toolCalls']);
 
-function badge(text, className, attrs = {}) {
+/**
+ * A small coloured label.
+ * @param {string} text
+ * @param {string} className e.g. "state-succeeded"
+ * @param {Record<string, unknown>} [attrs]
+ * @returns {HTMLElement}
+ */
+export function badge(text, className, attrs = {}) {
   return el('span', { class: `badge ${className}`, ...attrs }, text);
 }
 
-function table(label, headings, rows) {
+/**
+ * A data table in a horizontally scrollable region.
+ * @param {string} label caption (read by screen readers)
+ * @param {string[]} headings
+ * @param {HTMLElement[]} rows
+ * @returns {HTMLElement}
+ */
+export function table(label, headings, rows) {
   return scrollRegion(el('table', { class: 'data' },
     el('caption', { class: 'visually-hidden' }, label),
     el('thead', {}, el('tr', {}, headings.map((title) => el('th', { scope: 'col' }, title)))),

@@ -1,12 +1,12 @@
 /**
- * Hash routing: #/login, #/inbox, #/workflows?…, #/workflows/<id>, #/agents.
+ * Hash routing: #/login, #/inbox, #/workflows?…, #/workflows/<id>, #/agents, #/policies.
  * Each mounted view gets an AbortSignal that aborts when the next view mounts.
  * @module router
  */
 
 /**
  * @typedef {object} Route
- * @property {'login' | 'inbox' | 'workflows' | 'workflow' | 'agents'} name
+ * @property {'login' | 'inbox' | 'workflows' | 'workflow' | 'agents' | 'policies'} name
  * @property {Record<string, string>} params
  * @property {URLSearchParams} query
  * @property {boolean} known false when the hash named no page (the default is used)
@@ -46,6 +46,7 @@ export function parseRoute(hash) {
   if (first === 'login' && !second) return route('login');
   if (first === 'inbox' && !second) return route('inbox');
   if (first === 'agents' && !second) return route('agents');
+  if (first === 'policies' && !second) return route('policies');
   if (first === 'workflows') return second ? route('workflow', { id: second }) : route('workflows');
   return route('inbox', {}, !first);
 }

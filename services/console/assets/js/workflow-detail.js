@@ -6,6 +6,7 @@
  */
 
 import { getWorkflow } from './api.js';
+import { auditSection } from './audit.js';
 import {
   blackboardView, budgetView, compensationView, gatesView, summaryView, tasksView,
 } from './detail-sections.js';
@@ -72,6 +73,8 @@ export function renderWorkflowDetail({ root, signal, params }) {
 
   const local = new AbortController();
   signal.addEventListener('abort', () => local.abort(), { once: true });
+  const audit = auditSection(id, local.signal);
+  content.append(audit.section);
   /** @type {object | null} */
   let workflow = null;
   const events = [];
@@ -137,6 +140,9 @@ export function renderWorkflowDetail({ root, signal, params }) {
       parts.guardrailsEmpty.hidden = true;
       parts.guardrails.append(guardrailItem(event));
     }
+    if (['workflowCompleted', 'workflowFailed', 'workflowCancelled'].includes(eventKind(event))) {
+      audit.load(); // the whole trail of an ended workflow
+    }
     refetch();
     scheduleDraw();
   }
@@ -148,6 +154,7 @@ export function renderWorkflowDetail({ root, signal, params }) {
   }
 
   refetch();
+  audit.load();
   watchWorkflow(id, { signal: local.signal, onEvent, onStatus, startSequence: 1 });
   every(() => refreshRelativeTimes(content), 30000, local.signal);
 }

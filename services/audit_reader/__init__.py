@@ -1,0 +1,1 @@
+"""The audit reader: one workflow's audit trail, verified, for people (AuditService)."""
