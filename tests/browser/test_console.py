@@ -155,9 +155,16 @@ def test_compliance_sees_the_loan_gate_not_the_refund_gate_and_approves_the_loan
         expect(page.locator("#login")).to_be_visible(timeout=WAIT_MS)
         expect(page.get_by_test_id("whoami")).to_have_count(0)
 
+        page.set_viewport_size({"width": 390, "height": 844})  # a phone
         log_in(page, console_mesh, "compliance")
         article = gate_article(page, loan)
         expect(article).to_be_visible(timeout=WAIT_MS)
+        # Readable on a narrow screen: nothing wider than the phone, Approve in reach.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        approve = article.get_by_test_id("approve")
+        approve.scroll_into_view_if_needed()
+        box = approve.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
         expect(gate_article(page, refund)).to_have_count(0)
         expect(article.get_by_test_id("gate-started-by")).to_contain_text("requester")
         # Keyboard only: to the Approve button and press it.

@@ -79,3 +79,37 @@ def test_a_transcoded_service_the_contracts_lack_is_left_out_not_fatal(tmp_path:
         f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.grpc_json_transcoder"
     )
     assert transcoder["typed_config"]["services"] == ["tessera.v1.CoordinatorService"]
+
+
+def test_an_approver_sees_what_they_approve_and_no_secret() -> None:
+    from services.tool_proxy.recording import approver_arguments
+    from services.tool_proxy.tools import SideEffect, Tool, ToolSpec
+
+    async def handler(*_: object) -> dict[str, object]:
+        return {}
+
+    spec = ToolSpec(
+        name="billing.issue_refund",
+        description="refund",
+        input_schema={"type": "object"},
+        side_effect=SideEffect.EXTERNAL_ACTION,
+        category="billing",
+        secret_fields=frozenset({"iban_holder"}),
+    )
+    shown = approver_arguments(
+        {
+            "amount": 1500,
+            "customer_id": "C-1",
+            "card_number": "4111111111111111",  # credential-like name
+            "iban_holder": "Ann Example",  # the tool's declared secret field
+            "note": {"api_key": "k-123", "text": "duplicate"},  # nested
+            "memo": "Bearer abc.def.ghi",  # token-like value
+            "long": "x" * 2000,
+        },
+        Tool(spec, handler),  # type: ignore[arg-type]
+    )
+    assert shown["amount"] == 1500 and shown["customer_id"] == "C-1"
+    assert shown["card_number"] == shown["iban_holder"] == "[redacted]"
+    assert shown["note"] == {"api_key": "[redacted]", "text": "duplicate"}
+    assert shown["memo"] == "[redacted]"
+    assert len(shown["long"]) < 600
