@@ -118,7 +118,8 @@ async def _play(client: MeshClient, approvers: dict[str, MeshClient], scenario: 
     )
     async for event in client.watch(workflow.name):
         style, text = line(event)
-        out.print(f"  {text}", style=style or None, highlight=False)
+        # Markup off: summaries and reasons are agents' and people's text, printed as written.
+        out.print(f"  {text}", style=style or None, highlight=False, markup=False)
         if event.HasField("gate_opened"):
             gate = event.gate_opened.gate_id
             approve = scenario.decisions.get(GATE_KINDS.get(event.gate_opened.kind, ""), True)

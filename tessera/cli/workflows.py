@@ -98,7 +98,8 @@ def _inputs(pairs: list[str]) -> dict[str, Any]:
 async def follow(client: MeshClient, name: str) -> coordinator_pb2.Workflow:
     async for event in client.watch(name):
         style, text = line(event)
-        out.print(f"  {text}", style=style or None, highlight=False)
+        # Markup off: summaries and reasons are agents' and people's text, printed as written.
+        out.print(f"  {text}", style=style or None, highlight=False, markup=False)
         if event.HasField("gate_opened"):
             out.print(
                 f"  [dim]decide with: tessera approve {name.split('/')[-1]} "

@@ -8,12 +8,17 @@ real mesh brought up with the real CLI (`tessera up --data-dir <tmp>`) through E
 - Go: clients/go/build.sh generates with Debian's protoc-gen-go(-grpc) and builds offline
   against /usr/share/gocode (GOPATH mode), then the binary runs the same flow. Skipped,
   with the apt-get line, when Debian's Go toolchain/libraries are not installed.
+- A Node.js *agent* (clients/node/agent.mjs, from proto/ and docs/agents-any-language.md
+  alone) serves the support workflow's technical task beside the Python agents: its own
+  certificate, registration, mTLS both ways, a governed tool call with the task token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -23,8 +28,13 @@ from typing import Any
 
 import pytest
 
+from tessera.cli._local import nats_options, nats_url
 from tessera.cli.login import ensure_login
+from tessera.client import MeshClient
+from tessera.launcher import processes
 from tessera.launcher.topology import project_root
+from tessera.v1 import coordinator_pb2
+from tests.end_of_run import check_executions, read_stored
 
 PROJECT_ROOT = project_root(Path(__file__).parent)
 NODE_DIR = PROJECT_ROOT / "clients" / "node"
@@ -125,10 +135,15 @@ def assert_loan_flow(records: list[dict[str, Any]], output: str) -> None:
     assert records[-1]["state"] == "WORKFLOW_STATE_SUCCEEDED", output
 
 
-@pytest.mark.skipif(NO_NODE, reason="node and npm are not installed on this machine")
-def test_node_client_runs_the_loan_workflow_through_the_gateway(
-    gateway: str, tokens: dict[str, str]
-) -> None:
+@pytest.fixture(scope="module")
+def node_code() -> Path:
+    """clients/node with its pinned packages (`npm ci`) and the code buf generates from
+    proto/ with the local protoc-gen-es. Without node/npm: skipped, except where
+    ``TESSERA_REQUIRE_TOOLCHAINS=1`` (CI, whose `.ci/run` installs them) makes it fail."""
+    if NO_NODE:
+        if os.environ.get("TESSERA_REQUIRE_TOOLCHAINS") == "1":
+            pytest.fail("node and npm are required here (TESSERA_REQUIRE_TOOLCHAINS=1)")
+        pytest.skip("node and npm are not installed on this machine")
     install = run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, timeout=120)
     assert install.returncode == 0, install.stdout + install.stderr
     plugin = NODE_DIR / "node_modules" / ".bin" / "protoc-gen-es"
@@ -139,8 +154,13 @@ def test_node_client_runs_the_loan_workflow_through_the_gateway(
     generate = run([str(BUF), "generate", "--template", "clients/node/buf.gen.yaml"])
     assert generate.returncode == 0, generate.stdout + generate.stderr
     assert (NODE_DIR / "gen" / "tessera" / "v1" / "coordinator_pb.js").exists()
+    return NODE_DIR
 
-    client = run(["node", "workflow.mjs", gateway], cwd=NODE_DIR, timeout=60, **tokens)
+
+def test_node_client_runs_the_loan_workflow_through_the_gateway(
+    gateway: str, tokens: dict[str, str], node_code: Path
+) -> None:
+    client = run(["node", "workflow.mjs", gateway], cwd=node_code, timeout=60, **tokens)
     output = client.stdout + client.stderr
     assert client.returncode == 0, output
     records = json_lines(client.stdout)
@@ -167,3 +187,75 @@ def test_go_client_builds_offline_and_runs_the_loan_workflow(
     records = json_lines(client.stdout)
     assert any(r.get("decision") == "APPROVE" for r in records), output
     assert_loan_flow(records, output)
+
+
+def test_node_agent_serves_a_governed_workflow_beside_python_agents(
+    mesh_dir: Path, gateway: str, node_code: Path
+) -> None:
+    """clients/node/agent.mjs, written from proto/ and docs/agents-any-language.md alone,
+    stands in for the Python `technical` agent: it gets its certificate with the agent's
+    AppRole, registers, takes the support workflow's technical task from the coordinator
+    (mTLS both ways) and searches the knowledge base through the tool proxy with the task
+    token. The workflow's other agents stay Python."""
+    state = json.loads((mesh_dir / "state.json").read_text())
+    address = {c["name"]: c["address"] for c in state["components"]}
+    assert processes.stop(mesh_dir, "agent-technical") is not None  # the Python replica steps aside
+    agent = subprocess.Popen(
+        ["node", "agent.mjs"],
+        cwd=node_code,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={
+            **os.environ,
+            "TESSERA_VAULT_ADDR": address["openbao"],
+            "TESSERA_VAULT_APPROLE_FILE": str(
+                mesh_dir / "secrets" / "agent-technical.approle.json"
+            ),
+            "TESSERA_REGISTRY_ADDRESS": address["registry"],
+        },
+    )
+    try:
+        assert agent.stdout is not None
+        ready, _, _ = select.select([agent.stdout], [], [], 60)  # its first line: registered
+        assert ready, "the Node agent did not register within 60 s"
+        registered = json.loads(agent.stdout.readline())
+        assert registered["registered"] == "technical", registered
+
+        token = ensure_login(mesh_dir, "requester").token
+        ticket = {"id": "T-55", "customer_id": "C-5", "text": "the app crashes on start"}
+        workflow = asyncio.run(_run_to_end(gateway, token, "support", ticket=ticket))
+    finally:
+        agent.terminate()
+        agent.wait(timeout=15)
+    assert workflow.state == coordinator_pb2.WORKFLOW_STATE_SUCCEEDED, workflow
+    technical = next(t for t in workflow.tasks if t.capability == "support.technical")
+    assert technical.agent == registered["instance_id"]  # answered by the Node agent
+    assert "[node agent]" in workflow.blackboard["technical_notes"]
+    assert workflow.blackboard["category"] == "technical"  # triage, a Python agent
+
+    # On the record: the tool ran once, under its allow decision, and the trail verifies.
+    wf_id = workflow.name.split("/")[1]
+    stored = asyncio.run(
+        read_stored(
+            nats_url("nats://127.0.0.1:4222", mesh_dir),
+            "tessera",
+            {wf_id},
+            nats_options=nats_options(mesh_dir),
+        )
+    )
+    searches = [r for r in stored.records if r.actor == "tool-proxy" and r.resource == "kb.search"]
+    assert [r.outcome for r in searches].count("executed") == 1, searches
+    assert check_executions(stored, unfinished_allowed=0) >= 1
+    assert stored.report.ok, stored.report
+
+
+async def _run_to_end(
+    gateway: str, token: str, goal: str, **inputs: Any
+) -> coordinator_pb2.Workflow:
+    async with MeshClient(gateway, token=token) as client:
+        started = await client.start(goal, **inputs)
+        async with asyncio.timeout(90):
+            async for _ in client.watch(started.name):
+                pass
+        return await client.get(started.name)
