@@ -9,7 +9,7 @@
 # Debian ships the Go libraries as sources under /usr/share/gocode (GOPATH layout, no
 # go.mod), so this builds in GOPATH mode (GO111MODULE=off) with GOPATH =
 # .build/go/gopath (our generated packages) : /usr/share/gocode (grpc, protobuf, genproto).
-# No module proxy is contacted (GOPROXY=off). Output: .build/go/workflow.
+# No module proxy is contacted (GOPROXY=off). Output: .build/go/workflow, .build/go/agent.
 #
 # Exit 3 (and the apt-get line above) when a required tool or library is missing.
 set -euo pipefail
@@ -35,6 +35,9 @@ fi
 "$PYTHON" tools/proto_deps.py .build/protodeps
 rm -rf .build/go/gopath
 "$BUF" generate --template clients/go/buf.gen.yaml
-GO111MODULE=off GOFLAGS= GOPROXY=off GOPATH="$PWD/.build/go/gopath:$GOCODE" \
-  go build -o .build/go/workflow ./clients/go/workflow
-echo "built .build/go/workflow ($(go version | cut -d' ' -f3)); run: .build/go/workflow <gateway host:port>"
+for cmd in workflow agent; do
+  GO111MODULE=off GOFLAGS= GOPROXY=off GOPATH="$PWD/.build/go/gopath:$GOCODE" \
+    go build -o ".build/go/$cmd" "./clients/go/$cmd"
+done
+echo "built .build/go/workflow and .build/go/agent ($(go version | cut -d' ' -f3));" \
+  "run: .build/go/workflow <gateway host:port>, or the agent (clients/go/agent/main.go)"
