@@ -86,7 +86,11 @@ def test_deleting_a_field_is_breaking_and_named(workspace: Path) -> None:
 
 
 def test_changing_a_field_type_is_breaking_and_named(workspace: Path) -> None:
-    edit(workspace, "  int32 page_size = 1;\n", "  string page_size = 1;\n")
+    edit(
+        workspace,
+        "  // Maximum results per page (default 50, max 500).\n  int32 page_size = 1;\n",
+        "  // Maximum results per page (default 50, max 500).\n  string page_size = 1;\n",
+    )
     result = check_breaking(workspace)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "coordinator.proto" in result.stdout
