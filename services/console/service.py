@@ -17,6 +17,7 @@ from google.protobuf import timestamp_pb2
 from services.console.assets import Assets
 from services.console.sessions import FailedLogins, clear_cookie, session_cookie
 from services.console.settings import ConsoleSettings
+from tessera.audit import AuditWriter
 from tessera.runtime.errors import (
     InvalidArgument,
     NotFound,
@@ -25,7 +26,7 @@ from tessera.runtime.errors import (
     Unavailable,
 )
 from tessera.runtime.principal import principal_of
-from tessera.v1 import console_pb2, console_pb2_grpc
+from tessera.v1 import audit_pb2, console_pb2, console_pb2_grpc
 from tessera.vault.errors import VaultError, VaultUnavailable
 from tessera.vault.humans import login
 from tessera.vault.naming import is_valid_identity_name
@@ -58,9 +59,12 @@ def token_claims(token: str) -> dict[str, Any]:
 
 
 class ConsoleServicer(console_pb2_grpc.ConsoleServiceServicer):
-    def __init__(self, settings: ConsoleSettings, assets: Assets) -> None:
+    def __init__(
+        self, settings: ConsoleSettings, assets: Assets, audit: AuditWriter | None = None
+    ) -> None:
         self.settings = settings
         self.assets = assets
+        self.audit = audit
         self.failed_logins = FailedLogins(
             settings.failed_logins_per_user, settings.failed_login_window_s
         )
@@ -92,9 +96,11 @@ class ConsoleServicer(console_pb2_grpc.ConsoleServiceServicer):
         elif len(request.password) > MAX_PASSWORD_CHARS:
             violations.append(("password", f"at most {MAX_PASSWORD_CHARS} characters"))
         if violations:
+            await self._refused("LOGIN_INVALID", request.user)
             raise InvalidArgument("the login is incomplete", field_violations=violations)
         wait = self.failed_logins.blocked(request.user)
         if wait > 0:
+            await self._refused("LOGIN_THROTTLED", request.user)
             raise ResourceExhausted(
                 "too many failed logins for this user; try again later",
                 reason="LOGIN_THROTTLED",
@@ -121,6 +127,7 @@ class ConsoleServicer(console_pb2_grpc.ConsoleServiceServicer):
         except VaultError as exc:
             self.failed_logins.failed(request.user)
             log.info("login_refused", user=request.user)
+            await self._refused("LOGIN_REFUSED", request.user)
             raise Unauthenticated("wrong user name or password", reason="LOGIN_REFUSED") from exc
         self.failed_logins.succeeded(request.user)
         claims = token_claims(token)
@@ -141,6 +148,22 @@ class ConsoleServicer(console_pb2_grpc.ConsoleServiceServicer):
                 expire_time=_timestamp(expire_time),
             )
         )
+
+    async def _refused(self, reason: str, user: str) -> None:
+        """A refused login on the console's chain: which user name, never the password.
+        The login is refused either way; a record that cannot be written is logged."""
+        if self.audit is None:
+            return
+        shown = user if is_valid_identity_name(user) else "(not a user name)"
+        try:
+            await self.audit.append(
+                audit_pb2.AUDIT_KIND_REQUEST_REJECTED,
+                outcome=reason,
+                resource="console/session",
+                details={"user": shown, "reason": reason},
+            )
+        except Exception as exc:
+            log.error("login_refusal_unaudited", reason=reason, error=repr(exc))
 
     async def GetSession(
         self, request: console_pb2.GetSessionRequest, context: grpc.aio.ServicerContext

@@ -18,6 +18,10 @@ class ConsoleSettings(ServiceSettings):
     )
 
     listen: str = "127.0.0.1:50060"
+    instance_id: str = Field(default="console", pattern=r"^[A-Za-z0-9_-]+$")
+    """Names this instance's audit chain (keep it stable across restarts)."""
+    audit_timeout_s: float = Field(default=2.0, gt=0)
+    """How long one audit record may wait for its ack."""
     assets_dir: Path = ASSETS
     """The pages, scripts and styles served under /console/ (read once at start)."""
     issuer_addr: str = ""

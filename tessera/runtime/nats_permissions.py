@@ -152,6 +152,8 @@ def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
         # chain verifies from its first record), and the policy set its reads are decided
         # with. It writes only its own chain (refused reads).
         "audit-reader": _ReadScope((t.audit_stream, policy), audit_chains=True),
+        # The console reads nothing; it writes its own chain (refused logins).
+        "console": _ReadScope((), audit_chains=True),
         "gateway-control-plane": _ReadScope((registry,)),
     }
 

@@ -68,6 +68,7 @@ AUDIT_WRITERS: tuple[str, ...] = (
     "tool-proxy",
     "registry",
     "audit-reader",
+    "console",
     "creds-rotation",
 )
 """Identities that write an audit chain (``creds-rotation``: `tessera creds rotate`, which

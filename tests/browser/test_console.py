@@ -191,6 +191,15 @@ def test_no_page_without_a_session_and_an_expired_one_is_sent_back_to_log_in(
         api = page.request.get(f"http://{console_mesh.gateway}/v1/workflows")
         assert api.status == 401
 
+        # A wrong password: refused without saying which half was wrong, and on the record.
+        page.locator("#user").fill("finance")
+        page.locator("#password").fill("not-the-password")
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_test_id("login-message")).to_contain_text("wrong user name or password")
+        expect(page.get_by_test_id("whoami")).to_have_count(0)
+        refused = audit_lines(console_mesh, "console/session")
+        assert any("request_rejected" in line and "LOGIN_REFUSED" in line for line in refused)
+
         log_in(page, console_mesh, "finance")
         cookie = next(c for c in context.cookies() if c["name"] == "tessera_session")
         # Where page scripts cannot read it.
