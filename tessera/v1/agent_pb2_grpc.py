@@ -62,7 +62,8 @@ class AgentServiceServicer:
 
     def ExecuteTask(self, request, context):
         """ExecuteTask runs one attempt of one task. Idempotent on
-        (context.task_id, attempt): a repeated attempt returns the first result.
+        (context.workflow_id, context.task_id, attempt): a repeated attempt returns the first
+        successful result (a failed attempt may run again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

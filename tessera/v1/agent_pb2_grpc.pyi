@@ -39,7 +39,8 @@ class AgentServiceStub:
     """Describe returns the agent's identity and the capabilities it offers."""
     ExecuteTask: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ExecuteTaskRequest, _agent_pb2.ExecuteTaskResponse]
     """ExecuteTask runs one attempt of one task. Idempotent on
-    (context.task_id, attempt): a repeated attempt returns the first result.
+    (context.workflow_id, context.task_id, attempt): a repeated attempt returns the first
+    successful result (a failed attempt may run again).
     """
 
 @_typing.type_check_only
@@ -53,7 +54,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Describe returns the agent's identity and the capabilities it offers."""
     ExecuteTask: _aio.UnaryUnaryMultiCallable[_agent_pb2.ExecuteTaskRequest, _agent_pb2.ExecuteTaskResponse]  # type: ignore[assignment]
     """ExecuteTask runs one attempt of one task. Idempotent on
-    (context.task_id, attempt): a repeated attempt returns the first result.
+    (context.workflow_id, context.task_id, attempt): a repeated attempt returns the first
+    successful result (a failed attempt may run again).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -76,7 +78,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.ExecuteTaskResponse, _abc.Awaitable[_agent_pb2.ExecuteTaskResponse]]:
         """ExecuteTask runs one attempt of one task. Idempotent on
-        (context.task_id, attempt): a repeated attempt returns the first result.
+        (context.workflow_id, context.task_id, attempt): a repeated attempt returns the first
+        successful result (a failed attempt may run again).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
