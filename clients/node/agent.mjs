@@ -112,6 +112,7 @@ async function technical(request, tools) {
 
 // -- serving AgentService (docs: §4) ---------------------------------------------------
 const answered = new Map(); // (workflow, task, attempt) -> the first successful answer
+const MAX_ANSWERED = 10_000; // a retry comes within minutes: older answers are dropped
 
 function routes(tools) {
   return (router) =>
@@ -125,6 +126,7 @@ function routes(tools) {
         if (!answered.has(key)) {
           const attempt = technical(request, tools(request.toolProxyEndpoint));
           answered.set(key, attempt);
+          if (answered.size > MAX_ANSWERED) answered.delete(answered.keys().next().value);
           attempt.catch(() => answered.delete(key)); // only successes are replayed
         }
         return answered.get(key);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 import structlog
@@ -14,8 +15,9 @@ from services.audit_reader.trail import verified_records, workflow_attributes
 from tessera.audit import PublicKeys
 from tessera.audit.verify import read_all, verify_entries
 from tessera.policy.control_plane import ControlPlaneAuthorization
+from tessera.resource_names import workflow_id
 from tessera.runtime.bus import Topology
-from tessera.runtime.errors import InvalidArgument, NotFound, Unavailable
+from tessera.runtime.errors import NotFound, Unavailable
 from tessera.v1 import audit_pb2, audit_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -23,21 +25,11 @@ log = structlog.get_logger(__name__)
 _SERVICE = "/tessera.v1.AuditService"
 
 
-def workflow_of(parent: str) -> str:
-    """``workflows/{id}`` → ``id``."""
-    kind, _, wf_id = parent.partition("/")
-    if kind != "workflows" or not wf_id or "/" in wf_id or len(wf_id) > 64:
-        raise InvalidArgument(
-            "parent must look like workflows/{workflow}",
-            field_violations=[("parent", f"malformed workflow name {parent[:80]!r}")],
-        )
-    return wf_id
-
-
 class PublicKeyCache:
-    """The signing keys' public halves, re-read from Vault at most every ``ttl_s``."""
+    """The signing keys' public halves, re-read from Vault at most every ``ttl_s``
+    (``read`` None: a plaintext debug reader, signatures not checked)."""
 
-    def __init__(self, read: object, ttl_s: float) -> None:
+    def __init__(self, read: Callable[[], Awaitable[PublicKeys]] | None, ttl_s: float) -> None:
         self._read = read
         self._ttl_s = ttl_s
         self._keys: PublicKeys | None = None
@@ -47,7 +39,7 @@ class PublicKeyCache:
         if self._read is None:
             return None
         if self._keys is None or time.monotonic() - self._at > self._ttl_s:
-            self._keys = await self._read()  # type: ignore[operator]
+            self._keys = await self._read()
             self._at = time.monotonic()
         return self._keys
 
@@ -73,7 +65,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         request: audit_pb2.ListWorkflowAuditRecordsRequest,
         context: grpc.aio.ServicerContext,
     ) -> audit_pb2.ListWorkflowAuditRecordsResponse:
-        wf_id = workflow_of(request.parent)
+        wf_id = workflow_id(request.parent, field="parent")
         principal = await self.authz.principal(context, f"{_SERVICE}/ListWorkflowAuditRecords")
         timeout = min(self.read_timeout_s, context.time_remaining() or self.read_timeout_s)
         try:

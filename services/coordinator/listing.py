@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from services.coordinator.state import GS, WorkflowRecord
-from services.coordinator.views import _ts, gate_kind_name, gate_view
+from services.coordinator.views import gate_kind_name, gate_view, timestamp
 from tessera.runtime.errors import InvalidArgument
 from tessera.v1 import coordinator_pb2
 
@@ -119,7 +119,7 @@ def pending_gates(
                 goal=rec.goal,
                 template=rec.graph().template if rec.plan else "",
                 started_by=rec.started_by,
-                workflow_create_time=_ts(rec.create_time),
+                workflow_create_time=timestamp(rec.create_time),
             )
             found.append((gate.create_time, f"{rec.id}/{gate_id}", item))
     found.sort(key=lambda entry: (entry[0], entry[1]))

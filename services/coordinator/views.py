@@ -1,41 +1,19 @@
-"""Public views of a workflow snapshot (the `tessera.v1.Workflow` resource) and names."""
+"""Public views of a workflow snapshot (the `tessera.v1.Workflow` resource). Names are
+parsed by :mod:`tessera.resource_names` (re-exported here)."""
 
 from __future__ import annotations
-
-import re
 
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from services.coordinator.state import TS, WorkflowRecord, dict_to_struct
-from tessera.runtime.errors import InvalidArgument
+from tessera.resource_names import gate_name, workflow_id
 from tessera.v1 import common_pb2, coordinator_pb2, events_pb2
 
-_WORKFLOW = re.compile(r"^workflows/([A-Za-z0-9_-]{1,64})$")
-_GATE = re.compile(r"^workflows/([A-Za-z0-9_-]{1,64})/gates/([A-Za-z0-9_.~-]{1,128})$")
+__all__ = ["gate_kind_name", "gate_name", "gate_view", "timestamp", "workflow_id", "workflow_view"]
 
 
-def workflow_id(name: str, field: str = "name") -> str:
-    match = _WORKFLOW.match(name)
-    if not match:
-        raise InvalidArgument(
-            f"{field} must look like workflows/{{workflow}}",
-            field_violations=[(field, f"malformed workflow name {name!r}")],
-        )
-    return match.group(1)
-
-
-def gate_name(name: str) -> tuple[str, str]:
-    match = _GATE.match(name)
-    if not match:
-        raise InvalidArgument(
-            "name must look like workflows/{workflow}/gates/{gate}",
-            field_violations=[("name", f"malformed gate name {name!r}")],
-        )
-    return match.group(1), match.group(2)
-
-
-def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     out = timestamp_pb2.Timestamp()
     if seconds:
         out.FromMicroseconds(int(seconds * 1e6))
@@ -58,12 +36,12 @@ def gate_view(rec: WorkflowRecord, gate_id: str) -> coordinator_pb2.Gate:
         state=coordinator_pb2.GateState.ValueType(gate.state),
         decided_by=gate.decided_by,
         comment=gate.comment,
-        create_time=_ts(gate.create_time),
-        decide_time=_ts(gate.decide_time) if gate.decide_time else None,
+        create_time=timestamp(gate.create_time),
+        decide_time=timestamp(gate.decide_time) if gate.decide_time else None,
         kind=events_pb2.GateKind.ValueType(gate.kind),
         approved_by=gate.approvals,
         quorum=gate.quorum,
-        expire_time=_ts(gate.expire_time) if gate.expire_time else None,
+        expire_time=timestamp(gate.expire_time) if gate.expire_time else None,
         tool=gate.tool,
         arguments=dict_to_struct(gate.arguments) if gate.arguments else None,
         policy_ids=gate.policy_ids,
@@ -85,12 +63,12 @@ def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
             cost_micros=rec.usage.cost_micros,
             tool_calls=rec.usage.tool_calls,
         ),
-        create_time=_ts(rec.create_time),
-        update_time=_ts(rec.update_time),
+        create_time=timestamp(rec.create_time),
+        update_time=timestamp(rec.update_time),
         event_count=rec.seq,
     )
     if rec.deadline:
-        view.deadline.CopyFrom(_ts(rec.deadline))
+        view.deadline.CopyFrom(timestamp(rec.deadline))
     view.compensated.extend(rec.compensated)
     view.uncompensated.extend(rec.uncompensated)
     for task in rec.tasks.values():
@@ -106,7 +84,7 @@ def workflow_view(rec: WorkflowRecord) -> coordinator_pb2.Workflow:
         if task.transient and task.state == TS.TASK_STATE_PENDING:
             status.waiting_reason = task.error.reason if task.error else "UNAVAILABLE"
         if task.retry_at is not None and task.state == TS.TASK_STATE_PENDING:
-            status.retry_time.CopyFrom(_ts(task.retry_at))
+            status.retry_time.CopyFrom(timestamp(task.retry_at))
         if task.output is not None:
             status.output.CopyFrom(dict_to_struct(task.output))
         view.tasks.append(status)

@@ -32,7 +32,15 @@ from google.protobuf.message import DecodeError
 
 from tessera.identity.names import WorkloadName
 from tessera.launcher.binaries import find_binary
-from tessera.runtime.principal import CLAIMS_HEADER, SUBJECT_HEADER
+from tessera.launcher.edge_auth import (
+    CONSOLE_PATH,
+    CONSOLE_SERVICE,
+    SESSION_COOKIE,
+    HumanAuth,
+    identity_filters,
+    security_response_headers,
+)
+from tessera.runtime.principal import SUBJECT_HEADER
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +52,7 @@ __all__ = [
     "POLICY_PUBLIC_METHODS",
     "REGISTRY_PUBLIC_METHODS",
     "ROUTE_CONFIG_NAME",
+    "SESSION_COOKIE",
     "AgentEndpoint",
     "DescriptorBuildFailed",
     "HumanAuth",
@@ -63,7 +72,6 @@ AGENT_SERVICE = "tessera.v1.AgentService"
 LISTENER_NAME = "tessera_ingress"
 ROUTE_CONFIG_NAME = "tessera_routes"
 AGENT_HEADER = "x-tessera-agent"
-JWT_PROVIDER = "people"
 
 _T = "type.googleapis.com/"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -72,8 +80,6 @@ _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnecti
 _FILE_LOG = "envoy.extensions.access_loggers.file.v3.FileAccessLog"
 _HEALTH_FILTER = "envoy.extensions.filters.http.health_check.v3.HealthCheck"
 _RATE_LIMIT = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
-_JWT_AUTHN = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
-_HEADER_MUTATION = "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 _BUFFER = "envoy.extensions.filters.http.buffer.v3.Buffer"
 _TRANSCODER = "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"
 _HCM_FILTER = "envoy.filters.network.http_connection_manager"
@@ -131,61 +137,6 @@ own mTLS connection."""
 POLICY_PUBLIC_METHODS = ("tessera.v1.PolicyService/GetPolicySet",)
 """The policy service's method people reach through the front door: the served set's
 version and coverage (decisions and reloads stay inside the mesh)."""
-
-SESSION_COOKIE = "tessera_session"
-"""The console's session cookie: jwt_authn reads a person's token from it as from an
-``Authorization: Bearer`` header (services/console sets it, HttpOnly)."""
-
-CONSOLE_PATH = "/console/"
-_CONSOLE = "tessera.v1.ConsoleService"
-# Reached without a token: the console's files (no data in them), logging in, and
-# logging out (clearing a cookie needs no proof, and an expired session must be able to).
-_NO_TOKEN_RULES: tuple[dict[str, Any], ...] = (
-    {"match": {"prefix": CONSOLE_PATH}},
-    {
-        "match": {
-            "path": "/v1/sessions",
-            "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
-        }
-    },
-    {
-        "match": {
-            "path": "/v1/sessions/current",
-            "headers": [{"name": ":method", "string_match": {"exact": "DELETE"}}],
-        }
-    },
-    {"match": {"path": f"/{_CONSOLE}/GetAsset"}},
-    {"match": {"path": f"/{_CONSOLE}/CreateSession"}},
-    {"match": {"path": f"/{_CONSOLE}/DeleteSession"}},
-)
-# Every answer of the front door: what a browser may do with it. The console's pages load
-# only their own scripts and styles, call only this origin, and cannot be framed.
-SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
-    (
-        "content-security-policy",
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
-    ),
-    ("x-content-type-options", "nosniff"),
-    ("x-frame-options", "DENY"),
-    ("referrer-policy", "no-referrer"),
-    ("cross-origin-opener-policy", "same-origin"),
-)
-
-
-@dataclass(frozen=True)
-class HumanAuth:
-    """How Envoy verifies people at the front door (``jwt_authn``): tokens of ``issuer``
-    for one of ``audiences``, signed by a key of ``jwks`` (the issuer's JSON Web Key Set,
-    inlined: the control plane fetches it and pushes a new listener when keys rotate).
-    ``subject_claim`` names the person (audit, ``decided_by``, rate limits)."""
-
-    issuer: str
-    audiences: tuple[str, ...]
-    jwks: str
-    subject_claim: str = "preferred_username"
-    clock_skew_s: int = 30
-    cookie: str = SESSION_COOKIE
 
 
 @dataclass(frozen=True)
@@ -418,7 +369,7 @@ def _routes(
     header = str(agent_cfg.pop("header", AGENT_HEADER))
     health_limits = {**defaults, **(edge.get("health") or {})}
     routes: list[dict[str, Any]] = []
-    if any(_CONSOLE in u.grpc_services for u in upstreams):
+    if any(CONSOLE_SERVICE in u.grpc_services for u in upstreams):
         # The console's address is /console/ (its entry page, the file index.html).
         for path in ("/", CONSOLE_PATH.rstrip("/"), CONSOLE_PATH):
             routes.append(
@@ -489,40 +440,6 @@ def _bucket(spec: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _identity_filters(auth: HumanAuth) -> list[dict[str, Any]]:
-    """Strip identity headers a client sent, then verify its token and set them."""
-    strip = {
-        "@type": _T + _HEADER_MUTATION,
-        "mutations": {"request_mutations": [{"remove": CLAIMS_HEADER}, {"remove": SUBJECT_HEADER}]},
-    }
-    provider = {
-        "issuer": auth.issuer,
-        "audiences": list(auth.audiences),
-        "local_jwks": {"inline_string": auth.jwks},
-        # An API caller's bearer token, or the console's session cookie (set HttpOnly).
-        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
-        "from_cookies": [auth.cookie],
-        "forward": False,  # the token itself goes no further than Envoy
-        "forward_payload_header": CLAIMS_HEADER,
-        "claim_to_headers": [{"header_name": SUBJECT_HEADER, "claim_name": auth.subject_claim}],
-        "clock_skew_seconds": auth.clock_skew_s,
-    }
-    verify = {
-        "@type": _T + _JWT_AUTHN,
-        "providers": {JWT_PROVIDER: provider},
-        "rules": [
-            # Health checks are anonymous (they say nothing about any workflow).
-            {"match": {"prefix": f"/{HEALTH_SERVICE}/"}},
-            *_NO_TOKEN_RULES,
-            {"match": {"prefix": "/"}, "requires": {"provider_name": JWT_PROVIDER}},
-        ],
-    }
-    return [
-        {"name": "envoy.filters.http.header_mutation", "typed_config": strip},
-        {"name": "envoy.filters.http.jwt_authn", "typed_config": verify},
-    ]
-
-
 def _http_filters(
     edge: Mapping[str, Any],
     *,
@@ -543,7 +460,7 @@ def _http_filters(
         {"name": "envoy.filters.http.health_check", "typed_config": health}
     ]
     if human_auth is not None:
-        filters += _identity_filters(human_auth)
+        filters += identity_filters(human_auth, health_service=HEALTH_SERVICE)
     limit = edge.get("rate_limit")
     if limit:
         # Keyed on the verified subject (set by jwt_authn above), never on a header the
@@ -662,13 +579,7 @@ def build_resources(
                 "name": "tessera",
                 "domains": ["*"],
                 "routes": _routes(edge, upstreams, health_upstream, names),
-                "response_headers_to_add": [
-                    {
-                        "header": {"key": k, "value": v},
-                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                    }
-                    for k, v in SECURITY_HEADERS
-                ],
+                "response_headers_to_add": security_response_headers(),
             }
         ],
     }

@@ -52,6 +52,8 @@ var (
 	current  atomic.Value // *tls.Certificate: the latest issued one
 )
 
+const maxAnswered = 10000
+
 func envOr(key, fallback string) string {
 	if v := os.Getenv(key); v != "" {
 		return v
@@ -189,6 +191,7 @@ type agent struct {
 	pool     *x509.CertPool
 	mu       sync.Mutex
 	answered map[string]*tesserav1.ExecuteTaskResponse // only successes are replayed
+	order    []string                                  // answered's keys, oldest first
 	proxies  map[string]tesserav1.ToolProxyServiceClient
 	endpoint string
 }
@@ -270,6 +273,11 @@ func (a *agent) ExecuteTask(ctx context.Context, req *tesserav1.ExecuteTaskReque
 	}
 	a.mu.Lock()
 	a.answered[key] = answer
+	a.order = append(a.order, key)
+	if len(a.order) > maxAnswered { // a retry comes within minutes: older answers are dropped
+		delete(a.answered, a.order[0])
+		a.order = a.order[1:]
+	}
 	a.mu.Unlock()
 	return answer, nil
 }
