@@ -36,6 +36,8 @@ class _ToolBackendKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolB
     """An MCP server over stdio."""
     TOOL_BACKEND_KIND_MCP_HTTP: _ToolBackendKind.ValueType  # 3
     """An MCP server over streamable HTTP."""
+    TOOL_BACKEND_KIND_A2A: _ToolBackendKind.ValueType  # 4
+    """An external A2A agent (one SendMessage per call; services/tool_proxy/tools/a2a_backend.py)."""
 
 class ToolBackendKind(_ToolBackendKind, metaclass=_ToolBackendKindEnumTypeWrapper):
     """ToolBackendKind says how a tool is reached."""
@@ -48,6 +50,8 @@ TOOL_BACKEND_KIND_MCP_STDIO: ToolBackendKind.ValueType  # 2
 """An MCP server over stdio."""
 TOOL_BACKEND_KIND_MCP_HTTP: ToolBackendKind.ValueType  # 3
 """An MCP server over streamable HTTP."""
+TOOL_BACKEND_KIND_A2A: ToolBackendKind.ValueType  # 4
+"""An external A2A agent (one SendMessage per call; services/tool_proxy/tools/a2a_backend.py)."""
 Global___ToolBackendKind: _TypeAlias = ToolBackendKind  # noqa: Y015
 
 class _ApprovalDecision:
