@@ -20,6 +20,7 @@ from services.tool_proxy.settings import ToolProxySettings
 from services.tool_proxy.tokens import TokenChecker, UseLedger
 from services.tool_proxy.tools.builtin import builtin_tools
 from services.tool_proxy.tools.registry import ToolRegistry
+from tessera import a2a_agents
 from tessera.audit import AuditWriter, hmac_digest
 from tessera.frozen import FrozenAgents
 from tessera.policy.distribution import DistributedPolicySet
@@ -36,6 +37,7 @@ from tessera.vault.client import VaultClient
 from tessera.vault.errors import VaultConfigError, VaultUnavailable
 
 if TYPE_CHECKING:
+    from services.tool_proxy.tools.a2a_backend import A2AAgents
     from services.tool_proxy.tools.mcp_backend import McpServers
 
 log = structlog.get_logger(__name__)
@@ -61,6 +63,7 @@ class ToolProxy:
         self.policy_store: PolicyStore | None = None
         """The embedded policy set (``policy_mode = "embedded"`` only)."""
         self._mcp: McpServers | None = None
+        self._a2a: A2AAgents | None = None
         self._audit: AuditWriter | None = None
         self._embedded: EmbeddedPolicy | None = None
         self._frozen: FrozenAgents | None = None
@@ -149,6 +152,15 @@ class ToolProxy:
             self._mcp = McpServers.from_file(s.mcp_servers, timeout_s=s.mcp_timeout_s)
             for tool in await self._mcp.start():
                 self.registry.register(tool)
+
+        if s.a2a_agents_file is not None:
+            declared = a2a_agents.load(s.a2a_agents_file)  # DeclarationError: no start
+            if declared:
+                from services.tool_proxy.tools.a2a_backend import A2AAgents  # only when asked
+
+                self._a2a = A2AAgents(declared)
+                for tool in self._a2a.tools():
+                    self.registry.register(tool)
 
         ledger = UseLedger(idem_kv)
         self.tokens = TokenChecker(
@@ -250,6 +262,9 @@ class ToolProxy:
         if self._mcp is not None:
             await self._mcp.stop()
             self._mcp = None
+        if self._a2a is not None:
+            await self._a2a.stop()
+            self._a2a = None
         if self._policy_channel is not None:
             await self._policy_channel.close()
             self._policy_channel = None

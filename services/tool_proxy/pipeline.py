@@ -283,9 +283,15 @@ class CallPipeline:
         )
 
     async def _execute(self, run: Execution, call: CallRecord) -> dict[str, Any]:
-        result = await execute(
-            run, store=self.idempotency, max_result_bytes=self.settings.max_result_bytes
-        )
+        try:
+            result = await execute(
+                run, store=self.idempotency, max_result_bytes=self.settings.max_result_bytes
+            )
+        finally:
+            # What the backend's exchange was (remote ids, final state) goes on the
+            # ``executed`` record, or on the refusal record if the backend failed.
+            if run.info.exchange:
+                call.details["exchange"] = dict(run.info.exchange)
         # 11b. The outcome (deferred, with back-pressure).
         await self.recorder.record_executed(call)
         return result

@@ -183,7 +183,9 @@ class Recorder:
         """The ``executed`` record: deferred, so it rides on the chain's next record (or
         is written within the linger) instead of costing a write of its own. It says
         what happened after the ``allow`` record of the same decision id, which holds the
-        call's arguments and decision. Back-pressure: a full backlog is written first."""
+        call's arguments and decision (and, for a backend that reports one, its
+        ``exchange``: e.g. an A2A agent's task id and final state). Back-pressure: a
+        full backlog is written first."""
         if self.audit.deferred >= _MAX_PENDING_AUDITS:
             await self.flush_logged()
         details = {
@@ -191,8 +193,9 @@ class Recorder:
             "agent": call.agent,
             "latency_ms": round((time.monotonic() - call.started) * 1000, 3),
         }
-        if "uses_left" in call.details:
-            details["uses_left"] = call.details["uses_left"]
+        for key in ("uses_left", "exchange"):
+            if key in call.details:
+                details[key] = call.details[key]
         self.audit.defer(
             audit_pb2.AUDIT_KIND_TOOL_CALL,
             workflow_id=call.workflow_id,

@@ -107,6 +107,11 @@ class ToolProxySettings(ServiceSettings):
     the same for every replica and restart, so digests compare."""
     mcp_servers: Path | None = None
     """JSON or YAML file describing the MCP servers whose tools are exposed."""
+    a2a_agents_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("TESSERA_A2A_AGENTS_FILE", "a2a_agents_file")
+    )
+    """The A2A agent declarations (``tessera/a2a_agents.py``): each agent becomes the tool
+    ``a2a.<name>``. Shared with the A2A bridge agent and the launcher; unset: none."""
     mcp_timeout_s: float = Field(default=15.0, gt=0)
     """Bound on connecting to one MCP server and listing its tools at start-up."""
     default_budget_remaining_cents: int = Field(default=10**12, ge=0)

@@ -50,6 +50,7 @@ class Backend(StrEnum):
     BUILTIN = "builtin"
     MCP_STDIO = "mcp_stdio"
     MCP_HTTP = "mcp_http"
+    A2A = "a2a"
 
     @property
     def proto(self) -> int:
@@ -57,6 +58,7 @@ class Backend(StrEnum):
             Backend.BUILTIN: tool_proxy_pb2.TOOL_BACKEND_KIND_BUILTIN,
             Backend.MCP_STDIO: tool_proxy_pb2.TOOL_BACKEND_KIND_MCP_STDIO,
             Backend.MCP_HTTP: tool_proxy_pb2.TOOL_BACKEND_KIND_MCP_HTTP,
+            Backend.A2A: tool_proxy_pb2.TOOL_BACKEND_KIND_A2A,
         }[self]
 
 
@@ -90,6 +92,10 @@ class CallInfo:
     effect_id: str
     """Stable id of this effect: SHA-256(workflow|tool|idempotency_key). Backends use it
     to make their side effect idempotent (e.g. as Nats-Msg-Id)."""
+    exchange: dict[str, Any] = field(default_factory=dict)
+    """Filled by the backend: what its exchange with the remote system was (ids, final
+    state; never a secret). The proxy puts it on the call's ``executed`` record, or on
+    its refusal record when the backend failed."""
 
 
 Handler = Callable[[Mapping[str, Any], ToolSecret | None, CallInfo], Awaitable[dict[str, Any]]]
