@@ -45,6 +45,7 @@ __all__ = [
     "A2AAgentsSettings",
     "A2ACapability",
     "DeclarationError",
+    "declared_tools",
     "load",
     "tool_name",
 ]
@@ -184,3 +185,8 @@ def load(path: Path | None) -> tuple[A2AAgent, ...]:
             for err in exc.errors()[:10]
         )
         raise DeclarationError(f"{path}: invalid A2A agent declarations: {problems}") from None
+
+
+def declared_tools(path: Path | None) -> tuple[str, ...]:
+    """The tools (Vault scopes) of the agents ``path`` declares (DeclarationError)."""
+    return tuple(agent.tool for agent in load(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -275,6 +276,7 @@ class Agent:
 
     async def _invoke(self, cap: Capability, ctx: TaskContext) -> agent_pb2.ExecuteTaskResponse:
         try:
+            ctx.deadline = time.monotonic() + cap.timeout_s
             async with asyncio.timeout(cap.timeout_s):
                 result = await cap.handler(ctx)
         except TimeoutError:
@@ -424,7 +426,12 @@ class Agent:
             idempotency_key=key,
         )
         ctx.log.info("tool_call", tool=tool)
-        response = await stub.InvokeTool(request, metadata=((TASK_TOKEN_METADATA, ctx.task_token),))
+        # Within what is left of the capability's timeout (the handler is cancelled then),
+        # else the channel's default deadline.
+        timeout = None if ctx.deadline is None else max(0.05, ctx.deadline - time.monotonic())
+        response = await stub.InvokeTool(
+            request, metadata=((TASK_TOKEN_METADATA, ctx.task_token),), timeout=timeout
+        )
         return from_struct(response.result)
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -93,6 +93,9 @@ class TaskContext:
     log: Any = field(default=None, repr=False)
     tool_calls: int = 0
     """Tool calls made so far through :meth:`call_tool`."""
+    deadline: float | None = None
+    """When the attempt's capability timeout ends (``time.monotonic()`` seconds; None in
+    hand-made contexts): :meth:`call_tool` gives each call what is left of it."""
     _tool_caller: ToolCaller = field(default=_no_tools, repr=False)
 
     def __post_init__(self) -> None:

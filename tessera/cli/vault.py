@@ -125,7 +125,12 @@ def _exists(fn: Any) -> Any:
 
 
 def plan(
-    addr: str, token: str, vault_dir: Path, *, task_token_bound_cidrs: list[str] | None = None
+    addr: str,
+    token: str,
+    vault_dir: Path,
+    *,
+    task_token_bound_cidrs: list[str] | None = None,
+    extra_tools: tuple[str, ...] = (),
 ) -> list[str]:
     """Human-readable lines: what :func:`tessera.vault.bootstrap.apply` will change."""
     import hvac
@@ -138,7 +143,9 @@ def plan(
         tool_slug,
     )
 
-    spec = load_spec(vault_dir, task_token_bound_cidrs=task_token_bound_cidrs)
+    spec = load_spec(
+        vault_dir, task_token_bound_cidrs=task_token_bound_cidrs, extra_tools=extra_tools
+    )
     client = hvac.Client(url=addr, token=token, timeout=10)
     changes: list[str] = []
     try:
@@ -228,6 +235,7 @@ def bootstrap_cmd(
     Exits 0 when applied, 1 when Vault refused or vault/ is invalid, 2 when Vault is
     unreachable, 3 when no local mesh is running (and no --addr was given).
     """
+    from tessera.a2a_agents import A2AAgentsSettings, declared_tools
     from tessera.launcher.topology import project_root
     from tessera.vault import VaultConfigError, VaultError, VaultUnavailable
     from tessera.vault.bootstrap import apply
@@ -238,14 +246,23 @@ def bootstrap_cmd(
     directory = (vault_dir or project_root() / "vault").resolve()
     cidrs = [c.strip() for c in bound_cidrs.split(",") if c.strip()] if bound_cidrs else None
     try:
+        # The A2A agents declared in TESSERA_A2A_AGENTS_FILE get their tools' scopes too.
+        extra = declared_tools(A2AAgentsSettings().a2a_agents_file)
         with credentials_lock(target.secrets_dir):
-            changes = plan(target.addr, target.token, directory, task_token_bound_cidrs=cidrs)
+            changes = plan(
+                target.addr,
+                target.token,
+                directory,
+                task_token_bound_cidrs=cidrs,
+                extra_tools=extra,
+            )
             paths = apply(
                 target.addr,
                 target.token,
                 directory,
                 target.secrets_dir,
                 task_token_bound_cidrs=cidrs,
+                extra_tools=extra,
             )
     except VaultUnavailable as exc:
         raise fail(str(exc), EXIT_UNAVAILABLE) from None

@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from tessera import a2a_agents
 from tessera.launcher import cluster, infra, nats_security, openbao, processes
 from tessera.launcher import state as state_file
 from tessera.launcher.gateway import (
@@ -72,6 +73,17 @@ CLUSTER_PREFERRED = {"": 4222, "-monitor": 8222, "-cluster": 6222}
 CLUSTER_OFFSET = 100
 
 Reporter = Callable[[str], None]
+
+
+A2A_BRIDGE = ServiceSpec(
+    name=f"agent-{a2a_agents.BRIDGE_AGENT}",
+    module="services.agents.a2a_bridge",
+    env="AGENT_A2A_BRIDGE",
+    identity=f"agent-{a2a_agents.BRIDGE_AGENT}",
+    health=("tessera.v1.AgentService",),
+    public=False,
+)
+"""The A2A bridge agent, started only when TESSERA_A2A_AGENTS_FILE declares an agent."""
 
 
 class MeshError(RuntimeError):
@@ -206,7 +218,12 @@ def _service_env(
 
 
 def _bootstrap_vault(
-    server: infra.OpenBaoServer, project: Path, data_dir: Path, report: Reporter
+    server: infra.OpenBaoServer,
+    project: Path,
+    data_dir: Path,
+    report: Reporter,
+    *,
+    extra_tools: tuple[str, ...] = (),
 ) -> dict[str, Path] | None:
     """Run ``tessera.vault.bootstrap.apply`` if that module exists; None when skipped."""
     try:
@@ -221,7 +238,7 @@ def _bootstrap_vault(
     secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         approles: dict[str, Path] = bootstrap.apply(
-            server.addr, server.root_token, project / "vault", secrets_dir
+            server.addr, server.root_token, project / "vault", secrets_dir, extra_tools=extra_tools
         )
     except Exception as exc:  # any bootstrap failure stops `up` with one clear line
         log.error("vault_bootstrap_failed", error_type=type(exc).__name__)
@@ -365,6 +382,14 @@ def up(
     data_dir = data_dir.resolve()
     project = (project or project_root()).resolve()
     topology = topology or load_topology(project / "deploy/local/topology.yaml")
+    # External A2A agents (TESSERA_A2A_AGENTS_FILE, inherited by every process): their
+    # tools get Vault scopes and the bridge agent that serves their capabilities runs.
+    try:
+        declared = a2a_agents.load(a2a_agents.A2AAgentsSettings().a2a_agents_file)
+    except a2a_agents.DeclarationError as exc:
+        raise MeshError(str(exc)) from None
+    if declared and all(s.name != A2A_BRIDGE.name for s in topology.services):
+        topology = Topology(services=(*topology.services, A2A_BRIDGE))
     with _locked(data_dir):
         _clean_previous(data_dir, report)
         ports = plan_ports(topology, base_port=base_port, nats_cluster=nats_cluster)
@@ -380,6 +405,7 @@ def up(
                 started,
                 report,
                 nats_cluster=nats_cluster,
+                extra_tools=tuple(agent.tool for agent in declared),
             )
         except infra.StartFailed as exc:
             tail = processes.tail(exc.log_path)
@@ -431,6 +457,7 @@ def _start(
     report: Reporter,
     *,
     nats_cluster: int = 0,
+    extra_tools: tuple[str, ...] = (),
 ) -> MeshState:
     t0 = time.monotonic()
     replicas = cluster.replicas_for(nats_cluster) if nats_cluster else 1
@@ -443,7 +470,7 @@ def _start(
         started.append("openbao")  # before the spawn: a failed start is still stopped
         bao = openbao.start_persistent_openbao(data_dir, port=ports["openbao"], timeout=left())
         infra.wait_ready([bao], timeout=left())
-        return bao, _bootstrap_vault(bao, project, data_dir, report)
+        return bao, _bootstrap_vault(bao, project, data_dir, report, extra_tools=extra_tools)
 
     def gateway() -> dict[str, str]:
         return {} if control_plane is None else _control_plane_env(data_dir, project, ports)

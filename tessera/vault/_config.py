@@ -141,9 +141,16 @@ def _resolve(entry: IdentityEntry, defaults: RoleTTLs, name: str, path: Path) ->
     return Identity(name=name, policy=name, **ttls)
 
 
-def load_spec(vault_dir: Path, *, task_token_bound_cidrs: Sequence[str] | None = None) -> VaultSpec:
+def load_spec(
+    vault_dir: Path,
+    *,
+    task_token_bound_cidrs: Sequence[str] | None = None,
+    extra_tools: Sequence[str] = (),
+) -> VaultSpec:
     """Read ``identities.yaml``, ``tools.yaml`` and ``policies/`` into a :class:`VaultSpec`;
     ``task_token_bound_cidrs`` (an environment's proxy addresses) replaces the file's.
+    ``extra_tools`` are governed like the tools of ``tools.yaml`` (a secret and a policy
+    each): the ``a2a.<name>`` tools of the A2A agent declarations (tessera/a2a_agents.py).
 
     Raises:
         VaultConfigError: a file is missing or invalid, or two names collide.
@@ -184,14 +191,21 @@ def load_spec(vault_dir: Path, *, task_token_bound_cidrs: Sequence[str] | None =
         )
         identities.append(_resolve(entry, ids.defaults, name, ids_path))
 
+    tool_names = [t.name for t in tools.tools]
+    for extra in extra_tools:
+        try:
+            ToolEntry(name=extra)
+        except ValidationError as exc:
+            raise VaultConfigError(f"invalid extra tool name {extra!r}: {exc}") from exc
+        if extra not in tool_names:
+            tool_names.append(extra)
+
     tool_tmpl = Template(_read_text(policy_dir / "templates" / "tool.hcl.tmpl"))
-    for tool in tools.tools:
+    for name in tool_names:
         _add(
             policies,
-            tool_policy_name(tool.name),
-            tool_tmpl.substitute(
-                tool=tool.name, tool_slug=tool_slug(tool.name), mount=TOOL_SECRETS_MOUNT
-            ),
+            tool_policy_name(name),
+            tool_tmpl.substitute(tool=name, tool_slug=tool_slug(name), mount=TOOL_SECRETS_MOUNT),
         )
 
     pki = load_pki_spec(vault_dir)
@@ -202,8 +216,6 @@ def load_spec(vault_dir: Path, *, task_token_bound_cidrs: Sequence[str] | None =
             raise VaultConfigError(f"{vault_dir / 'pki.yaml'}: unknown identities {unknown}")
     for identity in identities:
         policies[identity.policy] += issue_policy(pki, identity.name)
-
-    tool_names = [t.name for t in tools.tools]
 
     return VaultSpec(
         pki=pki,

@@ -60,6 +60,7 @@ def apply(
     *,
     seed_tool_secrets: bool = True,
     task_token_bound_cidrs: Sequence[str] | None = None,
+    extra_tools: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Bring the server at ``addr`` in line with ``vault_dir``; return identity -> credentials.
 
@@ -69,8 +70,10 @@ def apply(
     writes a random ``{"api_key": ...}`` for each tool that has no secret yet (existing
     secrets are never overwritten). ``task_token_bound_cidrs`` replaces the task token
     role's ``bound_cidrs`` of vault/tools.yaml (where this environment's tool proxies reach
-    Vault from). Then, for every identity, fetches its role_id and a new
-    secret_id and writes ``<secrets_dir>/<identity>.approle.json`` (mode 0600, directory 0700).
+    Vault from). ``extra_tools`` are governed like those of vault/tools.yaml (the
+    ``a2a.<name>`` tools of the A2A agent declarations). Then, for every identity,
+    fetches its role_id and a new secret_id and writes
+    ``<secrets_dir>/<identity>.approle.json`` (mode 0600, directory 0700).
 
     Raises:
         VaultConfigError: ``vault_dir`` is invalid, ``secrets_dir`` is readable by others,
@@ -78,7 +81,9 @@ def apply(
         VaultUnavailable: the server could not be reached (after bounded retries).
         VaultError: the server refused a write (e.g. the token is not privileged enough).
     """
-    spec = load_spec(vault_dir, task_token_bound_cidrs=task_token_bound_cidrs)
+    spec = load_spec(
+        vault_dir, task_token_bound_cidrs=task_token_bound_cidrs, extra_tools=extra_tools
+    )
     humans = load_humans(vault_dir)
     _prepare_secrets_dir(secrets_dir)
     client = hvac.Client(url=addr, token=root_token, timeout=_HTTP_TIMEOUT_S)
