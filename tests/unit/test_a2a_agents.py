@@ -53,7 +53,8 @@ def test_a_declared_agent_is_a_tool_and_a_capability(tmp_path: Path) -> None:
 def test_no_file_or_an_empty_one_declares_nothing(tmp_path: Path) -> None:
     assert load(None) == ()
     assert load(write(tmp_path, "")) == ()
-    assert A2AAgentsSettings(a2a_agents_file="").a2a_agents_file is None
+    empty = A2AAgentsSettings.model_validate({"a2a_agents_file": ""})
+    assert empty.a2a_agents_file is None
 
 
 @pytest.mark.parametrize(
