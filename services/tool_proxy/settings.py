@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from tessera.runtime.config import ServiceSettings
@@ -119,6 +119,11 @@ class ToolProxySettings(ServiceSettings):
     token issued without the budget ledger (no ``reservation`` in its meta) that carries
     no ``budget_remaining`` either."""
     metrics_port: int = 0
+
+    @field_validator("a2a_agents_file", mode="before")
+    @classmethod
+    def _no_file(cls, value: object) -> object:
+        return None if value in ("", None) else value
 
     def resolved_vault_source_address(self) -> str:
         """``vault_source_address`` with ``auto`` resolved against ``vault_addr``."""
