@@ -8,7 +8,9 @@ in a real workflow run through the gateway (`tessera up` with TESSERA_A2A_AGENTS
   capability `pricing.quote`;
 - an answer that breaks the contract's output schema fails the task, nothing of it is
   accepted; an agent that hangs past the contract's timeout ends the task within its
-  bound, its remote task is cancelled, and the mesh serves on.
+  bound, its remote task is cancelled, and the mesh serves on;
+- an agent behind a bearer token gets it from its tool secret, read with the task's
+  token; the token is on no audit record.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hvac
 import pytest
 import uvicorn
 import yaml
@@ -38,6 +41,7 @@ from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import a2a_pb2
 from google.protobuf import json_format
 from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
 
 from tessera.cli._local import nats_options, nats_url
 from tessera.cli.login import ensure_login
@@ -74,28 +78,32 @@ QUOTE_SCHEMA = {
         }
     },
 }
-TEMPLATE = {
-    "name": "a2a-quote",
-    "description": "Price an order with the external quoting agent (A2A).",
-    "intents": {"keywords": {"quote": 0.8}, "examples": ["quote this order"]},
-    "inputs": [{"name": "order", "type": "object", "description": "The order: items."}],
-    "budget": {
-        "max_tokens": 1000,
-        "max_cost_micros": 100000,
-        "max_tool_calls": 5,
+
+
+def template(name: str, capability: str, tool: str) -> dict[str, Any]:
+    """A one-task workflow template using ``capability`` (its step lists the tool)."""
+    return {
+        "name": name,
+        "description": "Price an order with an external quoting agent (A2A).",
+        "intents": {"keywords": {name: 0.8}, "examples": [f"{name} this order"]},
+        "inputs": [{"name": "order", "type": "object", "description": "The order: items."}],
+        "budget": {
+            "max_tokens": 1000,
+            "max_cost_micros": 100000,
+            "max_tool_calls": 5,
+            "max_iterations": 5,
+        },
         "max_iterations": 5,
-    },
-    "max_iterations": 5,
-    "tasks": [
-        {
-            "id": "quote",
-            "capability": "pricing.quote",
-            "version": "^1.0",
-            "tools": ["a2a.quoter"],
-            "max_attempts": 1,
-        }
-    ],
-}
+        "tasks": [
+            {
+                "id": "quote",
+                "capability": capability,
+                "version": "^1.0",
+                "tools": [tool],
+                "max_attempts": 1,
+            }
+        ],
+    }
 
 
 # -- the external A2A agent ---------------------------------------------------------------
@@ -106,6 +114,8 @@ class Received:
     """What the A2A agent saw (written on its own thread, read by the test)."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)
+    authorizations: list[str] = field(default_factory=list)
+    """The Authorization header of every request to the secured agent."""
     cancelled: list[str] = field(default_factory=list)
     cancel_seen: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -168,20 +178,17 @@ class A2AServer:
     received: Received
 
 
-@pytest.fixture(scope="module")
-def a2a_agent() -> Iterator[A2AServer]:
-    """The quoting agent on loopback, served by uvicorn on its own thread."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    received = Received()
-    card = a2a_pb2.AgentCard(
-        name="quoter",
+BEARER = "a2a-bearer-" + "7f3c9e1d"
+"""What the secured agent accepts (stored as the tool secret's ``bearer_token``)."""
+
+
+def agent_card(name: str, url: str) -> a2a_pb2.AgentCard:
+    return a2a_pb2.AgentCard(
+        name=name,
         description="Prices orders.",
         version="1.0.0",
         supported_interfaces=[
-            a2a_pb2.AgentInterface(
-                url=url + "/", protocol_binding="JSONRPC", protocol_version="1.0"
-            )
+            a2a_pb2.AgentInterface(url=url, protocol_binding="JSONRPC", protocol_version="1.0")
         ],
         capabilities=a2a_pb2.AgentCapabilities(streaming=False),
         default_input_modes=["application/json"],
@@ -190,10 +197,45 @@ def a2a_agent() -> Iterator[A2AServer]:
             a2a_pb2.AgentSkill(id="quote", name="quote", description="Price an order", tags=["q"])
         ],
     )
-    handler = DefaultRequestHandler(
-        agent_executor=Quoter(received), task_store=InMemoryTaskStore(), agent_card=card
-    )
-    app = Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/")])
+
+
+class RequireBearer:
+    """ASGI middleware: requests under /secure/ need ``Authorization: Bearer BEARER``
+    (the card too); each one's header is recorded."""
+
+    def __init__(self, app: Any, received: Received) -> None:
+        self.app = app
+        self.received = received
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/secure/"):
+            headers = dict(scope["headers"])
+            seen = headers.get(b"authorization", b"").decode()
+            with self.received.lock:
+                self.received.authorizations.append(seen)
+            if seen != f"Bearer {BEARER}":
+                await PlainTextResponse("unauthorized", status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def a2a_agent() -> Iterator[A2AServer]:
+    """The quoting agent on loopback, served by uvicorn on its own thread: open at
+    ``/``, and a second one (same executor) behind a bearer token at ``/secure/``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    received = Received()
+    routes: list[Any] = []
+    for name, prefix in (("quoter", ""), ("secure-quoter", "/secure")):
+        card = agent_card(name, f"{url}{prefix}/")
+        handler = DefaultRequestHandler(
+            agent_executor=Quoter(received), task_store=InMemoryTaskStore(), agent_card=card
+        )
+        routes += create_agent_card_routes(
+            card, card_url=f"{prefix}/.well-known/agent-card.json"
+        ) + create_jsonrpc_routes(handler, f"{prefix}/")
+    app = RequireBearer(Starlette(routes=routes), received)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="a2a-quoter", daemon=True)
     thread.start()
@@ -249,14 +291,30 @@ def mesh_dir(a2a_agent: A2AServer, tmp_path_factory: pytest.TempPathFactory) -> 
                             "writes": ["quote"],
                             "output_schema": QUOTE_SCHEMA,
                         },
-                    }
+                    },
+                    {
+                        "name": "secure_quoter",
+                        "url": a2a_agent.url + "/secure",
+                        "timeout_s": TIMEOUT_S,
+                        "side_effect": "read_only",
+                        "requires_secret": True,
+                        "capability": {
+                            "name": "pricing.secure_quote",
+                            "reads": ["order"],
+                            "output_schema": QUOTE_SCHEMA,
+                        },
+                    },
                 ]
             }
         )
     )
     templates = config / "templates"
     templates.mkdir()
-    (templates / "a2a-quote.yaml").write_text(yaml.safe_dump(TEMPLATE))
+    for name, capability, tool in (
+        ("a2a-quote", "pricing.quote", "a2a.quoter"),
+        ("a2a-secure-quote", "pricing.secure_quote", "a2a.secure_quoter"),
+    ):
+        (templates / f"{name}.yaml").write_text(yaml.safe_dump(template(name, capability, tool)))
     env = {
         "TESSERA_A2A_AGENTS_FILE": str(declarations),
         "TESSERA_PLANNER_EXTRA_TEMPLATE_DIRS": str(templates),
@@ -265,9 +323,24 @@ def mesh_dir(a2a_agent: A2AServer, tmp_path_factory: pytest.TempPathFactory) -> 
     try:
         up = tessera("up", data_dir=data_dir, env=env)
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-4000:]
+        store_bearer(data_dir)
         yield data_dir
     finally:
         tessera("down", data_dir=data_dir, env=env)
+
+
+def store_bearer(data_dir: Path) -> None:
+    """The security team puts the secured agent's bearer token in its tool secret
+    (the bootstrap seeded only an api_key)."""
+    state = json.loads((data_dir / "state.json").read_text())
+    vault = next(c["address"] for c in state["components"] if c["name"] == "openbao")
+    root = (data_dir / "secrets" / "root-token").read_text().strip()
+    client = hvac.Client(url=vault, token=root, timeout=10)
+    client.secrets.kv.v2.create_or_update_secret(
+        path="a2a-secure_quoter",
+        secret={"api_key": "unused", "bearer_token": BEARER},
+        mount_point="tool-secrets",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -275,23 +348,29 @@ def gateway(mesh_dir: Path) -> str:
     return str(json.loads((mesh_dir / "state.json").read_text())["gateway"])
 
 
-async def run_to_end(gateway: str, token: str, order: dict[str, Any]) -> coordinator_pb2.Workflow:
+async def run_to_end(
+    gateway: str, token: str, order: dict[str, Any], goal: str
+) -> coordinator_pb2.Workflow:
     async with MeshClient(gateway, token=token) as client:
-        started = await client.start("a2a-quote", order=order)
+        started = await client.start(goal, order=order)
         async with asyncio.timeout(60):
             async for _ in client.watch(started.name):
                 pass
         return await client.get(started.name)
 
 
-def quote(mesh_dir: Path, gateway: str, order: dict[str, Any]) -> coordinator_pb2.Workflow:
+def quote(
+    mesh_dir: Path, gateway: str, order: dict[str, Any], goal: str = "a2a-quote"
+) -> coordinator_pb2.Workflow:
     # The template is the test's own: no start rule names it, so an operator starts it
     # (policy/policies/50_workflows.cedar, "start-workflow-operators").
     token = ensure_login(mesh_dir, "oncall").token
-    return asyncio.run(run_to_end(gateway, token, order))
+    return asyncio.run(run_to_end(gateway, token, order, goal))
 
 
-def tool_records(mesh_dir: Path, wf_id: str, outcomes: list[str]) -> tuple[Any, list[Any]]:
+def tool_records(
+    mesh_dir: Path, wf_id: str, outcomes: list[str], tool: str = "a2a.quoter"
+) -> tuple[Any, list[Any]]:
     """The audit trail of ``wf_id`` once the proxy's records of its exchange have the
     ``outcomes`` (the proxy writes an ``executed`` record deferred, within ~50 ms:
     polled, with a deadline), and those records."""
@@ -305,9 +384,7 @@ def tool_records(mesh_dir: Path, wf_id: str, outcomes: list[str]) -> tuple[Any, 
                 nats_options=nats_options(mesh_dir),
             )
         )
-        calls = [
-            r for r in stored.records if r.actor == "tool-proxy" and r.resource == "a2a.quoter"
-        ]
+        calls = [r for r in stored.records if r.actor == "tool-proxy" and r.resource == tool]
         if [r.outcome for r in calls] == outcomes or time.monotonic() > deadline:
             assert [r.outcome for r in calls] == outcomes, calls
             return stored, calls
@@ -400,3 +477,22 @@ def test_an_agent_that_hangs_is_bounded_by_the_contract_timeout(
     # No crash: the mesh serves the next order.
     again = quote(mesh_dir, gateway, {**ORDER, "id": "O-2"})
     assert again.state == WS.WORKFLOW_STATE_SUCCEEDED, again
+
+
+def test_a_secured_agent_gets_the_bearer_token_of_its_tool_secret_never_recorded(
+    mesh_dir: Path, gateway: str, a2a_agent: A2AServer
+) -> None:
+    workflow = quote(mesh_dir, gateway, {**ORDER, "id": "O-3"}, goal="a2a-secure-quote")
+    assert workflow.state == WS.WORKFLOW_STATE_SUCCEEDED, workflow
+    wf_id = workflow.name.split("/")[1]
+    assert len(a2a_agent.received.for_workflow(wf_id)) == 1
+    with a2a_agent.received.lock:
+        seen = list(a2a_agent.received.authorizations)
+    assert seen and all(h == f"Bearer {BEARER}" for h in seen), seen  # card and calls
+
+    # The proxy read the secret with the task's token (its version is on the record);
+    # the token itself is on no record.
+    stored, calls = tool_records(mesh_dir, wf_id, ["allow", "executed"], "a2a.secure_quoter")
+    assert details(calls[0])["key_version"] >= 1
+    assert details(calls[1])["exchange"]["agent_card"] == "secure-quoter"
+    assert not [r for r in stored.records if BEARER.encode() in r.SerializeToString()]

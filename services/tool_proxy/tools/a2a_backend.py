@@ -133,7 +133,9 @@ class _Agent:
         self._lock = asyncio.Lock()
         self._cancels = cancels
 
-    async def client(self) -> tuple[Client, a2a_pb2.AgentCard]:
+    async def client(self, headers: Mapping[str, str]) -> tuple[Client, a2a_pb2.AgentCard]:
+        """The agent's client and card; the card is read (with ``headers``: a protected
+        card needs the bearer token too) at the first call, then kept."""
         async with self._lock:
             if self._client is None or self._card is None:
                 http = self._http = self._http or httpx.AsyncClient(
@@ -143,7 +145,7 @@ class _Agent:
                 try:
                     async with asyncio.timeout(_CARD_WITHIN_S):
                         card = await A2ACardResolver(http, base).get_agent_card(
-                            relative_card_path=path
+                            relative_card_path=path, http_kwargs={"headers": dict(headers)}
                         )
                     factory = ClientFactory(
                         ClientConfig(
@@ -178,7 +180,10 @@ class _Agent:
         self, arguments: Mapping[str, Any], secret: ToolSecret | None, call: CallInfo
     ) -> dict[str, Any]:
         decl = self.decl
-        client, card = await self.client()
+        headers: dict[str, str] = {}
+        if secret is not None and secret.data.get("bearer_token"):
+            headers["Authorization"] = f"Bearer {secret.data['bearer_token']}"
+        client, card = await self.client(headers)
         interface = next(
             (i for i in card.supported_interfaces if i.protocol_binding in _BINDINGS), None
         )
@@ -190,9 +195,6 @@ class _Agent:
             binding=interface.protocol_binding if interface else "",
             message_id=call.effect_id,
         )
-        headers: dict[str, str] = {}
-        if secret is not None and secret.data.get("bearer_token"):
-            headers["Authorization"] = f"Bearer {secret.data['bearer_token']}"
         ctx = ClientCallContext(service_parameters=headers or None)
         data = struct_pb2.Value()
         data.struct_value.update(dict(arguments))
