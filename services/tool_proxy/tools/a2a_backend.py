@@ -19,7 +19,10 @@ One call is one A2A exchange, from the proxy's own identity:
 4. a COMPLETED task answers its artifacts' data: the first object DataPart, else the
    text parts as ``{"text": …}``; FAILED, REJECTED, CANCELED and interrupted states
    (input or auth required: the proxy does not converse) are ToolErrors
-   (FAILED_PRECONDITION ``A2A_TASK_<STATE>``).
+   (FAILED_PRECONDITION ``A2A_TASK_<STATE>``). An error answer that refuses the message
+   (invalid params, unsupported content…) is FAILED_PRECONDITION ``A2A_REQUEST_REFUSED``;
+   any other failure once the message may have arrived is UNAVAILABLE
+   ``A2A_OUTCOME_UNKNOWN`` (a side-effecting call's claim stays: a retry asks first).
 
 What the exchange was rides on the call's audit records as ``exchange``: the card's
 name, the interface URL and binding, the message id, the remote task and context ids and
@@ -53,7 +56,17 @@ from a2a.client import (
 )
 from a2a.types import a2a_pb2
 from a2a.utils.constants import TransportProtocol
-from a2a.utils.errors import A2AError
+from a2a.utils.errors import (
+    A2AError,
+    ContentTypeNotSupportedError,
+    ExtensionSupportRequiredError,
+    InvalidParamsError,
+    InvalidRequestError,
+    JSONParseError,
+    MethodNotFoundError,
+    UnsupportedOperationError,
+    VersionNotSupportedError,
+)
 from google.protobuf import json_format, struct_pb2
 
 from services.tool_proxy.tools.registry import (
@@ -98,6 +111,18 @@ _POLL_MAX_S = 0.5
 _CANCEL_WITHIN_S = 2.0
 _CARD_WITHIN_S = 5.0
 _BINDINGS = [TransportProtocol.JSONRPC, TransportProtocol.HTTP_JSON]
+_REFUSALS = (
+    ContentTypeNotSupportedError,
+    ExtensionSupportRequiredError,
+    InvalidParamsError,
+    InvalidRequestError,
+    JSONParseError,
+    MethodNotFoundError,
+    UnsupportedOperationError,
+    VersionNotSupportedError,
+)
+"""Error answers that say the agent refused the message before acting on it (others,
+e.g. an internal error, may come after it began: their outcome is unknown)."""
 
 
 def _state(task: a2a_pb2.Task) -> str:
@@ -251,9 +276,9 @@ class _Agent:
                     retry_after_s=1.0,
                 ) from None
             raise _unknown(decl.name, "failed in transit") from None
-        except A2AError as exc:  # the agent refused the request (a JSON-RPC error)
-            if task is not None:
-                raise _unknown(decl.name, "was lost") from None
+        except A2AError as exc:  # an error answer of the agent's
+            if task is not None or not isinstance(exc, _REFUSALS):
+                raise _unknown(decl.name, "ended in an error") from None
             raise ToolError(
                 f"A2A agent {decl.name!r} refused the message ({type(exc).__name__})",
                 reason="A2A_REQUEST_REFUSED",
