@@ -68,6 +68,7 @@ AGENTS = (
     "fraud",
     "churn",
     "aggregator",
+    "a2a-bridge",
 )
 
 
