@@ -21,6 +21,10 @@ _OPERATOR = "service/operator"  # the local CLI and launcher
 CALLERS: Mapping[str, frozenset[str]] = {
     # Public API, reached from outside only through Envoy.
     "tessera.v1.CoordinatorService/*": frozenset({_GATEWAY, _OPERATOR}),
+    # The coordinator's A2A face (another binding of the same API, same authorization)
+    # and its agent cards.
+    "lf.a2a.v1.A2AService/*": frozenset({_GATEWAY, _OPERATOR}),
+    "tessera.v1.AgentCardService/*": frozenset({_GATEWAY, _OPERATOR}),
     # Only the coordinator hands out tasks (and the live task tokens that come with them).
     "tessera.v1.AgentService/ExecuteTask": frozenset({"service/coordinator"}),
     "tessera.v1.AgentService/Describe": frozenset({"service/coordinator", _OPERATOR}),

@@ -197,6 +197,8 @@ def _service_env(
     )
     for other in topology.services:
         env[f"TESSERA_{other.env}_ADDRESS"] = f"{LOOPBACK}:{ports[other.name]}"
+    if "gateway" in ports:  # where outside callers reach the mesh (the A2A face's cards)
+        env["TESSERA_PUBLIC_URL"] = f"http://{LOOPBACK}:{ports['gateway']}"
     approle = approles.get(spec.identity)
     if approle is not None:
         env["TESSERA_VAULT_APPROLE_FILE"] = str(approle)
