@@ -1,8 +1,8 @@
 """The A2A face's agent cards: one per workflow template the planner serves, signed (JWS,
 ``EdDSA``) with the Transit key ``agent-cards`` (:mod:`tessera.vault.card_keys`).
 
-A card says where the A2A face is (the front door, gRPC and HTTP+JSON bindings, the
-template as the tenant of every request), how to authenticate (a bearer identity token,
+A card says where the A2A face is (the front door's gRPC binding, the template as the
+tenant of every request), how to authenticate (a bearer identity token,
 what the front door's ``jwt_authn`` checks) and what the template does (one skill, its
 inputs). Cards and the key set are cached for ``_TTL_S``: a Transit round trip per card
 request would make discovery cost as much as a start.
@@ -69,16 +69,13 @@ def build_card(summary: planner_pb2.TemplateSummary, public_url: str) -> a2a_pb2
         ),
         default_input_modes=["application/json", "text/plain"],
         default_output_modes=["application/json"],
+        # gRPC only: the front door also transcodes A2A's HTTP+JSON routes, but answers
+        # streams as newline-delimited JSON, not the binding's server-sent events, so a
+        # card naming that binding would promise streams it cannot keep.
         supported_interfaces=[
             a2a_pb2.AgentInterface(
                 url=grpc_target,
                 protocol_binding=TransportProtocol.GRPC,
-                tenant=summary.name,
-                protocol_version=PROTOCOL_VERSION_1_0,
-            ),
-            a2a_pb2.AgentInterface(
-                url=base,
-                protocol_binding=TransportProtocol.HTTP_JSON,
                 tenant=summary.name,
                 protocol_version=PROTOCOL_VERSION_1_0,
             ),
