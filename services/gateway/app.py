@@ -25,6 +25,7 @@ from services.gateway.resources import agent_endpoints, to_snapshot
 from services.gateway.settings import GatewaySettings
 from tessera.identity.source import CertificateSource
 from tessera.launcher.gateway import (
+    MCP_PUBLIC_METHODS,
     POLICY_PUBLIC_METHODS,
     REGISTRY_PUBLIC_METHODS,
     HumanAuth,
@@ -79,7 +80,6 @@ class GatewayControlPlane:
         public = [
             ("coordinator", self.settings.coordinator_address, "tessera.v1.CoordinatorService"),
             ("planner", self.settings.planner_address, "tessera.v1.PlannerService"),
-            ("tool-proxy", self.settings.tool_proxy_address, "tessera.v1.ToolProxyService"),
             ("console", self.settings.console_address, "tessera.v1.ConsoleService"),
             ("audit-reader", self.settings.audit_reader_address, "tessera.v1.AuditService"),
         ]
@@ -93,6 +93,15 @@ class GatewayControlPlane:
                     self.settings.registry_address,
                     ("tessera.v1.RegistryService",),
                     methods=REGISTRY_PUBLIC_METHODS,
+                )
+            )
+        if self.settings.tool_proxy_address:  # its MCP face, for people's MCP clients
+            upstreams.append(
+                Upstream(
+                    "tool-proxy",
+                    self.settings.tool_proxy_address,
+                    ("tessera.v1.McpService",),
+                    methods=MCP_PUBLIC_METHODS,
                 )
             )
         if self.settings.policy_address:  # the served set's version and coverage, for people
