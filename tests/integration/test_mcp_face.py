@@ -40,6 +40,7 @@ from tessera.launcher import infra
 from tessera.launcher.gateway import XdsTls, build_descriptor_set
 from tessera.launcher.ports import free_port
 from tessera.runtime.bus import Topology, connect
+from tessera.v1 import audit_pb2
 from tessera.vault import ToolSecret
 from tessera.vault.bootstrap import apply
 from tessera.vault.humans import HumansSpec
@@ -165,14 +166,16 @@ class Face:
         )
         return status, json.loads(body)
 
-    async def audit(self, tool: str) -> list[Any]:
-        """The tool proxy's records of people's calls of ``tool``, oldest first."""
+    async def audit(self, resource: str) -> list[Any]:
+        """The tool proxy's records about ``resource`` (a tool: people's calls of it and
+        the decisions on them; an approval: the policy's decisions on deciding it),
+        oldest first."""
         return [
             e.record
             async for e in tail(self.js, self.topology, n=100_000)
             if e.record is not None
-            and e.record.workflow_id == "people"
-            and e.record.resource == tool
+            and e.record.actor == "tool-proxy"
+            and e.record.resource == resource
         ]
 
 
@@ -393,6 +396,11 @@ async def test_a_side_effect_waits_for_another_person_then_runs_once(face: Face)
     assert allow[0].details["effect_id"] == effect
     outcomes = [r.outcome for r in records]
     assert outcomes.count("approval_required") == 2 and "replayed" in outcomes
+    (decision,) = [r for r in records if r.kind == audit_pb2.AUDIT_KIND_APPROVAL]
+    assert (decision.outcome, decision.details["decided_by"]) == ("approved", "bob")
+    # Who tried to decide it, in the policy's words: alice and dave refused, bob allowed.
+    tried = [(r.details["principal"], r.outcome) for r in await face.audit(approval)]
+    assert tried == [("alice", "deny"), ("dave", "deny"), ("bob", "allow")]
 
 
 async def test_hostile_messages_get_precise_errors_and_the_proxy_keeps_serving(
