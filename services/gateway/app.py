@@ -26,6 +26,7 @@ from services.gateway.settings import GatewaySettings
 from tessera.identity.source import CertificateSource
 from tessera.launcher.gateway import (
     COORDINATOR_A2A_SERVICES,
+    MCP_PUBLIC_METHODS,
     POLICY_PUBLIC_METHODS,
     REGISTRY_PUBLIC_METHODS,
     HumanAuth,
@@ -85,7 +86,6 @@ class GatewayControlPlane:
                 ("tessera.v1.CoordinatorService", *COORDINATOR_A2A_SERVICES),
             ),
             ("planner", self.settings.planner_address, ("tessera.v1.PlannerService",)),
-            ("tool-proxy", self.settings.tool_proxy_address, ("tessera.v1.ToolProxyService",)),
             ("console", self.settings.console_address, ("tessera.v1.ConsoleService",)),
             ("audit-reader", self.settings.audit_reader_address, ("tessera.v1.AuditService",)),
         ]
@@ -99,6 +99,15 @@ class GatewayControlPlane:
                     self.settings.registry_address,
                     ("tessera.v1.RegistryService",),
                     methods=REGISTRY_PUBLIC_METHODS,
+                )
+            )
+        if self.settings.tool_proxy_address:  # its MCP face, for people's MCP clients
+            upstreams.append(
+                Upstream(
+                    "tool-proxy",
+                    self.settings.tool_proxy_address,
+                    ("tessera.v1.McpService",),
+                    methods=MCP_PUBLIC_METHODS,
                 )
             )
         if self.settings.policy_address:  # the served set's version and coverage, for people

@@ -33,6 +33,9 @@ CALLERS: Mapping[str, frozenset[str]] = {
     # A human's decision on a tool-call approval reaches its owner, the proxy, only
     # through the coordinator (which authorized the decision).
     "tessera.v1.ToolProxyService/DecideApproval": frozenset({"service/coordinator"}),
+    # The tool proxy's MCP face: people's MCP clients, through the front door only (the
+    # person comes from the claims Envoy forwards; no workload calls it).
+    "tessera.v1.McpService/*": frozenset({_GATEWAY}),
     # An agent registers itself (the registry checks the name is the caller's).
     "tessera.v1.RegistryService/*": frozenset({"agent/*"}),
     # Freezing an agent (the kill switch for one agent): the operator workload, and people

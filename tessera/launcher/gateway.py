@@ -50,6 +50,7 @@ __all__ = [
     "COORDINATOR_A2A_SERVICES",
     "HEALTH_SERVICE",
     "LISTENER_NAME",
+    "MCP_PUBLIC_METHODS",
     "POLICY_PUBLIC_METHODS",
     "REGISTRY_PUBLIC_METHODS",
     "ROUTE_CONFIG_NAME",
@@ -137,6 +138,16 @@ REGISTRY_PUBLIC_METHODS = (
 """The registry's methods people reach through the front door (the kill switch for one
 agent, and the live registry for the console); registering stays for agents, over their
 own mTLS connection."""
+
+MCP_SERVICE = "tessera.v1.McpService"
+MCP_PATH = "/mcp"
+MCP_PUBLIC_METHODS = (
+    f"{MCP_SERVICE}/HandleMcpMessage",
+    f"{MCP_SERVICE}/DecideToolCallApproval",
+)
+"""The tool proxy's methods people reach through the front door: its MCP face (``POST
+/mcp``, transcoded with the raw body) and their decisions on each other's tool calls;
+``ToolProxyService`` stays for agents, over their own mTLS connections."""
 
 POLICY_PUBLIC_METHODS = ("tessera.v1.PolicyService/GetPolicySet",)
 """The policy service's method people reach through the front door: the served set's
@@ -382,6 +393,30 @@ def _routes(
                     "redirect": {"path_redirect": CONSOLE_PATH + "index.html"},
                 }
             )
+    if any(MCP_SERVICE in u.grpc_services for u in upstreams):
+        # MCP's streamable HTTP without a server-initiated stream or sessions: only POST
+        # (transcoded to HandleMcpMessage); a GET (the SSE stream) or DELETE is 405.
+        routes.append(
+            {
+                "match": {
+                    "path": MCP_PATH,
+                    "headers": [
+                        {
+                            "name": ":method",
+                            "string_match": {"exact": "POST"},
+                            "invert_match": True,
+                        }
+                    ],
+                },
+                "direct_response": {"status": 405},
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": "allow", "value": "POST"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+            }
+        )
     for agent in agents:
         by_name = [{"name": header, "string_match": {"exact": agent}}]
         cluster = agent_cluster_name(agent)

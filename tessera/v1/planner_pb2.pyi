@@ -456,8 +456,8 @@ class TemplateSummary(_message.Message):
     description: _builtins.str
     """What it does."""
     has_approval_step: _builtins.bool
-    """Whether some run of it can wait on a person (it has an approval step or a gate
-    policy may open one).
+    """Whether it has an approval step (gate policies may still park other runs on a
+    person at run time).
     """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateInput]:
