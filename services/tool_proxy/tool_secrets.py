@@ -45,30 +45,28 @@ class ToolSecrets:
         self.tokens = tokens
         self._cache: dict[str, tuple[ToolSecret, float]] = {}
 
+    def _cached(self, scope: str, now: float) -> ToolSecret | None:
+        cached = self._cache.get(scope)
+        ttl = self.settings.secret_cache_ttl_s
+        if cached is not None and ttl > 0 and now - cached[1] < ttl:
+            return cached[0]
+        return None
+
     async def get(self, tool: Tool, token: str, verified: VerifiedToken) -> ToolSecret:
         """The tool's secret; from the cache only for a token verified and scoped above."""
         scope = tool.spec.scope
-        ttl = self.settings.secret_cache_ttl_s
-        cached = self._cache.get(scope)
         now = time.monotonic()
-        if cached is not None and ttl > 0 and now - cached[1] < ttl:
-            return cached[0]
+        cached = self._cached(scope, now)
+        if cached is not None:
+            return cached
         try:
             secret = await self.vault.read_tool_secret(scope, token=token)
         except (VaultPermissionDenied, InvalidToken):
             # Scoped per the lookup, refused by Vault: revoked or used up since.
             self.tokens.evict_accessors([verified.info.accessor])
             raise Unauthenticated("Vault refused the task token", reason="TOKEN_INVALID") from None
-        except ToolSecretNotFound:
-            raise FailedPrecondition(
-                f"no secret is stored for {tool.spec.name!r}", reason="TOOL_SECRET_MISSING"
-            ) from None
-        except VaultUnavailable:
-            raise Unavailable(
-                "Vault unreachable: cannot read the tool secret",
-                reason="VAULT_UNAVAILABLE",
-                retry_after_s=1.0,
-            ) from None
+        except (ToolSecretNotFound, VaultUnavailable) as exc:
+            raise _refusal(tool, exc) from None
         self._keep(scope, secret, now)
         return secret
 
@@ -79,11 +77,10 @@ class ToolSecrets:
         agent's, else read with a token minted for this call alone (one use, a minute,
         Vault policy = this tool's secret only; its meta names the person)."""
         scope = tool.spec.scope
-        ttl = self.settings.secret_cache_ttl_s
-        cached = self._cache.get(scope)
         now = time.monotonic()
-        if cached is not None and ttl > 0 and now - cached[1] < ttl:
-            return cached[0]
+        cached = self._cached(scope, now)
+        if cached is not None:
+            return cached
         try:
             token = await minter.create_task_token(
                 tools=[scope],
@@ -98,16 +95,8 @@ class ToolSecrets:
                 reason="TOOL_SECRET_REFUSED",
                 metadata={"tool": tool.spec.name},
             ) from None
-        except ToolSecretNotFound:
-            raise FailedPrecondition(
-                f"no secret is stored for {tool.spec.name!r}", reason="TOOL_SECRET_MISSING"
-            ) from None
-        except VaultUnavailable:
-            raise Unavailable(
-                "Vault unreachable: cannot read the tool secret",
-                reason="VAULT_UNAVAILABLE",
-                retry_after_s=1.0,
-            ) from None
+        except (ToolSecretNotFound, VaultUnavailable) as exc:
+            raise _refusal(tool, exc) from None
         self._keep(scope, secret, now)
         return secret
 
@@ -116,3 +105,18 @@ class ToolSecrets:
             previous = self._cache.get(scope)
             if previous is None or previous[0].version <= secret.version:
                 self._cache[scope] = (secret, now)
+
+
+def _refusal(
+    tool: Tool, exc: ToolSecretNotFound | VaultUnavailable
+) -> FailedPrecondition | Unavailable:
+    """What a caller hears when the secret is missing or Vault is away (never Vault's words)."""
+    if isinstance(exc, ToolSecretNotFound):
+        return FailedPrecondition(
+            f"no secret is stored for {tool.spec.name!r}", reason="TOOL_SECRET_MISSING"
+        )
+    return Unavailable(
+        "Vault unreachable: cannot read the tool secret",
+        reason="VAULT_UNAVAILABLE",
+        retry_after_s=1.0,
+    )
