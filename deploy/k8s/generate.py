@@ -284,7 +284,7 @@ HARDENED: dict[str, Any] = {
 def control_plane_env(vault_addr: str) -> dict[str, str]:
     """What the control plane needs to configure the Envoy beside it (as `tessera up`'s
     ``_control_plane_env``): the edge listener, where Envoy's certificate files go, the
-    contracts for transcoding (built into the image), only the coordinator routed, and
+    contracts for transcoding (built into the image), the public services routed, and
     whose identity tokens people bring (the OpenBao the bootstrap configured as their
     issuer, vault/humans.yaml; overlays point it at the organisation's OIDC provider)."""
     return {
@@ -293,10 +293,9 @@ def control_plane_env(vault_addr: str) -> dict[str, str]:
         "TESSERA_GATEWAY_CERT_DIR": ENVOY_CERT_DIR,
         "TESSERA_GATEWAY_DESCRIPTOR_SET": "/app/gateway/tessera.binpb",
         "TESSERA_GATEWAY_ACCESS_LOG": "/dev/stdout",
-        # From outside, only the coordinator's public API (the planner and the tool proxy
-        # take calls from mesh identities alone; Envoy's `gateway` may not call them).
+        # The planner takes calls from mesh identities alone (Envoy's `gateway` may not
+        # call it); of the tool proxy, Envoy routes only its MCP face (McpService).
         "TESSERA_PLANNER_ADDRESS": "",
-        "TESSERA_TOOL_PROXY_ADDRESS": "",
     }
 
 

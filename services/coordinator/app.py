@@ -7,9 +7,17 @@ import uuid
 
 import grpc
 import structlog
+from a2a.types import a2a_pb2_grpc
 from nats.aio.client import Client
 from prometheus_client import start_http_server
 
+from services.coordinator.a2a.cards import AgentCards
+from services.coordinator.a2a.service import (
+    A2A_SERVICE_NAME,
+    CARD_SERVICE_NAME,
+    A2AServicer,
+    AgentCardServicer,
+)
 from services.coordinator.admission import Admission
 from services.coordinator.audit import WorkflowAuditor
 from services.coordinator.budget import BudgetLedger, TaskBudgets
@@ -32,8 +40,15 @@ from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
 from tessera.runtime.nats_permissions import streams_used
 from tessera.runtime.startup import until_ready
-from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2_grpc, tool_proxy_pb2_grpc
+from tessera.v1 import (
+    agent_cards_pb2_grpc,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    planner_pb2_grpc,
+    tool_proxy_pb2_grpc,
+)
 from tessera.vault.audit_keys import TransitSigner
+from tessera.vault.card_keys import CardKeys
 from tessera.vault.client import VaultClient
 from tessera.vault.errors import VaultUnavailable
 
@@ -167,13 +182,27 @@ class Coordinator:
             ),
             authz,
         )
+        # The A2A face: another binding of the same API, through the same handlers.
+        cards = AgentCards(
+            servicer.planner,
+            CardKeys(vault) if vault is not None else None,
+            self.settings.public_url,
+        )
+        a2a = A2AServicer(servicer, cards, wait_s=self.settings.a2a_wait_s)
+        card_servicer = AgentCardServicer(cards)
         self.server = GrpcServer(
             name="coordinator",
             settings=self.settings,
             register=[
-                lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, s)
+                lambda s: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
+                    servicer, s
+                ),
+                lambda s: a2a_pb2_grpc.add_A2AServiceServicer_to_server(a2a, s),
+                lambda s: agent_cards_pb2_grpc.add_AgentCardServiceServicer_to_server(
+                    card_servicer, s
+                ),
             ],
-            service_names=[SERVICE_NAME],
+            service_names=[SERVICE_NAME, A2A_SERVICE_NAME, CARD_SERVICE_NAME],
             identity=self.workload.certificate,
         )
         if self.settings.run_workers:

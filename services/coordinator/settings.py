@@ -25,6 +25,12 @@ class CoordinatorSettings(ServiceSettings):
         default="", validation_alias=AliasChoices("TESSERA_TOOL_PROXY_ADDRESS")
     )
     """Handed to agents so they can reach the tool proxy."""
+    public_url: str = Field(default="", validation_alias=AliasChoices("TESSERA_PUBLIC_URL"))
+    """The front door as outside callers reach it (``http://host:port``): where the A2A
+    face's agent cards point. Unset: the cards are not served (FAILED_PRECONDITION)."""
+    a2a_wait_s: float = Field(default=55.0, gt=0)
+    """Longest a blocking A2A ``SendMessage`` waits for its workflow to finish or park on
+    a gate before answering the task as it stands (the caller then polls ``GetTask``)."""
     replica_id: str = ""
     """Name of this replica in logs and events; defaults to a random id."""
     ack_wait_s: float = Field(default=0.6, gt=0)

@@ -25,6 +25,8 @@ from services.gateway.resources import agent_endpoints, to_snapshot
 from services.gateway.settings import GatewaySettings
 from tessera.identity.source import CertificateSource
 from tessera.launcher.gateway import (
+    COORDINATOR_A2A_SERVICES,
+    MCP_PUBLIC_METHODS,
     POLICY_PUBLIC_METHODS,
     REGISTRY_PUBLIC_METHODS,
     HumanAuth,
@@ -77,14 +79,18 @@ class GatewayControlPlane:
 
     def _public_upstreams(self) -> list[Upstream]:
         public = [
-            ("coordinator", self.settings.coordinator_address, "tessera.v1.CoordinatorService"),
-            ("planner", self.settings.planner_address, "tessera.v1.PlannerService"),
-            ("tool-proxy", self.settings.tool_proxy_address, "tessera.v1.ToolProxyService"),
-            ("console", self.settings.console_address, "tessera.v1.ConsoleService"),
-            ("audit-reader", self.settings.audit_reader_address, "tessera.v1.AuditService"),
+            # The coordinator also serves the A2A face and its agent cards.
+            (
+                "coordinator",
+                self.settings.coordinator_address,
+                ("tessera.v1.CoordinatorService", *COORDINATOR_A2A_SERVICES),
+            ),
+            ("planner", self.settings.planner_address, ("tessera.v1.PlannerService",)),
+            ("console", self.settings.console_address, ("tessera.v1.ConsoleService",)),
+            ("audit-reader", self.settings.audit_reader_address, ("tessera.v1.AuditService",)),
         ]
         upstreams = [
-            Upstream(name, address, (service,)) for name, address, service in public if address
+            Upstream(name, address, services) for name, address, services in public if address
         ]
         if self.settings.registry_address:  # its freeze switch only, for people
             upstreams.append(
@@ -93,6 +99,15 @@ class GatewayControlPlane:
                     self.settings.registry_address,
                     ("tessera.v1.RegistryService",),
                     methods=REGISTRY_PUBLIC_METHODS,
+                )
+            )
+        if self.settings.tool_proxy_address:  # its MCP face, for people's MCP clients
+            upstreams.append(
+                Upstream(
+                    "tool-proxy",
+                    self.settings.tool_proxy_address,
+                    ("tessera.v1.McpService",),
+                    methods=MCP_PUBLIC_METHODS,
                 )
             )
         if self.settings.policy_address:  # the served set's version and coverage, for people

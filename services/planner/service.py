@@ -143,6 +143,13 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             )
         return planner_pb2.ValidatePlanResponse(plan=await self.planner.validate(request.plan))
 
+    async def ListTemplates(
+        self, request: planner_pb2.ListTemplatesRequest, context: grpc.aio.ServicerContext
+    ) -> planner_pb2.ListTemplatesResponse:
+        return planner_pb2.ListTemplatesResponse(
+            templates=[t.summary() for t in self.planner.templates.values()]
+        )
+
 
 class PlannerService:
     """The deployable: loads templates (a broken one fails ``start()``), connects NATS for

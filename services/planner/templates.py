@@ -188,6 +188,21 @@ class Template(_Model):
         graph.blackboard.CopyFrom(inputs)
         return graph
 
+    def summary(self) -> planner_pb2.TemplateSummary:
+        """How callers see it (``PlannerService.ListTemplates``)."""
+        return planner_pb2.TemplateSummary(
+            name=self.name,
+            description=self.description.strip(),
+            inputs=[
+                planner_pb2.TemplateInput(
+                    name=i.name, type=i.type, required=i.required, description=i.description
+                )
+                for i in self.inputs
+            ],
+            examples=self.intents.examples,
+            has_approval_step=any(t.kind == "approval_gate" for t in self.tasks),
+        )
+
     def budget_proto(self) -> common_pb2.Budget:
         return common_pb2.Budget(
             max_tokens=self.budget.max_tokens,

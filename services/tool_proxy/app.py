@@ -15,6 +15,12 @@ from services.tool_proxy.budgets import LiveBudgets
 from services.tool_proxy.embedded_policy import EmbeddedPolicy
 from services.tool_proxy.idempotency import IdempotencyStore
 from services.tool_proxy.limits import RateLimiter
+from services.tool_proxy.mcp_service import (
+    MCP_SERVICE_NAME,
+    McpServicer,
+    mcp_servicer,
+    register_mcp,
+)
 from services.tool_proxy.service import ToolProxyServicer, safe_deserializer
 from services.tool_proxy.settings import ToolProxySettings
 from services.tool_proxy.tokens import TokenChecker, UseLedger
@@ -56,6 +62,7 @@ class ToolProxy:
         self.replica_id = replica_id or settings.replica_id
         self.server: GrpcServer | None = None
         self.servicer: ToolProxyServicer | None = None
+        self.mcp_servicer: McpServicer | None = None
         self.tokens: TokenChecker | None = None
         self._nc: Client | None = None
         self._vault: VaultClient | None = None
@@ -217,11 +224,22 @@ class ToolProxy:
             frozen=self._frozen,
         )
         servicer = self.servicer
+        # People's MCP clients, through the front door (decided in-process only).
+        mcp = self.mcp_servicer = mcp_servicer(
+            servicer,
+            settings=s,
+            minter=self._vault,
+            policy_source=embedded.store if embedded is not None else None,
+            audit=audit,
+        )
         self.server = GrpcServer(
             name="tool-proxy",
             settings=s,
-            register=[lambda server: _register(server, servicer)],
-            service_names=[SERVICE_NAME],
+            register=[
+                lambda server: _register(server, servicer),
+                lambda server: register_mcp(server, mcp),
+            ],
+            service_names=[SERVICE_NAME, MCP_SERVICE_NAME],
             identity=workload.certificate,
         )
         await self.server.start()
@@ -248,6 +266,8 @@ class ToolProxy:
         """Stop serving, flush audit records, close every connection. Idempotent."""
         if self.server is not None:
             await self.server.stop()
+        if self.mcp_servicer is not None:
+            await self.mcp_servicer.face.calls.drain()
         if self.servicer is not None:
             await self.servicer.drain()
         if self._audit is not None:

@@ -8,12 +8,17 @@ The proxy creates ``{"state": "pending", "tool", "task_id", "reason",
 proxy through ``ToolProxyService.DecideApproval``, turns it into ``"state": "approved" |
 "rejected"`` with ``decided_by``, keeping the rest (the digest is how the retried call is
 checked to be the one approved). A decided record never changes again.
+
+People's calls over MCP (``person_calls.py``) keep theirs under the workflow id
+``people`` (:data:`PEOPLE`), gate ``mcp-<16 hex>`` (:func:`person_gate_id`), with
+``requested_by`` (the person) in the record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +27,31 @@ from nats.js.kv import KeyValue
 
 from tessera.runtime.errors import Aborted, FailedPrecondition, NotFound, Unavailable
 
-__all__ = ["APPROVED", "PENDING", "REJECTED", "ApprovalStore", "Decided", "gate_id"]
+__all__ = [
+    "APPROVED",
+    "PENDING",
+    "PEOPLE",
+    "REJECTED",
+    "ApprovalStore",
+    "Decided",
+    "gate_id",
+    "person_gate_id",
+]
 
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
+PEOPLE = "people"
+"""The workflow id under which people's tool calls (over MCP) keep their approvals."""
 _DECIDE_ATTEMPTS = 16
 
 
 def gate_id(task_id: str, tool: str, idempotency_key: str) -> str:
     return "tool-" + hashlib.sha256(f"{task_id}|{tool}|{idempotency_key}".encode()).hexdigest()[:16]
+
+
+def person_gate_id(person: str, tool: str, idempotency_key: str) -> str:
+    """The approval of a person's call: one per person, tool and idempotency key."""
+    digest = hashlib.sha256(f"{person}|{tool}|{idempotency_key}".encode()).hexdigest()
+    return "mcp-" + digest[:16]
 
 
 def _unavailable() -> Unavailable:
@@ -77,9 +99,13 @@ class ApprovalStore:
         task_id: str,
         reason: str,
         arguments_digest: str,
+        extra: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Create the pending record unless one exists; the record now stored."""
+        """Create the pending record unless one exists; the record now stored. ``extra``:
+        more fields of the record (a person's call: ``requested_by``, the tool's
+        ``side_effect`` and ``category``, which its approvers' policy reads)."""
         record = {
+            **dict(extra or {}),
             "state": PENDING,
             "tool": tool,
             "task_id": task_id,

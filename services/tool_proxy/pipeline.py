@@ -14,18 +14,16 @@ caller goes away, so every allow is followed by its ``executed`` record or a ref
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from services.tool_proxy.approval_flow import ApprovalFlow
-from services.tool_proxy.execution import Detached, Execution, canonical, execute
+from services.tool_proxy.execution import Detached, Execution, canonical
+from services.tool_proxy.governed import GovernedSteps
 from services.tool_proxy.idempotency import Claim, IdempotencyStore, Replay, effect_id
 from services.tool_proxy.limits import RateLimiter
 from services.tool_proxy.recording import CallRecord, Recorder
@@ -34,14 +32,11 @@ from services.tool_proxy.tokens import TokenChecker, UseLedger, VerifiedToken, c
 from services.tool_proxy.tool_secrets import ToolSecrets
 from services.tool_proxy.tools.registry import CallInfo, Tool, ToolRegistry
 from services.tool_proxy.wire import Malformed, metadata_value, to_struct
-from tessera.jsonschema import Limits, SchemaError, validate
 from tessera.runtime.errors import (
     DeadlineExceeded,
-    Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ResourceExhausted,
     TesseraError,
 )
 from tessera.runtime.grpc_authz import peer
@@ -51,13 +46,11 @@ from tessera.vault.tokens import ToolSecret
 
 __all__ = ["CallPipeline"]
 
-_IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_CALL_MARGIN_S = 0.02
-_LEASE_MARGIN_S = 1.0
-
 
 class CallPipeline:
-    """Runs one InvokeTool; the servicer records its refusals."""
+    """Runs one InvokeTool; the servicer records its refusals. The steps every caller's
+    call shares (arguments, idempotency, the backend) are ``steps``
+    (:class:`~services.tool_proxy.governed.GovernedSteps`); the token steps are here."""
 
     def __init__(
         self,
@@ -68,7 +61,7 @@ class CallPipeline:
         ledger: UseLedger,
         secrets: ToolSecrets,
         limiter: RateLimiter,
-        idempotency: IdempotencyStore,
+        steps: GovernedSteps,
         flow: ApprovalFlow,
         recorder: Recorder,
     ) -> None:
@@ -78,14 +71,15 @@ class CallPipeline:
         self.ledger = ledger
         self.secrets = secrets
         self.limiter = limiter
-        self.idempotency = idempotency
+        self.steps = steps
         self.flow = flow
         self.recorder = recorder
-        self._limits = Limits(
-            max_depth=settings.max_argument_depth, max_string_length=settings.max_string_length
-        )
         self._detached = Detached()
         """Work that outlives its caller: uses being given back, effects being run."""
+
+    @property
+    def idempotency(self) -> IdempotencyStore:
+        return self.steps.idempotency
 
     async def drain(self) -> None:
         """Wait for uses being given back and effects being run and recorded (also those
@@ -133,23 +127,13 @@ class CallPipeline:
             )
 
         # 5. Arguments: size, schema and hostile input; idempotency key where needed.
-        arguments = self._arguments(request, tool)
+        arguments = self.steps.arguments(request.arguments, tool)
         digest = hashlib.sha256(canonical(arguments)).hexdigest()
         call.details.update(
             arguments=self.recorder.arguments(arguments, tool), arguments_digest=digest
         )
         key = request.idempotency_key
-        if key and not _IDEMPOTENCY_KEY_RE.fullmatch(key):
-            raise InvalidArgument(
-                "invalid idempotency key",
-                field_violations=[("idempotency_key", "1-128 chars of [A-Za-z0-9._:@/+=-]")],
-            )
-        if spec.side_effect.needs_idempotency_key and not key:
-            raise InvalidArgument(
-                f"{spec.name!r} has side effects: an idempotency key is required",
-                reason="IDEMPOTENCY_KEY_REQUIRED",
-                field_violations=[("idempotency_key", "required for side-effecting tools")],
-            )
+        self.steps.check_idempotency_key(spec, key)
 
         # 6. Rate limits.
         self.limiter.acquire(agent=verified.agent, tool=spec.name)
@@ -182,17 +166,9 @@ class CallPipeline:
             # did not happen (replayed if it did, refused if the tool cannot tell).
             if spec.side_effect.needs_idempotency_key:
                 call.details["effect_id"] = eid
-                timeout = self._backend_timeout(context.time_remaining(), tool)
-                began = await self.idempotency.begin(
-                    eid,
-                    tool=spec.name,
-                    arguments_digest=digest,
-                    decision_id=decision.decision_id,
-                    # Held as long as this call may run the backend (step 10's deadline
-                    # is no later): if this replica dies, a retry takes over soon after.
-                    lease_s=timeout + _LEASE_MARGIN_S,
-                    lookup=functools.partial(tool.lookup, info) if tool.lookup else None,
-                    lookup_timeout_s=timeout,
+                timeout = self.steps.backend_timeout(context.time_remaining(), tool)
+                began = await self.steps.begin_effect(
+                    eid, tool=tool, info=info, digest=digest, timeout_s=timeout
                 )
                 if isinstance(began, Replay):
                     await self._give_back(spend, verified)
@@ -271,7 +247,7 @@ class CallPipeline:
                 timeout_s=timeout_s,
             )
             executed = True
-            result = await self._execute(run, call)
+            result = await self.steps.execute(run, call)
         except TesseraError as exc:
             await self.recorder.record_refusal(call, exc)
             raise
@@ -281,20 +257,6 @@ class CallPipeline:
         return tool_proxy_pb2.InvokeToolResponse(
             result=to_struct(result), decision_id=a.decision_id, receipt=call.receipt
         )
-
-    async def _execute(self, run: Execution, call: CallRecord) -> dict[str, Any]:
-        try:
-            result = await execute(
-                run, store=self.idempotency, max_result_bytes=self.settings.max_result_bytes
-            )
-        finally:
-            # What the backend's exchange was (remote ids, final state) goes on the
-            # ``executed`` record, or on the refusal record if the backend failed.
-            if run.info.exchange:
-                call.details["exchange"] = dict(run.info.exchange)
-        # 11b. The outcome (deferred, with back-pressure).
-        await self.recorder.record_executed(call)
-        return result
 
     def _check_scope(
         self, request: tool_proxy_pb2.InvokeToolRequest, verified: VerifiedToken
@@ -318,41 +280,6 @@ class CallPipeline:
                 reason="TOKEN_SCOPE_MISMATCH",
                 metadata={"fields": ",".join(mismatched)},
             )
-
-    def _arguments(self, request: tool_proxy_pb2.InvokeToolRequest, tool: Tool) -> dict[str, Any]:
-        size = request.arguments.ByteSize()
-        if size > self.settings.max_argument_bytes:
-            raise ResourceExhausted(
-                f"arguments are {size} bytes; the limit is {self.settings.max_argument_bytes}",
-                reason="ARGUMENTS_TOO_LARGE",
-            )
-        try:
-            arguments: dict[str, Any] = json_format.MessageToDict(request.arguments)
-        except (ValueError, RecursionError, json_format.Error) as exc:
-            raise InvalidArgument(
-                "arguments are not valid JSON values",
-                reason="ARGUMENTS_INVALID",
-                field_violations=[("arguments", type(exc).__name__)],
-            ) from None
-        try:
-            violations = validate(
-                arguments, tool.spec.input_schema, path="arguments", limits=self._limits
-            )
-        except SchemaError as exc:
-            # ToolSpec checked the schema; only a $ref cycle a value reveals gets here. The
-            # tool's fault, not the caller's: no field violations for the caller to fix.
-            raise Internal(
-                f"the input schema of {tool.spec.name!r} is unusable",
-                reason="TOOL_SCHEMA_INVALID",
-                metadata={"tool": tool.spec.name, "problem": str(exc)[:200]},
-            ) from None
-        if violations:
-            raise InvalidArgument(
-                f"arguments do not satisfy the schema of {tool.spec.name!r}",
-                reason="ARGUMENTS_INVALID",
-                field_violations=[(v.path, v.description) for v in violations[:50]],
-            )
-        return arguments
 
     async def _secret_then_allow(
         self, call: CallRecord, tool: Tool, token: str, verified: VerifiedToken
@@ -385,20 +312,10 @@ class CallPipeline:
     async def _time_left(self, a: _Authorized, spend: asyncio.Future[int]) -> float:
         """The backend's timeout now; out of time, the reserved use is given back."""
         try:
-            return self._backend_timeout(a.remaining_s(), a.tool)
+            return self.steps.backend_timeout(a.remaining_s(), a.tool)
         except DeadlineExceeded:
             await self._give_back(spend, a.verified)
             raise
-
-    def _backend_timeout(self, remaining: float | None, tool: Tool) -> float:
-        """The backend's timeout: the tool's own, within what is left of the call's
-        deadline (``remaining``, seconds; None: the call has none)."""
-        timeout = tool.spec.timeout_s or self.settings.backend_timeout_s
-        if remaining is not None:
-            timeout = min(timeout, remaining - _CALL_MARGIN_S)
-        if timeout <= 0:
-            raise DeadlineExceeded("no time left to call the tool", reason="DEADLINE_EXCEEDED")
-        return timeout
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,6 +22,7 @@ from services.tool_proxy.wire import to_struct
 from tessera.frozen import FrozenAgents
 from tessera.policy.engine import CheckInput
 from tessera.runtime.errors import PermissionDenied, Unavailable
+from tessera.runtime.principal import Principal
 from tessera.v1 import common_pb2, policy_pb2, policy_pb2_grpc, tool_proxy_pb2
 
 __all__ = ["PolicyCheck"]
@@ -49,6 +50,37 @@ def _meta_int(meta: Mapping[str, str], key: str) -> int | None:
         return int(raw)
     except ValueError:
         return None
+
+
+def _tool_attributes(tool: Tool) -> dict[str, Any]:
+    """The ``Tool`` entity's attributes (policy/schema.cedarschema)."""
+    spec = tool.spec
+    return {
+        "name": spec.name,
+        "side_effect": spec.side_effect.value,
+        "pii": spec.pii,
+        "category": spec.category,
+    }
+
+
+def _call_context(
+    tool: Tool, arguments: dict[str, Any], approval: str, budget_remaining: int
+) -> dict[str, Any]:
+    """``ToolCallContext``: the approval, the budget, the hour, and the money amounts
+    lifted from the arguments (cents, rounded up)."""
+    spec = tool.spec
+    attrs: dict[str, Any] = {
+        "arguments": arguments,
+        "approval": approval,
+        "budget_remaining": budget_remaining,
+        "hour": datetime.now(UTC).hour,
+    }
+    optional = {
+        "amount": _cents(arguments.get("amount")),
+        "price": _cents(arguments.get("price")) if "price" in arguments else spec.price or None,
+    }
+    attrs.update({k: v for k, v in optional.items() if v is not None})
+    return attrs
 
 
 class PolicyCheck:
@@ -85,21 +117,15 @@ class PolicyCheck:
     ) -> policy_pb2.CheckResponse:
         spec = tool.spec
         meta = verified.info.meta
-        attrs: dict[str, Any] = {
-            "arguments": arguments,
-            "approval": approval,
-            # Live: what the workflow's budget has left now (the coordinator's ledger).
-            "budget_remaining": await self.budgets.remaining_cents(verified),
-            "hour": datetime.now(UTC).hour,
-        }
+        # Live: what the workflow's budget has left now (the coordinator's ledger).
+        attrs = _call_context(
+            tool, arguments, approval, await self.budgets.remaining_cents(verified)
+        )
         # max_budget only from the coordinator-issued token (the plan's input), never
         # from the agent's request.
-        optional = {
-            "amount": _cents(arguments.get("amount")),
-            "price": _cents(arguments.get("price")) if "price" in arguments else spec.price or None,
-            "max_budget": _meta_int(meta, "max_budget"),
-        }
-        attrs.update({k: v for k, v in optional.items() if v is not None})
+        max_budget = _meta_int(meta, "max_budget")
+        if max_budget is not None:
+            attrs["max_budget"] = max_budget
         # The token's tools; an MCP tool is in scope through its server's scope name.
         tools = sorted(
             verified.tools | {spec.name} if spec.scope in verified.tools else verified.tools
@@ -109,12 +135,7 @@ class PolicyCheck:
             "tools": tools,
             "frozen": self._frozen(verified.agent),
         }
-        resource_attrs = {
-            "name": spec.name,
-            "side_effect": spec.side_effect.value,
-            "pii": spec.pii,
-            "category": spec.category,
-        }
+        resource_attrs = _tool_attributes(tool)
         if self.embedded_policy is not None:
             # In-process: the same request, without a protobuf round trip of its values.
             return self.embedded_policy.decide(
@@ -173,6 +194,37 @@ class PolicyCheck:
                 retry_after_s=1.0,
             ) from None
         return response
+
+    def check_person(
+        self, principal: Principal, tool: Tool, arguments: dict[str, Any], approval: str
+    ) -> policy_pb2.CheckResponse:
+        """The decision on a person's call over MCP: principal ``User::<name>`` in the
+        ``Group``s of their verified token. Decided in-process only (embedded or
+        distributed mode): the policy service's ``Check`` carries no groups, so in
+        remote mode every person's call is refused (UNAVAILABLE)."""
+        if self.embedded_policy is None:
+            raise Unavailable(
+                "people's tool calls are decided in-process: the proxy runs in remote policy mode",
+                reason="POLICY_MODE_UNSUPPORTED",
+            )
+        spec = tool.spec
+        context = _call_context(
+            tool, arguments, approval, self.settings.default_budget_remaining_cents
+        )
+        return self.embedded_policy.decide(
+            CheckInput(
+                principal_type="User",
+                principal_id=principal.id,
+                principal_attrs={"name": principal.id},
+                principal_groups=tuple(sorted(principal.groups)),
+                action="call_tool",
+                resource_type="Tool",
+                resource_id=spec.name,
+                resource_attrs=_tool_attributes(tool),
+                context=context,
+            ),
+            tool=spec.name,
+        )
 
     def _frozen(self, agent: str) -> bool:
         if self.frozen is None:

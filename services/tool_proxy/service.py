@@ -23,6 +23,7 @@ from services.tool_proxy.approvals import ApprovalStore
 from services.tool_proxy.budgets import LiveBudgets
 from services.tool_proxy.catalog import list_tools
 from services.tool_proxy.embedded_policy import EmbeddedPolicy
+from services.tool_proxy.governed import GovernedSteps
 from services.tool_proxy.idempotency import IdempotencyStore
 from services.tool_proxy.limits import RateLimiter
 from services.tool_proxy.pipeline import CallPipeline
@@ -77,14 +78,19 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
             ),
             recorder=self.recorder,
         )
+        self.steps = GovernedSteps(
+            settings=settings, idempotency=idempotency, recorder=self.recorder
+        )
+        self.secrets = ToolSecrets(settings=settings, vault=vault, tokens=tokens)
+        self.limiter = limiter
         self.pipeline = CallPipeline(
             settings=settings,
             registry=registry,
             tokens=tokens,
             ledger=ledger,
-            secrets=ToolSecrets(settings=settings, vault=vault, tokens=tokens),
+            secrets=self.secrets,
             limiter=limiter,
-            idempotency=idempotency,
+            steps=self.steps,
             flow=self.approval_flow,
             recorder=self.recorder,
         )
@@ -92,11 +98,11 @@ class ToolProxyServicer(tool_proxy_pb2_grpc.ToolProxyServiceServicer):
     @property
     def idempotency(self) -> IdempotencyStore:
         """The store of effects (tests put a fault injector in front of it)."""
-        return self.pipeline.idempotency
+        return self.steps.idempotency
 
     @idempotency.setter
     def idempotency(self, store: IdempotencyStore) -> None:
-        self.pipeline.idempotency = store
+        self.steps.idempotency = store
 
     async def InvokeTool(
         self,

@@ -84,6 +84,9 @@ class ToolProxySettings(ServiceSettings):
     max_argument_depth: int = Field(default=8, gt=0)
     max_string_length: int = Field(default=8192, gt=0)
     max_result_bytes: int = Field(default=1024 * 1024, gt=0)
+    mcp_max_message_bytes: int = Field(default=256 * 1024, gt=0)
+    """Largest MCP JSON-RPC message people's clients may POST to ``/mcp`` (a JSON-RPC
+    error beyond; Envoy refuses bodies above its own ``max_request_bytes`` with 413)."""
 
     backend_timeout_s: float = Field(default=10.0, gt=0)
     """Default deadline of one backend call (a tool may declare a shorter one)."""

@@ -21,6 +21,10 @@ _OPERATOR = "service/operator"  # the local CLI and launcher
 CALLERS: Mapping[str, frozenset[str]] = {
     # Public API, reached from outside only through Envoy.
     "tessera.v1.CoordinatorService/*": frozenset({_GATEWAY, _OPERATOR}),
+    # The coordinator's A2A face (another binding of the same API, same authorization)
+    # and its agent cards.
+    "lf.a2a.v1.A2AService/*": frozenset({_GATEWAY, _OPERATOR}),
+    "tessera.v1.AgentCardService/*": frozenset({_GATEWAY, _OPERATOR}),
     # Only the coordinator hands out tasks (and the live task tokens that come with them).
     "tessera.v1.AgentService/ExecuteTask": frozenset({"service/coordinator"}),
     "tessera.v1.AgentService/Describe": frozenset({"service/coordinator", _OPERATOR}),
@@ -29,6 +33,9 @@ CALLERS: Mapping[str, frozenset[str]] = {
     # A human's decision on a tool-call approval reaches its owner, the proxy, only
     # through the coordinator (which authorized the decision).
     "tessera.v1.ToolProxyService/DecideApproval": frozenset({"service/coordinator"}),
+    # The tool proxy's MCP face: people's MCP clients, through the front door only (the
+    # person comes from the claims Envoy forwards; no workload calls it).
+    "tessera.v1.McpService/*": frozenset({_GATEWAY}),
     # An agent registers itself (the registry checks the name is the caller's).
     "tessera.v1.RegistryService/*": frozenset({"agent/*"}),
     # Freezing an agent (the kill switch for one agent): the operator workload, and people

@@ -33,6 +33,8 @@ SESSION_COOKIE = "tessera_session"
 
 CONSOLE_PATH = "/console/"
 CONSOLE_SERVICE = "tessera.v1.ConsoleService"
+CARD_SERVICE = "tessera.v1.AgentCardService"
+_GET = {"name": ":method", "string_match": {"exact": "GET"}}
 # Reached without a token: the console's files (no data in them), logging in, and
 # logging out (clearing a cookie needs no proof, and an expired session must be able to).
 _NO_TOKEN_RULES: tuple[dict[str, Any], ...] = (
@@ -52,6 +54,10 @@ _NO_TOKEN_RULES: tuple[dict[str, Any], ...] = (
     {"match": {"path": f"/{CONSOLE_SERVICE}/GetAsset"}},
     {"match": {"path": f"/{CONSOLE_SERVICE}/CreateSession"}},
     {"match": {"path": f"/{CONSOLE_SERVICE}/DeleteSession"}},
+    # A2A discovery: the agent cards and the key set that checks their signatures (no
+    # workflow data in either; every A2A call itself needs a token).
+    {"match": {"prefix": "/a2a/", "headers": [_GET]}},
+    {"match": {"prefix": f"/{CARD_SERVICE}/"}},
 )
 # Every answer of the front door: what a browser may do with it. The console's pages load
 # only their own scripts and styles, call only this origin, and cannot be framed.

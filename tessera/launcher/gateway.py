@@ -47,8 +47,10 @@ log = structlog.get_logger(__name__)
 __all__ = [
     "AGENT_SERVICE",
     "CONTROL_PLANE_MODULE",
+    "COORDINATOR_A2A_SERVICES",
     "HEALTH_SERVICE",
     "LISTENER_NAME",
+    "MCP_PUBLIC_METHODS",
     "POLICY_PUBLIC_METHODS",
     "REGISTRY_PUBLIC_METHODS",
     "ROUTE_CONFIG_NAME",
@@ -72,6 +74,9 @@ AGENT_SERVICE = "tessera.v1.AgentService"
 LISTENER_NAME = "tessera_ingress"
 ROUTE_CONFIG_NAME = "tessera_routes"
 AGENT_HEADER = "x-tessera-agent"
+COORDINATOR_A2A_SERVICES = ("lf.a2a.v1.A2AService", "tessera.v1.AgentCardService")
+"""Served by the coordinator beside CoordinatorService: the A2A face (the a2a-sdk
+package's contract) and its agent cards."""
 
 _T = "type.googleapis.com/"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -133,6 +138,16 @@ REGISTRY_PUBLIC_METHODS = (
 """The registry's methods people reach through the front door (the kill switch for one
 agent, and the live registry for the console); registering stays for agents, over their
 own mTLS connection."""
+
+MCP_SERVICE = "tessera.v1.McpService"
+MCP_PATH = "/mcp"
+MCP_PUBLIC_METHODS = (
+    f"{MCP_SERVICE}/HandleMcpMessage",
+    f"{MCP_SERVICE}/DecideToolCallApproval",
+)
+"""The tool proxy's methods people reach through the front door: its MCP face (``POST
+/mcp``, transcoded with the raw body) and their decisions on each other's tool calls;
+``ToolProxyService`` stays for agents, over their own mTLS connections."""
 
 POLICY_PUBLIC_METHODS = ("tessera.v1.PolicyService/GetPolicySet",)
 """The policy service's method people reach through the front door: the served set's
@@ -378,6 +393,30 @@ def _routes(
                     "redirect": {"path_redirect": CONSOLE_PATH + "index.html"},
                 }
             )
+    if any(MCP_SERVICE in u.grpc_services for u in upstreams):
+        # MCP's streamable HTTP without a server-initiated stream or sessions: only POST
+        # (transcoded to HandleMcpMessage); a GET (the SSE stream) or DELETE is 405.
+        routes.append(
+            {
+                "match": {
+                    "path": MCP_PATH,
+                    "headers": [
+                        {
+                            "name": ":method",
+                            "string_match": {"exact": "POST"},
+                            "invert_match": True,
+                        }
+                    ],
+                },
+                "direct_response": {"status": 405},
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": "allow", "value": "POST"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+            }
+        )
     for agent in agents:
         by_name = [{"name": header, "string_match": {"exact": agent}}]
         cluster = agent_cluster_name(agent)
@@ -759,4 +798,32 @@ def build_descriptor_set(project: Path, output: Path, *, timeout: float = 60.0) 
             raise DescriptorBuildFailed(
                 f"{Path(argv[0]).name} failed ({result.returncode}): {result.stderr.strip()}"
             )
+    _add_package_contracts(output)
     return output
+
+
+def _add_package_contracts(output: Path) -> None:
+    """Add the contracts we serve but do not own (A2A's ``a2a.proto``, from the a2a-sdk
+    package as installed: never copied into proto/) with the files they import, so the
+    transcoder also speaks A2A's HTTP+JSON binding."""
+    from a2a.types import a2a_pb2  # the pinned package is the contract
+
+    fds = descriptor_pb2.FileDescriptorSet.FromString(output.read_bytes())
+    present = {f.name for f in fds.file}
+    pending = [a2a_pb2.DESCRIPTOR]
+    ordered: list[descriptor_pb2.FileDescriptorProto] = []
+    while pending:  # dependencies first, each file once
+        file = pending[-1]
+        missing = [d for d in file.dependencies if d.name not in present]
+        if missing:
+            pending.extend(missing)
+            continue
+        pending.pop()
+        if file.name in present:
+            continue
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        ordered.append(proto)
+        present.add(file.name)
+    fds.file.extend(ordered)
+    output.write_bytes(fds.SerializeToString())

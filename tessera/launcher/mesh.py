@@ -209,6 +209,8 @@ def _service_env(
     )
     for other in topology.services:
         env[f"TESSERA_{other.env}_ADDRESS"] = f"{LOOPBACK}:{ports[other.name]}"
+    if "gateway" in ports:  # where outside callers reach the mesh (the A2A face's cards)
+        env["TESSERA_PUBLIC_URL"] = f"http://{LOOPBACK}:{ports['gateway']}"
     approle = approles.get(spec.identity)
     if approle is not None:
         env["TESSERA_VAULT_APPROLE_FILE"] = str(approle)
@@ -436,10 +438,9 @@ def _control_plane_env(data_dir: Path, project: Path, ports: Mapping[str, int]) 
     return {
         "TESSERA_GATEWAY_ENVOY_LISTEN": f"{LOOPBACK}:{ports['gateway']}",
         "TESSERA_GATEWAY_CERT_DIR": str(envoy_cert_dir(data_dir)),
-        # From outside, only the coordinator's public API: the planner, the tool proxy and
-        # the agents take calls from mesh identities alone.
+        # The planner and the agents take calls from mesh identities alone; of the tool
+        # proxy, people reach its MCP face only (McpService: MCP_PUBLIC_METHODS).
         "TESSERA_PLANNER_ADDRESS": "",
-        "TESSERA_TOOL_PROXY_ADDRESS": "",
         "TESSERA_GATEWAY_ACCESS_LOG": str(processes.logs_dir(data_dir) / "envoy-access.log"),
         "TESSERA_GATEWAY_DESCRIPTOR_SET": str(descriptors),
         "TESSERA_GATEWAY_ROUTES_FILE": str(project / "gateway" / "routes.yaml"),

@@ -85,6 +85,8 @@ class TesseraError(Exception):
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
     default_reason: ClassVar[str] = "UNKNOWN"
+    domain: ClassVar[str] = DOMAIN
+    """ErrorInfo's domain: ours, or the contract's whose reasons an error uses (A2A's)."""
 
     def __init__(
         self,
@@ -246,7 +248,7 @@ class Internal(TesseraError):
 def to_status(exc: TesseraError) -> status_pb2.Status:
     """The ``google.rpc.Status`` for ``exc``: ErrorInfo first, then class-specific details,
     then the extra typed details."""
-    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
+    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=exc.domain, metadata=exc.metadata)
     packed = [_packed(detail) for detail in [info, *exc.details()]]
     packed.extend(exc.extra_details)
     return status_pb2.Status(code=exc.code.value[0], message=exc.message, details=packed)

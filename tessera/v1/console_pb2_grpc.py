@@ -77,6 +77,7 @@ class ConsoleServiceServicer:
         type. Public: assets hold no data. NOT_FOUND for anything else. (HttpBody is
         how an HTTP response that is not JSON is answered through the transcoder.)
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,6 +45,7 @@ class ConsoleServiceStub:
     type. Public: assets hold no data. NOT_FOUND for anything else. (HttpBody is
     how an HTTP response that is not JSON is answered through the transcoder.)
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     CreateSession: _grpc.UnaryUnaryMultiCallable[_console_pb2.CreateSessionRequest, _console_pb2.CreateSessionResponse]
     """CreateSession logs a person in with their user name and password (checked by the
@@ -74,6 +75,7 @@ class ConsoleServiceAsyncStub(ConsoleServiceStub):
     type. Public: assets hold no data. NOT_FOUND for anything else. (HttpBody is
     how an HTTP response that is not JSON is answered through the transcoder.)
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     CreateSession: _aio.UnaryUnaryMultiCallable[_console_pb2.CreateSessionRequest, _console_pb2.CreateSessionResponse]  # type: ignore[assignment]
     """CreateSession logs a person in with their user name and password (checked by the
@@ -106,6 +108,7 @@ class ConsoleServiceServicer(metaclass=_abc_1.ABCMeta):
         type. Public: assets hold no data. NOT_FOUND for anything else. (HttpBody is
         how an HTTP response that is not JSON is answered through the transcoder.)
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
     @_abc_1.abstractmethod

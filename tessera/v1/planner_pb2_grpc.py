@@ -45,6 +45,11 @@ class PlannerServiceStub:
                 request_serializer=tessera_dot_v1_dot_planner__pb2.ValidatePlanRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_planner__pb2.ValidatePlanResponse.FromString,
                 _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/tessera.v1.PlannerService/ListTemplates',
+                request_serializer=tessera_dot_v1_dot_planner__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_planner__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -69,6 +74,14 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTemplates(self, request, context):
+        """ListTemplates describes the workflow templates this planner serves (what the A2A
+        face publishes as agent cards), sorted by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +94,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.ValidatePlan,
                     request_deserializer=tessera_dot_v1_dot_planner__pb2.ValidatePlanRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_planner__pb2.ValidatePlanResponse.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=tessera_dot_v1_dot_planner__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_planner__pb2.ListTemplatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +156,33 @@ class PlannerService:
             '/tessera.v1.PlannerService/ValidatePlan',
             tessera_dot_v1_dot_planner__pb2.ValidatePlanRequest.SerializeToString,
             tessera_dot_v1_dot_planner__pb2.ValidatePlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.PlannerService/ListTemplates',
+            tessera_dot_v1_dot_planner__pb2.ListTemplatesRequest.SerializeToString,
+            tessera_dot_v1_dot_planner__pb2.ListTemplatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

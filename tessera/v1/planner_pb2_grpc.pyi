@@ -43,6 +43,10 @@ class PlannerServiceStub:
     compatible version, depth and fan-out caps, budget present. A bad plan is
     INVALID_ARGUMENT with one field violation per problem.
     """
+    ListTemplates: _grpc.UnaryUnaryMultiCallable[_planner_pb2.ListTemplatesRequest, _planner_pb2.ListTemplatesResponse]
+    """ListTemplates describes the workflow templates this planner serves (what the A2A
+    face publishes as agent cards), sorted by name.
+    """
 
 @_typing.type_check_only
 class PlannerServiceAsyncStub(PlannerServiceStub):
@@ -58,6 +62,10 @@ class PlannerServiceAsyncStub(PlannerServiceStub):
     """ValidatePlan checks a task graph: acyclic, every capability registered with a
     compatible version, depth and fan-out caps, budget present. A bad plan is
     INVALID_ARGUMENT with one field violation per problem.
+    """
+    ListTemplates: _aio.UnaryUnaryMultiCallable[_planner_pb2.ListTemplatesRequest, _planner_pb2.ListTemplatesResponse]  # type: ignore[assignment]
+    """ListTemplates describes the workflow templates this planner serves (what the A2A
+    face publishes as agent cards), sorted by name.
     """
 
 class PlannerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -83,6 +91,16 @@ class PlannerServiceServicer(metaclass=_abc_1.ABCMeta):
         """ValidatePlan checks a task graph: acyclic, every capability registered with a
         compatible version, depth and fan-out caps, budget present. A bad plan is
         INVALID_ARGUMENT with one field violation per problem.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTemplates(
+        self,
+        request: _planner_pb2.ListTemplatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_planner_pb2.ListTemplatesResponse, _abc.Awaitable[_planner_pb2.ListTemplatesResponse]]:
+        """ListTemplates describes the workflow templates this planner serves (what the A2A
+        face publishes as agent cards), sorted by name.
         """
 
 def add_PlannerServiceServicer_to_server(servicer: PlannerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -48,6 +48,7 @@ __all__ = [
     "TRANSIT_MOUNT",
     "TransitSigner",
     "ensure_audit_keys",
+    "ensure_signing_key",
     "read_hmac_key",
     "read_public_keys",
     "read_public_keys_sync",
@@ -101,7 +102,7 @@ def ensure_audit_keys(client: hvac.Client, writers: Iterable[str] = AUDIT_WRITER
     if created_kv:
         _wait_kv_ready(client)
     for writer in writers:
-        _ensure_signing_key(client, key_name_for(writer))
+        ensure_signing_key(client, key_name_for(writer))
     _ensure_hmac_key(client)
 
 
@@ -147,7 +148,7 @@ def _wait_kv_ready(client: hvac.Client) -> None:
             time.sleep(0.1)
 
 
-def _ensure_signing_key(client: hvac.Client, name: str) -> None:
+def ensure_signing_key(client: hvac.Client, name: str) -> None:
     transit = client.secrets.transit
     try:
         key = _retry.call_sync(

@@ -28,6 +28,7 @@ from tessera.runtime.private_files import write_private
 from tessera.vault import _retry
 from tessera.vault._config import Identity, VaultSpec, load_spec
 from tessera.vault.audit_keys import ensure_audit_keys
+from tessera.vault.card_keys import ensure_card_key
 from tessera.vault.errors import VaultConfigError, VaultError
 from tessera.vault.humans import apply_humans, load_humans
 from tessera.vault.naming import APPROLE_MOUNT, TOOL_SECRETS_MOUNT, tool_policy_name, tool_slug
@@ -91,6 +92,7 @@ def apply(
         _ensure_kv_v2(client)
         _ensure_approle(client)
         ensure_audit_keys(client)  # transit signing keys + audit HMAC key
+        ensure_card_key(client)  # the A2A face's agent-card signing key
         changed = _write_policies(client, spec.policies)
         _write_approle_roles(client, spec.identities)
         ensure_pki(client, spec.pki, [identity.name for identity in spec.identities])

@@ -33,17 +33,15 @@ from tessera.cli._local import nats_options, nats_url
 from tessera.cli.login import ensure_login
 from tessera.client import MeshClient
 from tessera.launcher import processes
-from tessera.launcher.topology import project_root
 from tessera.v1 import coordinator_pb2
 from tests.end_of_run import check_executions, read_stored
+from tests.integration.mesh_cli import PROJECT_ROOT, gateway_address, mesh_up
 
-PROJECT_ROOT = project_root(Path(__file__).parent)
 NODE_DIR = PROJECT_ROOT / "clients" / "node"
 GO_BUILD = PROJECT_ROOT / "clients" / "go" / "build.sh"
 GO_BINARY = PROJECT_ROOT / ".build" / "go" / "workflow"
 GO_AGENT = PROJECT_ROOT / ".build" / "go" / "agent"
 BUF = Path(sys.executable).parent / "buf"
-CLI_TIMEOUT_S = 90
 
 EVENT_COMMON = {"eventId", "workflowId", "sequence", "time", "causationId"}
 GOCODE = Path("/usr/share/gocode/src")
@@ -70,38 +68,16 @@ def run(
     )
 
 
-def tessera(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """The real `tessera` command line, as a user runs it."""
-    env = {**os.environ, "COLUMNS": "200"}
-    env.pop("TESSERA_DATA_DIR", None)
-    cli = Path(sys.executable).parent / "tessera"
-    return subprocess.run(
-        [str(cli), *args, "--data-dir", str(data_dir)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-        env=env,
-    )
-
-
 @pytest.fixture(scope="module")
 def mesh_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """`tessera up` in a temporary data dir."""
-    data_dir = tmp_path_factory.mktemp("polyglot-mesh")
-    try:
-        up = tessera("up", data_dir=data_dir)
-        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-4000:]
+    with mesh_up(tmp_path_factory.mktemp("polyglot-mesh")) as data_dir:
         yield data_dir
-    finally:
-        tessera("down", data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
 def gateway(mesh_dir: Path) -> str:
-    """The gateway address from state.json."""
-    return str(json.loads((mesh_dir / "state.json").read_text())["gateway"])
+    return gateway_address(mesh_dir)
 
 
 @pytest.fixture(scope="module")

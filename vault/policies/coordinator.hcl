@@ -21,3 +21,12 @@ path "auth/token/renew-self" {
 path "transit/sign/audit-coordinator" {
   capabilities = ["update"]
 }
+
+# The A2A face: sign agent cards with the card key, and publish its public half.
+path "transit/sign/agent-cards" {
+  capabilities = ["update"]
+}
+
+path "transit/keys/agent-cards" {
+  capabilities = ["read"]
+}
