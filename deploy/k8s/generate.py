@@ -111,6 +111,15 @@ ENVOY_RESOURCES = ({"cpu": "100m", "memory": "128Mi"}, {"cpu": "2", "memory": "5
 SIDECAR_RESOURCES = ({"cpu": "10m", "memory": "48Mi"}, {"cpu": "200m", "memory": "128Mi"})
 
 
+LABEL_OPTIONAL = "tessera.io/optional"
+OPTIONAL_AGENTS = {"a2a-bridge"}
+"""Agents with nothing to do until configured: the A2A bridge needs the declaration file
+(TESSERA_A2A_AGENTS_FILE, mounted beside the tool proxy's) and exits without one. Its
+Deployment has 0 replicas (label ``tessera.io/optional``, which overlays leave alone)
+and its compose service the profile ``a2a``: scale it up, or
+`docker compose --profile a2a up`, once the file is mounted."""
+
+
 def load_units(root: Path = ROOT) -> tuple[list[Unit], list[Unit]]:
     """(services including the control plane, agents) in start order."""
     topology = yaml.safe_load((root / "deploy/local/topology.yaml").read_text())
@@ -159,7 +168,7 @@ def load_units(root: Path = ROOT) -> tuple[list[Unit], list[Unit]]:
             serves=("tessera.v1.AgentService",),
             role="agent",
             component="agent",
-            replicas=1,
+            replicas=0 if entry["name"] in OPTIONAL_AGENTS else 1,
             requests=AGENT_RESOURCES[0],
             limits=AGENT_RESOURCES[1],
         )
@@ -225,12 +234,15 @@ def advertise_env(agent: Unit) -> str:
 
 
 def labels(unit: Unit) -> dict[str, str]:
-    return {
+    out = {
         "app.kubernetes.io/name": unit.name,
         "app.kubernetes.io/component": unit.component,
         "app.kubernetes.io/part-of": "tessera",
         LABEL_ROLE: unit.role,
     }
+    if unit.component == "agent" and unit.replicas == 0:  # overlays leave it at 0
+        out[LABEL_OPTIONAL] = "true"
+    return out
 
 
 def selector(unit: Unit) -> dict[str, str]:
@@ -1065,6 +1077,8 @@ def compose_document(services: list[Unit], agents: list[Unit]) -> dict[str, Any]
         }
         if unit.identity:
             entry["volumes"] = ["tessera-secrets:/var/run/tessera:ro"]
+        if unit.component == "agent" and unit.replicas == 0:  # OPTIONAL_AGENTS
+            entry["profiles"] = ["a2a"]
         if unit.name == CONTROL_PLANE["name"]:
             entry["volumes"].append(f"envoy-certs:{ENVOY_CERT_DIR}")
             # Envoy shares this container's network: the edge port is published here.

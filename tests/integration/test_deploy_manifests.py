@@ -95,6 +95,11 @@ def _matches(doc: dict[str, Any], target: dict[str, Any]) -> bool:
     if "labelSelector" in target:
         labels = doc["metadata"].get("labels", {})
         for term in target["labelSelector"].split(","):
+            if term.startswith("!"):  # set-based: the label is absent
+                assert re.fullmatch(r"[\w./-]+", term[1:]), f"unsupported selector {term!r}"
+                if term[1:] in labels:
+                    return False
+                continue
             key, sep, value = term.partition("=")
             assert sep and re.fullmatch(r"[\w./-]+", key), f"unsupported selector {term!r}"
             if labels.get(key.strip()) != value.strip():
@@ -616,10 +621,16 @@ def test_replicas_per_overlay() -> None:
     local = by_kind(build(K8S / "overlays/local"), "Deployment")
     production = by_kind(build(K8S / "overlays/production"), "Deployment")
     assert base["coordinator"]["spec"]["replicas"] == 2
-    assert {n: d["spec"]["replicas"] for n, d in local.items()} == {n: 1 for n in local}
+    # The A2A bridge stays at 0 everywhere until its declaration file is mounted.
+    optional = {n for n, d in base.items() if "tessera.io/optional" in d["metadata"]["labels"]}
+    assert optional == {"agent-a2a-bridge"}
+    assert {n: d["spec"]["replicas"] for n, d in local.items()} == {
+        n: 0 if n in optional else 1 for n in local
+    }
     assert production["coordinator"]["spec"]["replicas"] >= 2
     for name, doc in production.items():
-        assert doc["spec"]["replicas"] >= 2, name
+        assert doc["spec"]["replicas"] >= (0 if name in optional else 2), name
+    assert all(production[n]["spec"]["replicas"] == 0 for n in optional)
     for docs in (build(K8S / "overlays/local"), build(K8S / "overlays/production")):
         for doc in tessera_workloads(docs):
             image = doc["spec"]["template"]["spec"]["containers"][0]["image"]
