@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +25,9 @@ from typing import Any
 
 import structlog
 import yaml
-from google.protobuf import descriptor_pb2
-from google.protobuf.message import DecodeError
 
 from tessera.identity.names import WorkloadName
-from tessera.launcher.binaries import find_binary
+from tessera.launcher.descriptors import described_services
 from tessera.launcher.edge_auth import (
     CONSOLE_PATH,
     CONSOLE_SERVICE,
@@ -56,12 +52,10 @@ __all__ = [
     "ROUTE_CONFIG_NAME",
     "SESSION_COOKIE",
     "AgentEndpoint",
-    "DescriptorBuildFailed",
     "HumanAuth",
     "Resources",
     "Upstream",
     "agent_cluster_name",
-    "build_descriptor_set",
     "build_resources",
     "cluster_name",
     "load_edge_config",
@@ -172,10 +166,6 @@ class Resources:
     clusters: list[dict[str, Any]] = field(default_factory=list)
     load_assignments: list[dict[str, Any]] = field(default_factory=list)
     secrets: list[dict[str, Any]] = field(default_factory=list)
-
-
-class DescriptorBuildFailed(RuntimeError):
-    """``buf build`` could not produce the descriptor set the transcoder needs."""
 
 
 def cluster_name(name: str) -> str:
@@ -535,7 +525,7 @@ def _http_filters(
         }
     )
     transcoder = edge.get("transcoder") or {}
-    services = _described(descriptor_set, transcoder.get("services") or ())
+    services = described_services(descriptor_set, transcoder.get("services") or ())
     if descriptor_set is not None and services:
         filters.append(
             {
@@ -559,24 +549,6 @@ def _http_filters(
         )
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _T + _ROUTER}})
     return filters
-
-
-def _described(descriptor_set: Path | None, services: Sequence[str]) -> list[str]:
-    """The transcoded ``services`` the descriptor set holds. Envoy rejects the whole
-    listener for one service it cannot find, so a routes file newer than the contracts a
-    running mesh was built with (a rolling upgrade) must leave that service out, not take
-    the front door down."""
-    if descriptor_set is None:
-        return []
-    try:
-        files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file
-    except (OSError, DecodeError):
-        return list(services)  # Envoy says what is wrong with it
-    known = {f"{f.package}.{s.name}" if f.package else s.name for f in files for s in f.service}
-    missing = [name for name in services if name not in known]
-    if missing:
-        log.warning("transcoded_services_not_in_contracts", services=missing)
-    return [name for name in services if name in known]
 
 
 def build_resources(
@@ -769,61 +741,3 @@ def render(
         "clusters": resources.clusters,
     }
     return yaml.safe_dump(bootstrap, sort_keys=False)
-
-
-def build_descriptor_set(project: Path, output: Path, *, timeout: float = 60.0) -> Path:
-    """``buf build`` every contract, with its imports, into a FileDescriptorSet at ``output``
-    (what the gRPC-JSON transcoder reads). Runs from ``project`` (where buf.yaml lives),
-    linking the googleapis protos into ``.build/protodeps`` first if needed."""
-    deps = project / ".build" / "protodeps"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    commands = []
-    if not (deps / "google" / "api").exists():
-        commands.append([sys.executable, str(project / "tools" / "proto_deps.py"), str(deps)])
-    commands.append(
-        [
-            str(find_binary("buf")),
-            "build",
-            "-o",
-            str(output),
-            "--as-file-descriptor-set",
-            "--exclude-source-info",
-        ]
-    )
-    for argv in commands:
-        result = subprocess.run(
-            argv, cwd=project, capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if result.returncode != 0:
-            raise DescriptorBuildFailed(
-                f"{Path(argv[0]).name} failed ({result.returncode}): {result.stderr.strip()}"
-            )
-    _add_package_contracts(output)
-    return output
-
-
-def _add_package_contracts(output: Path) -> None:
-    """Add the contracts we serve but do not own (A2A's ``a2a.proto``, from the a2a-sdk
-    package as installed: never copied into proto/) with the files they import, so the
-    transcoder also speaks A2A's HTTP+JSON binding."""
-    from a2a.types import a2a_pb2  # the pinned package is the contract
-
-    fds = descriptor_pb2.FileDescriptorSet.FromString(output.read_bytes())
-    present = {f.name for f in fds.file}
-    pending = [a2a_pb2.DESCRIPTOR]
-    ordered: list[descriptor_pb2.FileDescriptorProto] = []
-    while pending:  # dependencies first, each file once
-        file = pending[-1]
-        missing = [d for d in file.dependencies if d.name not in present]
-        if missing:
-            pending.extend(missing)
-            continue
-        pending.pop()
-        if file.name in present:
-            continue
-        proto = descriptor_pb2.FileDescriptorProto()
-        file.CopyToProto(proto)
-        ordered.append(proto)
-        present.add(file.name)
-    fds.file.extend(ordered)
-    output.write_bytes(fds.SerializeToString())

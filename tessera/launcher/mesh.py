@@ -31,13 +31,8 @@ import structlog
 from tessera import a2a_agents
 from tessera.launcher import cluster, infra, nats_security, openbao, processes
 from tessera.launcher import state as state_file
-from tessera.launcher.gateway import (
-    CONTROL_PLANE_MODULE,
-    DescriptorBuildFailed,
-    Upstream,
-    XdsTls,
-    build_descriptor_set,
-)
+from tessera.launcher.descriptors import DescriptorBuildFailed, build_descriptor_set
+from tessera.launcher.gateway import CONTROL_PLANE_MODULE, Upstream, XdsTls
 from tessera.launcher.health import Health, accepts, grpc_health, http_ok
 from tessera.launcher.operator import OperatorIdentity, operator_identity
 from tessera.launcher.ports import ensure_free, preferred_port

@@ -32,7 +32,7 @@ from services.gateway.settings import GatewaySettings
 from services.planner.service import PlannerService
 from services.planner.settings import PlannerSettings
 from tessera.launcher import infra
-from tessera.launcher.gateway import build_descriptor_set
+from tessera.launcher.descriptors import build_descriptor_set
 from tessera.launcher.ports import free_port
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology

@@ -37,7 +37,8 @@ from services.tool_proxy.app import ToolProxy
 from services.tool_proxy.tools import CallInfo, SideEffect, Tool, ToolSpec
 from tessera.audit import tail
 from tessera.launcher import infra
-from tessera.launcher.gateway import XdsTls, build_descriptor_set
+from tessera.launcher.descriptors import build_descriptor_set
+from tessera.launcher.gateway import XdsTls
 from tessera.launcher.ports import free_port
 from tessera.runtime.bus import Topology, connect
 from tessera.v1 import audit_pb2
