@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -47,14 +44,12 @@ from tessera.cli._local import nats_options, nats_url
 from tessera.cli.login import ensure_login
 from tessera.client import MeshClient
 from tessera.launcher.ports import free_port
-from tessera.launcher.topology import project_root
 from tessera.v1 import coordinator_pb2
 from tests.end_of_run import check_executions, read_stored
+from tests.integration.mesh_cli import mesh_up
 
 pytestmark = pytest.mark.integration
 
-PROJECT_ROOT = project_root(Path(__file__).parent)
-CLI_TIMEOUT_S = 120
 TIMEOUT_S = 3.0
 """The declared exchange timeout (the capability's is one second more)."""
 WS = coordinator_pb2.WorkflowState
@@ -254,21 +249,6 @@ def a2a_agent() -> Iterator[A2AServer]:
 # -- the mesh, with the agent declared -----------------------------------------------------
 
 
-def tessera(*args: str, data_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, "COLUMNS": "200", **env}
-    full.pop("TESSERA_DATA_DIR", None)
-    cli = Path(sys.executable).parent / "tessera"
-    return subprocess.run(
-        [str(cli), *args, "--data-dir", str(data_dir)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-        env=full,
-    )
-
-
 @pytest.fixture(scope="module")
 def mesh_dir(a2a_agent: A2AServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """`tessera up` with the quoter declared as `pricing.quote` and a template using it."""
@@ -319,14 +299,9 @@ def mesh_dir(a2a_agent: A2AServer, tmp_path_factory: pytest.TempPathFactory) -> 
         "TESSERA_A2A_AGENTS_FILE": str(declarations),
         "TESSERA_PLANNER_EXTRA_TEMPLATE_DIRS": str(templates),
     }
-    data_dir = tmp_path_factory.mktemp("a2a-mesh")
-    try:
-        up = tessera("up", data_dir=data_dir, env=env)
-        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-4000:]
+    with mesh_up(tmp_path_factory.mktemp("a2a-mesh"), env) as data_dir:
         store_bearer(data_dir)
         yield data_dir
-    finally:
-        tessera("down", data_dir=data_dir, env=env)
 
 
 def store_bearer(data_dir: Path) -> None:
