@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # buf calls `python` and the protoc-gen-* plugins by name: make them the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup proto proto-deps check-proto lint test test-unit test-integration demo bench chaos up down status breaking clients screenshots clean
+.PHONY: setup proto proto-deps check-proto lint test test-unit test-integration demo bench restate-server chaos up down status breaking clients screenshots clean
 
 setup: $(STAMP)
 
@@ -37,7 +37,7 @@ lint: proto-deps
 	ruff check .
 	mypy tessera services tools
 
-test: setup lint check-proto breaking
+test: setup restate-server lint check-proto breaking
 	pytest -q
 
 ## buf breaking on proto/ against the previous main commit (HEAD~1 on main; skipped,
@@ -53,6 +53,19 @@ clients: proto-deps
 	@clients/go/build.sh; rc=$$?; \
 	  if [ $$rc -eq 3 ]; then echo "clients: Go skipped (see the apt-get line above)"; \
 	  elif [ $$rc -ne 0 ]; then exit $$rc; fi
+
+## The benchmark's Restate server (tests/bench/restate_side.py), npm's pinned package under
+## .build/restate; the stamp names the version, so a bump reinstalls and a rerun is a no-op.
+RESTATE_VERSION := 1.7.12
+RESTATE_STAMP   := .build/restate/.installed-$(RESTATE_VERSION)
+
+restate-server: $(RESTATE_STAMP)
+
+$(RESTATE_STAMP):
+	mkdir -p .build/restate
+	npm install --prefix .build/restate --no-audit --no-fund --save-exact \
+	  @restatedev/restate-server@$(RESTATE_VERSION)
+	touch $@
 
 test-unit: setup
 	pytest -q tests/unit
@@ -72,7 +85,7 @@ demo: setup
 	tessera demo && tessera audit verify || (tessera down; exit 1)
 	tessera down
 
-bench: setup
+bench: setup restate-server
 	pytest -q -m bench -p no:cacheprovider tests/bench -s
 
 ## The long chaos tier: W(50, 5 min) per fault (every process kind killed -9 and
