@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -285,11 +286,78 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# -- JetStream's own counters ------------------------------------------------------------
+
+
+def jetstream_counters(monitor_url: str, namespace: str) -> dict[str, Any]:
+    """nats-server's own counters (monitoring endpoint): per stream of ``namespace`` (KV
+    buckets' streams included) its last sequence and what each durable consumer has
+    acknowledged (`/jsz`), and the bytes the server received from clients (`/varz`).
+    With `sync_interval: always` every appended message is an fsynced write; on the
+    work-queue stream an acknowledgement also removes its message."""
+    with urllib.request.urlopen(
+        f"{monitor_url}/jsz?accounts=true&streams=true&consumers=true&config=true", timeout=5
+    ) as reply:
+        jsz = json.load(reply)
+    with urllib.request.urlopen(f"{monitor_url}/varz", timeout=5) as reply:
+        varz = json.load(reply)
+    streams: dict[str, dict[str, Any]] = {}
+    ns = namespace.lower()
+    for account in jsz.get("account_details") or []:
+        for stream in account.get("stream_detail") or []:
+            name = stream["name"]
+            if ns not in name.lower():
+                continue
+            short = name.lower().replace(ns, "").strip("_") or name
+            streams[short] = {
+                "appended": int((stream.get("state") or {}).get("last_seq") or 0),
+                "acked": {
+                    c["name"]: int((c.get("ack_floor") or {}).get("consumer_seq") or 0)
+                    for c in stream.get("consumer_detail") or []
+                    if (c.get("config") or {}).get("durable_name")
+                },
+            }
+    return {"streams": streams, "in_bytes": int(varz.get("in_bytes") or 0)}
+
+
+def jetstream_per_wf(
+    before: dict[str, Any], after: dict[str, Any], workflows: int
+) -> dict[str, Any]:
+    """Writes per workflow over a window: messages appended (fsynced) per stream and in
+    all, what durable consumers acknowledged, and bytes clients sent the server."""
+    done = max(1, workflows)
+    old = before["streams"]
+    appended = {
+        s: (v["appended"] - old.get(s, {}).get("appended", 0)) / done
+        for s, v in after["streams"].items()
+    }
+    acks = sum(
+        n - old[s]["acked"][c]
+        for s, v in after["streams"].items()
+        for c, n in v["acked"].items()
+        if c in old.get(s, {}).get("acked", {})
+    )
+    return {
+        "appended_per_wf": round(sum(appended.values()), 2),
+        "appended_per_wf_by_stream": {k: round(v, 2) for k, v in sorted(appended.items()) if v},
+        "durable_acks_per_wf": round(acks / done, 2),
+        "bytes_received_per_wf": round((after["in_bytes"] - before["in_bytes"]) / done),
+    }
+
+
 async def run_driver(
-    argv: list[str], *, env: dict[str, str], warmup: float, duration: float, watch: dict[str, int]
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    warmup: float,
+    duration: float,
+    watch: dict[str, int],
+    jetstream: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run a load generator; sample the CPU of the `watch` processes over its measured
-    window (warmup excluded). Returns its JSON report plus `cpu_ms_per_wf` per process."""
+    window (warmup excluded). Returns its JSON report plus `cpu_ms_per_wf` per process;
+    with ``jetstream`` (monitor URL, namespace), also JetStream's writes per workflow
+    over the same window (`jetstream`)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *argv,
@@ -305,9 +373,11 @@ async def run_driver(
     # a window of the same length (close enough for CPU shares, not for timing).
     await asyncio.sleep(0.5 + warmup)
     before = {name: cpu_s(pid) for name, pid in watch.items()}
+    js_before = await asyncio.to_thread(jetstream_counters, *jetstream) if jetstream else {}
     load_before = machine_load()
     await asyncio.sleep(duration)
     after = {name: cpu_s(pid) for name, pid in watch.items()}
+    js_after = await asyncio.to_thread(jetstream_counters, *jetstream) if jetstream else {}
     stdout, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{argv} exited {proc.returncode}")
@@ -316,6 +386,8 @@ async def run_driver(
     per_wf = {name: (after[name] - before[name]) * 1000 / done for name in watch}
     per_wf["client"] = report.pop("client_cpu_s") * 1000 / done
     report["cpu_ms_per_wf"] = {k: round(v, 3) for k, v in per_wf.items()}
+    if jetstream:
+        report["jetstream"] = jetstream_per_wf(js_before, js_after, report["completed"])
     report["loadavg_1m_before"] = load_before[0]
     return report
 
@@ -327,7 +399,10 @@ async def mesh_run(
     *,
     warmup: float,
     duration: float,
+    workload: str = "supervisor",
 ) -> dict[str, Any]:
+    """One closed-loop run of the mesh at ``concurrency``: ``workload`` "supervisor" (the
+    4-step workflow) or "long" (workload.long_plan)."""
     assert mesh.nats is not None and mesh.services is not None
     return await run_driver(
         [
@@ -337,6 +412,8 @@ async def mesh_run(
             coordinator.address,
             "--concurrency",
             str(concurrency),
+            "--workload",
+            workload,
         ],
         env=mesh.env(),
         warmup=warmup,
@@ -346,6 +423,7 @@ async def mesh_run(
             "nats": mesh.nats.pid,
             "planner+agent": mesh.services.pid,
         },
+        jetstream=(mesh.nats.monitor_url, mesh.namespace),
     )
 
 
@@ -369,6 +447,7 @@ async def floor_run(
         warmup=warmup,
         duration=duration,
         watch={"nats": mesh.nats.pid, "planner+agent": mesh.services.pid},
+        jetstream=(mesh.nats.monitor_url, mesh.namespace),
     )
 
 

@@ -1,8 +1,9 @@
 """`python -m tests.bench.mesh_driver --coordinator ADDR --concurrency N --duration S`:
-N concurrent clients against the coordinator, each starting the supervisor workflow
-(StartWorkflow with an explicit plan) and following it with WatchWorkflow to its terminal
-event, over and over. Prints one JSON object: completed workflows and their latencies
-(start call to terminal event) inside the measured window (after `--warmup` seconds)."""
+N concurrent clients against the coordinator, each starting the supervisor workflow (or,
+with `--workload long`, workload.long_plan's 40 steps) with an explicit plan and following
+it with WatchWorkflow to its terminal event, over and over. Prints one JSON object:
+completed workflows and their latencies (start call to terminal event) inside the measured
+window (after `--warmup` seconds)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import uvloop
 
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2
 from tests.bench.load import closed_loop
-from tests.bench.workload import supervisor_plan
+from tests.bench.workload import long_plan, supervisor_plan
 
 TERMINAL = {"workflow_completed", "workflow_failed", "workflow_cancelled"}
 
@@ -44,7 +45,7 @@ async def one(
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    plan = supervisor_plan()
+    plan = long_plan() if args.workload == "long" else supervisor_plan()
     # One channel per 16 clients: one HTTP/2 connection would serialize on its reader.
     channels = [
         grpc.aio.insecure_channel(args.coordinator)
@@ -69,4 +70,5 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--workload", choices=("supervisor", "long"), default="supervisor")
     print(json.dumps(uvloop.run(main(parser.parse_args()))))

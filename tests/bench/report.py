@@ -6,7 +6,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-TARGETS = {"throughput_ratio_min": 2.0, "resume_ms_max": 1000.0, "parked_rss_mb_max": 200.0}
+TARGETS = {
+    "throughput_ratio_min": 2.0,
+    "resume_ms_max": 1000.0,
+    "parked_rss_mb_max": 200.0,
+    # The durable-core issue's targets (docs/decisions.md, "The durable core's cost").
+    "p50_at_1_over_floor_max": 2.0,
+    "appended_per_wf_max": 6.0,
+    "long_over_short_per_step_max": 1.5,
+}
+STEPS = {"mesh": 4, "mesh_long": 40}
+"""Agent executions per workflow of each mesh workload (workload.py)."""
 
 
 def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -40,6 +50,48 @@ def _floor(
     }
 
 
+def _at(runs: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    return next((r for r in runs if r["concurrency"] == concurrency), None)
+
+
+def _latency(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """p50/p99 of every side at 1 and at 32 workflows in flight (when the sweep ran them)."""
+    out: dict[str, Any] = {}
+    for side, side_runs in runs.items():
+        for level in (1, 32):
+            run = _at(side_runs, level)
+            if run is not None:
+                out.setdefault(side, {})[f"at_{level}"] = {
+                    "p50_ms": run["p50_ms"],
+                    "p99_ms": run["p99_ms"],
+                }
+    return out
+
+
+def _per_step(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """CPU (every process) and bytes sent to NATS per agent step, of the 4-step workflow
+    and of the 40-step one with a 256 KB blackboard, at the long run's concurrency."""
+    if not runs.get("mesh_long"):
+        return None
+    long_run = runs["mesh_long"][0]
+    short_run = _at(runs["mesh"], long_run["concurrency"]) or _best(runs["mesh"])
+    out: dict[str, Any] = {}
+    for side, run in (("mesh", short_run), ("mesh_long", long_run)):
+        steps = STEPS[side]
+        out[side] = {
+            "steps": steps,
+            "concurrency": run["concurrency"],
+            "cpu_ms_per_step": _cpu_total(run) / steps,
+            "bytes_to_nats_per_step": run["jetstream"]["bytes_received_per_wf"] / steps,
+            "appended_per_step": run["jetstream"]["appended_per_wf"] / steps,
+        }
+    out["cpu_ratio"] = out["mesh_long"]["cpu_ms_per_step"] / out["mesh"]["cpu_ms_per_step"]
+    out["bytes_ratio"] = (
+        out["mesh_long"]["bytes_to_nats_per_step"] / out["mesh"]["bytes_to_nats_per_step"]
+    )
+    return out
+
+
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     runs = report["runs"]
     env = report["environment"]
@@ -65,6 +117,23 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "note": "cpu_bound_wf_s = cpus * 1000 / cpu_ms_per_wf: the rate at which the run's "
         "processes together would use every core",
     }
+    latency = _latency(runs)
+    per_step = _per_step(runs)
+    writes = {
+        "best_run": mesh["jetstream"],
+        "at_1": (_at(runs["mesh"], 1) or {}).get("jetstream"),
+        "note": "messages appended to JetStream per 4-step workflow, from nats-server's "
+        "/jsz (stream last sequences; with sync_interval: always each is an fsynced "
+        "write), the work queue's acknowledgements, and bytes clients sent the server",
+    }
+    restate_ratio = None
+    if runs.get("restate"):
+        restate_ratio = mesh["throughput_wf_s"] / _best(runs["restate"])["throughput_wf_s"]
+    floor_at_1 = _at(runs.get("floor", []), 1)
+    mesh_at_1 = _at(runs["mesh"], 1)
+    p50_over_floor = (
+        mesh_at_1["p50_ms"] / floor_at_1["p50_ms"] if mesh_at_1 and floor_at_1 else None
+    )
     default_resume = next((r for r in report["resume"] if r.get("default")), None)
     fastest_resume = min(report["resume"], key=lambda r: r["kill_to_first_progress_ms"])
     memory = report["memory"]
@@ -80,9 +149,16 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             "baseline_p50_ms": baseline["p50_ms"],
             "baseline_p99_ms": baseline["p99_ms"],
             "ratio": ratio,
+            "restate_wf_s": _best(runs["restate"])["throughput_wf_s"] if restate_ratio else None,
+            "restate_ratio": restate_ratio,
             "note": "best of the concurrency sweep on each side; the baseline is the faster "
-            "of LangGraph's sync (thread pool) and async savers",
+            "of LangGraph's sync (thread pool) and async savers; restate_ratio: mesh / "
+            "Restate",
         },
+        "latency": latency,
+        "p50_at_1_over_floor": p50_over_floor,
+        "writes": writes,
+        "per_step": per_step,
         "floor": floor,
         "target_budget": budget,
         "resume": {
@@ -102,6 +178,16 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 and default_resume["kill_to_first_progress_ms"] < TARGETS["resume_ms_max"]
             ),
             "parked_rss_met": memory["rss_parked_mb"] < TARGETS["parked_rss_mb_max"],
+            "restate_ratio_met": restate_ratio is not None and restate_ratio >= 1.0,
+            "langgraph_ratio_met_1x": ratio >= 1.0,
+            "p50_at_1_met": (
+                p50_over_floor is not None and p50_over_floor <= TARGETS["p50_at_1_over_floor_max"]
+            ),
+            "appended_per_wf_met": mesh["jetstream"]["appended_per_wf"]
+            <= TARGETS["appended_per_wf_max"],
+            "per_step_met": per_step is not None
+            and max(per_step["cpu_ratio"], per_step["bytes_ratio"])
+            <= TARGETS["long_over_short_per_step_max"],
         },
         "runs": runs,
         "resume_runs": report["resume"],
@@ -138,6 +224,30 @@ def render(summary: dict[str, Any]) -> str:
         f"{t['baseline_wf_s']:.1f} wf/s (c={t['baseline_concurrency']}): "
         f"ratio {t['ratio']:.2f} (target >= {TARGETS['throughput_ratio_min']:g})",
     ]
+    if t.get("restate_ratio") is not None:
+        lines.append(
+            f"best mesh vs restate {t['restate_wf_s']:.1f} wf/s: ratio {t['restate_ratio']:.2f}"
+        )
+    w = summary["writes"]["best_run"]
+    lines.append(
+        f"mesh JetStream writes per workflow: {w['appended_per_wf']:.1f} appended "
+        f"({', '.join(f'{k} {v:g}' for k, v in w['appended_per_wf_by_stream'].items())}), "
+        f"{w['durable_acks_per_wf']:.1f} work acks, {w['bytes_received_per_wf']} bytes to NATS"
+    )
+    ps = summary.get("per_step")
+    if ps:
+        lines.append(
+            f"per step: 4-step {ps['mesh']['cpu_ms_per_step']:.2f} cpu ms, "
+            f"{ps['mesh']['bytes_to_nats_per_step']:.0f} B; 40-step/256 KB "
+            f"{ps['mesh_long']['cpu_ms_per_step']:.2f} cpu ms, "
+            f"{ps['mesh_long']['bytes_to_nats_per_step']:.0f} B; ratios cpu "
+            f"{ps['cpu_ratio']:.2f}, bytes {ps['bytes_ratio']:.2f} (target <= "
+            f"{TARGETS['long_over_short_per_step_max']:g})"
+        )
+    if summary.get("p50_at_1_over_floor") is not None:
+        lines.append(
+            f"p50 with one workflow in flight: {summary['p50_at_1_over_floor']:.1f}x the floor's"
+        )
     f = summary.get("floor")
     if f:
         lines.append(

@@ -35,6 +35,7 @@ async def run_benchmark(
     resume_ack_waits: list[float | None],
     parked: int,
     langgraph_modes: tuple[str, ...] = ("sync", "async"),
+    long_concurrency: int = 4,
 ) -> dict[str, Any]:
     began = time.monotonic()
     env = harness.environment()
@@ -63,6 +64,18 @@ async def run_benchmark(
                             directory, mode, concurrency, warmup=warmup, duration=duration
                         )
                     )
+            # The 40-step workflow with a 256 KB blackboard, for the per-step cost beside
+            # the 4-step one's (a longer window: each workflow takes 10x the steps).
+            runs["mesh_long"] = [
+                await harness.mesh_run(
+                    mesh,
+                    coordinator,
+                    long_concurrency,
+                    warmup=warmup,
+                    duration=duration * 2,
+                    workload="long",
+                )
+            ]
             env["coordinator_rss_after_sweep_mb"] = harness.rss_mb(coordinator.pid)
         finally:
             coordinator.stop()
@@ -85,6 +98,9 @@ def _check(report: dict[str, Any]) -> None:
     for side, runs in report["runs"].items():
         for run in runs:
             assert run["completed"] > 0, (side, run)
+            if side.startswith("mesh"):
+                # JetStream's counters were read: at least the history and the queue.
+                assert run["jetstream"]["appended_per_wf"] > 0, run["jetstream"]
             assert (
                 set(run["outcomes"]) == {"workflow_completed"}
                 or run["outcomes"].get("wrong_result", 0) == 0
@@ -119,12 +135,13 @@ async def test_workflow_bench_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_workflow_bench_full(tmp_path: Path) -> None:
-    """`make bench`: the sweep (mesh, floor, LangGraph), resume at the default ack wait
+    """`make bench`: the sweep (mesh, floor, LangGraph; 1 to 64 in flight), the 40-step
+    workflow, resume at the default ack wait
     and at the former 2 s default, and 10,000 parked workflows. Writes
     .tessera/bench/workflows.json."""
     report = await run_benchmark(
         tmp_path,
-        concurrencies=[8, 32, 64],
+        concurrencies=[1, 8, 32, 64],
         warmup=2.0,
         duration=10.0,
         resume_workflows=32,

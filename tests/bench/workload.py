@@ -36,6 +36,7 @@ def synthesize(work: str | None) -> dict[str, Any]:
 SUPERVISOR = "bench.supervisor"
 WORKER = "bench.worker"
 SYNTHESIZER = "bench.synthesizer"
+STEP = "bench.step"
 # Far above any concurrency of the sweep, so the SDK's per-capability limit never
 # refuses an attempt (a refusal would be a retry with backoff, not a benchmark figure).
 AGENT_CONCURRENCY = 4096
@@ -94,6 +95,25 @@ async def synthesizer(ctx: TaskContext) -> TaskResult:
     return TaskResult(output=synthesize(ctx.blackboard.get("work")))
 
 
+@agent.capability(
+    STEP,
+    version="1.0.0",
+    side_effect="read_only",
+    writes=["blob", "count"],
+    max_concurrency=AGENT_CONCURRENCY,
+)
+async def step(ctx: TaskContext) -> TaskResult:
+    """One step of the long workflow: the first writes `blob` (``blob_bytes`` in its
+    input), every step writes its own number to `count`. It reads nothing, so what a
+    step costs the mesh beyond the hop is the coordinator's handling of a workflow that
+    holds a large blackboard and many tasks."""
+    size = int(ctx.input.get("blob_bytes") or 0)
+    writes: dict[str, Any] = {"count": int(ctx.input.get("n") or 0)}
+    if size:
+        writes["blob"] = "x" * size
+    return TaskResult(output={"ok": True}, writes=writes)
+
+
 BUDGET = common_pb2.Budget(
     max_tokens=1000, max_cost_micros=1000, max_tool_calls=10, max_iterations=20
 )
@@ -124,6 +144,30 @@ def supervisor_plan(*, hold_s: float = 0.0) -> planner_pb2.TaskGraph:
         budget=BUDGET,
         tasks=[_spec("sup", SUPERVISOR, **inputs), _spec("synth", SYNTHESIZER, "sup")],
     )
+
+
+LONG_STEPS = 40
+LONG_WIDTH = 4
+LONG_BLOB_BYTES = 256 * 1024
+
+
+def long_plan(
+    *, steps: int = LONG_STEPS, width: int = LONG_WIDTH, blob_bytes: int = LONG_BLOB_BYTES
+) -> planner_pb2.TaskGraph:
+    """``steps`` tasks in ``width`` chains (the planner caps a dependency chain at 10
+    tasks), the first of which writes a ``blob_bytes`` blackboard value: the per-step cost
+    of a large workflow, beside the 4-step one's."""
+    tasks = []
+    for i in range(steps):
+        deps = [f"s{i - width}"] if i >= width else []
+        inputs: dict[str, Any] = {"n": i}
+        if i == 0:
+            inputs["blob_bytes"] = blob_bytes
+        tasks.append(_spec(f"s{i}", STEP, *deps, **inputs))
+    budget = common_pb2.Budget()
+    budget.CopyFrom(BUDGET)
+    budget.max_iterations = steps * 2
+    return planner_pb2.TaskGraph(template="bench-long", budget=budget, tasks=tasks)
 
 
 def parked_plan() -> planner_pb2.TaskGraph:
