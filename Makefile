@@ -63,8 +63,9 @@ restate-server: $(RESTATE_STAMP)
 
 $(RESTATE_STAMP):
 	mkdir -p .build/restate
-	npm install --prefix .build/restate --no-audit --no-fund --save-exact \
-	  @restatedev/restate-server@$(RESTATE_VERSION)
+	# --ignore-scripts: the only install script is @scarf/scarf's analytics ping.
+	SCARF_ANALYTICS=false npm install --prefix .build/restate --no-audit --no-fund \
+	  --ignore-scripts --save-exact @restatedev/restate-server@$(RESTATE_VERSION)
 	touch $@
 
 test-unit: setup
