@@ -1,13 +1,14 @@
 """The workflow benchmark: the same 4-step supervisor workflow (supervisor -> worker ->
-supervisor -> synthesizer, trivial steps) through the real mesh and through LangGraph +
-SqliteSaver, in one run on one machine, at equal durability (SQLite commits every
-checkpoint with its default synchronous=FULL; JetStream runs with `sync_interval:
-always`). Also: the coordinator's resume after kill -9 and its memory with workflows
-parked on approval. Prints a table and writes JSON; asserts only that things worked,
-never absolute timings (ratios against the baseline measured in the same run are the
-point). The floor (informational): the same workflow against the same agent process by a
-minimal orchestrator with no durability, what the agent hops alone cost. See
-tests/bench/README.md."""
+supervisor -> synthesizer, trivial steps) through the real mesh, through LangGraph +
+SqliteSaver and through Restate (server and Python SDK), in one run on one machine, each
+with its default durable persistence (SQLite commits every checkpoint with its default
+synchronous=FULL; JetStream runs with `sync_interval: always`). Also: a 40-step mesh
+workflow for the per-step cost, the coordinator's resume after kill -9 and its memory
+with workflows parked on approval. Prints a table and writes JSON; asserts only that
+things worked, never absolute timings (ratios against the baselines measured in the same
+run are the point). The floor (informational): the same workflow against the same agent
+process by a minimal orchestrator with no durability, what the agent hops alone cost.
+See tests/bench/README.md."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pytest
 
 from tests.bench import harness
 from tests.bench.report import render, write
+from tests.bench.restate_side import RestateSide, restate_run
 
 RESULT = harness.REPO / ".tessera" / "bench" / "workflows.json"
 
@@ -40,12 +42,16 @@ async def run_benchmark(
     began = time.monotonic()
     env = harness.environment()
     mesh = harness.Infra(directory)
+    restate = RestateSide(directory / "restate")
     try:
         await mesh.start()
+        await restate.__aenter__()
+        env["restate_release_check_blocked"] = restate.release_check_blocked
         coordinator = harness.CoordinatorProcess(mesh)
         env["coordinator_start_to_serving_ms"] = await coordinator.ready() * 1000
         runs: dict[str, list[dict[str, Any]]] = {"mesh": [], "floor": []}
         runs.update({f"langgraph_{m}": [] for m in langgraph_modes})
+        runs["restate"] = []
         try:
             # Interleaved per concurrency level, so drift in the machine's load (it is
             # shared) spreads over every side instead of landing on one.
@@ -64,6 +70,9 @@ async def run_benchmark(
                             directory, mode, concurrency, warmup=warmup, duration=duration
                         )
                     )
+                runs["restate"].append(
+                    await restate_run(restate, concurrency, warmup=warmup, duration=duration)
+                )
             # The 40-step workflow with a 256 KB blackboard, for the per-step cost beside
             # the 4-step one's (a longer window: each workflow takes 10x the steps).
             runs["mesh_long"] = [
@@ -88,6 +97,7 @@ async def run_benchmark(
         ]
         memory = await harness.parked_memory(mesh, workflows=parked)
     finally:
+        await restate.close()
         mesh.stop()
     env["loadavg_at_end"] = harness.machine_load()
     env["wall_s"] = time.monotonic() - began
