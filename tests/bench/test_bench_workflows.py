@@ -157,6 +157,7 @@ async def test_workflow_bench_full(tmp_path: Path) -> None:
         resume_workflows=32,
         resume_ack_waits=[None, 2.0],
         parked=10_000,
+        long_concurrency=8,  # a level of the sweep: per-step costs compared at equal load
     )
     summary = write(report, RESULT)
     print("\n" + render(summary))
