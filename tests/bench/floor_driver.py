@@ -28,7 +28,7 @@ from google.protobuf import json_format, struct_pb2
 
 from tessera.runtime.grpc_client import channel
 from tessera.v1 import agent_pb2, agent_pb2_grpc, common_pb2, planner_pb2
-from tests.bench.load import closed_loop
+from tests.bench.load import closed_loop, driver_parser
 from tests.bench.workload import agent, supervisor_plan
 
 MAX_CHAIN = 20  # the plan's max_iterations: a runaway handoff loop ends the workflow
@@ -125,9 +125,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = driver_parser()
     parser.add_argument("--agent", required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--duration", type=float, required=True)
-    parser.add_argument("--warmup", type=float, default=1.0)
     print(json.dumps(uvloop.run(main(parser.parse_args()))))

@@ -26,7 +26,7 @@ from typing import Any, TypedDict
 
 from langgraph.graph import END, START, StateGraph
 
-from tests.bench.load import closed_loop
+from tests.bench.load import closed_loop, driver_parser
 from tests.bench.workload import do_work, supervise, synthesize
 
 
@@ -175,11 +175,8 @@ def _out(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = driver_parser()
     parser.add_argument("--mode", choices=["sync", "async"], required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--duration", type=float, required=True)
-    parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--db", required=True)
     parser.add_argument("--durability", choices=["sync", "async"], default="sync")
     ns = parser.parse_args()

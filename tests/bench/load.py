@@ -4,6 +4,7 @@ driver's own CPU is sampled over that window."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
@@ -47,3 +48,13 @@ async def closed_loop(
         "latencies_s": latencies,
         "client_cpu_s": cpu["end"] - cpu["start"],
     }
+
+
+def driver_parser() -> argparse.ArgumentParser:
+    """The arguments every driver takes (``--concurrency``, ``--duration``, ``--warmup``);
+    each adds its own side's."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--duration", type=float, required=True)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    return parser

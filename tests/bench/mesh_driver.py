@@ -17,7 +17,7 @@ import grpc
 import uvloop
 
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, planner_pb2
-from tests.bench.load import closed_loop
+from tests.bench.load import closed_loop, driver_parser
 from tests.bench.workload import long_plan, supervisor_plan
 
 TERMINAL = {"workflow_completed", "workflow_failed", "workflow_cancelled"}
@@ -65,10 +65,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = driver_parser()
     parser.add_argument("--coordinator", required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--duration", type=float, required=True)
-    parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--workload", choices=("supervisor", "long"), default="supervisor")
     print(json.dumps(uvloop.run(main(parser.parse_args()))))

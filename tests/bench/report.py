@@ -74,7 +74,9 @@ def _per_step(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
     if not runs.get("mesh_long"):
         return None
     long_run = runs["mesh_long"][0]
-    short_run = _at(runs["mesh"], long_run["concurrency"]) or _best(runs["mesh"])
+    short_run = _at(runs["mesh"], long_run["concurrency"])
+    if short_run is None:  # compared at equal load only: the long run is at a sweep level
+        return None
     out: dict[str, Any] = {}
     for side, run in (("mesh", short_run), ("mesh_long", long_run)):
         steps = STEPS[side]

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import uvloop
 
-from tests.bench.load import closed_loop
+from tests.bench.load import closed_loop, driver_parser
 from tests.bench.restate_service import WORKFLOW
 
 EXPECTED = {"answer": "DONE: BENCH"}
@@ -52,9 +52,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = driver_parser()
     parser.add_argument("--ingress", required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--duration", type=float, required=True)
-    parser.add_argument("--warmup", type=float, default=1.0)
     print(json.dumps(uvloop.run(main(parser.parse_args()))))

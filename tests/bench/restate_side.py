@@ -29,9 +29,10 @@ from types import TracebackType
 from typing import Any
 
 from tessera.launcher.ports import LOOPBACK, free_port
+from tests.bench import harness
 from tests.bench.restate_service import WORKFLOW
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = harness.REPO
 SERVER_BIN = (
     REPO / ".build/restate/node_modules/@restatedev/restate-server-linux-x64/bin/restate-server"
 )
@@ -125,11 +126,7 @@ class RestateSide:
         self._service: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> RestateSide:
-        try:
-            await self._start()
-        except BaseException:
-            await self.close()
-            raise
+        await self.start()
         return self
 
     async def __aexit__(
@@ -143,6 +140,15 @@ class RestateSide:
     async def close(self) -> None:
         await _stop(self._service)
         await _stop(self._server)
+
+    async def start(self) -> None:
+        """Start both processes and register the deployment; on any failure, stop what
+        was started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
 
     async def _start(self) -> None:
         if not SERVER_BIN.exists():
@@ -179,16 +185,12 @@ class RestateSide:
                 *argv, stdout=log, stderr=log, cwd=self.directory
             )
         self.server_pid = self._server.pid
-        service_env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        }
         with (self.directory / "restate-service.log").open("wb") as log:
             self._service = await asyncio.create_subprocess_exec(
                 *(sys.executable, "-m", "tests.bench.restate_service", "--port", str(service)),
                 stdout=log,
                 stderr=log,
-                env=service_env,
+                env=harness.child_env(),
                 cwd=REPO,
             )
         self.service_pid = self._service.pid
@@ -231,9 +233,6 @@ async def restate_run(
     side: RestateSide, concurrency: int, *, warmup: float, duration: float
 ) -> dict[str, Any]:
     """One closed-loop run through the ingress; the report has the other sides' shape."""
-    # Imported here: harness imports the sides' modules.
-    from tests.bench import harness
-
     return await harness.run_driver(
         [
             "-m",
@@ -243,7 +242,7 @@ async def restate_run(
             "--concurrency",
             str(concurrency),
         ],
-        env=harness._env(),
+        env=harness.child_env(),
         warmup=warmup,
         duration=duration,
         watch={"restate-server": side.server_pid, "restate-service": side.service_pid},

@@ -20,7 +20,7 @@ from typing import Any
 import langgraph.checkpoint.sqlite  # noqa: F401 (the baseline is required: a dev dependency)
 import pytest
 
-from tests.bench import harness
+from tests.bench import durability, harness
 from tests.bench.report import render, write
 from tests.bench.restate_side import RestateSide, restate_run
 
@@ -45,7 +45,7 @@ async def run_benchmark(
     restate = RestateSide(directory / "restate")
     try:
         await mesh.start()
-        await restate.__aenter__()
+        await restate.start()
         env["restate_release_check_blocked"] = restate.release_check_blocked
         coordinator = harness.CoordinatorProcess(mesh)
         env["coordinator_start_to_serving_ms"] = await coordinator.ready() * 1000
@@ -92,10 +92,10 @@ async def run_benchmark(
         # came later than ack_wait (a stalled event loop).
         env["work_steps_redelivered_during_sweep"] = coordinator.redelivered_steps()
         resume = [
-            await harness.resume_after_kill(mesh, ack_wait_s=a, workflows=resume_workflows)
+            await durability.resume_after_kill(mesh, ack_wait_s=a, workflows=resume_workflows)
             for a in resume_ack_waits
         ]
-        memory = await harness.parked_memory(mesh, workflows=parked)
+        memory = await durability.parked_memory(mesh, workflows=parked)
     finally:
         await restate.close()
         mesh.stop()
