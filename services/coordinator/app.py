@@ -20,7 +20,7 @@ from services.coordinator.a2a.service import (
 )
 from services.coordinator.admission import Admission
 from services.coordinator.audit import WorkflowAuditor
-from services.coordinator.budget import BudgetLedger, TaskBudgets
+from services.coordinator.budget import BudgetMirror, TaskBudgets
 from services.coordinator.dispatcher import Dispatcher
 from services.coordinator.runner import DURABLE, Runner
 from services.coordinator.service import CoordinatorServicer
@@ -111,7 +111,7 @@ class Coordinator:
             AuditWriter(js, self.topology, writer=f"coordinator-{replica}", actor="coordinator")
         )
         await self.auditor.start()
-        store = WorkflowStore(js, self.topology, on_published=self.auditor.events)
+        store = WorkflowStore(js, self.topology, nc=self._nc, on_published=self.auditor.events)
         await store.open()
         if vault is not None:  # checkpoints signed with the coordinator's own Transit key
             self.auditor.writer.attach_signer(TransitSigner.for_client(vault))
@@ -207,7 +207,7 @@ class Coordinator:
         )
         if self.settings.run_workers:
             budgets = TaskBudgets(
-                BudgetLedger(await js.key_value(self.topology.budgets_bucket)),
+                BudgetMirror(await js.key_value(self.topology.budgets_bucket)),
                 max_task_tool_calls=MAX_USES,
             )
             self.runner = Runner(

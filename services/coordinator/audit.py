@@ -1,6 +1,7 @@
 """The coordinator's audit trail: workflow transitions, approvals, task-token issue and
 revocation, appended to its own hash chain (tessera.audit) in the background so the
-workflow's critical path does not wait on each write; records are appended in order.
+workflow's critical path does not wait on each write; records are appended in order, and
+those that queued up while a write ran go together in the next one (group commit).
 
 No record is ever dropped. The backlog is bounded (``queue_limit``): when it is full,
 :meth:`WorkflowAuditor.record` waits for room, so a coordinator whose audit stream is down
@@ -146,13 +147,21 @@ class WorkflowAuditor:
 
     async def _drain(self) -> None:
         while True:
-            kind, fields = await self._queue.get()
+            batch = [await self._queue.get()]
+            # Group commit: what queued up while the last write ran goes in the next one
+            # (the older records ride in the ``carried`` field of the newest).
+            while len(batch) <= self.writer.max_carried and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             try:
-                await self._append_until_stored(kind, fields)
+                await self._append_until_stored(batch)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
 
-    async def _append_until_stored(self, kind: Any, fields: dict[str, Any]) -> None:
+    async def _append_until_stored(self, batch: list[tuple[Any, dict[str, Any]]]) -> None:
+        *carried, (kind, fields) = batch
+        for carried_kind, carried_fields in carried:
+            self.writer.defer(carried_kind, **carried_fields)
         attempt = 0
         while True:
             try:

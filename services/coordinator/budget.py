@@ -1,36 +1,34 @@
 """The workflow budget ledger: tool calls, model tokens and cost, reserved before the work,
 committed after it, released when it fails (docs/decisions.md, "Budgets are reserved").
 
-One entry per workflow in the coordinator's KV bucket ``<ns>_budgets`` (the coordinator
-is its only writer; the tool proxy reads it to put the live ``budget_remaining`` into
-every policy decision). The entry holds the workflow's limits (its plan's budget), what
-finished attempts consumed (``committed``) and what each running attempt holds
-(``reserved``, by ``<task id>#<attempt>``). The hierarchy is workflow → task → call:
+The ledger is part of the workflow's state (:func:`ledger_state`): the plan's limits,
+what finished attempts consumed, and each running attempt's slice, recorded in its
+TaskDispatched before it is sent. The hierarchy is workflow → task → call:
 
-- workflow → task: :meth:`BudgetLedger.reserve` before an attempt is dispatched takes a
-  slice out of what the workflow has left; every task of the workflow reserves from the
-  same entry, under compare-and-set, so parallel tasks can never hold more than the
-  budget between them.
+- workflow → task: :meth:`TaskBudgets.reserve` before an attempt is dispatched takes a
+  slice out of what the workflow has left; one replica advances a workflow at a time
+  (its history is fenced), and the attempts dispatched together reserve one after the
+  other from the same state, so parallel tasks can never hold more than the budget.
 - task → call: the attempt's task token allows exactly its reserved tool calls; the
   tool proxy's use ledger spends one per executed call (services/tool_proxy/tokens.py).
-- :meth:`BudgetLedger.commit` records what the attempt reported and frees the rest of
-  its slice; :meth:`BudgetLedger.release` frees the whole slice of a failed attempt.
+- an answered attempt's usage is committed, and the rest of its slice freed, by the
+  TaskSucceeded that records it; a failed attempt's slice is freed by its TaskFailed.
 
-The arithmetic (:class:`BudgetState`) is pure; :class:`BudgetLedger` does the I/O. Every
-operation is idempotent on its reservation key: a replica re-dispatching a crashed
-replica's attempt gets the same slice back; a second commit or release is a no-op.
+For attempts that get a task token, the entry is mirrored into the KV bucket
+``<ns>_budgets`` (:class:`BudgetMirror`; the coordinator is its only writer), where the
+tool proxy reads the live ``budget_remaining`` it puts into every policy decision. The
+arithmetic (:class:`BudgetState`) is pure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from services.coordinator.state import TS, WorkflowRecord
@@ -41,10 +39,11 @@ from tessera.v1 import budget_pb2, common_pb2
 __all__ = [
     "Amounts",
     "BudgetExhausted",
-    "BudgetLedger",
+    "BudgetMirror",
     "BudgetState",
     "TaskBudgets",
     "fair_share",
+    "ledger_state",
 ]
 
 log = structlog.get_logger(__name__)
@@ -165,30 +164,6 @@ class BudgetState:
         reserved = {k: v for k, v in self.reserved.items() if k != key}
         return replace(self, committed=self.committed + used, reserved=reserved)
 
-    def prune(
-        self, is_stale: Callable[[str], bool], *, recorded: Amounts | None = None
-    ) -> BudgetState:
-        """Drop the reservations of attempts known to be over (``is_stale``: see
-        :func:`stale_attempts`), and count as committed at least what the workflow's
-        snapshot ``recorded`` as consumed. A settlement that failed (the ledger mid-
-        election), a coordinator killed between an answer and its settlement, or a save
-        lost to a conflict after a reservation leaves a slice behind; held forever, it
-        would make every later attempt wait for budget that nobody will give back (seen
-        stranding workflows when a NATS node or the coordinator was killed)."""
-        committed = self.committed
-        if recorded is not None:
-            committed = Amounts(
-                *(max(getattr(committed, d), getattr(recorded, d)) for d in _DIMENSIONS)
-            )
-        stale = [k for k in self.reserved if is_stale(k)]
-        if not stale and committed == self.committed:
-            return self
-        return replace(
-            self,
-            committed=committed,
-            reserved={k: v for k, v in self.reserved.items() if k not in stale},
-        )
-
     def release(self, key: str) -> BudgetState:
         """Free attempt ``key``'s whole slice (it failed). No-op for an unknown key."""
         if key not in self.reserved:
@@ -233,10 +208,11 @@ def fair_share(free: Amounts, ways: Amounts, cap: Amounts) -> Amounts:
     return Amounts(*out)
 
 
-class BudgetLedger:
-    """The ledger in JetStream KV. Every change is a compare-and-set on the workflow's
-    entry, retried (bounded, with jittered backoff) when another writer got there first.
-    KV failures raise UNAVAILABLE (BUDGET_UNAVAILABLE): nothing is dispatched unreserved."""
+class BudgetMirror:
+    """The ledger entries the tool proxy reads, in JetStream KV: a copy of what a
+    workflow's state says (:func:`ledger_state`), put by the one replica advancing it.
+    KV failures raise UNAVAILABLE (BUDGET_UNAVAILABLE): nothing is dispatched with a
+    token whose budget the proxy could not read."""
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -250,34 +226,13 @@ class BudgetLedger:
             raise _unavailable(exc) from None
         return BudgetState.decode(entry.value or b"")
 
-    async def reserve(
-        self,
-        workflow_id: str,
-        key: str,
-        *,
-        limits: Amounts,
-        want: Amounts,
-        minimum: Amounts = Amounts(),
-        is_stale: Callable[[str], bool] | None = None,
-        recorded: Amounts | None = None,
-    ) -> Amounts:
-        """Reserve a slice for attempt ``key`` (see :meth:`BudgetState.reserve`); the
-        slice. ``limits`` create the entry on the workflow's first reservation. With
-        ``is_stale``, the entry is first pruned (:meth:`BudgetState.prune`)."""
-
-        def change(state: BudgetState) -> BudgetState:
-            pruned = state if is_stale is None else state.prune(is_stale, recorded=recorded)
-            return pruned.reserve(key, want, minimum=minimum)
-
-        state = await self._change(workflow_id, change, limits=limits)
-        assert state is not None
-        return state.reserved[key]
-
-    async def commit(self, workflow_id: str, key: str, used: Amounts) -> None:
-        await self._change(workflow_id, lambda s: s.commit(key, used))
-
-    async def release(self, workflow_id: str, key: str) -> None:
-        await self._change(workflow_id, lambda s: s.release(key))
+    async def put(self, workflow_id: str, state: BudgetState) -> None:
+        try:
+            await self.kv.put(ledger_key(workflow_id), _encode(state, workflow_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise _unavailable(exc) from None
 
     async def drop(self, workflow_id: str) -> None:
         """Forget a finished workflow's entry (best effort: its tokens are revoked)."""
@@ -286,57 +241,9 @@ class BudgetLedger:
         except Exception as exc:
             log.warning("budget_drop_failed", workflow_id=workflow_id, error=repr(exc))
 
-    async def _change(
-        self,
-        workflow_id: str,
-        change: Any,
-        *,
-        limits: Amounts | None = None,
-    ) -> BudgetState | None:
-        name = ledger_key(workflow_id)
-        try:
-            for attempt in range(_CAS_ATTEMPTS):
-                try:
-                    entry = await self.kv.get(name)
-                except KeyNotFoundError:
-                    entry = None
-                if entry is None or not entry.value:
-                    if limits is None:
-                        return None  # nothing reserved: nothing to settle
-                    state: BudgetState = change(BudgetState(limits=limits))
-                    try:
-                        await self.kv.create(name, _encode(state, workflow_id))
-                    except KeyWrongLastSequenceError:
-                        await _backoff(attempt)
-                        continue
-                    return state
-                current = BudgetState.decode(entry.value)
-                state = change(current)
-                if state is current:
-                    return state
-                try:
-                    await self.kv.update(name, _encode(state, workflow_id), last=entry.revision)
-                except KeyWrongLastSequenceError:
-                    await _backoff(attempt)
-                    continue
-                return state
-        except (BudgetExhausted, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise _unavailable(exc) from None
-        raise Unavailable(
-            "too much contention on the workflow's budget",
-            reason="BUDGET_CONTENDED",
-            retry_after_s=0.1,
-        )
-
 
 def _encode(state: BudgetState, workflow_id: str) -> bytes:
     return state.to_proto(workflow_id).SerializeToString(deterministic=True)
-
-
-async def _backoff(attempt: int) -> None:
-    await asyncio.sleep(random.uniform(0, _BACKOFF_S * (2 ** min(attempt, 6))))
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
@@ -346,40 +253,39 @@ def _unavailable(exc: BaseException) -> Unavailable:
     )
 
 
-def stale_attempts(rec: WorkflowRecord) -> Callable[[str], bool]:
-    """Whether a reservation key names an attempt ``rec`` (the step's snapshot, the
-    authority: one replica advances a workflow at a time) shows is over: an earlier
-    attempt of its task, or its current one when the task is no longer running. Keys of
-    tasks it does not know, or of attempts still to come, are kept."""
-
-    def is_stale(key: str) -> bool:
-        task_id, _, number = key.rpartition("#")
-        task = rec.tasks.get(task_id)
-        if task is None or not number.isdigit():
-            return False
-        attempt = int(number)
-        return attempt < task.attempts or (
-            attempt == task.attempts and task.state != TS.TASK_STATE_RUNNING
-        )
-
-    return is_stale
-
-
-def _recorded(rec: WorkflowRecord) -> Amounts:
-    """What the workflow's snapshot says its finished attempts consumed."""
-    return Amounts(rec.usage.tool_calls, rec.usage.tokens, rec.usage.cost_micros)
+def ledger_state(rec: WorkflowRecord) -> BudgetState:
+    """The workflow's ledger as its state holds it: the plan's limits, what finished
+    attempts consumed, and the slice each running attempt reserved (TaskDispatched
+    records it before the attempt is sent). The one replica advancing the workflow
+    computes it from the state it holds, so it needs no write of its own, and can never
+    disagree with the workflow or be left holding a crashed replica's slices."""
+    reserved = {
+        reservation_key(task.id, task.attempts): Amounts.of(task.reserved.model_dump())
+        for task in rec.tasks.values()
+        if task.state == TS.TASK_STATE_RUNNING and task.reserved is not None
+    }
+    return BudgetState(
+        limits=Amounts.of(rec.graph().budget),
+        committed=Amounts(rec.usage.tool_calls, rec.usage.tokens, rec.usage.cost_micros),
+        reserved=reserved,
+    )
 
 
 class TaskBudgets:
-    """The runner's side of the ledger: what each dispatched attempt reserves, and
-    settling it when the attempt ends. Compensations are not reserved (a workflow that
-    failed for its budget must still undo its effects); without a ledger nothing is."""
+    """The runner's side of the ledger: what each dispatched attempt reserves. The
+    ledger is the workflow's own state (:func:`ledger_state`); attempts that get a task
+    token are mirrored to the KV entry the tool proxy reads (``budget_remaining``).
+    Compensations are not reserved (a workflow that failed for its budget must still
+    undo its effects); a coordinator built without budgets reserves nothing."""
 
-    def __init__(self, ledger: BudgetLedger | None, *, max_task_tool_calls: int) -> None:
-        self.ledger = ledger
+    def __init__(
+        self, mirror: BudgetMirror | None, *, max_task_tool_calls: int, enabled: bool = True
+    ) -> None:
+        self.mirror = mirror
+        self.enabled = enabled
         self.max_task_tool_calls = max_task_tool_calls
 
-    async def shares(
+    def shares(
         self,
         rec: WorkflowRecord,
         needs_tools: Mapping[str, bool],
@@ -393,11 +299,9 @@ class TaskBudgets:
         maybe done and committed) before, and refusing it for budget would strand the
         workflow behind the reservations that attempt's own answer went on to make
         (seen: a handoff's slice, reserved before the crash, held the whole budget)."""
-        if self.ledger is None or rec.compensating or not needs_tools:
+        if not self.enabled or rec.compensating or not needs_tools:
             return {}
-        limits = Amounts.of(rec.graph().budget)
-        state = await self.ledger.read(rec.id) or BudgetState(limits=limits)
-        free = state.prune(stale_attempts(rec), recorded=_recorded(rec)).available()
+        free = ledger_state(rec).available()
         with_tools = sum(1 for t in needs_tools.values() if t)
         ways = Amounts(tool_calls=with_tools, tokens=len(needs_tools), cost_micros=len(needs_tools))
         share = fair_share(free, ways, Amounts(tool_calls=self.max_task_tool_calls))
@@ -413,37 +317,41 @@ class TaskBudgets:
         return out
 
     async def reserve(
-        self, rec: WorkflowRecord, task_id: str, attempt: int, share: tuple[Amounts, Amounts]
+        self,
+        rec: WorkflowRecord,
+        task_id: str,
+        attempt: int,
+        share: tuple[Amounts, Amounts],
+        *,
+        mirrored: bool = False,
     ) -> Amounts:
-        assert self.ledger is not None
+        """The slice attempt ``attempt`` of ``task_id`` gets (the one it holds already,
+        for a re-sent attempt); raises :class:`BudgetExhausted`. The caller records it
+        in the attempt's TaskDispatched. ``mirrored``: the attempt gets a token, so the
+        tool proxy's entry is written first (UNAVAILABLE when it cannot be)."""
         want, minimum = share
-        return await self.ledger.reserve(
-            rec.id,
-            reservation_key(task_id, attempt),
-            limits=Amounts.of(rec.graph().budget),
-            want=want,
-            minimum=minimum,
-            is_stale=stale_attempts(rec),
-            recorded=_recorded(rec),
-        )
-
-    async def settle(
-        self, workflow_id: str, task_id: str, attempt: int, used: common_pb2.Usage | None
-    ) -> None:
-        """Commit what the attempt reported (``used``), or release its slice (None: it
-        failed without a report). Best effort: a slice left reserved only makes the
-        workflow's budget smaller until the workflow ends."""
-        if self.ledger is None:
-            return
         key = reservation_key(task_id, attempt)
-        try:
-            if used is None:
-                await self.ledger.release(workflow_id, key)
-            else:
-                await self.ledger.commit(workflow_id, key, Amounts.of(used))
-        except Unavailable as exc:
-            log.warning("budget_settle_failed", workflow_id=workflow_id, key=key, error=str(exc))
+        state = ledger_state(rec).reserve(key, want, minimum=minimum)
+        if mirrored and self.mirror is not None:
+            await self.mirror.put(rec.id, state)
+        return state.reserved[key]
 
-    async def drop(self, workflow_id: str) -> None:
-        if self.ledger is not None:
-            await self.ledger.drop(workflow_id)
+    async def settle(self, rec: WorkflowRecord) -> None:
+        """After attempts ended: bring the tool proxy's entry up to date, if the
+        workflow has one. Best effort: a stale entry only shows less budget left."""
+        if self.mirror is None or not _has_entry(rec):
+            return
+        try:
+            await self.mirror.put(rec.id, ledger_state(rec))
+        except Unavailable as exc:
+            log.warning("budget_settle_failed", workflow_id=rec.id, error=str(exc))
+
+    async def drop(self, rec: WorkflowRecord) -> None:
+        if self.mirror is not None and _has_entry(rec):
+            await self.mirror.drop(rec.id)
+
+
+def _has_entry(rec: WorkflowRecord) -> bool:
+    """Whether the tool proxy's entry was written: an attempt of it got a token (every
+    replica that advances the workflow can tell, not only the one that wrote it)."""
+    return any(task.token_accessor for task in rec.tasks.values())

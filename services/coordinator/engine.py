@@ -6,7 +6,6 @@ persists the events it emits. `Emitter` is the only way state changes.
 
 from __future__ import annotations
 
-import base64
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +61,7 @@ class Emitter:
             expires = self.now + self.rec.gate_expiry_s
             event.gate_opened.expire_time.FromMicroseconds(int(expires * 1e6))
         apply_event(self.rec, event)
-        self.rec.outbox.append(base64.b64encode(event.SerializeToString()).decode())
+        self.rec.outbox.append(event)
         self.events.append(event)
         return event
 

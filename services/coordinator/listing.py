@@ -14,15 +14,16 @@ from typing import Any
 from services.coordinator.state import GS, WorkflowRecord
 from services.coordinator.views import gate_kind_name, gate_view, timestamp
 from tessera.runtime.errors import InvalidArgument
-from tessera.v1 import coordinator_pb2
+from tessera.v1 import coordinator_pb2, events_pb2
 
 __all__ = [
+    "cursor_of",
     "decide_gate_resource",
     "filters_of",
     "matches",
     "next_page_token",
-    "offset_of",
     "pending_gates",
+    "start_matches",
 ]
 
 
@@ -59,14 +60,15 @@ def matches(rec: WorkflowRecord, request: coordinator_pb2.ListWorkflowsRequest) 
     return not (request.HasField("create_time_before") and created >= before.ToMicroseconds())
 
 
-def offset_of(request: coordinator_pb2.ListWorkflowsRequest) -> int:
+def cursor_of(request: coordinator_pb2.ListWorkflowsRequest) -> int | None:
+    """Where the page starts: below this history sequence (None: at the newest)."""
     if not request.page_token:
-        return 0
+        return None
     try:
         token = json.loads(base64.urlsafe_b64decode(request.page_token))
-        offset = int(token["o"])
-        if offset < 0:
-            raise ValueError("negative offset")
+        before = int(token["b"])
+        if before < 1:
+            raise ValueError("not a position")
         if token["f"] != filters_of(request):
             raise ValueError("the filters changed")
     except (ValueError, KeyError, TypeError) as exc:
@@ -74,12 +76,30 @@ def offset_of(request: coordinator_pb2.ListWorkflowsRequest) -> int:
             "page_token is invalid for this request",
             field_violations=[("page_token", str(exc))],
         ) from exc
-    return offset
+    return before
 
 
-def next_page_token(request: coordinator_pb2.ListWorkflowsRequest, offset: int) -> str:
-    token = {"o": offset, "f": filters_of(request)}
+def next_page_token(request: coordinator_pb2.ListWorkflowsRequest, before: int) -> str:
+    token = {"b": before, "f": filters_of(request)}
     return base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
+
+
+def start_matches(
+    started: events_pb2.WorkflowEvent, request: coordinator_pb2.ListWorkflowsRequest
+) -> bool:
+    """Whether a workflow's first event passes the filters it decides (all but the state),
+    so that a page loads only the workflows it may show."""
+    plan = started.workflow_started.plan
+    if request.template and plan.template != request.template:
+        return False
+    if request.started_by and started.workflow_started.started_by != request.started_by:
+        return False
+    created = started.time.ToMicroseconds()
+    after = request.create_time_after
+    if request.HasField("create_time_after") and created < after.ToMicroseconds():
+        return False
+    before = request.create_time_before
+    return not (request.HasField("create_time_before") and created >= before.ToMicroseconds())
 
 
 def decide_gate_resource(rec: WorkflowRecord, gate_id: str) -> dict[str, str]:

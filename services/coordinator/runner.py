@@ -48,7 +48,7 @@ from tessera.runtime.logging import bind_context, clear_context
 from tessera.runtime.telemetry import extract_context
 from tessera.v1 import events_pb2
 from tessera.v1.agent_pb2 import AgentDescriptor
-from tessera.v1.common_pb2 import CapabilityContract, Usage
+from tessera.v1.common_pb2 import CapabilityContract
 from tessera.v1.registry_pb2 import FrozenAgent
 
 log = structlog.get_logger(__name__)
@@ -98,7 +98,7 @@ class Runner:
     ) -> None:
         self.js = js
         self.tokens = tokens
-        self.budgets = budgets or TaskBudgets(None, max_task_tool_calls=0)
+        self.budgets = budgets or TaskBudgets(None, max_task_tool_calls=0, enabled=False)
         self.topology = topology
         self.store = store
         self.dispatcher = dispatcher
@@ -189,7 +189,7 @@ class Runner:
 
     async def advance(self, wf_id: str) -> None:
         """Run the workflow until it finishes, parks on a gate, or another writer wins."""
-        loaded = await self.store.load(wf_id)
+        loaded = await self.store.load(wf_id, writer=True)
         if loaded is None:
             log.warning("step_for_unknown_workflow", workflow_id=wf_id)
             return
@@ -239,10 +239,9 @@ class Runner:
                 await asyncio.wait(
                     [f.call for f in in_flight.values()], return_when=asyncio.FIRST_COMPLETED
                 )
-                settle: list[tuple[str, int, Usage | None]] = []
-                unsaved = self._collect(rec, in_flight, settle) or unsaved
-                for task_id, attempt, used in settle:
-                    await self.budgets.settle(rec.id, task_id, attempt, used)
+                if self._collect(rec, in_flight):
+                    unsaved = True
+                    await self.budgets.settle(rec)
         finally:
             for flight in in_flight.values():
                 flight.call.cancel()
@@ -253,7 +252,9 @@ class Runner:
             metrics.WORKFLOWS_FINISHED.labels(state=str(rec.state)).inc()
             # The kill switch also fires on normal ends: no task token outlives its workflow.
             self.tokens.revoke_soon(rec.id, rec.token_accessors(), "workflow ended")
-            await self.budgets.drop(rec.id)
+            await self.budgets.drop(rec)
+        elif not unsaved:
+            self.store.checkin(rec, revision)
 
     async def agent_frozen(self, frozen: FrozenAgent) -> None:
         """An operator froze ``frozen.name``: revoke the task tokens of its attempts
@@ -302,7 +303,7 @@ class Runner:
                 )
                 continue
             picked.append((dispatch, agent, contract))
-        shares = await self._budget_shares(em, rec, picked)
+        shares = self._budget_shares(rec, picked)
         ready: list[tuple[Dispatch, AgentDescriptor, CapabilityContract, str, str]] = []
         for dispatch, agent, contract in picked:
             reserved = None
@@ -310,7 +311,11 @@ class Runner:
             if share is not None:
                 try:
                     reserved = await self.budgets.reserve(
-                        rec, dispatch.task_id, dispatch.attempt, share
+                        rec,
+                        dispatch.task_id,
+                        dispatch.attempt,
+                        share,
+                        mirrored=self.tokens.issues(rec, dispatch, contract),
                     )
                 except BudgetExhausted as exc:
                     self._budget_refused(em, dispatch, exc)
@@ -325,8 +330,6 @@ class Runner:
                     rec, dispatch, contract, agent.name, reserved=reserved
                 )
             except TesseraError as exc:  # Vault unreachable: the agent never runs unscoped
-                if reserved is not None:
-                    await self.budgets.settle(rec.id, dispatch.task_id, dispatch.attempt, None)
                 self._fail_attempt(
                     em,
                     dispatch,
@@ -363,14 +366,12 @@ class Runner:
                 self._running[accessor] = (rec.id, agent.name)
         return revision
 
-    async def _budget_shares(
+    def _budget_shares(
         self,
-        em: Emitter,
         rec: WorkflowRecord,
         picked: list[tuple[Dispatch, AgentDescriptor, CapabilityContract]],
     ) -> dict[str, tuple[Amounts, Amounts]]:
-        """What each attempt about to be dispatched asks of the workflow's budget; an
-        unreachable ledger fails them all as transient (none runs unreserved)."""
+        """What each attempt about to be dispatched asks of the workflow's budget."""
         needs = {d.task_id: bool(scoped_tools(c, rec.tasks[d.task_id].tools)) for d, _, c in picked}
         resent = {
             d.task_id
@@ -378,15 +379,7 @@ class Runner:
             if rec.tasks[d.task_id].state == TS.TASK_STATE_RUNNING
             and rec.tasks[d.task_id].attempts == d.attempt
         }
-        try:
-            return await self.budgets.shares(rec, needs, resent=resent)
-        except TesseraError as exc:
-            for dispatch, _, _ in picked:
-                self._fail_attempt(
-                    em, dispatch, status(exc.code, exc.message, exc.reason), transient=True
-                )
-            picked.clear()
-            return {}
+        return self.budgets.shares(rec, needs, resent=resent)
 
     def _budget_refused(self, em: Emitter, dispatch: Dispatch, exc: BudgetExhausted) -> None:
         """No slice left: wait while running attempts hold the rest (they settle soon);
@@ -423,15 +416,9 @@ class Runner:
             retry_after_s=min(retry_after_s or 0.0, MAX_RETRY_AFTER_S),
         )
 
-    def _collect(
-        self,
-        rec: WorkflowRecord,
-        in_flight: dict[str, InFlight],
-        settle: list[tuple[str, int, Usage | None]],
-    ) -> bool:
+    def _collect(self, rec: WorkflowRecord, in_flight: dict[str, InFlight]) -> bool:
         """Apply the answers of finished attempts to ``rec`` (in memory: the next tick
-        saves them); whether any event was emitted. Each finished attempt's budget
-        settlement is added to ``settle``: (task id, attempt, reported usage or None)."""
+        saves them); whether any event was emitted."""
         em = Emitter(rec, now=time.time())
         for task_id, flight in list(in_flight.items()):
             dispatch, call = flight.dispatch, flight.call
@@ -440,10 +427,6 @@ class Runner:
             del in_flight[task_id]
             self._running.pop(flight.token_accessor, None)
             self.tokens.revoke_soon(rec.id, [flight.token_accessor], "task attempt ended")
-            answered = not call.cancelled() and call.exception() is None
-            settle.append(
-                (task_id, dispatch.attempt, call.result().response.usage if answered else None)
-            )
             task = rec.tasks.get(task_id)
             if (
                 task is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,7 +16,7 @@ from services.coordinator.admission import Admission
 from services.coordinator.engine import Emitter, decide_gate, gate_is_pending, record_approval
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import GS, WS, WorkflowRecord
-from services.coordinator.store import Conflict, WorkflowStore
+from services.coordinator.store import Conflict, WorkflowStore, start_id
 from services.coordinator.tokens import TaskTokens
 from services.coordinator.tool_approvals import DecidedElsewhere, ToolApprovals
 from services.coordinator.views import (
@@ -34,6 +33,7 @@ from tessera.runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
+from tessera.runtime.history import entry_events
 from tessera.runtime.principal import Principal
 from tessera.runtime.telemetry import inject_headers
 from tessera.v1 import (
@@ -48,6 +48,8 @@ log = structlog.get_logger(__name__)
 
 TERMINAL_EVENTS = {"workflow_completed", "workflow_failed", "workflow_cancelled"}
 MAX_PAGE = 500
+SCAN_FACTOR = 10
+"""A ListWorkflows page examines at most this many workflows per result it may hold."""
 CAS_ATTEMPTS = 10
 
 
@@ -94,8 +96,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.tokens = tokens
         self.settings = settings
 
-    async def _load(self, wf_id: str, *, repair: bool = True) -> tuple[WorkflowRecord, int]:
-        loaded = await self.store.load(wf_id, repair=repair)
+    async def _load(self, wf_id: str, *, writer: bool) -> tuple[WorkflowRecord, int]:
+        loaded = await self.store.load(wf_id, writer=writer)
         if loaded is None:
             raise NotFound(
                 f"workflows/{wf_id} does not exist",
@@ -128,22 +130,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
         principal = await self.authz.principal(context, "StartWorkflow")
         deadline = self._deadline(request, time.time())
-        wf_id = uuid.uuid4().hex[:20]
-        claimed = await self.store.claim(request.request_id, wf_id)
-        if claimed != wf_id:
-            existing = await self.store.load(claimed)
-            if existing is not None:
-                rec = existing[0]
-                if rec.state == WS.WORKFLOW_STATE_RUNNING:
-                    # The first attempt may have stored it but failed to enqueue its first
-                    # step (NATS failover); advancing is compare-and-set, so re-sending a
-                    # step is always safe and nothing is left stranded.
-                    await self.store.enqueue(rec.id, "start retried")
-                return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(rec))
-            wf_id = claimed  # an earlier attempt claimed the id and crashed: finish its job
+        wf_id = start_id(request.request_id)
+        existing = await self.store.load(wf_id)
+        if existing is not None:
+            return await self._started_before(principal, existing[0])
 
-        # Only new work is refused (a retried start above gets its workflow); the claim
-        # stays, and the client's retry after RetryInfo finishes this start.
+        # Only new work is refused (a retried start above gets its workflow); the
+        # client's retry after RetryInfo makes this start.
         if self.admission is not None:
             await self.admission.admit()
         plan = await self._plan(request, context)
@@ -174,15 +167,28 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             started.gate_expiry.FromMicroseconds(int(self.settings.gate_expiry_s * 1e6))
         Emitter(rec, now=now, causation_id=request.request_id).emit(workflow_started=started)
         try:
-            await self.store.create(rec)
-        except Exception:
+            revision = await self.store.create(rec)
+        except Conflict:  # the same start, at the same time, through another replica
             existing = await self.store.load(wf_id)
             if existing is None:
                 raise
-            return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(existing[0]))
+            return await self._started_before(principal, existing[0])
+        self.store.checkin(rec, revision)
         await self.store.enqueue(wf_id, "started")
         metrics.WORKFLOWS_STARTED.inc()
         log.info("workflow_started", workflow_id=wf_id, template=plan.template)
+        return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(rec))
+
+    async def _started_before(
+        self, principal: Principal, rec: WorkflowRecord
+    ) -> coordinator_pb2.StartWorkflowResponse:
+        """A retried start: its workflow, to whoever may read it."""
+        await self._authorize_read(principal, rec)
+        if rec.state == WS.WORKFLOW_STATE_RUNNING:
+            # The first attempt may have stored it but failed to enqueue its first step
+            # (NATS failover); advancing is fenced, so re-sending a step is always safe
+            # and nothing is left stranded.
+            await self.store.enqueue(rec.id, "start retried")
         return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(rec))
 
     def _deadline(self, request: coordinator_pb2.StartWorkflowRequest, now: float) -> float:
@@ -230,7 +236,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> coordinator_pb2.GetWorkflowResponse:
         principal = await self.authz.principal(context, "GetWorkflow")
-        rec, _ = await self._load(workflow_id(request.name), repair=False)
+        rec, _ = await self._load(workflow_id(request.name), writer=False)
         await self._authorize_read(principal, rec)
         return coordinator_pb2.GetWorkflowResponse(workflow=workflow_view(rec))
 
@@ -261,23 +267,39 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             )
         principal = await self.authz.principal(context, "ListWorkflows")
         size = min(request.page_size or 50, MAX_PAGE)
-        offset = listing.offset_of(request)
-        records = [
-            r
-            for r in await self._all()
-            if listing.matches(r, request) and self._may_read(principal, r)
-        ]
-        records.sort(key=lambda r: (r.create_time, r.id), reverse=True)
-        page = records[offset : offset + size]
+        before = listing.cursor_of(request)
+        page: list[WorkflowRecord] = []
+        examined, more = 0, True
+        # A page examines a bounded number of workflows: with a rare state, it may come
+        # back short, with a token to go on from (cost per page does not grow with the
+        # number of workflows).
+        while more and len(page) < size and examined < size * SCAN_FACTOR:
+            starts, more = await self.store.starts_before(before, size)
+            if not starts:
+                break
+            candidates: list[tuple[int, str]] = []
+            for msg in reversed(starts):  # newest first
+                first = entry_events(msg.data)[0]
+                if listing.start_matches(first, request):
+                    candidates.append((msg.seq, first.workflow_id))
+            loaded = await asyncio.gather(*(self.store.load(wf) for _, wf in candidates))
+            before = starts[0].seq
+            for (seq, _), got in zip(candidates, loaded, strict=True):
+                rec = got[0] if got is not None else None
+                if rec and listing.matches(rec, request) and self._may_read(principal, rec):
+                    page.append(rec)
+                    if len(page) == size:
+                        before = seq
+                        more = more or seq != starts[0].seq
+                        break
+            examined += len(starts)
         response = coordinator_pb2.ListWorkflowsResponse(workflows=[workflow_view(r) for r in page])
-        if offset + size < len(records):
-            response.next_page_token = listing.next_page_token(request, offset + size)
+        if more and before is not None:
+            response.next_page_token = listing.next_page_token(request, before)
         return response
 
     async def _all(self) -> list[WorkflowRecord]:
-        loaded = await asyncio.gather(
-            *(self.store.load(i, repair=False) for i in await self.store.ids())
-        )
+        loaded = await asyncio.gather(*(self.store.load(i) for i in await self.store.ids()))
         return [rec for rec, _ in (x for x in loaded if x is not None)]
 
     async def ListGates(
@@ -314,23 +336,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> AsyncIterator[coordinator_pb2.WatchWorkflowResponse]:
         wf_id = workflow_id(request.name)
         principal = await self.authz.principal(context, "WatchWorkflow")
-        rec, _ = await self._load(wf_id, repair=False)
+        rec, _ = await self._load(wf_id, writer=False)
         await self._authorize_read(principal, rec)
         start = max(1, request.start_sequence)
         sub = await self.js.subscribe(
-            self.store.topology.wf_events_subject(wf_id),
+            self.store.topology.wf_history_subjects(wf_id),
             ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.ALL,
         )
         try:
             while True:
                 msg = await sub.next_msg(timeout=None)  # type: ignore[arg-type]
-                event = events_pb2.WorkflowEvent.FromString(msg.data)
-                if event.sequence < start:
-                    continue
-                yield coordinator_pb2.WatchWorkflowResponse(event=event)
-                if event.WhichOneof("kind") in TERMINAL_EVENTS:
-                    return
+                for event in entry_events(msg.data):
+                    if event.sequence < start:
+                        continue
+                    yield coordinator_pb2.WatchWorkflowResponse(event=event)
+                    if event.WhichOneof("kind") in TERMINAL_EVENTS:
+                        return
         finally:
             await sub.unsubscribe()
 
@@ -352,7 +374,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             decided_by = request.decided_by or "anonymous"  # plaintext debug: unverified
         quorum = 0  # 0: not authorized yet
         for _ in range(CAS_ATTEMPTS):
-            rec, revision = await self._load(wf_id)
+            rec, revision = await self._load(wf_id, writer=True)
             if not quorum and gate_id in rec.gates:
                 quorum = await self._authorize_decision(
                     principal, rec, gate_id, approve, request.name
@@ -386,7 +408,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                         em, gate_id, approved_by=decided_by, quorum=quorum, comment=request.comment
                     )
                     try:
-                        await self.store.save(rec, revision)
+                        self.store.checkin(rec, await self.store.save(rec, revision))
                     except Conflict:
                         continue
                     log.info("gate_approval_recorded", workflow_id=wf_id, gate=gate_id)
@@ -418,7 +440,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 comment=applied[2],
             )
             try:
-                await self.store.save(rec, revision)
+                self.store.checkin(rec, await self.store.save(rec, revision))
             except Conflict:
                 continue
             if rec.terminal:
@@ -459,7 +481,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         principal = await self.authz.principal(context, "CancelWorkflow")
         authorized = False
         for _ in range(CAS_ATTEMPTS):
-            rec, revision = await self._load(wf_id)
+            rec, revision = await self._load(wf_id, writer=True)
             if not authorized:
                 await self.authz.require(
                     principal,
@@ -487,7 +509,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             em = Emitter(rec, now=time.time(), causation_id=request.name)
             em.cancel(request.reason or "cancelled", principal.name)
             try:
-                await self.store.save(rec, revision)
+                self.store.checkin(rec, await self.store.save(rec, revision))
             except Conflict:
                 continue
             # The kill switch: every token of the workflow dies now, and proxies hear of it

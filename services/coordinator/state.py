@@ -142,7 +142,8 @@ class GateRec(BaseModel):
 
 
 class WorkflowRecord(BaseModel):
-    """The KV snapshot of one workflow (internal to the coordinator)."""
+    """One workflow's state: what its history's events add up to (internal to the
+    coordinator; stored now and then as a KV snapshot, services/coordinator/store.py)."""
 
     id: str
     request_id: str = ""
@@ -177,11 +178,20 @@ class WorkflowRecord(BaseModel):
     workflow ends once its compensations ran."""
     compensated: list[str] = Field(default_factory=list)
     uncompensated: list[str] = Field(default_factory=list)
-    outbox: list[str] = Field(default_factory=list)
-    """Events persisted with this snapshot but maybe not yet published (base64)."""
+    history_seq: int = 0
+    """Stream sequence of the last history entry applied (0: none yet)."""
 
-    # -- derived views --------------------------------------------------------------
+    # -- in memory only ---------------------------------------------------------------
+    _outbox: list[events_pb2.WorkflowEvent] = PrivateAttr(default_factory=list)
+    _tail_bytes: int = PrivateAttr(default=0)
+    _snapshot_bytes: int = PrivateAttr(default=0)
     _graph: planner_pb2.TaskGraph | None = PrivateAttr(default=None)
+
+    @property
+    def outbox(self) -> list[events_pb2.WorkflowEvent]:
+        """Events applied to this record and not yet appended to its history (the next
+        save appends them, all in one entry)."""
+        return self._outbox
 
     def graph(self) -> planner_pb2.TaskGraph:
         """The plan, decoded once per snapshot (several decisions per step read it)."""

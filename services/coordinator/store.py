@@ -1,31 +1,42 @@
-"""Workflow persistence on JetStream: KV snapshots with compare-and-set, the per-workflow
-event subject, request-id claims, and the work queue.
+"""Workflow persistence on JetStream: each workflow's history, appended once per step and
+fenced; KV snapshots now and then; the work queue.
 
-Write order (a transactional outbox): the snapshot, holding its new events in `outbox`,
-is written with compare-and-set on the KV revision first; then the events are published
-with `Nats-Msg-Id` = `<workflow>.<sequence>`. A crash between the two leaves the events in
-the snapshot; whoever loads it next publishes the ones the stream lacks. Two replicas can
-never both advance a workflow: the loser's compare-and-set fails and it backs off.
+The history is the source of truth. A workflow's first entry is on
+``<ns>.wf.<id>.start``, every later one on ``<ns>.wf.<id>.events``; an entry
+(``WorkflowHistoryEntry``) holds all of one step's events. Every append carries
+``Nats-Expected-Last-Subject-Sequence`` over ``<ns>.wf.<id>.*``: it is stored only if the
+workflow's last entry is still the one its writer read (the *revision*). So two replicas can
+never both advance a workflow (the loser gets :class:`Conflict`, reloads and carries on),
+and a second start of the same workflow is refused: the first append is the start's
+idempotency claim (the id is derived from the request id, services/coordinator/service.py).
+
+State is the events replayed through ``apply_event``. A snapshot (the state and the
+sequence of the entry it reflects) is put in the KV bucket once the entries appended since
+the last one are at least as large as it (and at least ``SNAPSHOT_MIN_BYTES``): a reload
+reads the snapshot and the entries after it, in one batched direct get, and the bytes
+written per step stay flat however large the workflow grows (each snapshot is paid for
+by at least as many bytes of history). A stale snapshot is harmless: the tail is longer.
+
+The replica that last wrote a workflow keeps it in memory (:meth:`checkin`), so the next
+step there needs no read at all; the fence catches a copy that went stale.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import structlog
 from google.protobuf import timestamp_pb2
+from nats.aio.client import Client
 from nats.js import JetStreamContext, api
-from nats.js.errors import (
-    KeyNotFoundError,
-    KeyWrongLastSequenceError,
-    NotFoundError,
-)
+from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from services.coordinator.state import WorkflowRecord
+from services.coordinator.state import WorkflowRecord, apply_event
 from tessera.runtime.bus import Topology, msg_id_headers
+from tessera.runtime.history import StoredMsg, entry_events, read_batch
 from tessera.runtime.retry import retry_transient
 from tessera.v1 import events_pb2
 
@@ -35,6 +46,18 @@ ADVANCE = "advance"
 """Work subject kind of "advance this workflow now" steps (the runner consumes them)."""
 TIMER = "timer"
 """Work subject kind of timer steps, held until their ``not_before`` (timers.py)."""
+SNAPSHOT_MIN_BYTES = 64 * 1024
+"""No snapshot before this much history: a short workflow is rebuilt from its entries."""
+CACHE_SIZE = 1024
+"""Workflows this replica keeps in memory after writing them (least recently used go)."""
+
+_WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence mismatch
+
+
+def start_id(request_id: str) -> str:
+    """The id of the workflow a start with ``request_id`` creates. Derived, so a retried
+    start names the same workflow, and its fenced first append is the start's claim."""
+    return hashlib.sha256(request_id.encode()).hexdigest()[:20]
 
 
 class Conflict(Exception):
@@ -47,13 +70,18 @@ class WorkflowStore:
         js: JetStreamContext,
         topology: Topology,
         *,
+        nc: Client,
         on_published: Callable[[list[events_pb2.WorkflowEvent]], Awaitable[None]] | None = None,
+        cache_size: int = CACHE_SIZE,
     ) -> None:
         self.js = js
+        self.nc = nc
         self.topology = topology
         self.on_published = on_published
-        """Told of every event once it is in the stream (the audit trail listens)."""
+        """Told of every event once it is in the history (the audit trail listens)."""
         self._kv: KeyValue | None = None
+        self._cache: OrderedDict[str, tuple[WorkflowRecord, int]] = OrderedDict()
+        self._cache_size = cache_size
 
     async def open(self) -> None:
         self._kv = await self.js.key_value(self.topology.workflows_bucket)
@@ -68,50 +96,109 @@ class WorkflowStore:
     def _key(wf_id: str) -> str:
         return f"wf.{wf_id}"
 
-    @staticmethod
-    def _claim_key(request_id: str) -> str:
-        return "req." + hashlib.sha256(request_id.encode()).hexdigest()[:40]
+    # -- reading ---------------------------------------------------------------------
+    async def load(self, wf_id: str, *, writer: bool = False) -> tuple[WorkflowRecord, int] | None:
+        """The workflow's state and revision (the sequence of its last entry). A
+        ``writer`` (who will append, so the fence checks what it read) takes this
+        replica's copy when it has one; readers always rebuild from the stream."""
+        if writer:
+            cached = self._cache.pop(wf_id, None)
+            if cached is not None:
+                return cached
+        rec = await self._snapshot(wf_id)
+        after = rec.history_seq if rec is not None else 0
+        tail = await read_batch(
+            self.nc,
+            self.topology.wf_events_stream,
+            self.topology.wf_history_subjects(wf_id),
+            after=after,
+        )
+        if rec is None:
+            if not tail:
+                return None
+            rec = WorkflowRecord(id=wf_id)
+        for msg in tail:
+            self._apply(rec, msg)
+        return rec, rec.history_seq
 
-    async def load(self, wf_id: str, *, repair: bool = True) -> tuple[WorkflowRecord, int] | None:
-        """The snapshot and its revision. `repair` publishes outbox events the stream
-        lacks (writers need it; read-only callers skip the extra request)."""
+    async def _snapshot(self, wf_id: str) -> WorkflowRecord | None:
         try:
             entry = await self.kv.get(self._key(wf_id))
         except KeyNotFoundError:
             return None
-        if entry.value is None or entry.revision is None:
+        if not entry.value:
             return None
         rec = WorkflowRecord.model_validate_json(entry.value)
-        if repair and rec.outbox:
-            await self._publish_missing(rec)
-        return rec, entry.revision
+        rec._snapshot_bytes = len(entry.value)
+        return rec
 
+    @staticmethod
+    def _apply(rec: WorkflowRecord, msg: StoredMsg) -> None:
+        for event in entry_events(msg.data):
+            if event.sequence > rec.seq:  # an entry never repeats events; be safe anyway
+                apply_event(rec, event)
+        rec.history_seq = msg.seq
+        rec._tail_bytes += len(msg.data)
+
+    def checkin(self, rec: WorkflowRecord, revision: int) -> None:
+        """Keep ``rec`` (saved at ``revision``, nothing unsaved) for this replica's next
+        writer of it. Whoever changes it next takes it out with ``load(writer=True)``."""
+        if rec.outbox or rec.terminal:
+            return
+        self._cache[rec.id] = (rec, revision)
+        self._cache.move_to_end(rec.id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    async def starts_before(self, before: int | None, limit: int) -> tuple[list[StoredMsg], bool]:
+        """Up to ``limit`` first entries of workflows stored below history sequence
+        ``before`` (None: the newest), oldest first, and whether older ones may remain:
+        the listing index, read newest first in windows of the stream that grow until
+        they hold a page, so a page costs a few requests however many workflows exist."""
+        stream, subject = self.topology.wf_events_stream, self.topology.wf_starts_subjects
+        if before is None:
+            before = (await self.js.stream_info(stream)).state.last_seq + 1
+        found: list[StoredMsg] = []
+        width = max(64, limit * 8)
+        top = before
+        while top > 1 and len(found) < limit:
+            low = max(0, top - width)
+            window = [
+                m
+                for m in await read_batch(self.nc, stream, subject, after=low, until=top)
+                if m.seq < top
+            ]
+            found = window + found
+            top, width = low + 1, width * 2
+        return found[-limit:], top > 1 or len(found) > limit
+
+    async def ids(self) -> list[str]:
+        """Every workflow id, from the server's subject index of the start subjects."""
+        try:
+            info = await self.js.stream_info(
+                self.topology.wf_events_stream, subjects_filter=self.topology.wf_starts_subjects
+            )
+        except NotFoundError:
+            return []
+        return [subject.split(".")[-2] for subject in (info.state.subjects or {})]
+
+    # -- writing ---------------------------------------------------------------------
     async def create(self, rec: WorkflowRecord) -> int:
-        revision = await self.kv.create(self._key(rec.id), rec.model_dump_json().encode())
-        await self.publish(rec)
-        return revision
+        """Append the workflow's first entry; :class:`Conflict` if it already exists."""
+        return await self._append(rec, 0, self.topology.wf_start_subject(rec.id))
 
     async def save(self, rec: WorkflowRecord, revision: int) -> int:
-        """Compare-and-set; raises Conflict when someone else wrote since `revision`."""
-        try:
-            new_revision = await self.kv.update(
-                self._key(rec.id), rec.model_dump_json().encode(), last=revision
-            )
-        except KeyWrongLastSequenceError as exc:
-            raise Conflict(rec.id) from exc
-        await self.publish(rec)
-        return new_revision
+        """Append the events in ``rec.outbox`` as one entry, fenced on ``revision``;
+        raises :class:`Conflict` when someone else appended since."""
+        if not rec.outbox:
+            return revision
+        return await self._append(rec, revision, self.topology.wf_events_subject(rec.id))
 
-    async def publish(self, rec: WorkflowRecord) -> None:
-        """Publish the snapshot's outbox (idempotent thanks to Nats-Msg-Id) and empty it
-        in memory; the next save persists the emptied outbox."""
-        subject = self.topology.wf_events_subject(rec.id)
-        published = []
-        for encoded in rec.outbox:
-            raw = base64.b64decode(encoded)
-            event = events_pb2.WorkflowEvent.FromString(raw)
+    async def _append(self, rec: WorkflowRecord, revision: int, subject: str) -> int:
+        events = list(rec.outbox)
+        for event in events:
             if event.gate_opened.HasField("expire_time"):
-                # Before the event: an event in the stream is never republished, so a
+                # Before the entry: an entry in the stream is never written again, so a
                 # crash in between must not leave a gate without its timer.
                 await self.schedule(
                     rec.id,
@@ -119,50 +206,40 @@ class WorkflowStore:
                     f"gate {event.gate_opened.gate_id} expires",
                     msg_id=f"{event.event_id}.timer",
                 )
-            await self.js.publish(subject, raw, headers=msg_id_headers(event.event_id))
-            published.append(event)
+        data = events_pb2.WorkflowHistoryEntry(events=events).SerializeToString()
+        headers = {
+            "Nats-Expected-Last-Subject-Sequence": str(revision),
+            "Nats-Expected-Last-Subject-Sequence-Subject": self.topology.wf_history_subjects(
+                rec.id
+            ),
+        }
+        try:
+            ack = await self.js.publish(subject, data, headers=headers)
+        except BadRequestError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                raise Conflict(rec.id) from exc
+            raise
         rec.outbox.clear()
-        if self.on_published is not None and published:
-            await self.on_published(published)  # waits while the audit backlog is full
+        rec.history_seq = ack.seq
+        rec._tail_bytes += len(data)
+        if rec._tail_bytes >= max(SNAPSHOT_MIN_BYTES, rec._snapshot_bytes):
+            await self._put_snapshot(rec)
+        if self.on_published is not None:
+            await self.on_published(events)  # waits while the audit backlog is full
+        return ack.seq
 
-    async def _publish_missing(self, rec: WorkflowRecord) -> None:
-        subject = self.topology.wf_events_subject(rec.id)
+    async def _put_snapshot(self, rec: WorkflowRecord) -> None:
+        """Best effort: a missing snapshot only makes the next rebuild read more."""
+        value = rec.model_dump_json().encode()
         try:
-            last = await self.js.get_last_msg(self.topology.wf_events_stream, subject)
-            published = events_pb2.WorkflowEvent.FromString(last.data or b"").sequence
-        except NotFoundError:
-            published = 0
-        pending = [
-            e
-            for e in rec.outbox
-            if events_pb2.WorkflowEvent.FromString(base64.b64decode(e)).sequence > published
-        ]
-        rec.outbox = pending
-        if pending:
-            log.info("outbox_republished", workflow_id=rec.id, events=len(pending))
-            await self.publish(rec)
+            await self.kv.put(self._key(rec.id), value)
+        except Exception as exc:
+            log.warning("snapshot_not_written", workflow_id=rec.id, error=repr(exc))
+            return
+        rec._snapshot_bytes = len(value)
+        rec._tail_bytes = 0
 
-    async def claim(self, request_id: str, wf_id: str) -> str:
-        """Bind `request_id` to `wf_id`, or return the workflow it was bound to before."""
-        key = self._claim_key(request_id)
-        try:
-            await self.kv.create(key, wf_id.encode())
-            return wf_id
-        except KeyWrongLastSequenceError:
-            entry = await self.kv.get(key)
-            return (entry.value or b"").decode()
-
-    async def ids(self) -> list[str]:
-        """Every workflow id, from the server's subject index of the bucket's stream: a
-        consistent snapshot (a KV key watcher can miss keys written while it runs)."""
-        bucket = self.topology.workflows_bucket
-        prefix = f"$KV.{bucket}.wf."
-        try:
-            info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
-        except NotFoundError:
-            return []
-        return [subject[len(prefix) :] for subject in (info.state.subjects or {})]
-
+    # -- the work queue ----------------------------------------------------------------
     async def work_consumer(
         self, durable: str, kind: str, *, ack_wait_s: float
     ) -> JetStreamContext.PullSubscription:

@@ -74,6 +74,14 @@ class TaskTokens:
         self.auditor = auditor
         self._pending: set[asyncio.Task[None]] = set()
 
+    def issues(
+        self, rec: WorkflowRecord, dispatch: Dispatch, contract: common_pb2.CapabilityContract
+    ) -> bool:
+        """Whether :meth:`issue` gives this attempt a token (the task may use a tool)."""
+        return self.vault is not None and bool(
+            scoped_tools(contract, rec.tasks[dispatch.task_id].tools)
+        )
+
     async def issue(
         self,
         rec: WorkflowRecord,
@@ -91,9 +99,10 @@ class TaskTokens:
         tool proxy puts into every policy decision and cannot take from the agent:
         ``reservation`` (the attempt's key in the ledger, whose live entry gives
         ``budget_remaining``) and ``max_budget`` (cents, from the plan's inputs)."""
-        tools = scoped_tools(contract, rec.tasks[dispatch.task_id].tools)
-        if not tools or self.vault is None:
+        if not self.issues(rec, dispatch, contract):
             return None
+        assert self.vault is not None
+        tools = scoped_tools(contract, rec.tasks[dispatch.task_id].tools)
         graph = rec.graph()
         budget = graph.budget
         if reserved is not None and budget.max_tool_calls > 0:

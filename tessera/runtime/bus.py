@@ -203,17 +203,31 @@ class Topology:
     def _ns_upper(self) -> str:
         return _stream_token(self.namespace)
 
-    # workflow events: one subject per workflow
+    # workflow histories: two subjects per workflow, its first entry on `.start` (the
+    # subject a listing pages over, in creation order) and the rest on `.events`
     @property
     def wf_events_stream(self) -> str:
         return f"{self._ns_upper}_WF_EVENTS"
 
     @property
     def wf_events_subjects(self) -> str:
-        return f"{self._ns}.wf.*.events"
+        """Every workflow's history (the stream's subject filter)."""
+        return f"{self._ns}.wf.*.*"
+
+    @property
+    def wf_starts_subjects(self) -> str:
+        """The first entry of every workflow."""
+        return f"{self._ns}.wf.*.start"
+
+    def wf_start_subject(self, wf_id: str) -> str:
+        return f"{self._ns}.wf.{_token(wf_id)}.start"
 
     def wf_events_subject(self, wf_id: str) -> str:
         return f"{self._ns}.wf.{_token(wf_id)}.events"
+
+    def wf_history_subjects(self, wf_id: str) -> str:
+        """One workflow's whole history: what its appends are fenced on."""
+        return f"{self._ns}.wf.{_token(wf_id)}.*"
 
     # work queue: "advance workflow X" and similar
     @property
@@ -317,7 +331,7 @@ class Topology:
 
     def streams(self) -> tuple[StreamSpec, ...]:
         return (
-            StreamSpec(self.wf_events_stream, (self.wf_events_subjects,)),
+            StreamSpec(self.wf_events_stream, (self.wf_events_subjects,), allow_direct=True),
             StreamSpec(self.work_stream, (self.work_subjects,), api.RetentionPolicy.WORK_QUEUE),
             StreamSpec(self.events_stream, (self.events_subjects,)),
             StreamSpec(

@@ -119,8 +119,10 @@ Global___Guardrail: _TypeAlias = Guardrail  # noqa: Y015
 
 @_typing.final
 class WorkflowEvent(_message.Message):
-    """Payloads published on JetStream. Workflow events go to `tessera.wf.<id>.events`
-    with `Nats-Msg-Id` = event_id, so a re-published event is stored once.
+    """Payloads published on JetStream. A workflow's history is a sequence of
+    WorkflowHistoryEntry messages: the first on `tessera.wf.<id>.start`, the rest on
+    `tessera.wf.<id>.events`, each appended only if the workflow's last entry is the one its
+    writer read (`Nats-Expected-Last-Subject-Sequence` on `tessera.wf.<id>.*`).
 
     WorkflowEvent is one transition of a workflow. The sequence of a workflow's events
     is its history; replaying it rebuilds the workflow's state.
@@ -916,6 +918,32 @@ class WorkflowCancelled(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkflowCancelled: _TypeAlias = WorkflowCancelled  # noqa: Y015
+
+@_typing.final
+class WorkflowHistoryEntry(_message.Message):
+    """WorkflowHistoryEntry is one append to a workflow's history: every event of one step,
+    in sequence order, written (and fenced) together.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowEvent]:
+        """Consecutive events of one workflow; the first entry starts with WorkflowStarted."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___WorkflowEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkflowHistoryEntry: _TypeAlias = WorkflowHistoryEntry  # noqa: Y015
 
 @_typing.final
 class WorkStep(_message.Message):

@@ -16,6 +16,7 @@ import nats
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from tessera.runtime.history import entry_events
 from tessera.v1 import coordinator_pb2, coordinator_pb2_grpc, events_pb2
 from tests.bench.harness import DEFAULT_ACK_WAIT_S, CoordinatorProcess, Infra, rss_mb
 from tests.bench.workload import parked_plan, supervisor_plan
@@ -46,10 +47,10 @@ class EventWatch:
 
     async def _on(self, msg: Msg) -> None:
         at = time.monotonic()
-        event = events_pb2.WorkflowEvent.FromString(msg.data)
-        kind = event.WhichOneof("kind") or ""
-        self.seen.append((at, event.workflow_id, kind, event))
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        for event in entry_events(msg.data):
+            kind = event.WhichOneof("kind") or ""
+            self.seen.append((at, event.workflow_id, kind, event))
+            self.counts[kind] = self.counts.get(kind, 0) + 1
         self.changed.set()
 
     async def until(self, predicate: Any, *, timeout: float) -> None:  # noqa: ASYNC109

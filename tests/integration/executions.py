@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from tessera.runtime.bus import Topology
+from tessera.runtime.history import entry_events
 from tessera.v1 import events_pb2
 
 
@@ -32,9 +33,13 @@ class Executions:
         self._subscription = await nc.subscribe(subject, cb=self._on_message)
 
     async def _on_message(self, msg: Msg) -> None:
-        event = events_pb2.WorkflowEvent.FromString(msg.data)
+        for event in entry_events(msg.data):
+            self._count(event)
+        self._arrived.set()
+
+    def _count(self, event: events_pb2.WorkflowEvent) -> None:
         if event.event_id in self._event_ids:
-            return  # a republished outbox (the stream dedups it; a subscriber sees it again)
+            return  # a history is never rewritten; should it be, count an event once
         self._event_ids.add(event.event_id)
         kind = event.WhichOneof("kind")
         if kind == "task_dispatched":
@@ -44,7 +49,6 @@ class Executions:
             self.by_instance[event.task_succeeded.agent_instance] += 1
         elif kind == "task_failed":
             self.failures += 1
-        self._arrived.set()
 
     async def served_by(self, instance_id: str) -> None:
         """Wait until an output of replica ``instance_id`` has been accepted."""

@@ -1,24 +1,24 @@
 """Budgets reserved before they are spent, and policies that read them live (issue 12,
 parts 4 and 5), on the real NATS JetStream, OpenBao, tool proxy and policy service.
 
-Stories: twelve tasks of one workflow reserve a tool call at once against a budget of
-five, and exactly five get one; a task's calls are refused by `budget-exhausted` as soon
-as the workflow's ledger says the money is spent, and allowed again once it is not (the
-same token: the value is read at the call, not frozen in the token); the negotiation
-agent's acceptance above the workflow's `max_budget` (from its token) is refused, within
-it allowed, and with no `max_budget` refused.
+Stories: the coordinator's mirror of a workflow's ledger is the entry the proxy reads
+(tests/unit/test_budget_ledger.py: a fan-out reserves exactly the budget); a task's calls
+are refused by `budget-exhausted` as soon as the workflow's ledger says the money is
+spent, and allowed again once it is not (the same token: the value is read at the call,
+not frozen in the token); the negotiation agent's acceptance above the workflow's
+`max_budget` (from its token) is refused, within it allowed, and with no `max_budget`
+refused.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from services.coordinator.budget import Amounts, BudgetExhausted, BudgetLedger
+from services.coordinator.budget import Amounts, BudgetMirror, BudgetState
 from tessera.budgets import ledger_key
 from tessera.v1 import budget_pb2, common_pb2, tool_proxy_pb2
 from tests.integration.test_governed_calls import (
@@ -59,39 +59,17 @@ async def _put(mesh: Mesh, wf: str, entry: budget_pb2.WorkflowBudget) -> None:
     await kv.put(ledger_key(wf), entry.SerializeToString())
 
 
-async def test_a_concurrent_fan_out_reserves_exactly_the_budget(mesh: Mesh) -> None:
-    ledger = BudgetLedger(await mesh.js.key_value(mesh.topology.budgets_bucket))
-    wf, _ = new_ids()
-    limits = Amounts(tool_calls=5, tokens=1000, cost_micros=10**6)
-
-    async def one(n: int) -> Amounts | BudgetExhausted:
-        try:
-            return await ledger.reserve(
-                wf,
-                f"t{n}#1",
-                limits=limits,
-                want=Amounts(tool_calls=1, tokens=10, cost_micros=10),
-                minimum=Amounts(tool_calls=1),
-            )
-        except BudgetExhausted as exc:
-            return exc
-
-    results = await asyncio.gather(*(one(n) for n in range(12)))
-    assert sum(isinstance(r, Amounts) for r in results) == 5
-    assert sum(isinstance(r, BudgetExhausted) for r in results) == 7
-    state = await ledger.read(wf)
-    assert state is not None and state.held().tool_calls == 5
-    # Released and committed concurrently: the budget is exactly what was used.
-    keys = sorted(state.reserved)
-    await asyncio.gather(
-        ledger.commit(wf, keys[0], Amounts(tool_calls=1)),
-        *(ledger.release(wf, k) for k in keys[1:]),
-    )
-    state = await ledger.read(wf)
-    assert state is not None and state.reserved == {}
-    assert state.available().tool_calls == 4
-    await ledger.drop(wf)
-    assert await ledger.read(wf) is None
+async def test_the_mirrored_entry_is_the_workflows_ledger_and_goes_with_it(mesh: Mesh) -> None:
+    """The coordinator mirrors a workflow's ledger (its state's limits, commits and
+    slices) into the bucket the tool proxy reads, and drops it when the workflow ends."""
+    mirror = BudgetMirror(await mesh.js.key_value(mesh.topology.budgets_bucket))
+    wf, task = new_ids()
+    state = BudgetState(limits=Amounts(tool_calls=5, tokens=1000, cost_micros=10**6))
+    state = state.reserve(f"{task}#1", Amounts(tool_calls=1, tokens=10, cost_micros=10))
+    await mirror.put(wf, state)
+    assert await mirror.read(wf) == state
+    await mirror.drop(wf)
+    assert await mirror.read(wf) is None
 
 
 async def test_budget_exhausted_reads_the_live_ledger_not_the_token(mesh: Mesh) -> None:

@@ -1,14 +1,15 @@
 """The workflow budget ledger: reserve before, commit after, release on failure; parallel
 tasks share one budget, so a fan-out can never reserve more than it (issue 12, part 5).
+The ledger is the workflow's own state (ledger_state), mirrored for the tool proxy.
 
-The ledger's compare-and-set loop runs here against an in-memory stand-in with the same
-create/update/get contract as a JetStream KV bucket (revisions, wrong-last-sequence
-errors); tests/integration/test_budgets.py runs the same fan-out against a real server."""
+The mirror and the proxy's reads run here against an in-memory stand-in with a JetStream
+KV bucket's get/put/delete contract; tests/integration/test_budgets.py runs a fan-out
+against a real server."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 from google.protobuf import duration_pb2
@@ -17,11 +18,11 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from services.coordinator.budget import (
     Amounts,
     BudgetExhausted,
-    BudgetLedger,
+    BudgetMirror,
     BudgetState,
     TaskBudgets,
     fair_share,
-    stale_attempts,
+    ledger_state,
 )
 from services.coordinator.engine import Dispatch, Emitter, task_answered
 from services.coordinator.state import TS, WS, WorkflowRecord, dict_to_struct
@@ -63,6 +64,10 @@ class MemoryKV:
         await asyncio.sleep(0)
         if key not in self.entries or self.entries[key].revision != last:
             raise KeyWrongLastSequenceError
+        return self._put(key, value)
+
+    async def put(self, key: str, value: bytes) -> int:
+        await asyncio.sleep(0)
         return self._put(key, value)
 
     async def delete(self, key: str) -> None:
@@ -108,43 +113,6 @@ def test_commit_keeps_what_was_used_and_frees_the_rest_release_frees_all() -> No
 def test_a_re_dispatched_attempt_gets_its_own_slice_back() -> None:
     state = BudgetState(limits=LIMITS).reserve("a#1", Amounts(2, 10, 10))
     assert state.reserve("a#1", Amounts(4, 1000, 10**6)) is state
-
-
-def test_a_crashed_attempts_reservation_does_not_hold_the_budget_forever() -> None:
-    """A coordinator killed between an attempt's answer and its settlement leaves the
-    slice reserved; the next attempt's reservation drops what no running attempt holds
-    (found stranding a support workflow in the coordinator kill -9 chaos test)."""
-    stale = BudgetState(limits=LIMITS).reserve("triage#1", Amounts(4, 10**6, 10**6))
-    with pytest.raises(BudgetExhausted) as raised:
-        stale.reserve("triage#2", Amounts(1, 1, 1), minimum=Amounts(1, 0, 0))
-    assert raised.value.held  # without pruning: a wait for budget nobody will give back
-    rec = _record()  # task "a": its attempt 1 answered, the task waits for a retry
-    rec.tasks["a"].attempts, rec.tasks["a"].state = 1, TS.TASK_STATE_PENDING
-    leftover = BudgetState(limits=LIMITS).reserve("a#1", Amounts(4, 10**6, 10**6))
-    fresh = leftover.prune(stale_attempts(rec)).reserve(
-        "a#2", Amounts(1, 1, 1), minimum=Amounts(1, 0, 0)
-    )
-    assert set(fresh.reserved) == {"a#2"}
-    rec.tasks["a"].attempts, rec.tasks["a"].state = 2, TS.TASK_STATE_RUNNING
-    assert fresh.prune(stale_attempts(rec)) is fresh  # the running attempt keeps its slice
-    other = fresh.reserve("b#1", Amounts(0, 1, 1))  # a task the snapshot does not know yet
-    assert other.prune(stale_attempts(rec)) is other
-
-
-def test_a_commit_lost_with_its_settlement_is_counted_from_the_snapshot() -> None:
-    """An answer's settlement failed (the ledger mid-election): its slice is pruned, and
-    what it consumed still counts, from the usage the snapshot recorded."""
-    rec = _record()
-    rec.tasks["a"].attempts, rec.tasks["a"].state = 1, TS.TASK_STATE_SUCCEEDED
-    rec.usage.tool_calls, rec.usage.tokens = 3, 50
-    leftover = BudgetState(limits=LIMITS).reserve("a#1", Amounts(4, 10**6, 10**6))
-    pruned = leftover.prune(stale_attempts(rec), recorded=Amounts(3, 50, 0))
-    assert pruned.reserved == {}
-    assert pruned.committed == Amounts(3, 50, 0)
-    assert pruned.available().tool_calls == LIMITS.tool_calls - 3
-    # What the ledger already committed is never lowered (it may count a re-sent answer).
-    ahead = replace(pruned, committed=Amounts(4, 60, 0))
-    assert ahead.prune(stale_attempts(rec), recorded=Amounts(3, 50, 0)) is ahead
 
 
 def test_a_spent_budget_is_exhausted_not_held() -> None:
@@ -200,90 +168,138 @@ def test_the_entry_round_trips_through_its_contract() -> None:
 # -- concurrency ------------------------------------------------------------------------
 
 
-async def test_a_concurrent_fan_out_never_reserves_more_than_the_budget() -> None:
-    """10 parallel tasks each want one tool call of a workflow allowed 4: exactly 4 get
-    one, the other 6 are refused (BUDGET_EXHAUSTED, held by the 4), whatever the order."""
-    kv = MemoryKV()
-    ledger = BudgetLedger(kv)  # type: ignore[arg-type]
-
-    async def one(n: int) -> Amounts | BudgetExhausted:
-        try:
-            return await ledger.reserve(
-                "wf",
-                f"t{n}#1",
-                limits=LIMITS,
-                want=Amounts(tool_calls=1),
-                minimum=Amounts(tool_calls=1),
+def _fan_out(n: int, *, max_tool_calls: int) -> WorkflowRecord:
+    plan = planner_pb2.TaskGraph(
+        template="t",
+        tasks=[
+            planner_pb2.TaskSpec(
+                id=f"t{i}", capability="x.a", timeout=duration_pb2.Duration(seconds=5)
             )
-        except BudgetExhausted as exc:
-            return exc
+            for i in range(n)
+        ],
+        budget=common_pb2.Budget(
+            max_tokens=1000, max_cost_micros=2_000_000, max_tool_calls=max_tool_calls
+        ),
+    )
+    rec = WorkflowRecord(id="wf1")
+    Emitter(rec, now=1.0).emit(
+        workflow_started=events_pb2.WorkflowStarted(request_id="r", goal="g", plan=plan)
+    )
+    return rec
 
-    results = await asyncio.gather(*(one(n) for n in range(10)))
-    granted = [r for r in results if isinstance(r, Amounts)]
-    refused = [r for r in results if isinstance(r, BudgetExhausted)]
+
+def _dispatch(rec: WorkflowRecord, task_id: str, attempt: int, reserved: Amounts) -> None:
+    """What the runner records once an attempt's slice is reserved."""
+    Emitter(rec, now=2.0).emit(
+        task_dispatched=events_pb2.TaskDispatched(
+            task_id=task_id, capability="x.a", attempt=attempt, reserved=reserved.as_usage()
+        )
+    )
+
+
+async def test_a_fan_out_dispatched_together_never_reserves_more_than_the_budget() -> None:
+    """10 parallel tasks each want one tool call of a workflow allowed 4: exactly 4 get
+    one, the other 6 are refused (BUDGET_EXHAUSTED, held by the 4)."""
+    rec = _fan_out(10, max_tool_calls=4)
+    budgets = TaskBudgets(None, max_task_tool_calls=50)
+    granted, refused = [], []
+    for i in range(10):
+        share = (Amounts(tool_calls=1), Amounts(tool_calls=1))
+        try:
+            slice_ = await budgets.reserve(rec, f"t{i}", 1, share)
+        except BudgetExhausted as exc:
+            refused.append(exc)
+            continue
+        _dispatch(rec, f"t{i}", 1, slice_)
+        granted.append(slice_)
     assert len(granted) == 4 and all(g.tool_calls == 1 for g in granted)
     assert len(refused) == 6 and all(r.held for r in refused)
-    state = await ledger.read("wf")
-    assert state is not None and state.held().tool_calls == 4
-    assert kv.writes == 4  # one create, three updates: refusals write nothing
+    assert ledger_state(rec).held().tool_calls == 4
 
-    # Settling concurrently as well: nothing lost, nothing counted twice.
-    keys = sorted(state.reserved)
-    await asyncio.gather(
-        *(ledger.commit("wf", k, Amounts(tool_calls=1, tokens=10)) for k in keys[:2]),
-        *(ledger.release("wf", k) for k in keys[2:]),
-    )
-    state = await ledger.read("wf")
-    assert state is not None
+    # Answers commit what they used and free the rest; failures free their slice.
+    for i, used in ((0, 1), (1, 1)):
+        Emitter(rec, now=3.0).emit(
+            task_succeeded=events_pb2.TaskSucceeded(
+                task_id=f"t{i}", usage=common_pb2.Usage(tool_calls=used, tokens=10)
+            )
+        )
+    state = ledger_state(rec)
     assert state.committed == Amounts(tool_calls=2, tokens=20)
-    assert state.reserved == {}
-    assert state.available().tool_calls == 2
+    assert set(state.reserved) == {"t2#1", "t3#1"}
+    assert state.available().tool_calls == 0
 
 
 async def test_fan_out_shares_are_computed_once_per_dispatch_round() -> None:
-    kv = MemoryKV()
-    budgets = TaskBudgets(BudgetLedger(kv), max_task_tool_calls=50)  # type: ignore[arg-type]
+    budgets = TaskBudgets(None, max_task_tool_calls=50)
     rec = _record(max_tool_calls=20)
-    shares = await budgets.shares(rec, {"credit": True, "fraud": False, "churn": True})
-    grants = await asyncio.gather(*(budgets.reserve(rec, t, 1, s) for t, s in shares.items()))
-    by_task = dict(zip(shares, grants, strict=True))
+    shares = budgets.shares(rec, {"credit": True, "fraud": False, "churn": True})
+    by_task = {}
+    for task_id, share in shares.items():
+        by_task[task_id] = await budgets.reserve(rec, task_id, 1, share)
+        rec.tasks.setdefault(task_id, rec.tasks["a"].model_copy(update={"id": task_id}))
+        _dispatch(rec, task_id, 1, by_task[task_id])
     assert by_task["credit"].tool_calls == 10 and by_task["churn"].tool_calls == 10
     assert by_task["fraud"].tool_calls == 0  # uses no tool: reserves none
-    assert sum(g.tokens for g in grants) <= 1000
-    await budgets.settle(rec.id, "credit", 1, common_pb2.Usage(tool_calls=1, tokens=20))
-    await budgets.settle(rec.id, "churn", 1, None)
-    state = await budgets.ledger.read(rec.id)  # type: ignore[union-attr]
-    assert state is not None and state.committed == Amounts(1, 20, 0)
-    assert list(state.reserved) == ["fraud#1"]
-    await budgets.drop(rec.id)
+    assert sum(g.tokens for g in by_task.values()) <= 1000
+
+
+async def test_a_re_sent_attempt_keeps_its_slice_and_is_never_refused_for_budget() -> None:
+    """A replica took over a workflow whose attempt a#1 was running and holds the whole
+    budget: re-sending a#1 gets the slice it holds back; a fresh attempt of another task
+    waits for it (held), and once a#1 failed its slice is free again: a crashed replica
+    can never leave a slice behind, as slices live in the workflow's own state."""
+    rec = _fan_out(2, max_tool_calls=4)
+    budgets = TaskBudgets(None, max_task_tool_calls=50)
+    whole = await budgets.reserve(rec, "t0", 1, (Amounts(4, 1000, 2_000_000), Amounts()))
+    _dispatch(rec, "t0", 1, whole)
+    again = budgets.shares(rec, {"t0": True}, resent={"t0"})["t0"]
+    assert await budgets.reserve(rec, "t0", 1, again) == whole
+    with pytest.raises(BudgetExhausted) as raised:
+        await budgets.reserve(rec, "t1", 1, budgets.shares(rec, {"t1": True})["t1"])
+    assert raised.value.held
+    Emitter(rec, now=3.0).emit(task_failed=events_pb2.TaskFailed(task_id="t0", attempt=1))
+    assert ledger_state(rec).reserved == {}
+    assert (await budgets.reserve(rec, "t1", 1, (Amounts(1, 1, 1), Amounts()))).tool_calls == 1
+
+
+async def test_attempts_with_a_token_are_mirrored_for_the_tool_proxy() -> None:
+    kv = MemoryKV()
+    budgets = TaskBudgets(BudgetMirror(kv), max_task_tool_calls=50)  # type: ignore[arg-type]
+    rec = _fan_out(2, max_tool_calls=4)
+    quiet = await budgets.reserve(rec, "t1", 1, (Amounts(1, 1, 1), Amounts()))
+    assert kv.writes == 0  # no token, nothing for the proxy to read
+    _dispatch(rec, "t1", 1, quiet)
+    slice_ = await budgets.reserve(rec, "t0", 1, (Amounts(1, 1, 1), Amounts()), mirrored=True)
+    entry = BudgetState.decode(kv.entries[ledger_key(rec.id)].value)
+    assert entry.reserved == {"t0#1": slice_, "t1#1": quiet}
+    Emitter(rec, now=2.0).emit(
+        task_dispatched=events_pb2.TaskDispatched(
+            task_id="t0",
+            capability="x.a",
+            attempt=1,
+            reserved=slice_.as_usage(),
+            token_accessor="acc",
+        )
+    )
+    Emitter(rec, now=3.0).emit(
+        task_succeeded=events_pb2.TaskSucceeded(task_id="t0", usage=common_pb2.Usage(tokens=1))
+    )
+    await budgets.settle(rec)
+    entry = BudgetState.decode(kv.entries[ledger_key(rec.id)].value)
+    assert entry.reserved == {"t1#1": quiet} and entry.committed == Amounts(tokens=1)
+    await budgets.drop(rec)
     assert ledger_key(rec.id) not in kv.entries
 
+    class Down(MemoryKV):
+        async def put(self, key: str, value: bytes) -> int:
+            raise ConnectionError("nats down")
 
-async def test_an_attempt_re_sent_after_a_crash_is_never_refused_for_budget() -> None:
-    """The killed replica had committed attempt a#1's answer and reserved the rest for
-    the handoff it routed (task a.1), then died before saving either. The new replica
-    re-sends a#1 (its answer comes from the agent's dedup) even though a.1#1 holds the
-    budget; the handoff, decided again, gets its slice back (found stranding a support
-    workflow in the coordinator kill -9 chaos test)."""
-    kv = MemoryKV()
-    budgets = TaskBudgets(BudgetLedger(kv), max_task_tool_calls=50)  # type: ignore[arg-type]
-    rec = _record(max_tool_calls=20)
-    (share,) = (await budgets.shares(rec, {"a": True})).values()
-    await budgets.reserve(rec, "a", 1, share)
-    await budgets.settle(rec.id, "a", 1, common_pb2.Usage(tool_calls=1, tokens=9))
-    handoff = await budgets.ledger.reserve(  # type: ignore[union-attr]
-        rec.id, "a.1#1", limits=LIMITS, want=Amounts(19, 991, 10**6)
-    )
-    assert handoff.tool_calls == 19
-    with pytest.raises(BudgetExhausted):  # a fresh attempt would wait for ever
-        await budgets.reserve(rec, "a", 1, (await budgets.shares(rec, {"a": True}))["a"])
-    resent = (await budgets.shares(rec, {"a": True}, resent={"a"}))["a"]
-    granted = await budgets.reserve(rec, "a", 1, resent)
-    assert granted.tool_calls == 0
-    ledger = budgets.ledger
-    assert ledger is not None
-    again = await ledger.reserve(rec.id, "a.1#1", limits=LIMITS, want=Amounts(1, 1, 1))
-    assert again == handoff  # the handoff decided again gets its slice back
+    down = TaskBudgets(BudgetMirror(Down()), max_task_tool_calls=50)  # type: ignore[arg-type]
+    with pytest.raises(Exception) as raised:
+        await down.reserve(
+            _fan_out(1, max_tool_calls=4), "t0", 1, (Amounts(1, 1, 1), Amounts()), mirrored=True
+        )
+    assert getattr(raised.value, "reason", "") == "BUDGET_UNAVAILABLE"
 
 
 # -- what reads and checks it ----------------------------------------------------------------

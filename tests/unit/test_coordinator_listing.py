@@ -88,9 +88,9 @@ def test_a_page_token_is_only_good_for_the_filters_it_was_issued_under() -> None
     first = coordinator_pb2.ListWorkflowsRequest(template="loan")
     token = listing.next_page_token(first, 50)
     again = coordinator_pb2.ListWorkflowsRequest(template="loan", page_token=token)
-    assert listing.offset_of(again) == 50
+    assert listing.cursor_of(again) == 50
     changed = coordinator_pb2.ListWorkflowsRequest(template="support", page_token=token)
     with pytest.raises(InvalidArgument):
-        listing.offset_of(changed)
+        listing.cursor_of(changed)
     with pytest.raises(InvalidArgument):
-        listing.offset_of(coordinator_pb2.ListWorkflowsRequest(page_token="not-a-token"))
+        listing.cursor_of(coordinator_pb2.ListWorkflowsRequest(page_token="not-a-token"))
