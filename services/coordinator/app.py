@@ -25,7 +25,7 @@ from services.coordinator.dispatcher import Dispatcher
 from services.coordinator.runner import DURABLE, Runner
 from services.coordinator.service import CoordinatorServicer
 from services.coordinator.settings import CoordinatorSettings, load_agent_tiers
-from services.coordinator.store import WorkflowStore
+from services.coordinator.store import STARTS_DURABLE, WorkflowStore
 from services.coordinator.timers import Timers
 from services.coordinator.tokens import MAX_USES, TaskTokens
 from services.coordinator.tool_approvals import ToolApprovals
@@ -141,8 +141,10 @@ class Coordinator:
             )
         admission = Admission(
             js,
-            stream=self.topology.work_stream,
-            consumer=DURABLE,
+            consumers=[
+                (self.topology.wf_events_stream, STARTS_DURABLE),
+                (self.topology.work_stream, DURABLE),
+            ],
             limit=self.settings.max_active_workflows,
         )
         policies: PolicySource | None = None

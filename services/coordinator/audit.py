@@ -35,6 +35,9 @@ _TRANSITIONS = {
     "gate_opened": "parked",
 }
 QUEUE_LIMIT = 10_000
+GROUP_COMMIT_S = 0.1
+"""How long the first record of a write waits for others to go with it: at most about ten
+audit writes a second per coordinator, however many workflows it runs."""
 _MAX_BACKOFF_S = 2.0
 
 
@@ -45,17 +48,23 @@ class WorkflowAuditor:
         *,
         queue_limit: int = QUEUE_LIMIT,
         stop_timeout_s: float = 10.0,
+        group_commit_s: float = GROUP_COMMIT_S,
     ) -> None:
         self.writer = writer
-        self._queue: asyncio.Queue[tuple[Any, dict[str, Any]]] = asyncio.Queue(queue_limit)
+        self._queue: asyncio.Queue[tuple[Any, dict[str, Any]]] = asyncio.Queue()
+        self._room = asyncio.Semaphore(queue_limit)
+        """One unit per record queued or being written: the bound on the backlog (a
+        record leaves it once stored)."""
+        self._pending = 0
         self._task: asyncio.Task[None] | None = None
         self._stop_timeout_s = stop_timeout_s
+        self._group_commit_s = group_commit_s
         self._full_since: float | None = None
 
     @property
     def backlog(self) -> int:
-        """Records waiting to be written."""
-        return self._queue.qsize()
+        """Records waiting to be written (or being written)."""
+        return self._pending
 
     async def start(self) -> None:
         await self.writer.start()
@@ -68,7 +77,7 @@ class WorkflowAuditor:
             try:
                 await asyncio.wait_for(self._queue.join(), self._stop_timeout_s)
             except TimeoutError:
-                log.error("audit_backlog_unwritten", records=self._queue.qsize())
+                log.error("audit_backlog_unwritten", records=self.backlog)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -78,18 +87,20 @@ class WorkflowAuditor:
 
     async def record(self, kind: Any, **fields: Any) -> None:
         """Queue a record; waits while the backlog is full (never drops one)."""
-        if self._queue.full():
+        if self._room.locked():
             if self._full_since is None:
                 self._full_since = time.monotonic()
                 log.error("audit_backlog_full", waiting_kind=AK.Name(kind))
-            await self._queue.put((kind, fields))
-            if self._full_since is not None and not self._queue.full():
+            await self._room.acquire()
+            if self._full_since is not None and not self._room.locked():
                 log.warning(
                     "audit_backlog_recovered",
                     waited_s=round(time.monotonic() - self._full_since, 3),
                 )
                 self._full_since = None
-            return
+        else:
+            await self._room.acquire()  # free: does not wait
+        self._pending += 1
         self._queue.put_nowait((kind, fields))
 
     async def events(self, events: Iterable[events_pb2.WorkflowEvent]) -> None:
@@ -148,14 +159,17 @@ class WorkflowAuditor:
     async def _drain(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            # Group commit: what queued up while the last write ran goes in the next one
-            # (the older records ride in the ``carried`` field of the newest).
+            # Group commit: what queues up meanwhile goes in the same write (the older
+            # records ride in the ``carried`` field of the newest).
+            await asyncio.sleep(self._group_commit_s)
             while len(batch) <= self.writer.max_carried and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
                 await self._append_until_stored(batch)
             finally:
+                self._pending -= len(batch)
                 for _ in batch:
+                    self._room.release()
                     self._queue.task_done()
 
     async def _append_until_stored(self, batch: list[tuple[Any, dict[str, Any]]]) -> None:

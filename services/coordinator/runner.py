@@ -1,10 +1,11 @@
-"""Advances workflows: consumes "advance workflow X" steps from the JetStream work queue
-shared by every coordinator replica, runs ready tasks, records what follows.
+"""Advances workflows: consumes new workflows' start entries and "advance workflow X"
+steps from the JetStream work queue, both through consumers shared by every coordinator
+replica; runs ready tasks, records what follows.
 
-A step holds its work message un-acked while it runs and extends the ack deadline every
+A step holds its message un-acked while it runs and extends the ack deadline every
 ack_wait/3; if the replica dies, JetStream redelivers the step to another replica after
-ack_wait, which reloads the last committed snapshot and carries on (re-sending attempts
-that were in flight with the same attempt number, which agents deduplicate).
+ack_wait, which reloads the workflow's history and carries on (re-sending attempts that
+were in flight with the same attempt number, which agents deduplicate).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -40,7 +42,7 @@ from services.coordinator.engine import (
 )
 from services.coordinator.settings import CoordinatorSettings
 from services.coordinator.state import TS, WorkflowRecord
-from services.coordinator.store import ADVANCE, Conflict, WorkflowStore
+from services.coordinator.store import ADVANCE, STARTS_DURABLE, Conflict, WorkflowStore
 from services.coordinator.tokens import TaskTokens, scoped_tools
 from tessera.runtime.bus import Topology
 from tessera.runtime.errors import TesseraError, error_details
@@ -76,6 +78,23 @@ RETRYABLE = {
 }
 
 
+def _may_wait(event: events_pb2.WorkflowEvent) -> bool:
+    """Whether an event may wait for the next append: a dispatch of an attempt that holds
+    no task token (nothing for the kill switch to revoke, and a re-send of it is
+    deduplicated by the agent)."""
+    return event.HasField("task_dispatched") and not event.task_dispatched.token_accessor
+
+
+def _started(msg: Msg) -> str:
+    """The workflow a start entry (``<ns>.wf.<id>.start``) begins."""
+    return msg.subject.split(".")[-2]
+
+
+def _queued(msg: Msg) -> str:
+    """The workflow a work step names."""
+    return events_pb2.WorkStep.FromString(msg.data).workflow_id
+
+
 @dataclass(frozen=True)
 class InFlight:
     """One attempt being executed by an agent, and the accessor of its task token."""
@@ -105,7 +124,8 @@ class Runner:
         self.settings = settings
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._slots = asyncio.Semaphore(settings.max_concurrent_steps)
-        self._loop_task: asyncio.Task[None] | None = None
+        self._subs: list[tuple[JetStreamContext.PullSubscription, Callable[[Msg], str]]] = []
+        self._loop_tasks: list[asyncio.Task[None]] = []
         self._steps: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._running: dict[str, tuple[str, str]] = {}
@@ -113,44 +133,61 @@ class Runner:
 
     async def start(self) -> None:
         # The ack wait is how fast a dead replica's steps move on (settings.ack_wait_s).
-        self._sub = await self.store.work_consumer(
-            DURABLE, ADVANCE, ack_wait_s=self.settings.ack_wait_s
-        )
-        self._loop_task = asyncio.create_task(self._consume(), name="coordinator-consume")
+        ack_wait_s = self.settings.ack_wait_s
+        self._subs = [
+            (await self.store.start_consumer(STARTS_DURABLE, ack_wait_s=ack_wait_s), _started),
+            (await self.store.work_consumer(DURABLE, ADVANCE, ack_wait_s=ack_wait_s), _queued),
+        ]
+        self._loop_tasks = [
+            asyncio.create_task(self._consume(sub, workflow_of), name=f"coordinator-consume-{i}")
+            for i, (sub, workflow_of) in enumerate(self._subs)
+        ]
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for loop in self._loop_tasks:
+            loop.cancel()
+        await asyncio.gather(*self._loop_tasks, return_exceptions=True)
         for step in list(self._steps):
             step.cancel()
         await asyncio.gather(*self._steps, return_exceptions=True)
         # A pull subscription left open makes the connection's drain wait its full timeout.
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+        for sub, _ in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
-    async def _consume(self) -> None:
+    async def _consume(
+        self, sub: JetStreamContext.PullSubscription, workflow_of: Callable[[Msg], str]
+    ) -> None:
         while not self._stopping.is_set():
-            # Fetch only once a step can start, and no more than can start now: a fetched
-            # message has no heartbeat until its step starts, so one left waiting for a
-            # slot would be redelivered after ack_wait while this replica is alive. Only
-            # this loop takes slots, so the slot seen free here is still free below.
-            async with self._slots:
-                pass
-            free = max(1, min(32, self.settings.max_concurrent_steps - len(self._steps)))
+            # Fetch only for slots held, and no more than are free now: a fetched message
+            # has no heartbeat until its step starts, so one left waiting for a slot would
+            # be redelivered after ack_wait while this replica is alive.
+            await self._slots.acquire()
+            held = 1
+            while held < 32 and not self._slots.locked():
+                await self._slots.acquire()
+                held += 1
             try:
-                msgs = await self._sub.fetch(batch=free, timeout=1.0)
+                msgs = await sub.fetch(batch=held, timeout=1.0)
             except (TimeoutError, FetchTimeoutError):
-                continue
+                msgs = []
             except Exception as exc:  # a NATS outage: back off, the client reconnects
                 log.warning("work_fetch_failed", error=repr(exc))
+                msgs = []
                 await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await self._slots.acquire()
-                task = asyncio.create_task(self._handle(msg))
+            for _ in range(held - len(msgs)):
+                self._slots.release()
+            for msg in msgs:  # each holds one of the slots taken above
+                try:
+                    wf_id = workflow_of(msg)
+                except Exception:  # only the coordinator publishes here: nothing to retry
+                    log.error("work_step_unreadable", subject=msg.subject)
+                    self._slots.release()
+                    with contextlib.suppress(Exception):
+                        await msg.term()
+                    continue
+                task = asyncio.create_task(self._handle(msg, wf_id))
                 self._steps.add(task)
                 task.add_done_callback(self._step_done)
 
@@ -158,29 +195,28 @@ class Runner:
         self._steps.discard(task)
         self._slots.release()
 
-    async def _handle(self, msg: Msg) -> None:
-        step = events_pb2.WorkStep.FromString(msg.data)
+    async def _handle(self, msg: Msg, wf_id: str) -> None:
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         deliveries = msg.metadata.num_delivered
         if deliveries > 1:
             # After a replica died, a failed step (nak), or a live step whose heartbeat
             # was late by more than ack_wait (a stalled replica: see settings.ack_wait_s).
             metrics.STEPS_REDELIVERED.inc()
-            log.info("work_step_redelivered", workflow_id=step.workflow_id, deliveries=deliveries)
+            log.info("work_step_redelivered", workflow_id=wf_id, deliveries=deliveries)
         try:
-            async with self._locks[step.workflow_id]:
-                await self.advance(step.workflow_id)
+            async with self._locks[wf_id]:
+                await self.advance(wf_id)
             await msg.ack()
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("step_failed", workflow_id=step.workflow_id)
+            log.exception("step_failed", workflow_id=wf_id)
             await msg.nak(delay=1.0)
         finally:
             heartbeat.cancel()
-            lock = self._locks.get(step.workflow_id)
+            lock = self._locks.get(wf_id)
             if lock is not None and not lock.locked():
-                self._locks.pop(step.workflow_id, None)
+                self._locks.pop(wf_id, None)
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:
@@ -194,6 +230,8 @@ class Runner:
             log.warning("step_for_unknown_workflow", workflow_id=wf_id)
             return
         rec, revision = loaded
+        if rec.terminal:
+            return  # a step re-sent after the workflow ended
         bind_context(workflow_id=wf_id)
         # Continue the workflow's own trace, so every step and agent call joins it.
         parent = extract_context({"traceparent": rec.traceparent} if rec.traceparent else {})
@@ -206,17 +244,18 @@ class Runner:
         wf_id = rec.id
         in_flight: dict[str, InFlight] = {}
         conflicts = 0
-        # Answers collected (applied in memory, events in the outbox) and not yet saved:
-        # they are committed together with the dispatches they lead to, one write for
-        # both. A crash in between loses nothing: the attempts are still RUNNING in the
-        # last snapshot, so they are sent again with the same attempt number and the
-        # agents answer from their dedup records.
-        unsaved = False
+        # Answers collected are applied in memory (their events wait in rec.outbox) and
+        # appended together with the dispatches they lead to, one entry for both. A crash
+        # in between loses nothing: the attempts are still RUNNING in the history, so
+        # they are sent again with the same attempt number and the agents answer from
+        # their dedup records.
         started = time.monotonic()
         try:
             while True:
                 try:
-                    revision = await self._tick(rec, revision, in_flight, unsaved=unsaved)
+                    revision = await self._tick(rec, revision, in_flight)
+                    if rec.outbox and not await self._answered_within(in_flight):
+                        revision = await self.store.save(rec, revision)
                 except Conflict:
                     conflicts += 1
                     if conflicts > MAX_CONFLICTS:
@@ -225,9 +264,7 @@ class Runner:
                     if reloaded is None:
                         return
                     rec, revision = reloaded
-                    unsaved = False
                     continue
-                unsaved = False
                 if rec.terminal:
                     break
                 if not in_flight:
@@ -240,7 +277,6 @@ class Runner:
                     [f.call for f in in_flight.values()], return_when=asyncio.FIRST_COMPLETED
                 )
                 if self._collect(rec, in_flight):
-                    unsaved = True
                     await self.budgets.settle(rec)
         finally:
             for flight in in_flight.values():
@@ -253,7 +289,7 @@ class Runner:
             # The kill switch also fires on normal ends: no task token outlives its workflow.
             self.tokens.revoke_soon(rec.id, rec.token_accessors(), "workflow ended")
             await self.budgets.drop(rec)
-        elif not unsaved:
+        else:
             self.store.checkin(rec, revision)
 
     async def agent_frozen(self, frozen: FrozenAgent) -> None:
@@ -278,15 +314,12 @@ class Runner:
         return max(0.0, min(due) - now)
 
     async def _tick(
-        self,
-        rec: WorkflowRecord,
-        revision: int,
-        in_flight: dict[str, InFlight],
-        *,
-        unsaved: bool = False,
+        self, rec: WorkflowRecord, revision: int, in_flight: dict[str, InFlight]
     ) -> int:
-        """Decide what runs next, save (with any ``unsaved`` collected answers), then send
-        the attempts. Nothing is sent before the snapshot that dispatches it is saved."""
+        """Decide what runs next, append it (with the answers collected since the last
+        append), then send the attempts. An attempt that gets a task token is never sent
+        before the entry that records it (the kill switch must find its token); one
+        without may be recorded with its answer (:meth:`_answered_within`)."""
         em = Emitter(rec, now=time.time())
         dispatches = next_steps(em, in_flight=set(in_flight))
         picked: list[tuple[Dispatch, AgentDescriptor, CapabilityContract]] = []
@@ -353,7 +386,7 @@ class Runner:
                     )
                 )
             ready.append((dispatch, agent, contract, token.token if token else "", accessor))
-        if em.events or unsaved:
+        if not all(_may_wait(e) for e in rec.outbox):
             revision = await self.store.save(rec, revision)
         for dispatch, agent, contract, token_value, accessor in ready:
             request = self.dispatcher.request(rec, dispatch, contract, task_token=token_value)
@@ -365,6 +398,20 @@ class Runner:
             if accessor:
                 self._running[accessor] = (rec.id, agent.name)
         return revision
+
+    async def _answered_within(self, in_flight: dict[str, InFlight]) -> bool:
+        """Wait up to ``settings.dispatch_append_delay_s`` for an attempt to answer, so
+        that dispatches holding no credential are appended with the first answer (one
+        write for both) instead of on their own; whether one answered. A crash before the
+        append only re-sends those attempts, under the same numbers."""
+        if not in_flight:
+            return False
+        done, _ = await asyncio.wait(
+            [f.call for f in in_flight.values()],
+            timeout=self.settings.dispatch_append_delay_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        return bool(done)
 
     def _budget_shares(
         self,

@@ -1,5 +1,6 @@
 """CoordinatorService RPCs. State changes go through the engine's Emitter and the store's
-compare-and-set; advancing workflows is the runner's job, reached via the work queue."""
+fenced appends; advancing workflows is the runner's job, reached through the start entry
+or the work queue."""
 
 from __future__ import annotations
 
@@ -173,8 +174,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if existing is None:
                 raise
             return await self._started_before(principal, existing[0])
-        self.store.checkin(rec, revision)
-        await self.store.enqueue(wf_id, "started")
+        self.store.checkin(rec, revision)  # the start entry is the first step's message
         metrics.WORKFLOWS_STARTED.inc()
         log.info("workflow_started", workflow_id=wf_id, template=plan.template)
         return coordinator_pb2.StartWorkflowResponse(workflow=workflow_view(rec))

@@ -43,6 +43,11 @@ class CoordinatorSettings(ServiceSettings):
     second. Redeliveries (`tessera_work_steps_redelivered_total`) that are not explained
     by a crash mean the replica stalls longer than that: raise it. All replicas share
     one consumer and the last one started sets its value, so give them all the same."""
+    dispatch_append_delay_s: float = Field(default=0.05, ge=0)
+    """How long the dispatch of an attempt that holds no task token may wait to be
+    appended with the first answer that follows it (one write for both; a crash before
+    only re-sends the attempt under the same number). While it waits, readers see the
+    task as not yet dispatched. 0: every dispatch is appended before it is sent."""
     max_concurrent_steps: int = Field(default=128, gt=0)
     """Workflow steps one replica runs at once."""
     max_active_workflows: int = Field(default=2000, gt=0)

@@ -184,7 +184,9 @@ class WorkflowRecord(BaseModel):
     # -- in memory only ---------------------------------------------------------------
     _outbox: list[events_pb2.WorkflowEvent] = PrivateAttr(default_factory=list)
     _tail_bytes: int = PrivateAttr(default=0)
-    _snapshot_bytes: int = PrivateAttr(default=0)
+    """Bytes of history appended since the last snapshot."""
+    _state_bytes: int = PrivateAttr(default=0)
+    """Size of the state when last serialized (a snapshot's size, when loaded from one)."""
     _graph: planner_pb2.TaskGraph | None = PrivateAttr(default=None)
 
     @property

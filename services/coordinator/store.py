@@ -12,10 +12,10 @@ idempotency claim (the id is derived from the request id, services/coordinator/s
 
 State is the events replayed through ``apply_event``. A snapshot (the state and the
 sequence of the entry it reflects) is put in the KV bucket once the entries appended since
-the last one are at least as large as it (and at least ``SNAPSHOT_MIN_BYTES``): a reload
+the last one are at least twice the state (and at least ``SNAPSHOT_MIN_BYTES``): a reload
 reads the snapshot and the entries after it, in one batched direct get, and the bytes
 written per step stay flat however large the workflow grows (each snapshot is paid for
-by at least as many bytes of history). A stale snapshot is harmless: the tail is longer.
+by twice as many bytes of history). A stale snapshot is harmless: the tail is longer.
 
 The replica that last wrote a workflow keeps it in memory (:meth:`checkin`), so the next
 step there needs no read at all; the fence catches a copy that went stale.
@@ -44,6 +44,8 @@ log = structlog.get_logger(__name__)
 
 ADVANCE = "advance"
 """Work subject kind of "advance this workflow now" steps (the runner consumes them)."""
+STARTS_DURABLE = "coordinator-starts"
+"""The runners' consumer of new workflows (their start entries)."""
 TIMER = "timer"
 """Work subject kind of timer steps, held until their ``not_before`` (timers.py)."""
 SNAPSHOT_MIN_BYTES = 64 * 1024
@@ -129,7 +131,7 @@ class WorkflowStore:
         if not entry.value:
             return None
         rec = WorkflowRecord.model_validate_json(entry.value)
-        rec._snapshot_bytes = len(entry.value)
+        rec._state_bytes = len(entry.value)
         return rec
 
     @staticmethod
@@ -222,21 +224,27 @@ class WorkflowStore:
         rec.outbox.clear()
         rec.history_seq = ack.seq
         rec._tail_bytes += len(data)
-        if rec._tail_bytes >= max(SNAPSHOT_MIN_BYTES, rec._snapshot_bytes):
-            await self._put_snapshot(rec)
+        if rec._tail_bytes >= max(SNAPSHOT_MIN_BYTES, 2 * rec._state_bytes):
+            await self._maybe_snapshot(rec)
         if self.on_published is not None:
             await self.on_published(events)  # waits while the audit backlog is full
         return ack.seq
 
-    async def _put_snapshot(self, rec: WorkflowRecord) -> None:
-        """Best effort: a missing snapshot only makes the next rebuild read more."""
+    async def _maybe_snapshot(self, rec: WorkflowRecord) -> None:
+        """Snapshot once the history since the last snapshot is at least twice the
+        state: a rebuild then reads at most about three times the state, and the bytes
+        written stay proportional to the history (a large value written once, like a big
+        blackboard entry, is not written again). Best effort: a missing snapshot only
+        makes the next rebuild read more."""
         value = rec.model_dump_json().encode()
+        rec._state_bytes = len(value)
+        if 2 * len(value) > rec._tail_bytes:
+            return  # the history is still mostly the state itself: replaying it is cheap
         try:
             await self.kv.put(self._key(rec.id), value)
         except Exception as exc:
             log.warning("snapshot_not_written", workflow_id=rec.id, error=repr(exc))
             return
-        rec._snapshot_bytes = len(value)
         rec._tail_bytes = 0
 
     # -- the work queue ----------------------------------------------------------------
@@ -245,16 +253,33 @@ class WorkflowStore:
     ) -> JetStreamContext.PullSubscription:
         """Create or update the replicas' shared durable consumer of the ``kind`` work
         steps and bind to it: a changed ack wait must reach the existing consumer."""
+        return await self._consumer(
+            self.topology.work_stream, durable, self.topology.work_subject(kind), ack_wait_s
+        )
+
+    async def start_consumer(
+        self, durable: str, *, ack_wait_s: float
+    ) -> JetStreamContext.PullSubscription:
+        """The replicas' shared durable consumer of first history entries: a new
+        workflow's first step needs no work-queue message of its own, its start entry is
+        one (held un-acked while it runs, like any step)."""
+        return await self._consumer(
+            self.topology.wf_events_stream, durable, self.topology.wf_starts_subjects, ack_wait_s
+        )
+
+    async def _consumer(
+        self, stream: str, durable: str, subject: str, ack_wait_s: float
+    ) -> JetStreamContext.PullSubscription:
         config = api.ConsumerConfig(
             durable_name=durable,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=ack_wait_s,
             max_deliver=-1,
             max_ack_pending=-1,
-            filter_subject=self.topology.work_subject(kind),
+            filter_subject=subject,
         )
-        await self.js.add_consumer(self.topology.work_stream, config=config)
-        return await self.js.pull_subscribe_bind(durable, stream=self.topology.work_stream)
+        await self.js.add_consumer(stream, config=config)
+        return await self.js.pull_subscribe_bind(durable, stream=stream)
 
     async def schedule(
         self, wf_id: str, at: timestamp_pb2.Timestamp, reason: str, *, msg_id: str
