@@ -15,6 +15,7 @@ still holds. :meth:`Registry.watch` turns that into explicit ``delete`` notifica
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -93,6 +94,8 @@ class Registry:
         self.max_staleness_s = max_staleness_s
         self._kv: KeyValue | None = None
         self._cached: tuple[float, dict[str, agent_pb2.AgentDescriptor]] | None = None
+        self._printed: tuple[int, frozenset[str], str] | None = None
+        """(snapshot id, fresh keys, fingerprint) last computed."""
 
     def invalidate(self) -> None:
         """Forget the cached snapshot (e.g. after a replica turned out to be gone)."""
@@ -179,6 +182,22 @@ class Registry:
             if descriptor is not None:
                 entries[entry.key] = descriptor
         return entries
+
+    async def fingerprint(self) -> str:
+        """What changes whenever the offer changes: an agent (re)registered with other
+        capabilities, left, or stopped heartbeating (heartbeats alone do not change it).
+        A cache of decisions taken on the registry (validated plans) keys on it."""
+        now = time.time()
+        entries = await self._snapshot()
+        fresh = frozenset(k for k, d in entries.items() if self._fresh(d, now))
+        if self._printed is not None and self._printed[:2] == (id(entries), fresh):
+            return self._printed[2]
+        digest = hashlib.sha256()
+        for key in sorted(fresh):
+            digest.update(key.encode())
+            digest.update(hashlib.sha256(_without_heartbeat(entries[key])).digest())
+        self._printed = (id(entries), fresh, digest.hexdigest())
+        return self._printed[2]
 
     async def agents(self) -> list[agent_pb2.AgentDescriptor]:
         """Live replicas (heartbeat within the TTL), ordered by agent name, instance id."""

@@ -22,6 +22,8 @@ from services.coordinator.admission import Admission
 from services.coordinator.audit import WorkflowAuditor
 from services.coordinator.budget import BudgetMirror, TaskBudgets
 from services.coordinator.dispatcher import Dispatcher
+from services.coordinator.plans import PlanCache
+from services.coordinator.retention import Retention
 from services.coordinator.runner import DURABLE, Runner
 from services.coordinator.service import CoordinatorServicer
 from services.coordinator.settings import CoordinatorSettings, load_agent_tiers
@@ -66,6 +68,7 @@ class Coordinator:
         self.server: GrpcServer | None = None
         self.runner: Runner | None = None
         self.timers: Timers | None = None
+        self.retention: Retention | None = None
         self.frozen: FrozenAgents | None = None
         self.dispatcher: Dispatcher | None = None
         self.tokens: TaskTokens | None = None
@@ -127,6 +130,7 @@ class Coordinator:
             Registry(js, self.topology, max_staleness_s=0.5),
             self.workload,
             tool_proxy_address=self.settings.tool_proxy_address,
+            task_streams=self.settings.task_streams,
         )
         self._planner_channel = self.workload.channel(
             self.settings.planner_address,
@@ -183,6 +187,7 @@ class Coordinator:
                 else None
             ),
             authz,
+            PlanCache(self.dispatcher.registry),
         )
         # The A2A face: another binding of the same API, through the same handlers.
         cards = AgentCards(
@@ -218,6 +223,12 @@ class Coordinator:
             await self.runner.start()
             self.timers = Timers(store)
             await self.timers.start()
+            self.retention = Retention(
+                store,
+                retention_s=self.settings.retention_s,
+                interval_s=self.settings.retention_interval_s,
+            )
+            self.retention.start()
             # An operator's freeze revokes the tokens of the agent's attempts running here.
             self.frozen = FrozenAgents(js, self.topology, on_freeze=self.runner.agent_frozen)
             self.frozen.start()
@@ -229,6 +240,8 @@ class Coordinator:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         if self.timers is not None:
             await self.timers.stop()
         if self.frozen is not None:

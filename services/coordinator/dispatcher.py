@@ -1,4 +1,6 @@
-"""Sends task attempts to agents over gRPC, with deadlines, on long-lived channels."""
+"""Sends task attempts to agents over gRPC, with deadlines, on long-lived channels: over
+one ExecuteTasks stream per agent replica (services/coordinator/task_streams.py), or a
+unary ExecuteTask call each for an agent that does not implement the stream."""
 
 from __future__ import annotations
 
@@ -7,13 +9,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf import struct_pb2
 
 from services.coordinator.engine import Dispatch
 from services.coordinator.state import WorkflowRecord, dict_to_struct
+from services.coordinator.task_streams import StreamUnsupported, TaskStream
 from tessera.registry import Registry
 from tessera.runtime.identity import Workload
 from tessera.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+log = structlog.get_logger(__name__)
 
 
 class NoAgent(Exception):
@@ -29,21 +35,38 @@ class Answer:
 
 class Dispatcher:
     def __init__(
-        self, registry: Registry, workload: Workload, *, tool_proxy_address: str = ""
+        self,
+        registry: Registry,
+        workload: Workload,
+        *,
+        tool_proxy_address: str = "",
+        task_streams: bool = True,
     ) -> None:
         self.registry = registry
         self.workload = workload
         self.tool_proxy_address = tool_proxy_address
+        self.task_streams = task_streams
+        """Whether attempts go over ExecuteTasks streams (False: unary calls only)."""
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams: dict[str, TaskStream] = {}
+        self._unary: set[str] = set()
+        """Replicas (key) that answered UNIMPLEMENTED to ExecuteTasks."""
         self._round_robin = itertools.count()
 
     async def close(self) -> None:
+        for stream in self._streams.values():
+            await stream.close()
+        self._streams.clear()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
 
+    @staticmethod
+    def _key(agent: agent_pb2.AgentDescriptor) -> str:
+        return f"{agent.name}@{agent.endpoint}"
+
     def _stub(self, agent: agent_pb2.AgentDescriptor) -> agent_pb2_grpc.AgentServiceStub:
-        key = f"{agent.name}@{agent.endpoint}"
+        key = self._key(agent)
         ch = self._channels.get(key)
         if ch is None:
             # The channel accepts only a server holding the certificate of the agent the
@@ -123,7 +146,19 @@ class Dispatcher:
         request: agent_pb2.ExecuteTaskRequest,
         timeout_s: float,
     ) -> Answer:
-        response = await self._stub(agent).ExecuteTask(request, timeout=timeout_s)
+        key = self._key(agent)
+        response: agent_pb2.ExecuteTaskResponse | None = None
+        if self.task_streams and key not in self._unary:
+            stream = self._streams.get(key)
+            if stream is None or stream.broken:
+                stream = self._streams[key] = TaskStream(self._stub(agent))
+            try:
+                response = await stream.send(request, timeout_s)
+            except StreamUnsupported:
+                log.info("agent_without_task_streams", agent=agent.name, endpoint=agent.endpoint)
+                self._unary.add(key)
+        if response is None:
+            response = await self._stub(agent).ExecuteTask(request, timeout=timeout_s)
         # The replica that ran it says who it is; an older agent leaves it empty.
         return Answer(response, contract, response.instance_id or agent.instance_id)
 

@@ -43,6 +43,15 @@ class CoordinatorSettings(ServiceSettings):
     second. Redeliveries (`tessera_work_steps_redelivered_total`) that are not explained
     by a crash mean the replica stalls longer than that: raise it. All replicas share
     one consumer and the last one started sets its value, so give them all the same."""
+    retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """How long a workflow's history is kept after it ended (default 7 days); then it
+    leaves the hot state (services/coordinator/retention.py). Export it first with
+    `tessera export`."""
+    retention_interval_s: float = Field(default=3600.0, gt=0)
+    """How often each replica sweeps for expired workflows."""
+    task_streams: bool = True
+    """Send attempts to SDK agents over one ExecuteTasks stream per replica (an agent that
+    does not implement it gets unary ExecuteTask calls); False: unary calls only."""
     dispatch_append_delay_s: float = Field(default=0.05, ge=0)
     """How long the dispatch of an attempt that holds no task token may wait to be
     appended with the first answer that follows it (one write for both; a crash before

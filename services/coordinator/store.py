@@ -23,6 +23,7 @@ step there needs no read at all; the fence catches a copy that went stale.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -122,6 +123,60 @@ class WorkflowStore:
         for msg in tail:
             self._apply(rec, msg)
         return rec, rec.history_seq
+
+    async def starts_after(self, after: int, limit: int) -> list[StoredMsg]:
+        """Up to ``limit`` first entries of workflows stored after history sequence
+        ``after``, oldest first (retention's scan)."""
+        return await read_batch(
+            self.nc,
+            self.topology.wf_events_stream,
+            self.topology.wf_starts_subjects,
+            after=after,
+            limit=limit,
+        )
+
+    async def last_event(self, wf_id: str) -> events_pb2.WorkflowEvent | None:
+        """The workflow's latest event (one direct get of its last entry)."""
+        try:
+            msg = await self.js.get_msg(
+                self.topology.wf_events_stream,
+                subject=self.topology.wf_history_subjects(wf_id),
+                direct=True,
+            )
+        except NotFoundError:
+            return None
+        events = entry_events(msg.data or b"")
+        return events[-1] if events else None
+
+    async def remove(self, wf_id: str) -> None:
+        """Purge the workflow's history and snapshot (retention.py)."""
+        await self.js.purge_stream(
+            self.topology.wf_events_stream, subject=self.topology.wf_history_subjects(wf_id)
+        )
+        with contextlib.suppress(KeyNotFoundError):
+            await self.kv.purge(self._key(wf_id))
+        self._cache.pop(wf_id, None)
+
+    async def exists(self, wf_id: str) -> bool:
+        """Whether the workflow was started (one direct get of its start entry)."""
+        try:
+            await self.js.get_msg(
+                self.topology.wf_events_stream,
+                subject=self.topology.wf_start_subject(wf_id),
+                direct=True,
+            )
+        except NotFoundError:
+            return False
+        return True
+
+    async def entries_after(self, wf_id: str, after: int) -> list[StoredMsg]:
+        """The workflow's history entries stored after stream sequence ``after``."""
+        return await read_batch(
+            self.nc,
+            self.topology.wf_events_stream,
+            self.topology.wf_history_subjects(wf_id),
+            after=after,
+        )
 
     async def _snapshot(self, wf_id: str) -> WorkflowRecord | None:
         try:

@@ -6,7 +6,7 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -45,6 +45,7 @@ from tessera.runtime.errors import (
     ResourceExhausted,
     TesseraError,
     from_rpc_error,
+    to_status,
 )
 from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
@@ -85,6 +86,44 @@ class _Servicer(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.ExecuteTaskRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.ExecuteTaskResponse:
         return await self._agent.execute(request)
+
+    async def ExecuteTasks(
+        self,
+        requests: AsyncIterator[agent_pb2.ExecuteTasksRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[agent_pb2.ExecuteTasksResponse]:
+        """Attempts run concurrently as they arrive; each answer is sent as it is ready.
+        The stream ends once the caller closed its side and every attempt answered; if
+        the caller goes away, running attempts go on (their results are cached for the
+        retry, as with ExecuteTask)."""
+        answers: asyncio.Queue[agent_pb2.ExecuteTasksResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()  # holds the tasks until they end
+        outstanding = 0  # received and not yet answered
+
+        async def answer(request: agent_pb2.ExecuteTasksRequest) -> None:
+            answers.put_nowait(await self._agent.answer(request))
+
+        async def read() -> None:
+            nonlocal outstanding
+            async for request in requests:
+                outstanding += 1
+                task = asyncio.create_task(answer(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            answers.put_nowait(None)  # the caller closed its side
+
+        reader = asyncio.create_task(read())
+        closed = False
+        try:
+            while not (closed and outstanding == 0):
+                item = await answers.get()
+                if item is None:
+                    closed = True
+                    continue
+                outstanding -= 1
+                yield item
+        finally:
+            reader.cancel()
 
 
 class Agent:
@@ -223,6 +262,28 @@ class Agent:
                 field_violations=[("input", f"expected {cap.contract.input_type}")],
             )
         return cap
+
+    async def answer(
+        self, request: agent_pb2.ExecuteTasksRequest
+    ) -> agent_pb2.ExecuteTasksResponse:
+        """One attempt sent over an ExecuteTasks stream: its response, or the status
+        ExecuteTask would have failed with. Bounded by the request's ``timeout``."""
+        out = agent_pb2.ExecuteTasksResponse(call_id=request.call_id)
+        timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else None
+        try:
+            async with asyncio.timeout(timeout):
+                out.response.CopyFrom(await self.execute(request.task))
+        except TimeoutError:
+            out.error.CopyFrom(
+                to_status(DeadlineExceeded(f"no answer within {timeout:g}s", reason="DEADLINE"))
+            )
+        except TesseraError as exc:
+            out.error.CopyFrom(to_status(exc))
+        except Exception as exc:
+            ref = uuid.uuid4().hex
+            log.error("task_stream_answer_failed", ref=ref, exc_info=exc)
+            out.error.CopyFrom(to_status(Internal(f"task failed (ref {ref})", reason="INTERNAL")))
+        return out
 
     async def execute(self, request: agent_pb2.ExecuteTaskRequest) -> agent_pb2.ExecuteTaskResponse:
         """Run one task attempt (what ExecuteTask serves). Raises :class:`TesseraError`

@@ -1,4 +1,4 @@
-"""`tessera run|watch|approve|reject|cancel|workflows`: using a running mesh.
+"""`tessera run|watch|approve|reject|cancel|workflows|export`: using a running mesh.
 
 Every command goes through the gateway as a logged-in person (`tessera login`; `--as`
 picks one of several logins, `TESSERA_TOKEN` overrides them all)."""
@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
+from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
@@ -248,6 +251,34 @@ def workflows(
     _run(gateway, work, who)
 
 
+def export(
+    workflow: Annotated[str, typer.Argument(help="Workflow id or workflows/{id}.")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write to this file (default: standard output)."),
+    ] = None,
+    gateway: Gateway = None,
+    who: As = None,
+) -> None:
+    """Write a workflow's whole history, one JSON event per line (keep it before the
+    workflow's retention removes it: TESSERA_COORDINATOR_RETENTION_S, 7 days)."""
+    name = workflow if workflow.startswith("workflows/") else f"workflows/{workflow}"
+
+    async def work(client: MeshClient) -> int:
+        lines = [
+            json_format.MessageToJson(event, indent=None) async for event in client.watch(name)
+        ]
+        text = "".join(f"{line}\n" for line in lines)
+        if output is None:
+            sys.stdout.write(text)
+        else:
+            output.write_text(text)
+        return len(lines)
+
+    count = _run(gateway, work, who)
+    err.print(f"{count} events of {name}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
-    for command in (run, watch, approve, reject, cancel, workflows):
+    for command in (run, watch, approve, reject, cancel, workflows, export):
         app.command()(command)

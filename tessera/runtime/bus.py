@@ -170,7 +170,15 @@ class StreamSpec:
     allow_direct: bool = False
     """Answer direct gets (``$JS.API.DIRECT.GET.<stream>.<subject>``): the audit stream,
     whose writers may read their own chains' heads only, which a direct get by subject
-    lets NATS permissions scope (a message get names no subject)."""
+    lets NATS permissions scope (a message get names no subject), and the workflow
+    histories, read in batches."""
+    max_bytes: int = 1 << 30
+    """Its size limit; a full stream refuses writes (discard NEW: nothing is dropped
+    silently; the writer fails closed). docs/limits.md lists every limit."""
+    max_msg_size: int = 1 << 20
+    """The largest message it takes (NATS's default max_payload)."""
+    max_age_s: float = 0.0
+    """How long a message is kept (0: until removed by its owner)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,9 @@ class KvSpec:
     bucket: str
     ttl_s: float | None = None
     history: int = 1
+    max_bytes: int = 256 << 20
+    """The bucket's size limit (a full bucket refuses writes)."""
+    max_value_size: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -331,15 +342,32 @@ class Topology:
 
     def streams(self) -> tuple[StreamSpec, ...]:
         return (
-            StreamSpec(self.wf_events_stream, (self.wf_events_subjects,), allow_direct=True),
-            StreamSpec(self.work_stream, (self.work_subjects,), api.RetentionPolicy.WORK_QUEUE),
-            StreamSpec(self.events_stream, (self.events_subjects,)),
+            # Histories leave it through the coordinator's retention (retention.py).
+            StreamSpec(
+                self.wf_events_stream,
+                (self.wf_events_subjects,),
+                allow_direct=True,
+                max_bytes=4 << 30,
+            ),
+            StreamSpec(
+                self.work_stream,
+                (self.work_subjects,),
+                api.RetentionPolicy.WORK_QUEUE,
+                max_bytes=256 << 20,
+                max_msg_size=64 << 10,
+            ),
+            # Token revocations, policy reloads and the tools' effects outbox (looked up
+            # when a refund is retried: kept longer than any workflow's deadline).
+            StreamSpec(self.events_stream, (self.events_subjects,), max_age_s=45 * 24 * 3600.0),
+            # The audit trail is never expired or deleted here; a full stream refuses
+            # records, and an action whose record cannot be stored is refused.
             StreamSpec(
                 self.audit_stream,
                 (self.audit_subjects,),
                 deny_delete=True,
                 deny_purge=True,
                 allow_direct=True,
+                max_bytes=4 << 30,
             ),
         )
 
@@ -377,6 +405,10 @@ async def _declare_stream(js: JetStreamContext, spec: StreamSpec, replicas: int)
         deny_delete=spec.deny_delete,
         deny_purge=spec.deny_purge,
         allow_direct=spec.allow_direct,
+        max_bytes=spec.max_bytes,
+        max_msg_size=spec.max_msg_size,
+        max_age=spec.max_age_s,
+        discard=api.DiscardPolicy.NEW,
     )
     try:
         await js.add_stream(config)
@@ -398,6 +430,8 @@ async def _declare_bucket(js: JetStreamContext, spec: KvSpec, replicas: int) -> 
             ttl=spec.ttl_s,
             storage=api.StorageType.FILE,
             replicas=replicas,
+            max_bytes=spec.max_bytes,
+            max_value_size=spec.max_value_size,
         )
         return
     except BadRequestError as exc:
@@ -407,6 +441,8 @@ async def _declare_bucket(js: JetStreamContext, spec: KvSpec, replicas: int) -> 
     config = info.config.evolve(
         max_msgs_per_subject=spec.history,
         max_age=spec.ttl_s,
+        max_bytes=spec.max_bytes,
+        max_msg_size=spec.max_value_size,
         num_replicas=replicas,
     )
     await js.update_stream(config)

@@ -126,6 +126,7 @@ def _read_scopes(t: Topology) -> dict[str, _ReadScope]:
                 frozen,  # frozen agents: their running attempts' tokens are revoked
                 policy,  # the distributed policy set (decisions on workflow actions)
             ),
+            subjects=(t.wf_events_subjects,),  # WatchWorkflow follows histories live
             audit_chains=True,
         ),
         # Its buckets and its effects outbox (on the events stream, whose other events,
@@ -233,9 +234,34 @@ def permissions(identity: str, topology: Topology) -> Permissions:
     if identity not in _read_scopes(t):
         return NO_ACCESS
     requests, subscribe = _reads(identity, t)
+    if identity == "coordinator":
+        # Retention: the owner of the workflow histories removes a workflow's history
+        # (a purge by subject, services/coordinator/retention.py) and nothing else.
+        return Permissions(
+            publish=(
+                *requests,
+                *_declarable(t),
+                *_owned(identity, t),
+                f"{_API}.STREAM.PURGE.{t.wf_events_stream}",
+            ),
+            subscribe=subscribe,
+            publish_deny=_destroy_except(t, t.wf_events_stream),
+        )
     return Permissions(
         publish=(*requests, *_declarable(t), *_owned(identity, t)),
         subscribe=subscribe,
+    )
+
+
+def _destroy_except(t: Topology, purged: str) -> tuple[str, ...]:
+    """:data:`_JS_DESTROY` but for purging ``purged`` (NATS has no exceptions to a
+    deny, so every other stream is named)."""
+    others = [s.name for s in t.streams() if s.name != purged]
+    others += [_kv_stream(b.bucket) for b in t.buckets()]
+    return (
+        f"{_API}.STREAM.DELETE.>",
+        f"{_API}.STREAM.MSG.DELETE.>",
+        *(f"{_API}.STREAM.PURGE.{name}" for name in others),
     )
 
 

@@ -46,6 +46,11 @@ class AgentServiceStub:
                 request_serializer=tessera_dot_v1_dot_agent__pb2.ExecuteTaskRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_agent__pb2.ExecuteTaskResponse.FromString,
                 _registered_method=True)
+        self.ExecuteTasks = channel.stream_stream(
+                '/tessera.v1.AgentService/ExecuteTasks',
+                request_serializer=tessera_dot_v1_dot_agent__pb2.ExecuteTasksRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_agent__pb2.ExecuteTasksResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -69,6 +74,17 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteTasks(self, request_iterator, context):
+        """ExecuteTasks runs task attempts sent over one long-lived stream, with the same
+        guarantees as ExecuteTask: each request carries one attempt, each response answers
+        one (matched by call_id, in whatever order they finish). A caller opens one stream
+        per agent replica and keeps it, so a task costs no call setup of its own. Optional:
+        an agent that answers UNIMPLEMENTED is sent ExecuteTask calls instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +97,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ExecuteTask,
                     request_deserializer=tessera_dot_v1_dot_agent__pb2.ExecuteTaskRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_agent__pb2.ExecuteTaskResponse.SerializeToString,
+            ),
+            'ExecuteTasks': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteTasks,
+                    request_deserializer=tessera_dot_v1_dot_agent__pb2.ExecuteTasksRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_agent__pb2.ExecuteTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +160,33 @@ class AgentService:
             '/tessera.v1.AgentService/ExecuteTask',
             tessera_dot_v1_dot_agent__pb2.ExecuteTaskRequest.SerializeToString,
             tessera_dot_v1_dot_agent__pb2.ExecuteTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteTasks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tessera.v1.AgentService/ExecuteTasks',
+            tessera_dot_v1_dot_agent__pb2.ExecuteTasksRequest.SerializeToString,
+            tessera_dot_v1_dot_agent__pb2.ExecuteTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

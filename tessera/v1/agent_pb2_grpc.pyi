@@ -42,6 +42,13 @@ class AgentServiceStub:
     (context.workflow_id, context.task_id, attempt): a repeated attempt returns the first
     successful result (a failed attempt may run again).
     """
+    ExecuteTasks: _grpc.StreamStreamMultiCallable[_agent_pb2.ExecuteTasksRequest, _agent_pb2.ExecuteTasksResponse]
+    """ExecuteTasks runs task attempts sent over one long-lived stream, with the same
+    guarantees as ExecuteTask: each request carries one attempt, each response answers
+    one (matched by call_id, in whatever order they finish). A caller opens one stream
+    per agent replica and keeps it, so a task costs no call setup of its own. Optional:
+    an agent that answers UNIMPLEMENTED is sent ExecuteTask calls instead.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -56,6 +63,13 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """ExecuteTask runs one attempt of one task. Idempotent on
     (context.workflow_id, context.task_id, attempt): a repeated attempt returns the first
     successful result (a failed attempt may run again).
+    """
+    ExecuteTasks: _aio.StreamStreamMultiCallable[_agent_pb2.ExecuteTasksRequest, _agent_pb2.ExecuteTasksResponse]  # type: ignore[assignment]
+    """ExecuteTasks runs task attempts sent over one long-lived stream, with the same
+    guarantees as ExecuteTask: each request carries one attempt, each response answers
+    one (matched by call_id, in whatever order they finish). A caller opens one stream
+    per agent replica and keeps it, so a task costs no call setup of its own. Optional:
+    an agent that answers UNIMPLEMENTED is sent ExecuteTask calls instead.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -80,6 +94,19 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """ExecuteTask runs one attempt of one task. Idempotent on
         (context.workflow_id, context.task_id, attempt): a repeated attempt returns the first
         successful result (a failed attempt may run again).
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteTasks(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ExecuteTasksRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ExecuteTasksResponse], _abc.AsyncIterator[_agent_pb2.ExecuteTasksResponse]]:
+        """ExecuteTasks runs task attempts sent over one long-lived stream, with the same
+        guarantees as ExecuteTask: each request carries one attempt, each response answers
+        one (matched by call_id, in whatever order they finish). A caller opens one stream
+        per agent replica and keeps it, so a task costs no call setup of its own. Optional:
+        an agent that answers UNIMPLEMENTED is sent ExecuteTask calls instead.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

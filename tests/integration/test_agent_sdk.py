@@ -14,6 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.client import Client
 
+from services.coordinator.dispatcher import Dispatcher
+from services.coordinator.task_streams import TaskStream
 from services.registry.app import RegistryApp
 from services.registry.settings import RegistrySettings
 from tessera.agent import Agent, AgentSettings, Handoff, TaskContext, TaskResult, Usage
@@ -22,6 +24,7 @@ from tessera.launcher.ports import free_port
 from tessera.registry import Registry
 from tessera.runtime.bus import Topology, connect, declare
 from tessera.runtime.errors import error_details
+from tessera.runtime.identity import Workload
 from tessera.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 
@@ -219,6 +222,55 @@ async def test_errors_carry_precise_statuses(stub: agent_pb2_grpc.AgentServiceSt
     assert fields == ["context.task_id", "attempt"]
 
 
+async def test_attempts_over_one_task_stream_answer_as_unary_calls_do(
+    stub: agent_pb2_grpc.AgentServiceStub, runs: list[tuple[str, int]]
+) -> None:
+    """The coordinator's streamed dispatch against the SDK's ExecuteTasks: attempts sent
+    together on one stream are each answered (matched by call id), a duplicate attempt
+    runs once, and a failure carries the status and details a unary call would."""
+    stream = TaskStream(stub)
+    try:
+        answers = await asyncio.gather(
+            *(stream.send(execute_request(task_id=f"s-{i}"), 5.0) for i in range(5)),
+            stream.send(execute_request(task_id="s-0"), 5.0),
+        )
+        assert [a.output.json["seen"] for a in answers] == ["refund my invoice"] * 6
+        assert answers[-1] == answers[0]
+        assert sorted(runs) == [(f"s-{i}", 1) for i in range(5)]  # s-0 ran once
+
+        unknown = execute_request(task_id="s-9")
+        unknown.capability = "support.nothing"
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stream.send(unknown, 5.0)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_details(missing.value).reason == "CAPABILITY_NOT_FOUND"
+        bad = execute_request(task_id="", attempt=0)
+        with pytest.raises(grpc.aio.AioRpcError) as invalid:
+            await stream.send(bad, 5.0)
+        fields = [f for f, _ in error_details(invalid.value).field_violations]
+        assert fields == ["context.task_id", "attempt"]
+        # The stream outlived the failures: it still takes attempts.
+        assert (await stream.send(execute_request(task_id="s-10"), 5.0)).usage.tokens == 4
+        assert not stream.broken
+    finally:
+        await stream.close()
+
+
+async def test_a_task_stream_to_a_stopped_agent_fails_its_attempts_as_transient(
+    settings: AgentSettings,
+) -> None:
+    agent = billing_agent()
+    endpoint = await agent.start(settings=settings)
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        stream = TaskStream(agent_pb2_grpc.AgentServiceStub(ch))
+        await stream.send(execute_request(), 5.0)
+        await agent.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await stream.send(execute_request(task_id="t-2"), 5.0)
+        assert gone.value.code() == grpc.StatusCode.UNAVAILABLE  # retried, not failed
+        await stream.close()
+
+
 async def test_shutdown_deregisters(settings: AgentSettings, nc: Client, namespace: str) -> None:
     registry = Registry(nc.jetstream(), Topology(namespace))
     agent = billing_agent()
@@ -305,3 +357,35 @@ async def test_an_agent_process_registers_and_deregisters_on_sigterm(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_an_agent_without_task_streams_gets_unary_calls() -> None:
+    """An agent written without the SDK may implement ExecuteTask only: the dispatcher's
+    first stream is refused (UNIMPLEMENTED), the attempt goes as a unary call, and so do
+    the next ones (both paths of the coordinator's dispatch)."""
+    calls: list[str] = []
+
+    class UnaryOnly(agent_pb2_grpc.AgentServiceServicer):
+        async def ExecuteTask(
+            self, request: agent_pb2.ExecuteTaskRequest, context: grpc.aio.ServicerContext
+        ) -> agent_pb2.ExecuteTaskResponse:
+            calls.append(request.context.task_id)
+            return agent_pb2.ExecuteTaskResponse(summary="unary", instance_id="u-1")
+
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(UnaryOnly(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    dispatcher = Dispatcher(None, Workload(None))  # type: ignore[arg-type]
+    descriptor = agent_pb2.AgentDescriptor(name="plain", endpoint=f"127.0.0.1:{port}")
+    contract = common_pb2.CapabilityContract(name="support.billing")
+    try:
+        for task_id in ("u-1", "u-2"):
+            answer = await dispatcher.send(
+                descriptor, contract, execute_request(task_id=task_id), 5.0
+            )
+            assert answer.response.summary == "unary" and answer.agent_instance == "u-1"
+        assert calls == ["u-1", "u-2"]
+    finally:
+        await dispatcher.close()
+        await server.stop(None)
