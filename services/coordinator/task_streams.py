@@ -21,6 +21,7 @@ import grpc
 import structlog
 from google.rpc import status_pb2
 
+from tessera.runtime.telemetry import inject_headers
 from tessera.v1 import agent_pb2, agent_pb2_grpc
 
 __all__ = ["StreamUnsupported", "TaskStream", "rpc_error"]
@@ -74,7 +75,9 @@ class TaskStream:
             asyncio.get_running_loop().create_future()
         )
         self._pending[call_id] = answer
-        message = agent_pb2.ExecuteTasksRequest(call_id=call_id, task=request)
+        message = agent_pb2.ExecuteTasksRequest(
+            call_id=call_id, task=request, trace_context=inject_headers({})
+        )
         message.timeout.FromNanoseconds(int(timeout_s * 1e9))
         try:
             try:

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import structlog
+from opentelemetry import trace
 
 from tessera.agent._contract import (
     ApprovalName,
@@ -51,7 +52,7 @@ from tessera.runtime.grpc_server import GrpcServer
 from tessera.runtime.identity import Workload
 from tessera.runtime.logging import configure_logging
 from tessera.runtime.metadata import TASK_TOKEN_METADATA
-from tessera.runtime.telemetry import configure_tracing
+from tessera.runtime.telemetry import configure_tracing, extract_context
 from tessera.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -67,10 +68,13 @@ DEREGISTER_LINGER_S = 1.0
 coordinator's registry snapshot may be stale (0.5 s)."""
 
 log = structlog.get_logger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 AGENT_SERVICE_NAME: str = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 DedupKey = tuple[str, str, int]
+TASK_SPAN = "tessera.v1.AgentService/ExecuteTasks task"
+"""The span of one attempt taken over a stream (a unary call has its RPC's span)."""
 
 
 class _Servicer(agent_pb2_grpc.AgentServiceServicer):
@@ -271,8 +275,13 @@ class Agent:
         out = agent_pb2.ExecuteTasksResponse(call_id=request.call_id)
         timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else None
         try:
-            async with asyncio.timeout(timeout):
-                out.response.CopyFrom(await self.execute(request.task))
+            with _tracer.start_as_current_span(
+                TASK_SPAN,
+                context=extract_context(request.trace_context),
+                kind=trace.SpanKind.SERVER,
+            ):
+                async with asyncio.timeout(timeout):
+                    out.response.CopyFrom(await self.execute(request.task))
         except TimeoutError:
             out.error.CopyFrom(
                 to_status(DeadlineExceeded(f"no answer within {timeout:g}s", reason="DEADLINE"))

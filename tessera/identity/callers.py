@@ -27,6 +27,7 @@ CALLERS: Mapping[str, frozenset[str]] = {
     "tessera.v1.AgentCardService/*": frozenset({_GATEWAY, _OPERATOR}),
     # Only the coordinator hands out tasks (and the live task tokens that come with them).
     "tessera.v1.AgentService/ExecuteTask": frozenset({"service/coordinator"}),
+    "tessera.v1.AgentService/ExecuteTasks": frozenset({"service/coordinator"}),
     "tessera.v1.AgentService/Describe": frozenset({"service/coordinator", _OPERATOR}),
     # Only agents call tools; the tool proxy also checks the task token is the caller's.
     "tessera.v1.ToolProxyService/*": frozenset({"agent/*"}),

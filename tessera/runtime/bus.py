@@ -172,9 +172,11 @@ class StreamSpec:
     whose writers may read their own chains' heads only, which a direct get by subject
     lets NATS permissions scope (a message get names no subject), and the workflow
     histories, read in batches."""
-    max_bytes: int = 1 << 30
-    """Its size limit; a full stream refuses writes (discard NEW: nothing is dropped
-    silently; the writer fails closed). docs/limits.md lists every limit."""
+    max_msgs: int = 10_000_000
+    """How many messages it holds; a full stream refuses writes (discard NEW: nothing is
+    dropped silently, the writer fails closed). With ``max_msg_size`` it bounds the
+    stream's size without reserving it (a byte limit reserves storage up front; bound
+    bytes per account instead, docs/limits.md)."""
     max_msg_size: int = 1 << 20
     """The largest message it takes (NATS's default max_payload)."""
     max_age_s: float = 0.0
@@ -186,9 +188,8 @@ class KvSpec:
     bucket: str
     ttl_s: float | None = None
     history: int = 1
-    max_bytes: int = 256 << 20
-    """The bucket's size limit (a full bucket refuses writes)."""
     max_value_size: int = 1 << 20
+    """The largest value it takes (NATS's default max_payload)."""
 
 
 @dataclass(frozen=True)
@@ -347,13 +348,13 @@ class Topology:
                 self.wf_events_stream,
                 (self.wf_events_subjects,),
                 allow_direct=True,
-                max_bytes=4 << 30,
+                max_msgs=50_000_000,
             ),
             StreamSpec(
                 self.work_stream,
                 (self.work_subjects,),
                 api.RetentionPolicy.WORK_QUEUE,
-                max_bytes=256 << 20,
+                max_msgs=1_000_000,
                 max_msg_size=64 << 10,
             ),
             # Token revocations, policy reloads and the tools' effects outbox (looked up
@@ -367,7 +368,7 @@ class Topology:
                 deny_delete=True,
                 deny_purge=True,
                 allow_direct=True,
-                max_bytes=4 << 30,
+                max_msgs=100_000_000,
             ),
         )
 
@@ -405,7 +406,7 @@ async def _declare_stream(js: JetStreamContext, spec: StreamSpec, replicas: int)
         deny_delete=spec.deny_delete,
         deny_purge=spec.deny_purge,
         allow_direct=spec.allow_direct,
-        max_bytes=spec.max_bytes,
+        max_msgs=spec.max_msgs,
         max_msg_size=spec.max_msg_size,
         max_age=spec.max_age_s,
         discard=api.DiscardPolicy.NEW,
@@ -430,7 +431,6 @@ async def _declare_bucket(js: JetStreamContext, spec: KvSpec, replicas: int) -> 
             ttl=spec.ttl_s,
             storage=api.StorageType.FILE,
             replicas=replicas,
-            max_bytes=spec.max_bytes,
             max_value_size=spec.max_value_size,
         )
         return
@@ -441,7 +441,6 @@ async def _declare_bucket(js: JetStreamContext, spec: KvSpec, replicas: int) -> 
     config = info.config.evolve(
         max_msgs_per_subject=spec.history,
         max_age=spec.ttl_s,
-        max_bytes=spec.max_bytes,
         max_msg_size=spec.max_value_size,
         num_replicas=replicas,
     )

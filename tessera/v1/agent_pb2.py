@@ -30,7 +30,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from tessera.v1 import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/agent.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x17tessera/v1/common.proto\"\xa3\x01\n\x13\x45xecuteTasksRequest\x12\x1d\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x42\x04\xe2\x41\x01\x02R\x06\x63\x61llId\x12\x38\n\x04task\x18\x02 \x01(\x0b\x32\x1e.tessera.v1.ExecuteTaskRequestB\x04\xe2\x41\x01\x02R\x04task\x12\x33\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeout\"\xa5\x01\n\x14\x45xecuteTasksResponse\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\x04R\x06\x63\x61llId\x12=\n\x08response\x18\x02 \x01(\x0b\x32\x1f.tessera.v1.ExecuteTaskResponseH\x00R\x08response\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00R\x05\x65rrorB\t\n\x07outcome\"G\n\x0f\x44\x65scribeRequest\x12\x34\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextR\x07\x63ontext\"\x8f\x02\n\x0f\x41gentDescriptor\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12\x1f\n\x0binstance_id\x18\x03 \x01(\tR\ninstanceId\x12\x1a\n\x08\x65ndpoint\x18\x04 \x01(\tR\x08\x65ndpoint\x12\x42\n\x0c\x63\x61pabilities\x18\x05 \x03(\x0b\x32\x1e.tessera.v1.CapabilityContractR\x0c\x63\x61pabilities\x12G\n\x0eheartbeat_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\rheartbeatTime\"E\n\x10\x44\x65scribeResponse\x12\x31\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.AgentDescriptorR\x05\x61gent\"\xab\x04\n\x12\x45xecuteTaskRequest\x12:\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextB\x04\xe2\x41\x01\x02R\x07\x63ontext\x12$\n\ncapability\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ncapability\x12\x1e\n\x07\x61ttempt\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02R\x07\x61ttempt\x12)\n\x05input\x18\x04 \x01(\x0b\x32\x13.tessera.v1.PayloadR\x05input\x12N\n\nblackboard\x18\x05 \x03(\x0b\x32..tessera.v1.ExecuteTaskRequest.BlackboardEntryR\nblackboard\x12-\n\x12\x62lackboard_version\x18\x06 \x01(\x03R\x11\x62lackboardVersion\x12#\n\ntask_token\x18\x07 \x01(\tB\x04\xe2\x41\x01\x04R\ttaskToken\x12=\n\x10remaining_budget\x18\x08 \x01(\x0b\x32\x12.tessera.v1.BudgetR\x0fremainingBudget\x12.\n\x13tool_proxy_endpoint\x18\t \x01(\tR\x11toolProxyEndpoint\x1aU\n\x0f\x42lackboardEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueR\x05value:\x02\x38\x01\"r\n\x07Handoff\x12$\n\ncapability\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ncapability\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12)\n\x05input\x18\x03 \x01(\x0b\x32\x13.tessera.v1.PayloadR\x05input\"\xab\x04\n\x13\x45xecuteTaskResponse\x12+\n\x06output\x18\x01 \x01(\x0b\x32\x13.tessera.v1.PayloadR\x06output\x12\x62\n\x11\x62lackboard_writes\x18\x02 \x03(\x0b\x32\x35.tessera.v1.ExecuteTaskResponse.BlackboardWritesEntryR\x10\x62lackboardWrites\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x11.tessera.v1.UsageR\x05usage\x12\x1e\n\nconfidence\x18\x04 \x01(\x01R\nconfidence\x12%\n\x0ehas_confidence\x18\x05 \x01(\x08R\rhasConfidence\x12-\n\x07handoff\x18\x06 \x01(\x0b\x32\x13.tessera.v1.HandoffR\x07handoff\x12\x18\n\x07summary\x18\x07 \x01(\tR\x07summary\x12\x46\n\x10\x61pproval_request\x18\x08 \x01(\x0b\x32\x1b.tessera.v1.ApprovalRequestR\x0f\x61pprovalRequest\x12%\n\x0binstance_id\x18\t \x01(\tB\x04\xe2\x41\x01\x03R\ninstanceId\x1a[\n\x15\x42lackboardWritesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueR\x05value:\x02\x38\x01\"/\n\x0f\x41pprovalRequest\x12\x1c\n\x06reason\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06reason2\xfc\x01\n\x0c\x41gentService\x12\x45\n\x08\x44\x65scribe\x12\x1b.tessera.v1.DescribeRequest\x1a\x1c.tessera.v1.DescribeResponse\x12N\n\x0b\x45xecuteTask\x12\x1e.tessera.v1.ExecuteTaskRequest\x1a\x1f.tessera.v1.ExecuteTaskResponse\x12U\n\x0c\x45xecuteTasks\x12\x1f.tessera.v1.ExecuteTasksRequest\x1a .tessera.v1.ExecuteTasksResponse(\x01\x30\x01\x42\xb2\x01\n\x16\x64\x65v.tessera.tessera.v1B\nAgentProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/agent.proto\x12\ntessera.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x17tessera/v1/common.proto\"\xbc\x02\n\x13\x45xecuteTasksRequest\x12\x1d\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x42\x04\xe2\x41\x01\x02R\x06\x63\x61llId\x12\x38\n\x04task\x18\x02 \x01(\x0b\x32\x1e.tessera.v1.ExecuteTaskRequestB\x04\xe2\x41\x01\x02R\x04task\x12\x33\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeout\x12V\n\rtrace_context\x18\x04 \x03(\x0b\x32\x31.tessera.v1.ExecuteTasksRequest.TraceContextEntryR\x0ctraceContext\x1a?\n\x11TraceContextEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xa5\x01\n\x14\x45xecuteTasksResponse\x12\x17\n\x07\x63\x61ll_id\x18\x01 \x01(\x04R\x06\x63\x61llId\x12=\n\x08response\x18\x02 \x01(\x0b\x32\x1f.tessera.v1.ExecuteTaskResponseH\x00R\x08response\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00R\x05\x65rrorB\t\n\x07outcome\"G\n\x0f\x44\x65scribeRequest\x12\x34\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextR\x07\x63ontext\"\x8f\x02\n\x0f\x41gentDescriptor\x12\x18\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x04name\x12\x18\n\x07version\x18\x02 \x01(\tR\x07version\x12\x1f\n\x0binstance_id\x18\x03 \x01(\tR\ninstanceId\x12\x1a\n\x08\x65ndpoint\x18\x04 \x01(\tR\x08\x65ndpoint\x12\x42\n\x0c\x63\x61pabilities\x18\x05 \x03(\x0b\x32\x1e.tessera.v1.CapabilityContractR\x0c\x63\x61pabilities\x12G\n\x0eheartbeat_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\rheartbeatTime\"E\n\x10\x44\x65scribeResponse\x12\x31\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.AgentDescriptorR\x05\x61gent\"\xab\x04\n\x12\x45xecuteTaskRequest\x12:\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x1a.tessera.v1.RequestContextB\x04\xe2\x41\x01\x02R\x07\x63ontext\x12$\n\ncapability\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ncapability\x12\x1e\n\x07\x61ttempt\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02R\x07\x61ttempt\x12)\n\x05input\x18\x04 \x01(\x0b\x32\x13.tessera.v1.PayloadR\x05input\x12N\n\nblackboard\x18\x05 \x03(\x0b\x32..tessera.v1.ExecuteTaskRequest.BlackboardEntryR\nblackboard\x12-\n\x12\x62lackboard_version\x18\x06 \x01(\x03R\x11\x62lackboardVersion\x12#\n\ntask_token\x18\x07 \x01(\tB\x04\xe2\x41\x01\x04R\ttaskToken\x12=\n\x10remaining_budget\x18\x08 \x01(\x0b\x32\x12.tessera.v1.BudgetR\x0fremainingBudget\x12.\n\x13tool_proxy_endpoint\x18\t \x01(\tR\x11toolProxyEndpoint\x1aU\n\x0f\x42lackboardEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueR\x05value:\x02\x38\x01\"r\n\x07Handoff\x12$\n\ncapability\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ncapability\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12)\n\x05input\x18\x03 \x01(\x0b\x32\x13.tessera.v1.PayloadR\x05input\"\xab\x04\n\x13\x45xecuteTaskResponse\x12+\n\x06output\x18\x01 \x01(\x0b\x32\x13.tessera.v1.PayloadR\x06output\x12\x62\n\x11\x62lackboard_writes\x18\x02 \x03(\x0b\x32\x35.tessera.v1.ExecuteTaskResponse.BlackboardWritesEntryR\x10\x62lackboardWrites\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x11.tessera.v1.UsageR\x05usage\x12\x1e\n\nconfidence\x18\x04 \x01(\x01R\nconfidence\x12%\n\x0ehas_confidence\x18\x05 \x01(\x08R\rhasConfidence\x12-\n\x07handoff\x18\x06 \x01(\x0b\x32\x13.tessera.v1.HandoffR\x07handoff\x12\x18\n\x07summary\x18\x07 \x01(\tR\x07summary\x12\x46\n\x10\x61pproval_request\x18\x08 \x01(\x0b\x32\x1b.tessera.v1.ApprovalRequestR\x0f\x61pprovalRequest\x12%\n\x0binstance_id\x18\t \x01(\tB\x04\xe2\x41\x01\x03R\ninstanceId\x1a[\n\x15\x42lackboardWritesEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueR\x05value:\x02\x38\x01\"/\n\x0f\x41pprovalRequest\x12\x1c\n\x06reason\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06reason2\xfc\x01\n\x0c\x41gentService\x12\x45\n\x08\x44\x65scribe\x12\x1b.tessera.v1.DescribeRequest\x1a\x1c.tessera.v1.DescribeResponse\x12N\n\x0b\x45xecuteTask\x12\x1e.tessera.v1.ExecuteTaskRequest\x1a\x1f.tessera.v1.ExecuteTaskResponse\x12U\n\x0c\x45xecuteTasks\x12\x1f.tessera.v1.ExecuteTasksRequest\x1a .tessera.v1.ExecuteTasksResponse(\x01\x30\x01\x42\xb2\x01\n\x16\x64\x65v.tessera.tessera.v1B\nAgentProtoP\x01Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\xa2\x02\x03TXX\xaa\x02\x12Tessera.Tessera.V1\xca\x02\nTessera\\V1\xe2\x02\x16Tessera\\V1\\GPBMetadata\xea\x02\x0bTessera::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.agent_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.tessera.tessera.v1B\nAgentProtoP\001Z;github.com/tessera-mesh/tessera/gen/go/tessera/v1;tesserav1\242\002\003TXX\252\002\022Tessera.Tessera.V1\312\002\nTessera\\V1\342\002\026Tessera\\V1\\GPBMetadata\352\002\013Tessera::V1'
+  _globals['_EXECUTETASKSREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_EXECUTETASKSREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_EXECUTETASKSREQUEST'].fields_by_name['call_id']._loaded_options = None
   _globals['_EXECUTETASKSREQUEST'].fields_by_name['call_id']._serialized_options = b'\342A\001\002'
   _globals['_EXECUTETASKSREQUEST'].fields_by_name['task']._loaded_options = None
@@ -65,27 +67,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPROVALREQUEST'].fields_by_name['reason']._loaded_options = None
   _globals['_APPROVALREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\002'
   _globals['_EXECUTETASKSREQUEST']._serialized_start=217
-  _globals['_EXECUTETASKSREQUEST']._serialized_end=380
-  _globals['_EXECUTETASKSRESPONSE']._serialized_start=383
-  _globals['_EXECUTETASKSRESPONSE']._serialized_end=548
-  _globals['_DESCRIBEREQUEST']._serialized_start=550
-  _globals['_DESCRIBEREQUEST']._serialized_end=621
-  _globals['_AGENTDESCRIPTOR']._serialized_start=624
-  _globals['_AGENTDESCRIPTOR']._serialized_end=895
-  _globals['_DESCRIBERESPONSE']._serialized_start=897
-  _globals['_DESCRIBERESPONSE']._serialized_end=966
-  _globals['_EXECUTETASKREQUEST']._serialized_start=969
-  _globals['_EXECUTETASKREQUEST']._serialized_end=1524
-  _globals['_EXECUTETASKREQUEST_BLACKBOARDENTRY']._serialized_start=1439
-  _globals['_EXECUTETASKREQUEST_BLACKBOARDENTRY']._serialized_end=1524
-  _globals['_HANDOFF']._serialized_start=1526
-  _globals['_HANDOFF']._serialized_end=1640
-  _globals['_EXECUTETASKRESPONSE']._serialized_start=1643
-  _globals['_EXECUTETASKRESPONSE']._serialized_end=2198
-  _globals['_EXECUTETASKRESPONSE_BLACKBOARDWRITESENTRY']._serialized_start=2107
-  _globals['_EXECUTETASKRESPONSE_BLACKBOARDWRITESENTRY']._serialized_end=2198
-  _globals['_APPROVALREQUEST']._serialized_start=2200
-  _globals['_APPROVALREQUEST']._serialized_end=2247
-  _globals['_AGENTSERVICE']._serialized_start=2250
-  _globals['_AGENTSERVICE']._serialized_end=2502
+  _globals['_EXECUTETASKSREQUEST']._serialized_end=533
+  _globals['_EXECUTETASKSREQUEST_TRACECONTEXTENTRY']._serialized_start=470
+  _globals['_EXECUTETASKSREQUEST_TRACECONTEXTENTRY']._serialized_end=533
+  _globals['_EXECUTETASKSRESPONSE']._serialized_start=536
+  _globals['_EXECUTETASKSRESPONSE']._serialized_end=701
+  _globals['_DESCRIBEREQUEST']._serialized_start=703
+  _globals['_DESCRIBEREQUEST']._serialized_end=774
+  _globals['_AGENTDESCRIPTOR']._serialized_start=777
+  _globals['_AGENTDESCRIPTOR']._serialized_end=1048
+  _globals['_DESCRIBERESPONSE']._serialized_start=1050
+  _globals['_DESCRIBERESPONSE']._serialized_end=1119
+  _globals['_EXECUTETASKREQUEST']._serialized_start=1122
+  _globals['_EXECUTETASKREQUEST']._serialized_end=1677
+  _globals['_EXECUTETASKREQUEST_BLACKBOARDENTRY']._serialized_start=1592
+  _globals['_EXECUTETASKREQUEST_BLACKBOARDENTRY']._serialized_end=1677
+  _globals['_HANDOFF']._serialized_start=1679
+  _globals['_HANDOFF']._serialized_end=1793
+  _globals['_EXECUTETASKRESPONSE']._serialized_start=1796
+  _globals['_EXECUTETASKRESPONSE']._serialized_end=2351
+  _globals['_EXECUTETASKRESPONSE_BLACKBOARDWRITESENTRY']._serialized_start=2260
+  _globals['_EXECUTETASKRESPONSE_BLACKBOARDWRITESENTRY']._serialized_end=2351
+  _globals['_APPROVALREQUEST']._serialized_start=2353
+  _globals['_APPROVALREQUEST']._serialized_end=2400
+  _globals['_AGENTSERVICE']._serialized_start=2403
+  _globals['_AGENTSERVICE']._serialized_end=2655
 # @@protoc_insertion_point(module_scope)

@@ -548,10 +548,7 @@ async def test_the_coordinator_waits_instead_of_dropping_records_when_its_backlo
 
     stored, _ = await read_all(js, topology)
     workflows = [  # written together (group commit): the older ones carried by the newest
-        r.workflow_id
-        for e in stored
-        if e.record is not None
-        for r in (*e.record.carried, e.record)
+        r.workflow_id for e in stored if e.record is not None for r in (*e.record.carried, e.record)
     ]
     assert workflows == ["wf-0", "wf-1", "wf-2"]
 
