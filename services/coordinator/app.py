@@ -114,7 +114,13 @@ class Coordinator:
             AuditWriter(js, self.topology, writer=f"coordinator-{replica}", actor="coordinator")
         )
         await self.auditor.start()
-        store = WorkflowStore(js, self.topology, nc=self._nc, on_published=self.auditor.events)
+        store = WorkflowStore(
+            js,
+            self.topology,
+            nc=self._nc,
+            on_published=self.auditor.events,
+            replicated=self.settings.jetstream_replicas > 1,
+        )
         await store.open()
         if vault is not None:  # checkpoints signed with the coordinator's own Transit key
             self.auditor.writer.attach_signer(TransitSigner.for_client(vault))

@@ -35,8 +35,8 @@ _TRANSITIONS = {
     "gate_opened": "parked",
 }
 QUEUE_LIMIT = 10_000
-GROUP_COMMIT_S = 0.1
-"""How long the first record of a write waits for others to go with it: at most about ten
+GROUP_COMMIT_S = 0.05
+"""How long the first record of a write waits for others to go with it: at most about 20
 audit writes a second per coordinator, however many workflows it runs."""
 _MAX_BACKOFF_S = 2.0
 

@@ -76,8 +76,11 @@ class WorkflowStore:
         nc: Client,
         on_published: Callable[[list[events_pb2.WorkflowEvent]], Awaitable[None]] | None = None,
         cache_size: int = CACHE_SIZE,
+        replicated: bool = False,
     ) -> None:
         self.js = js
+        self.replicated = replicated
+        """Whether the history stream has several replicas (reads confirm with the leader)."""
         self.nc = nc
         self.topology = topology
         self.on_published = on_published
@@ -109,13 +112,7 @@ class WorkflowStore:
             if cached is not None:
                 return cached
         rec = await self._snapshot(wf_id)
-        after = rec.history_seq if rec is not None else 0
-        tail = await read_batch(
-            self.nc,
-            self.topology.wf_events_stream,
-            self.topology.wf_history_subjects(wf_id),
-            after=after,
-        )
+        tail = await self.entries_after(wf_id, rec.history_seq if rec is not None else 0)
         if rec is None:
             if not tail:
                 return None
@@ -158,25 +155,38 @@ class WorkflowStore:
         self._cache.pop(wf_id, None)
 
     async def exists(self, wf_id: str) -> bool:
-        """Whether the workflow was started (one direct get of its start entry)."""
+        """Whether the workflow was started (one get of its start entry; from the leader
+        when the stream is replicated)."""
         try:
             await self.js.get_msg(
                 self.topology.wf_events_stream,
                 subject=self.topology.wf_start_subject(wf_id),
-                direct=True,
+                direct=not self.replicated,
             )
         except NotFoundError:
             return False
         return True
 
     async def entries_after(self, wf_id: str, after: int) -> list[StoredMsg]:
-        """The workflow's history entries stored after stream sequence ``after``."""
-        return await read_batch(
-            self.nc,
-            self.topology.wf_events_stream,
-            self.topology.wf_history_subjects(wf_id),
-            after=after,
-        )
+        """The workflow's history entries stored after stream sequence ``after``: every
+        one already acknowledged to its writer (read your writes, on any replica)."""
+        stream, subject = self.topology.wf_events_stream, self.topology.wf_history_subjects(wf_id)
+        stored = await read_batch(self.nc, stream, subject, after=after)
+        if not self.replicated:
+            return stored  # one replica: direct gets are the leader's answers
+        # Replicated, a direct get may be answered by a follower that lags behind: the
+        # leader says which entry is the last, and what the follower lacked is read from
+        # it (one request, and one more per missing entry, rarely any).
+        try:
+            last = await self.js.get_msg(stream, subject=subject)
+        except NotFoundError:
+            return stored
+        seen = stored[-1].seq if stored else after
+        while seen < (last.seq or 0):
+            msg = await self.js.get_msg(stream, seq=seen + 1, subject=subject, next=True)
+            seen = msg.seq or last.seq or 0
+            stored.append(StoredMsg(seen, msg.subject or subject, msg.data or b""))
+        return stored
 
     async def _snapshot(self, wf_id: str) -> WorkflowRecord | None:
         try:

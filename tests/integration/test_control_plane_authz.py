@@ -9,6 +9,7 @@ and the claims header; the real Envoy is in test_gateway / test_human_identity).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -53,24 +54,36 @@ async def refused(call: object) -> grpc.aio.AioRpcError:
 
 
 async def audited(
-    mesh: Mesh, resource: str, kind: int = audit_pb2.AUDIT_KIND_POLICY_DECISION
+    mesh: Mesh,
+    resource: str,
+    kind: int = audit_pb2.AUDIT_KIND_POLICY_DECISION,
+    *,
+    count: int = 1,
 ) -> list[audit_pb2.AuditRecord]:
+    """The stored records of ``kind`` about ``resource``, once there are ``count`` of
+    them: the coordinator writes decisions in the background (group commit), so a record
+    lands shortly after the call it is about; past 10 s, whatever is there."""
     nc = await connect(mesh.nats_url, name="authz-test")
+    topology = Topology(mesh.namespace)
+    deadline = asyncio.get_running_loop().time() + 10.0
     try:
-        topology = Topology(mesh.namespace)
-        return [
-            entry.record
-            async for entry in tail(nc.jetstream(), topology, n=100_000)
-            if entry.record is not None
-            and entry.record.kind == kind
-            and entry.record.resource == resource
-        ]
+        while True:
+            found = [
+                entry.record
+                async for entry in tail(nc.jetstream(), topology, n=100_000)
+                if entry.record is not None
+                and entry.record.kind == kind
+                and entry.record.resource == resource
+            ]
+            if len(found) >= count or asyncio.get_running_loop().time() > deadline:
+                return found
+            await asyncio.sleep(0.05)
     finally:
         await nc.close()
 
 
-async def decisions_about(mesh: Mesh, resource: str) -> list[audit_pb2.AuditRecord]:
-    return await audited(mesh, resource)
+async def decisions_about(mesh: Mesh, resource: str, *, count: int) -> list[audit_pb2.AuditRecord]:
+    return await audited(mesh, resource, count=count)
 
 
 async def test_nobody_approves_their_own_loan_nor_one_outside_their_group(mesh: Mesh) -> None:
@@ -108,7 +121,7 @@ async def test_nobody_approves_their_own_loan_nor_one_outside_their_group(mesh: 
     assert decided.gate.decided_by == "cora"
     assert (await mesh.finished(workflow.name)).state == WS.WORKFLOW_STATE_SUCCEEDED
 
-    records = await decisions_about(mesh, gate.name)
+    records = await decisions_about(mesh, gate.name, count=3)
     said = [(r.details["principal"], r.outcome) for r in records]
     assert said == [("lee", "deny"), ("finn", "deny"), ("cora", "allow")]
 
@@ -154,7 +167,7 @@ async def test_only_the_starter_or_an_operator_cancels(mesh: Mesh) -> None:
     assert cancelled.workflow.state in (WS.WORKFLOW_STATE_CANCELLED, WS.WORKFLOW_STATE_COMPENSATING)
     final = await mesh.finished(workflow.name)
     assert final.state in (WS.WORKFLOW_STATE_CANCELLED, WS.WORKFLOW_STATE_COMPENSATED)
-    records = await decisions_about(mesh, workflow.name)
+    records = await decisions_about(mesh, workflow.name, count=3)
     assert [(r.details["principal"], r.details["action"], r.outcome) for r in records] == [
         ("lee", "start_workflow", "allow"),
         ("finn", "cancel_workflow", "deny"),
@@ -220,7 +233,7 @@ async def test_people_read_only_the_workflows_that_are_theirs_to_see(mesh: Mesh)
     mine = await lee.ListWorkflows(coordinator_pb2.ListWorkflowsRequest(page_size=500))
     assert workflow.name in {w.name for w in mine.workflows}
     assert {w.started_by for w in mine.workflows} == {"lee"}
-    records = await decisions_about(mesh, workflow.name)
+    records = await decisions_about(mesh, workflow.name, count=2)
     assert ("sam", "read_workflow", "deny") in {
         (r.details["principal"], r.details["action"], r.outcome) for r in records
     }

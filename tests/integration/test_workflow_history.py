@@ -19,13 +19,17 @@ from tessera.v1 import events_pb2, planner_pb2
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def store(nats_url: str, namespace: str) -> AsyncIterator[WorkflowStore]:
+@pytest.fixture(params=[False, True], ids=["one-replica", "replicated-reads"])
+async def store(
+    nats_url: str, namespace: str, request: pytest.FixtureRequest
+) -> AsyncIterator[WorkflowStore]:
+    """The store as a coordinator uses it; ``replicated`` reads also confirm the last
+    entry with the stream's leader (what a 3-node cluster needs)."""
     nc: Client = await connect(nats_url, name="test-workflow-history")
     js = nc.jetstream()
     topology = Topology(namespace)
     await declare(js, topology)
-    store = WorkflowStore(js, topology, nc=nc)
+    store = WorkflowStore(js, topology, nc=nc, replicated=request.param)
     await store.open()
     try:
         yield store
