@@ -367,12 +367,15 @@ def _print_approvals(stored: list[AuditEntry]) -> None:
 
     rows = []
     for entry in stored:
-        record = entry.record
-        if record is None or record.kind != audit_pb2.AUDIT_KIND_APPROVAL:
+        if entry.record is None:
             continue
-        details = dict(record.details)
-        who = details.get("decided_by") or details.get("approved_by") or "?"
-        rows.append((record.resource, record.outcome, str(who)))
+        # A record written in another's ``carried`` field (group commit) counts the same.
+        for record in (*entry.record.carried, entry.record):
+            if record.kind != audit_pb2.AUDIT_KIND_APPROVAL:
+                continue
+            details = dict(record.details)
+            who = details.get("decided_by") or details.get("approved_by") or "?"
+            rows.append((record.resource, record.outcome, str(who)))
     if not rows:
         return
     table = Table(title="gate decisions (verified records)", title_justify="left")
