@@ -96,6 +96,8 @@ class TaskStream:
                 ) from None
         finally:
             self._pending.pop(call_id, None)
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # retrieved: set by the reader as this call gave up
 
     async def _read(self) -> None:
         error: BaseException
