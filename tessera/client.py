@@ -22,6 +22,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from tessera.runtime.grpc_client import channel
+from tessera.runtime.history import TERMINAL_EVENTS
 from tessera.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -29,9 +30,6 @@ from tessera.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-
-TERMINAL_EVENTS = frozenset({"workflow_completed", "workflow_failed", "workflow_cancelled"})
-
 
 TOKEN_ENV = "TESSERA_TOKEN"
 

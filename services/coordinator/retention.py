@@ -18,13 +18,12 @@ import time
 import structlog
 
 from services.coordinator.store import WorkflowStore
-from tessera.runtime.history import entry_events
+from tessera.runtime.history import TERMINAL_EVENTS, entry_events
 
 __all__ = ["Retention"]
 
 log = structlog.get_logger(__name__)
 
-TERMINAL_EVENTS = frozenset({"workflow_completed", "workflow_failed", "workflow_cancelled"})
 _PAGE = 256
 
 

@@ -17,7 +17,7 @@ from services.coordinator.admission import Admission
 from services.coordinator.engine import Emitter, decide_gate, gate_is_pending, record_approval
 from services.coordinator.plans import PlanCache
 from services.coordinator.settings import CoordinatorSettings
-from services.coordinator.state import GS, WS, WorkflowRecord, apply_event
+from services.coordinator.state import GS, WS, WorkflowRecord
 from services.coordinator.store import Conflict, WorkflowStore, start_id
 from services.coordinator.tokens import TaskTokens
 from services.coordinator.tool_approvals import DecidedElsewhere, ToolApprovals
@@ -27,6 +27,7 @@ from services.coordinator.views import (
     workflow_id,
     workflow_view,
 )
+from services.coordinator.watch import follow
 from tessera.policy.control_plane import ControlPlaneAuthorization
 from tessera.runtime.errors import (
     Aborted,
@@ -48,10 +49,7 @@ from tessera.v1 import (
 
 log = structlog.get_logger(__name__)
 
-TERMINAL_EVENTS = {"workflow_completed", "workflow_failed", "workflow_cancelled"}
 MAX_PAGE = 500
-WATCH_RECHECK_S = 5.0
-"""A quiet WatchWorkflow reads the history again this often (a missed entry is found)."""
 SCAN_FACTOR = 10
 """A ListWorkflows page examines at most this many workflows per result it may hold."""
 CAS_ATTEMPTS = 10
@@ -66,15 +64,6 @@ async def _forward(context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError)
 def _workflow_attributes(rec: WorkflowRecord) -> dict[str, str]:
     """The Workflow entity policies see (policy/schema.cedarschema)."""
     return {"template": rec.graph().template if rec.plan else "", "started_by": rec.started_by}
-
-
-def _started(wf_id: str, start_entry: bytes) -> WorkflowRecord:
-    """A workflow as its first entry describes it (who started it, from what template):
-    what reading it is authorized on."""
-    rec = WorkflowRecord(id=wf_id)
-    for event in entry_events(start_entry):
-        apply_event(rec, event)
-    return rec
 
 
 def _same_decision(rec: WorkflowRecord, gate_id: str, approve: bool, decided_by: str) -> bool:
@@ -357,52 +346,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> AsyncIterator[coordinator_pb2.WatchWorkflowResponse]:
         wf_id = workflow_id(request.name)
         principal = await self.authz.principal(context, "WatchWorkflow")
-        start = max(1, request.start_sequence)
-        # Live entries first (core NATS, nothing to create on the server), then the
-        # history so far: no entry can fall in between. Event sequences are consecutive,
-        # so a live entry that was missed (a slow subscriber) shows as a gap, and the
-        # history is read again from where it was last read; so it is when the
-        # workflow has been quiet for WATCH_RECHECK_S.
-        sub = await self.store.nc.subscribe(self.store.topology.wf_history_subjects(wf_id))
-        try:
-            read_to, seen, reread = 0, 0, True
-            while True:
-                if reread:
-                    stored = await self.store.entries_after(wf_id, read_to)
-                    if read_to == 0:
-                        if not stored:
-                            raise NotFound(
-                                f"workflows/{wf_id} does not exist",
-                                reason="WORKFLOW_NOT_FOUND",
-                                metadata={"workflow": f"workflows/{wf_id}"},
-                            )
-                        await self._authorize_read(principal, _started(wf_id, stored[0].data))
-                    read_to = stored[-1].seq if stored else read_to
-                    batches = [m.data for m in stored]
-                else:
-                    try:
-                        msg = await sub.next_msg(timeout=WATCH_RECHECK_S)
-                    except TimeoutError:
-                        reread = True
-                        continue
-                    batches = [msg.data]
-                reread = False
-                for data in batches:
-                    events = entry_events(data)
-                    if events and events[0].sequence > seen + 1:
-                        reread = True  # a gap: read the history again before going on
-                        break
-                    for event in events:
-                        if event.sequence <= seen:
-                            continue
-                        seen = event.sequence
-                        if event.sequence < start:
-                            continue
-                        yield coordinator_pb2.WatchWorkflowResponse(event=event)
-                        if event.WhichOneof("kind") in TERMINAL_EVENTS:
-                            return
-        finally:
-            await sub.unsubscribe()
+        events = follow(
+            self.store,
+            wf_id,
+            start=max(1, request.start_sequence),
+            authorize=lambda rec: self._authorize_read(principal, rec),
+        )
+        async for event in events:
+            yield coordinator_pb2.WatchWorkflowResponse(event=event)
 
     # -- decisions ---------------------------------------------------------------------
     async def DecideGate(

@@ -15,7 +15,10 @@ from nats.aio.subscription import Subscription
 from tessera.runtime.errors import Unavailable
 from tessera.v1 import events_pb2
 
-__all__ = ["StoredMsg", "entry_events", "read_batch"]
+__all__ = ["TERMINAL_EVENTS", "StoredMsg", "entry_events", "read_batch"]
+
+TERMINAL_EVENTS = frozenset({"workflow_completed", "workflow_failed", "workflow_cancelled"})
+"""The kinds of WorkflowEvent that end a workflow's history."""
 
 _END_OF_BATCH = "204"
 _NOT_FOUND = "404"

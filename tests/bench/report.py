@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests.bench.workload import LONG_BLOB_BYTES, LONG_STEPS
+
 TARGETS = {
     "throughput_ratio_min": 2.0,
     "resume_ms_max": 1000.0,
@@ -15,7 +17,7 @@ TARGETS = {
     "appended_per_wf_max": 6.0,
     "long_over_short_per_step_max": 1.5,
 }
-STEPS = {"mesh": 4, "mesh_long": 40}
+STEPS = {"mesh": 4, "mesh_long": LONG_STEPS}
 """Agent executions per workflow of each mesh workload (workload.py)."""
 
 
@@ -91,6 +93,13 @@ def _per_step(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
     out["bytes_ratio"] = (
         out["mesh_long"]["bytes_to_nats_per_step"] / out["mesh"]["bytes_to_nats_per_step"]
     )
+    # The 256 KB value itself must be stored once: a floor no store can go under. What
+    # the long workflow sends beyond it, per step, is what grows (or not) with its size.
+    payload = LONG_BLOB_BYTES / STEPS["mesh_long"]
+    out["mesh_long"]["payload_bytes_per_step"] = payload
+    out["bytes_beyond_payload_ratio"] = (
+        out["mesh_long"]["bytes_to_nats_per_step"] - payload
+    ) / out["mesh"]["bytes_to_nats_per_step"]
     return out
 
 
@@ -244,7 +253,8 @@ def render(summary: dict[str, Any]) -> str:
             f"{ps['mesh_long']['cpu_ms_per_step']:.2f} cpu ms, "
             f"{ps['mesh_long']['bytes_to_nats_per_step']:.0f} B; ratios cpu "
             f"{ps['cpu_ratio']:.2f}, bytes {ps['bytes_ratio']:.2f} (target <= "
-            f"{TARGETS['long_over_short_per_step_max']:g})"
+            f"{TARGETS['long_over_short_per_step_max']:g}); bytes beyond the 256 KB value "
+            f"stored once {ps['bytes_beyond_payload_ratio']:.2f}"
         )
     if summary.get("p50_at_1_over_floor") is not None:
         lines.append(

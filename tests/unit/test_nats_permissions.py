@@ -117,7 +117,10 @@ def test_no_workload_changes_a_streams_configuration(identity: str) -> None:
     for stream in (T.audit_stream, T.wf_events_stream, f"KV_{T.workflows_bucket}"):
         assert _may_publish(identity, f"$JS.API.STREAM.CREATE.{stream}")
         assert not _may_publish(identity, f"$JS.API.STREAM.UPDATE.{stream}")
-        assert not _may_publish(identity, f"$JS.API.STREAM.PURGE.{stream}")
+        assert not _may_publish(identity, f"$JS.API.STREAM.DELETE.{stream}")
+        # Purging: only the coordinator, only the histories it owns (retention).
+        owner_purges = identity == "coordinator" and stream == T.wf_events_stream
+        assert _may_publish(identity, f"$JS.API.STREAM.PURGE.{stream}") == owner_purges
     assert not _may_publish(identity, "$JS.API.STREAM.CREATE.MIRROR_OF_AUDIT")
     assert not _may_publish(identity, "$JS.API.STREAM.LIST")
 
