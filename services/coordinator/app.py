@@ -193,7 +193,9 @@ class Coordinator:
                 else None
             ),
             authz,
-            PlanCache(self.dispatcher.registry),
+            # Its own view of the registry: a start's read must not refresh the snapshot
+            # dispatch picks replicas from (that one ages on its own clock).
+            PlanCache(Registry(js, self.topology, max_staleness_s=0.5)),
         )
         # The A2A face: another binding of the same API, through the same handlers.
         cards = AgentCards(

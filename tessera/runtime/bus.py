@@ -181,6 +181,9 @@ class StreamSpec:
     """The largest message it takes (NATS's default max_payload)."""
     max_age_s: float = 0.0
     """How long a message is kept (0: until removed by its owner)."""
+    discard: api.DiscardPolicy = api.DiscardPolicy.NEW
+    """What a full stream does: refuse the write (NEW, the default), or drop its oldest
+    messages (OLD: only for a stream whose readers tell a discarded message apart)."""
 
 
 @dataclass(frozen=True)
@@ -359,7 +362,13 @@ class Topology:
             ),
             # Token revocations, policy reloads and the tools' effects outbox (looked up
             # when a refund is retried: kept longer than any workflow's deadline).
-            StreamSpec(self.events_stream, (self.events_subjects,), max_age_s=45 * 24 * 3600.0),
+            # The outbox's lookups report "cannot tell" for an effect the stream discarded.
+            StreamSpec(
+                self.events_stream,
+                (self.events_subjects,),
+                max_age_s=45 * 24 * 3600.0,
+                discard=api.DiscardPolicy.OLD,
+            ),
             # The audit trail is never expired or deleted here; a full stream refuses
             # records, and an action whose record cannot be stored is refused.
             StreamSpec(
@@ -409,7 +418,7 @@ async def _declare_stream(js: JetStreamContext, spec: StreamSpec, replicas: int)
         max_msgs=spec.max_msgs,
         max_msg_size=spec.max_msg_size,
         max_age=spec.max_age_s,
-        discard=api.DiscardPolicy.NEW,
+        discard=spec.discard,
     )
     try:
         await js.add_stream(config)
